@@ -1,0 +1,62 @@
+"""The one way streamplane runs ffmpeg: the binary shipped in the imageio-ffmpeg wheel
+(it carries libvmaf, x264, x265, libvpx-vp9 and SVT-AV1; Debian's ffmpeg has no libvmaf).
+
+Every run reports the CPU seconds its process used, so benchmarks can count compute.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from streamplane.media.errors import DiskFullError, MediaError
+
+
+@cache
+def ffmpeg_exe() -> str:
+    """Path of the ffmpeg binary, `STREAMPLANE_FFMPEG` first, then the imageio-ffmpeg wheel's."""
+    override = os.environ.get("STREAMPLANE_FFMPEG")
+    if override:
+        return override
+    import imageio_ffmpeg
+
+    return str(imageio_ffmpeg.get_ffmpeg_exe())
+
+
+@dataclass(frozen=True)
+class FfmpegRun:
+    cpu_seconds: float
+    stderr: str
+
+
+class FfmpegError(MediaError):
+    def __init__(self, what: str, returncode: int, stderr: str) -> None:
+        tail = "\n".join(stderr.strip().splitlines()[-8:])
+        super().__init__(f"{what}: ffmpeg exited with {returncode}\n{tail}")
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+_DISK_FULL_MARKERS = ("No space left on device", "ENOSPC")
+
+
+def run_ffmpeg(args: list[str], what: str, cwd: Path | None = None) -> FfmpegRun:
+    """Run ffmpeg with `args`; raise `FfmpegError` (or `DiskFullError`) naming `what` failed."""
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", "-y", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    assert proc.stderr is not None
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    cpu = usage.ru_utime + usage.ru_stime
+    if proc.returncode != 0:
+        if any(m in stderr for m in _DISK_FULL_MARKERS):
+            raise DiskFullError(f"{what}: the disk is full ({os.strerror(errno.ENOSPC)})")
+        raise FfmpegError(what, proc.returncode, stderr)
+    return FfmpegRun(cpu_seconds=cpu, stderr=stderr)
