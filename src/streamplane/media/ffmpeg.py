@@ -37,8 +37,20 @@ class FfmpegError(MediaError):
     def __init__(self, what: str, returncode: int, stderr: str) -> None:
         tail = "\n".join(stderr.strip().splitlines()[-8:])
         super().__init__(f"{what}: ffmpeg exited with {returncode}\n{tail}")
+        self.what = what
         self.returncode = returncode
         self.stderr = stderr
+
+    def __reduce__(self) -> tuple[type[FfmpegError], tuple[str, int, str]]:
+        # Errors cross process boundaries (process pool, Dask): rebuild from the same arguments.
+        return (FfmpegError, (self.what, self.returncode, self.stderr))
+
+
+def input_args(path: Path | str) -> list[str]:
+    """`-i path`, read as a concatenation when it is an ffconcat listing of files."""
+    if str(path).endswith(".ffconcat"):
+        return ["-f", "concat", "-safe", "0", "-i", str(path)]
+    return ["-i", str(path)]
 
 
 _DISK_FULL_MARKERS = ("No space left on device", "ENOSPC")

@@ -1,0 +1,3 @@
+from streamplane.cli import main
+
+main()

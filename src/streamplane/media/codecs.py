@@ -1,0 +1,95 @@
+"""Encoder settings per codec as ffmpeg arguments. Pure.
+
+Every encode is built to be cut into segments a player can switch between: IDR frames exactly at
+the segment starts it is given (`force_key_frames` + forced IDR), no other keyframes (scene-cut
+detection off, an unbounded GOP), closed GOPs, and headers that do not depend on the content
+(x264 `stitchable`, x265 `repeat-headers`) so per-shot encodes of one rung concatenate into one
+valid stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower")
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str  # the name streamplane uses (h264, hevc, vp9, av1)
+    encoder: str  # ffmpeg encoder
+    quantisers: tuple[int, ...]  # default CRF grid of the encode matrix
+    quantiser_range: tuple[int, int]
+
+
+CODECS: dict[str, Codec] = {
+    "h264": Codec("h264", "libx264", (20, 25, 30, 35, 40), (0, 51)),
+    "hevc": Codec("hevc", "libx265", (22, 27, 32, 37, 42), (0, 51)),
+    "vp9": Codec("vp9", "libvpx-vp9", (24, 32, 40, 48, 56), (0, 63)),
+    "av1": Codec("av1", "libsvtav1", (25, 32, 39, 46, 53), (1, 63)),
+}
+
+
+def codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODECS)}") from None
+
+
+def _check_preset(preset: str) -> int:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS.index(preset)
+
+
+def keyframe_expr(keyframes: tuple[int, ...]) -> str:
+    """An ffmpeg `force_key_frames` expression true exactly at these frame numbers."""
+    if not keyframes:
+        return "expr:eq(n,0)"
+    return "expr:" + "+".join(f"eq(n,{k})" for k in sorted(set(keyframes)))
+
+
+def rate_args(
+    name: str,
+    preset: str,
+    keyframes: tuple[int, ...],
+    *,
+    crf: int | None = None,
+    bitrate_kbps: int | None = None,
+    threads: int = 1,
+) -> list[str]:
+    """ffmpeg output arguments for one video encode, by quality (crf) or by bitrate."""
+    c = codec(name)
+    level = _check_preset(preset)
+    if (crf is None) == (bitrate_kbps is None):
+        raise ValueError("give exactly one of crf and bitrate_kbps")
+    if crf is not None and not c.quantiser_range[0] <= crf <= c.quantiser_range[1]:
+        lo, hi = c.quantiser_range
+        raise ValueError(f"{name} quantiser {crf} is outside {lo}..{hi}")
+    args = ["-c:v", c.encoder, "-force_key_frames", keyframe_expr(keyframes)]
+    if crf is not None:
+        args += ["-crf", str(crf)]
+    elif bitrate_kbps is not None:
+        # Capped VBR with a 200 % peak, as Apple's authoring specification allows.
+        args += ["-b:v", f"{bitrate_kbps}k", "-maxrate", f"{2 * bitrate_kbps}k"]
+        args += ["-bufsize", f"{2 * bitrate_kbps}k"]
+    if name == "h264":
+        args += ["-preset", preset, "-forced-idr", "1", "-threads", str(threads)]
+        args += ["-x264-params", "keyint=infinite:scenecut=0:open-gop=0:stitchable=1"]
+    elif name == "hevc":
+        args += ["-preset", preset, "-forced-idr", "1", "-tag:v", "hev1"]
+        params = "keyint=-1:scenecut=0:open-gop=0:repeat-headers=1:log-level=error"
+        args += ["-x265-params", f"{params}:pools={threads}:frame-threads={threads}"]
+    elif name == "vp9":
+        # libvpx speed 0 (slowest) .. 8; map our presets onto 8..1.
+        args += ["-deadline", "good", "-cpu-used", str(max(1, 8 - level)), "-row-mt", "1"]
+        args += ["-g", "100000", "-auto-alt-ref", "1", "-lag-in-frames", "16"]
+        args += ["-threads", str(threads)]
+        if crf is not None:
+            args += ["-b:v", "0"]
+    elif name == "av1":
+        # SVT-AV1 preset 13 (fastest) .. 0; map our presets onto 12..5.
+        args += ["-preset", str(12 - level), "-g", "100000"]
+        args += ["-svtav1-params", f"scd=0:lp={threads}"]
+    return args

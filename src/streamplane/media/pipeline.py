@@ -1,0 +1,664 @@
+"""The media plane's job, end to end: source → shots → encode matrix → hulls → ladder →
+final encodes → CMAF HLS + DASH package → report.
+
+Work that costs minutes lives in a work directory beside the output (`.<title>.work`) and is
+reused by a rerun, so an interrupted run resumes. The package is built in `.<title>.partial`
+and renamed into place only when complete: a title directory that exists is a whole title.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from streamplane.media import manifest
+from streamplane.media.bdrate import BdRate, bd_rate, monotone_curve
+from streamplane.media.codecs import codec as codec_info
+from streamplane.media.errors import DiskFullError, EncodeError, MediaError
+from streamplane.media.ffmpeg import run_ffmpeg
+from streamplane.media.ladder import LadderRung, build_ladder, fixed_ladder, matrix_resolutions
+from streamplane.media.matrix import EncodeJob, EncodeResult, MatrixOutcome, require_all, run_matrix
+from streamplane.media.package import (
+    PackagedTrack,
+    check_alignment,
+    package_audio,
+    package_video,
+    peak_and_average_bps,
+    video_timescale,
+)
+from streamplane.media.probe import probe
+from streamplane.media.quality import pool_psnr
+from streamplane.media.report import FixedRung, ReportData, write_report
+from streamplane.media.segments import keyframes_in_shot, plan_segments
+from streamplane.media.shots import detect_shots
+from streamplane.media.title import (
+    SCHEMA_VERSION,
+    AudioRendition,
+    AudioSegment,
+    EncodeSummary,
+    Rung,
+    Segment,
+    SegmentTiming,
+    Shot,
+    ShotChoice,
+    SourceInfo,
+    Title,
+    encode_title,
+)
+
+
+class Progress(Protocol):
+    """What the pipeline tells whoever watches it (the CLI draws rich progress bars)."""
+
+    def stage(self, name: str, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def note(self, text: str) -> None: ...
+
+
+class QuietProgress:
+    def stage(self, name: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def note(self, text: str) -> None:
+        pass
+
+
+class EncodeSettings(msgspec.Struct, frozen=True):
+    codec: str = "h264"
+    mode: str = "fast"  # fast: hulls from probe encodes, final rungs re-encoded; full: one pass
+    preset: str = "medium"  # the preset of the shipped encodes
+    probe_preset: str = "veryfast"  # the preset of the matrix in fast mode
+    probe_vmaf_subsample: int = 4
+    heights: tuple[int, ...] = ()  # matrix resolutions by height; () = scales of the source
+    quantisers: tuple[int, ...] = ()  # () = the codec's default grid
+    rungs: int = 6
+    top_quality: float = 95.0
+    segment_target_s: float = 4.0
+    segment_min_s: float = 2.0
+    segment_max_s: float = 6.0
+    max_shot_s: float = 10.0
+    shot_detector: str = "auto"
+    audio_kbps: int = 128
+    baseline: bool = True  # encode the fixed ladder and report BD-rate against it
+    workers: int = 0  # 0 = one per core
+    cluster: str | None = None
+    retries: int = 2
+    keep_work: bool = False
+
+    def check(self) -> None:
+        codec_info(self.codec)
+        if self.mode not in ("fast", "full"):
+            raise ValueError(f"mode must be 'fast' or 'full', not {self.mode!r}")
+        if self.rungs < 1:
+            raise ValueError("rungs must be at least 1")
+        if not 0 < self.segment_min_s <= self.segment_target_s <= self.segment_max_s:
+            raise ValueError("segment lengths need 0 < min <= target <= max")
+        if self.segment_max_s < 2 * self.segment_min_s:
+            raise ValueError("the maximum segment must be at least twice the minimum")
+
+    @property
+    def matrix_preset(self) -> str:
+        return self.probe_preset if self.mode == "fast" else self.preset
+
+    @property
+    def matrix_subsample(self) -> int:
+        return self.probe_vmaf_subsample if self.mode == "fast" else 1
+
+
+@dataclass
+class EncodeOutcome:
+    title: Title
+    directory: Path
+    report: Path
+    bd_vs_fixed_ladder: BdRate | None
+    bd_vs_fixed_qp: BdRate | None
+    bd_mixed_vs_shipped: BdRate | None
+    cpu_seconds: dict[str, float] = field(default_factory=dict)
+    encodes_run: int = 0
+    resumed: int = 0
+
+
+class _Plan(msgspec.Struct, frozen=True):
+    """What the work directory was made for; a rerun reuses it only for the same source."""
+
+    source: str
+    source_size: int
+    source_mtime_ns: int
+    shot_detector: str
+    max_shot_s: float
+    segment: tuple[float, float, float]
+    info: SourceInfo
+    shots: tuple[Shot, ...]
+    segments: tuple[Segment, ...]
+
+
+def work_dir_for(out: Path) -> Path:
+    return out.parent / f".{out.name}.work"
+
+
+def encode(
+    source: Path,
+    out: Path,
+    settings: EncodeSettings | None = None,
+    progress: Progress | None = None,
+) -> EncodeOutcome:
+    """Encode `source` into the title package `out` (e.g. catalog/my-title)."""
+    settings = settings or EncodeSettings()
+    settings.check()
+    progress = progress or QuietProgress()
+    name = out.name
+    if not name or name.startswith("."):
+        raise MediaError(f"{out}: a title directory needs a name not starting with '.'")
+    work = work_dir_for(out)
+    work.mkdir(parents=True, exist_ok=True)
+    cpu: dict[str, float] = {}
+
+    plan = _plan(source, work, settings, progress)
+    info, shots, segments = plan.info, plan.shots, plan.segments
+    progress.note(
+        f"{info.width}x{info.height} {info.fps:.3f} fps, {info.duration_s:.1f} s: "
+        f"{len(shots)} shots, {len(segments)} segments"
+    )
+    mezz, cpu["mezzanine"] = _mezzanine(source, work / "mezzanine", shots, progress)
+
+    # 1. the encode matrix
+    jobs = _matrix_jobs(info, shots, segments, mezz, work / "matrix", settings)
+    matrix = _run(jobs, work, settings, progress, "encode matrix")
+    require_all(matrix, "encode matrix")
+    cpu["matrix"] = sum(r.cpu_seconds for r in matrix.results.values())
+    points = tuple(_choice(r) for r in matrix.results.values())
+
+    # 2. hulls and the ladder
+    shot_frames = [s.n_frames for s in shots]
+    ladder = build_ladder(points, shot_frames, settings.rungs, settings.top_quality)
+    progress.note(f"ladder: {len(ladder.rungs)} rungs")
+
+    # 3. the final encodes of every chosen point (fast mode re-encodes at the shipped preset)
+    chosen = {(c.shot, c.width, c.height, c.quantiser) for r in ladder.rungs for c in r.choices}
+    final_jobs = {
+        k: _shot_job(info, shots[k[0]], segments, mezz, work / "final", settings, k, final=True)
+        for k in sorted(chosen)
+    }
+    final = _run(list(final_jobs.values()), work, settings, progress, "final encodes")
+    require_all(final, "final encodes")
+    if settings.mode == "fast":
+        cpu["final"] = sum(final.results[j.key].cpu_seconds for j in final_jobs.values())
+
+    # 4. the baseline: a fixed ladder of whole-title encodes, scored the same way
+    baseline: list[FixedRung] = []
+    if settings.baseline:
+        baseline, cpu["baseline"] = _fixed_ladder(info, segments, mezz, work, settings, progress)
+
+    # 5. package
+    partial = out.parent / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    encodes_run = len(matrix.results) + len(baseline)
+    encodes_run += len(final.results) if settings.mode == "fast" else 0
+    try:
+        title = _package(
+            name,
+            source,
+            info,
+            shots,
+            segments,
+            ladder.rungs,
+            final_jobs,
+            final,
+            partial,
+            settings,
+            progress,
+            cpu,
+            encodes_run,
+        )
+        # The fixed-QP anchor comes from matrix encodes, so it is only comparable when the
+        # matrix ran at the shipped preset (full mode); fast mode's probes would flatter it.
+        fixed_qp = _fixed_qp_curve(points, shots, info) if settings.mode == "full" else []
+        ladder_curve = [(r.average_bitrate_bps, r.vmaf) for r in title.rungs]
+        mixed_curve = [(a.bits / info.duration_s, a.quality) for a in ladder.mixed if a.feasible]
+        fixed_curve = [(f.bitrate_bps, f.vmaf) for f in baseline]
+        bd_fixed = bd_rate(fixed_curve, ladder_curve) if fixed_curve else None
+        bd_qp = bd_rate(fixed_qp, ladder_curve) if fixed_qp else None
+        predicted = [
+            (a.bits / info.duration_s, a.quality) for a in (r.allocation for r in ladder.rungs)
+        ]
+        bd_mixed = bd_rate(predicted, mixed_curve) if mixed_curve else None
+        report_dir = partial / "report"
+        write_report(
+            ReportData(
+                title=title,
+                matrix=points,
+                shot_seconds=tuple(s.n_frames / info.fps for s in shots),
+                mixed=tuple(mixed_curve),
+                fixed_ladder=tuple(baseline),
+                fixed_qp=tuple(fixed_qp),
+                bd_vs_fixed_ladder=bd_fixed,
+                bd_vs_fixed_qp=bd_qp,
+                bd_mixed_vs_shipped=bd_mixed,
+                mode=settings.mode,
+                encodes_run=encodes_run,
+                cpu_seconds=cpu,
+            ),
+            report_dir,
+        )
+        (partial / "title.json").write_bytes(encode_title(title))
+        _publish(partial, out)
+    except OSError as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise DiskFullError(f"writing {out}: the disk is full; nothing was published") from exc
+        raise
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if not settings.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return EncodeOutcome(
+        title=title,
+        directory=out,
+        report=out / "report",
+        bd_vs_fixed_ladder=bd_fixed,
+        bd_vs_fixed_qp=bd_qp,
+        bd_mixed_vs_shipped=bd_mixed,
+        cpu_seconds=cpu,
+        encodes_run=encodes_run,
+        resumed=matrix.resumed + final.resumed,
+    )
+
+
+def _plan(source: Path, work: Path, settings: EncodeSettings, progress: Progress) -> _Plan:
+    info = probe(source)
+    stat = source.stat()
+    seg = (settings.segment_min_s, settings.segment_target_s, settings.segment_max_s)
+    saved = work / "plan.json"
+    if saved.exists():
+        try:
+            old = msgspec.json.decode(saved.read_bytes(), type=_Plan)
+        except msgspec.DecodeError:
+            old = None
+        if (
+            old is not None
+            and (old.source, old.source_size, old.source_mtime_ns)
+            == (str(source.resolve()), stat.st_size, stat.st_mtime_ns)
+            and (old.shot_detector, old.max_shot_s, old.segment)
+            == (settings.shot_detector, settings.max_shot_s, seg)
+        ):
+            progress.note("resuming: reusing the shot plan and mezzanine of the last run")
+            return old
+        # Another source or other settings: nothing in the work directory can be trusted.
+        shutil.rmtree(work)
+        work.mkdir(parents=True)
+    progress.stage("detecting shots", 1)
+    detector = {} if settings.shot_detector == "auto" else {"detector": settings.shot_detector}
+    shots = detect_shots(
+        source,
+        info.n_frames,
+        info.fps,
+        min_shot_s=settings.segment_min_s,
+        max_shot_s=settings.max_shot_s,
+        **detector,
+    )
+    progress.advance()
+    segments = plan_segments(shots, info.fps, seg[1], seg[0], seg[2])
+    plan = _Plan(
+        str(source.resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+        settings.shot_detector,
+        settings.max_shot_s,
+        seg,
+        info,
+        shots,
+        segments,
+    )
+    saved.write_bytes(msgspec.json.encode(plan))
+    return plan
+
+
+def _mezzanine(
+    source: Path, directory: Path, shots: Sequence[Shot], progress: Progress
+) -> tuple[list[Path], float]:
+    """Decode the source once into lossless per-shot files (FFV1, every frame a keyframe), so
+    every encode and every VMAF reference reads exactly the shot's frames."""
+    paths = [directory / f"shot_{s.index:03d}.mkv" for s in shots]
+    if all(p.exists() for p in paths):
+        return paths, 0.0
+    progress.stage("decoding the source into per-shot mezzanine", 1)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cuts = ",".join(str(s.start_frame) for s in shots[1:])
+    segment_args = ["-f", "segment", "-reset_timestamps", "1"]
+    if cuts:
+        segment_args += ["-segment_frames", cuts]
+    run = run_ffmpeg(
+        [
+            *["-i", str(source), "-map", "0:v:0", "-pix_fmt", "yuv420p"],
+            *["-c:v", "ffv1", "-g", "1", "-slices", "4", "-threads", "2"],
+            *segment_args,
+            str(tmp / "shot_%03d.mkv"),
+        ],
+        what="decoding the source",
+    )
+    written = sorted(tmp.glob("shot_*.mkv"))
+    if len(written) != len(shots):
+        raise EncodeError(f"decoding the source gave {len(written)} shots, expected {len(shots)}")
+    shutil.rmtree(directory, ignore_errors=True)
+    tmp.rename(directory)
+    progress.advance()
+    return paths, run.cpu_seconds
+
+
+def _quantisers(settings: EncodeSettings) -> tuple[int, ...]:
+    return settings.quantisers or codec_info(settings.codec).quantisers
+
+
+def _shot_job(
+    info: SourceInfo,
+    shot: Shot,
+    segments: Sequence[Segment],
+    mezz: Sequence[Path],
+    directory: Path,
+    settings: EncodeSettings,
+    point: tuple[int, int, int, int],
+    final: bool,
+) -> EncodeJob:
+    _, width, height, q = point
+    preset = settings.preset if final else settings.matrix_preset
+    job = EncodeJob(
+        shot=shot.index,
+        reference=str(mezz[shot.index]),
+        reference_frames=shot.n_frames,
+        display_width=info.width,
+        display_height=info.height,
+        width=width,
+        height=height,
+        codec=settings.codec,
+        preset=preset,
+        output="",
+        crf=q,
+        keyframes=keyframes_in_shot(shot, tuple(segments)),
+        vmaf_subsample=1 if final else settings.matrix_subsample,
+    )
+    return msgspec.structs.replace(job, output=str(directory / f"{job.key}.mp4"))
+
+
+def _matrix_jobs(
+    info: SourceInfo,
+    shots: Sequence[Shot],
+    segments: Sequence[Segment],
+    mezz: Sequence[Path],
+    directory: Path,
+    settings: EncodeSettings,
+) -> list[EncodeJob]:
+    sizes = matrix_resolutions(info.width, info.height, settings.heights or None)
+    return [
+        _shot_job(info, shot, segments, mezz, directory, settings, (shot.index, w, h, q), False)
+        for shot in shots
+        for (w, h) in sizes
+        for q in _quantisers(settings)
+    ]
+
+
+def _run(
+    jobs: list[EncodeJob], work: Path, settings: EncodeSettings, progress: Progress, what: str
+) -> MatrixOutcome:
+    progress.stage(what, len(jobs))
+    return run_matrix(
+        jobs,
+        work / "results",
+        workers=settings.workers or None,
+        cluster=settings.cluster,
+        retries=settings.retries,
+        on_result=lambda job, result: progress.advance(),
+    )
+
+
+def _choice(result: EncodeResult) -> ShotChoice:
+    job = result.job
+    assert job.crf is not None
+    return ShotChoice(job.shot, job.width, job.height, job.crf, result.bits, round(result.vmaf, 4))
+
+
+def _fixed_ladder(
+    info: SourceInfo,
+    segments: Sequence[Segment],
+    mezz: Sequence[Path],
+    work: Path,
+    settings: EncodeSettings,
+    progress: Progress,
+) -> tuple[list[FixedRung], float]:
+    listing = work / "mezzanine" / "title.ffconcat"
+    listing.write_text("ffconcat version 1.0\n" + "".join(f"file '{p.resolve()}'\n" for p in mezz))
+    keyframes = tuple(s.start_frame for s in segments)
+    jobs = []
+    for w, h, kbps in fixed_ladder(info.width, info.height):
+        job = EncodeJob(
+            shot=-1,
+            reference=str(listing),
+            reference_frames=info.n_frames,
+            display_width=info.width,
+            display_height=info.height,
+            width=w,
+            height=h,
+            codec=settings.codec,
+            preset=settings.preset,
+            output="",
+            bitrate_kbps=kbps,
+            keyframes=keyframes,
+            two_pass=settings.codec in ("h264", "vp9"),
+        )
+        jobs.append(msgspec.structs.replace(job, output=str(work / "baseline" / f"{job.key}.mp4")))
+    outcome = _run(jobs, work, settings, progress, "fixed ladder (baseline)")
+    require_all(outcome, "fixed ladder")
+    rungs = []
+    for job in jobs:
+        r = outcome.results[job.key]
+        assert job.bitrate_kbps is not None
+        rungs.append(
+            FixedRung(job.width, job.height, job.bitrate_kbps, r.bits / info.duration_s, r.vmaf)
+        )
+    return rungs, sum(outcome.results[j.key].cpu_seconds for j in jobs)
+
+
+def _fixed_qp_curve(
+    points: Sequence[ShotChoice], shots: Sequence[Shot], info: SourceInfo
+) -> list[tuple[float, float]]:
+    """Whole-title fixed-quantiser encodes, derived from the matrix: one (resolution, CRF) for
+    every shot. The curve is the hull across resolutions, as in Netflix's fixed-QP anchor."""
+    by_setting: dict[tuple[int, int, int], list[ShotChoice]] = {}
+    for p in points:
+        by_setting.setdefault((p.width, p.height, p.quantiser), []).append(p)
+    total = sum(s.n_frames for s in shots)
+    curve = []
+    for group in by_setting.values():
+        if len(group) != len(shots):
+            continue
+        bits = sum(p.bits for p in group)
+        vmaf = sum(p.vmaf * shots[p.shot].n_frames for p in group) / total
+        curve.append((bits / info.duration_s, vmaf))
+    return monotone_curve([r for r, _ in curve], [q for _, q in curve])
+
+
+def _package(
+    name: str,
+    source: Path,
+    info: SourceInfo,
+    shots: Sequence[Shot],
+    segments: Sequence[Segment],
+    rungs: Sequence[LadderRung],
+    final_jobs: dict[tuple[int, int, int, int], EncodeJob],
+    final: MatrixOutcome,
+    directory: Path,
+    settings: EncodeSettings,
+    progress: Progress,
+    cpu: dict[str, float],
+    encodes_run: int,
+) -> Title:
+    fps = Fraction(info.fps_num, info.fps_den)
+    timescale = video_timescale(info.fps_num, info.fps_den)
+    progress.stage("packaging CMAF HLS + DASH", len(rungs) + len(info.audio))
+    tracks: list[PackagedTrack] = []
+    video_rungs: list[tuple[str, LadderRung, list[EncodeResult]]] = []
+    for i, rung in enumerate(rungs):
+        rung_id = f"v{i}"
+        results = [
+            final.results[final_jobs[(c.shot, c.width, c.height, c.quantiser)].key]
+            for c in rung.choices
+        ]
+        tracks.append(
+            package_video(
+                [Path(r.job.output) for r in results], directory / "v" / rung_id, timescale
+            )
+        )
+        video_rungs.append((rung_id, rung, results))
+        progress.advance()
+    check_alignment(tracks, segments, fps)
+    ticks = tracks[0]
+    timings = tuple(
+        SegmentTiming(
+            index=s.index,
+            shot=s.shot,
+            start_ticks=start,
+            duration_ticks=dur,
+            start_s=start / timescale,
+            duration_s=dur / timescale,
+        )
+        for s, start, dur in zip(segments, ticks.starts, ticks.durations, strict=True)
+    )
+    seg_seconds = [t.duration_s for t in timings]
+    total_frames = sum(s.n_frames for s in shots)
+    out_rungs = []
+    for (rung_id, rung, results), track in zip(video_rungs, tracks, strict=True):
+        peak, avg = peak_and_average_bps(track.sizes, seg_seconds)
+        frames = [shots[r.job.shot].n_frames for r in results]
+        vmaf = sum(r.vmaf * n for r, n in zip(results, frames, strict=True)) / total_frames
+        # Harmonic and MSE pooling over all frames, rebuilt exactly from the per-shot pools.
+        hmean = (
+            total_frames
+            / sum(n / (1 + r.vmaf_harmonic) for r, n in zip(results, frames, strict=True))
+            - 1
+        )
+        psnr = pool_psnr([r.psnr_y for r, n in zip(results, frames, strict=True) for _ in range(n)])
+        out_rungs.append(
+            Rung(
+                id=rung_id,
+                codec=settings.codec,
+                codec_string=track.codec_string,
+                width=rung.width,
+                height=rung.height,
+                frame_rate=f"{info.fps_num}/{info.fps_den}",
+                average_bitrate_bps=avg,
+                peak_bitrate_bps=peak,
+                vmaf=round(vmaf, 3),
+                vmaf_harmonic=round(hmean, 3),
+                psnr_y=round(psnr, 3),
+                init=f"v/{rung_id}/init.mp4",
+                playlist=f"v/{rung_id}/playlist.m3u8",
+                segment_bytes=track.sizes,
+                shots=tuple(
+                    ShotChoice(
+                        r.job.shot,
+                        r.job.width,
+                        r.job.height,
+                        r.job.crf or 0,
+                        r.bits,
+                        round(r.vmaf, 3),
+                    )
+                    for r in results
+                ),
+            )
+        )
+    audio = []
+    for track_info in info.audio:
+        aid = f"a{track_info.index}"
+        atrack = package_audio(
+            source,
+            track_info.index,
+            directory / "a" / aid,
+            info.duration_s,
+            settings.segment_target_s,
+            settings.audio_kbps,
+        )
+        durations_s = [d / atrack.timescale for d in atrack.durations]
+        peak, avg = peak_and_average_bps(atrack.sizes, durations_s)
+        audio.append(
+            AudioRendition(
+                id=aid,
+                codec="aac",
+                codec_string=atrack.codec_string,
+                channels=atrack.channels,
+                sample_rate=atrack.sample_rate,
+                language=track_info.language,
+                average_bitrate_bps=avg,
+                peak_bitrate_bps=peak,
+                timescale=atrack.timescale,
+                init=f"a/{aid}/init.mp4",
+                playlist=f"a/{aid}/playlist.m3u8",
+                segments=tuple(
+                    AudioSegment(s, d, b)
+                    for s, d, b in zip(atrack.starts, atrack.durations, atrack.sizes, strict=True)
+                ),
+            )
+        )
+        progress.advance()
+    title = Title(
+        schema=SCHEMA_VERSION,
+        title=name,
+        duration_s=round(sum(seg_seconds), 6),
+        frame_rate=f"{info.fps_num}/{info.fps_den}",
+        width=info.width,
+        height=info.height,
+        video_timescale=timescale,
+        shots=tuple(shots),
+        segments=timings,
+        rungs=tuple(out_rungs),
+        audio=tuple(audio),
+        encode=EncodeSummary(
+            mode=settings.mode,
+            codec=settings.codec,
+            preset=settings.preset,
+            probe_preset=settings.matrix_preset,
+            encodes_run=encodes_run,
+            cpu_seconds=round(sum(cpu.values()), 2),
+        ),
+    )
+    _write_manifests(title, directory)
+    return title
+
+
+def _write_manifests(title: Title, directory: Path) -> None:
+    seg_names = [f"seg_{n}.m4s" for n in range(1, len(title.segments) + 1)]
+    for rung in title.rungs:
+        text = manifest.hls_media_playlist(
+            [s.duration_s for s in title.segments], "init.mp4", seg_names
+        )
+        (directory / rung.playlist).write_text(text)
+    for a in title.audio:
+        names = [f"seg_{n}.m4s" for n in range(1, len(a.segments) + 1)]
+        text = manifest.hls_media_playlist(
+            [s.duration_ticks / a.timescale for s in a.segments], "init.mp4", names
+        )
+        (directory / a.playlist).write_text(text)
+    (directory / title.hls).write_text(manifest.hls_master(title))
+    (directory / title.dash).write_text(manifest.dash_mpd(title))
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Swap the finished package into place; a reader sees the old title or the new, whole."""
+    old = out.parent / f".{out.name}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(partial, out)
+    shutil.rmtree(old, ignore_errors=True)
