@@ -78,14 +78,16 @@ def _ints(text: str | None, what: str) -> tuple[int, ...]:
         raise typer.BadParameter(f"{what} must be whole numbers separated by commas") from None
 
 
-def _run_encode(source: Path, out: Path, settings: media.EncodeSettings) -> media.EncodeOutcome:
+def _run_encode(
+    source: Path, out: Path, settings: media.EncodeSettings, work: Path | None = None
+) -> media.EncodeOutcome:
     try:
         settings.check()
     except ValueError as exc:
         raise _error(str(exc), 2) from None
     try:
         with _bars() as bars:
-            result = media.encode(source, out, settings, RichProgress(bars))
+            result = media.encode(source, out, settings, RichProgress(bars), work)
     except media.MediaError as exc:
         raise _error(str(exc), 1) from None
     except KeyboardInterrupt:
@@ -136,12 +138,14 @@ def encode(
     quantisers: str | None = typer.Option(None, help="Matrix CRF values, e.g. 20,25,30,35,40."),
     rungs: int = typer.Option(6, help="Rungs in the ladder."),
     top_quality: float = typer.Option(95.0, help="VMAF past which the top rung stops."),
+    bottom_quality: float = typer.Option(40.0, help="VMAF the bottom rung must reach."),
     segment: float = typer.Option(4.0, help="Target segment length, seconds (2 to 6)."),
     shot_detector: str = typer.Option("auto", help="auto, scenedetect or scdet."),
     baseline: bool = typer.Option(True, help="Encode the fixed ladder and report BD-rate."),
     workers: int = typer.Option(0, help="Encode processes (0: one per core)."),
     cluster: str | None = typer.Option(None, help="Dask scheduler address, e.g. tcp://h:8786."),
     keep_work: bool = typer.Option(False, help="Keep the work directory after success."),
+    work: Path | None = typer.Option(None, help="Work directory (default: .TITLE.work beside it)."),
 ) -> None:
     """Encode SOURCE into a per-shot optimised CMAF HLS + DASH ladder with a report."""
     settings = media.EncodeSettings(
@@ -153,6 +157,7 @@ def encode(
         quantisers=_ints(quantisers, "quantisers"),
         rungs=rungs,
         top_quality=top_quality,
+        bottom_quality=bottom_quality,
         segment_target_s=segment,
         shot_detector=shot_detector,
         baseline=baseline,
@@ -160,7 +165,7 @@ def encode(
         cluster=cluster,
         keep_work=keep_work,
     )
-    result = _run_encode(source, out, settings)
+    result = _run_encode(source, out, settings, work)
     _print_where(result)
 
 

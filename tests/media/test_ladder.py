@@ -87,3 +87,11 @@ def test_easy_shots_get_fewer_bits_than_hard_ones() -> None:
     for rung in ladder.rungs[1:]:
         easy, hard = rung.choices
         assert easy.bits < hard.bits
+
+
+def test_bottom_rung_is_the_cheapest_title_worth_watching() -> None:
+    pts = synthetic_matrix([0.5, 1.0, 3.0])
+    ladder = build_ladder(pts, [100, 100, 100], n_rungs=4, bottom_quality=50.0)
+    assert ladder.rungs[0].allocation.quality >= 50.0
+    cheapest = build_ladder(pts, [100, 100, 100], n_rungs=4, bottom_quality=0.0)
+    assert cheapest.rungs[0].allocation.bits < ladder.rungs[0].allocation.bits

@@ -302,3 +302,16 @@ def test_broken_sources_give_a_clear_error(
     assert str(path) in str(info.value)
     if kind == "cut_short":
         assert "truncated" in str(info.value)
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_detect_shots_reports_a_broken_source(name: str, broken_files: dict[str, Path]) -> None:
+    with pytest.raises(SourceError, match="truncated"):
+        detect_shots(broken_files["cut_short"], 300, 25, detector=name)
+
+
+def test_detect_shots_checks_its_arguments_before_decoding(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="min_shot_s"):
+        detect_shots(tmp_path / "never-read.mp4", 300, 25, min_shot_s=0)
+    with pytest.raises(ValueError, match="n_frames"):
+        detect_shots(tmp_path / "never-read.mp4", 0, 25)

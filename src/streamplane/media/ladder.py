@@ -2,9 +2,9 @@
 
 Every shot has been encoded at several resolutions x quantisers and scored. A rung is one
 resolution (see below) and, per shot, the quantiser at the rung's equal-slope point. Rung targets
-are spread geometrically in bitrate between the cheapest title the matrix can make and the
-cheapest title that reaches `top_quality` VMAF (past it, viewers see no difference, so bits there
-are wasted).
+are spread geometrically in bitrate between the cheapest title that reaches `bottom_quality`
+VMAF and the cheapest that reaches `top_quality` (past it, viewers see no difference, so bits
+there are wasted).
 
 Why one resolution per rung: a rung that switches resolution from shot to shot needs in-band
 parameter sets (avc3/hev1) and a player and decoder that reconfigure mid-track. `build_ladder`
@@ -114,8 +114,13 @@ def build_ladder(
     shot_frames: Sequence[int],
     n_rungs: int = 6,
     top_quality: float = 95.0,
+    bottom_quality: float = 40.0,
 ) -> Ladder:
-    """Choose `n_rungs` rungs (fewer if several targets land on the same encodes)."""
+    """Choose `n_rungs` rungs (fewer if several targets land on the same encodes).
+
+    The bottom rung is the cheapest title reaching `bottom_quality` (a picture worse than that
+    is not worth sending), the top the cheapest reaching `top_quality`.
+    """
     n_shots = len(shot_frames)
     if n_rungs < 1:
         raise ValueError("a ladder needs at least one rung")
@@ -128,18 +133,12 @@ def build_ladder(
     if not hulls_by_size:
         raise ValueError("no resolution has an encode for every shot")
     weights = [float(f) for f in shot_frames]
-    bottom = min(sum(h[0].bits for h in hulls) for hulls in hulls_by_size.values())
-    reaching = [
-        a.bits
-        for a in (allocate_quality(h, weights, top_quality) for h in hulls_by_size.values())
-        if a.feasible
-    ]
-    top = (
-        min(reaching)
-        if reaching
-        else max(sum(x[-1].bits for x in h) for h in hulls_by_size.values())
-    )
-    top = max(top, bottom)
+    top = _cheapest_reaching(hulls_by_size, weights, top_quality)
+    if top is None:
+        top = max(sum(x[-1].bits for x in h) for h in hulls_by_size.values())
+    cheapest = min(sum(h[0].bits for h in hulls) for hulls in hulls_by_size.values())
+    bottom = _cheapest_reaching(hulls_by_size, weights, bottom_quality) or cheapest
+    bottom = min(bottom, top)
     targets = _geometric(bottom, top, n_rungs)
     rungs: list[LadderRung] = []
     for target in targets:
@@ -156,6 +155,19 @@ def build_ladder(
     mixed_hulls = shot_hulls(points, n_shots, None)
     mixed = tuple(allocate_bits(mixed_hulls, weights, t) for t in targets)
     return Ladder(tuple(rungs), mixed, tuple(targets))
+
+
+def _cheapest_reaching(
+    hulls_by_size: dict[tuple[int, int], list[list[RatePoint[ShotChoice]]]],
+    weights: list[float],
+    quality: float,
+) -> float | None:
+    reaching = [
+        a.bits
+        for a in (allocate_quality(h, weights, quality) for h in hulls_by_size.values())
+        if a.feasible
+    ]
+    return min(reaching) if reaching else None
 
 
 def _geometric(lo: float, hi: float, n: int) -> list[float]:

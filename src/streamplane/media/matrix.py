@@ -138,7 +138,10 @@ class _Executor:
         if cluster:
             from distributed import Client
 
-            self._client = Client(cluster, timeout="10s")  # type: ignore[no-untyped-call]
+            try:
+                self._client = Client(cluster, timeout="10s")  # type: ignore[no-untyped-call]
+            except OSError as exc:
+                raise EncodeError(f"cannot reach the Dask scheduler at {cluster}: {exc}") from exc
         else:
             self._pool = ProcessPoolExecutor(max_workers=workers)
 

@@ -12,21 +12,28 @@ bigbuckbunny and carphone excerpts have none (their largest scdet score is 2.3).
 all 25 cuts at +-2 frames:
 
 * scdet (score = mean absolute frame difference in %, on frames at most 320 wide): the weakest
-  true cut (bikes frame 76, taxi to cyclist, similar colours) scores 8.0, the next weakest 12.3;
-  away from cuts no frame scores above 2.3, mandelbrot, game of life and the noisy pattern
-  included. Threshold 5 sits in the middle of that gap (on a log scale); every threshold from
-  3 to 8 finds all 25 cuts with no false one. ffmpeg's own default, 10, misses bikes frame 76.
-* PySceneDetect: ContentDetector cannot separate the two sets at all here: the game of life
-  reaches content_val 40 between cuts, above the weakest true cut (28.7); it only works at its
-  default 27 because its minimum scene length hides those frames. AdaptiveDetector divides by
-  the neighbouring frames' change, which is what fast synthetic motion needs: true cuts have a
+  true cut (bikes frame 76, taxi to cyclist, similar colours; it is in all three samples)
+  scores 8.0, the next weakest 12.6. Frames more than 2 before or 5 after a cut score at most
+  1.7, mandelbrot, game of life and the noisy pattern included. Threshold 5 leaves 1.6x below
+  the weakest cut and 3x above that motion; every threshold from 3 to 8 finds all 25 cuts with
+  no false one. ffmpeg's own default, 10, misses bikes frame 76.
+* PySceneDetect: ContentDetector cannot separate the two sets here. With its minimum scene
+  length off, its default threshold 27 marks every one of the 75 game-of-life frames as a
+  cut (content_val up to 40, above the weakest true cut at 28.7); it gets the samples right
+  only because its min_scene_len merging swallows them. AdaptiveDetector divides by the
+  neighbouring frames' change, which is what fast synthetic motion needs: true cuts have a
   ratio >= 3.01, non-cut frames with content_val >= 15 at most 1.30. Its default threshold 3.0
   is at the edge of the weakest cut; 2.0 (the middle on a log scale) finds all 25, as does any
   value from 2.0 to 3.0.
-* Frames 1 to 4 after a cut into fast motion (game of life, the noise pattern) score up to 10
-  with scdet and 40 content_val: the second half of one change, not a new shot. Both detectors
-  therefore ignore a cut less than 0.2 s after the previous one. PySceneDetect's default of
-  15 frames is too long: two real cuts in the samples are 12 and 13 frames apart.
+* The first frames after a cut into fast motion (game of life, the noise pattern) change a lot
+  too: up to 5.7 with scdet, content_val 40. That is the tail of one change, not a new shot,
+  so both detectors ignore a cut less than 0.2 s after the previous one (then any scdet
+  threshold from 3 to 8 works; without it, only 6 to 8). PySceneDetect's default of 15 frames
+  is too long: two real cuts in the samples are 12 and 13 frames apart.
+
+Both find the same 25 cuts; `bench/shots.py` found scdet about 8 % cheaper in CPU (both are
+mostly H.264 decoding), so scdet is the default. It also numbers frames with ffmpeg's own
+decode counter, the decoder the rest of the pipeline uses, with no timestamp arithmetic.
 """
 
 from __future__ import annotations
@@ -234,6 +241,8 @@ _METADATA_SCORE = re.compile(r"^lavfi\.scd\.score=([0-9.eE+-]+)")
 
 def scdet_cuts(path: Path, threshold: float = SCDET_THRESHOLD) -> list[Cut]:
     """Cuts found by ffmpeg's `scdet` filter, with its score (0-100) as strength."""
+    if not 0 <= threshold < 100:
+        raise ValueError(f"scdet scores run from 0 to 100, got threshold {threshold}")
     rate, claimed = _video_rate(path)
     # Frames come from the metadata filter's frame counter (the decode index, exact even if
     # timestamps are not), not from timestamps. `metadata=print` rather than scdet's log lines,
@@ -279,11 +288,14 @@ def scenedetect_cuts(
 ) -> list[Cut]:
     """Cuts found by PySceneDetect's AdaptiveDetector, content_val as strength.
 
-    `strengths=False` skips the stats manager (content_val is then 0.0 for every cut); it
-    costs about 5 % more CPU because it makes the detector compute edge maps too.
+    Strengths need PySceneDetect's stats manager, which costs about 5 % more CPU (it makes the
+    detector compute edge maps too); `strengths=False` skips it and reports 0.0 for each cut.
     """
     from scenedetect import SceneManager, StatsManager, VideoOpenFailure, open_video
     from scenedetect.detectors import AdaptiveDetector
+
+    if not threshold > 0:
+        raise ValueError(f"the adaptive ratio threshold must be positive, got {threshold}")
 
     rate, claimed = _video_rate(path)
     try:
@@ -347,8 +359,8 @@ def detect_shots(
     name = DEFAULT_DETECTOR if detector == "auto" else detector
     if name not in _SCORED:
         raise ValueError(f"unknown shot detector {detector!r}; choose from {sorted(_SCORED)}")
-    # Fail on bad bounds before spending a decode of the whole source.
-    frame_bounds(fps, min_shot_s, max_shot_s)
+    # Fail on bad arguments before spending a decode of the whole source.
+    plan_shots([], n_frames, fps, min_shot_s, max_shot_s)
     cuts = _SCORED[name](path)
     return plan_shots(
         [c.frame for c in cuts],

@@ -1,0 +1,115 @@
+"""An interrupted, killed or starved encode never leaves a title that looks complete, and the
+next run resumes from the work already done."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streamplane.media import load_title
+
+QUICK = ["--heights", "90", "--quantisers", "26,34", "--rungs", "2", "--no-baseline"]
+QUICK += ["--preset", "veryfast", "--probe-preset", "ultrafast", "--workers", "1"]
+
+
+def cli(*args: str, **kw: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "streamplane", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,  # type: ignore[call-overload]
+    )
+
+
+def wait_for_results(results: Path, count: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while not (results.exists() and len(list(results.glob("*.json"))) >= count):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_killed_run_publishes_nothing_and_the_rerun_resumes(
+    tmp_path: Path, tiny_source: Path
+) -> None:
+    out = tmp_path / "catalog" / "tiny"
+    work = tmp_path / "catalog" / ".tiny.work"
+    proc = cli("encode", str(tiny_source), "--out", str(out), *QUICK, start_new_session=True)
+    wait_for_results(work / "results", 3, proc)
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI, its pool workers and their ffmpegs
+    proc.wait()
+    assert not out.exists()
+    done_before = len(list((work / "results").glob("*.json")))
+
+    rerun = cli("encode", str(tiny_source), "--out", str(out), *QUICK)
+    _stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "resuming" in stderr
+    title = load_title(out)
+    assert len(title.rungs) == 2
+    assert not work.exists()
+    assert done_before >= 3
+
+
+def test_ctrl_c_says_how_to_resume(tmp_path: Path, tiny_source: Path) -> None:
+    out = tmp_path / "catalog" / "tiny"
+    proc = cli("encode", str(tiny_source), "--out", str(out), *QUICK)
+    wait_for_results(tmp_path / "catalog" / ".tiny.work" / "results", 1, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "run the same command again" in stderr
+    assert not out.exists()
+    assert not (tmp_path / "catalog" / ".tiny.partial").exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Path:
+    """A 400 KiB filesystem: a small title needs twice that."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_named_and_leaves_no_half_title(
+    tmp_path: Path, tiny_source: Path, small_disk: Path
+) -> None:
+    out = small_disk / "catalog" / "tiny"
+    work = tmp_path / "work"  # the work fits elsewhere; the package does not
+    args = ("encode", str(tiny_source), "--out", str(out), "--work", str(work), *QUICK)
+    proc = cli(*args, "--heights", "180")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "disk is full" in stderr
+    assert not out.exists()
+    assert list((small_disk / "catalog").iterdir()) == []  # no partial directory either
+    # with room again, the same work directory finishes the job without re-encoding
+    roomy = tmp_path / "catalog" / "tiny"
+    rerun = cli(
+        "encode",
+        str(tiny_source),
+        "--out",
+        str(roomy),
+        "--work",
+        str(work),
+        *QUICK,
+        "--heights",
+        "180",
+    )
+    _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    assert "resuming" in stderr
+    assert load_title(roomy).rungs
