@@ -323,7 +323,7 @@ def test_mpd_timeline_run_lengths_and_gaps() -> None:
     )
     rungs = tuple(msgspec.structs.replace(r, segment_bytes=(1000,) * 6) for r in title.rungs)
     title = msgspec.structs.replace(title, segments=segments, rungs=rungs, audio=())
-    root = ET.fromstring(dash_mpd(title))
+    root = ET.fromstring(dash_mpd(title, min_buffer_time_s=2.0))
     ns = {"d": "urn:mpeg:dash:schema:mpd:2011"}
     s_elements = [s.attrib for s in root.iterfind(".//d:SegmentTimeline/d:S", ns)]
     # a gap at 350 forces an explicit t; equal durations fold into r
@@ -441,3 +441,16 @@ def test_dash_bandwidth_is_fast_for_a_long_title() -> None:
     bits = [(i * 7919) % 4_000_000 + 1_000_000 for i in range(n)]
     bandwidth = dash_bandwidth(bits, [2.0] * n, 2.0)
     assert max(bits) / 2 <= bandwidth <= max(bits) / 2 + 1
+
+
+def test_mpd_min_buffer_time_defaults_to_the_longest_segment() -> None:
+    title = make_title()
+    root = ET.fromstring(dash_mpd(title))
+    longest = max(seg.duration_s for seg in title.segments)
+    assert root.attrib["minBufferTime"] == f"PT{longest:.3f}S"
+    ns = {"d": "urn:mpeg:dash:schema:mpd:2011"}
+    by_id = {r.id: r for r in title.rungs}
+    for rep in root.iterfind(".//d:Representation", ns):
+        if rep.attrib["id"] in by_id:
+            # with a buffer of one whole segment, the declared rate never exceeds the peak
+            assert int(rep.attrib["bandwidth"]) <= by_id[rep.attrib["id"]].peak_bitrate_bps + 1

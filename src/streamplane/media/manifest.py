@@ -233,12 +233,18 @@ def _never_stalls(
     return True
 
 
-def dash_mpd(title: Title, min_buffer_time_s: float = 2.0) -> str:
-    """A static MPD (ISO/IEC 23009-1, isoff-live profile) over the same files as the HLS."""
+def dash_mpd(title: Title, min_buffer_time_s: float | None = None) -> str:
+    """A static MPD (ISO/IEC 23009-1, isoff-live profile) over the same files as the HLS.
+
+    minBufferTime defaults to the longest segment: with less, @bandwidth must exceed the peak
+    segment bit rate (a whole segment has to arrive before it plays), which misleads players.
+    """
     if not title.rungs:
         raise PackagingError(f"title {title.title!r} has no rungs to list")
     if not title.segments:
         raise PackagingError(f"title {title.title!r} has no segments")
+    if min_buffer_time_s is None:
+        min_buffer_time_s = max(s.duration_s for s in title.segments)
     mpd = ET.Element(
         "MPD",
         {

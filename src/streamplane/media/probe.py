@@ -3,19 +3,20 @@ ships no ffprobe). Rejects what cannot be encoded with a message naming the prob
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from streamplane.media.errors import SourceError
 from streamplane.media.title import AudioTrackInfo, SourceInfo
 
 
-def probe(path: Path) -> SourceInfo:
-    """Describe `path`'s first video stream and its audio streams, counting frames by demuxing.
-
-    Frames are counted from packets, not taken from the header: a truncated file's header
-    still claims its original length.
-    """
+@contextmanager
+def open_video(path: Path) -> Iterator[tuple[Any, Any, Fraction, int]]:
+    """Open `path` and yield (container, first video stream, frame rate, frames the header
+    claims or 0), or raise `SourceError` saying why it is not a usable video."""
     import av
 
     if not path.exists():
@@ -32,11 +33,37 @@ def probe(path: Path) -> SourceInfo:
         if not container.streams.video:
             raise SourceError(f"{path}: has no video stream")
         video = container.streams.video[0]
-        ctx = video.codec_context
         rate = video.average_rate or video.guessed_rate
         if not rate or rate <= 0:
             raise SourceError(f"{path}: the video stream has no frame rate")
         rate = Fraction(rate).limit_denominator(1001)
+        claimed = video.frames
+        if not claimed and container.duration:
+            claimed = round(container.duration / 1_000_000 * rate)
+        yield container, video, rate, int(claimed or 0)
+
+
+def check_complete(path: Path, present: int, claimed: int) -> None:
+    """Raise if the file holds well under the frames its header promises.
+
+    A file cut short with its index at the front still opens and decodes up to the cut; the
+    slack allows for containers whose count is an estimate from the duration.
+    """
+    if present == 0:
+        raise SourceError(f"{path}: the video stream holds no frames (zero-length video)")
+    if claimed and present < claimed - max(2, claimed // 100):
+        raise SourceError(
+            f"{path}: only {present} of the {claimed} frames its header promises are there: "
+            "the file is truncated or damaged"
+        )
+
+
+def probe(path: Path) -> SourceInfo:
+    """Describe `path`'s first video stream and its audio streams, counting frames by demuxing."""
+    import av
+
+    with open_video(path) as (container, video, rate, claimed):
+        ctx = video.codec_context
         if not ctx.width or not ctx.height:
             raise SourceError(f"{path}: the video stream has no picture size")
         audio = tuple(
@@ -49,13 +76,17 @@ def probe(path: Path) -> SourceInfo:
             )
             for i, a in enumerate(container.streams.audio)
         )
-        n_frames = _count_video_frames(container, video, path)
-    if n_frames == 0:
-        raise SourceError(f"{path}: the video stream holds no frames (zero-length video)")
-    duration = n_frames / rate
+        n_frames = 0
+        try:
+            for packet in container.demux(video):
+                if packet.size:
+                    n_frames += 1
+        except av.error.FFmpegError as exc:
+            raise SourceError(f"{path}: the file is damaged or truncated ({exc})") from exc
+    check_complete(path, n_frames, claimed)
     return SourceInfo(
         path=str(path),
-        duration_s=float(duration),
+        duration_s=float(n_frames / rate),
         width=ctx.width,
         height=ctx.height,
         fps_num=rate.numerator,
@@ -64,16 +95,3 @@ def probe(path: Path) -> SourceInfo:
         video_codec=ctx.name,
         audio=audio,
     )
-
-
-def _count_video_frames(container: object, video: object, path: Path) -> int:
-    import av
-
-    n = 0
-    try:
-        for packet in container.demux(video):  # type: ignore[attr-defined]
-            if packet.size:
-                n += 1
-    except av.error.FFmpegError as exc:
-        raise SourceError(f"{path}: the file is damaged or truncated ({exc})") from exc
-    return n

@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 from streamplane.media.errors import SourceError
 from streamplane.media.ffmpeg import FfmpegError, run_ffmpeg
+from streamplane.media.probe import check_complete, open_video
 from streamplane.media.samples import Sample
 from streamplane.media.title import Shot
 
@@ -180,43 +181,8 @@ def plan_shots(
 
 def _video_rate(path: Path) -> tuple[Fraction, int]:
     """The first video stream's frame rate and the frame count its header claims (0 unknown)."""
-    import av
-
-    if not path.is_file():
-        raise SourceError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise SourceError(f"{path}: the file is empty (zero length)")
-    try:
-        container = av.open(str(path))
-    except av.error.FFmpegError as exc:
-        raise SourceError(f"{path}: not a readable video file ({exc})") from exc
-    with container:
-        if not container.streams.video:
-            raise SourceError(f"{path}: has no video stream")
-        video = container.streams.video[0]
-        rate = video.average_rate or video.guessed_rate
-        if not rate or rate <= 0:
-            raise SourceError(f"{path}: the video stream has no frame rate")
-        claimed = video.frames
-        if not claimed and container.duration:
-            claimed = round(container.duration / 1_000_000 * rate)
-    return Fraction(rate), claimed
-
-
-def _check_complete(path: Path, decoded: int, claimed: int) -> None:
-    """Raise if decoding stopped well short of the header's frame count.
-
-    Both detectors carry on at the end of what decodes, so a truncated file would otherwise
-    yield a plausible but wrong shot list. The slack allows for containers whose count is an
-    estimate from the duration.
-    """
-    if decoded == 0:
-        raise SourceError(f"{path}: no video frame could be decoded")
-    if claimed and decoded < claimed - max(2, claimed // 100):
-        raise SourceError(
-            f"{path}: decoding stopped at frame {decoded} of {claimed}: "
-            "the file is truncated or damaged"
-        )
+    with open_video(path) as (_, _, rate, claimed):
+        return rate, claimed
 
 
 def _min_gap(rate: Fraction) -> int:
@@ -271,7 +237,7 @@ def scdet_cuts(path: Path, threshold: float = SCDET_THRESHOLD) -> list[Cut]:
             for line in progress.read_text().splitlines():
                 if line.startswith("frame="):
                     decoded = int(line.removeprefix("frame=").strip() or 0)
-        _check_complete(path, decoded, claimed)
+        check_complete(path, decoded, claimed)
         cuts: list[Cut] = []
         frame: int | None = None
         printed = work / "cuts.txt"
@@ -310,7 +276,7 @@ def scenedetect_cuts(
     detector = AdaptiveDetector(adaptive_threshold=threshold, min_scene_len=1)
     manager.add_detector(detector)
     decoded = manager.detect_scenes(video)
-    _check_complete(path, decoded, claimed)
+    check_complete(path, decoded, claimed)
     scenes = manager.get_scene_list(start_in_scene=True)
     if not scenes:
         return []
