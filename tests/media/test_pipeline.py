@@ -13,6 +13,7 @@ from pathlib import Path
 
 import av
 import m3u8
+import msgspec
 import pytest
 from mpegdash.parser import MPEGDASHParser
 
@@ -143,6 +144,39 @@ def test_every_rung_decodes_with_keyframes_at_aligned_segment_starts(
     durations = {tuple(s.duration_s for s in title.segments)}
     assert len(durations) == 1
     assert sum(s.duration_s for s in title.segments) == pytest.approx(n_frames / float(fps))
+
+
+def test_every_representation_decodes_through_the_mpd(
+    package: Path, title: Title, tmp_path: Path
+) -> None:
+    """ffmpeg's DASH demuxer reads the MPD as a DASH player would: every representation decodes
+    to every frame of the title."""
+    for i, _ in enumerate(sorted(title.rungs, key=lambda r: r.peak_bitrate_bps)):
+        sums = tmp_path / f"{i}.framemd5"
+        run_ffmpeg(
+            ["-i", str(package / "manifest.mpd"), "-map", f"0:v:{i}", "-f", "framemd5", str(sums)],
+            f"decoding representation {i} through the MPD",
+        )
+        frames = [line for line in sums.read_text().splitlines() if not line.startswith("#")]
+        assert len(frames) == title.shots[-1].end_frame
+
+
+@pytest.mark.parametrize(("codec", "fourcc"), [("hevc", "hev1."), ("av1", "av01.")])
+def test_other_codecs_package_and_decode(
+    tmp_path: Path, tiny_source: Path, codec: str, fourcc: str
+) -> None:
+    settings = msgspec.structs.replace(
+        SMALL, codec=codec, heights=(180,), quantisers=(), rungs=2, baseline=False
+    )
+    out = tmp_path / codec
+    encode(tiny_source, out, settings)
+    title = load_title(out)
+    assert len(title.rungs) == 2
+    for rung in title.rungs:
+        assert rung.codec_string.startswith(fourcc)
+        keys, frames = _keyframe_times(out / rung.playlist)
+        assert frames == title.shots[-1].end_frame
+        assert len(keys) == len(title.segments)
 
 
 def test_the_cli_rejects_bad_sources_and_publishes_nothing(
