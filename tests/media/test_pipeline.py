@@ -76,6 +76,15 @@ def test_rungs_rise_and_easy_shots_cost_less(title: Title) -> None:
     assert max(per_second) > 1.5 * min(per_second)
 
 
+def test_segment_vmaf_adds_up_to_the_rung_vmaf(title: Title) -> None:
+    """Per-segment VMAF (what a quality-aware ABR reads) pools back to the rung's VMAF."""
+    frames = [s.duration_ticks for s in title.segments]
+    for rung in title.rungs:
+        assert len(rung.segment_vmaf) == len(title.segments)
+        pooled = sum(v * n for v, n in zip(rung.segment_vmaf, frames, strict=True)) / sum(frames)
+        assert pooled == pytest.approx(rung.vmaf, abs=0.05)
+
+
 def test_hls_parses_and_declares_what_the_files_measure(package: Path, title: Title) -> None:
     master = m3u8.load(str(package / "master.m3u8"))
     assert master.is_variant

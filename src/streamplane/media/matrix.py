@@ -61,6 +61,7 @@ class EncodeResult(msgspec.Struct, frozen=True):
     psnr_y: float
     encode_cpu_seconds: float
     vmaf_cpu_seconds: float
+    frame_vmaf: tuple[float, ...] = ()  # per scored frame (every `vmaf_subsample`-th)
 
     @property
     def bits(self) -> int:
@@ -94,6 +95,7 @@ def encode_and_score(job: EncodeJob) -> EncodeResult:
         psnr_y=score.psnr_y,
         encode_cpu_seconds=encode_cpu,
         vmaf_cpu_seconds=score.cpu_seconds,
+        frame_vmaf=score.frame_vmaf,
     )
 
 

@@ -566,6 +566,7 @@ def _package(
             - 1
         )
         psnr = pool_psnr([r.psnr_y for r, n in zip(results, frames, strict=True) for _ in range(n)])
+        by_shot = {r.job.shot: r for r in results}
         out_rungs.append(
             Rung(
                 id=rung_id,
@@ -582,6 +583,9 @@ def _package(
                 init=f"v/{rung_id}/init.mp4",
                 playlist=f"v/{rung_id}/playlist.m3u8",
                 segment_bytes=track.sizes,
+                segment_vmaf=tuple(
+                    segment_vmaf(by_shot[s.shot], s, shots[s.shot]) for s in segments
+                ),
                 shots=tuple(
                     ShotChoice(
                         r.job.shot,
@@ -651,6 +655,18 @@ def _package(
     )
     _write_manifests(title, directory)
     return title
+
+
+def segment_vmaf(result: EncodeResult, segment: Segment, shot: Shot) -> float:
+    """Mean VMAF of the segment's frames, from the per-frame scores of its shot's encode."""
+    step = result.job.vmaf_subsample
+    first = segment.start_frame - shot.start_frame
+    scores = [
+        v for i, v in enumerate(result.frame_vmaf) if first <= i * step < first + segment.n_frames
+    ]
+    if not scores:
+        raise EncodeError(f"{result.job.key}: no VMAF scores for segment {segment.index + 1}")
+    return round(sum(scores) / len(scores), 3)
 
 
 def _write_manifests(title: Title, directory: Path) -> None:

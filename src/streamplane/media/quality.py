@@ -24,6 +24,7 @@ class QualityScore:
     psnr_y: float
     frames: int  # frames scored (after subsampling)
     cpu_seconds: float
+    frame_vmaf: tuple[float, ...] = ()  # every scored frame, in order
 
 
 def harmonic_mean(scores: Sequence[float]) -> float:
@@ -84,4 +85,5 @@ def measure(
         psnr_y=pool_psnr(psnr),
         frames=len(vmaf),
         cpu_seconds=run.cpu_seconds,
+        frame_vmaf=tuple(round(v, 2) for v in vmaf),
     )

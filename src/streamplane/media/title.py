@@ -90,6 +90,7 @@ class Rung(msgspec.Struct, frozen=True):
     playlist: str
     segment_bytes: tuple[int, ...]
     shots: tuple[ShotChoice, ...]
+    segment_vmaf: tuple[float, ...] = ()  # mean VMAF of each segment, for quality-aware ABR
 
 
 class AudioSegment(msgspec.Struct, frozen=True):
