@@ -44,7 +44,7 @@ def main() -> None:
     ap.add_argument("--preset", default="medium")
     ap.add_argument("--work", type=Path, default=Path("build/bench/encode"))
     args = ap.parse_args()
-    console.print(__doc__)
+    print(__doc__)
 
     rows = []
     for name in args.sources:

@@ -63,6 +63,7 @@ def test_ladder_rises_and_uses_hull_points(complexities: list[float], n: int) ->
     for a, b in itertools.pairwise(rungs):
         assert a.allocation.bits < b.allocation.bits
         assert a.allocation.quality <= b.allocation.quality
+        assert a.height <= b.height
     for rung in rungs:
         assert all((c.width, c.height) == (rung.width, rung.height) for c in rung.choices)
         hulls = shot_hulls(pts, len(complexities), (rung.width, rung.height))

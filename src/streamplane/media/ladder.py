@@ -144,6 +144,10 @@ def build_ladder(
     for target in targets:
         best: LadderRung | None = None
         for size, hulls in hulls_by_size.items():
+            if rungs and size[1] < rungs[-1].height:
+                # Resolution never falls up the ladder: players cap rungs by picture size and
+                # expect a higher rung to look at least as sharp.
+                continue
             alloc = allocate_bits(hulls, weights, target)
             if alloc.feasible and (best is None or alloc.quality > best.allocation.quality):
                 best = LadderRung(size[0], size[1], target, alloc)

@@ -82,6 +82,19 @@ SAMPLES: dict[str, Sample] = {
                 Piece("carphone_pristine.mp4", 3.0, 0.0),
             ),
         ),
+        # Real footage only, for benchmarks: the figure natural content earns.
+        Sample(
+            "real-mix",
+            1280,
+            720,
+            25,
+            (
+                Piece("bigbuckbunny.mp4", 5.2, 0.0),
+                Piece("bikes.mp4", 6.0, 0.0),
+                Piece("carphone_pristine.mp4", 3.8, 0.0),
+                Piece("bikes.mp4", 3.5, 6.5),
+            ),
+        ),
         # Longer, for benchmarks: real clips and three kinds of synthetic motion.
         Sample(
             "bench-mix",
