@@ -99,6 +99,30 @@ def test_an_encode_that_keeps_crashing_is_reported_not_hidden(
     assert not list((tmp_path / "enc").glob("*.mp4"))  # no partial encode left behind
 
 
+def test_a_worker_killed_mid_encode_is_replaced(tmp_path: Path, shot: Path) -> None:
+    """The encode's worker process itself dies (as under the OOM killer): the pool is rebuilt
+    and the job retried."""
+    marker = tmp_path / "killed"
+    script = tmp_path / "ffmpeg"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'case "$*" in *libx264*) if mkdir {marker} 2>/dev/null; then\n'
+        "  kill -9 $PPID; exit 1\n"
+        "fi;; esac\n"
+        f'exec {ffmpeg_exe()} "$@"\n'
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    os.environ["STREAMPLANE_FFMPEG"] = str(script)
+    ffmpeg_exe.cache_clear()
+    try:
+        outcome = run_matrix(jobs_for(shot, tmp_path / "enc"), tmp_path / "results", workers=2)
+    finally:
+        del os.environ["STREAMPLANE_FFMPEG"]
+        ffmpeg_exe.cache_clear()
+    assert marker.exists()
+    assert not outcome.failures and len(outcome.results) == 2
+
+
 def test_a_rerun_resumes_from_saved_results(tmp_path: Path, shot: Path) -> None:
     jobs = jobs_for(shot, tmp_path / "enc", crfs=(22, 30, 38))
     first = run_matrix(jobs, tmp_path / "results", workers=2)

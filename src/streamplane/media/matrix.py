@@ -9,9 +9,11 @@ cluster spread over machines, the work directory must be on storage every worker
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,15 +147,22 @@ class _Executor:
             except OSError as exc:
                 raise EncodeError(f"cannot reach the Dask scheduler at {cluster}: {exc}") from exc
         else:
+            self._workers = workers
             self._pool = ProcessPoolExecutor(max_workers=workers)
 
     def submit(self, job: EncodeJob) -> Any:
         if self._client is not None:
-            return self._client.submit(
-                encode_and_score, job, pure=False, key=f"{job.key}-{id(job)}"
-            )
+            # A fresh key per attempt: Dask would hand back the failed future of a reused key.
+            key = f"{job.key}-{uuid.uuid4().hex[:12]}"
+            return self._client.submit(encode_and_score, job, pure=False, key=key)
         assert self._pool is not None
-        return self._pool.submit(encode_and_score, job)
+        try:
+            return self._pool.submit(encode_and_score, job)
+        except BrokenProcessPool:
+            # A worker died (killed, out of memory): its jobs fail and are retried on a new pool.
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = ProcessPoolExecutor(max_workers=self._workers)
+            return self._pool.submit(encode_and_score, job)
 
     def first_done(self, futures: Iterable[Any]) -> set[Any]:
         """Block until at least one future is done; return the done ones."""

@@ -242,7 +242,8 @@ def encode(
         predicted = [
             (a.bits / info.duration_s, a.quality) for a in (r.allocation for r in ladder.rungs)
         ]
-        bd_mixed = bd_rate(predicted, mixed_curve) if mixed_curve else None
+        several_sizes = len({(p.width, p.height) for p in points}) > 1
+        bd_mixed = bd_rate(predicted, mixed_curve) if mixed_curve and several_sizes else None
         report_dir = partial / "report"
         write_report(
             ReportData(
