@@ -1,0 +1,42 @@
+"""The edge (data plane): serve segments to viewers, checking signed URLs first.
+
+``tokens`` is a pure core shared with the control plane, which signs what the edge verifies.
+"""
+
+from __future__ import annotations
+
+from streamplane.edge.tokens import (
+    DEFAULT_TOKEN_NAME,
+    ExpiredToken,
+    ForgedToken,
+    Grant,
+    MalformedToken,
+    MissingToken,
+    NotYetValid,
+    PathNotAllowed,
+    TokenError,
+    WrongClient,
+    key_from_hex,
+    sign,
+    signed_url,
+    token_from_request,
+    verify,
+)
+
+__all__ = [
+    "DEFAULT_TOKEN_NAME",
+    "ExpiredToken",
+    "ForgedToken",
+    "Grant",
+    "MalformedToken",
+    "MissingToken",
+    "NotYetValid",
+    "PathNotAllowed",
+    "TokenError",
+    "WrongClient",
+    "key_from_hex",
+    "sign",
+    "signed_url",
+    "token_from_request",
+    "verify",
+]
