@@ -52,6 +52,8 @@ def test_package_has_every_file_title_json_names(package: Path, title: Title) ->
             seg = package / Path(rung.init).parent / f"seg_{n}.m4s"
             assert seg.stat().st_size == size
     assert title.audio and (package / title.audio[0].init).is_file()
+    with av.open(str(package / title.artwork[0])) as poster:
+        assert poster.streams.video[0].codec_context.width == 640
     assert not list(package.parent.glob(".tiny.*"))  # work and partial dirs are gone
     for png in ("rate_quality_title.png", "rate_quality_shots.png", "ladder.png"):
         assert (package / "report" / png).stat().st_size > 1000

@@ -231,6 +231,7 @@ def encode(
             cpu,
             encodes_run,
         )
+        title = msgspec.structs.replace(title, artwork=(_poster(mezz, shots, partial),))
         # The fixed-QP anchor comes from matrix encodes, so it is only comparable when the
         # matrix ran at the shipped preset (full mode); fast mode's probes would flatter it.
         fixed_qp = _fixed_qp_curve(points, shots, info) if settings.mode == "full" else []
@@ -668,6 +669,25 @@ def segment_vmaf(result: EncodeResult, segment: Segment, shot: Shot) -> float:
     if not scores:
         raise EncodeError(f"{result.job.key}: no VMAF scores for segment {segment.index + 1}")
     return round(sum(scores) / len(scores), 3)
+
+
+def _poster(mezz: Sequence[Path], shots: Sequence[Shot], directory: Path) -> str:
+    """A still for the catalog: the middle frame of the longest shot, 640 pixels wide."""
+    shot = max(shots, key=lambda s: s.n_frames)
+    name = "poster.jpg"
+    run_ffmpeg(
+        [
+            *[
+                "-i",
+                str(mezz[shot.index]),
+                "-vf",
+                f"select=eq(n\\,{shot.n_frames // 2}),scale=640:-2",
+            ],
+            *["-frames:v", "1", "-q:v", "3", str(directory / name)],
+        ],
+        what="extracting the poster frame",
+    )
+    return name
 
 
 def _write_manifests(title: Title, directory: Path) -> None:

@@ -148,6 +148,7 @@ class Title(msgspec.Struct, frozen=True):
     audio: tuple[AudioRendition, ...]
     hls: str = "master.m3u8"
     dash: str = "manifest.mpd"
+    artwork: tuple[str, ...] = ()  # images a catalog shows, relative to the title directory
     encode: EncodeSummary | None = None
 
 
