@@ -67,7 +67,7 @@ def main() -> None:
         rows.append(
             {
                 "source": name,
-                "shots": len(full.title.shots),
+                "shots": str(len(full.title.shots)),
                 "full vs fixed ladder": pct(full.bd_vs_fixed_ladder),
                 "full vs fixed QP": pct(full.bd_vs_fixed_qp),
                 "fast vs fixed ladder": pct(bd_rate(fixed, fast_curve)),
