@@ -29,7 +29,9 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/shots.py
-	$(BIN)/python bench/encode.py
+	$(BIN)/python bench/encode.py --sources real-mix bench-mix demo-mix
+	$(BIN)/python bench/placement.py --clusters reference large mixed --days 30 --warmup 30 --seed 7
+	$(BIN)/python bench/tokens.py
 
 clean:
 	rm -rf catalog build .pytest_cache .mypy_cache .ruff_cache

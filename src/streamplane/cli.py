@@ -19,7 +19,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from streamplane import media
+from streamplane import media, placement
 
 app = typer.Typer(
     help="streamplane: per-shot encoding, edges, steering and players for video streaming.",
@@ -204,8 +204,113 @@ def demo(
     source = media.build_sample("demo-mix", Path("build/samples"))
     result = _run_encode(source, catalog / "demo-mix", media.EncodeSettings())
     _print_where(result)
+    _place_demo(catalog)
     out_console.print(
         "\nNext: open the report in a browser; the manifests play in any HLS or DASH player."
+    )
+
+
+@app.command()
+def place(
+    servers: Path = typer.Option(
+        ..., "--servers", help="servers.toml: [[server]] id, site, storage_tb, throughput_gbps."
+    ),
+    popularity: Path = typer.Option(
+        ...,
+        "--popularity",
+        help="CSV title,size_bytes,popularity; popularity proportional to bytes served.",
+    ),
+    previous: Path | None = typer.Option(
+        None, "--previous", help="Yesterday's placement.json: keeps churn low and measures it."
+    ),
+    out: Path = typer.Option(
+        Path("catalog/placement"), "--out", "-o", help="Where placement.json, fill/, report/ go."
+    ),
+    max_fill: float = typer.Option(0.95, help="Fill no server past this fraction of storage."),
+    partial: bool = typer.Option(
+        False, help="If the catalog does not fit, place the densest titles that do (holes)."
+    ),
+) -> None:
+    """Place a catalog on heterogeneous edge servers (HCA) and write each edge's fill plan."""
+    try:
+        settings = placement.HcaSettings(max_fill=max_fill)
+        outcome = placement.place_files(servers, popularity, previous, out, settings, partial)
+    except placement.InputError as exc:
+        raise _error(str(exc), 2) from None
+    except placement.PlacementError as exc:
+        raise _error(str(exc), 1) from None
+    _print_placement(outcome)
+
+
+def _print_placement(outcome: placement.PlaceOutcome) -> None:
+    tb = placement.TB
+    for site in outcome.sites:
+        p = site.placement
+        b = placement.balance(p)
+        table = Table(
+            title=f"site {site.site}: {len(p.catalog):,} titles on {len(p.servers)} servers"
+        )
+        for col in ("server", "storage TB", "Gbps", "used", "traffic / share", "titles", "fill TB"):
+            table.add_column(col, justify="right")
+        counts = [int((p.holders == i).any(axis=1).sum()) for i in range(len(p.servers))]
+        for i, s in enumerate(p.servers):
+            table.add_row(
+                s.id,
+                f"{s.storage_tb:,.1f}",
+                f"{s.throughput_gbps:,.0f}",
+                f"{100 * b.storage_utilisation[i]:.1f} %",
+                f"{b.traffic_ratio[i]:.3f}",
+                f"{counts[i]:,}",
+                f"{site.plans[i].add_bytes / tb:,.2f}",
+            )
+        out_console.print(table)
+        if p.cutoff is not None:
+            out_console.print(Text(p.cutoff.reason), soft_wrap=True)
+        holes = f"{b.hole_titles:,} titles ({100 * b.hole_traffic:.2f} % of requests)"
+        churn = "no previous plan" if site.churn is None else f"{100 * site.churn.ratio:.2f} %"
+        out_console.print(f"holes: {holes}; churn against the previous plan: {churn}")
+        for note in p.notes:
+            out_console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    out_console.print(f"\nPlacement: {outcome.placement_json}")
+    out_console.print(f"  fill plans: {outcome.placement_json.parent / 'fill'}/ (one per edge)")
+    out_console.print(f"  report:     {outcome.report}  (open it in a browser)")
+    out_console.print(f"  pictures:   {', '.join(str(p) for p in outcome.pictures)}")
+
+
+def _place_demo(catalog: Path) -> None:
+    """Place the demo title and a seeded synthetic catalog on the reference cluster."""
+    import numpy as np
+
+    console.print("[bold]placing[/bold] the demo title and a 2,000-title sample catalog")
+    example = Path("examples/servers.toml")
+    try:
+        servers = (
+            placement.read_servers(example) if example.exists() else placement.reference_cluster()
+        )
+        releases = []
+        title = catalog / "demo-mix"
+        if title.is_dir():  # what an edge serves: the package without its report
+            size = sum(
+                f.stat().st_size
+                for f in title.rglob("*")
+                if f.is_file() and "report" not in f.relative_to(title).parts
+            )
+            releases.append(("demo-mix", size))
+        storage = sum(s.storage_bytes for s in servers)
+        sample = placement.sample_catalog(np.random.default_rng(2024), storage, 2000, 0.4, releases)
+        out = catalog / "placement"
+        popularity = placement.write_popularity(sample, out / "popularity.csv")
+        outcome = placement.place_catalog(servers, sample, None, out)
+    except placement.PlacementError as exc:
+        raise _error(str(exc), 1) from None
+    _print_placement(outcome)
+    holders = outcome.sites[0].placement.holder_map().get("demo-mix")
+    if holders:
+        out_console.print(f"demo-mix is held by: {', '.join(holders)}")
+    servers_arg = example if example.exists() else "SERVERS.toml"
+    out_console.print(
+        f"Place again by hand: streamplane place --servers {servers_arg} "
+        f"--popularity {popularity} --previous {outcome.placement_json} --out {out}"
     )
 
 

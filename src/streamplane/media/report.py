@@ -15,12 +15,12 @@ from __future__ import annotations
 import html
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from streamplane.charts import figure
 from streamplane.media.bdrate import BdRate
 from streamplane.media.hull import RatePoint
 from streamplane.media.ladder import shot_hulls
@@ -36,7 +36,6 @@ LADDER_PNG = "ladder.png"
 LADDER_MD = "ladder.md"
 INDEX_HTML = "index.html"
 
-DPI = 110
 NOT_MEASURED = "not measured"
 
 _SHIPPED = "#d62728"
@@ -97,33 +96,6 @@ def write_report(data: ReportData, directory: Path) -> list[Path]:
 # figures
 
 
-@contextmanager
-def _figure(path: Path, width: float, height: float) -> Iterator[Figure]:
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    # A literal, so mypy checks the keys against matplotlib's rcParams names.
-    with matplotlib.rc_context(
-        {
-            "font.size": 10,
-            "axes.titlesize": 10.5,
-            "axes.labelsize": 10,
-            "legend.fontsize": 9,
-            "xtick.labelsize": 8.5,
-            "ytick.labelsize": 8.5,
-            "figure.titlesize": 13,
-            "axes.spines.top": False,
-            "axes.spines.right": False,
-        }
-    ):
-        fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-        FigureCanvasAgg(fig)
-        yield fig
-        fig.savefig(path, dpi=DPI, facecolor="white")
-    fig.clear()  # drops artists now rather than when the caller's frame lets go
-
-
 def _text(s: str) -> str:
     # A pair of "$" in a title name would otherwise be typeset as mathtext.
     return s.replace("$", r"\$")
@@ -182,7 +154,7 @@ def _draw_title_curves(data: ReportData, path: Path) -> Path:
     fixed = sorted(data.fixed_ladder, key=lambda f: f.bitrate_bps)
     qp = sorted(data.fixed_qp)
     mixed = sorted(data.mixed)
-    with _figure(path, 10, 6.6) as fig:
+    with figure(path, 10, 6.6) as fig:
         ax = fig.add_subplot()
         xs: list[float] = []
         if qp:
@@ -315,7 +287,7 @@ def _draw_shot_curves(data: ReportData, path: Path) -> Path:
     rungs = data.title.rungs
     labelled = {r.id for r in rungs} if len(rungs) <= 6 else {rungs[0].id, rungs[-1].id}
     width = max(7.0, 3.4 * ncols)
-    with _figure(path, width, 2.75 * nrows + 1.3) as fig:
+    with figure(path, width, 2.75 * nrows + 1.3) as fig:
         grid = fig.subplots(nrows, ncols, squeeze=False)
         for i in range(nrows * ncols):
             ax = grid[i // ncols][i % ncols]
@@ -437,7 +409,7 @@ def _draw_ladder(data: ReportData, path: Path) -> Path:
     bars_w = 6.8
     heat_w = min(16.0, max(3.2, 0.42 * n_shots + 1.6))
     height = max(3.2, 0.55 * n_rungs + 1.9)
-    with _figure(path, bars_w + heat_w, height) as fig:
+    with figure(path, bars_w + heat_w, height) as fig:
         bars, heat = fig.subplots(1, 2, width_ratios=[bars_w, heat_w], sharey=True)
         ys = list(range(len(rungs)))
         peak = [r.peak_bitrate_bps / 1000 for r in rungs]
