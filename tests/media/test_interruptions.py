@@ -60,7 +60,16 @@ def test_a_killed_run_publishes_nothing_and_the_rerun_resumes(
 
 def test_ctrl_c_says_how_to_resume(tmp_path: Path, tiny_source: Path) -> None:
     out = tmp_path / "catalog" / "tiny"
-    proc = cli("encode", str(tiny_source), "--out", str(out), *QUICK)
+    # A shell that runs us in the background hands down SIGINT ignored, and Python then keeps
+    # it ignored; a person at a terminal has it at its default, so restore that.
+    proc = cli(
+        "encode",
+        str(tiny_source),
+        "--out",
+        str(out),
+        *QUICK,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     wait_for_results(tmp_path / "catalog" / ".tiny.work" / "results", 1, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
