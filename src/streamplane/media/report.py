@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from streamplane.charts import figure
 from streamplane.media.bdrate import BdRate
 from streamplane.media.hull import RatePoint
 from streamplane.media.ladder import shot_hulls
 from streamplane.media.title import Rung, ShotChoice, Title
+from streamplane.reporting import PAGE_CSS, Table, figure, html_table, markdown_table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -487,17 +487,10 @@ def _draw_ladder(data: ReportData, path: Path) -> Path:
 
 
 @dataclass(frozen=True)
-class _Table:
-    headers: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
-    right: frozenset[int] = frozenset()  # numeric columns, right-aligned
-
-
-@dataclass(frozen=True)
 class _Section:
     heading: str
     paragraphs: tuple[str, ...] = ()
-    table: _Table | None = None
+    table: Table | None = None
 
 
 def _percent(p: float) -> str:
@@ -528,7 +521,7 @@ def _quantisers(rung: Rung, n_shots: int) -> str:
 def _sections(data: ReportData) -> list[_Section]:
     t = data.title
     n_shots = len(t.shots)
-    ladder = _Table(
+    ladder = Table(
         (
             "rung",
             "resolution",
@@ -570,7 +563,7 @@ def _sections(data: ReportData) -> list[_Section]:
         )
     ]
     if data.fixed_ladder:
-        fixed = _Table(
+        fixed = Table(
             ("resolution", "target kbps", "measured kbps", "VMAF"),
             tuple(
                 (
@@ -618,7 +611,7 @@ def _sections(data: ReportData) -> list[_Section]:
                 "quality. Overlap is the share of the narrower curve's VMAF range that both "
                 "cover; a small overlap makes the figure an extrapolation.",
             ),
-            _Table(
+            Table(
                 ("comparison", "BD-rate", "overlap", "meaning"),
                 (
                     bd_row("per-shot ladder vs fixed ladder", data.bd_vs_fixed_ladder),
@@ -639,7 +632,7 @@ def _sections(data: ReportData) -> list[_Section]:
         _Section(
             "Compute",
             (f"{_count(data.encodes_run, 'encode')} run; {cpu_text}.",),
-            _Table(
+            Table(
                 ("stage", "CPU seconds", "share"),
                 tuple(
                     (stage, f"{sec:,.1f}", _share(sec / total) if total > 0 else "")
@@ -654,10 +647,6 @@ def _sections(data: ReportData) -> list[_Section]:
     return sections
 
 
-def _md_cell(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
-
-
 def _markdown(data: ReportData, sections: Sequence[_Section]) -> str:
     out = [f"# {data.title.title}: encoding report", ""]
     out += [f"![rate vs quality]({TITLE_PNG})", ""]
@@ -666,46 +655,11 @@ def _markdown(data: ReportData, sections: Sequence[_Section]) -> str:
         for p in s.paragraphs:
             out += [p, ""]
         if s.table is not None:
-            t = s.table
-            out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
-            out.append(
-                "|"
-                + "|".join("---:" if i in t.right else "---" for i in range(len(t.headers)))
-                + "|"
-            )
-            out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
-            out.append("")
+            out += [*markdown_table(s.table), ""]
         if s.heading == "Ladder":
             out += [f"![the ladder]({LADDER_PNG})", ""]
     out += [f"![encode matrix per shot]({SHOTS_PNG})", ""]
     return "\n".join(out)
-
-
-_CSS = """
-body { font: 15px/1.45 system-ui, sans-serif; margin: 2em auto; max-width: 1200px;
-       padding: 0 1em; color: #222; }
-h1 { font-size: 1.6em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; }
-img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 0.5em 0; }
-table { border-collapse: collapse; margin: 0.6em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
-th { background: #f4f4f4; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
-tr:nth-child(even) td { background: #fafafa; }
-"""
-
-
-def _html_table(t: _Table) -> str:
-    e = html.escape
-    head = "".join(f"<th>{e(h)}</th>" for h in t.headers)
-    body = "".join(
-        "<tr>"
-        + "".join(
-            f'<td class="n">{e(c)}</td>' if i in t.right else f"<td>{e(c)}</td>"
-            for i, c in enumerate(row)
-        )
-        + "</tr>\n"
-        for row in t.rows
-    )
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody>\n</table>"
 
 
 def _html(data: ReportData, sections: Sequence[_Section]) -> str:
@@ -716,7 +670,7 @@ def _html(data: ReportData, sections: Sequence[_Section]) -> str:
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{name}: encoding report</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{PAGE_CSS}</style></head><body>",
         f"<h1>{name}: encoding report</h1>",
         f'<img src="{TITLE_PNG}" alt="rate vs quality of the whole title">',
     ]
@@ -724,7 +678,7 @@ def _html(data: ReportData, sections: Sequence[_Section]) -> str:
         parts.append(f"<h2>{e(s.heading)}</h2>")
         parts += [f"<p>{e(p)}</p>" for p in s.paragraphs]
         if s.table is not None:
-            parts.append(_html_table(s.table))
+            parts.append(html_table(s.table))
         if s.heading == "Ladder":
             parts.append(f'<img src="{LADDER_PNG}" alt="the ladder and its per-shot CRFs">')
     parts.append("<h2>Encode matrix per shot</h2>")

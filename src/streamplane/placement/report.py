@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from streamplane.charts import figure
 from streamplane.placement.model import TB, balance
+from streamplane.reporting import PAGE_CSS, Table, figure, html_table, markdown_table
 
 if TYPE_CHECKING:
     from streamplane.placement.shell import SiteResult
@@ -40,17 +40,10 @@ _TAIL = "#7f7f7f"
 
 
 @dataclass
-class _Table:
-    headers: list[str]
-    rows: list[list[str]]
-    right: set[int] = field(default_factory=set)
-
-
-@dataclass
 class _Section:
     heading: str
     paragraphs: list[str] = field(default_factory=list)
-    table: _Table | None = None
+    table: Table | None = None
     pictures: list[tuple[str, str]] = field(default_factory=list)  # (file, alt)
 
 
@@ -95,25 +88,22 @@ def _site_sections(r: SiteResult, util_png: str, curve_png: str) -> list[_Sectio
         else f"{_tb(r.churn.added_bytes)} TB refilled ({_pct(r.churn.ratio)} of stored), "
         f"{_tb(r.churn.dropped_bytes)} TB dropped"
     )
-    summary = _Table(
-        ["figure", "value"],
+    summary_rows: list[list[str]] = [
+        ["algorithm", p.algorithm],
+        ["titles placed", f"{len(p.catalog) - b.hole_titles:,} of {len(p.catalog):,}"],
+        ["bytes stored (copies counted)", f"{_tb(stored)} TB of {_tb(capacity)} TB"],
+        ["titles with more than one copy", f"{int((p.replicas > 1).sum()):,}"],
         [
-            ["algorithm", p.algorithm],
-            ["titles placed", f"{len(p.catalog) - b.hole_titles:,} of {len(p.catalog):,}"],
-            ["bytes stored (copies counted)", f"{_tb(stored)} TB of {_tb(capacity)} TB"],
-            ["titles with more than one copy", f"{int((p.replicas > 1).sum()):,}"],
-            [
-                "holes",
-                f"{b.hole_titles:,} titles, {_tb(b.hole_bytes)} TB, {_pct(b.hole_traffic)} "
-                "of requests",
-            ],
-            ["worst server traffic / its throughput share", f"{b.max_ratio:.3f}"],
-            ["worst deviation from its share", _pct(b.worst_deviation)],
-            ["churn against the previous plan", churn],
+            "holes",
+            f"{b.hole_titles:,} titles, {_tb(b.hole_bytes)} TB, {_pct(b.hole_traffic)} of requests",
         ],
-    )
+        ["worst server traffic / its throughput share", f"{b.max_ratio:.3f}"],
+        ["worst deviation from its share", _pct(b.worst_deviation)],
+        ["churn against the previous plan", churn],
+    ]
     if c is not None:
-        summary.rows.append(["D* (head titles)", f"{c.head_titles:,} ({c.hot_titles:,} hot)"])
+        summary_rows.append(["D* (head titles)", f"{c.head_titles:,} ({c.hot_titles:,} hot)"])
+    summary = Table(["figure", "value"], summary_rows)
     top = _Section(f"Site {r.site}", table=summary)
     if c is not None:
         top.paragraphs.append(c.reason)
@@ -159,7 +149,7 @@ def _site_sections(r: SiteResult, util_png: str, curve_png: str) -> list[_Sectio
             ]
         )
     per_server = _Section(
-        f"Site {r.site}: servers", table=_Table(heads, rows, right=set(range(1, len(heads))))
+        f"Site {r.site}: servers", table=Table(heads, rows, right=set(range(1, len(heads))))
     )
     per_server.pictures.append((curve_png, f"popularity by rank and the cutoff, site {r.site}"))
     return [top, per_server]
@@ -172,26 +162,10 @@ def _markdown(sections: Sequence[_Section]) -> str:
         for para in s.paragraphs:
             out += [para, ""]
         if s.table is not None:
-            t = s.table
-            out.append("| " + " | ".join(t.headers) + " |")
-            out.append(
-                "| "
-                + " | ".join("---:" if i in t.right else "---" for i in range(len(t.headers)))
-                + " |"
-            )
-            out += ["| " + " | ".join(row) + " |" for row in t.rows]
-            out.append("")
+            out += [*markdown_table(s.table), ""]
         for png, alt in s.pictures:
             out += [f"![{alt}]({png})", ""]
     return "\n".join(out)
-
-
-_CSS = (
-    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
-    "color:#222}table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;"
-    "padding:.25em .6em}th{background:#f3f3f3}td.n{text-align:right;font-variant-numeric:"
-    "tabular-nums}img{max-width:100%}"
-)
 
 
 def _html(sections: Sequence[_Section]) -> str:
@@ -200,25 +174,14 @@ def _html(sections: Sequence[_Section]) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         "<title>Placement report</title>",
-        f"<style>{_CSS}</style></head><body>",
+        f"<style>{PAGE_CSS}</style></head><body>",
         "<h1>Placement report</h1>",
     ]
     for s in sections:
         parts.append(f"<h2>{e(s.heading)}</h2>")
         parts += [f"<p>{e(p)}</p>" for p in s.paragraphs]
         if s.table is not None:
-            t = s.table
-            head = "".join(f"<th>{e(h)}</th>" for h in t.headers)
-            body = "".join(
-                "<tr>"
-                + "".join(
-                    f'<td class="n">{e(v)}</td>' if i in t.right else f"<td>{e(v)}</td>"
-                    for i, v in enumerate(row)
-                )
-                + "</tr>\n"
-                for row in t.rows
-            )
-            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            parts.append(html_table(s.table))
         parts += [f'<img src="{e(png)}" alt="{e(alt)}">' for png, alt in s.pictures]
     parts.append("</body></html>\n")
     return "\n".join(parts)
