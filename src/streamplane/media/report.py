@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from streamplane.media.bdrate import BdRate
 from streamplane.media.hull import RatePoint
@@ -154,61 +154,26 @@ def _draw_title_curves(data: ReportData, path: Path) -> Path:
     fixed = sorted(data.fixed_ladder, key=lambda f: f.bitrate_bps)
     qp = sorted(data.fixed_qp)
     mixed = sorted(data.mixed)
+    # (points as (bps, VMAF), line format, style): drawn in this order, the shipped ladder on top
+    curves: list[tuple[list[tuple[float, float]], str, dict[str, Any]]] = [
+        (qp, "-", dict(marker=".", ms=5, lw=1.4, color=_FIXED_QP,
+                       label="fixed CRF, whole title (from the matrix)")),
+        ([(f.bitrate_bps, f.vmaf) for f in fixed], "-s", dict(ms=6, lw=1.6, color=_FIXED,
+                       label="fixed ladder (Apple), whole-title encodes")),
+        (mixed, "--", dict(marker="d", ms=5, lw=1.6, color=_MIXED,
+                       label="mixed resolution per shot (predicted)")),
+        ([(r.average_bitrate_bps, r.vmaf) for r in rungs], "-o", dict(ms=7, lw=2.4,
+                       color=_SHIPPED, zorder=5, label="per-shot ladder (shipped)")),
+    ]  # fmt: skip
     with figure(path, 10, 6.6) as fig:
         ax = fig.add_subplot()
         xs: list[float] = []
-        if qp:
-            x = [r / 1000 for r, _ in qp]
-            ax.plot(
-                x,
-                [q for _, q in qp],
-                "-",
-                marker=".",
-                ms=5,
-                lw=1.4,
-                color=_FIXED_QP,
-                label="fixed CRF, whole title (from the matrix)",
-            )
-            xs += x
-        if fixed:
-            x = [f.bitrate_bps / 1000 for f in fixed]
-            ax.plot(
-                x,
-                [f.vmaf for f in fixed],
-                "-s",
-                ms=6,
-                lw=1.6,
-                color=_FIXED,
-                label="fixed ladder (Apple), whole-title encodes",
-            )
-            xs += x
-        if mixed:
-            x = [r / 1000 for r, _ in mixed]
-            ax.plot(
-                x,
-                [q for _, q in mixed],
-                "--",
-                marker="d",
-                ms=5,
-                lw=1.6,
-                color=_MIXED,
-                label="mixed resolution per shot (predicted)",
-            )
-            xs += x
-        if rungs:
-            x = [r.average_bitrate_bps / 1000 for r in rungs]
-            ax.plot(
-                x,
-                [r.vmaf for r in rungs],
-                "-o",
-                ms=7,
-                lw=2.4,
-                color=_SHIPPED,
-                zorder=5,
-                label="per-shot ladder (shipped)",
-            )
-            xs += x
-        else:
+        for points, fmt, style in curves:
+            if points:
+                x = [r / 1000 for r, _ in points]
+                ax.plot(x, [q for _, q in points], fmt, **style)
+                xs += x
+        if not rungs:
             ax.text(0.5, 0.5, "no rungs", transform=ax.transAxes, ha="center", color="grey")
         _log_kbps_axis(ax, xs)
         ax.set_xlabel("average bitrate (kbps, log scale)")
