@@ -5,6 +5,12 @@
 
 from __future__ import annotations
 
+from streamplane.edge.report import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    FLEET_HEARTBEAT_PATH,
+    EdgeHeartbeat,
+    HeartbeatReply,
+)
 from streamplane.edge.tokens import (
     DEFAULT_TOKEN_NAME,
     ExpiredToken,
@@ -24,10 +30,14 @@ from streamplane.edge.tokens import (
 )
 
 __all__ = [
+    "DEFAULT_HEARTBEAT_INTERVAL_S",
     "DEFAULT_TOKEN_NAME",
+    "FLEET_HEARTBEAT_PATH",
+    "EdgeHeartbeat",
     "ExpiredToken",
     "ForgedToken",
     "Grant",
+    "HeartbeatReply",
     "MalformedToken",
     "MissingToken",
     "NotYetValid",
