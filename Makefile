@@ -3,16 +3,26 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+WEB := src/streamplane/web
+VENDOR := $(WEB)/static/vendor
 
 .PHONY: install demo test lint bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml $(VENDOR)/hls.min.mjs | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
+
+# The browser player's JavaScript: hls.js from npm (pinned by package-lock.json) into static/vendor/.
+$(VENDOR)/hls.min.mjs: $(WEB)/package.json $(WEB)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js 18+ (the player's hls.js comes from npm)"; exit 1; }
+	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p $(VENDOR)
+	cp $(WEB)/node_modules/hls.js/dist/hls.min.mjs $(WEB)/node_modules/hls.js/LICENSE $(VENDOR)/
+	touch $@
 
 install: $(STAMP)
 
@@ -32,6 +42,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/encode.py --sources real-mix bench-mix demo-mix
 	$(BIN)/python bench/placement.py --clusters reference large mixed --days 30 --warmup 30 --seed 7
 	$(BIN)/python bench/tokens.py
+	$(BIN)/python bench/cache.py
+	$(BIN)/python bench/edge.py
+	$(BIN)/python bench/steering.py
+	$(BIN)/python bench/playback.py
+	$(BIN)/python bench/abr.py
 
 clean:
 	rm -rf catalog build .pytest_cache .mypy_cache .ruff_cache

@@ -198,16 +198,87 @@ def sample(
 @app.command()
 def demo(
     catalog: Path = typer.Option(Path("catalog"), help="Where titles are written."),
+    serve: bool = typer.Option(
+        True, help="Keep the control plane and edges running until Ctrl-C (--no-serve: stop)."
+    ),
+    reencode: bool = typer.Option(False, help="Encode the title again even if it exists."),
 ) -> None:
-    """The platform's main job on one machine: encode a real multi-shot title end to end."""
-    console.print("[bold]streamplane demo[/bold]: building a multi-shot source from real footage")
-    source = media.build_sample("demo-mix", Path("build/samples"))
-    result = _run_encode(source, catalog / "demo-mix", media.EncodeSettings())
-    _print_where(result)
+    """The platform's main job on one machine: encode, place, serve through edges, play."""
+    title_dir = catalog / "demo-mix"
+    if (title_dir / "title.json").is_file() and not reencode:
+        console.print(f"[bold]streamplane demo[/bold]: {title_dir} is already encoded (--reencode)")
+    else:
+        console.print(
+            "[bold]streamplane demo[/bold]: building a multi-shot source from real footage"
+        )
+        source = media.build_sample("demo-mix", Path("build/samples"))
+        result = _run_encode(source, title_dir, media.EncodeSettings())
+        _print_where(result)
     _place_demo(catalog)
-    out_console.print(
-        "\nNext: open the report in a browser; the manifests play in any HLS or DASH player."
+    _serve_demo(catalog, serve)
+
+
+def _free_or_any(port: int) -> int:
+    import socket
+
+    from streamplane.stack import free_port
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
+
+
+def _serve_demo(catalog: Path, serve: bool) -> None:
+    """A control plane and two edges on this machine; the demo title filled onto both."""
+    import time
+
+    import httpx
+
+    from streamplane.stack import LocalStack, StackError
+
+    console.print("[bold]starting[/bold] a control plane and two edges (build/stack/*.log)")
+    stack = LocalStack(
+        catalog,
+        Path("build/stack"),
+        edges=2,
+        control_port=_free_or_any(8080),
+        edge_ports=[_free_or_any(8081), _free_or_any(8082)],
     )
+    try:
+        with stack:
+            console.print("[bold]filling[/bold] demo-mix onto both edges (their fill plans)")
+            stack.fill(["demo-mix"])
+            answer = stack.playback("demo-mix", device="demo-terminal")
+            table = Table(title="POST /v1/playback {title: demo-mix}: the ranked edges")
+            for col in ("rank", "edge", "why"):
+                table.add_column(col)
+            for edge in answer["edges"]:
+                table.add_row(str(edge["rank"]), edge["base_url"], edge["reason"])
+            out_console.print(table)
+            first = httpx.get(answer["hls"], timeout=10)
+            out_console.print(
+                f"GET {answer['hls'][:72]}… -> {first.status_code}, {len(first.content)} bytes"
+            )
+            refused = httpx.get(answer["hls"].split("?")[0], timeout=10)
+            out_console.print(f"the same URL without its token -> {refused.status_code}")
+            out_console.print(f"\nWatch it:        {stack.control_url}/watch")
+            out_console.print(f"API (OpenAPI):   {stack.control_url}/docs")
+            for e in stack.edges:
+                out_console.print(f"edge {e.name}:   {e.url}/metrics")
+            out_console.print(f"HLS for any player (token valid 6 h): {answer['hls']}")
+            if not serve:
+                return
+            out_console.print("\nServing; press Ctrl-C to stop.")
+            while all(p.alive() for p in [*stack.edges, stack.control] if p is not None):
+                time.sleep(1)
+            console.print("[red]a process of the stack exited; see build/stack/*.log[/red]")
+    except StackError as exc:
+        raise _error(str(exc), 1) from None
+    except KeyboardInterrupt:
+        console.print("stopping: the edges drain, then exit")
 
 
 @app.command()
@@ -312,6 +383,252 @@ def _place_demo(catalog: Path) -> None:
         f"Place again by hand: streamplane place --servers {servers_arg} "
         f"--popularity {popularity} --previous {outcome.placement_json} --out {out}"
     )
+
+
+control_app = typer.Typer(
+    help="The control plane: accounts, catalog, playback with ranked edges, the fleet.",
+    invoke_without_command=True,
+)
+app.add_typer(control_app, name="control")
+
+
+@control_app.callback()
+def control(
+    ctx: typer.Context,
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Settings TOML ([tokens], [control]); STREAMPLANE_* override."
+    ),
+    host: str | None = typer.Option(None, help="Bind address (default: control.host)."),
+    port: int | None = typer.Option(None, help="Port (default: control.port)."),
+) -> None:
+    """Run the control plane (migrating its database first); OpenAPI at /docs."""
+    from streamplane.config import SettingsError, load_settings
+
+    try:
+        settings = load_settings(config)
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+    if ctx.invoked_subcommand is not None:
+        ctx.obj = settings
+        return
+    import msgspec
+    import uvicorn
+
+    from streamplane.control import create_app
+
+    c = msgspec.structs.replace(
+        settings.control, host=host or settings.control.host, port=port or settings.control.port
+    )
+    try:
+        api = create_app(msgspec.structs.replace(settings, control=c))
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+    console.print(
+        f"control plane on http://{c.host}:{c.port} (API docs at /docs), store {c.database_url}"
+    )
+    uvicorn.run(api, host=c.host, port=c.port, log_level="info")
+
+
+@control_app.command("migrate")
+def control_migrate(ctx: typer.Context) -> None:
+    """Bring the control plane's database schema up to date, then exit."""
+    import asyncio
+
+    from streamplane.control import Store, migrate
+
+    c = ctx.obj.control
+
+    async def run() -> None:
+        store = Store(c.database_url, schema=c.database_schema)
+        try:
+            await migrate(store)
+        finally:
+            await store.dispose()
+
+    try:
+        asyncio.run(run())
+    except (OSError, ValueError) as exc:
+        raise _error(f"{c.database_url}: {exc}", 1) from None
+    out_console.print(f"schema up to date: {c.database_url}")
+
+
+@app.command()
+def edge(
+    config: Path | None = typer.Option(None, "--config", help="Settings TOML ([edge], [tokens])."),
+    origin: str | None = typer.Option(None, "--origin", help="Catalog directory or http(s) URL."),
+    cache: Path | None = typer.Option(None, "--cache", help="Cache directory."),
+    capacity_gb: float | None = typer.Option(None, "--capacity-gb", help="Disk the cache may use."),
+    host: str | None = typer.Option(None, "--host", help="Address to listen on."),
+    port: int | None = typer.Option(None, "--port", "-p", help="Port to listen on."),
+    workers: int | None = typer.Option(None, "--workers", help="Processes sharing the port."),
+    control: str | None = typer.Option(None, "--control", help="Control plane URL (heartbeats)."),
+    edge_id: str | None = typer.Option(None, "--id", help="This edge's id in the fleet."),
+    site: str | None = typer.Option(None, "--site", help="The site (cache group) it belongs to."),
+    tls_cert: Path | None = typer.Option(None, "--tls-cert", help="PEM certificate: serve HTTPS."),
+    tls_key: Path | None = typer.Option(None, "--tls-key", help="PEM key for --tls-cert."),
+    access_log: bool | None = typer.Option(
+        None, "--access-log/--no-access-log", help="One JSON line per request on stdout."
+    ),
+) -> None:
+    """Run an edge: serve title packages zero-copy behind signed URLs, pulling misses."""
+    import msgspec
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.edge.supervisor import run_edge
+
+    try:
+        settings = load_settings(config)
+        keyring = dict(settings.tokens.keys)
+        settings.tokens.keyring()  # refuse bad keys before any worker starts
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+    given = {
+        "origin": origin,
+        "cache_dir": None if cache is None else str(cache),
+        "capacity_bytes": None if capacity_gb is None else int(capacity_gb * 1e9),
+        "host": host,
+        "port": port,
+        "workers": workers,
+        "control_url": control,
+        "edge_id": edge_id,
+        "site": site,
+        "tls_cert": None if tls_cert is None else str(tls_cert),
+        "tls_key": None if tls_key is None else str(tls_key),
+        "access_log": access_log,
+    }
+    edge_settings = msgspec.structs.replace(
+        settings.edge, **{k: v for k, v in given.items() if v is not None}
+    )
+    if edge_settings.capacity_bytes <= 0 or edge_settings.workers < 1:
+        raise _error("--capacity-gb must be positive and --workers at least 1", 2)
+    if (
+        not edge_settings.origin.startswith(("http://", "https://"))
+        and not Path(edge_settings.origin).is_dir()
+    ):
+        raise _error(f"origin {edge_settings.origin} is neither a directory nor an http URL", 2)
+    if edge_settings.tls_cert and not Path(edge_settings.tls_cert).is_file():
+        raise _error(f"TLS certificate {edge_settings.tls_cert} does not exist", 2)
+    raise typer.Exit(run_edge(edge_settings, keyring))
+
+
+@app.command("abr-sim")
+def abr_sim(
+    manifest: Path = typer.Option(
+        ..., "--manifest", help="Simulator manifest JSON or a streamplane title.json."
+    ),
+    trace: Path | None = typer.Option(
+        None, "--trace", help="One trace: JSON periods or cooked `seconds Mbps` lines."
+    ),
+    traces: Path | None = typer.Option(None, "--traces", help="A folder of traces (batch mode)."),
+    abr: str = typer.Option(
+        "streamplane", "--abr", help="Algorithm(s), comma-separated, or `all`."
+    ),
+    max_buffer: float = typer.Option(30.0, "--max-buffer", help="Maximum buffer, seconds."),
+    plot: Path | None = typer.Option(None, "--plot", help="PNG of buffer, rung, throughput."),
+) -> None:
+    """Simulate ABR algorithms on network traces: bitrate, VMAF, rebuffering, switches, QoE."""
+    from streamplane import player
+
+    if (trace is None) == (traces is None):
+        raise _error("give exactly one of --trace FILE or --traces DIR", 2)
+    if plot is not None and trace is None:
+        raise _error("--plot works with a single --trace", 2)
+    names = list(player.ALGORITHMS) if abr == "all" else [a.strip() for a in abr.split(",")]
+    try:
+        algos = [player.make_abr(n).name for n in names if n]
+        m = player.load_manifest(manifest)
+        runs = [player.load_trace(trace)] if trace is not None else []
+        if traces is not None:
+            runs = player.load_trace_dir(traces)
+        settings = player.SimSettings(max_buffer_s=max_buffer)
+        results = [
+            [player.simulate(m, t, player.make_abr(a), settings) for a in algos] for t in runs
+        ]
+    except player.PlayerError as exc:
+        raise _error(str(exc), 2) from None
+    table = Table(title=f"{m.name}: {len(m.segment_durations_s)} segments, {m.duration_s:.0f} s")
+    headers = ("trace", "abr", "avg kbps", "VMAF", "rebuf s", "rebuf %", "stalls", "startup s")
+    for col in (*headers, "switches", "avg switch kbps", "QoE", "QoE/seg"):
+        name_col = col in ("trace", "abr")
+        table.add_column(col, justify="left" if name_col else "right", no_wrap=name_col)
+
+    def row(label: str, name: str, x: player.Metrics) -> None:
+        table.add_row(
+            label,
+            name,
+            f"{x.avg_bitrate_kbps:.0f}",
+            "-" if x.avg_vmaf is None else f"{x.avg_vmaf:.1f}",
+            f"{x.rebuffer_s:.2f}",
+            f"{100 * x.rebuffer_ratio:.2f}",
+            f"{x.rebuffer_events}",
+            f"{x.startup_s:.2f}",
+            f"{x.switches}",
+            f"{x.avg_switch_kbps:.0f}",
+            f"{x.qoe:.1f}",
+            f"{x.qoe_per_segment:.3f}",
+        )
+
+    for per_trace in results:
+        for res in per_trace:
+            row(Path(res.trace).name, res.abr, res.metrics)
+        table.add_section()
+    if len(results) > 1:
+        for k, name in enumerate(algos):
+            row("mean", name, player.mean_metrics([r[k].metrics for r in results]))
+    out_console.print(table)
+    if plot is not None and trace is not None:
+        player.plot_sessions(results[0], runs[0], plot)
+        out_console.print(f"plot: {plot}")
+
+
+@app.command()
+def swarm(
+    viewers: int = typer.Option(..., "--viewers", "-n", help="Concurrent headless viewers."),
+    control: str = typer.Option(..., "--control", help="Control plane URL."),
+    title: str = typer.Option(..., "--title", help="Title id to play."),
+    abr: str = typer.Option("streamplane", "--abr", help="ABR algorithm of every viewer."),
+    ramp_s: float = typer.Option(0.0, "--ramp-s", help="Start the viewers over this many s."),
+    speed: float = typer.Option(1.0, "--speed", help="Media seconds played per wall second."),
+    traces: str | None = typer.Option(
+        None, "--traces", help="Throttle: 3g, lte, broadband, mixed, or trace file/folder."
+    ),
+    duration: float | None = typer.Option(
+        None, "--duration", help="Media seconds each viewer watches (the title loops)."
+    ),
+    source: list[str] = typer.Option(
+        [], "--source", help="Local address to connect from (repeat: viewers take turns)."
+    ),
+    audio: bool = typer.Option(True, "--audio/--no-audio", help="Fetch the audio track too."),
+    json_out: Path | None = typer.Option(None, "--json", help="Save the full report as JSON."),
+) -> None:
+    """Run N headless viewers against a control plane and its edges: QoE and edge load."""
+    from streamplane.player import PlayerError, SwarmConfig, report_tables, run_swarm_live
+    from streamplane.player.swarm import SwarmError, encode_report
+
+    config = SwarmConfig(
+        control_url=control,
+        title=title,
+        viewers=viewers,
+        abr=abr,
+        ramp_s=ramp_s,
+        speed=speed,
+        traces=traces,
+        duration_s=duration,
+        audio=audio,
+        sources=tuple(source),
+    )
+    try:
+        report = run_swarm_live(config, console)
+    except SwarmError as exc:
+        raise _error(str(exc), 1) from None
+    except PlayerError as exc:
+        raise _error(str(exc), 2) from None
+    out_console.print(*report_tables(report))
+    if json_out is not None:
+        json_out.write_bytes(encode_report(report))
+        out_console.print(f"report: {json_out}")
+    if report.summary.failed:
+        raise _error(f"{report.summary.failed} of {viewers} viewers failed", 1)
 
 
 def main() -> None:

@@ -17,25 +17,15 @@ import msgspec
 import pytest
 from mpegdash.parser import MPEGDASHParser
 
-from streamplane.media import EncodeSettings, encode, load_title
+from streamplane.media import encode, load_title
 from streamplane.media.ffmpeg import run_ffmpeg
 from streamplane.media.title import Title
-
-SMALL = EncodeSettings(
-    heights=(180, 90),
-    quantisers=(22, 30, 38),
-    rungs=3,
-    preset="fast",
-    probe_preset="ultrafast",
-    probe_vmaf_subsample=2,
-)
+from tests.conftest import SMALL
 
 
 @pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory, tiny_source: Path) -> Path:
-    out = tmp_path_factory.mktemp("catalog") / "tiny"
-    encode(tiny_source, out, SMALL)
-    return out
+def package(tiny_package: Path) -> Path:
+    return tiny_package
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +47,20 @@ def test_package_has_every_file_title_json_names(package: Path, title: Title) ->
     assert not list(package.parent.glob(".tiny.*"))  # work and partial dirs are gone
     for png in ("rate_quality_title.png", "rate_quality_shots.png", "ladder.png"):
         assert (package / "report" / png).stat().st_size > 1000
+
+
+def test_package_files_names_exactly_what_an_edge_serves(package: Path, title: Title) -> None:
+    from streamplane.media import package_files
+
+    on_disk = {
+        str(p.relative_to(package))
+        for p in package.rglob("*")
+        if p.is_file() and p.relative_to(package).parts[0] != "report"
+    }
+    listed = package_files(title)
+    assert len(listed) == len(set(listed))
+    assert set(listed) == on_disk
+    assert listed[:3] == ["title.json", "master.m3u8", "manifest.mpd"]
 
 
 def test_shots_follow_the_real_cuts(title: Title, tiny_source: Path) -> None:

@@ -5,6 +5,15 @@
 
 from __future__ import annotations
 
+from streamplane.edge.eviction import (
+    DEFAULT_POLICY,
+    POLICY_NAMES,
+    EvictionPolicy,
+    LruPolicy,
+    PolicyName,
+    S3FifoPolicy,
+    make_policy,
+)
 from streamplane.edge.report import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     FLEET_HEARTBEAT_PATH,
@@ -22,6 +31,7 @@ from streamplane.edge.tokens import (
     PathNotAllowed,
     TokenError,
     WrongClient,
+    grant_allows,
     key_from_hex,
     sign,
     signed_url,
@@ -31,20 +41,28 @@ from streamplane.edge.tokens import (
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL_S",
+    "DEFAULT_POLICY",
     "DEFAULT_TOKEN_NAME",
     "FLEET_HEARTBEAT_PATH",
+    "POLICY_NAMES",
     "EdgeHeartbeat",
+    "EvictionPolicy",
     "ExpiredToken",
     "ForgedToken",
     "Grant",
     "HeartbeatReply",
+    "LruPolicy",
     "MalformedToken",
     "MissingToken",
     "NotYetValid",
     "PathNotAllowed",
+    "PolicyName",
+    "S3FifoPolicy",
     "TokenError",
     "WrongClient",
+    "grant_allows",
     "key_from_hex",
+    "make_policy",
     "sign",
     "signed_url",
     "token_from_request",

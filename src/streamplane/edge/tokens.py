@@ -67,6 +67,7 @@ __all__ = [
     "PathNotAllowed",
     "TokenError",
     "WrongClient",
+    "grant_allows",
     "key_from_hex",
     "sign",
     "signed_url",
@@ -316,6 +317,20 @@ def verify(
     )
 
 
+def grant_allows(grant: Grant, path: str) -> bool:
+    """Whether a grant :func:`verify` returned also covers ``path`` (decoded, normalised).
+
+    Lets an edge verify a session's token once and then check each further path with a
+    pattern match instead of an HMAC; expiry and the client address stay the caller's to check.
+    """
+    if not _is_clean_path(path):
+        return False
+    if grant.acl is None:
+        return grant.url == path
+    compiled = _compile_acl(_ACL_DELIMITER.join(grant.acl))
+    return compiled is not None and any(_glob_match(p, path) for p in compiled[1])
+
+
 def token_from_request(
     query: str, cookie_header: str | None, name: str = DEFAULT_TOKEN_NAME
 ) -> str | None:
@@ -327,8 +342,14 @@ def token_from_request(
     repeated cookie is not refused, since browsers send one per matching Path and list the
     most specific first (RFC 6265 section 5.4); the first wins. An empty value counts as absent.
     """
+    query = query.removeprefix("?")
+    prefix = name + "="
+    if query.startswith(prefix) and "&" not in query and "+" not in query and "%" not in query:
+        if len(query) > len(prefix):
+            return query[len(prefix) :]  # the common case, without parsing
+        query = ""  # an empty value counts as absent: the cookie may have one
     found: str | None = None
-    for key, value in parse_qsl(query.removeprefix("?"), keep_blank_values=True):
+    for key, value in parse_qsl(query, keep_blank_values=True):
         if key == name and value:
             if found is not None:
                 raise MalformedToken(f"{name} appears more than once in the query string")

@@ -15,6 +15,7 @@ from streamplane.media.errors import (
     PackagingError,
     SourceError,
 )
+from streamplane.media.manifest import package_files
 from streamplane.media.samples import SAMPLES, build_sample
 from streamplane.media.title import Title, load_title
 
@@ -46,4 +47,5 @@ __all__ = [
     "build_sample",
     "encode",
     "load_title",
+    "package_files",
 ]

@@ -23,6 +23,7 @@ __all__ = [
     "dash_mpd",
     "hls_master",
     "hls_media_playlist",
+    "package_files",
     "segment_name",
 ]
 
@@ -39,6 +40,27 @@ def segment_name(number: int) -> str:
     if number < FIRST_SEGMENT_NUMBER:
         raise ValueError(f"segment numbers start at {FIRST_SEGMENT_NUMBER}, got {number}")
     return f"seg_{number}.m4s"
+
+
+def package_files(title: Title) -> list[str]:
+    """Every file an edge needs to serve the title, relative to its directory, manifests first.
+
+    What a proactive fill pulls: manifests, then each rendition's init segment, playlist and
+    media segments. The report and the encode's working files are not part of it.
+    """
+    files = ["title.json", title.hls, title.dash, *title.artwork]
+    renditions: list[tuple[str, str, int]] = [
+        (r.init, r.playlist, len(r.segment_bytes)) for r in title.rungs
+    ]
+    renditions += [(a.init, a.playlist, len(a.segments)) for a in title.audio]
+    for init, playlist, count in renditions:
+        directory = posixpath.dirname(init)
+        files += [init, playlist]
+        files += [
+            posixpath.join(directory, segment_name(n))
+            for n in range(FIRST_SEGMENT_NUMBER, FIRST_SEGMENT_NUMBER + count)
+        ]
+    return files
 
 
 # ---------------------------------------------------------------------------------------------

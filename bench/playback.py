@@ -1,0 +1,568 @@
+"""Playback starts end to end, on SQLite and on PostgreSQL, beside the framework's own floor.
+
+Method: for each store, run ``streamplane control`` as its own process (uvicorn, one worker,
+the CLI's own settings) on a fresh database; register a title, heartbeat ``--edges`` edges
+holding it, sign up ``--accounts`` accounts on a plan with room for every start. Then a load
+generator in a separate process (so it shares no interpreter and no GIL with the server: a
+small HTTP/1.1 client on raw keep-alive sockets, cheap per request) keeps ``--concurrency``
+playback starts in flight for ``--seconds`` after ``--warmup``, each from a new device of a
+random account. Every start is the whole path: JWT check, the catalog and fleet caches, one
+locking transaction (account row lock, screen count, screen insert, resume position),
+steering's ranking, the EdgeAuth token, the signed manifest URLs and the session JWT. The
+same load then hits the same server's ``GET /healthz`` (FastAPI and uvicorn with no work).
+The peer, on the same store in the same run, is a minimal FastAPI app served the same way
+whose ``POST /v1/playback`` validates the same body and does one INSERT in one write
+transaction through the same store class: the floor of framework plus driver for one write.
+Reported: requests/s, p50 and p99 latency as the client sees it, the server's CPU time per
+request (from /proc: steadier than throughput on a shared machine), errors; and the ratio of
+playback starts to the peer's inserts. Each row is the median of ``--runs`` runs (the range
+of requests/s is shown), the stores and servers interleaved so that other load on the
+machine falls on all of them alike.
+
+    .venv/bin/python bench/playback.py [--runs 3] [--seconds 10] [--concurrency 32] [--record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import multiprocessing
+import os
+import platform
+import random
+import re
+import secrets
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from pydantic import BaseModel, Field
+
+from streamplane.media.title import Rung, Title, encode_title
+
+PG = os.environ.get("STREAMPLANE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+ROOT = Path(__file__).resolve().parent.parent
+SECTION = "## Control plane: playback starts end to end"
+
+
+# -- the workload ------------------------------------------------------------------------------
+
+
+def _title() -> Title:
+    rung = Rung(
+        id="v0",
+        codec="h264",
+        codec_string="avc1.64001f",
+        width=1280,
+        height=720,
+        frame_rate="25",
+        average_bitrate_bps=2_000_000,
+        peak_bitrate_bps=3_000_000,
+        vmaf=93.0,
+        vmaf_harmonic=92.0,
+        psnr_y=41.0,
+        init="v/v0/init.mp4",
+        playlist="v/v0/index.m3u8",
+        segment_bytes=(),
+        shots=(),
+    )
+    return Title(
+        schema=1,
+        title="bench",
+        duration_s=600.0,
+        frame_rate="25",
+        width=1280,
+        height=720,
+        video_timescale=12800,
+        shots=(),
+        segments=(),
+        rungs=(rung,),
+        audio=(),
+    )
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(work: Path, url: str, port: int) -> Path:
+    (work / "catalog" / "bench").mkdir(parents=True, exist_ok=True)
+    (work / "catalog" / "bench" / "title.json").write_bytes(encode_title(_title()))
+    path = work / "control.toml"
+    # Cheap password hashes: signing up the accounts is set-up, not what is measured.
+    path.write_text(
+        f"""
+[tokens]
+keys = {{ bench = "{secrets.token_hex(32)}" }}
+
+[control]
+database_url = "{url}"
+catalog_dir = "{work / "catalog"}"
+placement = ""
+port = {port}
+edge_timeout_s = 3600
+slow_start_s = 0
+password_time_cost = 1
+password_memory_kib = 8192
+plans = {{ bench = {{ screens = 1000000 }} }}
+default_plan = "bench"
+"""
+    )
+    return path
+
+
+@contextmanager
+def _serving(command: list[str], port: int, what: str) -> Iterator[int]:
+    """Run a server process until the block ends; yields its pid once /healthz answers."""
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).raise_for_status()
+                break
+            except httpx.TransportError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    err = server.stderr.read().decode() if server.stderr else ""
+                    raise SystemExit(f"{what} did not start\n{err}") from None
+                time.sleep(0.1)
+        yield server.pid
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _set_up(port: int, args: argparse.Namespace) -> list[str]:
+    """Edges holding the title and accounts to start from; the accounts' access tokens."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        for i in range(args.edges):
+            hb = {
+                "edge_id": f"edge-{i:03d}",
+                "base_url": f"http://10.0.{i // 250}.{i % 250 + 1}:8081",
+                "site": f"site-{i % 4}",
+                "throughput_bps": 1e8 * (i % 7),
+                "capacity_bps": 1e10,
+                "connections": 0,
+                "disk_used_bytes": 0,
+                "disk_total_bytes": 10**12,
+                "titles": ["bench"],
+                "healthy": True,
+                "draining": False,
+                "sent_at": time.time(),
+            }
+            client.post("/v1/fleet/heartbeat", json=hb).raise_for_status()
+        tokens = []
+        for i in range(args.accounts):
+            creds = {"email": f"bench{i}@example.com", "password": "bench password"}
+            client.post("/v1/accounts", json=creds).raise_for_status()
+            r = client.post("/v1/auth/login", json=creds)
+            r.raise_for_status()
+            tokens.append(r.json()["access_token"])
+        check = client.post(
+            "/v1/playback",
+            json={"title": "bench", "device": "check"},
+            headers={"authorization": f"Bearer {tokens[0]}"},
+        )
+        check.raise_for_status()
+        if len(check.json()["edges"]) < 2:
+            raise SystemExit(f"the set-up is wrong: {check.text}")
+    return tokens
+
+
+# -- the load generator (its own process) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    """What to send: ``body`` with ``{n}`` replaced by a new number per request."""
+
+    port: int
+    method: str
+    path: str
+    body: str = ""
+    tokens: tuple[str, ...] = ()
+    concurrency: int = 32
+    warmup_s: float = 2.0
+    seconds: float = 10.0
+    server_pid: int = 0
+
+
+@dataclass
+class Measured:
+    requests: int
+    seconds: float
+    latencies: list[float]  # of the 2xx answers
+    statuses: dict[int, int]
+    cpu_s: float | None  # the server's CPU time over the measured window
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_load(load: Load) -> Measured:
+    """Keep ``concurrency`` requests in flight; measure those completed inside the window."""
+    try:
+        import uvloop
+
+        return uvloop.run(_load(load))
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        return asyncio.run(_load(load))
+
+
+async def _load(load: Load) -> Measured:
+    numbers = itertools.count()
+    rng = random.Random(7)
+    latencies: list[float] = []
+    statuses: Counter[int] = Counter()
+    start = time.monotonic() + load.warmup_s
+    stop = start + load.seconds
+    head = f"{load.method} {load.path} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+
+    async def worker() -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", load.port)
+        try:
+            while (now := time.monotonic()) < stop:
+                request = head
+                if load.tokens:
+                    request += f"authorization: Bearer {rng.choice(load.tokens)}\r\n"
+                body = load.body.replace("{n}", str(next(numbers))).encode()
+                if body:
+                    request += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+                t0 = time.perf_counter()
+                writer.write(request.encode() + b"\r\n" + body)
+                response = await reader.readuntil(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", response)
+                await reader.readexactly(int(length.group(1)) if length else 0)
+                elapsed = time.perf_counter() - t0
+                if now >= start:
+                    status = int(response[9:12])
+                    statuses[status] += 1
+                    if 200 <= status < 300:
+                        latencies.append(elapsed)
+                if re.search(rb"(?i)\r\nconnection: *close", response):
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", load.port)
+        finally:
+            writer.close()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(load.concurrency)]
+    await asyncio.sleep(max(0.0, start - time.monotonic()))
+    cpu0 = _cpu_seconds(load.server_pid)
+    t0 = time.monotonic()
+    await asyncio.sleep(max(0.0, stop - time.monotonic()))
+    cpu1 = _cpu_seconds(load.server_pid)
+    seconds = time.monotonic() - t0
+    await asyncio.gather(*tasks)
+    return Measured(
+        requests=sum(statuses.values()),
+        seconds=seconds,
+        latencies=latencies,
+        statuses=dict(statuses),
+        cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+    )
+
+
+# -- the peer: FastAPI doing one INSERT --------------------------------------------------------
+
+
+class StartIn(BaseModel):
+    title: str = Field(min_length=1, max_length=128)
+    device: str = Field(min_length=1, max_length=128)
+
+
+class StartOut(BaseModel):
+    session_id: str
+
+
+def peer_app(url: str) -> Any:
+    """A minimal FastAPI app: the playback body validated, one INSERT in one write transaction
+    run the way the control plane runs its own (``Store.transaction``)."""
+    from fastapi import FastAPI
+    from sqlalchemy import Column, Float, MetaData, String, Table, insert
+
+    from streamplane.control.store import Store
+
+    store = Store(url)
+    metadata = MetaData()
+    starts = Table(
+        "peer_starts",
+        metadata,
+        Column("id", String(36), primary_key=True),
+        Column("title", String(128)),
+        Column("device", String(128)),
+        Column("started_at", Float),
+    )
+    statement = insert(starts)
+
+    async def lifespan(_app: FastAPI) -> Any:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        yield
+        await store.dispose()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/v1/playback", response_model=StartOut)
+    async def start(body: StartIn) -> StartOut:
+        session_id = str(uuid.uuid4())
+        row = {
+            "id": session_id,
+            "title": body.title,
+            "device": body.device,
+            "started_at": time.time(),
+        }
+        await store.transaction(lambda conn: conn.execute(statement, row))
+        return StartOut(session_id=session_id)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+def _serve_peer(url: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(peer_app(url), host="127.0.0.1", port=port, log_level="info")  # as the CLI
+
+
+# -- runs --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    store: str
+    what: str
+    runs: list[Measured] = field(default_factory=list)
+
+    def _median_run(self) -> Measured:
+        return sorted(self.runs, key=lambda m: m.requests / m.seconds)[len(self.runs) // 2]
+
+    @property
+    def rate(self) -> float:
+        return statistics.median(m.requests / m.seconds for m in self.runs)
+
+    def cells(self) -> list[str]:
+        rates = [m.requests / m.seconds for m in self.runs]
+        lats = sorted(self._median_run().latencies)
+        p50 = 1000 * statistics.median(lats) if lats else float("nan")
+        p99 = 1000 * lats[min(len(lats) - 1, int(0.99 * len(lats)))] if lats else float("nan")
+        cpus = [1000 * m.cpu_s / m.requests for m in self.runs if m.cpu_s and m.requests]
+        errors = sum(n for m in self.runs for s, n in m.statuses.items() if not 200 <= s < 300)
+        return [
+            self.store,
+            self.what,
+            f"{self.rate:,.0f}",
+            f"{min(rates):,.0f}-{max(rates):,.0f}",
+            f"{p50:.1f}",
+            f"{p99:.1f}",
+            f"{statistics.median(cpus):.2f}" if cpus else "n/a",
+            str(errors),
+        ]
+
+
+def _measure(load: Load, pool: ProcessPoolExecutor) -> Measured:
+    return pool.submit(run_load, load).result()
+
+
+def _run_store(
+    store: str, url: str, args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor
+) -> dict[str, Measured]:
+    out: dict[str, Measured] = {}
+    port = _port()
+    config = _config(work, url, port)
+    control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
+    timing = {
+        "concurrency": args.concurrency,
+        "warmup_s": args.warmup,
+        "seconds": args.seconds,
+    }
+    with _serving(control, port, f"{store}: the control plane") as pid:
+        tokens = tuple(_set_up(port, args))
+        out["playback"] = _measure(
+            Load(
+                port=port,
+                method="POST",
+                path="/v1/playback",
+                body='{"title": "bench", "device": "d{n}"}',
+                tokens=tokens,
+                server_pid=pid,
+                **timing,
+            ),
+            pool,
+        )
+        out["healthz"] = _measure(
+            Load(port=port, method="GET", path="/healthz", server_pid=pid, **timing), pool
+        )
+    port = _port()
+    peer = [sys.executable, __file__, "--serve-peer", url, "--port", str(port)]
+    with _serving(peer, port, f"{store}: the peer") as pid:
+        out["peer"] = _measure(
+            Load(
+                port=port,
+                method="POST",
+                path="/v1/playback",
+                body='{"title": "bench", "device": "d{n}"}',
+                server_pid=pid,
+                **timing,
+            ),
+            pool,
+        )
+    return out
+
+
+async def _pg_admin(sql: str) -> None:
+    conn = await asyncpg.connect(PG)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+WHAT = {
+    "playback": "control: `POST /v1/playback`",
+    "peer": "peer: FastAPI + one INSERT",
+    "healthz": "control: `GET /healthz`",
+}
+
+
+def main(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    rows = {
+        (store, kind): Row(store, WHAT[kind])
+        for store in ("SQLite", "PostgreSQL")
+        for kind in ("playback", "peer", "healthz")
+    }
+    loads: list[str] = []
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        for run in range(args.runs):
+            with tempfile.TemporaryDirectory(prefix="bench-playback-") as tmp:
+                work = Path(tmp)
+                (work / "sqlite").mkdir()
+                url = f"sqlite+aiosqlite:///{work / 'sqlite' / 'control.db'}"
+                for kind, m in _run_store("SQLite", url, args, work / "sqlite", pool).items():
+                    rows["SQLite", kind].runs.append(m)
+                name = f"bench_playback_{os.getpid()}_{run}"
+                asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+                try:
+                    (work / "pg").mkdir()
+                    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+                    url = f"{base}/{name}"
+                    for kind, m in _run_store("PostgreSQL", url, args, work / "pg", pool).items():
+                        rows["PostgreSQL", kind].runs.append(m)
+                finally:
+                    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+            loads.append(load)
+            print(f"run {run + 1}/{args.runs} done; load average {load}", file=sys.stderr)
+    return list(rows.values()), loads
+
+
+def _table(rows: Sequence[Row], args: argparse.Namespace) -> str:
+    lines = [
+        "| store | server | requests/s | range | p50 ms | p99 ms | server CPU ms/req | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    by = {(r.store, r.what): r for r in rows}
+    lines.append("")
+    for store in ("SQLite", "PostgreSQL"):
+        playback = by[store, WHAT["playback"]].rate
+        peer = by[store, WHAT["peer"]].rate
+        healthz = by[store, WHAT["healthz"]].rate
+        lines.append(
+            f"- {store}: playback starts / the peer's inserts = {playback / peer:.2f}; "
+            f"/ the same server's /healthz = {playback / healthz:.2f}."
+        )
+    sqlite = by["SQLite", WHAT["playback"]].rate
+    pg = by["PostgreSQL", WHAT["playback"]].rate
+    lines.append(f"- Playback starts, SQLite / PostgreSQL = {sqlite / pg:.2f}.")
+    lines.append("")
+    lines.append(
+        f"{args.concurrency} in flight, {args.edges} edges, {args.accounts} accounts; "
+        f"{args.seconds:g} s measured after {args.warmup:g} s of warm-up; median of "
+        f"{args.runs} run{'s' if args.runs != 1 else ''}."
+    )
+    return "\n".join(lines)
+
+
+def _record(table: str, command: str, loads: Sequence[str]) -> None:
+    machine = (
+        f"{platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} cores, load average after each run: {'; '.join(loads)}"
+    )
+    section = (
+        f"{SECTION}\n\n"
+        f"`{command}` ({machine}).\n\n"
+        f"{__doc__.split(chr(10) * 2)[1].replace(chr(10), ' ')}\n\n"
+        f"{table}\n"
+    )
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text()
+    at = text.find(SECTION)
+    end = text.find("\n## ", at + len(SECTION)) if at >= 0 else -1
+    text = (
+        text.rstrip("\n") + "\n\n" + section
+        if at < 0
+        else text[:at] + section + (text[end:] if end >= 0 else "")
+    )
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--edges", type=int, default=20)
+    parser.add_argument("--accounts", type=int, default=20)
+    parser.add_argument(
+        "--record", action="store_true", help="replace this section of docs/benchmarks.md"
+    )
+    parser.add_argument("--serve-peer", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_peer:
+        _serve_peer(args.serve_peer, args.port)
+        raise SystemExit(0)
+    command = ".venv/bin/python bench/playback.py " + shlex.join(
+        a for a in sys.argv[1:] if a != "--record"
+    )
+    print(__doc__.split("\n\n")[1].replace("\n", " "))
+    rows, loads = main(args)
+    table = _table(rows, args)
+    print()
+    print(table)
+    print(f"\nload average after each run: {'; '.join(loads)} ({os.cpu_count()} cores)")
+    print(f"reproduce: {command.strip()}")
+    if args.record:
+        _record(table, command.strip(), loads)

@@ -1,0 +1,261 @@
+"""One settings object for every plane: a TOML file, then ``STREAMPLANE_*`` environment variables.
+
+The file has one table per section; every key is optional and falls back to the default below::
+
+    [tokens]                       # signed URLs: the control plane signs, edges verify
+    signing_kid = "k2"             # the key new tokens are signed with
+    ttl_s = 21600                  # how long a playback token is valid, seconds
+    [tokens.keys]                  # key id -> hex secret; keep retired keys until their
+    k1 = "0a1b..."                 # last token has expired
+    k2 = "9f8e..."
+
+    [control]
+    database_url = "sqlite+aiosqlite:///streamplane.db"   # or postgresql+asyncpg://...
+    host = "127.0.0.1"
+    port = 8080
+    catalog_dir = "catalog"
+    placement = "catalog/placement/placement.json"
+
+    [edge]                         # see EdgeSettings
+
+An environment variable overrides one key: ``STREAMPLANE_<SECTION>_<KEY>``, upper case, e.g.
+``STREAMPLANE_CONTROL_DATABASE_URL=postgresql+asyncpg://127.0.0.1/streamplane`` or
+``STREAMPLANE_TOKENS_SIGNING_KID=k2``. Scalars are written plainly; tables and lists
+(``STREAMPLANE_TOKENS_KEYS``, ``STREAMPLANE_CONTROL_PLANS``) as JSON. An unknown section or key,
+in the file or the environment, is an error: a misspelt setting must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import msgspec
+
+__all__ = [
+    "ENV_PREFIX",
+    "BgpPeer",
+    "ControlSettings",
+    "EdgeSettings",
+    "Plan",
+    "Settings",
+    "SettingsError",
+    "TokenSettings",
+    "load_settings",
+]
+
+ENV_PREFIX: Final = "STREAMPLANE_"
+
+
+class SettingsError(ValueError):
+    """The settings file or environment holds something unusable; the message says what."""
+
+
+class TokenSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The signed-URL keyring, shared by the control plane (signs) and every edge (verifies)."""
+
+    keys: dict[str, str] = msgspec.field(default_factory=dict)  # key id -> hex secret
+    signing_kid: str = ""  # empty: the only key, if there is exactly one
+    ttl_s: int = 6 * 3600  # validity of a playback token
+
+    def keyring(self) -> dict[str, bytes]:
+        """Key id -> secret bytes, as ``edge.tokens.verify`` takes it."""
+        from streamplane.edge import key_from_hex
+
+        ring: dict[str, bytes] = {}
+        for kid, hex_key in self.keys.items():
+            try:
+                ring[kid] = key_from_hex(hex_key)
+            except ValueError as err:
+                raise SettingsError(f"tokens.keys.{kid}: {err}") from None
+        return ring
+
+    def signing_key(self) -> tuple[str, bytes]:
+        """The key id and secret new tokens are signed with."""
+        ring = self.keyring()
+        kid = self.signing_kid
+        if not kid:
+            if len(ring) != 1:
+                raise SettingsError(
+                    "tokens.signing_kid is not set and tokens.keys does not hold exactly one key"
+                    " (generate one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+                )
+            kid = next(iter(ring))
+        if kid not in ring:
+            raise SettingsError(f"tokens.signing_kid {kid!r} is not in tokens.keys")
+        return kid, ring[kid]
+
+
+class Plan(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A subscription plan: how many screens may play at once."""
+
+    screens: int
+
+
+class BgpPeer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One BGP session of an edge site with its ISP's router (ExaBGP runs it)."""
+
+    site: str
+    local_address: str
+    peer_address: str
+    local_as: int
+    peer_as: int
+    port: int = 179
+
+
+def _default_plans() -> dict[str, Plan]:
+    return {"basic": Plan(screens=1), "standard": Plan(screens=2), "premium": Plan(screens=4)}
+
+
+class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The control plane: store, bind address, catalog, fleet and steering inputs."""
+
+    database_url: str = "sqlite+aiosqlite:///streamplane.db"
+    database_schema: str = ""  # PostgreSQL schema to use (its search_path); empty: the default
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str = ""  # how players reach this service; empty: http://host:port
+    catalog_dir: str = "catalog"  # scanned for */title.json at startup
+    placement: str = ""  # placement.json (streamplane.placement/1); empty: none
+    czmap: str = ""  # Apache Traffic Control czmap.json; empty: none
+    bgp: tuple[BgpPeer, ...] = ()  # BGP sessions feeding the routing table
+    origin_url: str = ""  # last-resort edge when no healthy edge holds a title; empty: none
+    # accounts
+    jwt_secret: str = ""  # hex; empty: a random secret per process (tokens die on restart)
+    access_ttl_s: int = 900
+    refresh_ttl_s: int = 30 * 86400
+    password_time_cost: int = 3  # argon2id passes (argon2-cffi's default, RFC 9106 low-memory)
+    password_memory_kib: int = 65536  # argon2id memory per hash
+    admin_token: str = ""  # bearer token for admin routes; empty: admin routes refuse
+    fleet_token: str = ""  # bearer token edges send with heartbeats; empty: not required
+    plans: dict[str, Plan] = msgspec.field(default_factory=_default_plans)
+    default_plan: str = "standard"
+    # sessions and heartbeats
+    player_heartbeat_s: float = 30.0  # cadence players are told to heartbeat at
+    screen_timeout_s: float = 90.0  # a screen with no heartbeat for this long is released
+    edge_heartbeat_s: float = 2.0  # cadence edges are told to heartbeat at
+    edge_timeout_s: float = 6.0  # an edge silent for this long is not offered
+    slow_start_s: float = 60.0  # a recovered edge's share ramps to 1 over this long
+    slow_start_floor: float = 0.1  # its share the moment it recovers
+    max_body_bytes: int = 64 * 1024  # larger request bodies are refused with 413
+    max_bulk_body_bytes: int = 16 * 1024 * 1024  # ... for title.json and edge heartbeats
+
+    def base_url(self) -> str:
+        return self.public_url.rstrip("/") or f"http://{self.host}:{self.port}"
+
+
+class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """One edge appliance: what it serves, where from, and how it reports to the fleet.
+
+    Its signed-URL keys come from :class:`TokenSettings`, shared with the control plane.
+    """
+
+    cache_dir: str = "edge-cache"
+    origin: str = "catalog"  # a catalog directory or an http(s):// origin
+    capacity_bytes: int = 10 * 10**9  # disk the cache may fill
+    host: str = "0.0.0.0"
+    port: int = 8081
+    workers: int = 2  # processes sharing the port with SO_REUSEPORT
+    require_token: bool = True  # off only for a private test edge
+    token_name: str = "__token__"  # query parameter and cookie name
+    edge_id: str = "edge-1"
+    site: str = "local"  # the site (cache group) whose prefixes steer clients here
+    base_url: str = ""  # how players reach this edge; empty: http://host:port
+    lat: float | None = None
+    lon: float | None = None
+    capacity_bps: float = 10e9  # rated throughput, reported in heartbeats
+    control_url: str = ""  # the control plane; empty: standalone, no heartbeats
+    fleet_token: str = ""  # bearer token for heartbeats, if the control plane wants one
+    admin_token: str = ""  # bearer token for /fill; empty: loopback clients only
+    heartbeat_s: float = 2.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    access_log: bool = True  # one JSON line per request on stdout
+    header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
+    idle_timeout_s: float = 30.0  # keep-alive connections idle longer are closed
+    send_timeout_s: float = 30.0  # a client that takes no bytes for this long is dropped
+    stall_timeout_s: float = 15.0  # an origin fetch without progress for this long fails
+    drain_notice_s: float = 1.0  # after reporting "draining", wait this long before closing
+    drain_timeout_s: float = 30.0  # in-flight responses get this long to finish
+    fill_rate_bps: float = 200e6  # proactive fill's rate limit, bits per second
+    fill_offpeak_load: float = 0.5  # fill only while serving is below this share of capacity
+    eviction: Literal["s3fifo", "lru"] = "s3fifo"  # measured: bench/cache.py
+    trust_forwarded_for: bool = False  # behind a trusted proxy: the client is X-Forwarded-For
+
+    def url(self) -> str:
+        if self.base_url:
+            return self.base_url.rstrip("/")
+        scheme = "https" if self.tls_cert else "http"
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Every plane's settings; each plane reads its own section."""
+
+    tokens: TokenSettings = msgspec.field(default_factory=TokenSettings)
+    control: ControlSettings = msgspec.field(default_factory=ControlSettings)
+    edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
+
+
+_SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
+    "tokens": TokenSettings,
+    "control": ControlSettings,
+    "edge": EdgeSettings,
+}
+
+
+def load_settings(
+    path: Path | str | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Read ``path`` (TOML; None: defaults only), then apply ``STREAMPLANE_*`` overrides.
+
+    Raises :class:`SettingsError` naming the file, section and key of anything unusable.
+    """
+    raw: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except FileNotFoundError:
+            raise SettingsError(f"{path}: no such settings file") from None
+        except tomllib.TOMLDecodeError as err:
+            raise SettingsError(f"{path}: not valid TOML: {err}") from None
+    for section in raw:
+        if section not in _SECTIONS:
+            raise SettingsError(
+                f"{where}: unknown section [{section}]; sections are {', '.join(_SECTIONS)}"
+            )
+    env = os.environ if environ is None else environ
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in _SECTIONS:
+            continue  # STREAMPLANE_* variables of other tools (none today) are not ours
+        if not key:
+            raise SettingsError(f"{name}: give a key, e.g. {ENV_PREFIX}{section.upper()}_KEY")
+        fields = _SECTIONS[section].__struct_fields__
+        if key not in fields and section != "edge":
+            raise SettingsError(f"{name}: [{section}] has no key {key!r}")
+        raw.setdefault(section, {})[key] = _env_value(name, value)
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as err:
+        raise SettingsError(f"{where} (with {ENV_PREFIX}* overrides): {err}") from None
+
+
+def _env_value(name: str, value: str) -> Any:
+    """JSON tables and lists as themselves; anything else as text, converted by the schema."""
+    text = value.strip()
+    if text[:1] in ("{", "["):
+        try:
+            return msgspec.json.decode(text)
+        except msgspec.DecodeError as err:
+            raise SettingsError(f"{name}: not valid JSON: {err}") from None
+    return value

@@ -1,0 +1,445 @@
+"""Playback: start a session against the screens limit, answer with ranked, signed edges.
+
+A start is one transaction: lock the account row (``FOR UPDATE`` on PostgreSQL; on SQLite the
+transaction began IMMEDIATE) reading its plan and the resume position; then give up the same
+device's earlier screen, count the screens in use (screens whose heartbeats stopped
+``screen_timeout_s`` ago are not counted) and, if one is free, insert the new one (three
+statements on SQLite, one on PostgreSQL). The plan must entitle the title and someone must be
+able to serve it. Refusals, in this order: 404 unknown title, 403 not entitled, 503 no healthy
+edge holds it and no origin is configured, 409 screens limit reached. Everything else happens
+outside the transaction: the candidate edges are taken from the in-process fleet before it,
+steering ranks the best few after the commit, and one EdgeAuth token (its ACL is the title's
+path, so every edge takes it) and the session's JWT are signed then.
+
+Player heartbeats keep a screen alive and record where the viewer is. The latest event by
+event time wins, so duplicates and late arrivals are harmless; a session whose screen already
+expired gets 410 (its position is still recorded) and should start playback again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+from pydantic import BaseModel, Field
+from sqlalchemy import (
+    Connection,
+    Float,
+    Integer,
+    Select,
+    String,
+    bindparam,
+    func,
+    insert,
+    literal,
+    select,
+    update,
+)
+
+from streamplane.config import ControlSettings, Plan
+from streamplane.control.catalog import TitleInfo
+from streamplane.control.errors import ApiError, not_found, unauthorised
+from streamplane.control.fleet import Fleet, candidates
+from streamplane.control.store import Account, Resume, Screen, Store, upsert
+from streamplane.edge import sign, signed_url
+from streamplane.steering import DEFAULT_LIMIT, Client, RankedEdge, SiteInfo, Steering
+
+__all__ = [
+    "EdgeOut",
+    "HeartbeatOut",
+    "Playback",
+    "PlaybackIn",
+    "PlaybackOut",
+    "PlayerEvent",
+    "PlayerHeartbeatIn",
+]
+
+_MAX_POSITION_S: Final = 1e7
+
+# The start's statements, built once (their SQL is compiled once per engine and cached).
+_LOCK_ACCOUNT: Final = (
+    select(
+        Account.plan,
+        select(Resume.position_s)
+        .where(Resume.account_id == bindparam("b_account"), Resume.title == bindparam("b_title"))
+        .scalar_subquery(),
+    )
+    .where(Account.id == bindparam("b_account"))
+    .with_for_update(of=Account)
+)
+_END_DEVICE: Final = (
+    update(Screen)
+    .where(
+        Screen.account_id == bindparam("b_account"),
+        Screen.device == bindparam("b_device"),
+        Screen.ended.is_(False),
+    )
+    .values(ended=True)
+)
+_COUNT_SCREENS: Final = (
+    select(func.count())
+    .select_from(Screen)
+    .where(
+        Screen.account_id == bindparam("b_account"),
+        Screen.ended.is_(False),
+        Screen.last_seen >= bindparam("b_cutoff"),
+    )
+)
+_INSERT_SCREEN: Final = insert(Screen)
+
+
+def _claim_on_postgres() -> Select[int]:
+    """The last three statements as one, for PostgreSQL, where a statement can write in its
+    WITH clauses: two round trips fewer while the account's row is locked.
+
+    Every part sees the snapshot taken when the statement began, after the lock was granted
+    (which is why the lock stays a statement of its own): the count leaves the device's own
+    screens out rather than seeing them ended, and the insert happens only under the limit.
+    """
+    ended = _END_DEVICE.cte("ended")
+    live = (
+        select(func.count().label("n"))
+        .select_from(Screen)
+        .where(
+            Screen.account_id == bindparam("b_account"),
+            Screen.ended.is_(False),
+            Screen.last_seen >= bindparam("b_cutoff"),
+            Screen.device != bindparam("b_device"),
+        )
+        .cte("live")
+    )
+    now = bindparam("b_now", type_=Float)
+    added = (
+        insert(Screen)
+        .from_select(
+            ["id", "account_id", "title", "device", "started_at", "last_seen", "ended"],
+            select(
+                bindparam("b_id", type_=String),
+                bindparam("b_account", type_=String),
+                bindparam("b_title", type_=String),
+                bindparam("b_device", type_=String),
+                now,
+                now,
+                literal(False),
+            ).where(live.c.n < bindparam("b_limit", type_=Integer)),
+        )
+        .cte("added")
+    )
+    return select(live.c.n).add_cte(ended, added)
+
+
+_CLAIM_ON_POSTGRES: Final = _claim_on_postgres()
+
+
+class PlaybackIn(BaseModel):
+    title: str = Field(min_length=1, max_length=128, examples=["demo-mix"])
+    device: str = Field(
+        min_length=1,
+        max_length=128,
+        description="A stable id of the device; a device starting again replaces its screen",
+    )
+    lat: float | None = Field(default=None, ge=-90, le=90, description="the client's, if known")
+    lon: float | None = Field(default=None, ge=-180, le=180)
+
+
+class EdgeOut(BaseModel):
+    edge_id: str
+    base_url: str
+    rank: int
+    reason: str
+    hls: str
+    dash: str
+    load: float
+    share: float
+    last_resort: bool = False
+
+
+class HeartbeatInfo(BaseModel):
+    url: str
+    interval_s: float
+    token: str  # Bearer token for POST /v1/heartbeat, good for this session only
+
+
+class ScreensOut(BaseModel):
+    in_use: int
+    limit: int
+
+
+class PlaybackOut(BaseModel):
+    session_id: str
+    title: str
+    hls: str  # on the best edge
+    dash: str
+    edges: list[EdgeOut]
+    token_expires_at: int
+    heartbeat: HeartbeatInfo
+    resume_position_s: float
+    screens: ScreensOut
+
+
+class PlayerEvent(BaseModel):
+    at: float = Field(ge=0, le=1e11, description="when it happened, epoch seconds (player clock)")
+    position_s: float = Field(ge=0, le=_MAX_POSITION_S)
+    kind: str = Field(
+        default="position",
+        max_length=32,
+        description="e.g. play, pause, seek, rebuffer, bitrate, position; 'stop' ends the session",
+    )
+
+
+class PlayerHeartbeatIn(BaseModel):
+    session_id: str = Field(min_length=1, max_length=64)
+    events: list[PlayerEvent] = Field(default_factory=list, max_length=1000)
+
+
+class HeartbeatOut(BaseModel):
+    interval_s: float
+    resume_position_s: float | None
+    active: bool
+
+
+class Playback:
+    def __init__(
+        self,
+        store: Store,
+        settings: ControlSettings,
+        fleet: Fleet,
+        steering: Steering,
+        sites: dict[str, SiteInfo],
+        signing_key: tuple[str, bytes],
+        token_ttl_s: int,
+        session_token: Callable[[str, str, int], str],
+    ) -> None:
+        self._store = store
+        self._settings = settings
+        self._fleet = fleet
+        self._steering = steering
+        self.sites = sites
+        self._kid, self._key = signing_key
+        self._ttl = token_ttl_s
+        self._session_token = session_token
+        self._heartbeat_url = settings.base_url() + "/v1/heartbeat"
+
+    async def start(
+        self, account_id: str, title: TitleInfo, body: PlaybackIn, address: str, now: float
+    ) -> PlaybackOut:
+        offered = candidates(self._fleet.holding(title.id), now, self._fleet.policy, self.sites)
+        origin = self._settings.origin_url.rstrip("/")
+        session_id = str(uuid.uuid4())
+        cutoff = now - self._settings.screen_timeout_s
+        plans = self._settings.plans
+        servable = bool(offered or origin)
+        postgres = self._store.is_postgres
+
+        def claim(conn: Connection) -> tuple[ApiError | None, Plan | None, int, float]:
+            """The whole transaction: statements only, nothing else while the lock is held."""
+            keys = {"b_account": account_id, "b_title": title.id, "b_device": body.device}
+            row = conn.execute(_LOCK_ACCOUNT, keys).first()
+            if row is None:
+                return unauthorised("the account no longer exists"), None, 0, 0.0
+            plan_name, position = row
+            plan = plans.get(plan_name)
+            if plan is None or plan.screens <= 0 or not title.entitles(plan_name):
+                return (
+                    ApiError(
+                        403,
+                        "not_entitled",
+                        f"plan {plan_name!r} does not include {title.id!r}"
+                        + (f"; plans that do: {', '.join(title.plans)}" if title.plans else ""),
+                        plan=plan_name,
+                    ),
+                    None,
+                    0,
+                    0.0,
+                )
+            if not servable:
+                return (
+                    ApiError(
+                        503,
+                        "no_edge",
+                        f"no healthy edge holds {title.id!r} now; try again shortly",
+                        title=title.id,
+                    ),
+                    None,
+                    0,
+                    0.0,
+                )
+            # The same device starting again gives its screen up first; then a screen is taken
+            # if one is free.
+            if postgres:
+                claimed = {**keys, "b_cutoff": cutoff, "b_id": session_id, "b_now": now}
+                claimed["b_limit"] = plan.screens
+                in_use = int(conn.execute(_CLAIM_ON_POSTGRES, claimed).scalar_one())
+            else:
+                conn.execute(_END_DEVICE, keys)
+                in_use = int(
+                    conn.execute(_COUNT_SCREENS, {**keys, "b_cutoff": cutoff}).scalar_one()
+                )
+            if in_use >= plan.screens:
+                return (
+                    ApiError(
+                        409,
+                        "screens_limit",
+                        f"screens limit reached: plan {plan_name!r} allows {plan.screens}"
+                        f" screen{'s' if plan.screens != 1 else ''} at once and {in_use} in use;"
+                        " stop playback on another device or wait for it to time out",
+                        limit=plan.screens,
+                        in_use=in_use,
+                        plan=plan_name,
+                    ),
+                    None,
+                    in_use,
+                    0.0,
+                )
+            if not postgres:
+                conn.execute(
+                    _INSERT_SCREEN,
+                    {
+                        "id": session_id,
+                        "account_id": account_id,
+                        "title": title.id,
+                        "device": body.device,
+                        "started_at": now,
+                        "last_seen": now,
+                        "ended": False,
+                    },
+                )
+            return None, plan, in_use + 1, 0.0 if position is None else float(position)
+
+        # A refusal is returned, not raised, so that the device's earlier screen stays given
+        # up (committed) even when the start is refused.
+        refusal, plan, in_use, resume = await self._store.transaction(claim)
+        if refusal is not None:
+            raise refusal
+        assert plan is not None
+
+        ranked: Sequence[RankedEdge] = ()
+        if offered:
+            client = Client(address=address, lat=body.lat, lon=body.lon)
+            ranked = self._steering.rank(client, title.id, session_id, offered, limit=DEFAULT_LIMIT)
+        expiry = int(now) + self._ttl
+        token = sign(
+            key_id=self._kid,
+            key=self._key,
+            acl=[f"/{title.id}/*"],
+            expiry=expiry,
+            session_id=session_id,
+        )
+        shares = {c.edge_id: c.share for c in offered}
+        hls_path = f"/{title.id}/{title.hls}"
+        dash_path = f"/{title.id}/{title.dash}"
+        edges = [
+            EdgeOut(
+                edge_id=r.edge_id,
+                base_url=r.base_url,
+                rank=r.rank,
+                reason=r.reason,
+                hls=signed_url(r.base_url, hls_path, token),
+                dash=signed_url(r.base_url, dash_path, token),
+                load=r.load,
+                share=shares.get(r.edge_id, 1.0),
+            )
+            for r in ranked
+        ]
+        if origin:
+            edges.append(
+                EdgeOut(
+                    edge_id="origin",
+                    base_url=origin,
+                    rank=len(edges) + 1,
+                    reason=(
+                        "last resort: the origin, after every edge"
+                        if edges
+                        else f"last resort: no healthy edge holds {title.id!r}, so the origin"
+                    ),
+                    hls=signed_url(origin, hls_path, token),
+                    dash=signed_url(origin, dash_path, token),
+                    load=0.0,
+                    share=1.0,
+                    last_resort=True,
+                )
+            )
+        return PlaybackOut(
+            session_id=session_id,
+            title=title.id,
+            hls=edges[0].hls,
+            dash=edges[0].dash,
+            edges=edges,
+            token_expires_at=expiry,
+            heartbeat=HeartbeatInfo(
+                url=self._heartbeat_url,
+                interval_s=self._settings.player_heartbeat_s,
+                token=self._session_token(account_id, session_id, expiry),
+            ),
+            resume_position_s=resume,
+            screens=ScreensOut(in_use=in_use, limit=plan.screens),
+        )
+
+    async def heartbeat(self, account_id: str, body: PlayerHeartbeatIn, now: float) -> HeartbeatOut:
+        cutoff = now - self._settings.screen_timeout_s
+        stop = any(e.kind == "stop" for e in body.events)
+        latest = max(body.events, key=lambda e: (e.at, e.position_s)) if body.events else None
+
+        def record(conn: Connection) -> tuple[bool, float | None]:
+            screen = conn.execute(
+                select(Screen.account_id, Screen.title, Screen.last_seen, Screen.ended).where(
+                    Screen.id == body.session_id
+                )
+            ).first()
+            if screen is None or screen.account_id != account_id:
+                raise not_found(f"no playback session {body.session_id!r}", "no_session")
+            alive = not screen.ended and screen.last_seen >= cutoff
+            if alive:
+                values: dict[str, Any] = {"last_seen": now}
+                if stop:
+                    values["ended"] = True
+                conn.execute(update(Screen).where(Screen.id == body.session_id).values(**values))
+            if latest is not None:
+                conn.execute(
+                    upsert(
+                        self._store,
+                        Resume,
+                        {
+                            "account_id": account_id,
+                            "title": screen.title,
+                            "position_s": latest.position_s,
+                            "event_at": latest.at,
+                        },
+                        key=("account_id", "title"),
+                        update_columns=["position_s", "event_at"],
+                        where=Resume.event_at < latest.at,
+                    )
+                )
+            position = conn.execute(
+                select(Resume.position_s).where(
+                    Resume.account_id == account_id, Resume.title == screen.title
+                )
+            ).scalar()
+            return alive, position
+
+        alive, position = await self._store.transaction(record)
+        if not alive:
+            raise ApiError(
+                410,
+                "session_ended",
+                "this playback session has ended or timed out (its position was recorded);"
+                " start playback again",
+                resume_position_s=position,
+            )
+        return HeartbeatOut(
+            interval_s=self._settings.player_heartbeat_s,
+            resume_position_s=position,
+            active=not stop,
+        )
+
+    async def stop(self, account_id: str, session_id: str) -> None:
+        def end(conn: Connection) -> int:
+            return conn.execute(
+                update(Screen)
+                .where(Screen.id == session_id, Screen.account_id == account_id)
+                .values(ended=True)
+            ).rowcount
+
+        if await self._store.transaction(end) == 0:
+            raise not_found(f"no playback session {session_id!r}", "no_session")

@@ -1,0 +1,399 @@
+"""The control plane's store: SQLAlchemy 2 models, one engine, transactions that serialise.
+
+SQLite (through aiosqlite) is the embedded default; PostgreSQL (through asyncpg) is the same
+models with a URL setting. The one transaction that must not race, starting a playback
+against the screens limit, takes a lock on the account row: ``SELECT ... FOR UPDATE`` on
+PostgreSQL, and on SQLite ``BEGIN IMMEDIATE``, which takes the database's single write lock
+before the first read, so two starts can never both count the same free screen.
+
+Hot paths use Core statements on a connection rather than the ORM unit of work, written as
+one plain function of a connection and run by :meth:`Store.transaction`. On PostgreSQL that
+is an ordinary transaction (each statement a round trip, awaited). On SQLite it runs
+synchronously, on the event loop's own thread, through the ``sqlite3`` module: a small
+transaction there takes tens of microseconds, while through aiosqlite every statement is
+several hand-offs to the connection's thread, each waiting for the GIL (up to the
+interpreter's 5 ms switch interval when the loop is busy) while the database's only write
+lock is held. Writers of one process also queue for SQLite's lock on an asyncio lock, in
+order, rather than in SQLite's busy handler (which sleeps and retries); other processes are
+still kept out by the lock in the database file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    create_engine,
+    event,
+    make_url,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.pool import StaticPool
+from sqlalchemy.sql import ColumnElement, Executable
+
+__all__ = [
+    "Account",
+    "Base",
+    "Edge",
+    "RefreshToken",
+    "Resume",
+    "Screen",
+    "Store",
+    "TitleRow",
+    "alembic_config",
+    "migrate",
+    "upsert",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_BUSY_TIMEOUT_S: Final = 30.0  # how long a SQLite writer waits for another process's lock
+_CHECKPOINT_EVERY: Final = 1000  # SQLite transactions between two WAL checkpoints
+
+# Names for constraints and indexes, so that migrations name them the same on every engine.
+_NAMING: Final = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=_NAMING)
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    email: Mapped[str] = mapped_column(String(320), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    plan: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class RefreshToken(Base):
+    """One refresh token (by the SHA-256 of its secret); ``used_at`` set once it is rotated.
+
+    Tokens rotated from one login share a ``family``: presenting a used token again revokes
+    the family, since one of the two holders is a thief.
+    """
+
+    __tablename__ = "refresh_tokens"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 hex of the secret
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    family: Mapped[str] = mapped_column(String(36), index=True)
+    expires_at: Mapped[float] = mapped_column(Float)
+    used_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class TitleRow(Base):
+    """A title registered from its title.json, summarised for the catalog."""
+
+    __tablename__ = "titles"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    name: Mapped[str] = mapped_column(String(256))
+    duration_s: Mapped[float] = mapped_column(Float)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    hls: Mapped[str] = mapped_column(String(256))
+    dash: Mapped[str] = mapped_column(String(256))
+    artwork: Mapped[list[str]] = mapped_column(JSON)
+    rungs: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    plans: Mapped[list[str]] = mapped_column(JSON)  # plans entitled to it; empty: every plan
+    registered_at: Mapped[float] = mapped_column(Float)
+
+
+class Screen(Base):
+    """A playback session occupying one of the account's screens while heartbeats arrive."""
+
+    __tablename__ = "screens"
+    __table_args__ = (Index("ix_screens_account_seen", "account_id", "last_seen"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
+    title: Mapped[str] = mapped_column(String(128))
+    device: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float] = mapped_column(Float)
+    ended: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Resume(Base):
+    """Where an account stopped in a title: the position of the latest event by event time."""
+
+    __tablename__ = "resume"
+
+    account_id: Mapped[str] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    )
+    title: Mapped[str] = mapped_column(String(128), primary_key=True)
+    position_s: Mapped[float] = mapped_column(Float)
+    event_at: Mapped[float] = mapped_column(Float)
+
+
+class Edge(Base):
+    """An edge's last heartbeat, and since when it has been continuously offerable."""
+
+    __tablename__ = "edges"
+
+    edge_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    site: Mapped[str] = mapped_column(String(64))
+    base_url: Mapped[str] = mapped_column(String(256))
+    lat: Mapped[float | None] = mapped_column(Float, nullable=True)
+    lon: Mapped[float | None] = mapped_column(Float, nullable=True)
+    throughput_bps: Mapped[float] = mapped_column(Float)
+    capacity_bps: Mapped[float] = mapped_column(Float)
+    connections: Mapped[int] = mapped_column(Integer)
+    disk_used_bytes: Mapped[int] = mapped_column(BigInteger)
+    disk_total_bytes: Mapped[int] = mapped_column(BigInteger)
+    titles: Mapped[list[str]] = mapped_column(JSON)
+    healthy: Mapped[bool] = mapped_column(Boolean)
+    draining: Mapped[bool] = mapped_column(Boolean)
+    sent_at: Mapped[float] = mapped_column(Float)  # the edge's clock
+    received_at: Mapped[float] = mapped_column(Float)  # ours
+    up_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: not offerable
+
+
+class Store:
+    """The engine, and transactions with the locking each engine needs.
+
+    ``pool_size`` connections are kept open and never more: a request beyond them waits for
+    one to come back, rather than opening (and soon closing) a connection of its own.
+    """
+
+    def __init__(self, url: str, *, schema: str = "", pool_size: int = 20) -> None:
+        self.url = url
+        self.is_sqlite = url.startswith("sqlite")
+        self.is_postgres = url.startswith("postgresql")
+        if not (self.is_sqlite or self.is_postgres):
+            raise ValueError(
+                f"database URL {url!r}: use sqlite+aiosqlite:///FILE or postgresql+asyncpg://..."
+            )
+        kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 0}
+        if schema:
+            if not self.is_postgres or not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+                raise ValueError(f"database schema {schema!r}: a PostgreSQL name in [a-z0-9_]")
+            kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+        if self.is_sqlite:
+            # A writer waits for the write lock rather than failing at once with "locked".
+            kwargs["connect_args"] = {"timeout": _BUSY_TIMEOUT_S}
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        # SQLite: this process's writers, one at a time, in order; and the synchronous engine
+        # that runs transaction() on the loop's thread (none for an in-memory database, which
+        # a second engine would not share).
+        self._write_lock = asyncio.Lock()
+        self._inline: Engine | None = None
+        self._commits = 0
+        self._checkpoint_task: asyncio.Task[None] | None = None
+        if self.is_sqlite:
+            _sqlite_transactions(self.engine.sync_engine)
+            self._inline = _inline_engine(url)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction for reads and for writes that need no lock (committed on exit)."""
+        async with self.engine.connect() as conn, conn.begin():
+            yield conn
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction that holds SQLite's write lock from its first statement.
+
+        On PostgreSQL it is an ordinary transaction: lock rows with ``FOR UPDATE``
+        (``.with_for_update()``) where a read decides a write. Prefer :meth:`transaction` on
+        hot paths: here every statement is awaited while the lock is held.
+        """
+        if not self.is_sqlite:
+            async with self.engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        async with self._write_lock, self.engine.connect() as conn:
+            await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+            async with conn.begin():
+                yield conn
+
+    async def transaction(self, work: Callable[[Connection], _T]) -> _T:
+        """``work(connection)`` in one write transaction (as :meth:`write`), committed if it
+        returns, rolled back if it raises; its result.
+
+        ``work`` is plain (synchronous) code issuing Core statements and nothing else: it is
+        the whole transaction, so no other work can sit between its statements while it
+        holds locks. On SQLite it runs on this thread, waiting (without blocking the loop)
+        for another process's write lock; on PostgreSQL each statement is awaited.
+        """
+        if self._inline is None:
+            async with self.write() as conn:
+                return await conn.run_sync(work)
+        inline = self._inline
+        async with self._write_lock:
+            delay = 0.001
+            deadline = time.monotonic() + _BUSY_TIMEOUT_S
+            while True:
+                with inline.connect() as conn:
+                    try:
+                        tx = conn.begin()  # BEGIN IMMEDIATE: the write lock, or "locked"
+                    except OperationalError as err:
+                        if "locked" not in str(err.orig) or time.monotonic() > deadline:
+                            raise
+                    else:
+                        with tx:
+                            result = work(conn)
+                        self._after_commit()
+                        return result
+                await asyncio.sleep(delay)  # another process writes: let the loop run
+                delay = min(2 * delay, 0.05)
+
+    def _after_commit(self) -> None:
+        """Every so many commits, checkpoint the WAL on another thread (see ``_checkpoint``)."""
+        self._commits += 1
+        if self._commits >= _CHECKPOINT_EVERY and self._checkpoint_task is None:
+            self._commits = 0
+            self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint())
+
+    async def _checkpoint(self) -> None:
+        """Copy the WAL back into the database, on aiosqlite's thread.
+
+        SQLite would otherwise do it inside a commit once the WAL passes 1000 pages, on the
+        thread committing (here the loop's), and its fsync can take a good fraction of a
+        second on a busy disk. Writers of this process wait meanwhile (they await: the loop
+        runs on), so that the checkpoint completes and the WAL starts over from its beginning.
+        """
+        try:
+            async with self._write_lock, self.engine.connect() as conn:
+                driver = (await conn.get_raw_connection()).driver_connection
+                assert driver is not None  # an aiosqlite connection
+                cursor = await driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                await cursor.close()
+        except Exception:  # the next one will do: the WAL stays valid, only longer
+            log.warning("WAL checkpoint failed", exc_info=True)
+        finally:
+            self._checkpoint_task = None
+
+    async def dispose(self) -> None:
+        if self._checkpoint_task is not None:
+            await self._checkpoint_task
+        await self.engine.dispose()
+        if self._inline is not None:
+            self._inline.dispose()
+
+
+def _inline_engine(url: str) -> Engine | None:
+    """A pysqlite engine on the same SQLite file, for :meth:`Store.transaction`."""
+    parsed = make_url(url)
+    if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+        return None
+    engine = create_engine(
+        parsed.set(drivername="sqlite+pysqlite"),
+        poolclass=StaticPool,  # one connection, only ever used by one transaction at a time
+        # Never wait inside SQLite's busy handler: that would block the loop.
+        connect_args={"timeout": 0.0, "check_same_thread": False},
+    )
+    _sqlite_transactions(engine)
+
+    @event.listens_for(engine, "connect")
+    def _no_autocheckpoint(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA wal_autocheckpoint=0")  # Store._checkpoint does it
+
+    return engine.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+
+
+def _sqlite_transactions(engine: Engine) -> None:
+    """Let SQLAlchemy, not the sqlite3 module, emit BEGIN, so that it can be IMMEDIATE.
+
+    The sqlite3 module would otherwise open transactions lazily and DEFERRED, so two
+    transactions could both read before either writes. (SQLAlchemy's documented recipe.)
+    """
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")  # readers do not wait for the writer
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        conn.exec_driver_sql(conn.get_execution_options().get("sqlite_begin", "BEGIN"))
+
+
+MIGRATIONS: Final = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK: Final = 0x5354504C  # pg advisory lock key: one migrating instance at a time
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration, pointing at the migrations shipped inside the package."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg
+
+
+async def migrate(store: Store, revision: str = "head") -> None:
+    """Bring the database schema to ``revision``; safe to run from many instances at once."""
+
+    def upgrade(sync_conn: Connection) -> None:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = sync_conn
+        command.upgrade(cfg, revision)
+
+    async with store.engine.connect() as conn:
+        if store.is_sqlite:
+            await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+        async with conn.begin():
+            if store.is_postgres:
+                await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK})")
+            await conn.run_sync(upgrade)
+
+
+def upsert(
+    store: Store,
+    model: type[Base],
+    values: dict[str, Any],
+    *,
+    key: tuple[str, ...],
+    update_columns: list[str],
+    where: ColumnElement[bool] | None = None,
+) -> Executable:
+    """``INSERT ... ON CONFLICT (key) DO UPDATE SET update_columns [WHERE where]``.
+
+    Both engines have it, with the same meaning; ``where`` sees the existing row through the
+    model's columns.
+    """
+    stmt: Any = (pg_insert if store.is_postgres else sqlite_insert)(model).values(values)
+    return stmt.on_conflict_do_update(  # type: ignore[no-any-return]
+        index_elements=list(key),
+        set_={c: stmt.excluded[c] for c in update_columns},
+        where=where,
+    )

@@ -1,0 +1,632 @@
+"""ABR algorithms as pure objects: one interface, driven by the simulator, browser and swarm.
+
+Every algorithm answers two questions about an `AbrState` (what the player knows now):
+
+- `choose(state) -> int`: the rung (index into `state.rungs`, lowest bitrate first) of the next
+  segment, `state.next_segment`;
+- `should_abandon(state, progress) -> int | None`: while a segment is in flight, a lower rung to
+  re-request it at, or None to let it finish.
+
+An algorithm does no I/O and reads no clock: time comes in as `state.now_s`. It may keep a little
+state of its own between calls (BBA's startup flag, BOLA-E's placeholder buffer), so a player uses
+one object per session; the same calls in the same order give the same decisions.
+
+Algorithms (see docs/abr.md for the reasoning and the references):
+
+- `throughput`: the baseline. EWMA of throughput with a fast and a slow half-life, take the
+  smaller, times a safety factor; the highest rung whose bitrate fits.
+- `bba`: BBA-0 of Huang et al. (SIGCOMM 2014): reservoir, cushion, a linear rate map f(B) with
+  the Rate+/Rate- hysteresis, and BBA-2's startup ramp. `bba1` is the same with BBA-1's chunk
+  map: the map gives an allowed segment size, compared with the next segment's real sizes.
+- `bola`: BOLA-BASIC of Spiteri et al. (INFOCOM 2016), utility v_m = ln(S_m/S_1), V and gamma_p
+  chosen from the buffer range so rung 0 wins below the minimum buffer and the top rung at the
+  target. `bola-e`: with the BOLA-E refinements of dash.js (Spiteri, Sitaraman, Sparacio 2018):
+  throughput-based startup with a placeholder buffer, BOLA-O's oscillation cap, the
+  insufficient-buffer rule and score-based abandonment.
+- `streamplane`: ours, stateless (everything is in `AbrState`, so the JavaScript port in
+  `web/static/abr.js` gives the same answers; `player/vectors.json` proves it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
+
+import msgspec
+
+from streamplane.player.errors import AbrError
+
+Phase = Literal["startup", "steady", "seek", "rebuffering"]
+"""startup: playback has not begun; seek: refilling after a seek; rebuffering: stalled after
+playback began; steady: playing."""
+
+PHASES: tuple[Phase, ...] = ("startup", "steady", "seek", "rebuffering")
+
+
+class RungInfo(msgspec.Struct, frozen=True):
+    """One rung as the ABR sees it. Sizes and VMAF per segment when the manifest has them."""
+
+    bitrate_kbps: float  # nominal (average) bitrate
+    segment_bits: tuple[int, ...] = ()  # size of each segment in bits; () = nominal x duration
+    segment_vmaf: tuple[float, ...] = ()  # VMAF of each segment; () = unknown
+
+
+class Download(msgspec.Struct, frozen=True):
+    """One finished (or abandoned) request: bits received and the seconds it took, request to
+    last byte (so latency is in it, as a player measures it)."""
+
+    bits: int
+    seconds: float
+
+    @property
+    def kbps(self) -> float:
+        return self.bits / self.seconds / 1000.0 if self.seconds > 0 else math.inf
+
+
+class AbrState(msgspec.Struct, frozen=True):
+    """What the player knows when it asks for a decision."""
+
+    buffer_s: float  # media buffered ahead of the playhead
+    max_buffer_s: float
+    segment_s: float  # nominal segment duration
+    rungs: tuple[RungInfo, ...]  # lowest bitrate first
+    next_segment: int  # index of the segment to fetch
+    last_rung: int | None = None  # rung of the previous segment; None before the first
+    phase: Phase = "steady"
+    downloads: tuple[Download, ...] = ()  # last requests, oldest first
+    now_s: float = 0.0  # session clock (seconds since the session began)
+    segment_durations_s: tuple[float, ...] = ()  # per segment when known; () = all segment_s
+
+
+class Progress(msgspec.Struct, frozen=True):
+    """A download in flight: the rung it was requested at and how far it has come."""
+
+    rung: int
+    bits_done: int
+    bits_total: int
+    elapsed_s: float
+
+
+class Abr(Protocol):
+    """The interface every algorithm implements."""
+
+    name: str
+
+    def choose(self, state: AbrState) -> int: ...
+
+    def should_abandon(self, state: AbrState, progress: Progress) -> int | None: ...
+
+
+# --- what every algorithm reads from the state ------------------------------------------------
+
+
+def segment_duration(state: AbrState, index: int) -> float:
+    """Duration of segment `index` (the nominal one past the known list)."""
+    d = state.segment_durations_s
+    return d[index] if 0 <= index < len(d) else state.segment_s
+
+
+def segment_bits(state: AbrState, rung: int, index: int) -> float:
+    """Size in bits of segment `index` at `rung`: the real size when known, else nominal."""
+    r = state.rungs[rung]
+    if 0 <= index < len(r.segment_bits):
+        return float(r.segment_bits[index])
+    return r.bitrate_kbps * 1000.0 * segment_duration(state, index)
+
+
+def segment_vmaf(state: AbrState, rung: int, index: int) -> float | None:
+    v = state.rungs[rung].segment_vmaf
+    return v[index] if 0 <= index < len(v) else None
+
+
+def ewma_kbps(downloads: Sequence[Download], half_life_s: float) -> float | None:
+    """Exponentially weighted mean throughput, each sample weighted by its download time (as
+    dash.js does), corrected for the zero start. None without samples."""
+    estimate = 0.0
+    weight = 0.0
+    for d in downloads:
+        if d.seconds <= 0 or d.bits <= 0:
+            continue
+        alpha = math.pow(0.5, d.seconds / half_life_s)
+        estimate = alpha * estimate + (1.0 - alpha) * (d.bits / d.seconds / 1000.0)
+        weight += d.seconds
+    if weight <= 0:
+        return None
+    return estimate / (1.0 - math.pow(0.5, weight / half_life_s))
+
+
+def throughput_estimate_kbps(
+    downloads: Sequence[Download], fast_half_life_s: float = 3.0, slow_half_life_s: float = 8.0
+) -> float | None:
+    """min(fast EWMA, slow EWMA): quick to fall on a drop, slow to believe a recovery."""
+    fast = ewma_kbps(downloads, fast_half_life_s)
+    slow = ewma_kbps(downloads, slow_half_life_s)
+    if fast is None or slow is None:
+        return None
+    return min(fast, slow)
+
+
+def harmonic_mean_kbps(downloads: Sequence[Download], count: int) -> float | None:
+    """Harmonic mean throughput of the last `count` requests (BOLA-E's estimate)."""
+    recent = [d for d in downloads if d.seconds > 0 and d.bits > 0][-count:]
+    if not recent:
+        return None
+    return len(recent) / sum(d.seconds / (d.bits / 1000.0) for d in recent)
+
+
+def highest_fitting(values: Sequence[float], limit: float) -> int:
+    """The highest index whose value is at most `limit` (values ascending); 0 if none."""
+    best = 0
+    for i, v in enumerate(values):
+        if v <= limit:
+            best = i
+    return best
+
+
+def _check_rung(name: str, rung: int, state: AbrState) -> int:
+    if not 0 <= rung < len(state.rungs):
+        raise AbrError(f"{name} chose rung {rung}, but there are {len(state.rungs)} rungs")
+    return rung
+
+
+# --- the throughput rule ----------------------------------------------------------------------
+
+
+class ThroughputRule:
+    """Highest rung whose nominal bitrate fits under safety x min(fast EWMA, slow EWMA)."""
+
+    name = "throughput"
+
+    def __init__(
+        self, safety: float = 0.9, fast_half_life_s: float = 3.0, slow_half_life_s: float = 8.0
+    ) -> None:
+        self.safety = safety
+        self.fast_half_life_s = fast_half_life_s
+        self.slow_half_life_s = slow_half_life_s
+
+    def choose(self, state: AbrState) -> int:
+        c = throughput_estimate_kbps(state.downloads, self.fast_half_life_s, self.slow_half_life_s)
+        if c is None:
+            return 0
+        return highest_fitting([r.bitrate_kbps for r in state.rungs], self.safety * c)
+
+    def should_abandon(self, state: AbrState, progress: Progress) -> int | None:
+        return None
+
+
+# --- BBA ---------------------------------------------------------------------------------------
+
+
+class BbaMap(msgspec.Struct, frozen=True):
+    """BBA's buffer-to-rate map: below `reservoir_s` the lowest rate, above reservoir + cushion
+    the highest, linear in between."""
+
+    reservoir_s: float
+    cushion_s: float
+    low: float
+    high: float
+
+    def __call__(self, buffer_s: float) -> float:
+        if buffer_s <= self.reservoir_s:
+            return self.low
+        if buffer_s >= self.reservoir_s + self.cushion_s:
+            return self.high
+        return self.low + (buffer_s - self.reservoir_s) / self.cushion_s * (self.high - self.low)
+
+
+def bba_map(state: AbrState, reservoir_frac: float, upper_frac: float) -> tuple[float, float]:
+    """(reservoir, cushion) in seconds for this state's buffer: the upper reservoir is kept free
+    at the top as in the paper, at least one segment (a player asks for the next segment only
+    when it fits, so at decision time the buffer is at most max - one segment); the cushion is
+    what is left."""
+    reservoir = reservoir_frac * state.max_buffer_s
+    upper = max(upper_frac * state.max_buffer_s, state.segment_s)
+    return reservoir, max(state.max_buffer_s - reservoir - upper, 1e-9)
+
+
+def bba_choice(values: Sequence[float], f: BbaMap, buffer_s: float, last: int | None) -> int:
+    """Algorithm 1 of Huang et al. over rung `values` (rates, or segment sizes for the chunk
+    map): move only when f(B) crosses Rate+ (the next rung up) or Rate- (the next rung down)."""
+    top = len(values) - 1
+    if buffer_s <= f.reservoir_s:
+        return 0
+    if buffer_s >= f.reservoir_s + f.cushion_s:
+        return top
+    prev = 0 if last is None else min(max(last, 0), top)
+    fb = f(buffer_s)
+    rate_plus = values[min(prev + 1, top)]
+    rate_minus = values[max(prev - 1, 0)]
+    if fb >= rate_plus:  # the highest rate strictly below f(B)
+        below = [i for i, v in enumerate(values) if v < fb]
+        return max(below) if below else 0
+    if fb <= rate_minus:  # the lowest rate strictly above f(B)
+        above = [i for i, v in enumerate(values) if v > fb]
+        return min(above) if above else top
+    return prev
+
+
+class Bba:
+    """BBA-0's rate map with hysteresis and BBA-2's startup ramp; `chunk_map=True` is BBA-1.
+
+    Startup (BBA-2): while the buffer grows, step up one rung whenever the last segment came in
+    fast enough: its buffer gain dB = V - download time exceeds a threshold that relaxes
+    linearly from 0.875 V at an empty buffer to 0.5 V at the top of the cushion. Startup ends
+    when the map asks for at least the startup rung, or when the buffer shrank (dB < 0); it
+    begins again after a seek.
+    """
+
+    def __init__(
+        self,
+        reservoir_frac: float = 0.25,
+        upper_frac: float = 0.1,
+        chunk_map: bool = False,
+        startup: bool = True,
+    ) -> None:
+        self.reservoir_frac = reservoir_frac
+        self.upper_frac = upper_frac
+        self.chunk_map = chunk_map
+        self.name = "bba1" if chunk_map else "bba"
+        self._startup = startup
+        self._use_startup = startup
+
+    def _map_choice(self, state: AbrState) -> int:
+        reservoir, cushion = bba_map(state, self.reservoir_frac, self.upper_frac)
+        rungs = state.rungs
+        if self.chunk_map:
+            i = state.next_segment
+            dur = segment_duration(state, i)
+            f = BbaMap(
+                reservoir,
+                cushion,
+                rungs[0].bitrate_kbps * 1000 * dur,
+                rungs[-1].bitrate_kbps * 1000 * dur,
+            )
+            values = [segment_bits(state, r, i) for r in range(len(rungs))]
+        else:
+            f = BbaMap(reservoir, cushion, rungs[0].bitrate_kbps, rungs[-1].bitrate_kbps)
+            values = [r.bitrate_kbps for r in rungs]
+        return bba_choice(values, f, state.buffer_s, state.last_rung)
+
+    def choose(self, state: AbrState) -> int:
+        if state.phase == "seek" and self._use_startup:
+            self._startup = True
+        mapped = self._map_choice(state)
+        if not self._startup or state.last_rung is None or not state.downloads:
+            return mapped
+        last = state.last_rung
+        v = segment_duration(state, max(state.next_segment - 1, 0))
+        gain = v - state.downloads[-1].seconds
+        _, cushion = bba_map(state, self.reservoir_frac, self.upper_frac)
+        reservoir = self.reservoir_frac * state.max_buffer_s
+        frac = min(max(state.buffer_s / (reservoir + cushion), 0.0), 1.0)
+        threshold = (0.875 - 0.375 * frac) * v
+        ramp = min(last + 1, len(state.rungs) - 1) if gain > threshold else last
+        if mapped >= ramp or gain < 0:
+            self._startup = False
+            return mapped
+        return ramp
+
+    def should_abandon(self, state: AbrState, progress: Progress) -> int | None:
+        return None
+
+
+# --- BOLA --------------------------------------------------------------------------------------
+
+
+class BolaParams(msgspec.Struct, frozen=True):
+    """Utilities v_m = ln(S_m/S_1) and the control parameters V, gamma_p, chosen so that rung 0
+    scores best below `minimum_s` of buffer and the top rung at `target_s` (the choice dash.js
+    makes): V (gamma_p - 1) = minimum_s and V (v_M + gamma_p - 1) = target_s."""
+
+    utilities: tuple[float, ...]
+    v: float
+    gamma_p: float
+
+    def score(self, rung: int, buffer_s: float, size: float) -> float:
+        return (self.v * (self.utilities[rung] + self.gamma_p) - buffer_s) / size
+
+    def best(self, buffer_s: float, sizes: Sequence[float]) -> int:
+        best, best_score = 0, -math.inf
+        for m, s in enumerate(sizes):
+            sc = self.score(m, buffer_s, s)
+            if sc >= best_score:
+                best, best_score = m, sc
+        return best
+
+    def buffer_for(self, rung: int, sizes: Sequence[float]) -> float:
+        """The least buffer at which `rung` scores at least as well as every lower rung."""
+        want = 0.0
+        u, q = self.utilities, rung
+        for i in range(q):
+            b = self.v * (
+                self.gamma_p + (sizes[q] * u[i] - sizes[i] * u[q]) / (sizes[q] - sizes[i])
+            )
+            want = max(want, b)
+        return want
+
+
+def bola_params(bitrates: Sequence[float], minimum_s: float, target_s: float) -> BolaParams:
+    utilities = tuple(math.log(b / bitrates[0]) for b in bitrates)
+    span = utilities[-1]
+    target_s = max(target_s, minimum_s * 1.01)
+    gamma_p = 1.0 + span / (target_s / minimum_s - 1.0) if span > 0 else 1.0
+    v = minimum_s / (gamma_p - 1.0) if span > 0 else 0.0
+    return BolaParams(utilities, v, gamma_p)
+
+
+class Bola:
+    """BOLA-BASIC: the rung maximising (V (v_m + gamma_p) - Q) / S_m, Q the buffer in seconds,
+    S_m the nominal bitrate. Minimum buffer: `minimum_frac` of the maximum; target: the maximum
+    less one segment (so the top rung is reachable before the player has to wait)."""
+
+    name = "bola"
+
+    def __init__(self, minimum_frac: float = 1 / 3) -> None:
+        self.minimum_frac = minimum_frac
+
+    def params(self, state: AbrState) -> BolaParams:
+        minimum = self.minimum_frac * state.max_buffer_s
+        target = max(state.max_buffer_s - state.segment_s, minimum + state.segment_s)
+        return bola_params([r.bitrate_kbps for r in state.rungs], minimum, target)
+
+    def choose(self, state: AbrState) -> int:
+        if len(state.rungs) == 1:
+            return 0
+        p = self.params(state)
+        return p.best(state.buffer_s, [r.bitrate_kbps for r in state.rungs])
+
+    def should_abandon(self, state: AbrState, progress: Progress) -> int | None:
+        return None
+
+
+class BolaE(Bola):
+    """BOLA with the BOLA-E refinements as dash.js implements them.
+
+    - Startup (and after a seek): the rung the throughput (harmonic mean of the last 3
+      requests x 0.9) sustains. Once the buffer holds two segments, steady state begins with a
+      placeholder buffer: the virtual seconds that make BOLA's own choice equal that rung.
+    - The placeholder grows by the time the player spent not downloading (waiting on a full
+      buffer), shrinks instead of making the player wait, and is dropped on a rebuffer.
+    - BOLA-O: never step up past the rung the throughput sustains (unless already there).
+    - Insufficient buffer: never pick a bitrate above 0.5 x throughput x buffer / segment.
+    - Abandonment: while a request runs slower than its rung's bitrate, switch to the lower
+      rung with the best BOLA score if its whole segment is smaller than the bits still to come.
+    """
+
+    name = "bola-e"
+
+    def __init__(self, minimum_frac: float = 1 / 3, safety: float = 0.9) -> None:
+        super().__init__(minimum_frac)
+        self.safety = safety
+        self._startup = True
+        self._placeholder = 0.0
+        self._last_call_s: float | None = None
+
+    def choose(self, state: AbrState) -> int:
+        rates = [r.bitrate_kbps for r in state.rungs]
+        if len(rates) == 1:
+            return 0
+        p = self.params(state)
+        if state.phase == "seek":
+            self._startup = True
+        if state.buffer_s <= 0.1 or state.phase == "rebuffering":
+            self._placeholder = 0.0
+        if self._last_call_s is not None and state.downloads:
+            idle = state.now_s - self._last_call_s - state.downloads[-1].seconds
+            self._placeholder += max(idle, 0.0)
+        self._last_call_s = state.now_s
+        thr = harmonic_mean_kbps(state.downloads, 3)
+        if self._startup:
+            q = 0 if thr is None else highest_fitting(rates, thr * self.safety)
+            if state.buffer_s > state.segment_s / 0.5:
+                self._startup = False
+                self._placeholder = max(p.buffer_for(q, rates) - state.buffer_s, 0.0)
+            return q
+        effective = state.buffer_s + self._placeholder
+        q = p.best(effective, rates)
+        last = 0 if state.last_rung is None else state.last_rung
+        if q > last and thr is not None:  # BOLA-O
+            sustainable = highest_fitting(rates, thr)
+            if q > sustainable:
+                q = max(sustainable, last)
+        if thr is not None:  # insufficient buffer
+            safe = 0.5 * thr * state.buffer_s / state.segment_s
+            while q > 0 and rates[q] > safe:
+                q -= 1
+        want = p.v * (p.utilities[q] + p.gamma_p)
+        delay = effective - want
+        if delay > 0:  # spend placeholder instead of waiting
+            self._placeholder = max(self._placeholder - delay, 0.0)
+        return q
+
+    def should_abandon(self, state: AbrState, progress: Progress) -> int | None:
+        q = progress.rung
+        if self._startup or q == 0 or progress.bits_done <= 0 or progress.elapsed_s <= 0:
+            return None
+        rate = progress.bits_done / progress.elapsed_s / 1000.0
+        if rate >= state.rungs[q].bitrate_kbps:
+            return None
+        p = self.params(state)
+        effective = state.buffer_s + self._placeholder
+        remaining = progress.bits_total - progress.bits_done
+        best, best_score = q, p.score(q, effective, max(remaining, 1) / 1000.0)
+        i = state.next_segment
+        for m in range(q):
+            size = segment_bits(state, m, i)
+            if size < remaining:
+                sc = p.score(m, effective, size / 1000.0)
+                if sc > best_score:
+                    best, best_score = m, sc
+        return best if best < q else None
+
+
+# --- streamplane -------------------------------------------------------------------------------
+
+
+class StreamplaneParams(msgspec.Struct, frozen=True):
+    """The knobs of streamplane's algorithm. The JavaScript port has the same defaults; the
+    shared test vectors use them."""
+
+    safety: float = 0.9  # on min(fast, slow) EWMA throughput, with an empty buffer
+    safety_full: float = 1.0  # ... with a full buffer (linear in between)
+    fast_half_life_s: float = 3.0
+    slow_half_life_s: float = 8.0
+    reservoir_frac: float = 0.2  # of the maximum buffer: the map's reservoir
+    upper_frac: float = 0.1  # of the maximum buffer: kept free at the top of the map
+    horizon: int = 5  # segments looked ahead, at their real sizes
+    floor_s: float = 4.0  # the lookahead never lets the buffer fall below this (or B/2)
+    up_margin: float = 0.9  # stepping up on throughput needs download <= 0.9 x play time
+    start_fraction: float = 0.5  # startup/seek/rebuffer: download within half a segment
+    vmaf_min_gain: float = 0.5  # a rung up must buy this much VMAF over the horizon
+    abandon_after_s: float = 1.0  # judge an in-flight request only after this long
+    abandon_floor_s: float = 0.5  # abandon when finishing would leave less buffer than this
+    restart_margin: float = 0.8  # a restart must take at most 0.8 x the time left
+
+
+def _horizon(state: AbrState, horizon: int) -> range:
+    i = state.next_segment
+    n = max(len(state.segment_durations_s), *(len(r.segment_bits) for r in state.rungs))
+    end = i + horizon if n == 0 else max(min(i + horizon, n), i + 1)
+    return range(i, end)
+
+
+def streamplane_choose(state: AbrState, p: StreamplaneParams | None = None) -> int:
+    """streamplane's decision: a pure function of the state (see docs/abr.md)."""
+    p = p or StreamplaneParams()
+    n = len(state.rungs)
+    if n == 1:
+        return 0
+    i = state.next_segment
+    c = throughput_estimate_kbps(state.downloads, p.fast_half_life_s, p.slow_half_life_s)
+    window = _horizon(state, p.horizon)
+    if state.phase != "steady":
+        if c is None:
+            return 0
+        budget = p.start_fraction * segment_duration(state, i)
+        bps = p.safety * c * 1000.0
+        fits = [segment_bits(state, r, i) / bps for r in range(n)]
+        return _vmaf_trim(state, highest_fitting(fits, budget), window, p)
+    reservoir, cushion = bba_map(state, p.reservoir_frac, p.upper_frac)
+    f = BbaMap(reservoir, cushion, state.rungs[0].bitrate_kbps, state.rungs[-1].bitrate_kbps)
+    candidate = bba_choice(
+        [r.bitrate_kbps for r in state.rungs], f, state.buffer_s, state.last_rung
+    )
+    if c is not None:
+        fill = min(max(state.buffer_s / max(state.max_buffer_s - state.segment_s, 1e-9), 0.0), 1.0)
+        bps = (p.safety + (p.safety_full - p.safety) * fill) * c * 1000.0
+        play = sum(segment_duration(state, k) for k in window)
+        last = -1 if state.last_rung is None else state.last_rung
+        sustainable = 0
+        for r in range(n):
+            ratio = sum(segment_bits(state, r, k) for k in window) / bps / play
+            if ratio <= (1.0 if r <= last else p.up_margin):
+                sustainable = r
+        candidate = max(candidate, sustainable)
+        floor = min(p.floor_s, 0.5 * state.buffer_s)
+        while candidate > 0 and not _survives(state, candidate, bps, window, floor):
+            candidate -= 1
+    return _vmaf_trim(state, candidate, window, p)
+
+
+def _survives(state: AbrState, rung: int, bps: float, window: range, floor: float) -> bool:
+    """Whether fetching the window at `rung` at `bps` keeps the buffer at or above `floor`."""
+    b = state.buffer_s
+    for k in window:
+        b -= segment_bits(state, rung, k) / bps
+        if b < floor:
+            return False
+        b = min(b + segment_duration(state, k), state.max_buffer_s)
+    return True
+
+
+def _vmaf_trim(state: AbrState, rung: int, window: range, p: StreamplaneParams) -> int:
+    """Step down while the rung above buys less than `vmaf_min_gain` VMAF over the window."""
+    while rung > 0:
+        hi = [segment_vmaf(state, rung, k) for k in window]
+        lo = [segment_vmaf(state, rung - 1, k) for k in window]
+        if any(v is None for v in hi) or any(v is None for v in lo):
+            return rung
+        gain = (sum(v for v in hi if v is not None) - sum(v for v in lo if v is not None)) / len(
+            window
+        )
+        if gain >= p.vmaf_min_gain:
+            return rung
+        rung -= 1
+    return rung
+
+
+def streamplane_abandon(
+    state: AbrState, progress: Progress, p: StreamplaneParams | None = None
+) -> int | None:
+    """Abandon the request when, at its measured rate, finishing it would run the buffer dry
+    and a lower rung's whole segment arrives sooner; pick the highest such rung that arrives
+    before the buffer runs out, else the lowest."""
+    p = p or StreamplaneParams()
+    q = progress.rung
+    if q == 0 or progress.bits_done <= 0 or progress.elapsed_s < p.abandon_after_s:
+        return None
+    bps = progress.bits_done / progress.elapsed_s
+    left_s = (progress.bits_total - progress.bits_done) / bps
+    if state.buffer_s - left_s >= p.abandon_floor_s:
+        return None
+    i = state.next_segment
+    for r in range(q - 1, -1, -1):
+        t = segment_bits(state, r, i) / bps
+        if t <= p.restart_margin * left_s and state.buffer_s - t >= p.abandon_floor_s:
+            return r
+    if segment_bits(state, 0, i) / bps <= p.restart_margin * left_s:
+        return 0
+    return None
+
+
+class Streamplane:
+    """streamplane's algorithm; holds nothing between calls (see `streamplane_choose`)."""
+
+    name = "streamplane"
+
+    def __init__(self, params: StreamplaneParams | None = None) -> None:
+        self.params = params or StreamplaneParams()
+
+    def choose(self, state: AbrState) -> int:
+        return streamplane_choose(state, self.params)
+
+    def should_abandon(self, state: AbrState, progress: Progress) -> int | None:
+        return streamplane_abandon(state, progress, self.params)
+
+
+# --- by name -----------------------------------------------------------------------------------
+
+ALGORITHMS: dict[str, Callable[[], Abr]] = {
+    "throughput": ThroughputRule,
+    "bba": Bba,
+    "bba1": lambda: Bba(chunk_map=True),
+    "bola": Bola,
+    "bola-e": BolaE,
+    "streamplane": Streamplane,
+}
+
+
+def make_abr(name: str) -> Abr:
+    """A fresh algorithm object (one per playback session)."""
+    try:
+        factory = ALGORITHMS[name]
+    except KeyError:
+        raise AbrError(
+            f"no ABR algorithm {name!r}; choose one of {', '.join(ALGORITHMS)}"
+        ) from None
+    return factory()
+
+
+def checked_choice(abr: Abr, state: AbrState) -> int:
+    """`abr.choose(state)`, raising AbrError if the rung does not exist."""
+    return _check_rung(abr.name, abr.choose(state), state)
+
+
+def checked_abandon(abr: Abr, state: AbrState, progress: Progress) -> int | None:
+    """`abr.should_abandon(...)`, raising AbrError unless it is None or a lower rung."""
+    r = abr.should_abandon(state, progress)
+    if r is None:
+        return None
+    _check_rung(abr.name, r, state)
+    return r if r < progress.rung else None

@@ -1,0 +1,307 @@
+"""Shared test vectors for streamplane's ABR and the heartbeat cadence: state -> decision.
+
+`vectors.json` next to this file holds hand-checked cases (the expected value worked out on
+paper, with the reasoning in `why`) and a seeded set whose expected values are what the Python
+implementation decides. Both the Python tests and the JavaScript port (`web/static/abr.js`, run
+by node in tests/player) must reproduce every one, so the two implementations cannot drift.
+
+After a deliberate change to the algorithm, regenerate and review the diff:
+
+    .venv/bin/python -m streamplane.player.vectors
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from streamplane.player.abr import (
+    PHASES,
+    AbrState,
+    Download,
+    Progress,
+    RungInfo,
+    streamplane_abandon,
+    streamplane_choose,
+)
+from streamplane.player.cadence import CadenceState, heartbeat_interval, next_heartbeat_s
+
+VECTORS_PATH = Path(__file__).with_name("vectors.json")
+SEED = 20240605
+
+_LADDER = (RungInfo(500.0), RungInfo(1000.0), RungInfo(2000.0))
+
+
+def _s(**kw: Any) -> AbrState:
+    base: dict[str, Any] = {
+        "buffer_s": 0.0,
+        "max_buffer_s": 30.0,
+        "segment_s": 4.0,
+        "rungs": _LADDER,
+        "next_segment": 0,
+    }
+    base.update(kw)
+    return AbrState(**base)
+
+
+def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
+    """(why, call, state, progress, expected). Ladder 500/1000/2000 kbps, 4 s segments, 30 s
+    buffer: reservoir 6 s, upper reservoir 4 s, cushion 20 s, f(B) = 500 + (B-6)/20 x 1500."""
+    flat = tuple(
+        RungInfo(r.bitrate_kbps, (int(r.bitrate_kbps * 4000),) * 5, (v,) * 5)
+        for r, v in zip(_LADDER, (80.0, 90.0, 90.3), strict=True)
+    )
+    inflight = Progress(rung=2, bits_done=1_000_000, bits_total=8_000_000, elapsed_s=2.0)
+    return [
+        (
+            "startup without a throughput sample: lowest rung",
+            "choose",
+            _s(phase="startup"),
+            None,
+            0,
+        ),
+        (
+            "startup at 4000 kbps: x0.9 = 3.6 Mbps; 4 Mb (rung 1) takes 1.11 s <= half a "
+            "segment, 8 Mb (rung 2) 2.22 s > 2 s",
+            "choose",
+            _s(phase="startup", downloads=(Download(8_000_000, 2.0),)),
+            None,
+            1,
+        ),
+        ("steady, buffer 3 s under the 6 s reservoir: lowest", "choose", _s(buffer_s=3.0), None, 0),
+        (
+            "steady, no samples, buffer 26 s = reservoir + cushion: top",
+            "choose",
+            _s(buffer_s=26.0, last_rung=1),
+            None,
+            2,
+        ),
+        (
+            "hysteresis: f(16) = 1250 lies between Rate- = 500 and Rate+ = 2000: stay at 1",
+            "choose",
+            _s(buffer_s=16.0, last_rung=1),
+            None,
+            1,
+        ),
+        (
+            "hysteresis: f(16) = 1250 > Rate- = 1000 from rung 2: stay at 2",
+            "choose",
+            _s(buffer_s=16.0, last_rung=2),
+            None,
+            2,
+        ),
+        (
+            "throughput-aware ramp: map says 0 at 10 s, but 4 Mbps x 0.938 sustains 2 Mbps "
+            "(ratio 0.53 <= 0.9) and the buffer stays above 4 s",
+            "choose",
+            _s(buffer_s=10.0, last_rung=0, downloads=(Download(4_000_000, 1.0),)),
+            None,
+            2,
+        ),
+        (
+            "lookahead cap: map holds 2 at 20 s, but at 0.977 Mbps five 8 Mb segments take the "
+            "buffer to 3.4 s < 4 s; rung 1 drains 0.1 s a segment",
+            "choose",
+            _s(buffer_s=20.0, last_rung=2, downloads=(Download(1_000_000, 1.0),)),
+            None,
+            1,
+        ),
+        (
+            "VMAF trim: map says top, but rung 2 adds 0.3 VMAF over rung 1 (< 0.5)",
+            "choose",
+            _s(buffer_s=26.0, last_rung=1, rungs=flat, segment_durations_s=(4.0,) * 5),
+            None,
+            1,
+        ),
+        (
+            "abandon: 0.5 Mbps in flight, 14 s left with 5 s of buffer; rung 1 needs 8 s (too "
+            "long), rung 0 needs 4 s <= 11.2 s and leaves 1 s",
+            "should_abandon",
+            _s(buffer_s=5.0, last_rung=2),
+            inflight,
+            0,
+        ),
+        (
+            "no abandon: 20 s of buffer covers the 14 s left",
+            "should_abandon",
+            _s(buffer_s=20.0, last_rung=2),
+            inflight,
+            None,
+        ),
+        (
+            "no abandon before 1 s of download",
+            "should_abandon",
+            _s(buffer_s=5.0, last_rung=2),
+            Progress(rung=2, bits_done=250_000, bits_total=8_000_000, elapsed_s=0.5),
+            None,
+        ),
+    ]
+
+
+def _hand_cadence() -> list[tuple[str, CadenceState, float, float]]:
+    """(why, state, interval, next heartbeat)."""
+    return [
+        ("startup: every second", CadenceState(10.5, "startup", None, 10.0), 1.0, 11.0),
+        ("rebuffering: every second", CadenceState(300.0, "rebuffering", 10.0, 299.5), 1.0, 300.5),
+        ("5 s after an event: 2 s", CadenceState(105.0, "steady", 100.0, 104.0), 2.0, 106.0),
+        ("60 s after an event: 30 s", CadenceState(60.0, "steady", 0.0, 40.0), 30.0, 70.0),
+        ("500 s of calm: capped at 60 s", CadenceState(500.0, "steady", 0.0, 450.0), 60.0, 510.0),
+        ("no event yet counts from 0: 15 s", CadenceState(30.0, "steady", None, 20.0), 15.0, 35.0),
+        (
+            "a switch after a quiet minute: due at once (150 + 2 <= 200)",
+            CadenceState(200.0, "steady", 195.0, 150.0),
+            2.0,
+            152.0,
+        ),
+        ("none sent yet: due now", CadenceState(3.0, "steady", 0.0, None), 2.0, 3.0),
+    ]
+
+
+def _random_state(rng: np.random.Generator) -> AbrState:
+    n_rungs = int(rng.integers(1, 7))
+    rates = np.cumprod(rng.uniform(1.4, 2.2, n_rungs)) * float(rng.uniform(80, 400))
+    n_seg = int(rng.integers(3, 13))
+    seg_s = float(rng.choice([2.0, 4.0, 6.0]))
+    durations = (
+        tuple(round(float(x), 3) for x in rng.uniform(0.5, 1.0, n_seg) * seg_s)
+        if rng.random() < 0.5
+        else ()
+    )
+    sizes_known = rng.random() < 0.7
+    vmaf_known = rng.random() < 0.5
+    base_q = np.sort(rng.uniform(30, 99, n_rungs))
+    rungs = []
+    for k, rate in enumerate(rates):
+        sizes: tuple[int, ...] = ()
+        if sizes_known:
+            d = durations or (seg_s,) * n_seg
+            sizes = tuple(int(rate * 1000 * dk * float(rng.lognormal(0, 0.35))) + 1 for dk in d)
+        vmafs: tuple[float, ...] = ()
+        if vmaf_known:
+            vmafs = tuple(
+                round(min(100.0, float(base_q[k] + k * rng.uniform(0, 1.5))), 2)
+                for _ in range(n_seg)
+            )
+        rungs.append(RungInfo(round(float(rate), 1), sizes, vmafs))
+    max_buffer = float(rng.choice([10.0, 20.0, 30.0, 60.0]))
+    max_buffer = max(max_buffer, 2 * seg_s)
+    downloads = tuple(
+        Download(int(rng.uniform(5e4, 2e7)), round(float(rng.uniform(0.05, 8.0)), 3))
+        for _ in range(int(rng.integers(0, 9)))
+    )
+    return AbrState(
+        buffer_s=round(float(rng.uniform(0, max_buffer - seg_s)), 3),
+        max_buffer_s=max_buffer,
+        segment_s=seg_s,
+        rungs=tuple(rungs),
+        next_segment=int(rng.integers(0, n_seg)),
+        last_rung=None if rng.random() < 0.15 else int(rng.integers(0, n_rungs)),
+        phase=PHASES[int(rng.integers(0, 4))] if rng.random() < 0.5 else "steady",
+        downloads=downloads,
+        now_s=round(float(rng.uniform(0, 600)), 3),
+        segment_durations_s=durations,
+    )
+
+
+def _to_builtins(x: object) -> Any:
+    return msgspec.to_builtins(x)
+
+
+def build_vectors(seed: int = SEED, n_choose: int = 240, n_abandon: int = 120) -> dict[str, Any]:
+    """All vectors as JSON-ready data (seeded expectations computed by the Python side)."""
+    abr: list[dict[str, Any]] = []
+    for why, call, state, progress, expected in _hand_abr():
+        abr.append(
+            {
+                "source": "hand",
+                "why": why,
+                "call": call,
+                "state": _to_builtins(state),
+                "progress": None if progress is None else _to_builtins(progress),
+                "expected": expected,
+            }
+        )
+    rng = np.random.default_rng(seed)
+    for _ in range(n_choose):
+        state = _random_state(rng)
+        abr.append(
+            {
+                "source": "seeded",
+                "call": "choose",
+                "state": _to_builtins(state),
+                "progress": None,
+                "expected": streamplane_choose(state),
+            }
+        )
+    for _ in range(n_abandon):
+        state = _random_state(rng)
+        rung = int(rng.integers(0, len(state.rungs)))
+        total = int(rng.uniform(1e5, 2e7))
+        progress = Progress(
+            rung=rung,
+            bits_done=int(total * float(rng.uniform(0, 0.95))),
+            bits_total=total,
+            elapsed_s=round(float(rng.uniform(0, 12)), 3),
+        )
+        abr.append(
+            {
+                "source": "seeded",
+                "call": "should_abandon",
+                "state": _to_builtins(state),
+                "progress": _to_builtins(progress),
+                "expected": streamplane_abandon(state, progress),
+            }
+        )
+    cadence: list[dict[str, Any]] = [
+        {
+            "source": "hand",
+            "why": why,
+            "state": _to_builtins(state),
+            "interval": interval,
+            "next": nxt,
+        }
+        for why, state, interval, nxt in _hand_cadence()
+    ]
+    for _ in range(100):
+        now = round(float(rng.uniform(0, 900)), 3)
+        ev = None if rng.random() < 0.2 else round(now - float(rng.exponential(40)), 3)
+        hb = None if rng.random() < 0.1 else round(now - float(rng.uniform(0, 70)), 3)
+        phase = PHASES[int(rng.integers(0, 4))] if rng.random() < 0.4 else "steady"
+        cs = CadenceState(now, phase, ev, hb)
+        cadence.append(
+            {
+                "source": "seeded",
+                "state": _to_builtins(cs),
+                "interval": heartbeat_interval(cs),
+                "next": next_heartbeat_s(cs),
+            }
+        )
+    return {"seed": seed, "abr": abr, "cadence": cadence}
+
+
+def write_vectors(path: Path = VECTORS_PATH) -> Path:
+    """One vector per line, so a change to the algorithm reads as a diff of the cases it moved."""
+    data = build_vectors()
+    compact = {"separators": (",", ":")}
+    lines = [f'{{"seed":{data["seed"]},', '"abr":[']
+    lines += [json.dumps(c, **compact) + "," for c in data["abr"]]  # type: ignore[arg-type]
+    lines[-1] = lines[-1].rstrip(",")
+    lines.append('],"cadence":[')
+    lines += [json.dumps(c, **compact) + "," for c in data["cadence"]]  # type: ignore[arg-type]
+    lines[-1] = lines[-1].rstrip(",")
+    lines.append("]}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def load_vectors(path: Path = VECTORS_PATH) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return data
+
+
+if __name__ == "__main__":
+    print(write_vectors())

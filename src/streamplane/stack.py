@@ -1,0 +1,323 @@
+"""The whole delivery path on one machine: a control plane and N edges as real processes.
+
+This is the embedded default of the fleet ("N edge processes on localhost ports"): the same
+``streamplane control`` and ``streamplane edge`` a deployment runs, wired together with one
+settings file. ``make demo``, the end-to-end tests, the browser tests and the viewer swarm all
+start it the same way::
+
+    with LocalStack(catalog=Path("catalog"), work=Path("build/stack"), edges=2) as stack:
+        stack.fill(["demo-mix"])
+        answer = stack.playback("demo-mix")
+
+Steering on loopback: every edge gets a site of its own, and a coverage-zone file gives the
+sites nested prefixes of 127.0.0.0/8, so a client on 127.0.0.1 is steered by longest-prefix
+match like any other client, and each ranked edge comes with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+__all__ = ["LocalStack", "StackError", "StackProcess"]
+
+# Sites on loopback, each with its own prefix of 127.0.0.0/8 and a city to be in.
+_SITES = (
+    ("lon-1", "127.0.0.0/16", 51.51, -0.13),
+    ("ams-1", "127.0.0.0/12", 52.37, 4.90),
+    ("fra-1", "127.0.0.0/8", 50.11, 8.68),
+    ("par-1", "127.0.0.0/8", 48.86, 2.35),
+)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the stack's process dies, however it dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+class StackError(RuntimeError):
+    """A process of the stack did not start or answer; the message holds its log's tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class StackProcess:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    args: list[str] = field(default_factory=list)
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40) -> int | None:
+        """Signal the process; SIGKILL goes to its whole group (an edge and its workers)."""
+        if self.alive():
+            if sig == signal.SIGKILL:
+                os.killpg(self.process.pid, sig)
+            else:
+                self.process.send_signal(sig)
+            try:
+                return self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait(5)
+
+
+class LocalStack:
+    """Start a control plane and ``edges`` edges; stop them all on exit."""
+
+    def __init__(
+        self,
+        catalog: Path,
+        work: Path,
+        *,
+        edges: int = 2,
+        edge_workers: int = 1,
+        control_port: int | None = None,
+        edge_ports: Sequence[int] | None = None,
+        slow_start_s: float = 0.0,
+        origin_as_last_resort: bool = True,
+    ) -> None:
+        if not 1 <= edges <= len(_SITES):
+            raise StackError(f"a local stack runs 1 to {len(_SITES)} edges, not {edges}")
+        self.catalog = catalog.resolve()
+        self.work = work.resolve()
+        self.edge_count = edges
+        self.edge_workers = edge_workers
+        self.control_port = control_port or free_port()
+        self.edge_ports = list(edge_ports or [free_port() for _ in range(edges)])
+        self.slow_start_s = slow_start_s
+        self.origin_as_last_resort = origin_as_last_resort
+        self.key_hex = secrets.token_hex(32)
+        self.admin_token = secrets.token_hex(16)
+        self.control: StackProcess | None = None
+        self.edges: list[StackProcess] = []
+        self._account: dict[str, str] | None = None
+
+    @property
+    def control_url(self) -> str:
+        return f"http://127.0.0.1:{self.control_port}"
+
+    # -- start and stop -----------------------------------------------------------------
+
+    def __enter__(self) -> LocalStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        settings = self._write_settings()
+        self.control = self._spawn(
+            "control", self.control_url, ["control", "--config", str(settings)]
+        )
+        self._wait_http(self.control, "/healthz")
+        for index in range(self.edge_count):
+            self.start_edge(index)
+        self.wait_fleet(len(self.edges))
+
+    def start_edge(self, index: int) -> StackProcess:
+        site = _SITES[index][0]
+        port = self.edge_ports[index]
+        edge_id = f"edge-{index + 1}"
+        args = [
+            "edge",
+            "--config",
+            str(self.work / "settings.toml"),
+            "--id",
+            edge_id,
+            "--site",
+            site,
+            "--port",
+            str(port),
+            "--cache",
+            str(self.work / edge_id),
+            "--workers",
+            str(self.edge_workers),
+            "--control",
+            self.control_url,
+            "--no-access-log",
+        ]
+        process = self._spawn(edge_id, f"http://127.0.0.1:{port}", args)
+        if index < len(self.edges):
+            self.edges[index] = process
+        else:
+            self.edges.append(process)
+        self._wait_http(process, "/healthz")
+        return process
+
+    def stop(self) -> None:
+        for process in [*self.edges, *([self.control] if self.control else [])]:
+            process.stop()
+
+    def _write_settings(self) -> Path:
+        czmap = self.work / "czmap.json"
+        zones = {
+            name: {"coordinates": {"latitude": lat, "longitude": lon}, "network": [prefix]}
+            for name, prefix, lat, lon in _SITES[: self.edge_count]
+        }
+        czmap.write_text(json.dumps({"coverageZones": zones}, indent=1))
+        control = {
+            "database_url": f"sqlite+aiosqlite:///{self.work / 'control.db'}",
+            "host": "127.0.0.1",
+            "port": self.control_port,
+            "catalog_dir": str(self.catalog),
+            "czmap": str(czmap),
+            "admin_token": self.admin_token,
+            "edge_heartbeat_s": 1.0,
+            "edge_timeout_s": 4.0,
+            "slow_start_s": self.slow_start_s,
+        }
+        placement = self.catalog / "placement" / "placement.json"
+        if placement.is_file():
+            control["placement"] = str(placement)
+        lines = ["[tokens]", f'keys = {{ k1 = "{self.key_hex}" }}', "", "[control]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in control.items()]
+        lines += ["", "[edge]", f"origin = {json.dumps(str(self.catalog))}", "heartbeat_s = 1.0"]
+        lines += ["capacity_bps = 2e9", "drain_notice_s = 1.5"]
+        path = self.work / "settings.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _spawn(self, name: str, url: str, args: list[str]) -> StackProcess:
+        log = self.work / f"{name}.log"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLANE_")}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "streamplane", *args],
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # a Ctrl-C in the terminal reaches us; we stop them
+            preexec_fn=_die_with_parent,
+        )
+        return StackProcess(name, url, process, log, args)
+
+    def _wait_http(self, process: StackProcess, path: str, deadline_s: float = 60) -> None:
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if not process.alive():
+                raise StackError(f"{process.name} exited:\n{process.tail()}")
+            try:
+                if httpx.get(process.url + path, timeout=1).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise StackError(f"{process.name} did not answer on {process.url}:\n{process.tail()}")
+
+    # -- the fleet ------------------------------------------------------------------------
+
+    def fleet(self) -> list[dict[str, Any]]:
+        r = httpx.get(
+            self.control_url + "/v1/fleet",
+            headers={"authorization": f"Bearer {self.admin_token}"},
+            timeout=5,
+        )
+        r.raise_for_status()
+        edges = r.json()
+        return list(edges["edges"] if isinstance(edges, dict) else edges)
+
+    def wait_fleet(
+        self, count: int, title: str | None = None, deadline_s: float = 60
+    ) -> list[dict[str, Any]]:
+        """Until ``count`` edges are offered (holding ``title``, if given)."""
+        deadline = time.monotonic() + deadline_s
+        while time.monotonic() < deadline:
+            if title is None:
+                ready = [e for e in self.fleet() if e.get("offered")]
+            else:
+                r = httpx.get(f"{self.control_url}/v1/titles/{title}/availability", timeout=5)
+                ready = [e for e in r.json().get("edges", []) if e.get("offered")]
+            if len(ready) >= count:
+                return ready
+            time.sleep(0.2)
+        raise StackError(f"fewer than {count} edges offered after {deadline_s:.0f} s")
+
+    def fill(self, titles: Sequence[str], deadline_s: float = 300) -> None:
+        """Have every edge pull ``titles`` now (a fill plan), and wait until they hold them."""
+        for edge in self.edges:
+            r = httpx.post(edge.url + "/fill", json={"titles": list(titles)}, timeout=10)
+            r.raise_for_status()
+        deadline = time.monotonic() + deadline_s
+        for edge in self.edges:
+            while True:
+                status = httpx.get(edge.url + "/fill", timeout=5).json()
+                if status.get("state") in ("done", "failed") and status.get("titles_total"):
+                    if status["state"] == "failed":
+                        raise StackError(f"{edge.name} fill failed: {status.get('errors')}")
+                    break
+                if time.monotonic() > deadline:
+                    raise StackError(f"{edge.name} fill did not finish: {status}")
+                time.sleep(0.2)
+        for title in titles:
+            self.wait_fleet(len(self.edges), title)
+
+    # -- a viewer -------------------------------------------------------------------------
+
+    def account(self) -> dict[str, str]:
+        """A signed-in account (created on first use): the Authorization header to send."""
+        if self._account is None:
+            email = f"viewer-{secrets.token_hex(4)}@streamplane.test"
+            password = secrets.token_urlsafe(16)
+            body = {"email": email, "password": password, "plan": "premium"}
+            httpx.post(self.control_url + "/v1/accounts", json=body, timeout=30).raise_for_status()
+            r = httpx.post(
+                self.control_url + "/v1/auth/login",
+                json={"email": email, "password": password},
+                timeout=30,
+            )
+            r.raise_for_status()
+            self._account = {"authorization": f"Bearer {r.json()['access_token']}"}
+        return self._account
+
+    def playback(self, title: str, device: str = "demo") -> dict[str, Any]:
+        r = httpx.post(
+            self.control_url + "/v1/playback",
+            json={"title": title, "device": device},
+            headers=self.account(),
+            timeout=30,
+        )
+        if r.status_code != 200:
+            raise StackError(f"playback answered {r.status_code}: {r.text}")
+        answer: dict[str, Any] = r.json()
+        return answer

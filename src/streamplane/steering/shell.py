@@ -1,0 +1,82 @@
+"""Steering's shell: the routing table and GeoLite2 around the pure ranking."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from streamplane.steering.errors import AddressError
+from streamplane.steering.geo import GeoLocator
+from streamplane.steering.model import Client, EdgeCandidate, RankedEdge, Route, SiteInfo
+from streamplane.steering.rank import FleetIndex, rank_edges
+from streamplane.steering.rib import RoutingTable
+
+__all__ = ["DEFAULT_LIMIT", "Steering"]
+
+# How many edges a playback answer carries unless the caller asks otherwise: the player
+# fails over down the list, and a handful is more than it ever gets through. Reasons are
+# most of a decision's cost, and only the edges returned get one.
+DEFAULT_LIMIT: Final = 5
+
+
+class Steering:
+    """Ranks edges for a client: its routes from ``table``, its place from ``geo``.
+
+    ``sites`` (e.g. the cache groups of a czmap) gives coordinates to edges that report
+    none; assign ``steering.sites`` to update them. What is known of the fleet between
+    decisions (where each site is) is kept in a ``FleetIndex``. Thread-safe as the table is.
+    """
+
+    def __init__(
+        self,
+        table: RoutingTable,
+        geo: GeoLocator | None = None,
+        *,
+        sites: Mapping[str, SiteInfo] | None = None,
+    ) -> None:
+        self.table = table
+        self.geo = geo
+        self.sites = sites or {}
+
+    @property
+    def sites(self) -> Mapping[str, SiteInfo]:
+        return self._index.sites
+
+    @sites.setter
+    def sites(self, sites: Mapping[str, SiteInfo]) -> None:
+        self._index = FleetIndex(sites)
+
+    def rank(
+        self,
+        client: Client,
+        title: str,
+        session_key: str,
+        candidates: Sequence[EdgeCandidate],
+        *,
+        limit: int | None = DEFAULT_LIMIT,
+    ) -> list[RankedEdge]:
+        """The best ``limit`` candidates (``DEFAULT_LIMIT``; None for every one), best
+        first, each with its reason (see ``rank_edges``).
+
+        A client address that is not an IP address (a test client's "testclient", say)
+        matches no prefix and has no location: the edges then rank by load and hash.
+        """
+        routes: Mapping[str, Route]
+        try:
+            routes = self.table.lookup(client.address)
+            valid = True
+        except AddressError:
+            routes, valid = {}, False
+        location = None
+        if valid and self.geo is not None and (client.lat is None or client.lon is None):
+            location = self.geo.locate(client.address)
+        return rank_edges(
+            client=client,
+            client_location=location,
+            title=title,
+            session_key=session_key,
+            candidates=candidates,
+            routes=routes,
+            limit=limit,
+            index=self._index,
+        )

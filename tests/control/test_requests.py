@@ -1,0 +1,78 @@
+"""Malformed requests are refused clearly: bad JSON, oversized bodies, wrong shapes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from .conftest import ADMIN, Control, heartbeat
+
+
+async def test_bad_json_is_400_naming_the_problem(control: Control) -> None:
+    for path in ("/v1/accounts", "/v1/playback", "/v1/fleet/heartbeat"):
+        r = await control.client.post(
+            path, content=b'{"email": ', headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code in (400, 401), (path, r.text)
+        if r.status_code == 400:
+            assert r.json()["error"] == "bad_json"
+            assert "not valid JSON" in r.json()["detail"]
+    r = await control.client.post(
+        "/v1/accounts", content=b"[1, 2", headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 400 and r.json()["error"] == "bad_json"
+    r = await control.client.post("/v1/fleet/heartbeat", content=b"")
+    assert r.status_code == 400 and "empty" in r.json()["detail"]
+
+
+async def test_wrong_shapes_are_422_naming_the_field(control: Control) -> None:
+    r = await control.client.post("/v1/accounts", json={"email": "a@b.co"})
+    assert r.status_code == 422
+    assert r.json()["error"] == "invalid" and "body.password" in r.json()["detail"]
+    r = await control.client.post("/v1/accounts", json=[1, 2])
+    assert r.status_code == 422
+
+
+async def test_oversized_bodies_are_413(control: Control) -> None:
+    limit = control.settings.control.max_body_bytes
+    big = b'{"email": "' + b"a" * limit + b'"}'
+    r = await control.client.post(
+        "/v1/accounts", content=big, headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
+    assert r.json() == {
+        "error": "body_too_large",
+        "detail": f"the request body is over the limit of {limit} bytes",
+    }
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: streamed
+        for _ in range(limit // 1024 + 2):
+            yield b" " * 1024
+
+    r = await control.client.post(
+        "/v1/accounts", content=chunks(), headers={"Content-Type": "application/json"}
+    )
+    assert r.status_code == 413
+    # edge heartbeats and title documents may be larger (many titles), up to their own limit
+    hb = heartbeat("e1", tuple(f"title-{i:07d}" for i in range(20_000)))
+    r = await control.client.post("/v1/fleet/heartbeat", json=hb)
+    assert r.status_code == 200
+    huge = b" " * (control.settings.control.max_bulk_body_bytes + 1)
+    r = await control.client.post(
+        "/v1/titles", content=huge, headers={"Authorization": f"Bearer {ADMIN}"}
+    )
+    assert r.status_code == 413
+
+
+async def test_unknown_routes_and_methods(control: Control) -> None:
+    r = await control.client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"] == "not_found"
+    r = await control.client.get("/v1/playback")
+    assert r.status_code == 405
+
+
+async def test_openapi_is_served(control: Control) -> None:
+    doc = (await control.client.get("/openapi.json")).json()
+    for path in ("/v1/playback", "/v1/heartbeat", "/v1/fleet/heartbeat", "/v1/titles"):
+        assert path in doc["paths"]
+    assert "EdgeHeartbeat" in doc["components"]["schemas"]
+    assert (await control.client.get("/docs")).status_code == 200

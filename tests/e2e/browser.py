@@ -1,0 +1,129 @@
+"""Driving the /watch page in Debian's Chromium: launch flags, sign-in, the player's state."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from playwright.sync_api import CDPSession, Page
+
+from streamplane.stack import LocalStack
+from streamplane.web import vendor_missing
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Without the background-networking flags Chromium keeps trying hosts it cannot reach.
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+]
+TITLE = "tiny"
+
+State = dict[str, Any]
+
+
+def skip_reason() -> str | None:
+    """Why the browser tests cannot run here, or None."""
+    if not CHROMIUM.is_file():
+        return f"no Chromium at {CHROMIUM} (apt-get install chromium)"
+    missing = vendor_missing()
+    if missing:
+        return f"the player's vendored JavaScript is missing ({', '.join(missing)}): make install"
+    return None
+
+
+def new_account(stack: LocalStack) -> tuple[str, str]:
+    email = f"e2e-{secrets.token_hex(4)}@streamplane.test"
+    password = secrets.token_urlsafe(12)
+    r = httpx.post(
+        f"{stack.control_url}/v1/accounts",
+        json={"email": email, "password": password, "plan": "premium"},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return email, password
+
+
+def access_header(stack: LocalStack, email: str, password: str) -> dict[str, str]:
+    r = httpx.post(
+        f"{stack.control_url}/v1/auth/login",
+        json={"email": email, "password": password},
+        timeout=30,
+    )
+    r.raise_for_status()
+    return {"authorization": f"Bearer {r.json()['access_token']}"}
+
+
+def no_cache(page: Page) -> CDPSession:
+    """A DevTools session with the HTTP cache off: a looping title is fetched again each time
+    round (from the cache it would neither feel a throttled network nor a dead edge)."""
+    cdp = page.context.new_cdp_session(page)
+    cdp.send("Network.enable")
+    cdp.send("Network.setCacheDisabled", {"cacheDisabled": True})
+    return cdp
+
+
+def throttle(cdp: CDPSession, kbps: float, latency_ms: float = 20) -> None:
+    bytes_per_s = kbps * 1000 / 8
+    cdp.send(
+        "Network.emulateNetworkConditions",
+        {
+            "offline": False,
+            "latency": latency_ms,
+            "downloadThroughput": bytes_per_s,
+            "uploadThroughput": bytes_per_s,
+        },
+    )
+
+
+def play(page: Page, stack: LocalStack, email: str, password: str, buffer_s: int = 4) -> None:
+    """Open /watch, sign in through the form, and press Play on the tiny title (looping, so
+    that a 12 s title keeps the player fetching; a 4 s buffer, so that it fetches often)."""
+    page.goto(f"{stack.control_url}/watch?title={TITLE}&loop=1&buffer={buffer_s}")
+    page.fill("#email", email)
+    page.fill("#password", password)
+    page.click("#sign-in")
+    page.wait_for_selector("#pick:not([hidden])")
+    page.click("#play")
+
+
+_STATE_JS = """() => {
+  const p = window.streamplanePlayer;
+  if (!p) return null;
+  const { samples, events, failoverLog, ...s } = p.state;
+  return {
+    ...s,
+    events: events.map((e) => `${e.kind}: ${e.message}`),
+    failoverLog,
+    currentTime: p.video.currentTime,
+    paused: p.video.paused,
+  };
+}"""
+
+
+def state(page: Page) -> State | None:
+    result: State | None = page.evaluate(_STATE_JS)
+    return result
+
+
+def wait_for(page: Page, ok: Callable[[State], bool], what: str, timeout_s: float = 30) -> State:
+    """Poll the player's state until ``ok``; fail on a fatal player error or the deadline."""
+    deadline = time.monotonic() + timeout_s
+    last: State | None = None
+    while time.monotonic() < deadline:
+        last = state(page)
+        if last is not None:
+            assert last["fatal"] is None, f"the player failed: {last['fatal']}\n{last['events']}"
+            if ok(last):
+                return last
+        page.wait_for_timeout(250)
+    raise AssertionError(f"not {what} after {timeout_s:.0f} s; the player's state: {last}")

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from streamplane import cli
+from streamplane.cli import app
+
+
+@pytest.fixture()
+def files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(cli.out_console, "width", 250)  # the table's columns, unabridged
+    manifest = {
+        "segment_duration_ms": 4000,
+        "bitrates_kbps": [300, 750, 1500],
+        "segment_sizes_bits": [[1_200_000, 3_000_000, 6_000_000]] * 15,
+    }
+    (tmp_path / "m.json").write_text(json.dumps(manifest))
+    traces = tmp_path / "traces"
+    traces.mkdir()
+    (traces / "slow.txt").write_text("".join(f"{t} 0.6\n" for t in range(60)))
+    periods = [{"duration_ms": 1000, "bandwidth_kbps": 5000, "latency_ms": 40}] * 60
+    (traces / "fast.json").write_text(json.dumps(periods))
+    return tmp_path
+
+
+def test_single_trace_with_plot(files: Path) -> None:
+    out = files / "p.png"
+    r = CliRunner().invoke(
+        app,
+        [
+            "abr-sim",
+            "--manifest", str(files / "m.json"),
+            "--trace", str(files / "traces/fast.json"),
+            "--abr", "bba,streamplane",
+            "--max-buffer", "20",
+            "--plot", str(out),
+        ],
+        terminal_width=200,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert "streamplane" in r.output and "bba" in r.output and "mean" not in r.output
+    assert out.stat().st_size > 1000
+
+
+def test_batch_prints_every_trace_and_the_mean(files: Path) -> None:
+    r = CliRunner().invoke(
+        app,
+        ["abr-sim", "--manifest", str(files / "m.json"), "--traces", str(files / "traces"),
+         "--abr", "all"],
+        terminal_width=200,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    for word in ("fast.json", "slow.txt", "mean", "bola-e", "throughput"):
+        assert word in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trace", "traces/missing.json"], "no such trace"),
+        (["--trace", "traces/fast.json", "--abr", "nope"], "no ABR algorithm"),
+        (["--traces", "traces", "--plot", "x.png"], "--plot works with a single --trace"),
+        ([], "exactly one of"),
+        (["--trace", "traces/fast.json", "--max-buffer", "2"], "shorter than a segment"),
+        (["--trace", "bad.txt"], "line 2"),
+    ],
+)
+def test_bad_inputs_exit_non_zero(files: Path, args: list[str], message: str) -> None:
+    (files / "bad.txt").write_text("0 1\n1 x\n")
+    full = ["abr-sim", "--manifest", str(files / "m.json")]
+    full += [str(files / a) if a.startswith(("traces", "bad")) else a for a in args]
+    r = CliRunner().invoke(app, full, terminal_width=200)
+    assert r.exit_code == 2
+    assert message in r.output
