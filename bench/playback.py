@@ -57,7 +57,6 @@ from streamplane.media.title import Rung, Title, encode_title
 
 PG = os.environ.get("STREAMPLANE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ROOT = Path(__file__).resolve().parent.parent
-SECTION = "## Control plane: playback starts end to end"
 
 
 # -- the workload ------------------------------------------------------------------------------
@@ -514,27 +513,22 @@ def _table(rows: Sequence[Row], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+BEGIN, END = "<!-- bench/playback.py: figures -->", "<!-- /bench/playback.py -->"
+
+
 def _record(table: str, command: str, loads: Sequence[str]) -> None:
+    """Replace the figures between the markers in docs/benchmarks.md (the prose stays)."""
     machine = (
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} cores, load average after each run: {'; '.join(loads)}"
     )
-    section = (
-        f"{SECTION}\n\n"
-        f"`{command}` ({machine}).\n\n"
-        f"{__doc__.split(chr(10) * 2)[1].replace(chr(10), ' ')}\n\n"
-        f"{table}\n"
-    )
+    block = f"{BEGIN}\n`{command}` ({machine}):\n\n{table}\n{END}"
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text()
-    at = text.find(SECTION)
-    end = text.find("\n## ", at + len(SECTION)) if at >= 0 else -1
-    text = (
-        text.rstrip("\n") + "\n\n" + section
-        if at < 0
-        else text[:at] + section + (text[end:] if end >= 0 else "")
-    )
-    path.write_text(text)
+    at, end = text.find(BEGIN), text.find(END)
+    if at < 0 or end < at:
+        raise SystemExit(f"{path}: no {BEGIN} ... {END} block to replace")
+    path.write_text(text[:at] + block + text[end + len(END) :])
 
 
 if __name__ == "__main__":
@@ -546,7 +540,7 @@ if __name__ == "__main__":
     parser.add_argument("--edges", type=int, default=20)
     parser.add_argument("--accounts", type=int, default=20)
     parser.add_argument(
-        "--record", action="store_true", help="replace this section of docs/benchmarks.md"
+        "--record", action="store_true", help="replace the figures in docs/benchmarks.md"
     )
     parser.add_argument("--serve-peer", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

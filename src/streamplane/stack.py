@@ -24,7 +24,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -105,7 +105,7 @@ class LocalStack:
         control_port: int | None = None,
         edge_ports: Sequence[int] | None = None,
         slow_start_s: float = 0.0,
-        origin_as_last_resort: bool = True,
+        control_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not 1 <= edges <= len(_SITES):
             raise StackError(f"a local stack runs 1 to {len(_SITES)} edges, not {edges}")
@@ -116,7 +116,7 @@ class LocalStack:
         self.control_port = control_port or free_port()
         self.edge_ports = list(edge_ports or [free_port() for _ in range(edges)])
         self.slow_start_s = slow_start_s
-        self.origin_as_last_resort = origin_as_last_resort
+        self.control_settings = dict(control_settings or {})  # [control] keys to override
         self.key_hex = secrets.token_hex(32)
         self.admin_token = secrets.token_hex(16)
         self.control: StackProcess | None = None
@@ -211,6 +211,7 @@ class LocalStack:
         placement = self.catalog / "placement" / "placement.json"
         if placement.is_file():
             control["placement"] = str(placement)
+        control.update(self.control_settings)
         lines = ["[tokens]", f'keys = {{ k1 = "{self.key_hex}" }}', "", "[control]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in control.items()]
         lines += ["", "[edge]", f"origin = {json.dumps(str(self.catalog))}", "heartbeat_s = 1.0"]

@@ -60,6 +60,9 @@ _SEND_CHUNK: Final = 512 << 10
 # RST, and the client may lose our answer with it (nginx's lingering_close).
 _LINGER_S: Final = 2.0
 _GRANT_CACHE: Final = 16384
+_HOT_OBJECTS: Final = 1024
+_SEND_BUFFER: Final = 4 << 20
+_HOT_TTL_S: Final = 0.5  # a live playlist is at most this stale
 _METHOD_LIKE: Final = re.compile(rb"[A-Z]{2,20} /")
 _NEEDED_HEADERS: Final = frozenset(
     {
@@ -118,6 +121,10 @@ class Worker:
         self.fetches: dict[str, asyncio.Event] = {}  # key -> woken on every chunk
         self.tasks: set[asyncio.Task[None]] = set()
         self.grants: dict[tuple[str, str], tokens.Grant] = {}  # (token, client) -> verified
+        # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
+        # holds descriptors: a player polls them, and each poll would otherwise cost five
+        # syscalls. key -> (valid until, headers, body)
+        self.hot: dict[str, tuple[float, list[tuple[bytes, bytes]], bytes]] = {}
         self.draining = False
         self.date = http.http_date(time.time())
         self.run_dir = cache.root / ".run"
@@ -243,6 +250,10 @@ class EdgeConnection(asyncio.Protocol):
             if sock is not None:
                 self.sock_fd = sock.fileno()
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Room for a whole segment: most responses then go in one sendfile call from
+                # the callback. Cheap with sendfile, whose queued bytes are page-cache pages
+                # the socket references, not copies.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER)
         self.w.connections.add(self)
         self._arm(self.w.config.idle_timeout_s, 408)
 
@@ -396,6 +407,15 @@ class EdgeConnection(asyncio.Protocol):
         key = path[1:]
         if not key or any(seg.startswith(".") for seg in key.split("/")):
             return self._send_error(req, 404, "no such object")
+        hot = self.w.hot.get(key)
+        if hot is not None and hot[0] > req.started and not _conditional_or_ranged(req):
+            self.w.metrics.s.hits += 1
+            self.w.hit(key)
+            head = self._head(req, 200, hot[1])
+            self._write(head if req.method == b"HEAD" else head + hot[2])
+            self.w.metrics.s.bytes_sent += len(hot[2])
+            self.w.log(self, req, 200, len(hot[2]))
+            return None
         obj = self.w.cache.open_complete(key)
         if obj is not None:
             self.w.metrics.s.hits += 1
@@ -478,6 +498,10 @@ class EdgeConnection(asyncio.Protocol):
                 body = os.pread(fd, count, offset)
             finally:
                 os.close(fd)
+            if status == 200 and len(body) == size and size <= _SMALL_TEXT:
+                if len(self.w.hot) >= _HOT_OBJECTS:
+                    self.w.hot.clear()
+                self.w.hot[path[1:]] = (req.started + _HOT_TTL_S, headers, body)
             self._write(head + body)
             self.w.metrics.s.bytes_sent += len(body)
             self.w.log(self, req, status, len(body))
@@ -798,6 +822,11 @@ _PREFLIGHT: Final = (
     (b"Access-Control-Allow-Headers", b"Range, If-None-Match, If-Modified-Since"),
     (b"Access-Control-Max-Age", b"86400"),
 )
+
+
+def _conditional_or_ranged(req: _Request) -> bool:
+    h = req.headers
+    return b"range" in h or b"if-none-match" in h or b"if-modified-since" in h
 
 
 def _cookie(req: _Request) -> str | None:

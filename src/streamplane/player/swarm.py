@@ -26,10 +26,8 @@ traffic to the edges during the run is counted too.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import math
 import secrets
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -292,15 +290,6 @@ def _pools(c: SwarmConfig, sources: Sequence[str | None]) -> list[list[httpx.Asy
     ]
 
 
-def _quiet_sniffio() -> None:
-    """httpcore imports `sniffio` for every lock it makes; when sniffio is not installed, each
-    of those is a failed import that searches all of sys.path again (a third of the swarm's CPU
-    in a profile of 50 viewers). Marking the module absent makes that failure immediate, and
-    httpcore then assumes asyncio, which is what runs here."""
-    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None  # type: ignore[assignment]
-
-
 async def run_swarm(
     config: SwarmConfig,
     on_status: Callable[[SwarmStatus], None] | None = None,
@@ -310,7 +299,6 @@ async def run_swarm(
     _check(config)
     c = config
     traces = load_traces(c.traces, c.viewers, c.seed) if c.traces else []
-    _quiet_sniffio()
     sources: Sequence[str | None] = c.sources or (None,)
     clients = _pools(c, sources)
     started_at, t0 = time.time(), time.monotonic()
