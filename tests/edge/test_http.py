@@ -107,3 +107,15 @@ def test_types_and_caching_players_rely_on() -> None:
     assert http.content_type("/t/blob") == b"application/octet-stream"
     assert b"max-age=2" in http.cache_control("/t/master.m3u8")
     assert b"immutable" in http.cache_control("/t/v/1/seg_1.m4s")
+
+
+def test_response_head_is_the_same_from_a_list_or_a_ready_block() -> None:
+    headers = [(b"Content-Type", b"video/mp4"), (b"Content-Length", b"12")]
+    as_list = http.response_head(200, headers, date=b"Tue", keep_alive=True)
+    as_block = http.response_head(200, http.header_block(headers), date=b"Tue", keep_alive=True)
+    assert as_list == as_block
+    assert as_list.startswith(b"HTTP/1.1 200 OK\r\nServer: streamplane-edge\r\nDate: Tue\r\n")
+    assert as_list.endswith(b"Connection: keep-alive\r\n\r\n")
+    assert b"Content-Length: 12\r\n" in as_list and b"Access-Control-Allow-Origin: *" in as_list
+    closing = http.response_head(599, [], date=b"x", keep_alive=False, cors_origin=None)
+    assert closing.startswith(b"HTTP/1.1 599 Unknown") and b"Access-Control" not in closing

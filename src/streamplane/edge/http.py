@@ -220,26 +220,46 @@ def _digits(text: bytes) -> int:
     return int(text)
 
 
+def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """``Name: value`` lines, each ending in CRLF: what :func:`response_head` puts in."""
+    return b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+
+
+_STATUS_LINES: Final = {
+    code: b"HTTP/1.1 %d %s\r\nServer: streamplane-edge\r\nDate: " % (code, text)
+    for code, text in STATUS_TEXT.items()
+}
+# Players on another origin read these through fetch/XHR; Timing-Allow-Origin lets them
+# measure throughput with the Resource Timing API.
+_CORS_TAIL: Final = (
+    b"\r\nAccess-Control-Expose-Headers: Content-Length, Content-Range, ETag, Age"
+    b"\r\nTiming-Allow-Origin: *\r\n"
+)
+
+
 def response_head(
     status: int,
-    headers: list[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]] | bytes,
     *,
     date: bytes,
     keep_alive: bool,
     cors_origin: bytes | None = b"*",
 ) -> bytes:
-    """The status line and header block, ending with the blank line."""
-    lines = [
-        b"HTTP/1.1 %d %s" % (status, STATUS_TEXT.get(status, b"Unknown")),
-        b"Server: streamplane-edge",
-        b"Date: " + date,
-    ]
-    lines.extend(name + b": " + value for name, value in headers)
-    if cors_origin is not None:
-        # Players on another origin read these through fetch/XHR; Timing-Allow-Origin lets
-        # them measure throughput with the Resource Timing API.
-        lines.append(b"Access-Control-Allow-Origin: " + cors_origin)
-        lines.append(b"Access-Control-Expose-Headers: Content-Length, Content-Range, ETag, Age")
-        lines.append(b"Timing-Allow-Origin: *")
-    lines.append(b"Connection: keep-alive" if keep_alive else b"Connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    """The status line and header block, ending with the blank line.
+
+    ``headers`` may be a ready :func:`header_block`, as the edge keeps one per hot object.
+    """
+    block = headers if isinstance(headers, bytes) else header_block(headers)
+    return b"".join(
+        (
+            _STATUS_LINES.get(status)
+            or b"HTTP/1.1 %d Unknown\r\nServer: streamplane-edge\r\nDate: " % status,
+            date,
+            b"\r\n",
+            block,
+            b""
+            if cors_origin is None
+            else b"Access-Control-Allow-Origin: " + cors_origin + _CORS_TAIL,
+            b"Connection: keep-alive\r\n\r\n" if keep_alive else b"Connection: close\r\n\r\n",
+        )
+    )

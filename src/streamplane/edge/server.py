@@ -124,7 +124,7 @@ class Worker:
         # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
         # holds descriptors: a player polls them, and each poll would otherwise cost five
         # syscalls. key -> (valid until, headers, body)
-        self.hot: dict[str, tuple[float, list[tuple[bytes, bytes]], bytes]] = {}
+        self.hot: dict[str, tuple[float, bytes, bytes]] = {}
         self.draining = False
         self.date = http.http_date(time.time())
         self.run_dir = cache.root / ".run"
@@ -405,7 +405,7 @@ class EdgeConnection(asyncio.Protocol):
                 self.w.metrics.s.token_rejections += 1
                 return self._send_error(req, exc.http_status, str(exc))
         key = path[1:]
-        if not key or any(seg.startswith(".") for seg in key.split("/")):
+        if not key or "/." in path:  # the path is normalised: a segment starting with "."
             return self._send_error(req, 404, "no such object")
         hot = self.w.hot.get(key)
         if hot is not None and hot[0] > req.started and not _conditional_or_ranged(req):
@@ -501,7 +501,7 @@ class EdgeConnection(asyncio.Protocol):
             if status == 200 and len(body) == size and size <= _SMALL_TEXT:
                 if len(self.w.hot) >= _HOT_OBJECTS:
                     self.w.hot.clear()
-                self.w.hot[path[1:]] = (req.started + _HOT_TTL_S, headers, body)
+                self.w.hot[path[1:]] = (req.started + _HOT_TTL_S, http.header_block(headers), body)
             self._write(head + body)
             self.w.metrics.s.bytes_sent += len(body)
             self.w.log(self, req, status, len(body))
@@ -708,7 +708,9 @@ class EdgeConnection(asyncio.Protocol):
 
     # -- writing ---------------------------------------------------------------------
 
-    def _head(self, req: _Request, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    def _head(
+        self, req: _Request, status: int, headers: list[tuple[bytes, bytes]] | bytes
+    ) -> bytes:
         keep = req.keep_alive and not self.w.draining
         origin = req.headers.get(b"origin")
         return http.response_head(
