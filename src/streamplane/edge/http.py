@@ -27,6 +27,7 @@ __all__ = [
     "etag_for",
     "http_date",
     "is_not_modified",
+    "object_headers",
     "parse_range",
     "request_path",
     "response_head",
@@ -145,6 +146,17 @@ def etag_for(mtime_ns: int, size: int) -> bytes:
     holds the same object gives it the same ETag.
     """
     return b'"%x-%x"' % (mtime_ns // 1_000_000_000, size)
+
+
+def object_headers(path: str, mtime_ns: int, size: int) -> list[tuple[bytes, bytes]]:
+    """What every answer about an object carries, complete or still arriving, 200 or 304."""
+    return [
+        (b"Content-Type", content_type(path)),
+        (b"Last-Modified", http_date(mtime_ns / 1e9)),
+        (b"ETag", etag_for(mtime_ns, size)),
+        (b"Cache-Control", cache_control(path)),
+        (b"Accept-Ranges", b"bytes"),
+    ]
 
 
 def http_date(epoch_seconds: float) -> bytes:

@@ -649,13 +649,8 @@ class EdgeConnection(asyncio.Protocol):
     async def _stream_partial(
         self, req: _Request, path: str, key: str, fd: int, length: int, mtime: float
     ) -> None:
-        headers = [
-            (b"Content-Type", http.content_type(path)),
-            (b"Last-Modified", http.http_date(mtime)),
-            (b"ETag", http.etag_for(int(mtime) * 1_000_000_000, length)),
-            (b"Cache-Control", http.cache_control(path)),
-            (b"Accept-Ranges", b"bytes"),
-        ]
+        # whole seconds, as the committed file's mtime will give: the same validators
+        headers = http.object_headers(path, int(mtime) * 1_000_000_000, length)
         try:
             wanted = http.parse_range(req.headers.get(b"range"), length)
         except http.Unsatisfiable as exc:

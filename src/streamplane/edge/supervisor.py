@@ -100,12 +100,14 @@ class Supervisor:
         self.plan_titles = set(plan.titles) if plan else set()
         for key, size, _ in found:
             self._admit(key, size)
+        self._resize_policy()
         return len(found), dropped
 
     def _admit(self, key: str, size: int) -> None:
         if key.split("/", 1)[0] in self.plan_titles:
+            # Rebuilding the policy costs a pass over its residents: done once per title
+            # filled (see _fill), not once per file, so the cache overshoots by a title at most.
             self.pinned[key] = size
-            self._resize_policy()
             return
         for victim in self.policy.admit(key, size):
             self.cache.remove(victim)
@@ -243,9 +245,10 @@ class Supervisor:
                 continue
             # Unpin titles the new plan no longer holds: they become ordinary cache objects.
             self.plan_titles = set(plan.titles)
-            for key in [k for k in self.pinned if k.split("/", 1)[0] not in self.plan_titles]:
-                size = self.pinned.pop(key)
-                self._resize_policy()
+            unpinned = [k for k in self.pinned if k.split("/", 1)[0] not in self.plan_titles]
+            sizes = [self.pinned.pop(k) for k in unpinned]
+            self._resize_policy()
+            for key, size in zip(unpinned, sizes, strict=True):
                 self._admit(key, size)
             residents = self.policy.keys()
             for key in [k for k in residents if k.split("/", 1)[0] in self.plan_titles]:
@@ -281,6 +284,7 @@ class Supervisor:
                 status.errors = tuple(errors)
                 self._write_status()
                 continue
+            self._resize_policy()
             done.append(title)
             self.held_titles.add(title)
             status.titles_done = tuple(done)
