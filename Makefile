@@ -6,7 +6,13 @@ STAMP := $(VENV)/.installed
 WEB := src/streamplane/web
 VENDOR := $(WEB)/static/vendor
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean system
+
+# Debian packages the tests and benches drive as real peers: Chromium (the browser player's
+# tests), strace (the zero-copy proof), nginx and wrk (the edge benchmark). Installed once when
+# missing and this shell may run apt-get as root; otherwise the tests that need them skip and
+# say why.
+SYSTEM_TOOLS := chromium:chromium strace:strace nginx:nginx-light wrk:wrk
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -24,9 +30,22 @@ $(VENDOR)/hls.min.mjs: $(WEB)/package.json $(WEB)/package-lock.json
 	cp $(WEB)/node_modules/hls.js/dist/hls.min.mjs $(WEB)/node_modules/hls.js/LICENSE $(VENDOR)/
 	touch $@
 
-install: $(STAMP)
+$(VENV)/.system: | $(BIN)/python
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v $${pair%%:*} >/dev/null || missing="$$missing $${pair#*:}"; done; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    || echo "warning: could not install$$missing; the tests that need them will skip"; \
+	else echo "note: missing$$missing (Debian packages); the tests that need them will skip"; fi
+	@touch $@
 
-demo: $(STAMP)
+system: $(VENV)/.system
+
+install: $(STAMP) $(VENV)/.system
+
+demo: install
 	$(BIN)/streamplane demo
 
 lint: $(STAMP)
@@ -34,10 +53,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+test: install lint
 	$(BIN)/pytest -q
 
-bench: $(STAMP)
+bench: install
 	$(BIN)/python bench/shots.py
 	$(BIN)/python bench/encode.py --sources real-mix bench-mix demo-mix
 	$(BIN)/python bench/placement.py --clusters reference large mixed --days 30 --warmup 30 --seed 7

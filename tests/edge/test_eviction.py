@@ -327,3 +327,22 @@ def test_many_operations_stay_cheap() -> None:
             else:
                 policy.admit(key, 500 + (i % 7) * 300)
         assert policy.used_bytes <= policy.capacity_bytes
+
+
+@settings(max_examples=200, deadline=None)
+@given(cases, st.integers(1, 6))
+def test_a_counted_hit_is_that_many_hits(
+    case: tuple[PolicyName, int, list[Op]], count: int
+) -> None:
+    # Workers tell the keeper each key's hits as one count per second; the policy must end in
+    # the state the hits one by one would have left it in.
+    name, capacity, sequence = case
+    counted, single = make_policy(name, capacity), make_policy(name, capacity)
+    for op in sequence:
+        if isinstance(op, Hit):
+            counted.hit(op.key, count)
+            for _ in range(count):
+                single.hit(op.key)
+            continue
+        assert _apply(counted, op) == _apply(single, op)
+    assert counted.keys() == single.keys()

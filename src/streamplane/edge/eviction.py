@@ -86,8 +86,8 @@ class EvictionPolicy(Protocol):
 
     def __len__(self) -> int: ...
 
-    def hit(self, key: str) -> None:
-        """A request was served from the cached ``key``; unknown keys are ignored."""
+    def hit(self, key: str, count: int = 1) -> None:
+        """``count`` requests were served from the cached ``key``; unknown keys are ignored."""
         ...
 
     def admit(self, key: str, size: int) -> list[str]:
@@ -161,7 +161,7 @@ class LruPolicy:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def hit(self, key: str) -> None:
+    def hit(self, key: str, count: int = 1) -> None:
         if key in self._entries:
             self._entries.move_to_end(key)
 
@@ -245,10 +245,10 @@ class S3FifoPolicy:
     def __len__(self) -> int:
         return len(self._freq)
 
-    def hit(self, key: str) -> None:
+    def hit(self, key: str, count: int = 1) -> None:
         freq = self._freq.get(key)
         if freq is not None and freq < _MAX_FREQUENCY:
-            self._freq[key] = freq + 1
+            self._freq[key] = min(freq + count, _MAX_FREQUENCY)
 
     def admit(self, key: str, size: int) -> list[str]:
         _check_size(key, size)

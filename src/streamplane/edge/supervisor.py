@@ -136,8 +136,10 @@ class Supervisor:
             message = json.loads(data)
         except ValueError:
             return
-        for key in message.get("hits", ()):
-            self.policy.hit(key)
+        # [[key, requests], ...], in the order of each key's last request
+        with contextlib.suppress(TypeError, ValueError):
+            for key, count in message.get("hits", ()):
+                self.policy.hit(str(key), int(count))
         if "admit" in message:
             self._admit(str(message["admit"]), int(message["size"]))
         if message.get("fill"):
