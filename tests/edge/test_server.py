@@ -120,6 +120,20 @@ def test_tokens_are_checked_before_anything_is_served(edge: Edge) -> None:
     assert "token" in refused.json()["error"]
 
 
+def test_a_url_granted_before_is_refused_once_its_token_expires(edge: Edge) -> None:
+    # A player polls one playlist URL with one token; the edge remembers that URL as granted,
+    # and must still refuse it (410) once the token expires, and a URL the token never covered.
+    short = token(acl="/t1/*", ttl=2)
+    playlist = "/t1/master.m3u8"
+    assert all(edge.get(playlist, tok=short).status_code == 200 for _ in range(5))
+    assert edge.get("/t2/master.m3u8", tok=short).status_code == 403
+    time.sleep(max(0.0, int(short.split("exp=")[1].split("~")[0]) - time.time()) + 0.2)
+    assert all(edge.get(playlist, tok=short).status_code == 410 for _ in range(3))
+    # a cookie-borne token on the same URL is not mistaken for the query's
+    cookie = httpx.get(edge.url + playlist, headers={"Cookie": f"__token__={token(acl='/t2/*')}"})
+    assert cookie.status_code == 403
+
+
 def test_a_refused_request_never_reaches_the_origin(tmp_path: Path, http_origin: object) -> None:
     from tests.edge.conftest import CountingOrigin
 

@@ -122,6 +122,8 @@ class Worker:
         self.fetches: dict[str, asyncio.Event] = {}  # key -> woken on every chunk
         self.tasks: set[asyncio.Task[None]] = set()
         self.grants: dict[tuple[str, str], tokens.Grant] = {}  # (token, client) -> verified
+        # (request target, client) -> (its path, the grant that allowed it)
+        self.verified: dict[tuple[bytes, str], tuple[str, tokens.Grant]] = {}
         # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
         # holds descriptors: a player polls them, and each poll would otherwise cost five
         # syscalls. key -> (valid until, headers, body)
@@ -405,23 +407,35 @@ class EdgeConnection(asyncio.BufferedProtocol):
         method = req.method
         if method == b"OPTIONS":
             return self._send_simple(req, 204, b"", extra=_PREFLIGHT)
-        try:
-            path, query = http.request_path(req.url)
-        except http.BadPath as exc:
-            return self._send_error(req, 400, str(exc))
-        if path.startswith("/_edge/") or path in ("/healthz", "/metrics", "/fill"):
-            return self._answer_operations(req, path)
-        if method not in (b"GET", b"HEAD"):
-            return self._send_error(req, 405, "only GET and HEAD", allow=b"GET, HEAD, OPTIONS")
-        if self.w.config.require_token:
+        # A player polls its playlist with one URL and one token: a request target this
+        # client was granted before skips parsing and the ACL match, keeping only the clock.
+        seen = self.w.verified.get((req.url, self._client_address(req)))
+        if seen is not None and method in (b"GET", b"HEAD") and seen[1].live(int(time.time())):
+            path = seen[0]
+        else:
             try:
-                self._check_token(req, path, query)
-            except tokens.TokenError as exc:
-                self.w.metrics.s.token_rejections += 1
-                return self._send_error(req, exc.http_status, str(exc))
+                path, query = http.request_path(req.url)
+            except http.BadPath as exc:
+                return self._send_error(req, 400, str(exc))
+            if path.startswith("/_edge/") or path in ("/healthz", "/metrics", "/fill"):
+                return self._answer_operations(req, path)
+            if method not in (b"GET", b"HEAD"):
+                return self._send_error(req, 405, "only GET and HEAD", allow=b"GET, HEAD, OPTIONS")
+            grant = None
+            if self.w.config.require_token:
+                try:
+                    grant = self._check_token(req, path, query)
+                except tokens.TokenError as exc:
+                    self.w.metrics.s.token_rejections += 1
+                    return self._send_error(req, exc.http_status, str(exc))
+            if not path[1:] or "/." in path:  # the path is normalised: a segment starting "."
+                return self._send_error(req, 404, "no such object")
+            if grant is not None:
+                verified = self.w.verified
+                if len(verified) >= _GRANT_CACHE:
+                    verified.clear()
+                verified[(req.url, self._client_address(req))] = (path, grant)
         key = path[1:]
-        if not key or "/." in path:  # the path is normalised: a segment starting with "."
-            return self._send_error(req, 404, "no such object")
         hot = self.w.hot.get(key)
         if hot is not None and hot[0] > req.started and not _conditional_or_ranged(req):
             self.w.metrics.s.hits += 1
@@ -441,13 +455,19 @@ class EdgeConnection(asyncio.BufferedProtocol):
             return self._send_error(req, status, "the origin failed on this object just now")
         return lambda: self._send_miss(req, path, key)
 
-    def _check_token(self, req: _Request, path: str, query: str) -> None:
+    def _check_token(self, req: _Request, path: str, query: str) -> tokens.Grant | None:
         """Verify the token, once per token and client: a session asks for hundreds of paths.
 
         The first request pays the HMAC; later ones only match their path against the
-        grant's ACL and check its expiry.
+        grant's ACL and check its expiry. Returns the grant when the token came in the
+        target's own query string, so that the target can be remembered as granted
+        (``Worker.verified``); not when it leans on a cookie, which the target does not carry.
         """
-        token = tokens.token_from_request(query, _cookie(req), self.w.config.token_name)
+        name = self.w.config.token_name
+        token = tokens.token_from_request(query, None, name)
+        in_query = token is not None
+        if not in_query:
+            token = tokens.token_from_request("", _cookie(req), name)
         client = self._client_address(req)
         now = int(time.time())
         grants = self.w.grants
@@ -459,13 +479,14 @@ class EdgeConnection(asyncio.BufferedProtocol):
             if len(grants) >= _GRANT_CACHE:
                 grants.clear()
             grants[(token or "", client)] = grant
-            return
-        if now >= grant.expiry:
-            raise tokens.ExpiredToken(f"expired at {grant.expiry}, now is {now}")
-        if grant.start is not None and now < grant.start:
-            raise tokens.NotYetValid(f"valid from {grant.start}, now is {now}")
-        if not tokens.grant_allows(grant, path):
-            raise tokens.PathNotAllowed(f"{path!r} is outside the token's acl")
+        else:
+            if now >= grant.expiry:
+                raise tokens.ExpiredToken(f"expired at {grant.expiry}, now is {now}")
+            if grant.start is not None and now < grant.start:
+                raise tokens.NotYetValid(f"valid from {grant.start}, now is {now}")
+            if not tokens.grant_allows(grant, path):
+                raise tokens.PathNotAllowed(f"{path!r} is outside the token's acl")
+        return grant if in_query else None
 
     def _client_address(self, req: _Request) -> str:
         if self.w.config.trust_forwarded_for:

@@ -159,6 +159,10 @@ class Grant(msgspec.Struct, frozen=True, kw_only=True):
     session_id: str | None
     data: str | None
 
+    def live(self, now: int) -> bool:
+        """Whether the grant is in force at ``now`` (after its start, before its expiry)."""
+        return now < self.expiry and (self.start is None or now >= self.start)
+
 
 def key_from_hex(hex_key: str) -> bytes:
     """Decode an Akamai-style hex key (even length, hex digits only) to the HMAC secret."""
