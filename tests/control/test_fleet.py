@@ -151,3 +151,29 @@ async def test_fleet_token(db: Db, tmp_path: Path, geo: GeoLocator) -> None:
             "/v1/fleet/heartbeat", json=hb, headers={"Authorization": "Bearer edge-secret"}
         )
         assert r.status_code == 200
+
+
+async def test_load_reports_reach_the_ranking_within_a_second(control: Control) -> None:
+    # Steering's candidates are prepared once per fleet change; a load report within capacity
+    # is not such a change, so it must still show in the ranking one second later.
+    auth = await control.account()
+
+    async def report(e1: float, e2: float) -> None:
+        await control.edge("e1", ("demo",), throughput_bps=e1, capacity_bps=1e9)
+        await control.edge("e2", ("demo",), throughput_bps=e2, capacity_bps=1e9)
+
+    async def first() -> str:
+        r = await control.play(auth, "demo", device="probe")
+        assert r.status_code == 200, r.text
+        return str(r.json()["edges"][0]["edge_id"])
+
+    await report(9e8, 1e8)
+    for _ in range(31):  # past the slow start
+        control.clock.advance(2)
+        await report(9e8, 1e8)
+    assert await first() == "e2"
+    await report(1e8, 9e8)
+    control.clock.advance(1)
+    assert await first() == "e1"
+    await control.edge("e1", ("demo",), draining=True)  # a change of state: at once
+    assert await first() == "e2"

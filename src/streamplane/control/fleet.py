@@ -224,6 +224,24 @@ def candidates(
     return out
 
 
+def _offer_shape(edge: EdgeView) -> tuple[object, ...]:
+    """What of a heartbeat decides whether and where an edge is offered, besides its age and
+    its load within capacity (Playback rebuilds its prepared candidates every second for those).
+    """
+    overloaded = edge.capacity_bps <= 0 or edge.throughput_bps >= edge.capacity_bps
+    return (
+        edge.site,
+        edge.base_url,
+        edge.lat,
+        edge.lon,
+        edge.titles,
+        edge.healthy,
+        edge.draining,
+        overloaded,
+        edge.up_since,
+    )
+
+
 def _view(row: Any) -> EdgeView:
     return EdgeView(
         edge_id=row.edge_id,
@@ -269,6 +287,10 @@ class Fleet:
         self._planned: dict[str, tuple[str, ...]] = {}  # title -> edge ids, from placement.json
         self._loaded_at = float("-inf")
         self._lock = asyncio.Lock()
+        # Counts changes to what is offered other than load within capacity: who holds what,
+        # health, draining, overload, recovery, placement. Steering's prepared candidates per
+        # title stay valid while it holds (see Playback), and a plain load report changes it not.
+        self.generation = 0
 
     # -- writes ------------------------------------------------------------------------------
 
@@ -316,6 +338,8 @@ class Fleet:
 
     def _put(self, view: EdgeView) -> None:
         old = self._edges.get(view.edge_id)
+        if old is None or _offer_shape(old) != _offer_shape(view):
+            self.generation += 1
         if old is not None:
             for t in old.titles - view.titles:
                 holders = self._by_title.get(t)
@@ -362,6 +386,7 @@ class Fleet:
             return  # keep the last good plan; the operator sees the file is bad elsewhere
         self._planned = {t: tuple(servers) for t, servers in doc.titles.items()}
         self._placement_mtime = mtime
+        self.generation += 1
 
     def edges(self) -> list[EdgeView]:
         return sorted(self._edges.values(), key=lambda e: e.edge_id)

@@ -43,7 +43,14 @@ from streamplane.control.errors import ApiError, not_found, unauthorised
 from streamplane.control.fleet import Fleet, candidates
 from streamplane.control.store import Account, Resume, Screen, Store, upsert
 from streamplane.edge import sign, signed_url
-from streamplane.steering import DEFAULT_LIMIT, Client, RankedEdge, SiteInfo, Steering
+from streamplane.steering import (
+    DEFAULT_LIMIT,
+    CandidateSet,
+    Client,
+    RankedEdge,
+    SiteInfo,
+    Steering,
+)
 
 __all__ = [
     "EdgeOut",
@@ -56,6 +63,8 @@ __all__ = [
 ]
 
 _MAX_POSITION_S: Final = 1e7
+_OFFER_TTL_S: Final = 1.0  # how much older than their heartbeats steering's loads may be
+_OFFERS_KEPT: Final = 10_000  # titles with prepared candidates
 
 # The start's statements, built once (their SQL is compiled once per engine and cached).
 _LOCK_ACCOUNT: Final = (
@@ -220,11 +229,37 @@ class Playback:
         self._ttl = token_ttl_s
         self._session_token = session_token
         self._heartbeat_url = settings.base_url() + "/v1/heartbeat"
+        # title -> (fleet generation, built at, sites, prepared candidates)
+        self._offers: dict[str, tuple[int, float, dict[str, SiteInfo], CandidateSet]] = {}
+
+    def _offered(self, title: str, now: float) -> CandidateSet:
+        """The offerable holders of ``title``, grouped for steering once per fleet change.
+
+        Rebuilt when the fleet's generation moves (holders, health, draining, overload,
+        recovery) and at least every ``_OFFER_TTL_S`` of ``now``, so loads, slow-start shares
+        and missed heartbeats are at most that much older than the heartbeats themselves.
+        """
+        known = self._offers.get(title)
+        generation = self._fleet.generation
+        if (
+            known is not None
+            and known[0] == generation
+            and known[2] is self.sites
+            and 0.0 <= now - known[1] < _OFFER_TTL_S
+        ):
+            return known[3]
+        offered = self._steering.prepare(
+            candidates(self._fleet.holding(title), now, self._fleet.policy, self.sites)
+        )
+        if len(self._offers) >= _OFFERS_KEPT:
+            self._offers.clear()
+        self._offers[title] = (generation, now, self.sites, offered)
+        return offered
 
     async def start(
         self, account_id: str, title: TitleInfo, body: PlaybackIn, address: str, now: float
     ) -> PlaybackOut:
-        offered = candidates(self._fleet.holding(title.id), now, self._fleet.policy, self.sites)
+        offered = self._offered(title.id, now)
         origin = self._settings.origin_url.rstrip("/")
         session_id = str(uuid.uuid4())
         cutoff = now - self._settings.screen_timeout_s

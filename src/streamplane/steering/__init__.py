@@ -41,7 +41,7 @@ from streamplane.steering.model import (
 )
 from streamplane.steering.rank import (
     LOAD_STEP,
-    FleetIndex,
+    CandidateSet,
     distance_km,
     load_band,
     rank_edges,
@@ -59,11 +59,11 @@ __all__ = [
     "BgpFeed",
     "BgpMessageError",
     "BgpNeighbor",
+    "CandidateSet",
     "Client",
     "CzmapError",
     "EdgeCandidate",
     "ExabgpNotFound",
-    "FleetIndex",
     "GeoError",
     "GeoLocator",
     "PrefixError",

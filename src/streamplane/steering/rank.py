@@ -40,28 +40,32 @@ answer when it asks again, and raising the share only ever adds sessions.
 Hashes are blake2b (never Python's salted ``hash()``) mixed with splitmix64, so every
 control-plane process ranks alike.
 
-How a decision stays cheap. A decision looks at every candidate, but only briefly: the work
-per edge is reading its site, coordinates and share. The rules above are decided per
-*place* (a site at one point: every edge of a site shares its route and its distance), and
-only the edges of the best places, enough to fill ``limit``, get a load band, a title hash,
-a sort and a reason. What does not depend on the client (each place's point on the unit
-sphere, each edge id's hash key) is kept in a ``FleetIndex`` across decisions; with many
-places, their distances are computed together with numpy. Rounding a distance to whole
-kilometres is redone with Python's own ``math`` when numpy's arcsine lands within 1e-6 km
-of a rounding boundary, so both ways give the same integer, and the distances shown in the
-reasons are always Python's.
+How a decision stays cheap. Rules 1-6 are properties of an edge's *place* (its site at one
+point: every edge there shares the site's route and distance); only rules 7-8 and slow
+start tell the edges of one place apart. A ``CandidateSet`` groups the candidates by place
+once, when they change, not per decision. A decision then ranks places, not edges: the
+places of the sites whose prefixes cover the client (a few), then the nearest of the
+others, then those whose distance is unknown, and stops as soon as the places taken hold
+``limit`` full-share edges and the next place ranks strictly after the last one taken. Only
+the edges of those places get a load band, a title hash, a sort and, for the ones
+returned, a reason (and of a last tie group larger than needed, only those of its lowest
+load bands). Where candidates sit changes far less often than their loads, so the grouping
+itself is kept by value (the sites and coordinates of the candidates, in order), and a
+plain list of a title's holders is grouped at the cost of reading it. With many places,
+the nearest are found with one numpy product over their unit vectors; that order is only a
+guide: every distance that decides is computed exactly with ``math``, and places keep being
+read until one is far enough past the last needed (``_NEAR_MARGIN_KM``) that nothing read
+later can tie with it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import threading
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
-from itertools import compress
-from typing import Final
+from itertools import repeat
+from typing import Final, TypeVar, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -72,13 +76,14 @@ from streamplane.steering.model import (
     Client,
     EdgeCandidate,
     RankedEdge,
+    Relation,
     Route,
     SiteInfo,
 )
 
 __all__ = [
     "LOAD_STEP",
-    "FleetIndex",
+    "CandidateSet",
     "distance_km",
     "load_band",
     "rank_edges",
@@ -88,6 +93,7 @@ __all__ = [
 
 LOAD_STEP: Final = 0.1
 EARTH_RADIUS_KM: Final = 6371.0088  # IUGG mean radius
+_DIAMETER_KM: Final = 2 * EARTH_RADIUS_KM  # what 2 * EARTH_RADIUS_KM * x computes first
 
 _MASK64: Final = (1 << 64) - 1
 _GOLDEN: Final = 0x9E3779B97F4A7C15
@@ -124,11 +130,18 @@ _MATCHED, _LOCATED, _ANYWHERE = 0, 1, 2
 _LOCATED_TIER: Final = _LOCATED << _GROUP_SHIFT
 _ANYWHERE_TIER: Final = (_ANYWHERE << _GROUP_SHIFT) | _DIST_CAP
 
-# Numpy's arcsine may differ from math.asin in the last bits: a distance this close to a
-# rounding boundary (x.5 km) is redone with math, so the whole kilometres always agree.
-_ROUNDING_GUARD: Final = 1e-6
-# A FleetIndex forgets its places past this many (edges reporting ever-new coordinates).
-_PLACES_MAX: Final = 1 << 14
+# From this many located places on, the nearest are found through one numpy product
+# instead of an exact distance to each (below it, the fixed cost of numpy loses).
+_NEAREST_FROM: Final = 24
+# A place this much farther than the farthest one needed (whole km + 0.5) cannot tie
+# with it, however numpy's order and math's distances differ: they differ by under a
+# metre even for coincident points (an error of 1e-15 in a dot product near 1).
+_NEAR_MARGIN_KM: Final = 0.01
+# A last tie group (places of one tier) of at least this many edges, and a quarter of the
+# candidates, is cut to the load bands it needs before any edge is hashed.
+_BAND_CUT_FROM: Final = 64
+# A plain list shorter than this is ranked whole, edge by edge, without grouping it first.
+_DIRECT_BELOW: Final = 24
 
 
 class _EdgeKeys(dict[str, int]):
@@ -218,6 +231,23 @@ def _unit(lat: float, lon: float) -> tuple[float, float, float]:
     return vector
 
 
+# (lat, lon) as reported -> its unit vector, or None when it is no point: a place's point is
+# looked up once per place of every set, with the check.
+_POINT_UNIT: dict[tuple[float | None, float | None], tuple[float, float, float] | None] = {}
+
+
+def _point_unit(lat: float | None, lon: float | None) -> tuple[float, float, float] | None:
+    try:
+        return _POINT_UNIT[lat, lon]
+    except KeyError:
+        point = _valid_point(lat, lon)
+        unit = _unit(*point) if point is not None else None
+        if len(_POINT_UNIT) >= _UNIT_MAX:
+            _POINT_UNIT.clear()
+        _POINT_UNIT[lat, lon] = unit
+        return unit
+
+
 @lru_cache(maxsize=1 << 16)
 def _prefix_len(prefix: str) -> int:
     return int(prefix.rpartition("/")[2])
@@ -226,7 +256,7 @@ def _prefix_len(prefix: str) -> int:
 def _chord_km(a: tuple[float, float, float], b: tuple[float, float, float]) -> float:
     # The great-circle distance from the chord: 2 R asin(|a - b| / 2), as exact as haversine.
     dx, dy, dz = a[0] - b[0], a[1] - b[1], a[2] - b[2]
-    return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(dx * dx + dy * dy + dz * dz) / 2))
+    return _DIAMETER_KM * math.asin(min(1.0, math.sqrt(dx * dx + dy * dy + dz * dz) / 2))
 
 
 def _whole_km(km: float) -> int:
@@ -265,183 +295,6 @@ def _route_text(route: Route) -> str:
     return text
 
 
-# -- the fleet index: what is known before the client asks ---------------------------------
-
-
-class _Places:
-    """Every place seen: a site at one point. A site's first-seen coordinates make its
-    *canonical* place, found by the site's name alone; an edge reporting other coordinates
-    gets a place of its own, found by (site, lat, lon)."""
-
-    def __init__(self, sites: Mapping[str, SiteInfo]) -> None:
-        self.sites = sites
-        self.lock = threading.Lock()
-        self.canonical: dict[str, int] = {}  # site -> its canonical place
-        self.other: dict[tuple[str, float | None, float | None], int] = {}
-        self.site: list[str] = []
-        self.lat: list[float | None] = []  # as the edges report them
-        self.lon: list[float | None] = []
-        self.unit: list[tuple[float, float, float] | None] = []  # None: no usable point
-        self.by_site: dict[str, tuple[int, ...]] = {}
-        self.moved = False  # most edges of the last decision sat away from their site
-        self._arrays: tuple[int, npt.NDArray[np.float64], list[int]] | None = None
-
-    def add(self, site: str, lat: float | None, lon: float | None, canonical: bool) -> int:
-        with self.lock:
-            found = self.canonical.get(site) if canonical else self.other.get((site, lat, lon))
-            if found is not None:
-                return found
-            point = _valid_point(lat, lon)
-            if point is None and (info := self.sites.get(site)) is not None:
-                point = _valid_point(info.lat, info.lon)
-            place = len(self.site)
-            self.site.append(site)
-            self.lat.append(lat)
-            self.lon.append(lon)
-            self.unit.append(_unit(*point) if point is not None else None)
-            self.by_site[site] = (*self.by_site.get(site, ()), place)
-            # Published last: a reader that finds the place finds everything about it.
-            if canonical:
-                self.canonical[site] = place
-            else:
-                self.other[site, lat, lon] = place
-            return place
-
-    def places_of(self, candidates: Sequence[EdgeCandidate]) -> list[int]:
-        """The place of every candidate, in order."""
-        names = [edge.site for edge in candidates]
-        canonical = self.canonical
-        try:
-            places = list(map(canonical.__getitem__, names))
-        except KeyError:
-            for edge in candidates:
-                if edge.site not in canonical:
-                    self.add(edge.site, edge.lat, edge.lon, canonical=True)
-            places = list(map(canonical.__getitem__, names))
-        lats = [edge.lat for edge in candidates]
-        lons = [edge.lon for edge in candidates]
-        if lats == list(map(self.lat.__getitem__, places)) and lons == list(
-            map(self.lon.__getitem__, places)
-        ):
-            return places
-        # Some edge reports coordinates its site's other edges do not.
-        odd = 0
-        site_lat, site_lon = self.lat, self.lon
-        for i, (place, lat, lon) in enumerate(zip(places, lats, lons, strict=True)):
-            if (lat is not site_lat[place] and lat != site_lat[place]) or (
-                lon is not site_lon[place] and lon != site_lon[place]
-            ):
-                found = self.other.get((names[i], lat, lon))
-                places[i] = (
-                    found if found is not None else self.add(names[i], lat, lon, canonical=False)
-                )
-                odd += 1
-        if 2 * odd > len(places):
-            self.moved = True
-        return places
-
-    def arrays(self) -> tuple[npt.NDArray[np.float64], list[int]]:
-        """Every place's unit vector as a (3, n) array (0 where none) and the placeless."""
-        arrays = self._arrays
-        if arrays is None or arrays[0] != len(self.unit):
-            with self.lock:
-                units = list(self.unit)
-                xyz = np.array(
-                    [u if u is not None else (0.0, 0.0, 0.0) for u in units], dtype=np.float64
-                ).T.copy()
-                placeless = [p for p, u in enumerate(units) if u is None]
-                arrays = self._arrays = (len(units), xyz, placeless)
-        return arrays[1], arrays[2]
-
-
-class FleetIndex:
-    """What ranking keeps between decisions: where each place of the fleet is.
-
-    A place is an edge site at one point; its point comes from the edges' coordinates, or
-    ``sites`` when they report none. Nothing here depends on the client, so one index
-    serves every decision; it learns new sites and coordinates as candidates bring them.
-    Safe to share between threads. Pass it to ``rank_edges(index=...)``.
-    """
-
-    def __init__(self, sites: Mapping[str, SiteInfo] | None = None) -> None:
-        self.sites: Mapping[str, SiteInfo] = dict(sites) if sites else {}
-        self._places = _Places(self.sites)
-
-    def _current(self) -> _Places:
-        places = self._places
-        # Forget everything when places pile up, or when most edges no longer sit where
-        # their site was first seen (the site moved): the next decisions relearn it.
-        if places.moved or len(places.site) > _PLACES_MAX:
-            places = self._places = _Places(self.sites)
-        return places
-
-
-# -- ranking ------------------------------------------------------------------------------
-
-
-def _tiers_python(
-    places: _Places,
-    present: Iterable[int],
-    here: tuple[float, float, float] | None,
-    routes: Mapping[str, Route],
-    kms: dict[int, float],
-) -> dict[int, int]:
-    """The tier of each place in ``present``, one at a time (few places); fills ``kms``."""
-    units, names = places.unit, places.site
-    tiers = {}
-    for place in present:
-        route = routes.get(names[place]) if routes else None
-        unit = units[place]
-        if here is None or unit is None:
-            tiers[place] = _tier(route, None)
-            continue
-        # _chord_km, inline: this runs per place.
-        dx, dy, dz = here[0] - unit[0], here[1] - unit[1], here[2] - unit[2]
-        km = kms[place] = (
-            2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(dx * dx + dy * dy + dz * dz) / 2))
-        )
-        dist = _DIST_CAP if km >= _DIST_CAP else int(km + 0.5)
-        tiers[place] = _LOCATED_TIER | dist if route is None else _tier(route, dist)
-    return tiers
-
-
-def _tiers_numpy(
-    places: _Places, here: tuple[float, float, float], routes: Mapping[str, Route]
-) -> list[int]:
-    """The tier of every place of the index at once, the distances vectorised."""
-    xyz, placeless = places.arrays()
-    dx = here[0] - xyz[0]
-    dy = here[1] - xyz[1]
-    dz = here[2] - xyz[2]
-    # In _chord_km's order of operations, so that the chord is bit for bit the same.
-    chord = dx * dx
-    chord += dy * dy
-    chord += dz * dz
-    np.sqrt(chord, out=chord)
-    chord /= 2
-    np.minimum(chord, 1.0, out=chord)
-    km = np.arcsin(chord)
-    km *= 2 * EARTH_RADIUS_KM
-    km += 0.5
-    whole = np.floor(km)
-    whole_km: list[int] = np.minimum(whole, _DIST_CAP).astype(np.int64).tolist()
-    km -= whole
-    for place in np.flatnonzero((km < _ROUNDING_GUARD) | (km > 1 - _ROUNDING_GUARD)).tolist():
-        unit = places.unit[place]
-        if unit is not None:
-            whole_km[place] = _whole_km(_chord_km(here, unit))
-    tiers = [_LOCATED_TIER | dist for dist in whole_km]
-    for place in placeless:
-        tiers[place] = _ANYWHERE_TIER
-        whole_km[place] = -1
-    for site, route in routes.items():
-        for place in places.by_site.get(site, ()):
-            if place < len(tiers):
-                dist = whole_km[place]
-                tiers[place] = _tier(route, None if dist < 0 else dist)
-    return tiers
-
-
 def _refuse_duplicates(ids: Sequence[str]) -> None:
     seen: set[str] = set()
     for edge_id in ids:
@@ -450,12 +303,266 @@ def _refuse_duplicates(ids: Sequence[str]) -> None:
         seen.add(edge_id)
 
 
-# Fewer candidates than this are keyed whole: choosing the best places first costs more
-# than it saves. At least this many distinct places, and a quarter of the index's, and their
-# distances are computed together with numpy.
-_CHOOSE_FROM: Final = 24
-_NUMPY_FROM: Final = 16
-_NUMPY_KEYS_FROM: Final = 64
+# -- the candidates, grouped by place ------------------------------------------------------
+
+_Where = tuple[str, float | None, float | None]  # an edge's site and reported coordinates
+
+
+def _as_columns(units: Sequence[tuple[float, float, float]]) -> npt.NDArray[np.float64]:
+    return np.array(units, dtype=np.float64).reshape(-1, 3).T.copy()
+
+
+class _Layout:
+    """Where a sequence of candidates sits, from each one's (site, lat, lon) alone: its
+    places, the edges at each, each place's own point. Loads and shares change from one
+    request to the next; where a title's holders sit seldom does, so a layout is kept
+    (``_layout``) and shared by every set whose candidates sit alike."""
+
+    __slots__ = (
+        "_place_of",
+        "_xyz",
+        "count",
+        "first",
+        "located",
+        "located_unit",
+        "members",
+        "more",
+        "placeless",
+        "site",
+        "unit",
+    )
+
+    def __init__(self, where: Sequence[_Where]) -> None:
+        # (site, lat, lon) -> the edges there. Grouping on equal coordinates (rather than
+        # on the site's first-seen ones, as the reference does) ranks alike: places that
+        # share a site and a point share every rule up to the load band.
+        groups: dict[_Where, list[int]] = {}
+        for i, key in enumerate(where):
+            members = groups.get(key)
+            if members is None:
+                groups[key] = [i]
+            else:
+                members.append(i)
+        points = _POINT_UNIT
+        try:
+            unit_of = [points[lat, lon] for _, lat, lon in groups]
+        except KeyError:  # a point not seen before
+            unit_of = [_point_unit(lat, lon) for _, lat, lon in groups]
+        site_of = [site for site, _, _ in groups]
+        places = len(site_of)
+        located_unit = [unit for unit in unit_of if unit is not None]
+        if len(located_unit) == places:
+            located, placeless = list(range(places)), []
+        else:
+            located = [place for place, unit in enumerate(unit_of) if unit is not None]
+            placeless = [place for place, unit in enumerate(unit_of) if unit is None]
+        self.site = site_of
+        self.unit = unit_of  # the point its edges report (None: none usable)
+        self.members = list(groups.values())
+        self.count = [len(members) for members in self.members]
+        # site -> its first place; and, for the sites with several, all of them
+        self.first = dict(zip(reversed(site_of), range(places - 1, -1, -1), strict=True))
+        self.more: dict[str, list[int]] = {}
+        if len(self.first) < places:
+            for place, site in enumerate(site_of):
+                self.more.setdefault(site, []).append(place)
+            self.more = {site: all_ for site, all_ in self.more.items() if len(all_) > 1}
+        self.located = located
+        self.located_unit = located_unit
+        self.placeless = placeless
+        self._place_of: list[int] | None = None
+        self._xyz: npt.NDArray[np.float64] | None = None
+
+    def place_of(self) -> list[int]:
+        """Each edge's place."""
+        place_of = self._place_of
+        if place_of is None:
+            place_of = [0] * sum(self.count)
+            for place, members in enumerate(self.members):
+                for i in members:
+                    place_of[i] = place
+            self._place_of = place_of
+        return place_of
+
+    def located_xyz(self) -> npt.NDArray[np.float64]:
+        xyz = self._xyz
+        if xyz is None:
+            xyz = self._xyz = _as_columns(self.located_unit)
+        return xyz
+
+
+# (site, lat, lon) of every candidate, in order -> its layout; bounded by the candidates
+# held, so that a control plane's thousands of titles cannot grow it without end.
+_LAYOUTS: dict[tuple[_Where, ...], _Layout] = {}
+_LAYOUTS_HELD: list[int] = [0]
+_LAYOUTS_MAX: Final = 1 << 18
+
+
+def _layout(where: tuple[_Where, ...]) -> _Layout:
+    layout = _LAYOUTS.get(where)
+    if layout is None:
+        layout = _Layout(where)
+        if _LAYOUTS_HELD[0] + len(where) > _LAYOUTS_MAX:
+            _LAYOUTS.clear()
+            _LAYOUTS_HELD[0] = 0
+        _LAYOUTS[where] = layout
+        _LAYOUTS_HELD[0] += len(where)
+    return layout
+
+
+class CandidateSet(Sequence[EdgeCandidate]):
+    """Candidate edges grouped by place, built once and ranked for many clients.
+
+    A place is a site at one point: the point its edges report, or the site's own from
+    ``sites`` when they report none (an edge whose coordinates differ from its
+    site-mates' is at a place of its own). Rules 1-6 of the ranking are properties of a
+    place, so a decision ranks places and reads only the edges of the best few. What does
+    not depend on the client is worked out once per set: which edges sit at which place,
+    each place's point on the unit sphere, which edges are in slow start; each place's load
+    bands on first use. Build one when the candidates change (the control plane: when a
+    title's holders or their state change; ``Steering.prepare`` also works out every
+    place's bands at once) and pass it to ``rank_edges`` or ``Steering.rank`` for every
+    decision until then. Where the candidates sit (their sites and coordinates, not their
+    loads or shares) is kept between sets, so a fresh list of the same holders, as the
+    control plane builds for each request, is grouped for little more than reading it.
+
+    It is a sequence of its candidates, in the order given, and immutable. Raises
+    ValueError if two candidates share an edge id. Safe to share between threads (what it
+    computes on first use, it computes identically whoever gets there first).
+    """
+
+    __slots__ = (
+        "_band_order",
+        "_banded",
+        "_count",
+        "_edges",
+        "_first",
+        "_ids",
+        "_layout",
+        "_load_text",
+        "_located",
+        "_located_unit",
+        "_members",
+        "_more",
+        "_placeless",
+        "_site",
+        "_slow",
+        "_unit",
+        "_xyz",
+        "sites",
+    )
+
+    def __init__(
+        self, candidates: Iterable[EdgeCandidate], sites: Mapping[str, SiteInfo] | None = None
+    ) -> None:
+        edges = candidates if isinstance(candidates, tuple) else tuple(candidates)
+        ids = [edge.edge_id for edge in edges]
+        if len(set(ids)) != len(ids):
+            _refuse_duplicates(ids)
+        self.sites: Mapping[str, SiteInfo] = sites if sites is not None else {}
+        self._edges: tuple[EdgeCandidate, ...] = edges
+        self._ids = ids
+        layout = _layout(tuple([(edge.site, edge.lat, edge.lon) for edge in edges]))
+        self._layout = layout
+        self._site = layout.site
+        self._members = layout.members
+        self._count = layout.count
+        self._first = layout.first
+        self._more = layout.more
+        self._unit = layout.unit
+        self._located = layout.located
+        self._located_unit = layout.located_unit
+        self._placeless = layout.placeless
+        self._xyz: npt.NDArray[np.float64] | None = None
+        if layout.placeless and self.sites:
+            self._place_by_sites()
+        # place -> its edges in slow start (a NaN share is a full one, as in every
+        # comparison below)
+        self._slow: dict[int, list[int]] = {}
+        slow = [i for i, edge in enumerate(edges) if edge.share < 1.0]
+        if slow:
+            place_of = layout.place_of()
+            for i in slow:
+                self._slow.setdefault(place_of[i], []).append(i)
+        self._banded: list[list[tuple[int, int]] | None] = [None] * len(layout.site)
+        self._band_order: list[tuple[int, int, int]] | None = None
+        self._load_text: dict[int, str] = {}  # edge -> its "; load N %", once returned
+
+    def __len__(self) -> int:
+        return len(self._edges)
+
+    @overload
+    def __getitem__(self, index: int) -> EdgeCandidate: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[EdgeCandidate]: ...
+
+    def __getitem__(self, index: int | slice) -> EdgeCandidate | Sequence[EdgeCandidate]:
+        return self._edges[index]
+
+    def __iter__(self) -> Iterator[EdgeCandidate]:
+        return iter(self._edges)
+
+    def __repr__(self) -> str:
+        return f"CandidateSet({len(self._edges)} edges at {len(self._site)} places)"
+
+    def _complete(self) -> CandidateSet:
+        """Works out now what is otherwise worked out on first use; returns the set."""
+        for place in range(len(self._site)):
+            self._bands(place)
+        self._by_band()
+        if len(self._located) >= _NEAREST_FROM:
+            self._located_xyz()
+        return self
+
+    def _bands(self, place: int) -> list[tuple[int, int]]:
+        """``place``'s edges as (load band, index), by band then index."""
+        banded = self._banded[place]
+        if banded is None:
+            edges = self._edges
+            banded = sorted([(load_band(edges[i].load), i) for i in self._members[place]])
+            self._banded[place] = banded
+        return banded
+
+    def _by_band(self) -> list[tuple[int, int, int]]:
+        """Every edge as (load band, index, place), by band then index."""
+        order = self._band_order
+        if order is None:
+            order = sorted(
+                [
+                    (band, i, place)
+                    for place in range(len(self._site))
+                    for band, i in self._bands(place)
+                ]
+            )
+            self._band_order = order
+        return order
+
+    def _place_by_sites(self) -> None:
+        """Places whose edges report no usable point take their site's, from ``sites``."""
+        unit_of = list(self._unit)
+        for place in self._placeless:
+            info = self.sites.get(self._site[place])
+            if info is not None:
+                unit_of[place] = _point_unit(info.lat, info.lon)
+        if unit_of != self._unit:
+            self._unit = unit_of
+            self._located = [place for place, unit in enumerate(unit_of) if unit is not None]
+            self._located_unit = [unit for unit in unit_of if unit is not None]
+            self._placeless = [place for place, unit in enumerate(unit_of) if unit is None]
+
+    def _located_xyz(self) -> npt.NDArray[np.float64]:
+        """The unit vectors of the located places as a (3, n) array, columns in
+        ``_located`` order."""
+        if self._unit is self._layout.unit:
+            return self._layout.located_xyz()
+        xyz = self._xyz
+        if xyz is None:
+            xyz = self._xyz = _as_columns(self._located_unit)
+        return xyz
+
+
+# -- ranking ------------------------------------------------------------------------------
 
 
 def rank_edges(
@@ -468,87 +575,264 @@ def rank_edges(
     routes: Mapping[str, Route],
     sites: Mapping[str, SiteInfo] | None = None,
     limit: int | None = None,
-    index: FleetIndex | None = None,
 ) -> list[RankedEdge]:
     """Every candidate, best first, each with the reason for its place.
 
     With ``limit``, only the first ``limit`` (a player needs a few to fail over to). The
-    ranking still considers every candidate, but only the best places' edges are sorted,
-    and reasons are written only for the edges returned.
+    ranking still considers every candidate, but reads only the places that can hold the
+    first ``limit``, and writes reasons only for the edges returned.
 
     ``routes`` is each site's longest route covering the client (``RoutingTable.lookup``).
     The client's own coordinates, when it sent valid ones, are used before
     ``client_location`` (typically GeoLite2's guess from its address). An edge without
-    coordinates takes its site's from ``sites``. ``index`` (a ``FleetIndex`` built from
-    ``sites``, which is then not passed) carries what is known of the fleet from one
-    decision to the next; without it every call starts afresh, with the same result.
-    Raises ValueError if two candidates share an edge id (the order could then depend on
-    the input's order).
+    coordinates takes its site's from ``sites``. ``candidates`` may be a ``CandidateSet``
+    (built once for many decisions; it carries its own ``sites``, so ``sites`` is then not
+    passed) or any sequence, grouped afresh for this call with the same result. Raises
+    ValueError if two candidates share an edge id (the order could then depend on the
+    input's order).
     """
+    grouped: CandidateSet | None = None
+    if isinstance(candidates, CandidateSet):
+        if sites is not None:
+            raise ValueError("a CandidateSet carries its sites: pass them when building it")
+        grouped = candidates
+    elif len(candidates) >= _DIRECT_BELOW:
+        grouped = CandidateSet(candidates, sites)
+    else:
+        candidates = tuple(candidates)
+        ids = [edge.edge_id for edge in candidates]
+        if len(set(ids)) != len(ids):
+            _refuse_duplicates(ids)
     n = len(candidates)
-    ids = [edge.edge_id for edge in candidates]
-    if len(set(ids)) != n:
-        _refuse_duplicates(ids)
     want = n if limit is None else min(n, max(0, limit))
     if want == 0:
         return []
-    if index is None:
-        index = FleetIndex(sites)
-    elif sites is not None:
-        raise ValueError("pass sites or an index built from them, not both")
     point = _valid_point(client.lat, client.lon)
     if point is None and client_location is not None:
         point = _valid_point(*client_location)
     here = _unit(*point) if point is not None else None
+    if grouped is None:
+        return _rank_direct(candidates, sites or {}, here, routes, title, session_key, want)
+    return _rank(grouped, here, routes, title, session_key, want)
 
-    places = index._current()
-    place_of = places.places_of(candidates)
-    counts = Counter(place_of) if n >= _CHOOSE_FROM and want < n else None
-    present = counts if counts is not None else set(place_of)
+
+def _rank_direct(
+    edges: Sequence[EdgeCandidate],
+    sites: Mapping[str, SiteInfo],
+    here: tuple[float, float, float] | None,
+    routes: Mapping[str, Route],
+    title: str,
+    session_key: str,
+    want: int,
+) -> list[RankedEdge]:
+    """``_rank`` for a short list: every edge keyed in one pass (each place's tier once)
+    and sorted, which for a handful of edges costs less than grouping them first."""
+    places: dict[_Where, int] = {}
+    site_of: list[str] = []
+    unit_of: list[tuple[float, float, float] | None] = []
+    tier_of: list[int] = []
     kms: dict[int, float] = {}
-    tiers: Mapping[int, int] | Sequence[int]
-    if here is not None and len(present) >= _NUMPY_FROM and 4 * len(present) >= len(places.site):
-        tiers = _tiers_numpy(places, here, routes)
-    else:
-        tiers = _tiers_python(places, present, here, routes, kms)
-
-    # Slow start: which of the edges ramping up this session is outside of.
-    shares = [edge.share for edge in candidates]
-    deferred: set[int] = set()
-    if not min(shares) >= 1.0:  # a NaN share counts as full, as in the comparisons below
-        session64 = _key64(session_key, _SESSION)
-        for i, share in enumerate(shares):
-            if share < 1.0:
-                fraction = (_mix(session64 ^ _EDGE_KEYS[ids[i]]) >> 11) * 2.0**-53
-                if not fraction < share:  # a NaN share admits nobody
-                    deferred.add(i)
-                    if counts is not None:
-                        counts[place_of[i]] -= 1
-
-    # Only the best places' edges can be among the first ``want``: enough places, best
-    # first, to hold ``want`` full-share edges, and every place tied with the last one.
-    chosen: Iterable[int] = range(n)
-    if counts is not None:
-        total, last, best = 0, -1, set()
-        for tier, place in sorted((tiers[p], p) for p, count in counts.items() if count > 0):
-            if total >= want and tier != last:
-                break
-            best.add(place)
-            total += counts[place]
-            last = tier
-        if total >= want:
-            chosen = compress(range(n), map(best.__contains__, place_of))
-            if deferred:
-                chosen = [i for i in chosen if i not in deferred]
-
     title64 = _key64(title, _TITLE)
-    if not isinstance(chosen, list):
-        chosen = list(chosen)
-    if len(chosen) >= _NUMPY_KEYS_FROM:
-        rows = _order_numpy(chosen, candidates, ids, place_of, tiers, deferred, title64, want)
-    else:
-        rows = _order_python(chosen, candidates, ids, place_of, tiers, deferred, title64, want)
-    return _explain(rows, candidates, places, here, routes, kms)
+    session64 = -1
+    edge_keys, hashes = _EDGE_KEYS, _TITLE_HASHES
+    if len(hashes) >= _TITLE_HASHES_MAX:
+        hashes.clear()
+    keyed: list[tuple[int, int, int, int]] = []
+    for i, edge in enumerate(edges):
+        site = edge.site
+        where = (site, edge.lat, edge.lon)
+        place = places.get(where)
+        if place is None:
+            place = places[where] = len(site_of)
+            unit = _point_unit(edge.lat, edge.lon)
+            if unit is None and (info := sites.get(site)) is not None:
+                unit = _point_unit(info.lat, info.lon)
+            dist = None
+            if here is not None and unit is not None:
+                km = kms[place] = _chord_km(here, unit)
+                dist = _whole_km(km)
+            site_of.append(site)
+            unit_of.append(unit)
+            tier_of.append(_tier(routes.get(site) if routes else None, dist) << _LOAD_BITS)
+        tied = tier_of[place]
+        key = edge_keys[edge.edge_id]
+        if edge.share < 1.0:
+            if session64 < 0:
+                session64 = _key64(session_key, _SESSION)
+            if not (_mix(session64 ^ key) >> 11) * 2.0**-53 < edge.share:
+                tied |= _TIER_DEFER << _LOAD_BITS
+        load = edge.load
+        if 0.0 <= load < _LOAD_CAP_VALUE:
+            tied |= int(load / LOAD_STEP + 1e-9)
+        elif not load < 0.0:
+            tied |= _LOAD_CAP
+        x = title64 ^ key
+        score = hashes.get(x)
+        if score is None:
+            score = hashes[x] = _mix(x)
+        keyed.append((tied, score, i, place))
+    keyed.sort()
+    return _explain(_rows(keyed, want), edges, site_of, unit_of, {}, here, routes, kms)
+
+
+def _rank(
+    grouped: CandidateSet,
+    here: tuple[float, float, float] | None,
+    routes: Mapping[str, Route],
+    title: str,
+    session_key: str,
+    want: int,
+) -> list[RankedEdge]:
+    """The best ``want`` (>= 1) of ``grouped`` for a client at ``here``, explained."""
+    count, slow, unit_of = grouped._count, grouped._slow, grouped._unit
+    edges, ids = grouped._edges, grouped._ids
+    kms: dict[int, float] = {}  # place -> exact km, for every place whose distance was needed
+    deferred: set[int] = set()  # edges moved after the full-share ones for this session
+    eligible: dict[int, int] = {}  # place -> its full-share edges, for places with slow ones
+    session64 = [-1]
+
+    def full_share(place: int) -> int:
+        """How many edges of ``place`` this session does not defer (they fill the list)."""
+        found = eligible.get(place)
+        if found is not None:
+            return found
+        if session64[0] < 0:
+            session64[0] = _key64(session_key, _SESSION)
+        left = count[place]
+        for i in slow[place]:
+            fraction = (_mix(session64[0] ^ _EDGE_KEYS[ids[i]]) >> 11) * 2.0**-53
+            if not fraction < edges[i].share:  # a NaN share admits nobody
+                deferred.add(i)
+                left -= 1
+        eligible[place] = left
+        return left
+
+    # Places in rank order, until they hold ``want`` full-share edges and the next one
+    # ranks strictly after the last taken: every edge that can be among the first ``want``
+    # (or tie with one of them up to the title hash) is then at a place taken.
+    chosen: list[tuple[int, int, int]] = []  # (tier, place, its full-share edges), best first
+    total, last = 0, -1
+    group, group_held = 0, 0  # where the places of tier ``last`` start in ``chosen``; their edges
+
+    def take(ranked: Iterable[tuple[int, int]]) -> None:
+        nonlocal total, last, group, group_held
+        for tier, place in ranked:
+            if tier != last:
+                if total >= want:
+                    return
+                group, group_held, last = len(chosen), 0, tier
+            held = count[place] if place not in slow else full_share(place)
+            chosen.append((tier, place, held))
+            total += held
+            group_held += held
+
+    # 1. Sites with a prefix covering the client: their own tier each (a few).
+    matched: set[int] = set()
+    if routes:
+        first, more = grouped._first, grouped._more
+        tiers: list[tuple[int, int]] = []
+        for site, route in routes.items():
+            found = first.get(site)
+            if found is None:
+                continue
+            for place in more.get(site, (found,)) if more else (found,):
+                matched.add(place)
+                unit = unit_of[place]
+                if here is None or unit is None:
+                    tiers.append((_tier(route, None), place))
+                else:
+                    km = kms[place] = _chord_km(here, unit)
+                    tiers.append((_tier(route, _whole_km(km)), place))
+        tiers.sort()
+        take(tiers)
+    # 2. The other located places, nearest first (groups never tie: 1 ranks before 2).
+    if total < want and here is not None:
+        located = grouped._located
+        if len(located) < _NEAREST_FROM:
+            # _chord_km, inline and in its order of operations (the distances must be its
+            # own to the last bit); a matched place's is the same number again.
+            hx, hy, hz = here
+            asin, sqrt = math.asin, math.sqrt
+            distances = [
+                _DIAMETER_KM
+                * asin(
+                    min(
+                        1.0,
+                        sqrt((dx := hx - ux) * dx + (dy := hy - uy) * dy + (dz := hz - uz) * dz)
+                        / 2,
+                    )
+                )
+                for ux, uy, uz in grouped._located_unit
+            ]
+            kms.update(zip(located, distances, strict=True))
+            # Whole km, uncapped: no two points of a sphere are more than pi R (20,015 km)
+            # apart, well under _DIST_CAP.
+            near = [
+                (_LOCATED_TIER | int(km + 0.5), place)
+                for place, km in zip(located, distances, strict=True)
+                if place not in matched
+            ]
+            near.sort()
+        else:
+            near = _nearest(grouped, here, matched, kms, want - total, full_share)
+        take(near)
+    # 3. Places whose distance is unknown: one tier, so all of them (most of the places,
+    # for a client that cannot be placed) or none.
+    if total < want:
+        rest: Sequence[int] = grouped._placeless if here is not None else range(len(unit_of))
+        if matched:
+            rest = [place for place in rest if place not in matched]
+        if rest:
+            held = [count[place] if place not in slow else full_share(place) for place in rest]
+            group, group_held, last = len(chosen), sum(held), _ANYWHERE_TIER
+            chosen.extend(zip(repeat(_ANYWHERE_TIER), rest, held))
+            total += group_held
+    # Every place is taken and still fewer than ``want`` full-share edges: the deferred
+    # ones fill the list, after them (their tier carries the deferral bit).
+    with_deferred = total < want
+
+    rows = _order(grouped, chosen, deferred, with_deferred, title, want, group, group_held)
+    return _explain(
+        rows, grouped._edges, grouped._site, grouped._unit, grouped._load_text, here, routes, kms
+    )
+
+
+def _nearest(
+    grouped: CandidateSet,
+    here: tuple[float, float, float],
+    matched: set[int],
+    kms: dict[int, float],
+    need: int,
+    full_share: Callable[[int], int],
+) -> list[tuple[int, int]]:
+    """The located places not in ``matched`` that can hold the nearest ``need`` full-share
+    edges, with their tiers, nearest first: every place within whole-km reach of them.
+    """
+    # Method calls, not np.argsort(...): numpy's dispatch costs more than the sort here.
+    order: list[int] = np.array(here).dot(grouped._located_xyz()).argsort().tolist()
+    located, units = grouped._located, grouped._located_unit
+    count, slow = grouped._count, grouped._slow
+    near: list[tuple[int, int]] = []
+    held, reach, bound = 0, 0, math.inf
+    for j in reversed(order):  # the largest dot product is the nearest
+        place = located[j]
+        if place in matched:
+            continue
+        km = _chord_km(here, units[j])
+        # Past the bound nothing can round to ``reach`` km or less: the order of the dot
+        # products and the exact distances disagree by far less than the margin.
+        if km >= bound:
+            break
+        kms[place] = km
+        dist = _whole_km(km)
+        near.append((_LOCATED_TIER | dist, place))
+        if held < need:
+            held += count[place] if place not in slow else full_share(place)
+            reach = max(reach, dist)
+            if held >= need:
+                bound = reach + 0.5 + _NEAR_MARGIN_KM
+    near.sort()
+    return near
 
 
 # One returned edge: its index among the candidates, its place, whether slow start moved
@@ -556,44 +840,85 @@ def rank_edges(
 _Row = tuple[int, int, bool, int, int]
 
 
-def _order_python(
-    chosen: list[int],
-    candidates: Sequence[EdgeCandidate],
-    ids: Sequence[str],
-    place_of: Sequence[int],
-    tiers: Mapping[int, int] | Sequence[int],
+def _order(
+    grouped: CandidateSet,
+    chosen: list[tuple[int, int, int]],
     deferred: set[int],
-    title64: int,
+    with_deferred: bool,
+    title: str,
     want: int,
+    start: int,
+    held: int,
 ) -> list[_Row]:
+    """The first ``want`` edges of the places ``chosen`` (tier order), in rank order; the
+    last tier's places start at ``start`` and hold ``held`` full-share edges."""
+    members, ids, edges = grouped._members, grouped._ids, grouped._edges
+    title64 = _key64(title, _TITLE)
     edge_keys = _EDGE_KEYS
     hashes = _TITLE_HASHES
     if len(hashes) >= _TITLE_HASHES_MAX:
         hashes.clear()
+
+    end = len(chosen)
+    cut: list[tuple[int, int, int]] = []  # (load band, index, place): the last group's few
+    if not with_deferred:
+        # The last tie group needs only its lowest load bands, up to the edges still
+        # missing: one site of ten edges when five are asked for, or every edge of the
+        # fleet for a client that can be neither matched nor placed.
+        need = want - sum(entry[2] for entry in chosen[:start])
+        if held > need:
+            if start == end - 1:
+                place = chosen[start][1]
+                lowest = _lowest_bands(grouped._bands(place), deferred, need)
+                cut = [(band, i, place) for band, i in lowest]
+                end = start
+            elif held >= _BAND_CUT_FROM and 4 * held >= len(ids):
+                group = {entry[1] for entry in chosen[start:]}
+                by_band = (entry for entry in grouped._by_band() if entry[2] in group)
+                cut = _lowest_bands(by_band, deferred, need)
+                end = start
+
     # (tier and load band, title hash, index, place): the edge's sort key split in two,
     # which sorts as the one integer would and spares building it.
     keyed: list[tuple[int, int, int, int]] = []
-    for i in chosen:
-        place = place_of[i]
-        tier = tiers[place]
-        if deferred and i in deferred:
-            tier |= _TIER_DEFER
-        load = candidates[i].load
-        if 0.0 <= load < _LOAD_CAP_VALUE:
-            band = int(load / LOAD_STEP + 1e-9)
-        else:
-            band = 0 if load < 0.0 else _LOAD_CAP
-        # The title's rendezvous hash: splitmix64's finaliser, inline (it runs per edge),
-        # remembered: a popular title meets the same edges decision after decision.
-        x = title64 ^ edge_keys[ids[i]]
-        score = hashes.get(x)
-        if score is None:
-            z = ((x ^ (x >> 30)) * _M1) & _MASK64
-            z = ((z ^ (z >> 27)) * _M2) & _MASK64
-            score = hashes[x] = z ^ (z >> 31)
-        keyed.append(((tier << _LOAD_BITS) | band, score, i, place))
+    for tier, place, _ in chosen[:end]:
+        tier <<= _LOAD_BITS
+        for i in members[place]:
+            if deferred and i in deferred:
+                if not with_deferred:
+                    continue
+                tied = (_TIER_DEFER << _LOAD_BITS) | tier
+            else:
+                tied = tier
+            # load_band and the title's rendezvous hash (splitmix64's finaliser), inline:
+            # this runs per edge. Hashes are remembered: a popular title meets the same
+            # edges decision after decision.
+            load = edges[i].load
+            if 0.0 <= load < _LOAD_CAP_VALUE:
+                tied |= int(load / LOAD_STEP + 1e-9)
+            elif not load < 0.0:
+                tied |= _LOAD_CAP
+            x = title64 ^ edge_keys[ids[i]]
+            score = hashes.get(x)
+            if score is None:
+                score = hashes[x] = _mix(x)
+            keyed.append((tied, score, i, place))
+    if cut:
+        tier = chosen[-1][0] << _LOAD_BITS
+        for band, i, place in cut:
+            x = title64 ^ edge_keys[ids[i]]
+            score = hashes.get(x)
+            if score is None:
+                score = hashes[x] = _mix(x)
+            keyed.append((tier | band, score, i, place))
     keyed.sort()
-    # ``keyed`` holds every edge tied with any of the first ``want``: runs are counted whole.
+    return _rows(keyed, want)
+
+
+def _rows(keyed: list[tuple[int, int, int, int]], want: int) -> list[_Row]:
+    """The first ``want`` of ``keyed`` (sorted (tier and band, hash, index, place)), with
+    their runs; ``keyed`` holds every edge tied with any of them, so runs are counted whole.
+    """
     n = len(keyed)
     rows: list[_Row] = []
     run_start = run_end = 0
@@ -615,103 +940,86 @@ def _order_python(
     return rows
 
 
-def _order_numpy(
-    chosen: list[int],
-    candidates: Sequence[EdgeCandidate],
-    ids: Sequence[str],
-    place_of: Sequence[int],
-    tiers: Mapping[int, int] | Sequence[int],
-    deferred: set[int],
-    title64: int,
-    want: int,
-) -> list[_Row]:
-    """``_order_python`` for many edges: the same order, load bands and hashes vectorised."""
-    edge_tiers = [tiers[place_of[i]] for i in chosen]
-    if deferred:
-        edge_tiers = [
-            t | _TIER_DEFER if i in deferred else t for i, t in zip(chosen, edge_tiers, strict=True)
-        ]
-    # Tiers are wider than a machine word; their ranks are not, and order the same.
-    ranks = {tier: rank for rank, tier in enumerate(sorted(set(edge_tiers)))}
-    tied = np.array(list(map(ranks.__getitem__, edge_tiers)), dtype=np.int64)
-    loads = np.array([candidates[i].load for i in chosen], dtype=np.float64)
-    usual = (loads >= 0.0) & (loads < _LOAD_CAP_VALUE)  # NaN is neither
-    bands = np.where(usual, loads, 0.0)
-    bands /= LOAD_STEP
-    bands += 1e-9
-    band = bands.astype(np.int64)
-    band[~usual & ~(loads < 0.0)] = _LOAD_CAP
-    tied <<= _LOAD_BITS
-    tied |= band
-    z = np.array([_EDGE_KEYS[ids[i]] for i in chosen], dtype=np.uint64)
-    z ^= np.uint64(title64)
-    z ^= z >> np.uint64(30)
-    z *= np.uint64(_M1)
-    z ^= z >> np.uint64(27)
-    z *= np.uint64(_M2)
-    z ^= z >> np.uint64(31)
-    order = np.lexsort((z, tied))  # stable: a full tie keeps the candidates' order
-    in_order = tied[order]
-    top = order[:want].tolist()
-    firsts = in_order[:want]
-    starts = np.searchsorted(in_order, firsts, side="left").tolist()
-    ends = np.searchsorted(in_order, firsts, side="right").tolist()
-    rows: list[_Row] = []
-    for position, j in enumerate(top):
-        i = chosen[j]
-        rows.append(
-            (
-                i,
-                place_of[i],
-                bool(deferred) and i in deferred,
-                position - starts[position] + 1,
-                ends[position] - starts[position],
-            )
-        )
-    return rows
+_Banded = TypeVar("_Banded", tuple[int, int], tuple[int, int, int])
 
 
-def _place_reason(
-    places: _Places,
+def _lowest_bands(by_band: Iterable[_Banded], deferred: set[int], need: int) -> list[_Banded]:
+    """The full-share edges of ``by_band`` ((load band, index, ...) in band order) in the
+    lowest bands that hold ``need`` of them, every edge of the last such band included
+    (its run is counted whole).
+    """
+    out: list[_Banded] = []
+    last = -1
+    for entry in by_band:
+        band = entry[0]
+        if len(out) >= need and band != last:
+            break
+        if not (deferred and entry[1] in deferred):
+            out.append(entry)
+            last = band
+    return out
+
+
+# What every returned edge of one place shares: its sentence, its distance (rounded), and
+# its route's prefix, prefix length, AS path length, MED and relation.
+_Shared = tuple[str, float | None, str | None, int | None, int | None, int | None, Relation | None]
+
+
+def _shared(
+    site: str,
+    unit: tuple[float, float, float] | None,
     place: int,
     here: tuple[float, float, float] | None,
     route: Route | None,
     kms: Mapping[int, float],
-) -> tuple[str, float | None]:
-    """What every returned edge of one place shares: its sentence, and its distance."""
-    site, unit = places.site[place], places.unit[place]
-    km = None if here is None or unit is None else kms.get(place)
-    if km is None and here is not None and unit is not None:
-        km = _chord_km(here, unit)
+) -> _Shared:
     text = _route_text(route) if route else f"no prefix of site {site} covers the client"
-    if km is not None:
-        return f"{text}; {km:.0f} km", km
-    why = (
-        f"site {site} has no coordinates" if here is not None else "the client could not be located"
-    )
-    return (
-        f"{text}; distance unknown: {why}" if route else f"{text} and {why}: any healthy edge"
-    ), None
+    if here is not None and unit is not None:
+        km = kms.get(place)
+        if km is None:
+            km = _chord_km(here, unit)
+        text = f"{text}; {km:.0f} km"
+        rounded: float | None = round(km, 1)
+    else:
+        why = (
+            f"site {site} has no coordinates"
+            if here is not None
+            else "the client could not be located"
+        )
+        text = (
+            f"{text}; distance unknown: {why}" if route else f"{text} and {why}: any healthy edge"
+        )
+        rounded = None
+    if route is None:
+        return text, rounded, None, None, None, None, None
+    prefix = route.prefix
+    return text, rounded, prefix, _prefix_len(prefix), len(route.as_path), route.med, route.relation
 
 
 def _explain(
     rows: list[_Row],
     candidates: Sequence[EdgeCandidate],
-    places: _Places,
+    site_of: Sequence[str],
+    unit_of: Sequence[tuple[float, float, float] | None],
+    loads: dict[int, str],
     here: tuple[float, float, float] | None,
     routes: Mapping[str, Route],
     kms: Mapping[int, float],
 ) -> list[RankedEdge]:
+    """``rows`` as RankedEdges; ``loads`` keeps each edge's load text for later calls."""
     ranked: list[RankedEdge] = []
-    reasons: dict[int, tuple[str, float | None, Route | None]] = {}
+    shared: dict[int, _Shared] = {}
     for position, (index, place, deferred, run_position, run_size) in enumerate(rows):
         edge = candidates[index]
-        why = reasons.get(place)
+        why = shared.get(place)
         if why is None:
-            route = routes.get(places.site[place]) if routes else None
-            why = reasons[place] = (*_place_reason(places, place, here, route, kms), route)
-        text, km, route = why
-        reason = f"{text}; load {edge.load * 100:.0f} %"
+            route = routes.get(site_of[place]) if routes else None
+            why = shared[place] = _shared(site_of[place], unit_of[place], place, here, route, kms)
+        text, rounded, prefix, prefix_len, path_len, med, relation = why
+        load = loads.get(index)
+        if load is None:  # the same for every decision the set serves
+            load = loads[index] = f"; load {edge.load * 100:.0f} %"
+        reason = text + load
         if run_size > 1:
             reason += f"; title hash puts it {run_position} of {run_size} equals"
         if edge.share < 1.0:
@@ -720,40 +1028,21 @@ def _explain(
                 reason += f"; {share}: this session is outside it, so after the full-share edges"
             else:
                 reason += f"; {share}: this session is in it"
-        if route is None:
-            ranked.append(
-                RankedEdge(
-                    edge_id=edge.edge_id,
-                    base_url=edge.base_url,
-                    rank=position + 1,
-                    reason=reason,
-                    prefix=None,
-                    prefix_len=None,
-                    as_path_len=None,
-                    med=None,
-                    relation=None,
-                    distance_km=None if km is None else round(km, 1),
-                    load=edge.load,
-                    site=edge.site,
-                    slow_start_deferred=deferred,
-                )
+        ranked.append(
+            RankedEdge(
+                edge_id=edge.edge_id,
+                base_url=edge.base_url,
+                rank=position + 1,
+                reason=reason,
+                prefix=prefix,
+                prefix_len=prefix_len,
+                as_path_len=path_len,
+                med=med,
+                relation=relation,
+                distance_km=rounded,
+                load=edge.load,
+                site=edge.site,
+                slow_start_deferred=deferred,
             )
-        else:
-            ranked.append(
-                RankedEdge(
-                    edge_id=edge.edge_id,
-                    base_url=edge.base_url,
-                    rank=position + 1,
-                    reason=reason,
-                    prefix=route.prefix,
-                    prefix_len=_prefix_len(route.prefix),
-                    as_path_len=len(route.as_path),
-                    med=route.med,
-                    relation=route.relation,
-                    distance_km=None if km is None else round(km, 1),
-                    load=edge.load,
-                    site=edge.site,
-                    slow_start_deferred=deferred,
-                )
-            )
+        )
     return ranked

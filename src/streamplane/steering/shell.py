@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
 from streamplane.steering.errors import AddressError
 from streamplane.steering.geo import GeoLocator
 from streamplane.steering.model import Client, EdgeCandidate, RankedEdge, Route, SiteInfo
-from streamplane.steering.rank import FleetIndex, rank_edges
+from streamplane.steering.rank import CandidateSet, rank_edges
 from streamplane.steering.rib import RoutingTable
 
 __all__ = ["DEFAULT_LIMIT", "Steering"]
@@ -23,8 +23,9 @@ class Steering:
     """Ranks edges for a client: its routes from ``table``, its place from ``geo``.
 
     ``sites`` (e.g. the cache groups of a czmap) gives coordinates to edges that report
-    none; assign ``steering.sites`` to update them. What is known of the fleet between
-    decisions (where each site is) is kept in a ``FleetIndex``. Thread-safe as the table is.
+    none; assign ``steering.sites`` to update them. Candidates that serve many decisions
+    (a title's holders, until the fleet changes) are best grouped once with ``prepare``.
+    Thread-safe as the table is.
     """
 
     def __init__(
@@ -36,29 +37,29 @@ class Steering:
     ) -> None:
         self.table = table
         self.geo = geo
-        self.sites = sites or {}
+        self.sites: Mapping[str, SiteInfo] = dict(sites) if sites else {}
 
-    @property
-    def sites(self) -> Mapping[str, SiteInfo]:
-        return self._index.sites
-
-    @sites.setter
-    def sites(self, sites: Mapping[str, SiteInfo]) -> None:
-        self._index = FleetIndex(sites)
+    def prepare(self, candidates: Iterable[EdgeCandidate]) -> CandidateSet:
+        """``candidates`` grouped by place for many decisions, with this steering's sites
+        (a set keeps the sites it was built with: prepare again after assigning ``sites``).
+        """
+        return CandidateSet(candidates, self.sites)._complete()
 
     def rank(
         self,
         client: Client,
         title: str,
         session_key: str,
-        candidates: Sequence[EdgeCandidate],
+        candidates: Sequence[EdgeCandidate] | CandidateSet,
         *,
         limit: int | None = DEFAULT_LIMIT,
     ) -> list[RankedEdge]:
         """The best ``limit`` candidates (``DEFAULT_LIMIT``; None for every one), best
         first, each with its reason (see ``rank_edges``).
 
-        A client address that is not an IP address (a test client's "testclient", say)
+        ``candidates`` is a ``CandidateSet`` from ``prepare`` (the fast way when the same
+        candidates serve many decisions) or any sequence, grouped afresh for this call. A
+        client address that is not an IP address (a test client's "testclient", say)
         matches no prefix and has no location: the edges then rank by load and hash.
         """
         routes: Mapping[str, Route]
@@ -77,6 +78,6 @@ class Steering:
             session_key=session_key,
             candidates=candidates,
             routes=routes,
+            sites=None if isinstance(candidates, CandidateSet) else self.sites,
             limit=limit,
-            index=self._index,
         )
