@@ -17,18 +17,22 @@ SYSTEM_TOOLS := chromium:chromium strace:strace nginx:nginx-light wrk:wrk
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml $(VENDOR)/hls.min.mjs | $(BIN)/python
+$(STAMP): pyproject.toml $(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The browser player's JavaScript: hls.js from npm (pinned by package-lock.json) into static/vendor/.
-$(VENDOR)/hls.min.mjs: $(WEB)/package.json $(WEB)/package-lock.json
-	@command -v npm >/dev/null || { echo "npm not found: install Node.js 18+ (the player's hls.js comes from npm)"; exit 1; }
+# The browser player's JavaScript: hls.js and dash.js from npm (pinned by package-lock.json) into
+# static/vendor/ (dash.js's licence renamed beside hls.js's).
+$(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js &: $(WEB)/package.json $(WEB)/package-lock.json
+	@command -v npm >/dev/null || { echo "npm not found: install Node.js 20+ (the player's hls.js and dash.js come from npm)"; exit 1; }
 	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
 	mkdir -p $(VENDOR)
 	cp $(WEB)/node_modules/hls.js/dist/hls.min.mjs $(WEB)/node_modules/hls.js/LICENSE $(VENDOR)/
-	touch $@
+	cp $(WEB)/node_modules/dashjs/dist/modern/esm/dash.all.min.js \
+	  $(WEB)/node_modules/dashjs/dist/modern/esm/dash.all.min.js.LICENSE.txt $(VENDOR)/
+	cp $(WEB)/node_modules/dashjs/LICENSE.md $(VENDOR)/LICENSE.dashjs.md
+	touch $(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js
 
 $(VENV)/.system: | $(BIN)/python
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \

@@ -48,6 +48,7 @@ async def test_heartbeats_may_carry_the_players_telemetry(control: Control) -> N
         "at": control.clock() + 1,
         "position_s": 12.5,
         "kind": "failover",
+        "format": "dash",
         "buffer_s": 8.2,
         "rung": 1,
         "rung_id": "v1",

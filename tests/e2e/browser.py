@@ -85,14 +85,33 @@ def throttle(cdp: CDPSession, kbps: float, latency_ms: float = 20) -> None:
     )
 
 
-def play(page: Page, stack: LocalStack, email: str, password: str, buffer_s: int = 4) -> None:
+def play(
+    page: Page,
+    stack: LocalStack,
+    email: str,
+    password: str,
+    buffer_s: int = 4,
+    *,
+    fmt: str | None = None,
+    pick: str | None = None,
+    loop: bool = True,
+) -> None:
     """Open /watch, sign in through the form, and press Play on the tiny title (looping, so
-    that a 12 s title keeps the player fetching; a 4 s buffer, so that it fetches often)."""
-    page.goto(f"{stack.control_url}/watch?title={TITLE}&loop=1&buffer={buffer_s}")
+    that a 12 s title keeps the player fetching; a 4 s buffer, so that it fetches often).
+
+    ``fmt`` preselects the format by the query (``&format=dash``), ``pick`` chooses it in the
+    page's selector; by default the page's default (HLS) plays.
+    """
+    query = f"title={TITLE}&loop={int(loop)}&buffer={buffer_s}"
+    if fmt is not None:
+        query += f"&format={fmt}"
+    page.goto(f"{stack.control_url}/watch?{query}")
     page.fill("#email", email)
     page.fill("#password", password)
     page.click("#sign-in")
     page.wait_for_selector("#pick:not([hidden])")
+    if pick is not None:
+        page.select_option("#format", pick)
     page.click("#play")
 
 

@@ -2,7 +2,8 @@
 
 ``static/`` holds the browser player: ``watch.html`` (served at ``/watch``), its ES modules,
 ``abr.js`` (streamplane's ABR and heartbeat cadence, the JavaScript port of
-``streamplane.player``) and ``vendor/`` (hls.js from npm, copied there by ``make install``).
+``streamplane.player``) and ``vendor/`` (hls.js and dash.js from npm, copied there by
+``make install``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ __all__ = ["PLAYER_PAGE", "STATIC_DIR", "VENDOR_DIR", "vendor_missing"]
 STATIC_DIR: Final = Path(__file__).parent / "static"
 VENDOR_DIR: Final = STATIC_DIR / "vendor"
 PLAYER_PAGE: Final = STATIC_DIR / "watch.html"
-_VENDOR_FILES: Final = ("hls.min.mjs",)
+_VENDOR_FILES: Final = ("hls.min.mjs", "dash.all.min.js")
 
 
 def vendor_missing() -> list[str]:

@@ -1,14 +1,19 @@
-// streamplane's browser player: hls.js driven by streamplane's ABR (abr.js), failover down the
-// ranked edges of a playback, and heartbeats on the cadence of abr.js.
+// streamplane's browser player: HLS with hls.js or DASH with dash.js, driven by streamplane's
+// ABR (abr.js), failover down the ranked edges of a playback, and heartbeats on the cadence of
+// abr.js.
 //
-//   const Hls = await loadHls();
+//   const Hls = await loadHls();                 // or: const dashjs = await loadDash();
 //   const player = new StreamplanePlayer({ Hls, video, playback, catalogTitle });
+//   //            new StreamplanePlayer({ format: "dash", dashjs, video, playback, catalogTitle })
 //   await player.start();          // player.state is a plain object, updated as it plays
 //
-// Every request hls.js makes goes through EdgeLoader, which points it at the active edge and
-// appends that edge's token (the edges check a token on every request, and the relative URLs
-// inside playlists drop the query string). Failing over is then only "change the active edge":
-// the request that failed is retried by hls.js, and now goes to the next edge.
+// StreamplanePlayer holds what does not depend on the library: the edges and failover, the
+// ladder and the ABR's state, stalls, the chart's samples and the heartbeats. An engine
+// (HlsEngine, DashEngine) wires one library into it. Both route every request to the active
+// edge with that edge's token (the edges check a token on every request, and relative URLs
+// inside manifests drop the query string): hls.js through a custom loader, dash.js through a
+// request interceptor. Failing over is then only "change the active edge": the request that
+// failed is retried by the library, and now goes to the next edge.
 import {
   chooseRung,
   heartbeatDue,
@@ -18,6 +23,10 @@ import {
 } from "./abr.js";
 
 export const HLS_MODULE = new URL("./vendor/hls.min.mjs", import.meta.url).href;
+export const DASH_MODULE = new URL("./vendor/dash.all.min.js", import.meta.url).href;
+/** The manifest formats the player plays: the playback answer has one URL of each per edge. */
+export const FORMATS = Object.freeze(["hls", "dash"]);
+const LIBRARY = Object.freeze({ hls: "hls.js", dash: "dash.js" });
 const TOKEN = "__token__";
 const TICK_MS = 250;
 const HISTORY = 20; // downloads the ABR sees
@@ -26,12 +35,20 @@ const SAMPLES_KEPT = 240;
 const MAX_BATCH = 100; // heartbeat events per request (the control plane's body limit is 64 KiB)
 const NEAR_END_S = 5; // a resume position closer than this to the end starts from the beginning
 
-/** The page cannot play here: hls.js is not vendored (`vendorMissing`), or no MSE. */
+/** The page cannot play here: the library is not vendored (`vendorMissing`), or no MSE. */
 export class PlayerSetupError extends Error {
   constructor(message, { vendorMissing = false } = {}) {
     super(message);
     this.vendorMissing = vendorMissing;
   }
+}
+
+function missing(format, url) {
+  return new PlayerSetupError(
+    `${LIBRARY[format]} is missing (${url}): run \`make install\`, which copies it from npm ` +
+      "into src/streamplane/web/static/vendor/",
+    { vendorMissing: true },
+  );
 }
 
 /** hls.js from static/vendor/, or a PlayerSetupError saying how to get it. */
@@ -40,15 +57,31 @@ export async function loadHls() {
   try {
     mod = await import(HLS_MODULE);
   } catch (err) {
-    throw new PlayerSetupError(
-      `hls.js is missing (${HLS_MODULE}): run \`make install\`, which copies it from npm ` +
-        "into src/streamplane/web/static/vendor/",
-      { vendorMissing: true },
-    );
+    throw missing("hls", HLS_MODULE);
   }
   const Hls = mod.default;
   if (!Hls.isSupported()) throw new PlayerSetupError("this browser has no Media Source Extensions");
   return Hls;
+}
+
+/** dash.js (its `dashjs` namespace: MediaPlayer, FactoryMaker, Debug) from static/vendor/. */
+export async function loadDash() {
+  let mod;
+  try {
+    mod = await import(DASH_MODULE);
+  } catch (err) {
+    throw missing("dash", DASH_MODULE);
+  }
+  const supported = mod.supportsMediaSource ? mod.supportsMediaSource() : "MediaSource" in window;
+  if (!supported) throw new PlayerSetupError("this browser has no Media Source Extensions");
+  return mod.default;
+}
+
+/** The library that plays `format`: hls.js for "hls", dash.js for "dash". */
+export function loadLibrary(format) {
+  if (format === "dash") return loadDash();
+  if (format === "hls") return loadHls();
+  return Promise.reject(new PlayerSetupError(`unknown format ${JSON.stringify(format)}`));
 }
 
 /** The per-segment ladder the ABR decides on, from an edge's title.json (rungs lowest first). */
@@ -92,13 +125,20 @@ function tokenOf(url) {
   }
 }
 
+function pathOf(url) {
+  return String(url || "").split("?")[0];
+}
+
 export class StreamplanePlayer {
   /**
-   * playback: the answer of POST /v1/playback. catalogTitle: the title from /v1/titles (a
-   * fallback ladder when no edge answers for title.json). maxBufferS: hls.js's forward buffer.
+   * playback: the answer of POST /v1/playback. format: "hls" (with `Hls`, hls.js) or "dash"
+   * (with `dashjs`, dash.js). catalogTitle: the title from /v1/titles (a fallback ladder when
+   * no edge answers for title.json). maxBufferS: how far ahead the library fetches.
    */
   constructor({
-    Hls,
+    Hls = null,
+    dashjs = null,
+    format = "hls",
     video,
     playback,
     catalogTitle = null,
@@ -107,7 +147,10 @@ export class StreamplanePlayer {
     stallFailoverS = 5,
     onEvent = () => {},
   }) {
+    if (!FORMATS.includes(format)) throw new Error(`unknown format ${JSON.stringify(format)}`);
     this.Hls = Hls;
+    this.dashjs = dashjs;
+    this.format = format;
     this.video = video;
     this.playback = playback;
     this.catalogTitle = catalogTitle;
@@ -116,18 +159,22 @@ export class StreamplanePlayer {
     this.stallFailoverS = stallFailoverS;
     this.onEvent = onEvent;
     this.t0 = performance.now();
+    // One token signs the whole title (its ACL is the title's path), on every edge.
     this.edges = playback.edges.map((e) => ({
       ...e,
-      token: tokenOf(e.hls) || tokenOf(playback.hls),
+      token: tokenOf(e[format]) || tokenOf(e.hls) || tokenOf(playback[format]) || tokenOf(playback.hls),
       status: "standby",
       errors: 0,
       failedAt: null,
     }));
     this.active = 0;
-    this.hls = null;
+    this.engine = null;
+    this.hls = null; // the hls.js instance (format "hls")
+    this.dash = null; // the dash.js MediaPlayer (format "dash")
     this.ladder = null;
-    this.levelOfRung = [];
-    this.rungOfLevel = new Map();
+    this.abrRungs = [];
+    this.renditionOfRung = []; // the library's key (hls.js level, DASH Representation id) per rung
+    this.rungOfRendition = new Map();
     this.downloads = [];
     this.pending = [];
     this.timer = null;
@@ -147,11 +194,13 @@ export class StreamplanePlayer {
     this.state = {
       sessionId: playback.session_id,
       title: playback.title,
+      format, // hls | dash
+      library: LIBRARY[format],
       phase: "startup", // startup | steady | seek | rebuffering
       position: 0,
       playedS: 0,
       bufferS: 0,
-      rung: null, // index into ladder.rungs of the last video segment requested
+      rung: null, // index into the ABR's rungs of the last video segment requested
       rungId: null,
       loadedRung: null, // rung of the last video segment that arrived
       playingRung: null,
@@ -167,7 +216,7 @@ export class StreamplanePlayer {
       edgeIndex: 0,
       errors: 0,
       failovers: 0,
-      failoverLog: [], // {at_s, from, to, reason}
+      failoverLog: [], // {at_s, position_s, from, to, reason}
       abandons: 0,
       heartbeats: 0,
       heartbeatErrors: 0,
@@ -204,6 +253,12 @@ export class StreamplanePlayer {
     return u.href;
   }
 
+  /** The manifest of the player's format on the active edge (or edge `index`), signed. */
+  manifestUrl(index = this.active) {
+    const edge = this.edges[index];
+    return this.rewrite(edge[this.format] || this.playback[this.format], index);
+  }
+
   edgeIndexOf(url) {
     let origin;
     try {
@@ -232,7 +287,7 @@ export class StreamplanePlayer {
     }
   }
 
-  /** Move to the next ranked edge; the request in flight is retried there by hls.js. */
+  /** Move to the next ranked edge; the request in flight is retried there by the library. */
   failover(reason, { restart = false } = {}) {
     if (this.edges.length < 2) return false;
     const from = this.active;
@@ -254,26 +309,29 @@ export class StreamplanePlayer {
     this.active = to;
     this.edges[to].status = "active";
     this.edges[to].failedAt = null;
-    const entry = { at_s: now, from: this.edges[from].edge_id, to: this.edges[to].edge_id, reason };
+    const entry = {
+      at_s: now,
+      position_s: this.video.currentTime,
+      from: this.edges[from].edge_id,
+      to: this.edges[to].edge_id,
+      reason,
+    };
     this.state.failovers += 1;
     this.state.failoverLog.push(entry);
     this.state.edge = this.edges[to].edge_id;
     this.state.edgeIndex = to;
     this.record("failover", `failover ${entry.from} → ${entry.to}: ${reason}`);
-    if (restart && this.hls) {
+    if (restart && this.engine) {
       // Nothing failed outright (a stall): drop what is in flight and reload from the new edge.
-      const hls = this.hls;
-      const at = this.video.currentTime;
+      const engine = this.engine;
       setTimeout(() => {
-        if (this.hls !== hls) return;
-        hls.stopLoad();
-        hls.startLoad(at);
+        if (this.engine === engine && !this.stopped) engine.restart();
       }, 0);
     }
     return true;
   }
 
-  // -- the ladder, levels and the ABR -----------------------------------------------------
+  // -- the ladder, renditions and the ABR -------------------------------------------------
 
   async loadLadder() {
     const title = this.playback.title;
@@ -300,39 +358,30 @@ export class StreamplanePlayer {
     throw new Error("no edge answered for title.json");
   }
 
-  /** Map hls.js levels to rungs by their playlist path (v/<rung>/...), else by bitrate order. */
-  mapLevels(levels) {
+  /**
+   * Map the library's video renditions to rungs: by rung id (the `v/<rung>/` of an HLS
+   * playlist path, a DASH Representation's id), else by bitrate order. `renditions` are
+   * {key, id, bitrate} in the library's order; key is what the library calls it (an hls.js
+   * level index, a DASH Representation id).
+   */
+  mapRenditions(renditions) {
     const rungs = this.ladder.rungs;
     const byId = new Map(rungs.map((r, i) => [r.id, i]));
     const found = new Map();
-    levels.forEach((level, li) => {
-      const uri = level.uri || (Array.isArray(level.url) ? level.url[0] : level.url) || "";
-      const m = /\/v\/([^/]+)\//.exec(new URL(uri, "http://x/").pathname);
-      if (m && byId.has(m[1])) found.set(li, byId.get(m[1]));
-    });
-    if (found.size !== levels.length) {
-      found.clear();
-      const order = levels.map((l, li) => [l.bitrate, li]).sort((a, b) => a[0] - b[0]);
-      order.forEach(([, li], k) => found.set(li, Math.min(k, rungs.length - 1)));
+    for (const { key, id } of renditions) {
+      if (id !== null && id !== undefined && byId.has(id)) found.set(key, byId.get(id));
     }
-    // The ABR decides among the rungs that have a level, lowest first.
+    if (found.size !== renditions.length) {
+      found.clear();
+      const order = renditions.map((r) => [r.bitrate, r.key]).sort((a, b) => a[0] - b[0]);
+      order.forEach(([, key], k) => found.set(key, Math.min(k, rungs.length - 1)));
+    }
+    // The ABR decides among the rungs that have a rendition, lowest first.
     const used = [...new Set(found.values())].sort((a, b) => a - b);
     this.abrRungs = used.map((r) => rungs[r]);
-    this.levelOfRung = used.map((r) => [...found].find(([, rr]) => rr === r)[0]);
-    this.rungOfLevel = new Map([...found].map(([li, r]) => [li, used.indexOf(r)]));
+    this.renditionOfRung = used.map((r) => [...found].find(([, rr]) => rr === r)[0]);
+    this.rungOfRendition = new Map([...found].map(([key, r]) => [key, used.indexOf(r)]));
     this.state.rungs = this.abrRungs.length;
-  }
-
-  /** The level <-> rung maps, rebuilt whenever hls.js changes its list of levels. */
-  levels() {
-    const levels = this.hls ? this.hls.levels : null;
-    if (!levels || !levels.length) return false;
-    if (this.mapped !== levels || this.mappedCount !== levels.length) {
-      this.mapLevels(levels);
-      this.mapped = levels;
-      this.mappedCount = levels.length;
-    }
-    return true;
   }
 
   /** startup (nothing played yet), rebuffering (stalled), seek (refilling after one), steady. */
@@ -378,215 +427,93 @@ export class StreamplanePlayer {
     };
   }
 
-  /** The hls.js level of the next video segment. */
-  chooseLevel() {
-    if (!this.levels()) return 0;
-    const v = this.video;
-    const end = v.currentTime + this.bufferAhead();
-    const rung = chooseRung(this.abrState(this.segmentAt(end)));
-    return this.levelOfRung[rung];
+  /** The rung (index into abrRungs) of the next video segment: the one at the buffer's end. */
+  nextRung() {
+    const end = this.video.currentTime + this.bufferAhead();
+    return chooseRung(this.abrState(this.segmentAt(end)));
   }
 
-  firstLevel() {
-    return this.levels() ? this.levelOfRung[0] : 0;
-  }
-
-  /** A lower level to re-request the in-flight segment at, or null. */
-  abandonLevel(frag) {
-    if (!this.levels()) return null;
-    const rung = this.rungOfLevel.get(frag.level);
-    if (rung === undefined || rung === 0) return null;
-    const stats = frag.stats;
-    const index = this.segmentAt(frag.start + 0.05);
+  /**
+   * A lower rung to fetch the in-flight video segment at instead, or null. rung: its rung;
+   * startS: where it starts in the title; bytes loaded so far and in all (0 when unknown);
+   * elapsedS: since it was requested.
+   */
+  abandonRung(rung, startS, loadedBytes, totalBytes, elapsedS) {
+    if (rung === undefined || rung === null || rung === 0) return null;
+    const index = this.segmentAt(startS + 0.05);
     const known = this.abrRungs[rung].segment_bits[index];
     const progress = {
       rung,
-      bits_done: stats.loaded * 8,
-      bits_total: known || Math.max(stats.total, stats.loaded) * 8,
-      elapsed_s: (performance.now() - stats.loading.start) / 1000,
+      bits_done: loadedBytes * 8,
+      bits_total: known || Math.max(totalBytes || 0, loadedBytes) * 8,
+      elapsed_s: elapsedS,
     };
     const to = shouldAbandon(this.abrState(index), progress);
     if (to === null) return null;
     this.state.abandons += 1;
     this.record("abandon", `abandoned segment ${index + 1} at rung ${rung}, again at rung ${to}`);
-    return this.levelOfRung[to];
+    return to;
   }
 
-  // -- hls.js -----------------------------------------------------------------------------
-
-  hlsConfig() {
-    const player = this;
-    const Hls = this.Hls;
-    const BaseLoader = Hls.DefaultConfig.loader;
-    const BaseAbr = Hls.DefaultConfig.abrController;
-
-    class EdgeLoader extends BaseLoader {
-      load(context, config, callbacks) {
-        const index = player.active;
-        context.url = player.rewrite(context.url, index);
-        super.load(context, config, {
-          ...callbacks,
-          onSuccess: (response, stats, ctx, details) => {
-            player.edgeOk(index);
-            callbacks.onSuccess(response, stats, ctx, details);
-          },
-          onError: (error, ctx, details, stats) => {
-            player.edgeError(index, `HTTP ${error.code || "no answer"} for ${ctx.url.split("?")[0]}`);
-            callbacks.onError(error, ctx, details, stats);
-          },
-          onTimeout: (stats, ctx, details) => {
-            player.edgeError(index, `timeout for ${ctx.url.split("?")[0]}`);
-            callbacks.onTimeout(stats, ctx, details);
-          },
-        });
-      }
+  /** A video segment at `rung` is being requested. */
+  segmentLoading(rung) {
+    if (rung === undefined || rung === null) return;
+    if (this.state.rung !== null && rung !== this.state.rung) {
+      this.state.switches += 1;
+      this.record("bitrate", `rung ${this.state.rung} → ${rung} (${this.abrRungs[rung].id})`);
     }
-
-    class StreamplaneAbrController extends BaseAbr {
-      constructor(hls) {
-        super(hls);
-        this.forced = -1;
-        // hls.js checks the in-flight segment every 100 ms through this; ours decides instead.
-        this._abandonRulesCheck = () => this.abandonCheck();
-      }
-
-      get firstAutoLevel() {
-        return player.firstLevel();
-      }
-
-      get nextAutoLevel() {
-        if (!this.hls) return -1;
-        if (this.forced !== -1) return this.forced;
-        const { minAutoLevel, maxAutoLevel } = this.hls;
-        return Math.min(Math.max(player.chooseLevel(), minAutoLevel), maxAutoLevel);
-      }
-
-      set nextAutoLevel(level) {
-        this.forced = typeof level === "number" ? level : -1;
-      }
-
-      onFragLoaded(event, data) {
-        super.onFragLoaded(event, data);
-        if (data.frag.type === "main" && data.frag.level === this.forced) this.forced = -1;
-      }
-
-      abandonCheck() {
-        const frag = this.fragCurrent;
-        const hls = this.hls;
-        if (!hls || !frag || frag.type !== "main" || frag.stats.aborted || frag.stats.loading.end) {
-          return;
-        }
-        const level = player.abandonLevel(frag);
-        if (level === null) return;
-        this.clearTimer();
-        hls.nextLoadLevel = hls.nextAutoLevel = level;
-        frag.abortRequests();
-        this.fragCurrent = this.partCurrent = null;
-        hls.trigger(Hls.Events.FRAG_LOAD_EMERGENCY_ABORTED, { frag, part: null, stats: frag.stats });
-      }
-    }
-
-    // Retry soon: a retry goes to the next edge, so waiting longer only stalls the viewer.
-    const policy = (ttfbMs, loadMs) => ({
-      default: {
-        maxTimeToFirstByteMs: ttfbMs,
-        maxLoadTimeMs: loadMs,
-        timeoutRetry: { maxNumRetry: 4, retryDelayMs: 0, maxRetryDelayMs: 0 },
-        errorRetry: { maxNumRetry: 8, retryDelayMs: 250, maxRetryDelayMs: 2000 },
-      },
-    });
-    const duration = this.ladder.duration_s || 0;
-    const resume = this.playback.resume_position_s || 0;
-    const start = resume > 0 && (!duration || resume < duration - NEAR_END_S) ? resume : -1;
-    this.state.resumedAt = Math.max(start, 0);
-    return {
-      loader: EdgeLoader,
-      abrController: StreamplaneAbrController,
-      startPosition: start,
-      testBandwidth: false,
-      capLevelToPlayerSize: false,
-      maxBufferLength: this.maxBufferS,
-      maxMaxBufferLength: this.maxBufferS,
-      backBufferLength: this.loop ? 0 : 30,
-      manifestLoadPolicy: policy(10000, 20000),
-      playlistLoadPolicy: policy(10000, 20000),
-      fragLoadPolicy: policy(10000, 120000),
-    };
+    this.state.rung = rung;
+    this.state.rungId = this.abrRungs[rung].id;
+    this.state.bitrateKbps = this.abrRungs[rung].bitrate_kbps;
   }
+
+  /** A video segment arrived: `bytes` in `seconds`, request to last byte. */
+  segmentLoaded(rung, bytes, seconds) {
+    if (bytes > 0 && seconds > 0) {
+      this.downloads.push({ bits: bytes * 8, seconds });
+      if (this.downloads.length > HISTORY) this.downloads.shift();
+    }
+    if (rung !== undefined && rung !== null) this.state.loadedRung = rung;
+  }
+
+  /** The video on screen is now from `rung`. */
+  segmentPlaying(rung) {
+    if (rung !== undefined && rung !== null) this.state.playingRung = rung;
+  }
+
+  // -- starting and stopping --------------------------------------------------------------
 
   async start() {
-    const Hls = this.Hls;
     if (!this.edges.length) throw new Error("the playback answer lists no edge");
+    if (this.format === "hls" && !this.Hls) throw new Error("format hls needs hls.js (Hls)");
+    if (this.format === "dash" && !this.dashjs) throw new Error("format dash needs dash.js (dashjs)");
     this.edges[0].status = "active";
-    this.record("session", `session ${this.playback.session_id} on ${this.edge.edge_id}`);
+    const how = `${this.format.toUpperCase()}, ${this.state.library}`;
+    this.record("session", `session ${this.playback.session_id} on ${this.edge.edge_id} (${how})`);
     await this.loadLadder();
-    const hls = new Hls(this.hlsConfig());
-    this.hls = hls;
-    if (this.state.resumedAt > 0) this.record("resume", `resuming at ${this.state.resumedAt.toFixed(1)} s`);
-    hls.on(Hls.Events.MANIFEST_PARSED, () => {
-      this.levels();
-      this.video.play().catch((err) => this.record("warning", `play(): ${err.message}`));
-    });
-    hls.on(Hls.Events.FRAG_LOADING, (_e, { frag }) => {
-      if (frag.type !== "main" || frag.sn === "initSegment" || !this.levels()) return;
-      const rung = this.rungOfLevel.get(frag.level);
-      if (rung === undefined) return;
-      if (this.state.rung !== null && rung !== this.state.rung) {
-        this.state.switches += 1;
-        this.record("bitrate", `rung ${this.state.rung} → ${rung} (${this.abrRungs[rung].id})`);
-      }
-      this.state.rung = rung;
-      this.state.rungId = this.abrRungs[rung].id;
-      this.state.bitrateKbps = this.abrRungs[rung].bitrate_kbps;
-    });
-    hls.on(Hls.Events.FRAG_LOADED, (_e, { frag }) => {
-      if (frag.type !== "main" || frag.sn === "initSegment") return;
-      const s = frag.stats;
-      const seconds = (s.loading.end - s.loading.start) / 1000;
-      if (s.loaded > 0 && seconds > 0) {
-        this.downloads.push({ bits: s.loaded * 8, seconds });
-        if (this.downloads.length > HISTORY) this.downloads.shift();
-      }
-      const rung = this.levels() ? this.rungOfLevel.get(frag.level) : undefined;
-      if (rung !== undefined) this.state.loadedRung = rung;
-    });
-    hls.on(Hls.Events.FRAG_CHANGED, (_e, { frag }) => {
-      if (!this.levels()) return;
-      const rung = this.rungOfLevel.get(frag.level);
-      if (rung !== undefined) this.state.playingRung = rung;
-    });
-    hls.on(Hls.Events.ERROR, (_e, data) => this.onHlsError(data));
+    const duration = this.ladder.duration_s || 0;
+    const resume = this.playback.resume_position_s || 0;
+    const startAt = resume > 0 && (!duration || resume < duration - NEAR_END_S) ? resume : null;
+    this.state.resumedAt = startAt === null ? 0 : startAt;
+    this.engine = this.format === "dash" ? new DashEngine(this, this.dashjs) : new HlsEngine(this, this.Hls);
+    if (startAt !== null) this.record("resume", `resuming at ${startAt.toFixed(1)} s`);
     this.listen();
     this.loadStartedAt = this.now();
-    hls.loadSource(this.rewrite(this.edge.hls));
-    hls.attachMedia(this.video);
+    this.engine.start(startAt);
     this.timer = setInterval(() => this.tick(), TICK_MS);
   }
 
-  onHlsError(data) {
-    if (!data.fatal) return;
-    const Hls = this.Hls;
-    const what = `${data.type}/${data.details}`;
-    if (data.type === Hls.ErrorTypes.NETWORK_ERROR && this.fatalRecoveries < 2 * this.edges.length) {
-      // hls.js gave up retrying: move on (if the loader has not already) and load again.
-      this.fatalRecoveries += 1;
-      const url = (data.context && data.context.url) || (data.frag && data.frag.url) || "";
-      const index = this.edgeIndexOf(url);
-      if (index === this.active || index < 0) this.failover(`fatal ${what}`);
-      this.record("recover", `fatal ${what}: reloading from ${this.edge.edge_id}`);
-      if (!this.hls.levels || !this.hls.levels.length) {
-        this.hls.loadSource(this.rewrite(this.edge.hls));
-      } else {
-        this.hls.startLoad(this.video.currentTime);
-      }
-      return;
-    }
-    if (data.type === Hls.ErrorTypes.MEDIA_ERROR && this.mediaErrorRecoveries < 3) {
-      this.mediaErrorRecoveries += 1;
-      this.record("recover", `fatal ${what}: recovering the media element`);
-      this.hls.recoverMediaError();
-      return;
-    }
+  /** The library gave up on the network: move on (unless a request already did) and reload. */
+  fatalNetworkError(what, url) {
+    if (this.fatalRecoveries >= 2 * this.edges.length) return false;
+    this.fatalRecoveries += 1;
+    const index = this.edgeIndexOf(url || "");
+    if (index === this.active || index < 0) this.failover(`fatal ${what}`);
+    this.record("recover", `fatal ${what}: reloading from ${this.edge.edge_id}`);
+    return true;
+  }
+
+  fatalError(what) {
     this.state.fatal = what;
     this.record("fatal", `fatal ${what}`);
   }
@@ -595,7 +522,7 @@ export class StreamplanePlayer {
 
   listen() {
     const v = this.video;
-    v.loop = this.loop;
+    v.loop = this.loop && this.engine.nativeLoop;
     this.handlers = {
       playing: () => {
         if (this.state.startupS === null) {
@@ -685,6 +612,7 @@ export class StreamplanePlayer {
       at: Date.now() / 1000,
       position_s: Math.max(0, this.video ? this.video.currentTime : 0),
       kind,
+      format: this.format,
       buffer_s: s.bufferS,
       rung: s.rung,
       rung_id: s.rungId,
@@ -771,10 +699,511 @@ export class StreamplanePlayer {
     if (this.handlers) {
       for (const [name, fn] of Object.entries(this.handlers)) this.video.removeEventListener(name, fn);
     }
-    if (this.hls) {
-      this.hls.destroy();
-      this.hls = null;
+    if (this.engine) {
+      this.engine.destroy();
+      this.engine = null;
     }
     await sent;
+  }
+}
+
+// -- HLS: hls.js ----------------------------------------------------------------------------
+
+class HlsEngine {
+  constructor(player, Hls) {
+    this.player = player;
+    this.Hls = Hls;
+    this.nativeLoop = true; // looping is the video element's
+    this.hls = null;
+    this.mapped = null;
+    this.mappedCount = 0;
+  }
+
+  /** The level <-> rung maps, rebuilt whenever hls.js changes its list of levels. */
+  levels() {
+    const levels = this.hls ? this.hls.levels : null;
+    if (!levels || !levels.length) return false;
+    if (this.mapped !== levels || this.mappedCount !== levels.length) {
+      this.player.mapRenditions(
+        levels.map((level, li) => {
+          const uri = level.uri || (Array.isArray(level.url) ? level.url[0] : level.url) || "";
+          const m = /\/v\/([^/]+)\//.exec(new URL(uri, "http://x/").pathname);
+          return { key: li, id: m ? m[1] : null, bitrate: level.bitrate };
+        }),
+      );
+      this.mapped = levels;
+      this.mappedCount = levels.length;
+    }
+    return true;
+  }
+
+  rungOf(level) {
+    return this.levels() ? this.player.rungOfRendition.get(level) : undefined;
+  }
+
+  /** The hls.js level of the next video segment. */
+  chooseLevel() {
+    if (!this.levels()) return 0;
+    return this.player.renditionOfRung[this.player.nextRung()];
+  }
+
+  firstLevel() {
+    return this.levels() ? this.player.renditionOfRung[0] : 0;
+  }
+
+  /** A lower level to re-request the in-flight segment at, or null. */
+  abandonLevel(frag) {
+    const rung = this.rungOf(frag.level);
+    const stats = frag.stats;
+    const elapsedS = (performance.now() - stats.loading.start) / 1000;
+    const to = this.player.abandonRung(rung, frag.start, stats.loaded, stats.total, elapsedS);
+    return to === null ? null : this.player.renditionOfRung[to];
+  }
+
+  config(startAt) {
+    const engine = this;
+    const player = this.player;
+    const Hls = this.Hls;
+    const BaseLoader = Hls.DefaultConfig.loader;
+    const BaseAbr = Hls.DefaultConfig.abrController;
+
+    class EdgeLoader extends BaseLoader {
+      load(context, config, callbacks) {
+        const index = player.active;
+        context.url = player.rewrite(context.url, index);
+        super.load(context, config, {
+          ...callbacks,
+          onSuccess: (response, stats, ctx, details) => {
+            player.edgeOk(index);
+            callbacks.onSuccess(response, stats, ctx, details);
+          },
+          onError: (error, ctx, details, stats) => {
+            player.edgeError(index, `HTTP ${error.code || "no answer"} for ${pathOf(ctx.url)}`);
+            callbacks.onError(error, ctx, details, stats);
+          },
+          onTimeout: (stats, ctx, details) => {
+            player.edgeError(index, `timeout for ${pathOf(ctx.url)}`);
+            callbacks.onTimeout(stats, ctx, details);
+          },
+        });
+      }
+    }
+
+    class StreamplaneAbrController extends BaseAbr {
+      constructor(hls) {
+        super(hls);
+        this.forced = -1;
+        // hls.js checks the in-flight segment every 100 ms through this; ours decides instead.
+        this._abandonRulesCheck = () => this.abandonCheck();
+      }
+
+      get firstAutoLevel() {
+        return engine.firstLevel();
+      }
+
+      get nextAutoLevel() {
+        if (!this.hls) return -1;
+        if (this.forced !== -1) return this.forced;
+        const { minAutoLevel, maxAutoLevel } = this.hls;
+        return Math.min(Math.max(engine.chooseLevel(), minAutoLevel), maxAutoLevel);
+      }
+
+      set nextAutoLevel(level) {
+        this.forced = typeof level === "number" ? level : -1;
+      }
+
+      onFragLoaded(event, data) {
+        super.onFragLoaded(event, data);
+        if (data.frag.type === "main" && data.frag.level === this.forced) this.forced = -1;
+      }
+
+      abandonCheck() {
+        const frag = this.fragCurrent;
+        const hls = this.hls;
+        if (!hls || !frag || frag.type !== "main" || frag.stats.aborted || frag.stats.loading.end) {
+          return;
+        }
+        const level = engine.abandonLevel(frag);
+        if (level === null) return;
+        this.clearTimer();
+        hls.nextLoadLevel = hls.nextAutoLevel = level;
+        frag.abortRequests();
+        this.fragCurrent = this.partCurrent = null;
+        hls.trigger(Hls.Events.FRAG_LOAD_EMERGENCY_ABORTED, { frag, part: null, stats: frag.stats });
+      }
+    }
+
+    // Retry soon: a retry goes to the next edge, so waiting longer only stalls the viewer.
+    const policy = (ttfbMs, loadMs) => ({
+      default: {
+        maxTimeToFirstByteMs: ttfbMs,
+        maxLoadTimeMs: loadMs,
+        timeoutRetry: { maxNumRetry: 4, retryDelayMs: 0, maxRetryDelayMs: 0 },
+        errorRetry: { maxNumRetry: 8, retryDelayMs: 250, maxRetryDelayMs: 2000 },
+      },
+    });
+    return {
+      loader: EdgeLoader,
+      abrController: StreamplaneAbrController,
+      startPosition: startAt === null ? -1 : startAt,
+      testBandwidth: false,
+      capLevelToPlayerSize: false,
+      maxBufferLength: player.maxBufferS,
+      maxMaxBufferLength: player.maxBufferS,
+      backBufferLength: player.loop ? 0 : 30,
+      manifestLoadPolicy: policy(10000, 20000),
+      playlistLoadPolicy: policy(10000, 20000),
+      fragLoadPolicy: policy(10000, 120000),
+    };
+  }
+
+  start(startAt) {
+    const Hls = this.Hls;
+    const player = this.player;
+    const hls = new Hls(this.config(startAt));
+    this.hls = hls;
+    player.hls = hls;
+    hls.on(Hls.Events.MANIFEST_PARSED, () => {
+      this.levels();
+      player.video.play().catch((err) => player.record("warning", `play(): ${err.message}`));
+    });
+    hls.on(Hls.Events.FRAG_LOADING, (_e, { frag }) => {
+      if (frag.type !== "main" || frag.sn === "initSegment") return;
+      player.segmentLoading(this.rungOf(frag.level));
+    });
+    hls.on(Hls.Events.FRAG_LOADED, (_e, { frag }) => {
+      if (frag.type !== "main" || frag.sn === "initSegment") return;
+      const s = frag.stats;
+      player.segmentLoaded(this.rungOf(frag.level), s.loaded, (s.loading.end - s.loading.start) / 1000);
+    });
+    hls.on(Hls.Events.FRAG_CHANGED, (_e, { frag }) => player.segmentPlaying(this.rungOf(frag.level)));
+    hls.on(Hls.Events.ERROR, (_e, data) => this.onError(data));
+    hls.loadSource(player.manifestUrl());
+    hls.attachMedia(player.video);
+  }
+
+  onError(data) {
+    if (!data.fatal || this.player.stopped) return;
+    const Hls = this.Hls;
+    const player = this.player;
+    const what = `${data.type}/${data.details}`;
+    if (data.type === Hls.ErrorTypes.NETWORK_ERROR) {
+      // hls.js gave up retrying: move on (if the loader has not already) and load again.
+      const url = (data.context && data.context.url) || (data.frag && data.frag.url) || "";
+      if (player.fatalNetworkError(what, url)) {
+        if (!this.hls.levels || !this.hls.levels.length) {
+          this.hls.loadSource(player.manifestUrl());
+        } else {
+          this.hls.startLoad(player.video.currentTime);
+        }
+        return;
+      }
+    }
+    if (data.type === Hls.ErrorTypes.MEDIA_ERROR && player.mediaErrorRecoveries < 3) {
+      player.mediaErrorRecoveries += 1;
+      player.record("recover", `fatal ${what}: recovering the media element`);
+      this.hls.recoverMediaError();
+      return;
+    }
+    player.fatalError(what);
+  }
+
+  /** After a stall: drop what is in flight and load again from the playhead (new edge). */
+  restart() {
+    if (!this.hls) return;
+    this.hls.stopLoad();
+    this.hls.startLoad(this.player.video.currentTime);
+  }
+
+  destroy() {
+    if (this.hls) this.hls.destroy();
+    this.hls = null;
+    this.player.hls = null;
+  }
+}
+
+// -- DASH: dash.js --------------------------------------------------------------------------
+
+// dash.js error codes (dashjs.MediaPlayer.errors): downloads that failed after every retry.
+const DASH_NETWORK_ERRORS = new Set([11, 12, 17, 25, 26, 27, 28, 29]);
+// The MPD or the media cannot be played as it is (parse, no streams, MSE refused a segment,
+// the video element's own errors 1-5): reloaded a few times, then fatal.
+const DASH_MEDIA_ERRORS = new Set([1, 2, 3, 4, 5, 10, 20, 31, 32, 34, 35]);
+const DASH_RULES = [
+  "throughputRule",
+  "bolaRule",
+  "insufficientBufferRule",
+  "switchHistoryRule",
+  "droppedFramesRule",
+  "abandonRequestsRule",
+  "l2ARule",
+  "loLPRule",
+];
+const RETRY = { attempts: 8, intervalMs: 250 };
+
+class DashEngine {
+  constructor(player, dashjs) {
+    this.player = player;
+    this.dashjs = dashjs;
+    this.nativeLoop = false; // see ended()
+    this.mp = null;
+    this.mappedIds = null;
+    this.attemptStarted = new WeakMap(); // FragmentRequest -> performance.now() of its attempt
+    this.abandoned = new WeakSet();
+  }
+
+  /** dash.js's settings: its ABR rules off (ours decides), buffer, retries, no caching. */
+  settings() {
+    // hls.js fetches while the buffer ahead is under maxBufferS; dash.js while the buffer plus
+    // the segment it would fetch is under its target. One segment more keeps the page's
+    // *buffer* meaning the same in both.
+    const durations = this.player.ladder.durations;
+    const b = this.player.maxBufferS + (durations.length ? Math.max(...durations) : 4);
+    const types = ["MPD", "MediaSegment", "InitializationSegment", "IndexSegment", "other"];
+    const each = (value) => Object.fromEntries(types.map((t) => [t, value]));
+    return {
+      debug: { logLevel: this.dashjs.Debug.LOG_LEVEL_WARNING },
+      streaming: {
+        // Right after an abandonment dash.js lets only a lower rung through, for this long.
+        abandonLoadTimeout: 0,
+        // No clock to sync for a static MPD; and no requests to a time server after a 404.
+        utcSynchronization: { enabled: false, enableBackgroundSyncAfterSegmentDownloadError: false },
+        buffer: {
+          fastSwitchEnabled: false, // an up-switch appends, as with hls.js; nothing refetched
+          bufferTimeDefault: b,
+          bufferTimeAtTopQuality: b,
+          bufferTimeAtTopQualityLongForm: b,
+          // Looping, keep nothing behind the playhead (as hls.js's backBufferLength 0): each
+          // time round is fetched again, through the ABR, from the active edge.
+          bufferToKeep: this.player.loop ? 0 : 30,
+          bufferPruningInterval: this.player.loop ? 1 : 10,
+        },
+        lastBitrateCachingInfo: { enabled: false },
+        lastMediaSettingsCachingInfo: { enabled: false },
+        manifestRequestTimeout: 20000,
+        fragmentRequestTimeout: 120000,
+        // Retry soon: a retry goes to the next edge, so waiting longer only stalls the viewer.
+        retryIntervals: each(RETRY.intervalMs),
+        retryAttempts: each(RETRY.attempts),
+        abr: {
+          limitBitrateByPortal: false,
+          // dash.js's own first pick, before it first asks the rule: the lowest rung too (1 kbit/s
+          // is below every rung). The rule then also starts at the lowest: nothing measured yet.
+          initialBitrate: { video: 1 },
+          autoSwitchBitrate: { video: true, audio: true },
+          rules: Object.fromEntries(DASH_RULES.map((name) => [name, { active: false }])),
+        },
+      },
+    };
+  }
+
+  /** The Representation <-> rung maps, rebuilt whenever dash.js lists other Representations. */
+  map(representations) {
+    if (!representations || !representations.length) return false;
+    const ids = representations.map((r) => r.id).join("\n");
+    if (ids !== this.mappedIds) {
+      this.player.mapRenditions(representations.map((r) => ({ key: r.id, id: r.id, bitrate: r.bandwidth })));
+      this.mappedIds = ids;
+    }
+    return true;
+  }
+
+  rungOf(representation) {
+    if (!representation || this.mappedIds === null) return undefined;
+    return this.player.rungOfRendition.get(representation.id);
+  }
+
+  switchRequest(representation, reason) {
+    const SwitchRequest = this.dashjs.FactoryMaker.getClassFactoryByName("SwitchRequest");
+    const request = SwitchRequest ? SwitchRequest({}).create() : { priority: 0.5 };
+    request.representation = representation;
+    request.reason = reason;
+    request.rule = "StreamplaneRule";
+    return request;
+  }
+
+  /** The video Representations dash.js may switch between (mapped to rungs), or null. */
+  representations(rulesContext) {
+    const info = rulesContext.getMediaInfo();
+    if (!info || info.type !== "video") return null;
+    const abr = rulesContext.getAbrController();
+    const representations = abr.getPossibleVoRepresentationsFilteredBySettings(info, true);
+    return this.map(representations) ? representations : null;
+  }
+
+  /** A switch to `rung`'s Representation. */
+  switchTo(representations, rung, why) {
+    const id = this.player.renditionOfRung[rung];
+    const representation = representations.find((r) => r.id === id) || null;
+    return this.switchRequest(representation, { rung, message: `streamplane: ${why} rung ${rung}` });
+  }
+
+  /** streamplane's ABR as dash.js's only quality rule: asked before every segment request. */
+  qualityRule() {
+    const engine = this;
+    return {
+      getClassName: () => "StreamplaneRule",
+      getSwitchRequest(rulesContext) {
+        const representations = engine.representations(rulesContext);
+        if (!representations) return engine.switchRequest(null, null);
+        return engine.switchTo(representations, engine.player.nextRung(), "to");
+      },
+      reset() {},
+    };
+  }
+
+  /** streamplane's abandonment check, asked by dash.js on each progress of a download. */
+  abandonRule() {
+    const engine = this;
+    const player = this.player;
+    return {
+      getClassName: () => "StreamplaneAbandonRule",
+      shouldAbandon(rulesContext) {
+        const request = rulesContext.getCurrentRequest();
+        const none = engine.switchRequest(null, null);
+        if (!request || request.mediaType !== "video" || request.type !== "MediaSegment") return none;
+        if (engine.abandoned.has(request) || !(request.bytesLoaded > 0)) return none;
+        const started = engine.attemptStarted.get(request);
+        if (started === undefined) return none;
+        const representations = engine.representations(rulesContext);
+        if (!representations) return none;
+        const rung = engine.rungOf(request.representation);
+        const elapsedS = (performance.now() - started) / 1000;
+        const { startTime, bytesLoaded, bytesTotal } = request;
+        const to = player.abandonRung(rung, startTime, bytesLoaded, bytesTotal, elapsedS);
+        if (to === null) return none;
+        engine.abandoned.add(request);
+        return engine.switchTo(representations, to, "abandon to");
+      },
+      reset() {},
+    };
+  }
+
+  /** Every request to an edge goes to the active edge, with its token. */
+  onRequest(request) {
+    const player = this.player;
+    const index = player.edgeIndexOf(request.url);
+    if (index >= 0 && !player.stopped) {
+      request.url = player.rewrite(request.url, player.active);
+      const fragment = request.customData && request.customData.request;
+      if (fragment) this.attemptStarted.set(fragment, performance.now());
+    }
+    return Promise.resolve(request);
+  }
+
+  /** Each answer (or its absence) counts for or against the edge that was asked. */
+  onResponse(response) {
+    const player = this.player;
+    const request = response.request || {};
+    const index = player.edgeIndexOf(request.url);
+    if (index < 0 || player.stopped) return Promise.resolve(response);
+    const status = response.status || 0;
+    // dash.js clears a request's onloadend before it aborts it on purpose (a seek, a switch,
+    // an abandonment): such an end without an answer is not the edge's fault.
+    const aborted = !!request.customData && request.customData.onloadend === undefined;
+    if (status >= 200 && status < 300) player.edgeOk(index);
+    else if (status >= 400) player.edgeError(index, `HTTP ${status} for ${pathOf(request.url)}`);
+    else if (!aborted) player.edgeError(index, `no answer for ${pathOf(request.url)}`);
+    return Promise.resolve(response);
+  }
+
+  start(startAt) {
+    const player = this.player;
+    const dashjs = this.dashjs;
+    const events = dashjs.MediaPlayer.events;
+    const mp = dashjs.MediaPlayer().create();
+    this.mp = mp;
+    player.dash = mp;
+    mp.updateSettings(this.settings());
+    mp.addRequestInterceptor((request) => this.onRequest(request));
+    mp.addResponseInterceptor((response) => this.onResponse(response));
+    const rule = (r) => () => ({ create: () => r }); // dash.js builds rules as rule(context).create()
+    mp.addABRCustomRule("qualitySwitchRules", "StreamplaneRule", rule(this.qualityRule()));
+    mp.addABRCustomRule("abandonFragmentRules", "StreamplaneAbandonRule", rule(this.abandonRule()));
+    mp.on(events.STREAM_INITIALIZED, () => {
+      this.map(mp.getRepresentationsByType("video"));
+    });
+    mp.on(events.FRAGMENT_LOADING_STARTED, ({ request }) => {
+      if (request.mediaType !== "video" || request.type !== "MediaSegment") return;
+      player.segmentLoading(this.rungOf(request.representation));
+    });
+    mp.on(events.FRAGMENT_LOADING_COMPLETED, ({ request, response, error }) => {
+      if (error || !response || request.mediaType !== "video" || request.type !== "MediaSegment") return;
+      const { startDate, endDate } = request; // this attempt: request to last byte
+      const seconds = startDate && endDate ? (endDate - startDate) / 1000 : 0;
+      const bytes = response.byteLength || request.bytesLoaded;
+      player.segmentLoaded(this.rungOf(request.representation), bytes, seconds);
+    });
+    mp.on(events.QUALITY_CHANGE_RENDERED, (e) => {
+      if (e.mediaType === "video") player.segmentPlaying(this.rungOf(e.newRepresentation));
+    });
+    mp.on(events.PLAYBACK_ENDED, () => this.ended());
+    mp.on(events.ERROR, (e) => this.onError(e.error || {}));
+    mp.initialize(player.video, player.manifestUrl(), true, startAt === null ? NaN : startAt);
+  }
+
+  onError(error) {
+    const player = this.player;
+    if (player.stopped) return;
+    const code = error.code;
+    const what = `dash.js error ${code}: ${error.message || "?"}`;
+    if (DASH_NETWORK_ERRORS.has(code)) {
+      // dash.js gave up retrying: move on (if a request has not already) and load again there.
+      // The URL the last attempt went to (the request's own URL is the unrewritten one).
+      const response = error.data && error.data.response;
+      const url = response && response.request ? response.request.url : "";
+      if (player.fatalNetworkError(what, url)) {
+        this.reload();
+        return;
+      }
+      player.fatalError(what);
+      return;
+    }
+    if (DASH_MEDIA_ERRORS.has(code)) {
+      if (player.mediaErrorRecoveries < 3) {
+        player.mediaErrorRecoveries += 1;
+        player.record("recover", `fatal ${what}: reloading`);
+        this.reload();
+        return;
+      }
+      player.fatalError(what);
+      return;
+    }
+    player.record("warning", what);
+  }
+
+  /**
+   * The title ended, by dash.js's clock: looping, start again from 0. dash.js ends a static
+   * MPD at its mediaPresentationDuration. When a track runs past it (the audio's last segment
+   * ends up to 10 ms later, dash.js's append window lets it in, and the element's duration grows
+   * to match), dash.js finds playback ended before the element does, seeks to the end (which it
+   * then moves to 0.5 s before the end) and pauses there: with the element's own loop the title
+   * would stop instead of looping. So dash.js's end, not the element's, loops it. This runs
+   * right after dash.js's own handler (which has the higher priority), before the element
+   * reports that seek: dash.js then sees a seek to 0, not one to the end.
+   */
+  ended() {
+    if (!this.player.loop || !this.mp || this.player.stopped) return;
+    this.mp.seek(0);
+    this.mp.play();
+  }
+
+  /** Load the MPD again from the active edge and play on from the playhead. */
+  reload() {
+    if (!this.mp) return;
+    const player = this.player;
+    const at = player.state.startupS === null ? player.state.resumedAt : player.video.currentTime;
+    this.mp.attachSource(player.manifestUrl(), at > 0 ? at : NaN);
+  }
+
+  /** After a stall: drop what is in flight and load again from the playhead (new edge). */
+  restart() {
+    this.reload();
+  }
+
+  destroy() {
+    if (this.mp) this.mp.destroy();
+    this.mp = null;
+    this.player.dash = null;
   }
 }

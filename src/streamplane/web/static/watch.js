@@ -1,14 +1,15 @@
-// The /watch page: sign in, pick a title, start a playback, play it with StreamplanePlayer, and
-// show what the player does. window.streamplanePlayer is the running player (its .state is what
-// the panel shows; the browser tests read it too).
-import { loadHls, PlayerSetupError, StreamplanePlayer } from "./player.js";
+// The /watch page: sign in, pick a title and a format, start a playback, play it with
+// StreamplanePlayer (HLS with hls.js, DASH with dash.js), and show what the player does.
+// window.streamplanePlayer is the running player (its .state is what the panel shows; the
+// browser tests read it too).
+import { FORMATS, loadLibrary, PlayerSetupError, StreamplanePlayer } from "./player.js";
 
 const $ = (id) => document.getElementById(id);
 const AUTH_KEY = "streamplane.auth";
 const DEVICE_KEY = "streamplane.device";
 const CHART_S = 60;
 
-let Hls = null;
+const libraries = {}; // format -> its library, once loaded
 let player = null;
 let titles = [];
 window.streamplanePlayer = null;
@@ -143,9 +144,30 @@ function describeTitle() {
 
 // -- playing ----------------------------------------------------------------------------------
 
+/** The library of `format`, loaded once; null (and the page says why) when it cannot be. */
+async function prepare(format) {
+  if (!libraries[format]) {
+    try {
+      libraries[format] = await loadLibrary(format);
+    } catch (err) {
+      const vendorMissing = err instanceof PlayerSetupError && err.vendorMissing;
+      $("play").disabled = err instanceof PlayerSetupError;
+      $("setup-library").textContent = format === "dash" ? "dash.js" : "hls.js";
+      $("setup").hidden = !vendorMissing;
+      if (!vendorMissing) say(err.message, { error: true });
+      return null;
+    }
+  }
+  $("play").disabled = false;
+  $("setup").hidden = true;
+  return libraries[format];
+}
+
 async function play() {
   say("");
-  if (!Hls) return;
+  const format = $("format").value;
+  const library = await prepare(format);
+  if (!library) return;
   await stop();
   const title = $("title").value;
   let playback;
@@ -158,7 +180,9 @@ async function play() {
   $("watch").hidden = false;
   $("log").replaceChildren();
   player = new StreamplanePlayer({
-    Hls,
+    format,
+    Hls: format === "hls" ? library : null,
+    dashjs: format === "dash" ? library : null,
     video: $("video"),
     playback,
     catalogTitle: titles.find((t) => t.id === title) || null,
@@ -210,6 +234,7 @@ function render() {
   if (!p) return;
   const s = p.state;
   const rung = s.rung === null ? null : p.abrRungs && p.abrRungs[s.rung];
+  $("s-format").textContent = `${s.format.toUpperCase()} · ${s.library}`;
   $("s-phase").textContent = s.fatal ? `failed: ${s.fatal}` : s.phase;
   $("s-position").textContent = `${fmt(s.position)} s (played ${fmt(s.playedS, 0)} s)`;
   $("s-buffer").textContent = `${fmt(s.bufferS)} s (fills to ${p.maxBufferS} s)`;
@@ -324,6 +349,7 @@ async function main() {
   const params = new URLSearchParams(location.search);
   if (params.has("loop")) $("loop").checked = params.get("loop") !== "0";
   if (params.has("buffer")) $("buffer").value = params.get("buffer");
+  if (FORMATS.includes(params.get("format"))) $("format").value = params.get("format");
 
   $("signin-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -361,18 +387,13 @@ async function main() {
   });
   $("stop").addEventListener("click", () => guarded(stop));
   $("title").addEventListener("change", describeTitle);
+  $("format").addEventListener("change", () => guarded(() => prepare($("format").value)));
   window.addEventListener("pagehide", () => {
     if (player) player.stop();
   });
   setInterval(render, 500);
 
-  try {
-    Hls = await loadHls();
-  } catch (err) {
-    $("play").disabled = err instanceof PlayerSetupError;
-    if (err instanceof PlayerSetupError && err.vendorMissing) $("setup").hidden = false;
-    else say(err.message, { error: true });
-  }
+  await prepare($("format").value);
   await guarded(showSignedIn);
 }
 
