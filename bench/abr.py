@@ -2,17 +2,17 @@
 
 Method: every algorithm plays the same title over the same network traces in the trace-driven
 simulator (streamplane.player.sim: one request at a time, latency per request, 30 s maximum
-buffer, playback from the first segment, abandonment offered every 0.25 s). The title is a
-real streamplane encode (its rungs' average bitrates, every segment's real size and VMAF and
-its uneven segment durations), played back to back until it lasts `--duration` seconds. The
-traces are seeded sets of three kinds (3G-like, LTE-like, broadband-like, each with drops and
-recoveries; see streamplane.player.traces), generated from `--seed`, which is not the seed the
-algorithm's parameters were tuned on (5). Per set, one row per algorithm: the mean over the
-set's traces of Pensieve's linear QoE per segment (bitrate Mbps - 4.3 x rebuffer s -
-|bitrate change| Mbps), the average bitrate and VMAF, rebuffering (seconds per session, ratio
-of session time, stalls), startup delay, switches and their average size, and abandoned
-requests. The goal (issue 5): streamplane's algorithm has the best mean QoE on every set with a
-rebuffer ratio no higher than BOLA-E's. A comparison, not a pass/fail check.
+buffer, playback from the first segment, abandonment offered every 0.25 s). The title is a real
+streamplane encode (its rungs' average bitrates, every segment's real size and VMAF and its
+uneven segment durations), played back to back until it lasts `--duration` seconds. The traces
+are seeded sets of three kinds (3G-like, LTE-like, broadband-like, each with drops and
+recoveries; see streamplane.player.traces), generated from `--seed`; the default is none of the
+seeds streamplane's parameters were tuned on (3, 5, 7, 11, 13, 19, 23, 29). Per set, one row per
+algorithm: the mean over the set's traces of Pensieve's linear QoE per segment (bitrate Mbps -
+4.3 x rebuffer s - |bitrate change| Mbps), the average bitrate and VMAF, rebuffering (seconds
+per session, ratio of session time, stalls), startup delay, switches and their average size, and
+abandoned requests. The goal (issue 5): streamplane's algorithm has the best mean QoE on every
+set with a rebuffer ratio no higher than BOLA-E's. A comparison, not a pass/fail check.
 
     .venv/bin/python bench/abr.py [--title catalog/demo-mix] [--traces 20] [--seed 2024]
 """

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from streamplane.player import (
     ALGORITHMS,
     AbrError,
+    AbrState,
     Bba,
     Bola,
     BolaE,
@@ -16,10 +19,22 @@ from streamplane.player import (
     Progress,
     RungInfo,
     Streamplane,
+    StreamplaneParams,
     ThroughputRule,
     make_abr,
+    mpc_choice,
+    plan_value,
 )
-from streamplane.player.abr import bola_params, checked_choice, ewma_kbps, harmonic_mean_kbps
+from streamplane.player.abr import (
+    bola_params,
+    checked_choice,
+    ewma_kbps,
+    fetch,
+    harmonic_mean_kbps,
+    horizon_segments,
+    shortfall_cost,
+    throughput_estimate_kbps,
+)
 from tests.player.conftest import state
 
 # BBA with reservoir 25 % (7.5 s) and an upper reservoir of one segment (4 s): cushion 18.5 s,
@@ -167,3 +182,132 @@ def test_unknown_names_and_bad_rungs_are_errors() -> None:
 
     with pytest.raises(AbrError, match="rung 7"):
         checked_choice(Broken(), state())  # type: ignore[arg-type]
+
+
+# --- streamplane's MPC: hand-computed pieces ---------------------------------------------------
+
+# 1000/2000 kbps, two 4 s segments whose real sizes are 4 and 3 Mb at rung 0, 8 and 10 Mb at
+# rung 1; 30 s buffer, so the plan aims at 20 s and ending x short costs x^2 / 20.
+TWO = (RungInfo(1000.0, (4_000_000, 3_000_000)), RungInfo(2000.0, (8_000_000, 10_000_000)))
+
+
+def two_segments(buffer_s: float, last: int | None = 0, **kw: object) -> AbrState:
+    return state(buffer_s=buffer_s, last_rung=last, rungs=TWO, segment_durations_s=(4.0, 4.0), **kw)
+
+
+def test_fetch_waits_for_room_then_drains_and_stalls() -> None:
+    assert fetch(10.0, 2.0, 4.0, 30.0) == (12.0, 0.0)
+    assert fetch(28.0, 1.0, 4.0, 30.0) == (29.0, 0.0)  # waits until 26 s, no stall for that
+    assert fetch(1.0, 4.0, 4.0, 30.0) == (4.0, 3.0)  # dry after 1 s: a 3 s stall
+
+
+def test_shortfall_cost_is_quadratic_below_the_target() -> None:
+    assert shortfall_cost(25.0, 20.0, 1.0) == 0.0
+    assert shortfall_cost(14.5, 20.0, 1.0) == pytest.approx(5.5**2 / 20)
+    assert shortfall_cost(0.0, 20.0, 2.0) == pytest.approx(40.0)  # empty: 2 per second missing
+    assert shortfall_cost(5.0, 0.0, 1.0) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("plan", "value"),
+    [
+        # at 2 Mbps: rung 0 takes 2 s then 1.5 s, rung 1 4 s then 5 s
+        ((0, 0), 1 + 1 - 5.5**2 / 20),  # buffer 10 -> 12 -> 14.5
+        ((0, 1), 1 + 2 - 2 * 1.0 - 9**2 / 20),  # 10 -> 12 -> 11; the switch costs 2 x 1 Mbps
+        ((1, 0), 2 - 2 * 1.0 + 1 - 2 * 1.0 - 7.5**2 / 20),  # 10 -> 10 -> 12.5, two switches
+        ((1, 1), 2 - 2 * 1.0 + 2 - 11**2 / 20),  # 10 -> 10 -> 9
+    ],
+)
+def test_plan_value_two_rungs_two_segments(plan: tuple[int, int], value: float) -> None:
+    assert plan_value(two_segments(10.0), plan, 2000.0) == pytest.approx(value)
+
+
+def test_plan_value_charges_stalls_and_no_switch_before_the_first_segment() -> None:
+    # 1 Mbps from 1 s of buffer: 4 Mb takes 4 s, a 3 s stall; then 3 Mb in 3 s leaves 5 s
+    assert plan_value(two_segments(1.0), (0, 0), 1000.0) == pytest.approx(
+        1 - 4.3 * 3 + 1 - 15**2 / 20
+    )
+    first = two_segments(10.0, last=None)
+    assert plan_value(first, (1, 1), 2000.0) == pytest.approx(2 + 2 - 11**2 / 20)
+    with pytest.raises(AbrError, match="needs 2 rungs"):
+        plan_value(first, (1,), 2000.0)
+
+
+def test_mpc_choice_takes_the_best_plan() -> None:
+    # (0,0) is worth 0.4875, the best of the four above: stay low at 10 s of buffer
+    assert mpc_choice(two_segments(10.0), 2000.0) == 0
+    # from rung 1 with a full buffer at 8 Mbps: (1,1) keeps it full, 2 + 2 = 4; (0,0) is
+    # 1 - 2 x 1 + 1 = 0
+    assert mpc_choice(two_segments(26.0, last=1), 8000.0) == 1
+    # from 1 s of buffer at 1 Mbps, rung 1 would stall 7 s: down to 0
+    assert mpc_choice(two_segments(1.0, last=1), 1000.0) == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n_rungs=st.integers(1, 4),
+    n_seg=st.integers(1, 7),
+    next_segment=st.integers(0, 6),
+    buffer_s=st.floats(0.0, 26.0),
+    last=st.one_of(st.none(), st.integers(0, 3)),
+    kbps=st.floats(50.0, 20_000.0),
+    data=st.data(),
+)
+def test_mpc_choice_is_the_argmax_of_plan_value_over_one_switch_plans(
+    n_rungs: int,
+    n_seg: int,
+    next_segment: int,
+    buffer_s: float,
+    last: int | None,
+    kbps: float,
+    data: st.DataObject,
+) -> None:
+    rates = [300.0 * 2**k for k in range(n_rungs)]
+    rungs = tuple(
+        RungInfo(r, tuple(data.draw(st.integers(1, int(r * 12_000))) for _ in range(n_seg)))
+        for r in rates
+    )
+    s = state(
+        buffer_s=buffer_s,
+        rungs=rungs,
+        segment_durations_s=(4.0,) * n_seg,
+        next_segment=min(next_segment, n_seg - 1),
+        last_rung=None if last is None else min(last, n_rungs - 1),
+    )
+    span = len(horizon_segments(s, StreamplaneParams().horizon))
+    values = {
+        (a, b): plan_value(s, (a,) + (b,) * (span - 1), kbps)
+        for a in range(n_rungs)
+        for b in range(n_rungs)
+    }
+    best = max(values.values())
+    assert mpc_choice(s, kbps) == min(a for (a, _), v in values.items() if v == best)
+
+
+def test_throughput_estimate_falls_fast_and_rises_slowly() -> None:
+    # one sample: both EWMAs equal it (the zero-start correction)
+    assert throughput_estimate_kbps((Download(4_000_000, 2.0),)) == pytest.approx(2000.0)
+    # 2 s at 4 Mbps then 2 s at 1 Mbps: the fast EWMA (3 s) has moved further towards 1 Mbps
+    drop = (Download(8_000_000, 2.0), Download(2_000_000, 2.0))
+    a3, a8 = 0.5 ** (2 / 3), 0.5 ** (2 / 8)
+    fast = (a3 * (1 - a3) * 4000 + (1 - a3) * 1000) / (1 - 0.5 ** (4 / 3))
+    slow = (a8 * (1 - a8) * 4000 + (1 - a8) * 1000) / (1 - 0.5 ** (4 / 8))
+    assert fast < slow
+    assert throughput_estimate_kbps(drop) == pytest.approx(fast)
+    # the reverse, a spike: now the slow one is lower and rules
+    spike = (Download(2_000_000, 2.0), Download(8_000_000, 2.0))
+    assert throughput_estimate_kbps(spike) == pytest.approx(
+        (a8 * (1 - a8) * 1000 + (1 - a8) * 4000) / (1 - 0.5 ** (4 / 8))
+    )
+
+
+def test_streamplane_uses_real_sizes_of_the_coming_segments() -> None:
+    # 4 Mbps, full buffer, three segments: on nominal sizes it steps up (value 4 against 3);
+    # when rung 1's next two segments are 40 Mb (10 s each), holding rung 1 would end at 14 s,
+    # 6 - 2 - 36/20 = 2.2 < 3: it stays.
+    nominal = (RungInfo(1000.0, (4_000_000,) * 3), RungInfo(2000.0, (8_000_000,) * 3))
+    heavy = (nominal[0], RungInfo(2000.0, (8_000_000, 40_000_000, 40_000_000)))
+    fast = (Download(8_000_000, 2.0),)
+    kw = {"buffer_s": 26.0, "last_rung": 0, "segment_durations_s": (4.0,) * 3, "downloads": fast}
+    assert Streamplane().choose(state(rungs=nominal, **kw)) == 1
+    assert Streamplane().choose(state(rungs=heavy, **kw)) == 0

@@ -926,11 +926,14 @@ async def _serve(config: EdgeSettings, keyring: dict[str, str], index: int) -> N
         while True:
             if os.getppid() != supervisor:  # the supervisor died: do not serve on, orphaned
                 stop.set()
-            now = time.monotonic()
-            for conn in list(worker.connections):
-                conn.check_deadline(now)
-            if n % 4 == 0:
-                worker.tick()
+            try:
+                now = time.monotonic()
+                for conn in list(worker.connections):
+                    conn.check_deadline(now)
+                if n % 4 == 0:
+                    worker.tick()
+            except Exception as exc:  # a bug; the ticker must live on to see the supervisor go
+                print(f"edge worker {index}: tick failed: {exc!r}", file=sys.stderr)
             n += 1
             await asyncio.sleep(0.25)
 

@@ -25,6 +25,9 @@ from streamplane.player.abr import (
     Download,
     Progress,
     RungInfo,
+    StreamplaneParams,
+    horizon_segments,
+    plan_value,
     streamplane_abandon,
     streamplane_choose,
 )
@@ -48,13 +51,26 @@ def _s(**kw: Any) -> AbrState:
     return AbrState(**base)
 
 
+def _nominal(rates: tuple[float, ...], n: int, seg_s: float = 4.0) -> tuple[RungInfo, ...]:
+    return tuple(RungInfo(r, (int(r * 1000 * seg_s),) * n) for r in rates)
+
+
 def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
-    """(why, call, state, progress, expected). Ladder 500/1000/2000 kbps, 4 s segments, 30 s
-    buffer: reservoir 6 s, upper reservoir 4 s, cushion 20 s, f(B) = 500 + (B-6)/20 x 1500."""
+    """(why, call, state, progress, expected). 4 s segments, 30 s buffer: the plan aims to end at
+    20 s (2/3 of it), ending short by x costs x^2 / 20; a planned switch costs 2 x its change
+    in Mbps; a second of stall 4.3. Plans are (rung of the next segment, rung of the rest)."""
     flat = tuple(
         RungInfo(r.bitrate_kbps, (int(r.bitrate_kbps * 4000),) * 5, (v,) * 5)
         for r, v in zip(_LADDER, (80.0, 90.0, 90.3), strict=True)
     )
+    two = (1000.0, 2000.0)
+    big = (
+        RungInfo(1000.0, (4_000_000,) * 3),
+        RungInfo(2000.0, (8_000_000, 40_000_000, 40_000_000)),
+    )
+    at_2m = (Download(4_000_000, 2.0),)  # 2 Mbps
+    at_4m = (Download(8_000_000, 2.0),)  # 4 Mbps
+    three = (4.0, 4.0, 4.0)
     inflight = Progress(rung=2, bits_done=1_000_000, bits_total=8_000_000, elapsed_s=2.0)
     return [
         (
@@ -72,48 +88,82 @@ def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
             None,
             1,
         ),
-        ("steady, buffer 3 s under the 6 s reservoir: lowest", "choose", _s(buffer_s=3.0), None, 0),
         (
-            "steady, no samples, buffer 26 s = reservoir + cushion: top",
+            "steady without a throughput sample: lowest rung",
             "choose",
             _s(buffer_s=26.0, last_rung=1),
             None,
-            2,
+            0,
         ),
         (
-            "hysteresis: f(16) = 1250 lies between Rate- = 500 and Rate+ = 2000: stay at 1",
+            "ladder 1 and 2 Mbps, 2 segments left, 2 Mbps, buffer 10 s, from rung 0: (0,0) "
+            "ends at 14 s: 2 - 36/20 = 0.2; (0,1) 12 s: 3 - 2 - 64/20 = -2.2; (1,0) 12 s: "
+            "3 - 4 - 3.2 = -4.2; (1,1) 10 s: 4 - 2 - 5 = -3: stay at 0",
             "choose",
-            _s(buffer_s=16.0, last_rung=1),
+            _s(
+                buffer_s=10.0,
+                last_rung=0,
+                rungs=_nominal(two, 2),
+                segment_durations_s=(4.0, 4.0),
+                downloads=at_2m,
+            ),
+            None,
+            0,
+        ),
+        (
+            "ladder 1 and 2 Mbps, 3 segments left, 4 Mbps, buffer 26 s (full: 30 - 4), from "
+            "rung 0: (0,0) stays full: 3; (1,1) ends at 28 s: 6 - 2 = 4; (0,1): 5 - 2 = 3: "
+            "step up",
+            "choose",
+            _s(
+                buffer_s=26.0,
+                last_rung=0,
+                rungs=_nominal(two, 3),
+                segment_durations_s=three,
+                downloads=at_4m,
+            ),
             None,
             1,
         ),
         (
-            "hysteresis: f(16) = 1250 > Rate- = 1000 from rung 2: stay at 2",
+            "the same, but rung 1's next two segments are 40 Mb (10 s each at 4 Mbps): (1,1) "
+            "ends at 14 s: 6 - 2 - 36/20 = 2.2 < (0,0)'s 3: the real sizes keep it at 0",
             "choose",
-            _s(buffer_s=16.0, last_rung=2),
+            _s(
+                buffer_s=26.0,
+                last_rung=0,
+                rungs=big,
+                segment_durations_s=three,
+                downloads=at_4m,
+            ),
             None,
-            2,
+            0,
         ),
         (
-            "throughput-aware ramp: map says 0 at 10 s, but 4 Mbps x 0.938 sustains 2 Mbps "
-            "(ratio 0.53 <= 0.9) and the buffer stays above 4 s",
+            "ladder 1 and 2 Mbps, 2 segments, 2 Mbps, buffer 3 s, from rung 1: (1,1) stalls 1 s: "
+            "4 - 4.3 - 256/20 = -13.1; (0,0) ends at 7 s: 2 - 2 - 169/20 = -8.45: step down",
             "choose",
-            _s(buffer_s=10.0, last_rung=0, downloads=(Download(4_000_000, 1.0),)),
+            _s(
+                buffer_s=3.0,
+                last_rung=1,
+                rungs=_nominal(two, 2),
+                segment_durations_s=(4.0, 4.0),
+                downloads=at_2m,
+            ),
             None,
-            2,
+            0,
         ),
         (
-            "lookahead cap: map holds 2 at 20 s, but at 0.977 Mbps five 8 Mb segments take the "
-            "buffer to 3.4 s < 4 s; rung 1 drains 0.1 s a segment",
+            "VMAF trim: at 16 Mbps with a full buffer the plan takes rung 2, but rung 2 adds "
+            "0.3 VMAF over rung 1 (< 0.5)",
             "choose",
-            _s(buffer_s=20.0, last_rung=2, downloads=(Download(1_000_000, 1.0),)),
-            None,
-            1,
-        ),
-        (
-            "VMAF trim: map says top, but rung 2 adds 0.3 VMAF over rung 1 (< 0.5)",
-            "choose",
-            _s(buffer_s=26.0, last_rung=1, rungs=flat, segment_durations_s=(4.0,) * 5),
+            _s(
+                buffer_s=26.0,
+                last_rung=1,
+                rungs=flat,
+                segment_durations_s=(4.0,) * 5,
+                downloads=(Download(16_000_000, 1.0),),
+            ),
             None,
             1,
         ),
@@ -138,6 +188,27 @@ def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
             _s(buffer_s=5.0, last_rung=2),
             Progress(rung=2, bits_done=250_000, bits_total=8_000_000, elapsed_s=0.5),
             None,
+        ),
+    ]
+
+
+def _hand_plans() -> list[tuple[str, AbrState, tuple[int, ...], float, float]]:
+    """(why, state, plan, kbps, value) for `plan_value`: ladder 1 and 2 Mbps, 2 segments of 4 s
+    whose real sizes are 4 and 3 Mb at rung 0, 8 and 10 Mb at rung 1; 30 s buffer, target 20 s."""
+    rungs = (RungInfo(1000.0, (4_000_000, 3_000_000)), RungInfo(2000.0, (8_000_000, 10_000_000)))
+    s = _s(buffer_s=10.0, last_rung=0, rungs=rungs, segment_durations_s=(4.0, 4.0))
+    low = _s(buffer_s=1.0, last_rung=0, rungs=rungs, segment_durations_s=(4.0, 4.0))
+    return [
+        ("(0,0) at 2 Mbps: 10 -> 12 -> 14.5 s; 1 + 1 - 5.5^2/20", s, (0, 0), 2000.0, 0.4875),
+        ("(0,1): 12 -> 11 s; 1 + 2 - 2 x 1 - 9^2/20", s, (0, 1), 2000.0, -3.05),
+        ("(1,0): 10 -> 12.5 s; 2 - 2 + 1 - 2 - 7.5^2/20", s, (1, 0), 2000.0, -3.8125),
+        ("(1,1): 10 -> 9 s; 2 - 2 + 2 - 11^2/20", s, (1, 1), 2000.0, -4.05),
+        (
+            "(0,0) at 1 Mbps from 1 s: stall 3 s, 4 -> 5 s; 1 - 12.9 + 1 - 15^2/20",
+            low,
+            (0, 0),
+            1000.0,
+            -22.15,
         ),
     ]
 
@@ -211,7 +282,9 @@ def _to_builtins(x: object) -> Any:
     return msgspec.to_builtins(x)
 
 
-def build_vectors(seed: int = SEED, n_choose: int = 240, n_abandon: int = 120) -> dict[str, Any]:
+def build_vectors(
+    seed: int = SEED, n_choose: int = 240, n_abandon: int = 120, n_plans: int = 80
+) -> dict[str, Any]:
     """All vectors as JSON-ready data (seeded expectations computed by the Python side)."""
     abr: list[dict[str, Any]] = []
     for why, call, state, progress, expected in _hand_abr():
@@ -223,6 +296,18 @@ def build_vectors(seed: int = SEED, n_choose: int = 240, n_abandon: int = 120) -
                 "state": _to_builtins(state),
                 "progress": None if progress is None else _to_builtins(progress),
                 "expected": expected,
+            }
+        )
+    for why, state, plan, kbps, value in _hand_plans():
+        abr.append(
+            {
+                "source": "hand",
+                "why": why,
+                "call": "plan_value",
+                "state": _to_builtins(state),
+                "plan": list(plan),
+                "kbps": kbps,
+                "expected": value,
             }
         )
     rng = np.random.default_rng(seed)
@@ -254,6 +339,23 @@ def build_vectors(seed: int = SEED, n_choose: int = 240, n_abandon: int = 120) -
                 "state": _to_builtins(state),
                 "progress": _to_builtins(progress),
                 "expected": streamplane_abandon(state, progress),
+            }
+        )
+    # plan values from a stream of their own, so adding them moved no other seeded case
+    plans = np.random.default_rng(seed + 1)
+    for _ in range(n_plans):
+        state = _random_state(plans)
+        n = len(horizon_segments(state, StreamplaneParams().horizon))
+        seq = [int(x) for x in plans.integers(0, len(state.rungs), n)]
+        kbps = round(float(plans.uniform(50, 20000)), 1)
+        abr.append(
+            {
+                "source": "seeded",
+                "call": "plan_value",
+                "state": _to_builtins(state),
+                "plan": seq,
+                "kbps": kbps,
+                "expected": plan_value(state, seq, kbps),
             }
         )
     cadence: list[dict[str, Any]] = [

@@ -1,6 +1,7 @@
 // streamplane's ABR algorithm and heartbeat cadence, for the browser player (and node).
 //
-// A port of src/streamplane/player/abr.py (streamplane_choose, streamplane_abandon) and
+// A port of src/streamplane/player/abr.py (streamplane_choose, mpc_choice, plan_value, fetch,
+// shortfall_cost, streamplane_abandon) and
 // src/streamplane/player/cadence.py, from the same specification (docs/abr.md). Both are pure
 // functions of plain objects whose field names are the Python structs' (snake_case), so the
 // shared vectors in src/streamplane/player/vectors.json feed both unchanged; tests/player runs
@@ -16,15 +17,14 @@
 // progress = {rung, bits_done, bits_total, elapsed_s}
 
 export const DEFAULT_PARAMS = Object.freeze({
-  safety: 0.9,
-  safety_full: 1.0,
   fast_half_life_s: 3.0,
   slow_half_life_s: 8.0,
-  reservoir_frac: 0.2,
-  upper_frac: 0.1,
   horizon: 5,
-  floor_s: 4.0,
-  up_margin: 0.9,
+  rebuffer_penalty: 4.3,
+  switch_weight: 2.0,
+  target_frac: 2 / 3,
+  target_weight: 1.0,
+  safety: 0.9,
   start_fraction: 0.5,
   vmaf_min_gain: 0.5,
   abandon_after_s: 1.0,
@@ -81,44 +81,6 @@ function highestFitting(values, limit) {
   return best;
 }
 
-function bbaMap(state, reservoirFrac, upperFrac) {
-  const reservoir = reservoirFrac * state.max_buffer_s;
-  const upper = Math.max(upperFrac * state.max_buffer_s, state.segment_s);
-  return [reservoir, Math.max(state.max_buffer_s - reservoir - upper, 1e-9)];
-}
-
-function mapValue(reservoir, cushion, low, high, b) {
-  if (b <= reservoir) return low;
-  if (b >= reservoir + cushion) return high;
-  return low + ((b - reservoir) / cushion) * (high - low);
-}
-
-// Huang et al., Algorithm 1: move only when f(B) crosses Rate+ or Rate-.
-function bbaChoice(values, reservoir, cushion, low, high, b, last) {
-  const top = values.length - 1;
-  if (b <= reservoir) return 0;
-  if (b >= reservoir + cushion) return top;
-  const prev = last === null || last === undefined ? 0 : Math.min(Math.max(last, 0), top);
-  const fb = mapValue(reservoir, cushion, low, high, b);
-  const plus = values[Math.min(prev + 1, top)];
-  const minus = values[Math.max(prev - 1, 0)];
-  if (fb >= plus) {
-    let best = -1;
-    values.forEach((v, i) => {
-      if (v < fb) best = Math.max(best, i);
-    });
-    return best >= 0 ? best : 0;
-  }
-  if (fb <= minus) {
-    let best = -1;
-    values.forEach((v, i) => {
-      if (v > fb && best < 0) best = i;
-    });
-    return best >= 0 ? best : top;
-  }
-  return prev;
-}
-
 function horizon(state, h) {
   const i = state.next_segment;
   let n = list(state.segment_durations_s).length;
@@ -129,14 +91,92 @@ function horizon(state, h) {
   return out;
 }
 
-function survives(state, rung, bps, window, floor) {
-  let b = state.buffer_s;
-  for (const k of window) {
-    b -= segmentBits(state, rung, k) / bps;
-    if (b < floor) return false;
-    b = Math.min(b + segmentDuration(state, k), state.max_buffer_s);
+// One planned request, in the simulator's model: wait until the segment fits under the maximum
+// (no stall), download while the buffer drains, stall if it runs dry, add the segment.
+// Returns [buffer after, stall seconds].
+export function fetchStep(bufferS, downloadS, durationS, maxBufferS) {
+  const b = Math.min(bufferS, Math.max(maxBufferS - durationS, 0.0));
+  const stall = Math.max(downloadS - b, 0.0);
+  return [Math.max(b - downloadS, 0.0) + durationS, stall];
+}
+
+// Quadratic, so that a second of buffer is cheap near the target and dear near empty.
+export function shortfallCost(bufferS, targetS, weight) {
+  if (targetS <= 0) return 0.0;
+  const short = Math.max(targetS - bufferS, 0.0);
+  return (weight * short * short) / targetS;
+}
+
+/** The MPC objective of fetching the horizon at plan's rungs when the network carries kbps. */
+export function planValue(state, plan, kbps, params = DEFAULT_PARAMS) {
+  const p = { ...DEFAULT_PARAMS, ...params };
+  const window = horizon(state, p.horizon);
+  if (plan.length !== window.length) {
+    throw new Error(`a plan needs ${window.length} rungs for this horizon, got ${plan.length}`);
   }
-  return true;
+  const bps = kbps * 1000.0;
+  let b = state.buffer_s;
+  let value = 0.0;
+  let prev = state.last_rung === undefined ? null : state.last_rung;
+  window.forEach((k, j) => {
+    const r = plan[j];
+    const mbps = state.rungs[r].bitrate_kbps / 1000.0;
+    let stall;
+    [b, stall] = fetchStep(
+      b, segmentBits(state, r, k) / bps, segmentDuration(state, k), state.max_buffer_s,
+    );
+    value += mbps - p.rebuffer_penalty * stall;
+    if (prev !== null) value -= p.switch_weight * Math.abs(mbps - state.rungs[prev].bitrate_kbps / 1000.0);
+    prev = r;
+  });
+  return value - shortfallCost(b, p.target_frac * state.max_buffer_s, p.target_weight);
+}
+
+// The first rung of the best plan "rung a for the next segment, rung b for the rest of the
+// horizon": planValue's values to the bit (same operations, same order), the first step shared.
+export function mpcChoice(state, kbps, params = DEFAULT_PARAMS) {
+  const p = { ...DEFAULT_PARAMS, ...params };
+  const n = state.rungs.length;
+  const window = horizon(state, p.horizon);
+  const bps = kbps * 1000.0;
+  const mbps = state.rungs.map((r) => r.bitrate_kbps / 1000.0);
+  const durations = window.map((k) => segmentDuration(state, k));
+  const room = durations.map((d) => Math.max(state.max_buffer_s - d, 0.0));
+  const times = window.map((k) => {
+    const row = [];
+    for (let r = 0; r < n; r++) row.push(segmentBits(state, r, k) / bps);
+    return row;
+  });
+  const target = p.target_frac * state.max_buffer_s;
+  const penalty = p.rebuffer_penalty;
+  const weight = p.switch_weight;
+  const last = state.last_rung === undefined ? null : state.last_rung;
+  let best = 0;
+  let bestValue = -Infinity;
+  for (let a = 0; a < n; a++) {
+    const [b0, stall0] = fetchStep(state.buffer_s, times[0][a], durations[0], state.max_buffer_s);
+    let head = mbps[a] - penalty * stall0;
+    if (last !== null) head -= weight * Math.abs(mbps[a] - mbps[last]);
+    let valueA = -Infinity;
+    for (let r = 0; r < n; r++) {
+      let b = b0;
+      let value = head;
+      for (let j = 1; j < window.length; j++) {
+        b = Math.min(b, room[j]);
+        const t = times[j][r];
+        value += mbps[r] - penalty * Math.max(t - b, 0.0);
+        b = Math.max(b - t, 0.0) + durations[j];
+        if (j === 1) value -= weight * Math.abs(mbps[r] - mbps[a]);
+      }
+      value -= shortfallCost(b, target, p.target_weight);
+      if (value > valueA) valueA = value;
+    }
+    if (valueA > bestValue) {
+      best = a;
+      bestValue = valueA;
+    }
+  }
+  return best;
 }
 
 function vmafTrim(state, rung, window, p) {
@@ -158,38 +198,16 @@ export function chooseRung(state, params = DEFAULT_PARAMS) {
   if (n === 1) return 0;
   const i = state.next_segment;
   const c = throughputEstimateKbps(state.downloads, p.fast_half_life_s, p.slow_half_life_s);
+  if (c === null) return 0; // nothing measured: the lowest rung is the one that cannot stall for long
   const window = horizon(state, p.horizon);
   if (state.phase !== "steady") {
-    if (c === null) return 0;
     const budget = p.start_fraction * segmentDuration(state, i);
     const bps = p.safety * c * 1000.0;
     const fits = [];
     for (let r = 0; r < n; r++) fits.push(segmentBits(state, r, i) / bps);
     return vmafTrim(state, highestFitting(fits, budget), window, p);
   }
-  const [reservoir, cushion] = bbaMap(state, p.reservoir_frac, p.upper_frac);
-  const rates = state.rungs.map((r) => r.bitrate_kbps);
-  let candidate = bbaChoice(
-    rates, reservoir, cushion, rates[0], rates[n - 1], state.buffer_s, state.last_rung,
-  );
-  if (c !== null) {
-    const fill = Math.min(
-      Math.max(state.buffer_s / Math.max(state.max_buffer_s - state.segment_s, 1e-9), 0.0),
-      1.0,
-    );
-    const bps = (p.safety + (p.safety_full - p.safety) * fill) * c * 1000.0;
-    const play = window.reduce((a, k) => a + segmentDuration(state, k), 0);
-    const last = state.last_rung === null || state.last_rung === undefined ? -1 : state.last_rung;
-    let sustainable = 0;
-    for (let r = 0; r < n; r++) {
-      const ratio = window.reduce((a, k) => a + segmentBits(state, r, k), 0) / bps / play;
-      if (ratio <= (r <= last ? 1.0 : p.up_margin)) sustainable = r;
-    }
-    candidate = Math.max(candidate, sustainable);
-    const floor = Math.min(p.floor_s, 0.5 * state.buffer_s);
-    while (candidate > 0 && !survives(state, candidate, bps, window, floor)) candidate -= 1;
-  }
-  return vmafTrim(state, candidate, window, p);
+  return vmafTrim(state, mpcChoice(state, c, p), window, p);
 }
 
 /** A lower rung to re-request the in-flight segment at, or null to let it finish. */
