@@ -15,11 +15,15 @@ from hypothesis import strategies as st
 from streamplane.media.errors import PackagingError
 from streamplane.media.ffmpeg import run_ffmpeg
 from streamplane.media.fmp4 import (
+    Sample,
     iter_boxes,
     read_fragment,
     read_init,
+    read_samples,
     split_fragmented,
+    write_fragment,
 )
+from streamplane.media.package import AUDIO_FLAGS
 
 CMAF_FLAGS = ["-f", "mp4", "-movflags", "cmaf+frag_keyframe+empty_moov+default_base_moof"]
 VIDEO_SRC = ["-f", "lavfi", "-i", "testsrc2=s=320x180:r=25"]
@@ -225,6 +229,7 @@ def sample_entry_init(
     tkhd_version: int = 0,
     timescale: int = 90000,
     trex: tuple[int, int] | None = (0, 0),
+    edts: bytes = b"",
 ) -> bytes:
     """A minimal one-track moov, enough for `read_init`."""
     child = box(config_box, config)
@@ -262,7 +267,7 @@ def sample_entry_init(
         times + bytes(8 + 8 + 36) + struct.pack(">II", 1920 << 16, 1080 << 16),
     )
     minf = box("minf", box("stbl", stsd))
-    trak = box("trak", tkhd + box("mdia", mdhd + hdlr + minf))
+    trak = box("trak", tkhd + edts + box("mdia", mdhd + hdlr + minf))
     mvex = b""
     if trex is not None:
         mvex = box("mvex", full("trex", 0, 0, struct.pack(">5I", 7, 1, trex[0], 0, trex[1])))
@@ -549,3 +554,144 @@ def test_large_and_to_end_sizes_in_a_file() -> None:
     init, segments = split_fragmented(raw)
     assert init == FTYP + box("moov", large=True)
     assert read_fragment(segments[0]).duration == 10
+
+
+# -------------------------------------------------------------------------------------------
+# Edit lists, samples, and writing fragments
+
+
+def elst(entries: list[tuple[int, int, int]], version: int = 0) -> bytes:
+    """An edts box holding one elst of (segment_duration, media_time, rate) entries."""
+    fmt = ">QqI" if version == 1 else ">IiI"
+    rows = b"".join(struct.pack(fmt, *e) for e in entries)
+    return box("edts", full("elst", version, 0, struct.pack(">I", len(entries)) + rows))
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_edit_list_media_time(version: int) -> None:
+    def init(edts: bytes) -> bytes:
+        return sample_entry_init("mp4a", "esds", esds(b"\x11\x90"), audio=True, edts=edts)
+
+    assert read_init(init(b"")).media_time == 0
+    assert read_init(init(elst([(0, 1024, 0x10000)], version))).media_time == 1024
+    # a duration covering the whole track is the non-fragmented way of saying the same
+    assert read_init(init(elst([(48000, 2112, 0x10000)], version))).media_time == 2112
+    for entries, message in (
+        ([(0, 1024, 0x10000), (0, 0, 0x10000)], "2 entries"),
+        ([(1000, -1, 0x10000)], "empty edit"),
+        ([(0, 1024, 0x20000)], "media rate 2"),
+    ):
+        with pytest.raises(PackagingError, match=message):
+            read_init(init(elst(entries, version)))
+
+
+def test_ffmpeg_audio_mux_has_the_priming_in_its_edit_list(tmp_path: Path) -> None:
+    """The packager's audio mux: one fragment per AAC frame, the priming in the edit list, and
+    samples that regroup into fragments which read back the same."""
+    out = tmp_path / "a.mp4"
+    run_ffmpeg(
+        [
+            *("-f", "lavfi", "-i", "sine=sample_rate=48000:duration=1"),
+            *("-c:a", "aac", "-ac", "2", "-f", "mp4", "-movflags", AUDIO_FLAGS),
+            *("-use_editlist", "1", str(out)),
+        ],
+        "audio mux",
+    )
+    init, fragments = split_fragmented(out.read_bytes())
+    track = read_init(init)
+    assert (track.handler, track.timescale, track.media_time) == ("soun", 48000, 1024)
+    samples = [
+        s
+        for f in fragments
+        for s in read_samples(f, track.default_sample_duration, track.default_sample_flags)
+    ]
+    assert len(samples) == len(fragments)  # a fragment per frame
+    for fragment, sample in zip(fragments, samples, strict=True):
+        mdat = next(b for b in iter_boxes(fragment) if b.type == "mdat")
+        assert sample.data == fragment[mdat.payload_start : mdat.end]
+        assert sample.is_sync and sample.composition_offset == 0
+    # priming + one second, the last frame shortened to where the input ends
+    assert sum(s.duration for s in samples) == 1024 + 48000
+    assert samples[0].decode_time == 0
+    regrouped = [
+        write_fragment(n, track.track_id, part)
+        for n, part in ((1, samples[:20]), (2, samples[20:]))
+    ]
+    assert [s for f in regrouped for s in read_samples(f)] == samples
+    infos = [read_fragment(f) for f in regrouped]
+    assert [i.base_media_decode_time for i in infos] == [0, samples[20].decode_time]
+    assert [i.sequence_number for i in infos] == [1, 2]
+    # what ffmpeg reads back from the regrouped track: every frame, the priming skipped
+    whole = tmp_path / "whole.mp4"
+    whole.write_bytes(init + b"".join(regrouped))
+    with av.open(str(whole)) as container:
+        stream = container.streams.audio[0]
+        packets = [p for p in container.demux(stream) if p.size]
+        assert [bytes(p) for p in packets] == [s.data for s in samples]
+        assert packets[0].pts == -1024
+
+
+samples_strategy = st.lists(
+    st.tuples(
+        st.integers(1, 5000),  # duration
+        st.integers(-3000, 3000),  # composition offset
+        st.sampled_from([0x02000000, 0x01010000, 0x00000000]),  # sample flags
+        st.binary(min_size=0, max_size=30),
+    ),
+    min_size=1,
+    max_size=40,
+)
+
+
+@settings(max_examples=80)
+@given(samples_strategy, st.integers(0, 2**40), st.integers(1, 2**32 - 1), st.booleans())
+def test_written_fragments_read_back(
+    rows: list[tuple[int, int, int, bytes]], start: int, seq: int, same: bool
+) -> None:
+    if same:  # all alike: the tfhd defaults carry duration and flags, no offsets
+        rows = [(rows[0][0], 0, rows[0][2], data) for _, _, _, data in rows]
+    samples, t = [], start
+    for duration, offset, flags, data in rows:
+        samples.append(Sample(t, duration, offset, flags, data))
+        t += duration
+    segment = write_fragment(seq, 7, samples)
+    assert read_samples(segment) == samples
+    info = read_fragment(segment)
+    assert (info.sequence_number, info.track_id, info.base_media_decode_time) == (seq, 7, start)
+    assert info.duration == t - start and info.sample_count == len(samples)
+    assert info.sample_bytes == sum(len(s.data) for s in samples)
+    assert info.first_sample_is_sync is samples[0].is_sync
+    # a file of such fragments splits back into them
+    raw = FTYP + box("moov") + segment + write_fragment(seq + 1, 7, [Sample(t, 5, 0, 0, b"x")])
+    assert split_fragmented(raw)[1][0] == segment
+
+
+def test_write_fragment_errors() -> None:
+    with pytest.raises(PackagingError, match="at least one sample"):
+        write_fragment(1, 1, [])
+    with pytest.raises(PackagingError, match="do not follow"):
+        write_fragment(1, 1, [Sample(0, 10, 0, 0, b"a"), Sample(11, 10, 0, 0, b"b")])
+
+
+def test_read_samples_errors() -> None:
+    good = write_fragment(1, 1, [Sample(0, 10, 0, 0, b"abc")])
+    assert read_samples(good + good)[1] == read_samples(good)[0]  # two moof+mdat pairs
+    # the synthetic moof's data offset (0) points at the moof itself, not into the mdat
+    with pytest.raises(PackagingError, match="outside its mdat"):
+        read_samples(moof(1, 0, [1], [3]) + box("mdat", bytes(3)))
+    with pytest.raises(PackagingError, match="no mdat"):
+        read_samples(good[: next(b for b in iter_boxes(good) if b.type == "mdat").start])
+    with pytest.raises(PackagingError, match="has no moof"):
+        read_samples(box("mdat", b"abc"))
+    with pytest.raises(PackagingError, match="unexpected box"):
+        read_samples(good + box("junk"))
+    with pytest.raises(PackagingError, match="no samples"):
+        read_samples(b"")
+    absolute = box(
+        "traf",
+        full("tfhd", 0, 0x01, struct.pack(">IQ", 1, 0))
+        + full("tfdt", 1, 0, struct.pack(">Q", 0))
+        + full("trun", 0, 0, bytes(4)),
+    )
+    with pytest.raises(PackagingError, match="absolute data offsets"):
+        read_samples(box("moof", full("mfhd", 0, 0, bytes(4)) + absolute) + box("mdat"))

@@ -23,16 +23,6 @@ from streamplane.media.title import Title
 from tests.conftest import SMALL
 
 
-@pytest.fixture(scope="module")
-def package(tiny_package: Path) -> Path:
-    return tiny_package
-
-
-@pytest.fixture(scope="module")
-def title(package: Path) -> Title:
-    return load_title(package)
-
-
 def test_package_has_every_file_title_json_names(package: Path, title: Title) -> None:
     assert (package / "master.m3u8").is_file() and (package / "manifest.mpd").is_file()
     assert len(title.rungs) >= 2

@@ -1,9 +1,11 @@
 """A small reader for fragmented MP4 (ISO-BMFF / CMAF) as ffmpeg writes it.
 
-It does three things the packager needs and nothing more: cut a fragmented file into an init
-segment and media segments, read what a manifest must say about the track (timescale, codec
-string, picture or audio format), and read each fragment's timing. Everything here is pure:
-bytes in, dataclasses out; malformed input raises `PackagingError`.
+It does what the packager needs and nothing more: cut a fragmented file into an init segment
+and media segments, read what a manifest must say about the track (timescale, codec string,
+picture or audio format, the edit list's media_time), read each fragment's timing, and read a
+fragment's samples and write samples back as one fragment (to regroup audio frames into
+segments). Everything here is pure: bytes in, dataclasses or bytes out; malformed input raises
+`PackagingError`.
 
 References: ISO/IEC 14496-12 (boxes), ISO/IEC 14496-15 (avcC, hvcC and the codec strings of
 Annex E), ISO/IEC 14496-1 and -3 (esds, AudioSpecificConfig), the VP Codec ISO Media File Format
@@ -12,8 +14,9 @@ Binding (vpcC) and the AV1 Codec ISO Media File Format Binding (av1C), RFC 6381.
 
 from __future__ import annotations
 
+import itertools
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from streamplane.media.errors import PackagingError
@@ -21,11 +24,14 @@ from streamplane.media.errors import PackagingError
 __all__ = [
     "Box",
     "FragmentInfo",
+    "Sample",
     "TrackInit",
     "iter_boxes",
     "read_fragment",
     "read_init",
+    "read_samples",
     "split_fragmented",
+    "write_fragment",
 ]
 
 
@@ -64,6 +70,9 @@ class TrackInit:
     # From the trex box; fragments that carry no durations or flags of their own fall back on them.
     default_sample_duration: int | None = None
     default_sample_flags: int | None = None
+    # From the edit list: the composition time presented first, in ticks of the track timescale
+    # (an AAC track's priming samples are skipped this way). 0 without an edit list.
+    media_time: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,21 @@ class FragmentInfo:
         return self.first_sample_is_sync
 
 
+@dataclass(frozen=True)
+class Sample:
+    """One sample of a fragment: where it sits on the track's timeline, and its bytes."""
+
+    decode_time: int  # ticks of the track timescale
+    duration: int
+    composition_offset: int  # composition time = decode_time + composition_offset
+    flags: int  # ISO/IEC 14496-12 sample flags
+    data: bytes
+
+    @property
+    def is_sync(self) -> bool:
+        return not self.flags & _SAMPLE_IS_NON_SYNC
+
+
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 
@@ -94,6 +118,7 @@ _TFHD_SAMPLE_DESCRIPTION_INDEX = 0x000002
 _TFHD_DEFAULT_DURATION = 0x000008
 _TFHD_DEFAULT_SIZE = 0x000010
 _TFHD_DEFAULT_FLAGS = 0x000020
+_TFHD_DEFAULT_BASE_IS_MOOF = 0x020000
 # trun flags
 _TRUN_DATA_OFFSET = 0x000001
 _TRUN_FIRST_SAMPLE_FLAGS = 0x000004
@@ -103,6 +128,7 @@ _TRUN_FLAGS = 0x000400
 _TRUN_CTO = 0x000800
 # sample flags
 _SAMPLE_IS_NON_SYNC = 0x00010000
+_ELST_RATE_ONE = 0x00010000  # media_rate_integer 1, media_rate_fraction 0
 
 _VIDEO_ENTRIES = frozenset({"avc1", "avc3", "hvc1", "hev1", "vp09", "av01"})
 _AUDIO_ENTRIES = frozenset({"mp4a", "Opus", "fLaC"})
@@ -243,6 +269,7 @@ def read_init(init: bytes) -> TrackInit:
     track_id, tkhd_width, tkhd_height = _read_tkhd(init, tkhd)
     mdia = _only_child(init, trak, "mdia")
     timescale = _read_mdhd(init, _only_child(init, mdia, "mdhd"))
+    media_time = _read_edit_list(init, trak)
     hdlr = _only_child(init, mdia, "hdlr")
     handler = _read(init, hdlr.payload_start + 8, 4, hdlr).decode("latin-1")
     stbl = _only_child(init, _only_child(init, mdia, "minf"), "stbl")
@@ -267,6 +294,7 @@ def read_init(init: bytes) -> TrackInit:
             height=height or tkhd_height,
             default_sample_duration=default_duration,
             default_sample_flags=default_flags,
+            media_time=media_time,
         )
     if kind in _AUDIO_ENTRIES:
         fixed = _read(init, entry.payload_start, _AUDIO_ENTRY_FIXED, entry)
@@ -289,6 +317,7 @@ def read_init(init: bytes) -> TrackInit:
             sample_rate=(rate_fixed >> 16) or timescale,
             default_sample_duration=default_duration,
             default_sample_flags=default_flags,
+            media_time=media_time,
         )
     raise PackagingError(f"unsupported sample entry {kind!r} (handler {handler!r})")
 
@@ -356,6 +385,148 @@ def read_fragment(
     )
 
 
+def read_samples(
+    segment: bytes,
+    default_sample_duration: int | None = None,
+    default_sample_flags: int | None = None,
+) -> list[Sample]:
+    """Every sample of a media segment (one or more moof+mdat of one track), with its bytes.
+
+    Durations and flags fall back on the defaults as in `read_fragment`. Sample data must be
+    addressed from the moof (`default_base_moof`, or no base data offset at all) and lie in the
+    mdat that follows the moof.
+    """
+    samples: list[Sample] = []
+    pending: tuple[Box, _TrafTable] | None = None
+    for box in iter_boxes(segment):
+        if box.type == "moof":
+            if pending is not None:
+                raise PackagingError(f"moof at byte {pending[0].start} has no mdat")
+            trafs = list(_children(segment, box, "traf"))
+            if len(trafs) != 1:
+                raise PackagingError(f"expected one traf in the moof, found {len(trafs)}")
+            table = _traf_table(segment, trafs[0], default_sample_duration, default_sample_flags)
+            if table.absolute_base:
+                raise PackagingError(
+                    f"moof at byte {box.start} uses absolute data offsets; "
+                    "mux with -movflags default_base_moof"
+                )
+            pending = (box, table)
+        elif box.type == "mdat":
+            if pending is None:
+                raise PackagingError(f"mdat at byte {box.start} has no moof")
+            moof, table = pending
+            samples += _samples_of(segment, moof, table, box)
+            pending = None
+        elif box.type not in _SEGMENT_PREFIX:
+            raise PackagingError(f"unexpected box {box.type!r} in a media segment")
+    if pending is not None:
+        raise PackagingError(f"moof at byte {pending[0].start} has no mdat (truncated?)")
+    if not samples:
+        raise PackagingError("no samples in the media segment")
+    return samples
+
+
+def _samples_of(data: bytes, moof: Box, table: _TrafTable, mdat: Box) -> list[Sample]:
+    out = []
+    time = table.base_time
+    at = moof.start  # the first run without a data offset starts at the base: the moof
+    for run in table.runs:
+        if run.data_offset is not None:
+            at = moof.start + run.data_offset
+        for duration, size, flags, offset in zip(
+            run.durations, run.sizes, run.flags, run.composition_offsets, strict=True
+        ):
+            if at < mdat.payload_start or at + size > mdat.end:
+                raise PackagingError(
+                    f"a sample of the moof at byte {moof.start} lies at bytes {at}..{at + size}, "
+                    f"outside its mdat ({mdat.payload_start}..{mdat.end})"
+                )
+            out.append(Sample(time, duration, offset, flags, data[at : at + size]))
+            time += duration
+            at += size
+    return out
+
+
+def write_fragment(sequence_number: int, track_id: int, samples: Sequence[Sample]) -> bytes:
+    """One moof+mdat holding `samples`, which must follow each other on the decode timeline.
+
+    The tfhd sets default-base-is-moof (data offsets count from the moof, so the fragment can
+    be served on its own) and takes the duration and flags shared by every sample, if any; the
+    trun carries the rest. Composition offsets are written signed (trun version 1) when one is
+    negative.
+    """
+    if not samples:
+        raise PackagingError("a fragment needs at least one sample")
+    for before, after in itertools.pairwise(samples):
+        if after.decode_time != before.decode_time + before.duration:
+            raise PackagingError(
+                f"samples at decode times {before.decode_time} (lasting {before.duration}) and "
+                f"{after.decode_time} do not follow each other"
+            )
+    durations = {s.duration for s in samples}
+    flag_values = {s.flags for s in samples}
+    offsets = [s.composition_offset for s in samples]
+
+    tf_flags = _TFHD_DEFAULT_BASE_IS_MOOF
+    tfhd = _U32.pack(track_id)
+    if len(durations) == 1:
+        tf_flags |= _TFHD_DEFAULT_DURATION
+        tfhd += _U32.pack(samples[0].duration)
+    if len(flag_values) == 1:
+        tf_flags |= _TFHD_DEFAULT_FLAGS
+        tfhd += _U32.pack(samples[0].flags)
+
+    columns: list[tuple[int, str, list[int]]] = []
+    if len(durations) > 1:
+        columns.append((_TRUN_DURATION, "I", [s.duration for s in samples]))
+    columns.append((_TRUN_SIZE, "I", [len(s.data) for s in samples]))
+    if len(flag_values) > 1:
+        columns.append((_TRUN_FLAGS, "I", [s.flags for s in samples]))
+    signed = any(o < 0 for o in offsets)
+    if any(offsets):
+        columns.append((_TRUN_CTO, "i" if signed else "I", offsets))
+    tr_flags = _TRUN_DATA_OFFSET
+    for flag, _, _ in columns:
+        tr_flags |= flag
+    row_format = ">" + "".join(code for _, code, _ in columns)
+    rows = b"".join(
+        struct.pack(row_format, *row) for row in zip(*(v for _, _, v in columns), strict=True)
+    )
+    payload = b"".join(s.data for s in samples)
+    mdat_header = 8 if len(payload) + 8 <= 0xFFFFFFFF else 16
+
+    def moof_box(data_offset: int) -> bytes:
+        trun = _full(
+            "trun",
+            1 if signed else 0,
+            tr_flags,
+            _U32.pack(len(samples)) + struct.pack(">i", data_offset) + rows,
+        )
+        traf = _box(
+            "traf",
+            _full("tfhd", 0, tf_flags, tfhd)
+            + _full("tfdt", 1, 0, _U64.pack(samples[0].decode_time))
+            + trun,
+        )
+        return _box("moof", _full("mfhd", 0, 0, _U32.pack(sequence_number)) + traf)
+
+    size = len(moof_box(0))  # the moof's size does not depend on the offset it holds
+    if mdat_header == 8:
+        mdat = struct.pack(">I4s", 8 + len(payload), b"mdat")
+    else:
+        mdat = struct.pack(">I4sQ", 1, b"mdat", 16 + len(payload))
+    return moof_box(size + mdat_header) + mdat + payload
+
+
+def _box(kind: str, payload: bytes) -> bytes:
+    return struct.pack(">I4s", 8 + len(payload), kind.encode("latin-1")) + payload
+
+
+def _full(kind: str, version: int, flags: int, payload: bytes) -> bytes:
+    return _box(kind, _U32.pack(version << 24 | flags) + payload)
+
+
 @dataclass(frozen=True)
 class _TrafRun:
     track_id: int
@@ -366,9 +537,45 @@ class _TrafRun:
     first_sync: bool
 
 
+@dataclass(frozen=True)
+class _TrackRun:
+    """One trun, sample by sample (every column filled in from the defaults)."""
+
+    data_offset: int | None  # from the base data offset (the moof, for `default_base_moof`)
+    durations: tuple[int, ...]
+    sizes: tuple[int, ...]
+    flags: tuple[int, ...]
+    composition_offsets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _TrafTable:
+    track_id: int
+    base_time: int
+    absolute_base: bool  # the tfhd carries a base data offset (into the whole file)
+    runs: tuple[_TrackRun, ...]
+
+
 def _read_traf(
     data: bytes, traf: Box, trex_duration: int | None, trex_flags: int | None
 ) -> _TrafRun:
+    table = _traf_table(data, traf, trex_duration, trex_flags)
+    first_sync: bool | None = None
+    duration = count = size_total = 0
+    for run in table.runs:
+        duration += sum(run.durations)
+        size_total += sum(run.sizes)
+        count += len(run.sizes)
+        if first_sync is None and run.flags:
+            first_sync = not run.flags[0] & _SAMPLE_IS_NON_SYNC
+    if first_sync is None:
+        raise PackagingError(f"fragment of track {table.track_id} has no samples")
+    return _TrafRun(table.track_id, table.base_time, duration, count, size_total, first_sync)
+
+
+def _traf_table(
+    data: bytes, traf: Box, trex_duration: int | None, trex_flags: int | None
+) -> _TrafTable:
     tfhd = _only_child(data, traf, "tfhd")
     _, tf_flags = _full_box(data, tfhd)
     pos = tfhd.payload_start + 4
@@ -400,14 +607,15 @@ def _read_traf(
     else:
         raise PackagingError(f"tfdt of unknown version {version}")
 
-    duration = count = size_total = 0
-    first_sync: bool | None = None
+    runs = []
     for trun in _children(data, traf, "trun"):
-        _, tr_flags = _full_box(data, trun)
+        tr_version, tr_flags = _full_box(data, trun)
         pos = trun.payload_start + 4
         (n,) = _U32.unpack(_read(data, pos, 4, trun))
         pos += 4
+        data_offset: int | None = None
         if tr_flags & _TRUN_DATA_OFFSET:
+            (data_offset,) = struct.unpack(">i", _read(data, pos, 4, trun))
             pos += 4
         first_flags: int | None = None
         if tr_flags & _TRUN_FIRST_SAMPLE_FLAGS:
@@ -419,32 +627,35 @@ def _read_traf(
         words = struct.unpack(f">{len(fields) * n}I", table)
         columns = {f: words[i :: len(fields)] for i, f in enumerate(fields)}
         if _TRUN_DURATION in columns:
-            duration += sum(columns[_TRUN_DURATION])
-        elif n:
+            durations = columns[_TRUN_DURATION]
+        elif not n:
+            durations = ()
+        elif not default_duration:
             # ffmpeg writes a trex default of 0, which would silently make the fragment empty.
-            if not default_duration:
-                raise PackagingError(
-                    "no sample durations in trun or tfhd; pass the trex default from read_init"
-                )
-            duration += default_duration * n
+            raise PackagingError(
+                "no sample durations in trun or tfhd; pass the trex default from read_init"
+            )
+        else:
+            durations = (default_duration,) * n
         if _TRUN_SIZE in columns:
-            size_total += sum(columns[_TRUN_SIZE])
-        elif n:
-            if default_size is None:
-                raise PackagingError("no sample sizes in trun or tfhd")
-            size_total += default_size * n
-        if first_sync is None and n:
-            if first_flags is not None:
-                flags = first_flags
-            elif _TRUN_FLAGS in columns:
-                flags = columns[_TRUN_FLAGS][0]
-            else:
-                flags = default_flags or 0
-            first_sync = not flags & _SAMPLE_IS_NON_SYNC
-        count += n
-    if first_sync is None:
-        raise PackagingError(f"fragment of track {track_id} has no samples")
-    return _TrafRun(track_id, base_time, duration, count, size_total, first_sync)
+            sizes = columns[_TRUN_SIZE]
+        elif not n:
+            sizes = ()
+        elif default_size is None:
+            raise PackagingError("no sample sizes in trun or tfhd")
+        else:
+            sizes = (default_size,) * n
+        flags = list(columns.get(_TRUN_FLAGS, (default_flags or 0,) * n))
+        if n and first_flags is not None:
+            flags[0] = first_flags
+        offsets: tuple[int, ...] = (0,) * n
+        if _TRUN_CTO in columns:
+            # version 1 makes the offsets signed (ffmpeg's negative_cts_offsets)
+            offsets = columns[_TRUN_CTO]
+            if tr_version == 1:
+                offsets = tuple(o - (1 << 32) if o & 0x80000000 else o for o in offsets)
+        runs.append(_TrackRun(data_offset, tuple(durations), tuple(sizes), tuple(flags), offsets))
+    return _TrafTable(track_id, base_time, bool(tf_flags & _TFHD_BASE_DATA_OFFSET), tuple(runs))
 
 
 def _read(data: bytes, pos: int, length: int, box: Box) -> bytes:
@@ -501,6 +712,37 @@ def _read_mdhd(data: bytes, mdhd: Box) -> int:
     if timescale == 0:
         raise PackagingError("mdhd timescale is 0")
     return int(timescale)
+
+
+def _read_edit_list(data: bytes, trak: Box) -> int:
+    """The media_time of the track's edit list, or 0 without one.
+
+    Only the edit list a fragmented track can have is accepted: a single edit at normal rate
+    that starts presentation at media_time and runs to the end of the track (segment_duration
+    0, as in ffmpeg's fragmented output; a whole-track duration is accepted too). Empty edits
+    (a delayed start) and cuts inside the track are refused: no manifest could describe them.
+    """
+    edts = list(_children(data, trak, "edts"))
+    if not edts:
+        return 0
+    if len(edts) > 1:
+        raise PackagingError(f"expected at most one edts in the trak, found {len(edts)}")
+    elst = _only_child(data, edts[0], "elst")
+    version, _ = _full_box(data, elst)
+    if version not in (0, 1):
+        raise PackagingError(f"elst of unknown version {version}")
+    (count,) = _U32.unpack(_read(data, elst.payload_start + 4, 4, elst))
+    if count != 1:
+        raise PackagingError(
+            f"edit list with {count} entries: only one edit that skips the start is supported"
+        )
+    entry = _read(data, elst.payload_start + 8, 20 if version == 1 else 12, elst)
+    _, media_time, rate = struct.unpack(">QqI" if version == 1 else ">IiI", entry)
+    if media_time < 0:
+        raise PackagingError("the edit list starts with an empty edit (a delayed start)")
+    if rate != _ELST_RATE_ONE:
+        raise PackagingError(f"edit at media rate {rate / 65536:g}, not 1")
+    return int(media_time)
 
 
 def _read_trex(data: bytes, moov: Box, track_id: int) -> tuple[int, int] | None:

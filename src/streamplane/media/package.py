@@ -6,11 +6,19 @@ streams join) and writes one fragmented MP4 with a fragment per keyframe; since 
 exactly at the planned segment starts, each fragment is one segment. The fragments are then
 checked against the plan: a segment that does not start with a sync sample or does not last what
 the plan says is an error, not a subtle playback bug.
+
+Audio is encoded to AAC-LC, whose encoder puts 1024 samples of priming before the first real
+one. The init segment's edit list skips them (media_time = the priming), so presentation time 0
+is the first real sample and the track presents exactly as long as the video; the AAC frames are
+then regrouped into one segment per video segment, each starting with the first frame presented
+at or after the video segment's start.
 """
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -18,10 +26,22 @@ from pathlib import Path
 
 from streamplane.media.errors import DiskFullError, PackagingError
 from streamplane.media.ffmpeg import run_ffmpeg
-from streamplane.media.fmp4 import read_fragment, read_init, split_fragmented
+from streamplane.media.fmp4 import (
+    TrackInit,
+    read_fragment,
+    read_init,
+    read_samples,
+    split_fragmented,
+    write_fragment,
+)
 from streamplane.media.title import Segment
 
 CMAF_FLAGS = "cmaf+frag_keyframe+empty_moov+default_base_moof+negative_cts_offsets"
+# The audio mux: a fragment per AAC frame, regrouped into segments afterwards. ffmpeg writes the
+# edit list only when asked (-use_editlist 1: its cmaf flag turns edit lists off by default) and,
+# in a fragmented file, only if the moov waits for the first packet (delay_moov), whose negative
+# timestamp is the priming; with empty_moov alone it writes none (and warns).
+AUDIO_FLAGS = "cmaf+frag_every_frame+empty_moov+delay_moov+default_base_moof"
 
 
 def video_timescale(fps_num: int, fps_den: int) -> int:
@@ -37,13 +57,16 @@ class PackagedTrack:
     timescale: int
     init_path: Path
     segment_paths: tuple[Path, ...]
-    starts: tuple[int, ...]  # decode time of each segment, ticks
+    # Presentation time of each segment and how long it presents, ticks. For video that is the
+    # decode time of its keyframe (composition offset 0); for audio it is after the edit list.
+    starts: tuple[int, ...]
     durations: tuple[int, ...]  # ticks
     sizes: tuple[int, ...]  # bytes
     width: int = 0
     height: int = 0
     channels: int = 0
     sample_rate: int = 0
+    media_time: int = 0  # ticks the init's edit list skips (the AAC priming), 0 without one
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -53,6 +76,30 @@ def _write(path: Path, data: bytes) -> None:
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(f"writing {path}: the disk is full") from exc
         raise
+
+
+def _packaged(
+    info: TrackInit,
+    directory: Path,
+    paths: Sequence[Path],
+    starts: Sequence[int],
+    durations: Sequence[int],
+    sizes: Sequence[int],
+) -> PackagedTrack:
+    return PackagedTrack(
+        codec_string=info.codec_string,
+        timescale=info.timescale,
+        init_path=directory / "init.mp4",
+        segment_paths=tuple(paths),
+        starts=tuple(starts),
+        durations=tuple(durations),
+        sizes=tuple(sizes),
+        width=info.width,
+        height=info.height,
+        channels=info.channels,
+        sample_rate=info.sample_rate,
+        media_time=info.media_time,
+    )
 
 
 def split_into(fragmented: Path, directory: Path) -> PackagedTrack:
@@ -73,19 +120,7 @@ def split_into(fragmented: Path, directory: Path) -> PackagedTrack:
         if info.handler == "vide" and not frag.starts_with_sync:
             raise PackagingError(f"{path}: the segment does not start with a keyframe")
     fragmented.unlink()
-    return PackagedTrack(
-        codec_string=info.codec_string,
-        timescale=info.timescale,
-        init_path=directory / "init.mp4",
-        segment_paths=tuple(paths),
-        starts=tuple(starts),
-        durations=tuple(durations),
-        sizes=tuple(sizes),
-        width=info.width,
-        height=info.height,
-        channels=info.channels,
-        sample_rate=info.sample_rate,
-    )
+    return _packaged(info, directory, paths, starts, durations, sizes)
 
 
 def package_video(
@@ -115,23 +150,87 @@ def package_audio(
     source: Path,
     track: int,
     directory: Path,
-    duration_s: float,
-    segment_s: float,
+    segment_starts: Sequence[Fraction],
+    duration: Fraction,
     bitrate_kbps: int = 128,
 ) -> PackagedTrack:
-    """Encode audio track `track` of `source` to stereo AAC-LC in CMAF segments of ~segment_s."""
+    """Encode audio track `track` of `source` to stereo AAC-LC as a CMAF track of `duration`
+    seconds, with a segment starting at each of `segment_starts` (seconds, the first 0).
+
+    The track presents exactly `duration`: a source track that ends early is padded with
+    silence, a longer one is cut, and the encoder's priming is skipped by the init segment's edit
+    list. Each segment starts with the first AAC frame presented at or after its start, so audio
+    and video segments cover the same time to within one AAC frame.
+    """
+    if not segment_starts or segment_starts[0] != 0:
+        raise PackagingError(f"audio segments must start at 0, not {list(segment_starts)[:1]}")
     directory.mkdir(parents=True, exist_ok=True)
     out = directory / "joined.mp4"
+    seconds = f"{float(duration):.6f}"
     run_ffmpeg(
         [
-            *["-i", str(source), "-map", f"0:a:{track}", "-t", f"{duration_s:.6f}"],
+            *["-i", str(source), "-map", f"0:a:{track}"],
+            *["-af", f"apad=whole_dur={seconds}", "-t", seconds],
             *["-c:a", "aac", "-b:a", f"{bitrate_kbps}k", "-ac", "2", "-ar", "48000"],
-            *["-f", "mp4", "-movflags", CMAF_FLAGS, "-frag_duration", str(int(segment_s * 1e6))],
-            str(out),
+            *["-f", "mp4", "-movflags", AUDIO_FLAGS, "-use_editlist", "1", str(out)],
         ],
         what=f"encoding audio track {track}",
     )
-    return split_into(out, directory)
+    init, fragments = split_fragmented(out.read_bytes())
+    info = read_init(init)
+    if info.handler != "soun":
+        raise PackagingError(f"{out}: expected an audio track, found {info.handler!r}")
+    samples = [
+        sample
+        for fragment in fragments
+        for sample in read_samples(
+            fragment, info.default_sample_duration, info.default_sample_flags
+        )
+    ]
+    presented = [s.decode_time + s.composition_offset - info.media_time for s in samples]
+    end = samples[-1].decode_time + samples[-1].duration - info.media_time
+    boundaries = [round(t * info.timescale) for t in segment_starts]
+    cuts = audio_cuts(presented, boundaries, end)
+    _write(directory / "init.mp4", init)
+    paths, starts, durations, sizes = [], [], [], []
+    for n, (first, stop) in enumerate(itertools.pairwise([*cuts, len(samples)]), start=1):
+        segment = write_fragment(n, info.track_id, samples[first:stop])
+        path = directory / f"seg_{n}.m4s"
+        _write(path, segment)
+        start = max(presented[first], 0)  # the edit list starts presentation at 0
+        paths.append(path)
+        starts.append(start)
+        durations.append((presented[stop] if stop < len(samples) else end) - start)
+        sizes.append(len(segment))
+    out.unlink()
+    return _packaged(info, directory, paths, starts, durations, sizes)
+
+
+def audio_cuts(presented: Sequence[int], boundaries: Sequence[int], end: int) -> list[int]:
+    """Index of the first sample of each audio segment: the first sample presented at or after
+    the segment's start (`presented` ascending, ticks; `boundaries` the segment starts, the
+    first 0 taking the samples before 0 too, such as the AAC priming; `end` the track's end).
+
+    Each segment then starts less than one sample duration after its boundary. A boundary no
+    sample reaches (the track ends first) is an error, not a missing segment.
+    """
+    if not presented:
+        raise PackagingError("the audio track has no samples")
+    cuts = [0]
+    for k, boundary in enumerate(boundaries[1:], start=2):
+        if boundary <= boundaries[k - 2]:
+            raise PackagingError(
+                f"audio segment {k} starts at {boundary}, not after segment {k - 1}"
+            )
+        cut = bisect.bisect_left(presented, boundary)
+        if cut >= len(presented):
+            raise PackagingError(
+                f"audio segment {k} should start at tick {boundary}, but the track ends at {end}"
+            )
+        if cut == cuts[-1]:
+            raise PackagingError(f"audio segment {k - 1} would hold no sample")
+        cuts.append(cut)
+    return cuts
 
 
 def check_alignment(

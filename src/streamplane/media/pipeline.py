@@ -608,8 +608,8 @@ def _package(
             source,
             track_info.index,
             directory / "a" / aid,
-            info.duration_s,
-            settings.segment_target_s,
+            [Fraction(t.start_ticks, timescale) for t in timings],
+            Fraction(sum(t.duration_ticks for t in timings), timescale),
             settings.audio_kbps,
         )
         durations_s = [d / atrack.timescale for d in atrack.durations]
