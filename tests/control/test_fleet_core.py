@@ -13,6 +13,7 @@ from streamplane.control.errors import ApiError
 from streamplane.control.fleet import (
     EdgeView,
     FleetPolicy,
+    _offer_shape,
     candidates,
     check_heartbeat,
     exclusion,
@@ -175,3 +176,58 @@ def test_a_good_heartbeat_passes() -> None:
     good = hb(lat=52.0, lon=4.0, base_url="https://edge-1.example:8443/")
     assert check_heartbeat(good) is good
     assert msgspec.json.decode(msgspec.json.encode(good), type=EdgeHeartbeat) == good
+
+
+# What each EdgeView field does to the prepared candidates: "shape" fields decide whether
+# and where an edge is offered, so a change must bump the fleet's generation (Playback then
+# regroups at once); "load" fields reach the ranking within the prepared set's second.
+_FIELD_ROLE = {
+    "edge_id": "key",
+    "site": "shape",
+    "base_url": "shape",
+    "lat": "shape",
+    "lon": "shape",
+    "throughput_bps": "load",
+    "capacity_bps": "load",
+    "connections": "load",
+    "disk_used_bytes": "load",
+    "disk_total_bytes": "load",
+    "titles": "shape",
+    "healthy": "shape",
+    "draining": "shape",
+    "sent_at": "load",
+    "received_at": "load",
+    "up_since": "shape",
+}
+_CHANGED: dict[str, Any] = {
+    "site": "fra",
+    "base_url": "http://e1:9999",
+    "lat": 52.4,
+    "lon": 4.9,
+    "throughput_bps": 5e8,
+    "capacity_bps": 2e9,
+    "connections": 9,
+    "disk_used_bytes": 5,
+    "disk_total_bytes": 9,
+    "titles": frozenset({"demo", "other"}),
+    "healthy": False,
+    "draining": True,
+    "sent_at": 1.0,
+    "received_at": 101.0,
+    "up_since": 50.0,
+}
+
+
+def test_every_edge_field_is_known_to_move_the_fleet_generation_or_not() -> None:
+    # A field added to EdgeView must be placed here: one that shapes offers but is left out
+    # of _offer_shape would leave Playback ranking a stale set.
+    assert set(_FIELD_ROLE) == {field.name for field in msgspec.structs.fields(EdgeView)}
+    base = view()
+    for name, role in _FIELD_ROLE.items():
+        if role == "key":
+            continue
+        changed = msgspec.structs.replace(base, **{name: _CHANGED[name]})
+        assert (_offer_shape(changed) != _offer_shape(base)) == (role == "shape"), name
+    # Load within capacity regroups nothing; crossing the capacity does (the edge leaves).
+    over = msgspec.structs.replace(base, throughput_bps=base.capacity_bps)
+    assert _offer_shape(over) != _offer_shape(base)

@@ -146,3 +146,33 @@ def wait_for(page: Page, ok: Callable[[State], bool], what: str, timeout_s: floa
                 return last
         page.wait_for_timeout(250)
     raise AssertionError(f"not {what} after {timeout_s:.0f} s; the player's state: {last}")
+
+
+def assert_resumable(stack: LocalStack, email: str, password: str, session_id: str) -> None:
+    """The control plane took the session's heartbeats: its screen is alive and a new
+    playback of the title resumes past the start."""
+    auth = access_header(stack, email, password)
+    account = httpx.get(f"{stack.control_url}/v1/account", headers=auth, timeout=10).json()
+    (screen,) = [x for x in account["screens"]["sessions"] if x["session_id"] == session_id]
+    assert screen["last_seen"] > screen["started_at"]
+    probe = httpx.post(
+        f"{stack.control_url}/v1/playback",
+        json={"title": TITLE, "device": "probe"},
+        headers=auth,
+        timeout=10,
+    ).json()
+    assert probe["resume_position_s"] >= 2.0
+
+
+def play_again(
+    page: Page, stack: LocalStack, email: str, password: str, *, fmt: str | None = None
+) -> tuple[Page, State]:
+    """Close ``page`` (it sends a last heartbeat) and play again in a new one, which must
+    resume near where the first stopped; the new page and its state once it plays."""
+    page.close(run_before_unload=True)
+    again = page.context.new_page()
+    play(again, stack, email, password, fmt=fmt)
+    s = wait_for(again, lambda s: s["playedS"] >= 1, "playing again")
+    assert s["resumedAt"] >= 2.0
+    assert s["currentTime"] >= s["resumedAt"] - 0.5
+    return again, s

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import signal
 
-import httpx
 import pytest
 from playwright.sync_api import Page
 
 from streamplane.stack import LocalStack
 from tests.e2e.browser import (
-    TITLE,
-    access_header,
+    assert_resumable,
     new_account,
     no_cache,
     play,
+    play_again,
     skip_reason,
     state,
     throttle,
@@ -42,25 +41,9 @@ def test_the_page_plays_reports_and_resumes(page: Page, stack: LocalStack) -> No
     assert "longest prefix" in page.locator("#edges tr").first.inner_text()
 
     # The control plane saw the heartbeats: the screen is alive and the position recorded.
-    auth = access_header(stack, email, password)
-    account = httpx.get(f"{stack.control_url}/v1/account", headers=auth, timeout=10).json()
-    (screen,) = [x for x in account["screens"]["sessions"] if x["session_id"] == s["sessionId"]]
-    assert screen["last_seen"] > screen["started_at"]
-    probe = httpx.post(
-        f"{stack.control_url}/v1/playback",
-        json={"title": TITLE, "device": "probe"},
-        headers=auth,
-        timeout=10,
-    ).json()
-    assert probe["resume_position_s"] >= 2.0
-
+    assert_resumable(stack, email, password, s["sessionId"])
     # Closing the page sends a last heartbeat; a new page resumes near that position.
-    page.close(run_before_unload=True)
-    again = page.context.new_page()
-    play(again, stack, email, password)
-    s = wait_for(again, lambda s: s["playedS"] >= 1, "playing again")
-    assert s["resumedAt"] >= 2.0
-    assert s["currentTime"] >= s["resumedAt"] - 0.5
+    play_again(page, stack, email, password)
 
 
 def test_throttling_the_network_steps_the_player_down(page: Page, stack: LocalStack) -> None:

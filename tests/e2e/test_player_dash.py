@@ -16,17 +16,17 @@ import signal
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
 import pytest
 from playwright.sync_api import Page, Request, Response, Route
 
 from streamplane.stack import LocalStack
 from tests.e2e.browser import (
     TITLE,
-    access_header,
+    assert_resumable,
     new_account,
     no_cache,
     play,
+    play_again,
     skip_reason,
     throttle,
     wait_for,
@@ -96,26 +96,11 @@ def test_the_page_plays_the_mpd_with_dashjs_and_reports(page: Page, stack: Local
     assert len(taken) >= 2
     assert {e["format"] for body in taken for e in body["events"]} == {"dash"}
     assert {body["session_id"] for body in taken} == {s["sessionId"]}
-    auth = access_header(stack, email, password)
-    account = httpx.get(f"{stack.control_url}/v1/account", headers=auth, timeout=10).json()
-    (screen,) = [x for x in account["screens"]["sessions"] if x["session_id"] == s["sessionId"]]
-    assert screen["last_seen"] > screen["started_at"]
-    probe = httpx.post(
-        f"{stack.control_url}/v1/playback",
-        json={"title": TITLE, "device": "probe"},
-        headers=auth,
-        timeout=10,
-    ).json()
-    assert probe["resume_position_s"] >= 2.0
+    assert_resumable(stack, email, password, s["sessionId"])
 
     # Closing the page sends a last heartbeat; a new page resumes near that position in dash.js.
-    page.close(run_before_unload=True)
-    again = page.context.new_page()
-    play(again, stack, email, password, fmt="dash")
-    s = wait_for(again, lambda s: s["playedS"] >= 1, "playing again")
+    again, s = play_again(page, stack, email, password, fmt="dash")
     assert s["format"] == "dash"
-    assert s["resumedAt"] >= 2.0
-    assert s["currentTime"] >= s["resumedAt"] - 0.5
 
     # Looping (the page's *loop*), it plays through the end of the 12 s title and on from 0.
     rest = 12 - s["resumedAt"]

@@ -154,7 +154,7 @@ def test_bucket_skips_dead_periods() -> None:
 
 
 def test_audio_plan_fetches_audio_due_before_each_video_segment() -> None:
-    # the tiny title: video 0-3, 3-5, 5-9, 9-12 s; audio 0-4, 4-8, 8-12 s
+    # audio cut near 4 s, as titles packaged before audio followed the video's segments
     assert audio_plan([3, 5, 9, 12], [0, 4.011, 8.021]) == [(0,), (1,), (2,), ()]
     assert audio_plan([2, 4], [0, 1, 2, 3, 4.5]) == [(0, 1), (2, 3, 4)]
 

@@ -1174,13 +1174,12 @@ class DashEngine {
 
   /**
    * The title ended, by dash.js's clock: looping, start again from 0. dash.js ends a static
-   * MPD at its mediaPresentationDuration. When a track runs past it (the audio's last segment
-   * ends up to 10 ms later, dash.js's append window lets it in, and the element's duration grows
-   * to match), dash.js finds playback ended before the element does, seeks to the end (which it
-   * then moves to 0.5 s before the end) and pauses there: with the element's own loop the title
-   * would stop instead of looping. So dash.js's end, not the element's, loops it. This runs
-   * right after dash.js's own handler (which has the higher priority), before the element
-   * reports that seek: dash.js then sees a seek to 0, not one to the end.
+   * MPD at its mediaPresentationDuration, checking every 200 ms; it can find the playhead at the
+   * end before the element's own loop seeks back, and then seeks to 0.5 s before the end and
+   * pauses there: with the element's own loop the title would now and then stop instead of
+   * looping. So dash.js's end, not the element's, loops it. This runs right after dash.js's
+   * own handler (which has the higher priority), before the element reports that seek: dash.js
+   * then sees a seek to 0, not one to the end.
    */
   ended() {
     if (!this.player.loop || !this.mp || this.player.stopped) return;
