@@ -156,9 +156,6 @@ class _EdgeKeys(dict[str, int]):
 
 
 _EDGE_KEYS: Final = _EdgeKeys()
-# title key ^ edge key -> the (title, edge) rendezvous score: the mix of that one integer.
-_TITLE_HASHES: Final[dict[int, int]] = {}
-_TITLE_HASHES_MAX: Final = 1 << 18
 
 
 def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -275,24 +272,28 @@ def _tier(route: Route | None, dist: int | None) -> int:
     return _ANYWHERE_TIER if dist is None else _LOCATED_TIER | dist
 
 
-# id(route) -> (route, its text): routes live in the routing table for long, and their
-# sentence (the AS path joined) is the same for every client they win.
-_ROUTE_TEXT: dict[int, tuple[Route, str]] = {}
+# id(route) -> (route, what every edge it wins shares: its sentence (the AS path joined),
+# prefix, prefix length, AS path length, MED, relation): routes live in the routing table
+# for long, and are the same for every client they win.
+_RouteParts = tuple[str, str, int, int, int, Relation]
+_ROUTE_PARTS: dict[int, tuple[Route, _RouteParts]] = {}
 
 
-def _route_text(route: Route) -> str:
-    cached = _ROUTE_TEXT.get(id(route))
+def _route_parts(route: Route) -> _RouteParts:
+    cached = _ROUTE_PARTS.get(id(route))
     if cached is not None and cached[0] is route:
         return cached[1]
     path = " ".join(map(str, route.as_path)) if route.as_path else "(empty: the peer's own)"
+    length = _prefix_len(route.prefix)
     text = (
-        f"longest prefix {route.prefix} (/{_prefix_len(route.prefix)}) via AS path {path}, "
+        f"longest prefix {route.prefix} (/{length}) via AS path {path}, "
         f"MED {route.med}, {RELATION_LABEL[route.relation]}"
     )
-    if len(_ROUTE_TEXT) >= 1 << 14:
-        _ROUTE_TEXT.clear()
-    _ROUTE_TEXT[id(route)] = (route, text)
-    return text
+    parts = (text, route.prefix, length, len(route.as_path), route.med, route.relation)
+    if len(_ROUTE_PARTS) >= 1 << 14:
+        _ROUTE_PARTS.clear()
+    _ROUTE_PARTS[id(route)] = (route, parts)
+    return parts
 
 
 def _refuse_duplicates(ids: Sequence[str]) -> None:
@@ -445,6 +446,7 @@ class CandidateSet(Sequence[EdgeCandidate]):
         "_members",
         "_more",
         "_placeless",
+        "_scored",
         "_site",
         "_slow",
         "_unit",
@@ -487,6 +489,8 @@ class CandidateSet(Sequence[EdgeCandidate]):
         self._banded: list[list[tuple[int, int]] | None] = [None] * len(layout.site)
         self._band_order: list[tuple[int, int, int]] | None = None
         self._load_text: dict[int, str] = {}  # edge -> its "; load N %", once returned
+        # (title, its key, each edge's rendezvous score for it or -1): the last title ranked
+        self._scored: tuple[str, int, list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self._edges)
@@ -607,10 +611,11 @@ def rank_edges(
     want = n if limit is None else min(n, max(0, limit))
     if want == 0:
         return []
-    point = _valid_point(client.lat, client.lon)
-    if point is None and client_location is not None:
-        point = _valid_point(*client_location)
-    here = _unit(*point) if point is not None else None
+    here = None
+    if client.lat is not None and client.lon is not None:
+        here = _point_unit(client.lat, client.lon)
+    if here is None and client_location is not None:
+        here = _point_unit(*client_location)
     if grouped is None:
         return _rank_direct(candidates, sites or {}, here, routes, title, session_key, want)
     return _rank(grouped, here, routes, title, session_key, want)
@@ -634,9 +639,7 @@ def _rank_direct(
     kms: dict[int, float] = {}
     title64 = _key64(title, _TITLE)
     session64 = -1
-    edge_keys, hashes = _EDGE_KEYS, _TITLE_HASHES
-    if len(hashes) >= _TITLE_HASHES_MAX:
-        hashes.clear()
+    edge_keys = _EDGE_KEYS
     keyed: list[tuple[int, int, int, int]] = []
     for i, edge in enumerate(edges):
         site = edge.site
@@ -661,18 +664,9 @@ def _rank_direct(
                 session64 = _key64(session_key, _SESSION)
             if not (_mix(session64 ^ key) >> 11) * 2.0**-53 < edge.share:
                 tied |= _TIER_DEFER << _LOAD_BITS
-        load = edge.load
-        if 0.0 <= load < _LOAD_CAP_VALUE:
-            tied |= int(load / LOAD_STEP + 1e-9)
-        elif not load < 0.0:
-            tied |= _LOAD_CAP
-        x = title64 ^ key
-        score = hashes.get(x)
-        if score is None:
-            score = hashes[x] = _mix(x)
-        keyed.append((tied, score, i, place))
+        keyed.append((tied | load_band(edge.load), _mix(title64 ^ key), i, place))
     keyed.sort()
-    return _explain(_rows(keyed, want), edges, site_of, unit_of, {}, here, routes, kms)
+    return _explain(keyed, want, edges, site_of, unit_of, {}, here, routes, kms)
 
 
 def _rank(
@@ -707,30 +701,12 @@ def _rank(
         eligible[place] = left
         return left
 
-    # Places in rank order, until they hold ``want`` full-share edges and the next one
-    # ranks strictly after the last taken: every edge that can be among the first ``want``
-    # (or tie with one of them up to the title hash) is then at a place taken.
-    chosen: list[tuple[int, int, int]] = []  # (tier, place, its full-share edges), best first
-    total, last = 0, -1
-    group, group_held = 0, 0  # where the places of tier ``last`` start in ``chosen``; their edges
-
-    def take(ranked: Iterable[tuple[int, int]]) -> None:
-        nonlocal total, last, group, group_held
-        for tier, place in ranked:
-            if tier != last:
-                if total >= want:
-                    return
-                group, group_held, last = len(chosen), 0, tier
-            held = count[place] if place not in slow else full_share(place)
-            chosen.append((tier, place, held))
-            total += held
-            group_held += held
-
     # 1. Sites with a prefix covering the client: their own tier each (a few).
     matched: set[int] = set()
+    tiers: list[tuple[int, int]] = []  # (tier, place)
+    held = 0  # full-share edges at the places in ``tiers``
     if routes:
         first, more = grouped._first, grouped._more
-        tiers: list[tuple[int, int]] = []
         for site, route in routes.items():
             found = first.get(site)
             if found is None:
@@ -743,10 +719,10 @@ def _rank(
                 else:
                     km = kms[place] = _chord_km(here, unit)
                     tiers.append((_tier(route, _whole_km(km)), place))
+                held += count[place] if place not in slow else full_share(place)
         tiers.sort()
-        take(tiers)
     # 2. The other located places, nearest first (groups never tie: 1 ranks before 2).
-    if total < want and here is not None:
+    if held < want and here is not None:
         located = grouped._located
         if len(located) < _NEAREST_FROM:
             # _chord_km, inline and in its order of operations (the distances must be its
@@ -774,26 +750,89 @@ def _rank(
             ]
             near.sort()
         else:
-            near = _nearest(grouped, here, matched, kms, want - total, full_share)
-        take(near)
+            near = _nearest(grouped, here, matched, kms, want - held, full_share)
+        tiers += near
+    # Places in rank order, until they hold ``want`` full-share edges and the next one
+    # ranks strictly after the last taken: every edge that can be among the first ``want``
+    # (or tie with one of them up to the title hash) is then at a place taken.
+    chosen: list[tuple[int, int, int]] = []  # (tier, place, its full-share edges), best first
+    total, last = 0, -1
+    group, group_held = 0, 0  # where the places of tier ``last`` start in ``chosen``; their edges
+    for tier, place in tiers:
+        if tier != last:
+            if total >= want:
+                break
+            group, group_held, last = len(chosen), 0, tier
+        held = count[place] if place not in slow else full_share(place)
+        chosen.append((tier, place, held))
+        total += held
+        group_held += held
     # 3. Places whose distance is unknown: one tier, so all of them (most of the places,
     # for a client that cannot be placed) or none.
+    cut: list[tuple[int, int, int]] | None = None
     if total < want:
-        rest: Sequence[int] = grouped._placeless if here is not None else range(len(unit_of))
-        if matched:
-            rest = [place for place in rest if place not in matched]
-        if rest:
-            held = [count[place] if place not in slow else full_share(place) for place in rest]
-            group, group_held, last = len(chosen), sum(held), _ANYWHERE_TIER
-            chosen.extend(zip(repeat(_ANYWHERE_TIER), rest, held))
-            total += group_held
+        need = want - total
+        if here is None:  # every place: counted without listing them
+            held = len(ids) - sum([count[place] for place in matched])
+            for place in slow:
+                if place not in matched:
+                    held -= count[place] - full_share(place)
+            places = len(count) - len(matched)
+        else:
+            rest: Sequence[int] = grouped._placeless
+            if matched:
+                rest = [place for place in rest if place not in matched]
+            held = sum([count[place] if place not in slow else full_share(place) for place in rest])
+            places = len(rest)
+        total += held
+        if held > need and places > 1 and held >= _BAND_CUT_FROM and 4 * held >= len(ids):
+            # A large last tie group: only its lowest load bands are keyed.
+            # (Filtered lazily: only the lowest bands are read.)
+            by_band: Iterable[tuple[int, int, int]] = grouped._by_band()
+            if here is not None:
+                by_band = (entry for entry in by_band if unit_of[entry[2]] is None)
+            if matched:
+                by_band = (entry for entry in by_band if entry[2] not in matched)
+            cut = _lowest_bands(by_band, deferred, need)
+            group, group_held, last = len(chosen), held, _ANYWHERE_TIER
+        elif places:
+            if here is None:
+                rest = range(len(count))
+                if matched:
+                    rest = [place for place in rest if place not in matched]
+            group, group_held, last = len(chosen), held, _ANYWHERE_TIER
+            chosen.extend(
+                zip(
+                    repeat(_ANYWHERE_TIER),
+                    rest,
+                    [count[place] if place not in slow else full_share(place) for place in rest],
+                )
+            )
     # Every place is taken and still fewer than ``want`` full-share edges: the deferred
     # ones fill the list, after them (their tier carries the deferral bit).
     with_deferred = total < want
 
-    rows = _order(grouped, chosen, deferred, with_deferred, title, want, group, group_held)
+    keyed = _order(
+        grouped,
+        chosen,
+        deferred,
+        with_deferred,
+        title,
+        want - (total - group_held),
+        group,
+        group_held,
+        cut,
+    )
     return _explain(
-        rows, grouped._edges, grouped._site, grouped._unit, grouped._load_text, here, routes, kms
+        keyed,
+        want,
+        grouped._edges,
+        grouped._site,
+        grouped._unit,
+        grouped._load_text,
+        here,
+        routes,
+        kms,
     )
 
 
@@ -812,32 +851,34 @@ def _nearest(
     order: list[int] = np.array(here).dot(grouped._located_xyz()).argsort().tolist()
     located, units = grouped._located, grouped._located_unit
     count, slow = grouped._count, grouped._slow
+    hx, hy, hz = here
+    asin, sqrt = math.asin, math.sqrt
     near: list[tuple[int, int]] = []
     held, reach, bound = 0, 0, math.inf
     for j in reversed(order):  # the largest dot product is the nearest
         place = located[j]
         if place in matched:
             continue
-        km = _chord_km(here, units[j])
+        ux, uy, uz = units[j]
+        # _chord_km, inline and in its order of operations
+        km = _DIAMETER_KM * asin(
+            min(1.0, sqrt((dx := hx - ux) * dx + (dy := hy - uy) * dy + (dz := hz - uz) * dz) / 2)
+        )
         # Past the bound nothing can round to ``reach`` km or less: the order of the dot
         # products and the exact distances disagree by far less than the margin.
         if km >= bound:
             break
         kms[place] = km
-        dist = _whole_km(km)
+        dist = _DIST_CAP if km >= _DIST_CAP else int(km + 0.5)
         near.append((_LOCATED_TIER | dist, place))
         if held < need:
             held += count[place] if place not in slow else full_share(place)
-            reach = max(reach, dist)
+            if dist > reach:
+                reach = dist
             if held >= need:
                 bound = reach + 0.5 + _NEAR_MARGIN_KM
     near.sort()
     return near
-
-
-# One returned edge: its index among the candidates, its place, whether slow start moved
-# it, its position among the edges it ties with up to the title hash (1-based), how many.
-_Row = tuple[int, int, bool, int, int]
 
 
 def _order(
@@ -846,26 +887,25 @@ def _order(
     deferred: set[int],
     with_deferred: bool,
     title: str,
-    want: int,
+    need: int,
     start: int,
     held: int,
-) -> list[_Row]:
-    """The first ``want`` edges of the places ``chosen`` (tier order), in rank order; the
-    last tier's places start at ``start`` and hold ``held`` full-share edges."""
+    cut: list[tuple[int, int, int]] | None,
+) -> list[tuple[int, int, int, int]]:
+    """Every edge that can be among the first asked for, sorted by (tier and load band,
+    title hash, index) as (that, hash, index, place): the edges of the places ``chosen``
+    (tier order), whose last tier starts at ``start``, holds ``held`` full-share edges and
+    is asked for ``need`` of them, and the edges ``cut`` ((load band, index, place), of the
+    anywhere tier) if given.
+    """
     members, ids, edges = grouped._members, grouped._ids, grouped._edges
-    title64 = _key64(title, _TITLE)
-    edge_keys = _EDGE_KEYS
-    hashes = _TITLE_HASHES
-    if len(hashes) >= _TITLE_HASHES_MAX:
-        hashes.clear()
-
     end = len(chosen)
-    cut: list[tuple[int, int, int]] = []  # (load band, index, place): the last group's few
-    if not with_deferred:
+    if cut is not None:
+        cut_tier = _ANYWHERE_TIER << _LOAD_BITS
+    elif not with_deferred:
         # The last tie group needs only its lowest load bands, up to the edges still
-        # missing: one site of ten edges when five are asked for, or every edge of the
-        # fleet for a client that can be neither matched nor placed.
-        need = want - sum(entry[2] for entry in chosen[:start])
+        # missing: one site of ten edges when five are asked for.
+        cut_tier = chosen[-1][0] << _LOAD_BITS
         if held > need:
             if start == end - 1:
                 place = chosen[start][1]
@@ -874,13 +914,12 @@ def _order(
                 end = start
             elif held >= _BAND_CUT_FROM and 4 * held >= len(ids):
                 group = {entry[1] for entry in chosen[start:]}
-                by_band = (entry for entry in grouped._by_band() if entry[2] in group)
+                by_band = [entry for entry in grouped._by_band() if entry[2] in group]
                 cut = _lowest_bands(by_band, deferred, need)
                 end = start
 
-    # (tier and load band, title hash, index, place): the edge's sort key split in two,
-    # which sorts as the one integer would and spares building it.
-    keyed: list[tuple[int, int, int, int]] = []
+    # (tier and load band, index, place) of every edge to rank
+    tiered: list[tuple[int, int, int]] = []
     for tier, place, _ in chosen[:end]:
         tier <<= _LOAD_BITS
         for i in members[place]:
@@ -890,54 +929,37 @@ def _order(
                 tied = (_TIER_DEFER << _LOAD_BITS) | tier
             else:
                 tied = tier
-            # load_band and the title's rendezvous hash (splitmix64's finaliser), inline:
-            # this runs per edge. Hashes are remembered: a popular title meets the same
-            # edges decision after decision.
-            load = edges[i].load
+            load = edges[i].load  # load_band, inline
             if 0.0 <= load < _LOAD_CAP_VALUE:
                 tied |= int(load / LOAD_STEP + 1e-9)
             elif not load < 0.0:
                 tied |= _LOAD_CAP
-            x = title64 ^ edge_keys[ids[i]]
-            score = hashes.get(x)
-            if score is None:
-                score = hashes[x] = _mix(x)
-            keyed.append((tied, score, i, place))
+            tiered.append((tied, i, place))
     if cut:
-        tier = chosen[-1][0] << _LOAD_BITS
-        for band, i, place in cut:
-            x = title64 ^ edge_keys[ids[i]]
-            score = hashes.get(x)
-            if score is None:
-                score = hashes[x] = _mix(x)
-            keyed.append((tier | band, score, i, place))
+        tiered += [(cut_tier | band, i, place) for band, i, place in cut]
+
+    # The title's rendezvous scores, remembered per set: a popular title meets the same
+    # edges decision after decision. splitmix64's finaliser (_mix) is inline: it runs per
+    # edge.
+    scored = grouped._scored
+    if scored is None or scored[0] != title:
+        scored = grouped._scored = (title, _key64(title, _TITLE), [-1] * len(ids))
+    _, title64, scores = scored
+    edge_keys = _EDGE_KEYS
+    m1, m2, mask = _M1, _M2, _MASK64
+    # (tier and load band, title hash, index, place): the edge's sort key split in two,
+    # which sorts as the one integer would and spares building it.
+    keyed: list[tuple[int, int, int, int]] = []
+    for tied, i, place in tiered:
+        score = scores[i]
+        if score < 0:
+            z = title64 ^ edge_keys[ids[i]]
+            z = ((z ^ (z >> 30)) * m1) & mask
+            z = ((z ^ (z >> 27)) * m2) & mask
+            score = scores[i] = z ^ (z >> 31)
+        keyed.append((tied, score, i, place))
     keyed.sort()
-    return _rows(keyed, want)
-
-
-def _rows(keyed: list[tuple[int, int, int, int]], want: int) -> list[_Row]:
-    """The first ``want`` of ``keyed`` (sorted (tier and band, hash, index, place)), with
-    their runs; ``keyed`` holds every edge tied with any of them, so runs are counted whole.
-    """
-    n = len(keyed)
-    rows: list[_Row] = []
-    run_start = run_end = 0
-    for position in range(min(n, want)):
-        tied, _, i, place = keyed[position]
-        if position >= run_end:
-            run_start = run_end = position
-            while run_end < n and keyed[run_end][0] == tied:
-                run_end += 1
-        rows.append(
-            (
-                i,
-                place,
-                bool(tied >> _LOAD_BITS & _TIER_DEFER),
-                position - run_start + 1,
-                run_end - run_start,
-            )
-        )
-    return rows
+    return keyed
 
 
 _Banded = TypeVar("_Banded", tuple[int, int], tuple[int, int, int])
@@ -973,7 +995,10 @@ def _shared(
     route: Route | None,
     kms: Mapping[int, float],
 ) -> _Shared:
-    text = _route_text(route) if route else f"no prefix of site {site} covers the client"
+    if route is not None:
+        text, prefix, length, hops, med, relation = _route_parts(route)
+    else:
+        text = f"no prefix of site {site} covers the client"
     if here is not None and unit is not None:
         km = kms.get(place)
         if km is None:
@@ -992,12 +1017,12 @@ def _shared(
         rounded = None
     if route is None:
         return text, rounded, None, None, None, None, None
-    prefix = route.prefix
-    return text, rounded, prefix, _prefix_len(prefix), len(route.as_path), route.med, route.relation
+    return text, rounded, prefix, length, hops, med, relation
 
 
 def _explain(
-    rows: list[_Row],
+    keyed: list[tuple[int, int, int, int]],
+    want: int,
     candidates: Sequence[EdgeCandidate],
     site_of: Sequence[str],
     unit_of: Sequence[tuple[float, float, float] | None],
@@ -1006,43 +1031,62 @@ def _explain(
     routes: Mapping[str, Route],
     kms: Mapping[int, float],
 ) -> list[RankedEdge]:
-    """``rows`` as RankedEdges; ``loads`` keeps each edge's load text for later calls."""
+    """The first ``want`` of ``keyed`` (sorted (tier and band, hash, index, place), holding
+    every edge tied with any of them, so that runs are counted whole) as RankedEdges;
+    ``loads`` keeps each edge's load text for later calls."""
     ranked: list[RankedEdge] = []
     shared: dict[int, _Shared] = {}
-    for position, (index, place, deferred, run_position, run_size) in enumerate(rows):
-        edge = candidates[index]
-        why = shared.get(place)
-        if why is None:
-            route = routes.get(site_of[place]) if routes else None
-            why = shared[place] = _shared(site_of[place], unit_of[place], place, here, route, kms)
-        text, rounded, prefix, prefix_len, path_len, med, relation = why
-        load = loads.get(index)
-        if load is None:  # the same for every decision the set serves
-            load = loads[index] = f"; load {edge.load * 100:.0f} %"
-        reason = text + load
-        if run_size > 1:
-            reason += f"; title hash puts it {run_position} of {run_size} equals"
-        if edge.share < 1.0:
-            share = f"slow start at {edge.share * 100:.0f} % share"
-            if deferred:
-                reason += f"; {share}: this session is outside it, so after the full-share edges"
-            else:
-                reason += f"; {share}: this session is in it"
-        ranked.append(
-            RankedEdge(
-                edge_id=edge.edge_id,
-                base_url=edge.base_url,
-                rank=position + 1,
-                reason=reason,
-                prefix=prefix,
-                prefix_len=prefix_len,
-                as_path_len=path_len,
-                med=med,
-                relation=relation,
-                distance_km=rounded,
-                load=edge.load,
-                site=edge.site,
-                slow_start_deferred=deferred,
+    n = len(keyed)
+    stop = min(n, want)
+    start = 0
+    while start < stop:
+        # A run: the edges that tie up to the title hash.
+        tied = keyed[start][0]
+        end = start + 1
+        while end < n and keyed[end][0] == tied:
+            end += 1
+        size = end - start
+        deferred = bool(tied >> _LOAD_BITS & _TIER_DEFER)
+        for position in range(start, min(end, stop)):
+            _, _, index, place = keyed[position]
+            edge = candidates[index]
+            why = shared.get(place)
+            if why is None:
+                route = routes.get(site_of[place]) if routes else None
+                why = shared[place] = _shared(
+                    site_of[place], unit_of[place], place, here, route, kms
+                )
+            text, rounded, prefix, prefix_len, path_len, med, relation = why
+            load = loads.get(index)
+            if load is None:  # the same for every decision the set serves
+                load = loads[index] = f"; load {edge.load * 100:.0f} %"
+            reason = text + load
+            if size > 1:
+                reason += f"; title hash puts it {position - start + 1} of {size} equals"
+            if edge.share < 1.0:
+                share = f"slow start at {edge.share * 100:.0f} % share"
+                if deferred:
+                    reason += (
+                        f"; {share}: this session is outside it, so after the full-share edges"
+                    )
+                else:
+                    reason += f"; {share}: this session is in it"
+            ranked.append(
+                RankedEdge(
+                    edge_id=edge.edge_id,
+                    base_url=edge.base_url,
+                    rank=position + 1,
+                    reason=reason,
+                    prefix=prefix,
+                    prefix_len=prefix_len,
+                    as_path_len=path_len,
+                    med=med,
+                    relation=relation,
+                    distance_km=rounded,
+                    load=edge.load,
+                    site=edge.site,
+                    slow_start_deferred=deferred,
+                )
             )
-        )
+        start = end
     return ranked
