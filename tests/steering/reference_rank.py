@@ -209,7 +209,7 @@ class _Place:
             route, km, site = self.route, self.km, self.site
             text = _route_text(route) if route else f"no prefix of site {site} covers the client"
             if km is not None:
-                text += f"; {km:.0f} km"
+                text += f"; {int(km + 0.5)} km"
             else:
                 why = (
                     f"site {site} has no coordinates"
@@ -313,7 +313,9 @@ def _explain(
         if position == 0 or tier != keyed[position - 1][0] >> _HASH_BITS:
             run_start = position
         edge = candidates[index]
-        reason = f"{place.text()}; load {edge.load * 100:.0f} %"
+        load = edge.load
+        percent = str(int(load * 100.0 + 0.5)) if 0.0 <= load < 1e6 else f"{load * 100:.0f}"
+        reason = f"{place.text()}; load {percent} %"
         if (position + 1 < n and keyed[position + 1][0] >> _HASH_BITS == tier) or (
             position > run_start
         ):
@@ -344,7 +346,7 @@ def _explain(
                     as_path_len=None,
                     med=None,
                     relation=None,
-                    distance_km=None if km is None else round(km, 1),
+                    distance_km=None if km is None else int(km * 10.0 + 0.5) / 10.0,
                     load=edge.load,
                     site=edge.site,
                     slow_start_deferred=deferred,
@@ -362,7 +364,7 @@ def _explain(
                     as_path_len=len(route.as_path),
                     med=route.med,
                     relation=route.relation,
-                    distance_km=None if km is None else round(km, 1),
+                    distance_km=None if km is None else int(km * 10.0 + 0.5) / 10.0,
                     load=edge.load,
                     site=edge.site,
                     slow_start_deferred=deferred,

@@ -51,11 +51,11 @@ the edges of those places get a load band, a title hash, a sort and, for the one
 returned, a reason (and of a last tie group larger than needed, only those of its lowest
 load bands). Where candidates sit changes far less often than their loads, so the grouping
 itself is kept by value (the sites and coordinates of the candidates, in order), and a
-plain list of a title's holders is grouped at the cost of reading it. With many places,
-the nearest are found with one numpy product over their unit vectors; that order is only a
-guide: every distance that decides is computed exactly with ``math``, and places keep being
-read until one is far enough past the last needed (``_NEAR_MARGIN_KM``) that nothing read
-later can tie with it.
+plain list of a title's holders is grouped at the cost of reading it. The places are read
+nearest first (with many places, in the order of one numpy product over their unit
+vectors; with few, of their squared chords); that order is only a guide: every distance
+that decides is computed exactly with ``math``, and places keep being read until one is far
+enough past the last needed (``_NEAR_MARGIN_KM``) that nothing read later can tie with it.
 """
 
 from __future__ import annotations
@@ -130,8 +130,8 @@ _MATCHED, _LOCATED, _ANYWHERE = 0, 1, 2
 _LOCATED_TIER: Final = _LOCATED << _GROUP_SHIFT
 _ANYWHERE_TIER: Final = (_ANYWHERE << _GROUP_SHIFT) | _DIST_CAP
 
-# From this many located places on, the nearest are found through one numpy product
-# instead of an exact distance to each (below it, the fixed cost of numpy loses).
+# From this many located places on, the nearest are ordered through one numpy product;
+# below it, by their squared chords in Python (the fixed cost of numpy loses).
 _NEAREST_FROM: Final = 24
 # A place this much farther than the farthest one needed (whole km + 0.5) cannot tie
 # with it, however numpy's order and math's distances differ: they differ by under a
@@ -723,35 +723,7 @@ def _rank(
         tiers.sort()
     # 2. The other located places, nearest first (groups never tie: 1 ranks before 2).
     if held < want and here is not None:
-        located = grouped._located
-        if len(located) < _NEAREST_FROM:
-            # _chord_km, inline and in its order of operations (the distances must be its
-            # own to the last bit); a matched place's is the same number again.
-            hx, hy, hz = here
-            asin, sqrt = math.asin, math.sqrt
-            distances = [
-                _DIAMETER_KM
-                * asin(
-                    min(
-                        1.0,
-                        sqrt((dx := hx - ux) * dx + (dy := hy - uy) * dy + (dz := hz - uz) * dz)
-                        / 2,
-                    )
-                )
-                for ux, uy, uz in grouped._located_unit
-            ]
-            kms.update(zip(located, distances, strict=True))
-            # Whole km, uncapped: no two points of a sphere are more than pi R (20,015 km)
-            # apart, well under _DIST_CAP.
-            near = [
-                (_LOCATED_TIER | int(km + 0.5), place)
-                for place, km in zip(located, distances, strict=True)
-                if place not in matched
-            ]
-            near.sort()
-        else:
-            near = _nearest(grouped, here, matched, kms, want - held, full_share)
-        tiers += near
+        tiers += _nearest(grouped, here, matched, kms, want - held, full_share)
     # Places in rank order, until they hold ``want`` full-share edges and the next one
     # ranks strictly after the last taken: every edge that can be among the first ``want``
     # (or tie with one of them up to the title hash) is then at a place taken.
@@ -847,15 +819,26 @@ def _nearest(
     """The located places not in ``matched`` that can hold the nearest ``need`` full-share
     edges, with their tiers, nearest first: every place within whole-km reach of them.
     """
-    # Method calls, not np.argsort(...): numpy's dispatch costs more than the sort here.
-    order: list[int] = np.array(here).dot(grouped._located_xyz()).argsort().tolist()
     located, units = grouped._located, grouped._located_unit
-    count, slow = grouped._count, grouped._slow
     hx, hy, hz = here
+    order: list[int]  # positions in ``located``, nearest first
+    if len(located) >= _NEAREST_FROM:
+        # The largest dot product is the nearest. Method calls, not np.argsort(...): numpy's
+        # dispatch costs more than the sort here.
+        order = np.array(here).dot(grouped._located_xyz()).argsort().tolist()
+        order.reverse()
+    else:
+        # The squared chord, as _chord_km computes it: the same order as the distances.
+        chords = [
+            (dx := hx - ux) * dx + (dy := hy - uy) * dy + (dz := hz - uz) * dz
+            for ux, uy, uz in units
+        ]
+        order = sorted(range(len(chords)), key=chords.__getitem__)
+    count, slow = grouped._count, grouped._slow
     asin, sqrt = math.asin, math.sqrt
     near: list[tuple[int, int]] = []
     held, reach, bound = 0, 0, math.inf
-    for j in reversed(order):  # the largest dot product is the nearest
+    for j in order:
         place = located[j]
         if place in matched:
             continue
@@ -998,13 +981,17 @@ def _shared(
     if route is not None:
         text, prefix, length, hops, med, relation = _route_parts(route)
     else:
-        text = f"no prefix of site {site} covers the client"
+        text = _NO_ROUTE_TEXT.get(site) or _no_route_text(site)
     if here is not None and unit is not None:
         km = kms.get(place)
         if km is None:
             km = _chord_km(here, unit)
-        text = f"{text}; {km:.0f} km"
-        rounded: float | None = round(km, 1)
+        # Whole km as the ranking compared them, and tenths rounded half up; the texts are
+        # kept. Building strings is most of what a reason costs: float formatting and
+        # round() (correctly rounded, through decimal digits) alone were a third of it.
+        whole = int(km + 0.5)
+        text += _KM_TEXT.get(whole) or _km_text(whole)
+        rounded: float | None = int(km * 10.0 + 0.5) / 10.0
     else:
         why = (
             f"site {site} has no coordinates"
@@ -1018,6 +1005,31 @@ def _shared(
     if route is None:
         return text, rounded, None, None, None, None, None
     return text, rounded, prefix, length, hops, med, relation
+
+
+_NO_ROUTE_TEXT: dict[str, str] = {}  # site -> its sentence when no prefix of it covers the client
+_KM_TEXT: dict[int, str] = {}  # whole km (at most half the Earth's circumference) -> its text
+
+
+def _no_route_text(site: str) -> str:
+    if len(_NO_ROUTE_TEXT) >= 1 << 14:
+        _NO_ROUTE_TEXT.clear()
+    text = _NO_ROUTE_TEXT[site] = f"no prefix of site {site} covers the client"
+    return text
+
+
+def _km_text(whole: int) -> str:
+    text = f"; {whole} km"
+    if whole <= 25_000:
+        _KM_TEXT[whole] = text
+    return text
+
+
+def _percent(fraction: float) -> str:
+    """``fraction`` in whole per cent, rounded half up (as cheaply as the kilometres)."""
+    if 0.0 <= fraction < 1e6:
+        return str(int(fraction * 100.0 + 0.5))
+    return f"{fraction * 100:.0f}"  # negative, huge, infinite or NaN: a broken report
 
 
 def _explain(
@@ -1059,7 +1071,7 @@ def _explain(
             text, rounded, prefix, prefix_len, path_len, med, relation = why
             load = loads.get(index)
             if load is None:  # the same for every decision the set serves
-                load = loads[index] = f"; load {edge.load * 100:.0f} %"
+                load = loads[index] = f"; load {_percent(edge.load)} %"
             reason = text + load
             if size > 1:
                 reason += f"; title hash puts it {position - start + 1} of {size} equals"
