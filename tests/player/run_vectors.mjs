@@ -1,4 +1,4 @@
-// Runs the shared ABR and cadence vectors through the JavaScript port.
+// Runs the shared ABR, recent-rate and cadence vectors through the JavaScript port.
 // usage: node run_vectors.mjs ABR_JS VECTORS_JSON   (prints a JSON summary; exit 1 on a mismatch)
 import { readFileSync } from "node:fs";
 import { pathToFileURL } from "node:url";
@@ -25,6 +25,18 @@ vectors.abr.forEach((v, i) => {
       ? abr.chooseRung(v.state)
       : abr.shouldAbandon(v.state, v.progress);
   if (got !== want) failures.push({ kind: "abr", index: i, call: v.call, why: v.why, got, want });
+});
+vectors.recent.forEach((v, i) => {
+  // the player's recent-rate measurement: every answer of the sequence, to the bit
+  const tracker = new abr.RecentRate(v.window_s);
+  const got = v.calls.map(([key, t, bits]) => {
+    const r = tracker.sample(key, t, bits);
+    return [r.recent_bits, r.recent_s];
+  });
+  checked += 1;
+  if (JSON.stringify(got) !== JSON.stringify(v.expected)) {
+    failures.push({ kind: "recent", index: i, why: v.why, got, want: v.expected });
+  }
 });
 vectors.cadence.forEach((v, i) => {
   const interval = abr.heartbeatInterval(v.state);

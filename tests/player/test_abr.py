@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -26,13 +27,18 @@ from streamplane.player import (
     plan_value,
 )
 from streamplane.player.abr import (
+    RecentRate,
     bola_params,
     checked_choice,
+    drop_model,
+    drop_time,
     ewma_kbps,
     fetch,
     harmonic_mean_kbps,
     horizon_segments,
+    restart_value,
     shortfall_cost,
+    streamplane_abandon,
     throughput_estimate_kbps,
 )
 from tests.player.conftest import state
@@ -311,3 +317,135 @@ def test_streamplane_uses_real_sizes_of_the_coming_segments() -> None:
     kw = {"buffer_s": 26.0, "last_rung": 0, "segment_durations_s": (4.0,) * 3, "downloads": fast}
     assert Streamplane().choose(state(rungs=nominal, **kw)) == 1
     assert Streamplane().choose(state(rungs=heavy, **kw)) == 0
+
+
+# --- streamplane's abandonment: the drop model -------------------------------------------------
+
+# 500/1000/2000 kbps, three 4 s segments at nominal sizes (2, 4 and 8 Mb); the second is in
+# flight at rung 2; the last finished request ran at 2 Mbps, so after a drop the link is
+# expected back at 2 Mbps.
+SIZED = tuple(RungInfo(r, (int(r * 4000),) * 3) for r in (500.0, 1000.0, 2000.0))
+WAS_2M = (Download(8_000_000, 4.0),)
+
+
+def in_flight(buffer_s: float) -> AbrState:
+    return state(
+        buffer_s=buffer_s,
+        last_rung=2,
+        rungs=SIZED,
+        segment_durations_s=(4.0,) * 3,
+        next_segment=1,
+        downloads=WAS_2M,
+    )
+
+
+def test_drop_time_holds_the_slow_rate_then_recovers() -> None:
+    assert drop_time(2e6, 0.0, 4e5, 2e6, 12.0) == pytest.approx(5.0)  # all within the drop
+    assert drop_time(8e6, 0.0, 4e5, 2e6, 12.0) == pytest.approx(12 + 3.2 / 2)  # 4.8 Mb, then 2 Mbps
+    assert drop_time(4e6, 10.0, 4e5, 2e6, 12.0) == pytest.approx(2 + 3.2 / 2)  # 2 s of drop left
+    assert drop_time(4e6, 12.5, 4e5, 2e6, 12.0) == pytest.approx(2.0)  # the drop is over
+
+
+def test_recent_rate_measures_the_last_second_of_one_request() -> None:
+    rr = RecentRate(1.0)
+    assert rr.sample("a", 0.5, 200) == (200, 0.5)  # younger than the window: since the start
+    assert rr.sample("a", 1.0, 400) == (400, 1.0)
+    assert rr.sample("a", 1.5, 450) == (250, 1.0)  # since the sample at 0.5 s
+    assert rr.sample("b", 0.25, 10) == (10, 0.25)  # another request starts afresh
+    assert rr.sample("b", 0.1, 5) == (5, 0.1)  # so does a clock that went back (a retry)
+
+
+def test_a_collapse_is_judged_on_the_recent_rate() -> None:
+    # 4 of 8 Mb in 2 s (2 Mbps), but only 0.4 Mb in the last second; 6 s buffered. On its
+    # average the request finishes in 2 s; at 0.4 Mbps (up to 12 s, then 2 Mbps) in 10 s.
+    s = in_flight(6.0)
+    collapsed = Progress(2, 4_000_000, 8_000_000, 2.0, recent_bits=400_000, recent_s=1.0)
+    # it got its 4 Mb at 2 Mbps: the slow second is new, the usual 12 s hold applies
+    model = drop_model(s, collapsed)
+    assert model == pytest.approx((4e5, 2e6, 12.0))
+    # finish: stall 4 s, 4 s buffered, then the last segment at rung 0 (2 s at 0.4 Mbps + 1.2 Mb
+    # at 2 Mbps = 2.6 s): 2 - 4.3 x 4 + 0.5 - 2 x 1.5 - (20 - 5.4)^2 / 20
+    finish = 2 - 4.3 * 4 + 0.5 - 3 - 14.6**2 / 20
+    assert restart_value(s, 2, 10.0, model) == pytest.approx(finish)
+    # restart at rung 0 (2 Mb at 0.4 Mbps: 5 s, 1 s to spare), the last one at rung 0 too (5 s):
+    # 0.5 - 2 x 1.5 + 0.5 - 16^2 / 20
+    restart = 0.5 - 3 + 0.5 - 16**2 / 20
+    assert restart_value(s, 0, 5.0, model) == pytest.approx(restart)
+    assert restart > finish + StreamplaneParams().abandon_gain
+    assert streamplane_abandon(s, collapsed) == 0
+    # the same request judged on its average (no recent rate measured, or a steady one): finish
+    assert streamplane_abandon(s, Progress(2, 4_000_000, 8_000_000, 2.0)) is None
+    steady = Progress(2, 4_000_000, 8_000_000, 2.0, recent_bits=2_000_000, recent_s=1.0)
+    assert streamplane_abandon(s, steady) is None
+
+
+def _first_abandon(
+    buffer_s: float, link: Callable[[float], float], measure_recent: bool
+) -> tuple[float, int] | None:
+    """Play the in-flight request of `in_flight` in 0.25 s ticks (bits received by t given by
+    `link`, the buffer draining meanwhile): the first (time, rung) streamplane abandons at."""
+    rr = RecentRate()
+    t = 0.0
+    while t < 30.0:
+        t += 0.25
+        done = min(int(link(t)), 8_000_000)
+        if done >= 8_000_000:
+            return None
+        recent_bits, recent_s = rr.sample(0, t, done)
+        if not measure_recent:
+            recent_bits, recent_s = 0, 0.0
+        progress = Progress(2, done, 8_000_000, t, recent_bits, recent_s)
+        to = streamplane_abandon(in_flight(max(buffer_s - t, 0.0)), progress)
+        if to is not None:
+            return t, to
+    return None
+
+
+def test_a_request_whose_rate_collapses_is_abandoned_sooner_than_on_its_average() -> None:
+    # 2 Mbps for 2 s, then 0.3 Mbps; 8 s buffered when the request went out.
+    def collapse(t: float) -> float:
+        return 2e6 * min(t, 2.0) + 3e5 * max(t - 2.0, 0.0)
+
+    recent = _first_abandon(8.0, collapse, measure_recent=True)
+    average = _first_abandon(8.0, collapse, measure_recent=False)
+    assert recent is not None and average is not None
+    # the last second shows the collapse 0.75 s after it began; the average takes 2.5 s longer,
+    # by when 2.5 s less buffer is left for the restart
+    assert recent[0] == 2.75
+    assert average[0] == 5.25
+    assert recent[1] == 0
+
+
+def test_a_slow_but_steady_request_is_judged_as_on_its_average() -> None:
+    # 0.4 Mbps from the first byte: the last second says what the average says, tick for tick
+    def steady(t: float) -> float:
+        return 4e5 * t
+
+    for buffer_s in (10.0, 16.0, 24.0):
+        assert _first_abandon(buffer_s, steady, True) == _first_abandon(buffer_s, steady, False)
+    # and the drop model lets a long one finish while the buffer covers it: 7.2 Mb left after
+    # 2 s is 4.8 Mb in 12 s and 2.4 Mb at 2 Mbps, 13.2 s, 0.8 s under the 14 s buffered
+    # (on its own average it would take 18 s)
+    slow = Progress(2, 800_000, 8_000_000, 2.0, recent_bits=400_000, recent_s=1.0)
+    assert streamplane_abandon(state(buffer_s=14.0, last_rung=2, downloads=WAS_2M), slow) is None
+
+
+def test_a_drop_that_outlasts_the_hold_is_taken_to_last_as_long_again() -> None:
+    # 0.25 Mbps for all of its 14 s (3.5 of 8 Mb), against the 2 Mbps the link carried before:
+    # the drop has lasted 14 s, so it is taken to last 14 s more (not the usual 12)
+    s = in_flight(14.0)
+    long_slow = Progress(2, 3_500_000, 8_000_000, 14.0, recent_bits=250_000, recent_s=1.0)
+    model = drop_model(s, long_slow)
+    assert model == pytest.approx((2.5e5, 2e6, 14.0))
+    # finish: 3.5 Mb in 14 s, 1 Mb at 2 Mbps in 0.5 s: stall 0.5 s, 4 s buffered; then the last
+    # segment at 2 Mbps, rung 1 (2 s): 2 - 4.3 x 0.5 + 1 - 2 x 1 - (20 - 6)^2 / 20
+    assert restart_value(s, 2, 14.5, model) == pytest.approx(2 - 2.15 + 1 - 2 - 14**2 / 20)
+    # restart at rung 0: 8 s, 10 s buffered; the last at rung 0 in 6 s of drop (1.5 Mb) and
+    # 0.5 Mb at 2 Mbps (6.25 s): 0.5 - 2 x 1.5 + 0.5 - (20 - 7.75)^2 / 20; worth 1.45 more
+    assert restart_value(s, 0, 8.0, model) == pytest.approx(0.5 - 3 + 0.5 - 12.25**2 / 20)
+    assert streamplane_abandon(s, long_slow) == 0
+    # with the usual 12 s it would finish: 12.75 s, no stall, (2 + 2 - 14.75^2 / 20 = -6.88)
+    # against the restart's -7.51
+    usual = (2.5e5, 2e6, 12.0)
+    assert restart_value(s, 2, 12.75, usual) == pytest.approx(2 + 2 - 14.75**2 / 20)
+    assert restart_value(s, 0, 8.0, usual) == pytest.approx(0.5 - 3 + 0.5 - 10.5**2 / 20)

@@ -20,6 +20,7 @@ from streamplane.player import (
     streamplane_abandon,
     streamplane_choose,
 )
+from streamplane.player.abr import RecentRate
 from streamplane.player.vectors import VECTORS_PATH, build_vectors, load_vectors
 
 ABR_JS = Path(__file__).parents[2] / "src/streamplane/web/static/abr.js"
@@ -51,6 +52,11 @@ def test_python_passes_every_vector() -> None:
         else:
             got = streamplane_abandon(s, msgspec.convert(v["progress"], Progress))
         assert got == v["expected"], v.get("why", v["state"])
+    for v in data["recent"]:
+        tracker = RecentRate(v["window_s"])
+        got_recent = [list(tracker.sample(k, t, b)) for k, t, b in v["calls"]]
+        assert got_recent == v["expected"], v.get("why", v["calls"])
+    assert sum(v["source"] == "hand" for v in data["recent"]) >= 1
     for v in data["cadence"]:
         c = msgspec.convert(v["state"], CadenceState)
         assert (heartbeat_interval(c), next_heartbeat_s(c)) == (v["interval"], v["next"]), v
@@ -76,4 +82,4 @@ def test_javascript_port_passes_every_vector() -> None:
     summary = json.loads(out.stdout)
     assert summary["failed"] == 0
     data = load_vectors()
-    assert summary["checked"] == len(data["abr"]) + len(data["cadence"])
+    assert summary["checked"] == len(data["abr"]) + len(data["recent"]) + len(data["cadence"])

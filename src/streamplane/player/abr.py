@@ -25,8 +25,10 @@ Algorithms (see docs/abr.md for the reasoning and the references):
   insufficient-buffer rule and score-based abandonment.
 - `streamplane`: ours, model-predictive control on the benchmark's own score (Pensieve's linear
   QoE) over the next segments at their real sizes, with a quadratic price on ending below a
-  buffer target. Stateless (everything is in `AbrState`, so the JavaScript port in
-  `web/static/abr.js` gives the same answers; `player/vectors.json` proves it).
+  buffer target; it abandons a request in flight when, judged on its last second's rate (a drop
+  model), a restart is worth more on the same score. Stateless (everything is in `AbrState` and
+  `Progress`; the player measures the recent rate with `RecentRate`), so the JavaScript port in
+  `web/static/abr.js` gives the same answers; `player/vectors.json` proves it.
 """
 
 from __future__ import annotations
@@ -82,12 +84,48 @@ class AbrState(msgspec.Struct, frozen=True):
 
 
 class Progress(msgspec.Struct, frozen=True):
-    """A download in flight: the rung it was requested at and how far it has come."""
+    """A download in flight: the rung it was requested at and how far it has come.
+
+    `recent_bits` and `recent_s` are the player's measurement of the request's recent rate: the
+    bits received over the last `recent_s` seconds (about a second, `RecentRate`; the whole
+    request while it is younger than that). 0 s: not measured, the request's average is used."""
 
     rung: int
     bits_done: int
     bits_total: int
     elapsed_s: float
+    recent_bits: int = 0
+    recent_s: float = 0.0
+
+
+RECENT_WINDOW_S = 1.0  # what `RecentRate` measures over, unless told otherwise
+
+
+class RecentRate:
+    """The player's side of `Progress.recent_bits`/`recent_s`: fed the progress of the request
+    in flight (`key` names the request, `elapsed_s` counts from its start), it answers with the
+    bits received since the latest sample at least `window_s` old (since the start while there
+    is none). A new key, or a clock that went back, starts a new request. The JavaScript twin
+    is `RecentRate` in web/static/abr.js."""
+
+    def __init__(self, window_s: float = RECENT_WINDOW_S) -> None:
+        self.window_s = window_s
+        self._key: object = None
+        self._samples: list[tuple[float, int]] = [(0.0, 0)]
+
+    def sample(self, key: object, elapsed_s: float, bits_done: int) -> tuple[int, float]:
+        """(recent_bits, recent_s) now, and remember this sample."""
+        if key != self._key or elapsed_s < self._samples[-1][0]:
+            self._key = key
+            self._samples = [(0.0, 0)]
+        base = 0
+        for k, (t, _) in enumerate(self._samples):
+            if elapsed_s - t >= self.window_s - 1e-9:
+                base = k
+        del self._samples[:base]
+        t0, b0 = self._samples[0]
+        self._samples.append((elapsed_s, bits_done))
+        return bits_done - b0, elapsed_s - t0
 
 
 class Abr(Protocol):
@@ -482,8 +520,9 @@ class StreamplaneParams(msgspec.Struct, frozen=True):
     start_fraction: float = 0.5  # startup/seek/rebuffering: download within half a segment
     vmaf_min_gain: float = 0.5  # a rung up must buy this much VMAF over the horizon
     abandon_after_s: float = 1.0  # judge an in-flight request only after this long
-    abandon_floor_s: float = 0.5  # abandon when finishing would leave less buffer than this
-    restart_margin: float = 0.8  # a restart must take at most 0.8 x the time left
+    drop_hold_s: float = 12.0  # an in-flight request's recent rate lasts at least this long
+    abandon_floor_s: float = 0.5  # weigh a restart when finishing would leave less buffer
+    abandon_gain: float = 1.0  # a restart must be worth this much more than finishing (QoE)
 
 
 def horizon_segments(state: AbrState, horizon: int) -> range:
@@ -618,28 +657,117 @@ def _vmaf_trim(state: AbrState, rung: int, window: range, p: StreamplaneParams) 
     return rung
 
 
+def drop_time(
+    bits: float, start_s: float, slow_bps: float, after_bps: float, hold_s: float
+) -> float:
+    """Seconds to receive `bits` starting `start_s` from now, when the link carries `slow_bps`
+    until `hold_s` from now and `after_bps` from then on (the drop model of abandonment)."""
+    if start_s >= hold_s:
+        return bits / after_bps
+    slow_bits = slow_bps * (hold_s - start_s)
+    if bits <= slow_bits:
+        return bits / slow_bps
+    return (hold_s - start_s) + (bits - slow_bits) / after_bps
+
+
+def restart_value(
+    state: AbrState,
+    rung: int,
+    first_s: float,
+    model: tuple[float, float, float],
+    p: StreamplaneParams | None = None,
+) -> float:
+    """What having the next segment at `rung` in `first_s` seconds is worth: `plan_value`'s
+    objective over the horizon, the rest of it at the best single rung, every later request
+    timed in the drop model `(slow_bps, after_bps, hold_s)` (`drop_time`, the clock running
+    from now through waits and downloads)."""
+    p = p or StreamplaneParams()
+    slow_bps, after_bps, hold = model
+    window = list(horizon_segments(state, p.horizon))
+    n = len(state.rungs)
+    mbps = [r.bitrate_kbps / 1000.0 for r in state.rungs]
+    stall = max(first_s - state.buffer_s, 0.0)
+    b0 = max(state.buffer_s - first_s, 0.0) + segment_duration(state, window[0])
+    head = mbps[rung] - p.rebuffer_penalty * stall
+    last = state.last_rung
+    if last is not None:
+        head -= p.switch_weight * abs(mbps[rung] - mbps[last])
+    target = p.target_frac * state.max_buffer_s
+    best = -math.inf
+    for r in range(n):
+        b = b0
+        clock = first_s
+        value = head
+        for j in range(1, len(window)):
+            k = window[j]
+            d = segment_duration(state, k)
+            room = max(state.max_buffer_s - d, 0.0)
+            if b > room:  # wait (playing) until the segment fits
+                clock += b - room
+                b = room
+            t = drop_time(segment_bits(state, r, k), clock, slow_bps, after_bps, hold)
+            clock += t
+            value += mbps[r] - p.rebuffer_penalty * max(t - b, 0.0)
+            b = max(b - t, 0.0) + d
+            if j == 1:
+                value -= p.switch_weight * abs(mbps[r] - mbps[rung])
+        value -= shortfall_cost(b, target, p.target_weight)
+        if value > best:
+            best = value
+    return best
+
+
+def drop_model(
+    state: AbrState, progress: Progress, p: StreamplaneParams | None = None
+) -> tuple[float, float, float]:
+    """(slow_bps, after_bps, hold_s): what abandonment assumes of the link. The request's
+    recent rate (never above its average; the average when not measured) lasts `hold_s` more,
+    then the link carries the throughput estimate of the finished requests again (the
+    average without one; at least the slow rate). `hold_s` is `drop_hold_s`, or as long as
+    the slow rate has lasted already if that is longer: a drop that has outlasted the usual
+    is taken to last as long again. How long it has lasted is judged by the bits the request
+    lacks: the seconds at the slow rate instead of the other that account for them."""
+    p = p or StreamplaneParams()
+    avg = progress.bits_done / progress.elapsed_s
+    slow = avg
+    if progress.recent_s > 0:
+        slow = min(progress.recent_bits / progress.recent_s, avg)
+    slow = max(slow, 1.0)  # nothing in the window: a link all but stopped, not a zero division
+    c = throughput_estimate_kbps(state.downloads, p.fast_half_life_s, p.slow_half_life_s)
+    after = max(avg if c is None else c * 1000.0, slow)
+    lasted = 0.0
+    if after > slow:
+        lasted = (after * progress.elapsed_s - progress.bits_done) / (after - slow)
+        lasted = min(max(lasted, 0.0), progress.elapsed_s)
+    return slow, after, max(p.drop_hold_s, lasted)
+
+
 def streamplane_abandon(
     state: AbrState, progress: Progress, p: StreamplaneParams | None = None
 ) -> int | None:
-    """Abandon the request when, at its measured rate, finishing it would run the buffer dry
-    and a lower rung's whole segment arrives sooner; pick the highest such rung that arrives
-    before the buffer runs out, else the lowest."""
+    """Abandon the request in flight for a lower rung when that is worth more on the plan's own
+    score, in the drop model (`drop_model`: the request's recent rate lasts a while, then the
+    link carries the throughput estimate again). Once finishing in that model would leave less
+    than `abandon_floor_s` of buffer, every restart (the whole segment at a lower rung, in the
+    same model) is valued against finishing with `restart_value`; the best lower rung wins if
+    it is worth `abandon_gain` more (ties: the lower rung)."""
     p = p or StreamplaneParams()
     q = progress.rung
     if q == 0 or progress.bits_done <= 0 or progress.elapsed_s < p.abandon_after_s:
         return None
-    bps = progress.bits_done / progress.elapsed_s
-    left_s = (progress.bits_total - progress.bits_done) / bps
-    if state.buffer_s - left_s >= p.abandon_floor_s:
+    model = drop_model(state, progress, p)
+    slow, after, hold = model
+    finish = drop_time(progress.bits_total - progress.bits_done, 0.0, slow, after, hold)
+    if state.buffer_s - finish >= p.abandon_floor_s:
         return None
     i = state.next_segment
-    for r in range(q - 1, -1, -1):
-        t = segment_bits(state, r, i) / bps
-        if t <= p.restart_margin * left_s and state.buffer_s - t >= p.abandon_floor_s:
-            return r
-    if segment_bits(state, 0, i) / bps <= p.restart_margin * left_s:
-        return 0
-    return None
+    best, best_value = None, restart_value(state, q, finish, model, p) + p.abandon_gain
+    for r in range(q):
+        t = drop_time(segment_bits(state, r, i), 0.0, slow, after, hold)
+        value = restart_value(state, r, t, model, p)
+        if value > best_value:
+            best, best_value = r, value
+    return best
 
 
 class Streamplane:

@@ -5,7 +5,8 @@ The model (the same for every algorithm):
 - The player requests segments one at a time. A request first waits the current period's
   latency (no bytes flow), then receives bits at the trace's bandwidth, period after period;
   the trace loops when the video outlasts it. Every `tick_s` of a request the algorithm may
-  abandon it for a lower rung: the bits so far are wasted and the new request pays latency again.
+  abandon it for a lower rung (`Progress` carries the bits so far and those of the last second,
+  as a player measures them): the bits so far are wasted and the new request pays latency again.
 - The buffer gains a segment's duration when its last bit arrives and drains in real time while
   playing. Before a request, if the segment would not fit under `max_buffer_s`, the player waits
   (playing) until it does: the buffer is never negative and never above the maximum.
@@ -34,6 +35,7 @@ from streamplane.player.abr import (
     Download,
     Phase,
     Progress,
+    RecentRate,
     RungInfo,
     checked_abandon,
     checked_choice,
@@ -326,6 +328,7 @@ def simulate(
     samples: list[Sample] = []
     last: int | None = None
     seg_rebuffer = 0.0
+    recent = RecentRate()  # the in-flight request's rate over the last second
 
     def phase() -> Phase:
         if not playing:
@@ -404,7 +407,8 @@ def simulate(
                 if finished or elapsed < next_check - 1e-9:
                     continue
                 next_check += s.tick_s
-                progress = Progress(r, int(done), total, elapsed)
+                recent_bits, recent_s = recent.sample((i, abandoned), elapsed, int(done))
+                progress = Progress(r, int(done), total, elapsed, recent_bits, recent_s)
                 lower = checked_abandon(abr, state(i), progress)
                 if lower is not None:
                     if done > 0:

@@ -2,8 +2,10 @@
 
 `vectors.json` next to this file holds hand-checked cases (the expected value worked out on
 paper, with the reasoning in `why`) and a seeded set whose expected values are what the Python
-implementation decides. Both the Python tests and the JavaScript port (`web/static/abr.js`, run
-by node in tests/player) must reproduce every one, so the two implementations cannot drift.
+implementation decides: ABR decisions and plan values, the player's recent-rate measurement
+(`RecentRate`) and the heartbeat cadence. Both the Python tests and the JavaScript port
+(`web/static/abr.js`, run by node in tests/player) must reproduce every one, so the two
+implementations cannot drift.
 
 After a deliberate change to the algorithm, regenerate and review the diff:
 
@@ -21,9 +23,11 @@ import numpy as np
 
 from streamplane.player.abr import (
     PHASES,
+    RECENT_WINDOW_S,
     AbrState,
     Download,
     Progress,
+    RecentRate,
     RungInfo,
     StreamplaneParams,
     horizon_segments,
@@ -72,6 +76,20 @@ def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
     at_4m = (Download(8_000_000, 2.0),)  # 4 Mbps
     three = (4.0, 4.0, 4.0)
     inflight = Progress(rung=2, bits_done=1_000_000, bits_total=8_000_000, elapsed_s=2.0)
+    # the drop model's cases: three 4 s segments at nominal sizes (2, 4, 8 Mb), the second in
+    # flight, the last finished request at 2 Mbps (so the link returns to 2 Mbps after 12 s)
+    sized = _nominal((500.0, 1000.0, 2000.0), 3)
+    was_2m = (Download(8_000_000, 4.0),)
+    second_of_three = _s(
+        buffer_s=6.0,
+        last_rung=2,
+        rungs=sized,
+        segment_durations_s=three,
+        next_segment=1,
+        downloads=was_2m,
+    )
+    collapsed = Progress(2, 4_000_000, 8_000_000, 2.0, recent_bits=400_000, recent_s=1.0)
+    steady_slow = Progress(2, 800_000, 8_000_000, 2.0, recent_bits=400_000, recent_s=1.0)
     return [
         (
             "startup without a throughput sample: lowest rung",
@@ -168,8 +186,11 @@ def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
             1,
         ),
         (
-            "abandon: 0.5 Mbps in flight, 14 s left with 5 s of buffer; rung 1 needs 8 s (too "
-            "long), rung 0 needs 4 s <= 11.2 s and leaves 1 s",
+            "abandon: 0.5 Mbps in flight (no recent rate, nothing measured before: 0.5 Mbps "
+            "throughout), 7 Mb left = 14 s with 5 s of buffer. Over five segments, rest at one "
+            "rung: finish, then rung 0 (4 s a segment, buffer held at 4 s): 2 - 4.3 x 9 + 2 - "
+            "2 x 1.5 - 16^2/20 = -50.5; restart at rung 0 (4 s, buffer 5 s): 0.5 - 2 x 1.5 + 2 "
+            "- 15^2/20 = -11.75; at rung 1 (8 s): 1 - 4.3 x 3 - 2 + 2 - 1 - 12.8 = -25.7: rung 0",
             "should_abandon",
             _s(buffer_s=5.0, last_rung=2),
             inflight,
@@ -181,6 +202,46 @@ def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
             _s(buffer_s=20.0, last_rung=2),
             inflight,
             None,
+        ),
+        (
+            "collapse: 4 of 8 Mb in 2 s (2 Mbps) but 0.4 Mb in the last second. On the average "
+            "the 4 Mb left take 2 s of the 6 s buffered; at 0.4 Mbps (for up to 12 s) 10 s. "
+            "Two segments left: finish (stall 4 s, buffer 4 s), then rung 0 (2 s at 0.4 Mbps, "
+            "2 Mb at 2 Mbps: 2.6 s): 2 - 17.2 + 0.5 - 3 - 14.6^2/20 = -28.36 (rung 1 -28.37); "
+            "restart at rung 0 (5 s, buffer 5 s), then rung 0 (5 s): 0.5 - 3 + 0.5 - 12.8 = "
+            "-14.8; rung 1 in 10 s stalls 4 s too: rung 0",
+            "should_abandon",
+            second_of_three,
+            collapsed,
+            0,
+        ),
+        (
+            "the same request without the collapse (the last second at its 2 Mbps average): "
+            "2 s left, 4 s of buffer to spare: finish",
+            "should_abandon",
+            second_of_three,
+            Progress(2, 4_000_000, 8_000_000, 2.0, recent_bits=2_000_000, recent_s=1.0),
+            None,
+        ),
+        (
+            "slow but steady: 0.4 Mbps from the start, 7.2 Mb left; 4.8 Mb in 12 s at 0.4 Mbps, "
+            "2.4 Mb at 2 Mbps after: 13.2 s, 0.8 s of the 14 s buffered to spare: finish (at "
+            "its own average it would take 18 s)",
+            "should_abandon",
+            _s(buffer_s=14.0, last_rung=2, downloads=was_2m),
+            steady_slow,
+            None,
+        ),
+        (
+            "a long drop: 0.25 Mbps for all of its 14 s (3.5 of 8 Mb) where the link carried 2 "
+            "Mbps: taken to last 14 s more. Finish: 14.5 s, stall 0.5 s, then the last segment "
+            "at rung 1: 2 - 2.15 + 1 - 2 - 14^2/20 = -10.95; restart at rung 0: 8 s, then rung 0 "
+            "in 6.25 s: 0.5 - 3 + 0.5 - 12.25^2/20 = -9.50, 1.45 better: rung 0 (with a 12 s "
+            "hold it would finish: -6.88 against -7.51)",
+            "should_abandon",
+            msgspec.structs.replace(second_of_three, buffer_s=14.0),
+            Progress(2, 3_500_000, 8_000_000, 14.0, recent_bits=250_000, recent_s=1.0),
+            0,
         ),
         (
             "no abandon before 1 s of download",
@@ -211,6 +272,42 @@ def _hand_plans() -> list[tuple[str, AbrState, tuple[int, ...], float, float]]:
             -22.15,
         ),
     ]
+
+
+def _hand_recent() -> list[tuple[str, list[tuple[str, float, int]], list[tuple[int, float]]]]:
+    """(why, calls (key, elapsed_s, bits_done), answers (recent_bits, recent_s)) for a
+    `RecentRate` with a 1 s window."""
+    return [
+        (
+            "ticks of 0.25 s: the whole request until it is 1 s old, then the last second; a "
+            "new key, then a clock that went back, start again",
+            [
+                ("a", 0.25, 100),
+                ("a", 0.5, 200),
+                ("a", 1.0, 400),
+                ("a", 1.25, 420),
+                ("a", 1.5, 440),
+                ("b", 0.25, 50),
+                ("b", 0.1, 10),
+            ],
+            [(100, 0.25), (200, 0.5), (400, 1.0), (320, 1.0), (240, 1.0), (50, 0.25), (10, 0.1)],
+        ),
+    ]
+
+
+def _seeded_recent(rng: np.random.Generator) -> list[tuple[str, float, int]]:
+    calls: list[tuple[str, float, int]] = []
+    key, t, bits = "k0", 0.0, 0
+    for _ in range(int(rng.integers(4, 16))):
+        u = rng.random()
+        if u < 0.1:
+            key, t, bits = f"k{int(rng.integers(0, 3))}", 0.0, 0
+        elif u < 0.15:
+            t, bits = t / 2, bits // 2
+        t = round(t + float(rng.uniform(0.05, 0.6)), 3)
+        bits += int(rng.uniform(0, 2e6))
+        calls.append((key, t, bits))
+    return calls
 
 
 def _hand_cadence() -> list[tuple[str, CadenceState, float, float]]:
@@ -322,15 +419,27 @@ def build_vectors(
                 "expected": streamplane_choose(state),
             }
         )
+    # the recent rate of each abandonment case from a stream of its own: adding it moved no
+    # other seeded case
+    recent = np.random.default_rng(seed + 2)
     for _ in range(n_abandon):
         state = _random_state(rng)
         rung = int(rng.integers(0, len(state.rungs)))
         total = int(rng.uniform(1e5, 2e7))
+        done = int(total * float(rng.uniform(0, 0.95)))
+        elapsed = round(float(rng.uniform(0, 12)), 3)
+        recent_bits, recent_s = 0, 0.0
+        if elapsed > 0 and recent.random() < 0.8:  # else: not measured
+            recent_s = round(min(elapsed, float(recent.uniform(0.9, 1.2))), 3)
+            rate = done / elapsed * float(recent.lognormal(-0.7, 1.0))
+            recent_bits = min(done, int(rate * recent_s))
         progress = Progress(
             rung=rung,
-            bits_done=int(total * float(rng.uniform(0, 0.95))),
+            bits_done=done,
             bits_total=total,
-            elapsed_s=round(float(rng.uniform(0, 12)), 3),
+            elapsed_s=elapsed,
+            recent_bits=recent_bits,
+            recent_s=recent_s,
         )
         abr.append(
             {
@@ -358,6 +467,22 @@ def build_vectors(
                 "expected": plan_value(state, seq, kbps),
             }
         )
+    recent_cases: list[dict[str, Any]] = [
+        {"source": "hand", "why": why, "window_s": RECENT_WINDOW_S, "calls": calls, "expected": out}
+        for why, calls, out in _hand_recent()
+    ]
+    streams = np.random.default_rng(seed + 3)
+    for _ in range(20):
+        calls = _seeded_recent(streams)
+        tracker = RecentRate()
+        recent_cases.append(
+            {
+                "source": "seeded",
+                "window_s": RECENT_WINDOW_S,
+                "calls": calls,
+                "expected": [tracker.sample(k, t, b) for k, t, b in calls],
+            }
+        )
     cadence: list[dict[str, Any]] = [
         {
             "source": "hand",
@@ -382,7 +507,12 @@ def build_vectors(
                 "next": next_heartbeat_s(cs),
             }
         )
-    return {"seed": seed, "abr": abr, "cadence": cadence}
+    return {
+        "seed": seed,
+        "abr": abr,
+        "recent": recent_cases,
+        "cadence": cadence,
+    }
 
 
 def write_vectors(path: Path = VECTORS_PATH) -> Path:
@@ -391,6 +521,9 @@ def write_vectors(path: Path = VECTORS_PATH) -> Path:
     compact = {"separators": (",", ":")}
     lines = [f'{{"seed":{data["seed"]},', '"abr":[']
     lines += [json.dumps(c, **compact) + "," for c in data["abr"]]  # type: ignore[arg-type]
+    lines[-1] = lines[-1].rstrip(",")
+    lines.append('],"recent":[')
+    lines += [json.dumps(c, **compact) + "," for c in data["recent"]]  # type: ignore[arg-type]
     lines[-1] = lines[-1].rstrip(",")
     lines.append('],"cadence":[')
     lines += [json.dumps(c, **compact) + "," for c in data["cadence"]]  # type: ignore[arg-type]

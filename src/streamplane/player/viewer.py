@@ -46,6 +46,7 @@ from streamplane.player.abr import (
     AbrState,
     Download,
     Progress,
+    RecentRate,
     checked_abandon,
     checked_choice,
     make_abr,
@@ -502,6 +503,7 @@ class Viewer:
             sizes = manifest.rungs[rung].segment_bits
             total_bits = sizes[index] if index < len(sizes) else 0
         received = 0
+        recent = RecentRate()  # this request's rate over its last second, for abandonment
         body: list[bytes] = []
         next_check = c.tick_s
         timeout = httpx.Timeout(c.request_timeout_s)
@@ -522,10 +524,18 @@ class Viewer:
                     next_check = elapsed + c.tick_s
                     self._tick()
                     manifest, index, rung = segment
+                    recent_bits, recent_s = recent.sample(path, elapsed, received * 8)
                     lower = checked_abandon(
                         self.abr,
                         self._abr_state(index, manifest),
-                        Progress(rung, received * 8, max(total_bits, received * 8), elapsed),
+                        Progress(
+                            rung,
+                            received * 8,
+                            max(total_bits, received * 8),
+                            elapsed,
+                            recent_bits,
+                            recent_s,
+                        ),
                     )
                     if lower is not None:
                         self.ledger.request(edge_id, received)

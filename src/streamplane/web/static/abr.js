@@ -1,7 +1,7 @@
 // streamplane's ABR algorithm and heartbeat cadence, for the browser player (and node).
 //
 // A port of src/streamplane/player/abr.py (streamplane_choose, mpc_choice, plan_value, fetch,
-// shortfall_cost, streamplane_abandon) and
+// shortfall_cost, streamplane_abandon, drop_time, restart_value, drop_model, RecentRate) and
 // src/streamplane/player/cadence.py, from the same specification (docs/abr.md). Both are pure
 // functions of plain objects whose field names are the Python structs' (snake_case), so the
 // shared vectors in src/streamplane/player/vectors.json feed both unchanged; tests/player runs
@@ -14,7 +14,9 @@
 //   downloads: [{bits, seconds}],   // oldest first, request to last byte
 //   now_s, segment_durations_s: [...]
 // }
-// progress = {rung, bits_done, bits_total, elapsed_s}
+// progress = {rung, bits_done, bits_total, elapsed_s, recent_bits, recent_s}
+//   recent_*: bits received over the last ~1 s of the request, from a RecentRate (0 s: not
+//   measured, the request's average is used)
 
 export const DEFAULT_PARAMS = Object.freeze({
   fast_half_life_s: 3.0,
@@ -28,9 +30,12 @@ export const DEFAULT_PARAMS = Object.freeze({
   start_fraction: 0.5,
   vmaf_min_gain: 0.5,
   abandon_after_s: 1.0,
+  drop_hold_s: 12.0,
   abandon_floor_s: 0.5,
-  restart_margin: 0.8,
+  abandon_gain: 1.0,
 });
+
+export const RECENT_WINDOW_S = 1.0;
 
 function list(x) {
   return Array.isArray(x) ? x : [];
@@ -210,21 +215,125 @@ export function chooseRung(state, params = DEFAULT_PARAMS) {
   return vmafTrim(state, mpcChoice(state, c, p), window, p);
 }
 
+// Seconds to receive `bits` starting startS from now, when the link carries slowBps until
+// holdS from now and afterBps from then on (the drop model of abandonment).
+export function dropTime(bits, startS, slowBps, afterBps, holdS) {
+  if (startS >= holdS) return bits / afterBps;
+  const slowBits = slowBps * (holdS - startS);
+  if (bits <= slowBits) return bits / slowBps;
+  return holdS - startS + (bits - slowBits) / afterBps;
+}
+
+// What having the next segment at `rung` in firstS seconds is worth: planValue's objective over
+// the horizon, the rest at the best single rung, every later request timed by dropTime in the
+// drop model [slowBps, afterBps, holdS].
+export function restartValue(state, rung, firstS, model, params = DEFAULT_PARAMS) {
+  const p = { ...DEFAULT_PARAMS, ...params };
+  const [slowBps, afterBps, hold] = model;
+  const window = horizon(state, p.horizon);
+  const n = state.rungs.length;
+  const mbps = state.rungs.map((r) => r.bitrate_kbps / 1000.0);
+  const stall = Math.max(firstS - state.buffer_s, 0.0);
+  const b0 = Math.max(state.buffer_s - firstS, 0.0) + segmentDuration(state, window[0]);
+  let head = mbps[rung] - p.rebuffer_penalty * stall;
+  const last = state.last_rung === undefined ? null : state.last_rung;
+  if (last !== null) head -= p.switch_weight * Math.abs(mbps[rung] - mbps[last]);
+  const target = p.target_frac * state.max_buffer_s;
+  let best = -Infinity;
+  for (let r = 0; r < n; r++) {
+    let b = b0;
+    let clock = firstS;
+    let value = head;
+    for (let j = 1; j < window.length; j++) {
+      const k = window[j];
+      const d = segmentDuration(state, k);
+      const room = Math.max(state.max_buffer_s - d, 0.0);
+      if (b > room) {
+        clock += b - room; // wait (playing) until the segment fits
+        b = room;
+      }
+      const t = dropTime(segmentBits(state, r, k), clock, slowBps, afterBps, hold);
+      clock += t;
+      value += mbps[r] - p.rebuffer_penalty * Math.max(t - b, 0.0);
+      b = Math.max(b - t, 0.0) + d;
+      if (j === 1) value -= p.switch_weight * Math.abs(mbps[r] - mbps[rung]);
+    }
+    value -= shortfallCost(b, target, p.target_weight);
+    if (value > best) best = value;
+  }
+  return best;
+}
+
+// [slowBps, afterBps, holdS]: the request's recent rate (never above its average; its average
+// when not measured) lasts holdS more, then the link carries the throughput estimate again (at
+// least the slow rate). holdS: drop_hold_s, or how long the slow rate has lasted if longer,
+// judged by the bits the request lacks.
+export function dropModel(state, progress, params = DEFAULT_PARAMS) {
+  const p = { ...DEFAULT_PARAMS, ...params };
+  const avg = progress.bits_done / progress.elapsed_s;
+  let slow = avg;
+  if (progress.recent_s > 0) slow = Math.min(progress.recent_bits / progress.recent_s, avg);
+  slow = Math.max(slow, 1.0); // nothing in the window: a link all but stopped
+  const c = throughputEstimateKbps(state.downloads, p.fast_half_life_s, p.slow_half_life_s);
+  const after = Math.max(c === null ? avg : c * 1000.0, slow);
+  let lasted = 0.0;
+  if (after > slow) {
+    lasted = (after * progress.elapsed_s - progress.bits_done) / (after - slow);
+    lasted = Math.min(Math.max(lasted, 0.0), progress.elapsed_s);
+  }
+  return [slow, after, Math.max(p.drop_hold_s, lasted)];
+}
+
 /** A lower rung to re-request the in-flight segment at, or null to let it finish. */
 export function shouldAbandon(state, progress, params = DEFAULT_PARAMS) {
   const p = { ...DEFAULT_PARAMS, ...params };
   const q = progress.rung;
   if (q === 0 || progress.bits_done <= 0 || progress.elapsed_s < p.abandon_after_s) return null;
-  const bps = progress.bits_done / progress.elapsed_s;
-  const leftS = (progress.bits_total - progress.bits_done) / bps;
-  if (state.buffer_s - leftS >= p.abandon_floor_s) return null;
+  const model = dropModel(state, progress, p);
+  const [slow, after, hold] = model;
+  const finish = dropTime(progress.bits_total - progress.bits_done, 0.0, slow, after, hold);
+  if (state.buffer_s - finish >= p.abandon_floor_s) return null;
   const i = state.next_segment;
-  for (let r = q - 1; r >= 0; r--) {
-    const t = segmentBits(state, r, i) / bps;
-    if (t <= p.restart_margin * leftS && state.buffer_s - t >= p.abandon_floor_s) return r;
+  let best = null;
+  let bestValue = restartValue(state, q, finish, model, p) + p.abandon_gain;
+  for (let r = 0; r < q; r++) {
+    const t = dropTime(segmentBits(state, r, i), 0.0, slow, after, hold);
+    const value = restartValue(state, r, t, model, p);
+    if (value > bestValue) {
+      best = r;
+      bestValue = value;
+    }
   }
-  if (segmentBits(state, 0, i) / bps <= p.restart_margin * leftS) return 0;
-  return null;
+  return best;
+}
+
+/**
+ * The player's measurement behind progress.recent_bits / recent_s: fed the progress of the
+ * request in flight (key: a string or number naming it; elapsedS from its start), it answers
+ * with the bits received since the latest sample at least windowS old (since the start while
+ * there is none). A new key, or a clock that went back, starts a new request.
+ */
+export class RecentRate {
+  constructor(windowS = RECENT_WINDOW_S) {
+    this.windowS = windowS;
+    this.key = null;
+    this.samples = [[0.0, 0]];
+  }
+
+  sample(key, elapsedS, bitsDone) {
+    if (key !== this.key || elapsedS < this.samples[this.samples.length - 1][0]) {
+      this.key = key;
+      this.samples = [[0.0, 0]];
+    }
+    let base = 0;
+    this.samples.forEach(([t], k) => {
+      if (elapsedS - t >= this.windowS - 1e-9) base = k;
+    });
+    this.samples.splice(0, base);
+    const [t0, b0] = this.samples[0];
+    this.samples.push([elapsedS, bitsDone]);
+    return { recent_bits: bitsDone - b0, recent_s: elapsedS - t0 };
+  }
 }
 
 /** The same interface as the Python objects: one per playback session. */

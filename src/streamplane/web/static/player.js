@@ -15,6 +15,7 @@
 // request interceptor. Failing over is then only "change the active edge": the request that
 // failed is retried by the library, and now goes to the next edge.
 import {
+  RecentRate,
   chooseRung,
   heartbeatDue,
   heartbeatInterval,
@@ -176,6 +177,7 @@ export class StreamplanePlayer {
     this.renditionOfRung = []; // the library's key (hls.js level, DASH Representation id) per rung
     this.rungOfRendition = new Map();
     this.downloads = [];
+    this.recentRate = new RecentRate(); // the in-flight video segment's rate over the last second
     this.pending = [];
     this.timer = null;
     this.lastT = 0;
@@ -442,11 +444,14 @@ export class StreamplanePlayer {
     if (rung === undefined || rung === null || rung === 0) return null;
     const index = this.segmentAt(startS + 0.05);
     const known = this.abrRungs[rung].segment_bits[index];
+    const recent = this.recentRate.sample(`${index}/${rung}`, elapsedS, loadedBytes * 8);
     const progress = {
       rung,
       bits_done: loadedBytes * 8,
       bits_total: known || Math.max(totalBytes || 0, loadedBytes) * 8,
       elapsed_s: elapsedS,
+      recent_bits: recent.recent_bits,
+      recent_s: recent.recent_s,
     };
     const to = shouldAbandon(this.abrState(index), progress);
     if (to === null) return null;
