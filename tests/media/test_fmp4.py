@@ -644,7 +644,7 @@ samples_strategy = st.lists(
 
 
 @settings(max_examples=80)
-@given(samples_strategy, st.integers(0, 2**40), st.integers(1, 2**32 - 1), st.booleans())
+@given(samples_strategy, st.integers(0, 2**40), st.integers(1, 2**32 - 2), st.booleans())
 def test_written_fragments_read_back(
     rows: list[tuple[int, int, int, bytes]], start: int, seq: int, same: bool
 ) -> None:
@@ -671,6 +671,8 @@ def test_write_fragment_errors() -> None:
         write_fragment(1, 1, [])
     with pytest.raises(PackagingError, match="do not follow"):
         write_fragment(1, 1, [Sample(0, 10, 0, 0, b"a"), Sample(11, 10, 0, 0, b"b")])
+    with pytest.raises(PackagingError, match="does not fit 32 bits"):
+        write_fragment(2**32, 1, [Sample(0, 10, 0, 0, b"a")])
 
 
 def test_read_samples_errors() -> None:

@@ -458,6 +458,10 @@ def write_fragment(sequence_number: int, track_id: int, samples: Sequence[Sample
     """
     if not samples:
         raise PackagingError("a fragment needs at least one sample")
+    if not 0 <= sequence_number <= 0xFFFFFFFF or not 0 <= track_id <= 0xFFFFFFFF:
+        raise PackagingError(
+            f"sequence number {sequence_number} or track id {track_id} does not fit 32 bits"
+        )
     for before, after in itertools.pairwise(samples):
         if after.decode_time != before.decode_time + before.duration:
             raise PackagingError(
