@@ -40,7 +40,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from streamplane.steering import (
     DEFAULT_LIMIT,
@@ -57,10 +57,15 @@ from streamplane.steering import (
     distance_km,
     rank_edges,
 )
+from streamplane.steering import rank as ranking_module
+from streamplane.steering._build import compiled_rank, load_rank_source
 
 # The ranking as first written, kept with the tests as the oracle of the current one.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.steering import reference_rank
+
+# rank.py interpreted, beside the module the package imports (compiled by make, if it could).
+interpreted = load_rank_source("streamplane.steering._rank_interpreted")
 
 V4_LENGTHS = {
     24: 0.58,
@@ -280,6 +285,12 @@ def main() -> None:
         f"python {platform.python_version()} on {platform.machine()}, {platform.system()}, "
         f"{os.cpu_count()} cores, load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at start"
     )
+    built = compiled_rank()
+    print(
+        f"ranking: {Path(ranking_module.__file__).name}"
+        + (" (rank.py compiled with mypyc)" if built else " (interpreted: no compiled build)")
+        + "; the interpreted rank.py runs beside it"
+    )
     rng = random.Random(args.seed)
     sites = [f"site-{i:03d}" for i in range(args.sites)]
 
@@ -337,15 +348,20 @@ def main() -> None:
     )
     print()
 
-    def first_written(
-        client: Client, title: str, session: str, held: Sequence[EdgeCandidate], limit: int | None
+    def steered(
+        ranking: Callable[..., list[RankedEdge]],
+        client: Client,
+        title: str,
+        session: str,
+        held: Sequence[EdgeCandidate],
+        limit: int | None,
     ) -> list[RankedEdge]:
-        """Steering.rank as it was: the same lookups around the reference ranking."""
+        """Steering.rank's steps (GeoLite2 uncached) around another ranking."""
         try:
             looked = table.lookup(client.address)
         except AddressError:
             looked = {}
-        return reference_rank.rank_edges(
+        return ranking(
             client=client,
             client_location=geo.locate(client.address),
             title=title,
@@ -354,6 +370,12 @@ def main() -> None:
             routes=looked,
             limit=limit,
         )
+
+    def first_written(
+        client: Client, title: str, session: str, held: Sequence[EdgeCandidate], limit: int | None
+    ) -> list[RankedEdge]:
+        """Steering.rank as it was: the same lookups around the reference ranking."""
+        return steered(reference_rank.rank_edges, client, title, session, held, limit)
 
     print(
         "| decision | edges ranked (k) | returned | decisions/s (CPU) | p50 us (CPU) "
@@ -368,6 +390,10 @@ def main() -> None:
         t0 = time.thread_time()
         prepared = {title: steering.prepare(edges) for title, edges in held.items()}
         prepare_us[k] = (time.thread_time() - t0) / len(prepared) * 1e6
+        prepared_source = {
+            title: interpreted.CandidateSet(edges, steering.sites)._complete()
+            for title, edges in held.items()
+        }
         n = args.decisions
         slow = max(200, n * 10 // k) if k > 10 else n  # for the rankings of every edge
         listed = n if k <= 100 else max(500, n * 100 // k)
@@ -379,6 +405,12 @@ def main() -> None:
         def ours_cached(i: int, sets: dict[str, CandidateSet] = prepared) -> object:
             title = titles[i]
             return cached.rank(clients[i], title, f"s-{i}", sets[title])
+
+        def ours_interpreted(i: int, sets: dict[str, Any] = prepared_source) -> object:
+            title = titles[i]
+            return steered(
+                interpreted.rank_edges, clients[i], title, f"s-{i}", sets[title], DEFAULT_LIMIT
+            )
 
         def ours_list(i: int, held: dict[str, list[EdgeCandidate]] = held) -> object:
             title = titles[i]
@@ -401,11 +433,17 @@ def main() -> None:
             return rank_by_geography(clients[i], geo, held[title])
 
         for i in range(50):  # they agree
-            assert ours(i) == before(i) == ours_list(i), i
+            assert ours(i) == before(i) == ours_list(i) == ours_interpreted(i), i
             assert ours_all(i) == before_all(i), i
         rows: list[tuple[str, str, Callable[[int], object], int]] = [
             ("Steering.rank, prepared (GeoLite2 uncached)", f"{DEFAULT_LIMIT}", ours, n),
             ("Steering.rank, prepared (GeoLite2 cached)", f"{DEFAULT_LIMIT}", ours_cached, n),
+            (
+                "the same, rank.py interpreted (GeoLite2 uncached)",
+                f"{DEFAULT_LIMIT}",
+                ours_interpreted,
+                n,
+            ),
             ("Steering.rank, a list (GeoLite2 uncached)", f"{DEFAULT_LIMIT}", ours_list, listed),
             ("Steering.rank, prepared, limit=None", "all", ours_all, slow),
             ("before: first ranking, limit=5", f"{DEFAULT_LIMIT}", before, slow),
@@ -533,12 +571,14 @@ def main() -> None:
         now_list = results[("Steering.rank, a list (GeoLite2 uncached)", k)]
         was = results[("before: first ranking, every edge", k)]
         was5 = results[("before: first ranking, limit=5", k)]
+        source = results[("the same, rank.py interpreted (GeoLite2 uncached)", k)]
         print(
             f"k = {k}: Steering.rank (best {DEFAULT_LIMIT}, prepared) makes "
             f"{now.rate_cpu / was.rate_cpu:.1f}x the decisions/s (CPU) of the first ranking "
             f"of every edge, {now.rate_cpu / was5.rate_cpu:.1f}x that of its best "
             f"{DEFAULT_LIMIT}; goal (20,000/s, p99 < 1 ms): {verdict(now)} with GeoLite2 "
-            f"uncached, {verdict(now_cached)} with its cache, {verdict(now_list)} from a list"
+            f"uncached, {verdict(now_cached)} with its cache, {verdict(now_list)} from a list; "
+            f"{now.rate_cpu / source.rate_cpu:.2f}x the decisions/s of rank.py interpreted"
         )
     load = os.getloadavg()
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} at the end")

@@ -7,6 +7,10 @@ group to the load bands it needs; each of those is a path that must give exactly
 gives: the same edges, order, reasons and fields. A ``CandidateSet`` is built once and
 ranked for many clients, as the control plane uses it, so the properties rank one set for
 several decisions.
+
+``make`` compiles ``rank.py`` with mypyc, and the package then imports the extension; the
+central property runs on both builds, the one imported and the source interpreted (what a
+machine without a C compiler runs), so a difference the compiler makes shows up here.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import ipaddress
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from types import ModuleType
 
 import msgspec
 import pytest
@@ -34,7 +39,10 @@ from streamplane.steering import (
     rank_edges,
 )
 from streamplane.steering import rank as fast
+from streamplane.steering._build import load_rank_source
 from tests.steering import reference_rank as reference
+
+_BUILDS = {"imported": fast, "source": load_rank_source("streamplane.steering._rank_source")}
 
 _SITES = [f"s{i}" for i in range(40)]
 _POINTS: dict[str, tuple[float, float] | None] = {
@@ -64,15 +72,15 @@ _MODES = {
 
 
 @contextmanager
-def _mode(name: str) -> Iterator[None]:
-    saved = {attr: getattr(fast, attr) for attr in _MODES[name]}
+def _mode(name: str, build: ModuleType = fast) -> Iterator[None]:
+    saved = {attr: getattr(build, attr) for attr in _MODES[name]}
     for attr, value in _MODES[name].items():
-        setattr(fast, attr, value)
+        setattr(build, attr, value)
     try:
         yield
     finally:
         for attr, value in saved.items():
-            setattr(fast, attr, value)
+            setattr(build, attr, value)
 
 
 def _edge(i: int, site: str, where: str, load: float, share: float) -> EdgeCandidate:
@@ -168,10 +176,12 @@ _decisions = st.lists(
 )
 
 
+@pytest.mark.parametrize("build", list(_BUILDS))
 @pytest.mark.parametrize("mode", list(_MODES))
 @settings(max_examples=120, deadline=None)
 @given(candidates=_candidates, decisions=_decisions, prepared=st.booleans())
 def test_every_path_ranks_as_the_reference(
+    build: str,
     mode: str,
     candidates: list[EdgeCandidate],
     decisions: list[
@@ -186,8 +196,9 @@ def test_every_path_ranks_as_the_reference(
     ],
     prepared: bool,
 ) -> None:
+    ranking = _BUILDS[build]
     # One set for every decision, as the control plane keeps one per title's holders.
-    grouped = CandidateSet(candidates, _SITE_INFO) if prepared else None
+    grouped = ranking.CandidateSet(candidates, _SITE_INFO) if prepared else None
     for raw_routes, at, own, limit, title, session in decisions:
         routes = _as_routes(raw_routes)
         client = Client(address="203.0.113.9")
@@ -204,8 +215,8 @@ def test_every_path_ranks_as_the_reference(
             sites=_SITE_INFO,
             limit=limit,
         )
-        with _mode(mode):
-            got = rank_edges(
+        with _mode(mode, ranking):
+            got = ranking.rank_edges(
                 client=client,
                 client_location=location,
                 title=title,

@@ -8,6 +8,8 @@ site, IPv4 and IPv6), :func:`load_czmap` (Apache Traffic Control coverage zones)
 
 from __future__ import annotations
 
+# First: it sets aside a compiled ranking that was built from another rank.py.
+import streamplane.steering._build  # noqa: F401
 from streamplane.steering.bgp import (
     BgpFeed,
     BgpNeighbor,

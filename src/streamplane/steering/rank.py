@@ -62,10 +62,11 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import lru_cache
 from itertools import repeat
-from typing import Final, TypeVar, overload
+from typing import Any, Final, TypeVar, cast, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -130,18 +131,21 @@ _MATCHED, _LOCATED, _ANYWHERE = 0, 1, 2
 _LOCATED_TIER: Final = _LOCATED << _GROUP_SHIFT
 _ANYWHERE_TIER: Final = (_ANYWHERE << _GROUP_SHIFT) | _DIST_CAP
 
+# The thresholds of the paths below are plain globals, not Final: the compiled module
+# (see ``_build``) then reads them at run time as the source does, so that the tests can
+# force every path in both.
 # From this many located places on, the nearest are ordered through one numpy product;
 # below it, by their squared chords in Python (the fixed cost of numpy loses).
-_NEAREST_FROM: Final = 24
+_NEAREST_FROM = 24
 # A place this much farther than the farthest one needed (whole km + 0.5) cannot tie
 # with it, however numpy's order and math's distances differ: they differ by under a
 # metre even for coincident points (an error of 1e-15 in a dot product near 1).
 _NEAR_MARGIN_KM: Final = 0.01
 # A last tie group (places of one tier) of at least this many edges, and a quarter of the
 # candidates, is cut to the load bands it needs before any edge is hashed.
-_BAND_CUT_FROM: Final = 64
+_BAND_CUT_FROM = 64
 # A plain list shorter than this is ranked whole, edge by edge, without grouping it first.
-_DIRECT_BELOW: Final = 24
+_DIRECT_BELOW = 24
 
 
 class _EdgeKeys(dict[str, int]):
@@ -263,19 +267,15 @@ def _whole_km(km: float) -> int:
 def _tier(route: Route | None, dist: int | None) -> int:
     """A place's part of the sort key: group, route and whole kilometres (None: unknown)."""
     if route is not None:
-        hops = len(route.as_path)
-        key = 128 - _prefix_len(route.prefix)
-        key = (key << _REL_BITS) | RELATION_PREFERENCE[route.relation]
-        key = (key << _PATH_BITS) | (hops if hops < _PATH_CAP else _PATH_CAP)
-        key = (key << _MED_BITS) | route.med
-        return (key << _DIST_BITS) | (_DIST_CAP if dist is None else dist)  # group 0
+        return _route_parts(route)[6] | (_DIST_CAP if dist is None else dist)  # group 0
     return _ANYWHERE_TIER if dist is None else _LOCATED_TIER | dist
 
 
 # id(route) -> (route, what every edge it wins shares: its sentence (the AS path joined),
-# prefix, prefix length, AS path length, MED, relation): routes live in the routing table
-# for long, and are the same for every client they win.
-_RouteParts = tuple[str, str, int, int, int, Relation]
+# prefix, prefix length, AS path length, MED, relation, and its part of a tier (rules 1-5,
+# shifted past the distance)): routes live in the routing table for long, and are the same
+# for every client they win.
+_RouteParts = tuple[str, str, int, int, int, Relation, int]
 _ROUTE_PARTS: dict[int, tuple[Route, _RouteParts]] = {}
 
 
@@ -289,7 +289,12 @@ def _route_parts(route: Route) -> _RouteParts:
         f"longest prefix {route.prefix} (/{length}) via AS path {path}, "
         f"MED {route.med}, {RELATION_LABEL[route.relation]}"
     )
-    parts = (text, route.prefix, length, len(route.as_path), route.med, route.relation)
+    hops = len(route.as_path)
+    key = 128 - length
+    key = (key << _REL_BITS) | RELATION_PREFERENCE[route.relation]
+    key = (key << _PATH_BITS) | (hops if hops < _PATH_CAP else _PATH_CAP)
+    key = (key << _MED_BITS) | route.med
+    parts = (text, route.prefix, length, hops, route.med, route.relation, key << _DIST_BITS)
     if len(_ROUTE_PARTS) >= 1 << 14:
         _ROUTE_PARTS.clear()
     _ROUTE_PARTS[id(route)] = (route, parts)
@@ -411,7 +416,10 @@ def _layout(where: tuple[_Where, ...]) -> _Layout:
     return layout
 
 
-class CandidateSet(Sequence[EdgeCandidate]):
+# A sequence by registration (below), not by inheritance: compiled, a subclass of
+# ``Sequence`` would share its ABC state (the caches of which classes are subclasses), and
+# answering "is a list a CandidateSet?" would teach ``Sequence`` that a list is not one.
+class CandidateSet:
     """Candidate edges grouped by place, built once and ranked for many clients.
 
     A place is a site at one point: the point its edges report, or the site's own from
@@ -507,6 +515,18 @@ class CandidateSet(Sequence[EdgeCandidate]):
     def __iter__(self) -> Iterator[EdgeCandidate]:
         return iter(self._edges)
 
+    def __reversed__(self) -> Iterator[EdgeCandidate]:
+        return reversed(self._edges)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._edges
+
+    def index(self, value: object, start: int = 0, stop: int = sys.maxsize) -> int:
+        return self._edges.index(value, start, stop)
+
+    def count(self, value: object) -> int:
+        return self._edges.count(value)
+
     def __repr__(self) -> str:
         return f"CandidateSet({len(self._edges)} edges at {len(self._site)} places)"
 
@@ -566,6 +586,9 @@ class CandidateSet(Sequence[EdgeCandidate]):
         return xyz
 
 
+Sequence.register(CandidateSet)
+
+
 # -- ranking ------------------------------------------------------------------------------
 
 
@@ -575,7 +598,7 @@ def rank_edges(
     client_location: tuple[float, float] | None,
     title: str,
     session_key: str,
-    candidates: Sequence[EdgeCandidate],
+    candidates: Sequence[EdgeCandidate] | CandidateSet,
     routes: Mapping[str, Route],
     sites: Mapping[str, SiteInfo] | None = None,
     limit: int | None = None,
@@ -596,6 +619,7 @@ def rank_edges(
     input's order).
     """
     grouped: CandidateSet | None = None
+    listed: tuple[EdgeCandidate, ...] = ()
     if isinstance(candidates, CandidateSet):
         if sites is not None:
             raise ValueError("a CandidateSet carries its sites: pass them when building it")
@@ -603,8 +627,8 @@ def rank_edges(
     elif len(candidates) >= _DIRECT_BELOW:
         grouped = CandidateSet(candidates, sites)
     else:
-        candidates = tuple(candidates)
-        ids = [edge.edge_id for edge in candidates]
+        listed = tuple(candidates)
+        ids = [edge.edge_id for edge in listed]
         if len(set(ids)) != len(ids):
             _refuse_duplicates(ids)
     n = len(candidates)
@@ -617,7 +641,7 @@ def rank_edges(
     if here is None and client_location is not None:
         here = _point_unit(*client_location)
     if grouped is None:
-        return _rank_direct(candidates, sites or {}, here, routes, title, session_key, want)
+        return _rank_direct(listed, sites or {}, here, routes, title, session_key, want)
     return _rank(grouped, here, routes, title, session_key, want)
 
 
@@ -711,14 +735,15 @@ def _rank(
             found = first.get(site)
             if found is None:
                 continue
+            base = _route_parts(route)[6]  # _tier, with the route's part kept
             for place in more.get(site, (found,)) if more else (found,):
                 matched.add(place)
                 unit = unit_of[place]
                 if here is None or unit is None:
-                    tiers.append((_tier(route, None), place))
+                    tiers.append((base | _DIST_CAP, place))
                 else:
                     km = kms[place] = _chord_km(here, unit)
-                    tiers.append((_tier(route, _whole_km(km)), place))
+                    tiers.append((base | _whole_km(km), place))
                 held += count[place] if place not in slow else full_share(place)
         tiers.sort()
     # 2. The other located places, nearest first (groups never tie: 1 ranks before 2).
@@ -901,8 +926,15 @@ def _order(
                 cut = _lowest_bands(by_band, deferred, need)
                 end = start
 
-    # (tier and load band, index, place) of every edge to rank
-    tiered: list[tuple[int, int, int]] = []
+    # The title's rendezvous scores, remembered per set: a popular title meets the same
+    # edges decision after decision.
+    scored = grouped._scored
+    if scored is None or scored[0] != title:
+        scored = grouped._scored = (title, _key64(title, _TITLE), [-1] * len(ids))
+    _, title64, scores = scored
+    # (tier and load band, title hash, index, place): the edge's sort key split in two,
+    # which sorts as the one integer would and spares building it.
+    keyed: list[tuple[int, int, int, int]] = []
     for tier, place, _ in chosen[:end]:
         tier <<= _LOAD_BITS
         for i in members[place]:
@@ -917,30 +949,16 @@ def _order(
                 tied |= int(load / LOAD_STEP + 1e-9)
             elif not load < 0.0:
                 tied |= _LOAD_CAP
-            tiered.append((tied, i, place))
+            score = scores[i]
+            if score < 0:
+                score = scores[i] = _mix(title64 ^ _EDGE_KEYS[ids[i]])
+            keyed.append((tied, score, i, place))
     if cut:
-        tiered += [(cut_tier | band, i, place) for band, i, place in cut]
-
-    # The title's rendezvous scores, remembered per set: a popular title meets the same
-    # edges decision after decision. splitmix64's finaliser (_mix) is inline: it runs per
-    # edge.
-    scored = grouped._scored
-    if scored is None or scored[0] != title:
-        scored = grouped._scored = (title, _key64(title, _TITLE), [-1] * len(ids))
-    _, title64, scores = scored
-    edge_keys = _EDGE_KEYS
-    m1, m2, mask = _M1, _M2, _MASK64
-    # (tier and load band, title hash, index, place): the edge's sort key split in two,
-    # which sorts as the one integer would and spares building it.
-    keyed: list[tuple[int, int, int, int]] = []
-    for tied, i, place in tiered:
-        score = scores[i]
-        if score < 0:
-            z = title64 ^ edge_keys[ids[i]]
-            z = ((z ^ (z >> 30)) * m1) & mask
-            z = ((z ^ (z >> 27)) * m2) & mask
-            score = scores[i] = z ^ (z >> 31)
-        keyed.append((tied, score, i, place))
+        for band, i, place in cut:
+            score = scores[i]
+            if score < 0:
+                score = scores[i] = _mix(title64 ^ _EDGE_KEYS[ids[i]])
+            keyed.append((cut_tier | band, score, i, place))
     keyed.sort()
     return keyed
 
@@ -979,7 +997,7 @@ def _shared(
     kms: Mapping[int, float],
 ) -> _Shared:
     if route is not None:
-        text, prefix, length, hops, med, relation = _route_parts(route)
+        text, prefix, length, hops, med, relation, _ = _route_parts(route)
     else:
         text = _NO_ROUTE_TEXT.get(site) or _no_route_text(site)
     if here is not None and unit is not None:
@@ -1045,7 +1063,12 @@ def _explain(
 ) -> list[RankedEdge]:
     """The first ``want`` of ``keyed`` (sorted (tier and band, hash, index, place), holding
     every edge tied with any of them, so that runs are counted whole) as RankedEdges;
-    ``loads`` keeps each edge's load text for later calls."""
+    ``loads`` keeps each edge's load text for later calls.
+
+    A RankedEdge carries its candidate's load as the very object reported, read untyped:
+    compiled, a float read as one is unboxed and boxed anew, and a NaN load (a broken
+    report) would then make two rankings of the same candidates unequal.
+    """
     ranked: list[RankedEdge] = []
     shared: dict[int, _Shared] = {}
     n = len(keyed)
@@ -1095,7 +1118,7 @@ def _explain(
                     med=med,
                     relation=relation,
                     distance_km=rounded,
-                    load=edge.load,
+                    load=cast(Any, edge).load,  # the very float reported: see below
                     site=edge.site,
                     slow_start_deferred=deferred,
                 )
