@@ -13,7 +13,9 @@ ways: as a CandidateSet prepared once per title (Steering.prepare: what a fleet 
 costs is measured apart) and as a plain list, grouped afresh in every call. GeoLite2 runs
 two ways: uncached (every decision decodes a City record) and with its per-network cache,
 which these clients, scattered over the whole address space, hit far less than real viewers
-would. Baselines, in the same run: the ranking as first written
+would. The ranking is the module the package imports: rank.py compiled with mypyc, which
+make install builds (the header says which ran). Baselines, in the same run: rank.py
+interpreted, behind the same lookups; the ranking as first written
 (tests/steering/reference_rank.py: every rule for every edge, then the best 5, or every
 edge), ranking by geography alone, and two longest-prefix-match lookups without a trie.
 Throughput is decisions per CPU second of the one thread the loop runs on, best of 3 runs
@@ -500,6 +502,20 @@ def main() -> None:
             limit=DEFAULT_LIMIT,
         )
 
+    # rank.py interpreted beside it (profiled too: compiled, rank_edges is one opaque call).
+    source_sets = {title: interpreted.CandidateSet(edges) for title, edges in held.items()}
+
+    def ranking_source(i: int) -> object:
+        return interpreted.rank_edges(
+            client=clients[i],
+            client_location=located[i],
+            title=titles[i],
+            session_key=f"s-{i}",
+            candidates=source_sets[titles[i]],
+            routes=looked[i],
+            limit=DEFAULT_LIMIT,
+        )
+
     warm = GeoLocator()
     for a in addresses[:n]:
         warm.locate(a)
@@ -508,6 +524,7 @@ def main() -> None:
         ("GeoLocator.locate, uncached (GeoLite2)", lambda i: geo.locate(addresses[i])),
         ("GeoLocator.locate, network cached", lambda i: warm.locate(addresses[i])),
         (f"rank_edges, {k} edges prepared, best {DEFAULT_LIMIT}", ranking),
+        ("the same, rank.py interpreted", ranking_source),
         (f"CandidateSet of {k} edges (a list grouped by place)", grouping),
         (f"before: first ranking, {k} edges, best {DEFAULT_LIMIT}", reference),
     ]
@@ -519,13 +536,13 @@ def main() -> None:
     profile = cProfile.Profile()
     profile.enable()
     for i in range(2_000):
-        ranking(i)
+        ranking_source(i)
     profile.disable()
     stats = pstats.Stats(profile)
     total = stats.total_tt  # type: ignore[attr-defined]
     print()
     print(
-        f"profile of rank_edges, {k} edges prepared, best {DEFAULT_LIMIT} "
+        f"profile of rank_edges, rank.py interpreted, {k} edges prepared, best {DEFAULT_LIMIT} "
         "(share of its time, cProfile):"
     )
     rows_: list[tuple[float, str]] = []
