@@ -102,6 +102,33 @@ def start_edge(
     return result
 
 
+def edge_workers(edge: Edge) -> set[int]:
+    """The edge's worker processes: those started by multiprocessing's spawn that hold the
+    edge's stderr file open (they inherit it), whoever their parent is now."""
+    target = str(edge.stderr)
+    found = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"multiprocessing.spawn" not in (proc / "cmdline").read_bytes():
+                continue
+            if any(os.readlink(fd) == target for fd in (proc / "fd").iterdir()):
+                found.add(int(proc.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, exited but not reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def wait_healthy(edge: Edge, deadline_s: float = 30) -> None:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:

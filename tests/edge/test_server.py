@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -14,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.edge.conftest import KEY_HEX, Edge, start_edge, token
+from tests.edge.conftest import KEY_HEX, Edge, edge_workers, running, start_edge, token
 
 
 def raw(edge: Edge, data: bytes, timeout: float = 5.0) -> bytes:
@@ -384,6 +385,32 @@ def test_restart_keeps_the_warm_cache_and_drops_partials(tmp_path: Path, origin_
         assert "1 objects" in again.log() and "1 partial dropped" in again.log()
     finally:
         again.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("when", ["starting", "serving"])
+def test_workers_stop_when_their_supervisor_is_killed(
+    tmp_path: Path, origin_dir: Path, when: str
+) -> None:
+    """A supervisor killed outright (SIGKILL, the OOM killer) cannot stop its workers: each
+    sees it gone and stops by itself, even one still starting when it died."""
+    e = start_edge(tmp_path, origin_dir, wait=when == "serving")
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 20
+        while len(workers) < 2 and time.monotonic() < deadline:
+            workers = edge_workers(e)
+            time.sleep(0.01)
+        assert len(workers) == 2, e.log()
+        e.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while any(running(pid) for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(running(pid) for pid in workers), f"orphaned workers {workers}"
+    finally:
+        e.stop(signal.SIGKILL)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_reports_draining_then_finishes_in_flight_responses(

@@ -111,6 +111,7 @@ class Worker:
         index: int,
         cache: DiskCache,
         origin: Origin,
+        supervisor: int,
     ) -> None:
         self.config = config
         self.index = index
@@ -133,7 +134,7 @@ class Worker:
         self.draining = False
         self.date = http.http_date(time.time())
         self.run_dir = cache.root / ".run"
-        self.keeper_address = f"\0streamplane-edge-{os.getppid()}-{config.port}"
+        self.keeper_address = f"\0streamplane-edge-{supervisor}-{config.port}"
         self._keeper = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._keeper.setblocking(False)
         self._hits: dict[str, int] = {}
@@ -899,17 +900,19 @@ def tls_context(config: EdgeSettings) -> ssl.SSLContext | None:
     return context
 
 
-def run_worker(config: EdgeSettings, keyring: dict[str, str], index: int) -> None:
-    """Entry point of one worker process (started by the supervisor)."""
+def run_worker(config: EdgeSettings, keyring: dict[str, str], index: int, supervisor: int) -> None:
+    """Entry point of one worker process, started by the supervisor (its pid)."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config, keyring, index))
+        asyncio.run(_serve(config, keyring, index, supervisor))
 
 
-async def _serve(config: EdgeSettings, keyring: dict[str, str], index: int) -> None:
+async def _serve(
+    config: EdgeSettings, keyring: dict[str, str], index: int, supervisor: int
+) -> None:
     loop = asyncio.get_running_loop()
     cache = DiskCache(Path(config.cache_dir))
     origin = make_origin(config.origin)
-    worker = Worker(config, keyring, index, cache, origin)
+    worker = Worker(config, keyring, index, cache, origin, supervisor)
     (worker.run_dir / "metrics").mkdir(exist_ok=True)
     sock = listening_socket(config.host, config.port)
     server = await loop.create_server(
@@ -919,8 +922,9 @@ async def _serve(config: EdgeSettings, keyring: dict[str, str], index: int) -> N
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
 
-    supervisor = os.getppid()
-
+    # The supervisor's pid comes from the supervisor itself: read here with os.getppid(), it
+    # would already be init's if the supervisor died while this worker was starting (a
+    # second of imports), and the worker would then serve on, orphaned, for ever.
     async def ticker() -> None:
         n = 0
         while True:

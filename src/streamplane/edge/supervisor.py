@@ -150,7 +150,9 @@ class Supervisor:
     def start_worker(self, index: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         process = ctx.Process(
-            target=run_worker, args=(self.config, self.keyring, index), name=f"edge-worker-{index}"
+            target=run_worker,
+            args=(self.config, self.keyring, index, os.getpid()),
+            name=f"edge-worker-{index}",
         )
         process.start()
         self.processes[index] = process
