@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from streamplane.placement import hca
 from streamplane.placement.errors import CatalogTooLargeError, InputError
 from streamplane.placement.fill import churn
-from streamplane.placement.model import TB, Catalog, Placement, Prior, Server, balance
+from streamplane.placement.model import GBPS, TB, Catalog, Placement, Prior, Server, balance
 from streamplane.placement.popularity import CatalogDay, Drift, next_day
 from tests.placement.clusters import catalog_for, cluster, flash, sites, storage
 
@@ -162,6 +162,33 @@ def test_removing_one_of_alike_servers_refills_little_more_than_it_held(site: Si
     assume(not any(n.startswith("no cutoff") for n in before.notes + after.notes))
     refilled = churn(after, before.holder_map()).added_bytes
     held = int(before.server_bytes[gone])
+    stored = int(after.server_bytes.sum())
+    assert refilled <= 3 * held + crossed(before, after) + 0.02 * stored
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the hot-title line is the median server share, which jumps when a server "
+    "joins or leaves across two classes of servers; here 300 hot titles become 94",
+)
+@pytest.mark.parametrize("seed", [0, 300])
+def test_removing_a_weak_twin_beside_a_strong_server_refills_little(seed: int) -> None:
+    """Sites the property above found (2 of 3,000 generated): 5 TB servers at 177, 5 and 5
+    Gbit/s, 300 titles filling 10 %. Every title is hot there (coarse next to the median,
+    weak, share). Losing a twin moves the median to the mean of the two left, half the
+    traffic: most titles leave bounded loads for the ring, and the refill is 4-10 times what
+    the lost server held. (The lower median mends these and breaks the mirror case, three
+    weak and three strong servers losing a weak one, ten times as often.)"""
+    servers = [
+        Server("other-0", 5 * TB, 177 * GBPS),
+        Server("other-1", 5 * TB, 5 * GBPS),
+        Server("other-2", 5 * TB, 5 * GBPS),
+    ]
+    cat = catalog_for(servers, 300, 0.1, seed)
+    before = hca.place(servers, cat)
+    after = hca.place([servers[0], servers[2]], cat, Prior.from_placement(before))
+    refilled = churn(after, before.holder_map()).added_bytes
+    held = int(before.server_bytes[1])
     stored = int(after.server_bytes.sum())
     assert refilled <= 3 * held + crossed(before, after) + 0.02 * stored
 
