@@ -427,8 +427,14 @@ def _place(
     # few and small in bytes, and go last, with bounded loads, to even out what hashing left.
     active = shares.head > _EPS
     # Coarse next to a typical head server's share: the weakest server on the ring would make
-    # the line jump whenever a slow server joins or leaves.
-    lump = settings.tolerance * float(np.median(tau[active])) if active.any() else math.inf
+    # the line jump whenever a slow server joins or leaves. So would the median, across two
+    # classes of servers (one strong and two weak: losing a weak one moves it from the weak
+    # share to half the traffic, and most hot titles would leave bounded loads). The geometric
+    # mean moves by the removed server's own factor to the power 1/n, so a server joining or
+    # leaving moves the line by less than the hysteresis below absorbs.
+    lump = (
+        settings.tolerance * float(np.exp(np.log(tau[active]).mean())) if active.any() else math.inf
+    )
     was_hot = np.zeros(m, dtype=bool)
     if prior is not None and prior.hot:
         was_hot = np.fromiter((t in prior.hot for t in ids), dtype=bool, count=m)
