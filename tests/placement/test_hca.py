@@ -33,11 +33,21 @@ def test_no_server_holds_more_than_its_storage(site: Site) -> None:
 
 @PROPERTY
 @given(sites())
-def test_every_title_is_placed_while_the_catalog_fits(site: Site) -> None:
+def test_a_title_is_left_out_only_when_no_server_has_room_for_it(site: Site) -> None:
+    """Copies go down their title's ranking to any server with room, and bytes only grow,
+    so a hole is a title larger than every server's room at the end; and there is none
+    while the storage left over could take the largest title on every server. (A few huge
+    titles at 90 % fill can fragment the room: found by this property with 30-140 titles of
+    20-90 TB each.)"""
     servers, cat = site
     p = hca.place(servers, cat)
-    assert not p.holes.any()
-    assert int(p.server_bytes.sum()) >= cat.total_bytes
+    storage = np.array([s.storage_bytes for s in servers])
+    room = storage - p.server_bytes
+    assert (cat.size_bytes[p.holes] > room.max()).all()
+    largest = int(cat.size_bytes.max())
+    if int(storage.sum()) - cat.total_bytes >= len(servers) * largest:
+        assert not p.holes.any()
+        assert int(p.server_bytes.sum()) >= cat.total_bytes
 
 
 @PROPERTY

@@ -110,6 +110,21 @@ def test_announce_withdraw_and_inheritance_below() -> None:
     table.withdraw("ams", "10.0.0.0/8")  # idempotent, as in BGP
 
 
+@pytest.mark.parametrize("below", ["::1:0/112", "::ffff:0:0/96", "::ffff:c000:200/120"])
+def test_a_prefix_that_inet_ntop_writes_with_a_dotted_quad_is_found_below(below: str) -> None:
+    # Found by the brute-force property: pytricia names these nodes "::0.1.0.0/112",
+    # "::ffff:0.0.0.0/96"..., which announcing a covering prefix after them has to read.
+    table = RoutingTable([r(below, "ams")])
+    table.announce(r("::/33", "fra"))
+    inside = str(ipaddress.ip_network(below)[1])
+    assert table.lookup(inside)["ams"].prefix == below
+    assert table.lookup(inside)["fra"].prefix == "::/33"
+    table.withdraw("fra", "::/33")
+    assert table.lookup(inside).keys() == {"ams"}
+    table.announce(r("::/1", "fra"))  # and again from further up, with the table built
+    assert table.lookup(inside)["fra"].prefix == "::/1"
+
+
 def test_the_best_path_of_a_site_wins_and_others_survive_withdrawal() -> None:
     table = RoutingTable()
     table.announce(r("10.0.0.0/8", "ams", as_path=(1, 2, 3), source="bgp", peer="192.0.2.1"))

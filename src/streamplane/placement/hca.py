@@ -58,8 +58,9 @@ server joins or leaves, yesterday's weights carry over (the newcomer at its solv
 others scaled), so titles move onto a new server or off a removed one and little else.
 
 Finally titles are assigned densest first, each to its ring's choice, spilling to the next
-server in its own ranking when a server is full (`assign.py`): no server ever exceeds its storage
-and no title is dropped while the catalog fits.
+server in its own ranking when a server is full (`assign.py`): no server ever exceeds its storage,
+and a title is dropped only when no server has room for it (never while the storage left over
+would take the largest title on every server).
 """
 
 from __future__ import annotations

@@ -248,7 +248,13 @@ class RoutingTable:
         else:
             trie.insert(prefix, {**_inherited(trie, prefix, present), **own})
         for child in sorted(below, key=_length):
-            trie.insert(child, {**_inherited(trie, child, True), **t.own[child]})
+            # pytricia names a node in inet_ntop's words, which write the low 32 bits of
+            # ::/96 and ::ffff:0:0/96 as a dotted quad ("::0.1.0.0/112"); ``own`` keeps the
+            # canonical text ("::1:0/112").
+            own_child = t.own.get(child)
+            if own_child is None:
+                own_child = t.own[normalise_prefix(child)]
+            trie.insert(child, {**_inherited(trie, child, True), **own_child})
 
 
 def _inherited(trie: _Trie, prefix: str, present: bool) -> dict[str, Route]:
