@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import ModuleType
 
@@ -418,6 +418,10 @@ def test_a_candidate_set_is_the_sequence_it_was_given() -> None:
     grouped = CandidateSet(iter(fleet))
     assert len(grouped) == 12 and list(grouped) == fleet
     assert grouped[3] == fleet[3] and list(grouped[2:5]) == fleet[2:5]
+    assert isinstance(grouped, Sequence) and not isinstance(fleet, CandidateSet)
+    assert isinstance(fleet, Sequence)  # asking about the set taught the ABC nothing wrong
+    assert fleet[5] in grouped and grouped.index(fleet[5]) == 5 and grouped.count(fleet[5]) == 1
+    assert list(reversed(grouped)) == fleet[::-1]
     assert repr(grouped) == "CandidateSet(12 edges at 7 places)"
     with pytest.raises(ValueError, match="'e003' is a candidate twice"):
         CandidateSet([*fleet, fleet[3]])
