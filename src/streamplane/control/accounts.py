@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from streamplane.config import ControlSettings, Plan
 from streamplane.control.errors import ApiError, unauthorised
-from streamplane.control.store import Account, RefreshToken, Screen, Store
+from streamplane.control.store import Account, RefreshToken, Screen, Store, StoredText
 
 __all__ = [
     "AccountOut",
@@ -42,22 +42,24 @@ _ALGORITHM: Final = "HS256"
 
 
 class SignupIn(BaseModel):
-    email: str = Field(min_length=3, max_length=320, examples=["ada@example.com"])
-    password: str = Field(min_length=8, max_length=1024)
-    plan: str | None = Field(default=None, max_length=64, description="default: the default plan")
+    email: StoredText = Field(min_length=3, max_length=320, examples=["ada@example.com"])
+    password: str = Field(min_length=8, max_length=1024)  # only its argon2 hash is stored
+    plan: StoredText | None = Field(
+        default=None, max_length=64, description="default: the default plan"
+    )
 
 
 class Credentials(BaseModel):
-    email: str = Field(min_length=1, max_length=320)
+    email: StoredText = Field(min_length=1, max_length=320)
     password: str = Field(min_length=1, max_length=1024)
 
 
 class RefreshIn(BaseModel):
-    refresh_token: str = Field(min_length=1, max_length=256)
+    refresh_token: StoredText = Field(min_length=1, max_length=256)
 
 
 class PlanIn(BaseModel):
-    plan: str = Field(min_length=1, max_length=64)
+    plan: StoredText = Field(min_length=1, max_length=64)
 
 
 class AccountOut(BaseModel):

@@ -97,6 +97,7 @@ def check_heartbeat(hb: EdgeHeartbeat) -> EdgeHeartbeat:
     parts = urlsplit(hb.base_url)
     if (
         len(hb.base_url) > 256
+        or "\x00" in hb.base_url  # no stored text may hold a NUL (PostgreSQL refuses it)
         or parts.scheme not in ("http", "https")
         or not parts.hostname
         or parts.path not in ("", "/")

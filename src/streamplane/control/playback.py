@@ -41,7 +41,7 @@ from streamplane.config import ControlSettings, Plan
 from streamplane.control.catalog import TitleInfo
 from streamplane.control.errors import ApiError, not_found, unauthorised
 from streamplane.control.fleet import Fleet, candidates
-from streamplane.control.store import Account, Resume, Screen, Store, upsert
+from streamplane.control.store import Account, Resume, Screen, Store, StoredText, upsert
 from streamplane.edge import sign, signed_url
 from streamplane.steering import (
     DEFAULT_LIMIT,
@@ -142,8 +142,8 @@ _CLAIM_ON_POSTGRES: Final = _claim_on_postgres()
 
 
 class PlaybackIn(BaseModel):
-    title: str = Field(min_length=1, max_length=128, examples=["demo-mix"])
-    device: str = Field(
+    title: StoredText = Field(min_length=1, max_length=128, examples=["demo-mix"])
+    device: StoredText = Field(
         min_length=1,
         max_length=128,
         description="A stable id of the device; a device starting again replaces its screen",
@@ -190,7 +190,7 @@ class PlaybackOut(BaseModel):
 class PlayerEvent(BaseModel):
     at: float = Field(ge=0, le=1e11, description="when it happened, epoch seconds (player clock)")
     position_s: float = Field(ge=0, le=_MAX_POSITION_S)
-    kind: str = Field(
+    kind: StoredText = Field(
         default="position",
         max_length=32,
         description="e.g. play, pause, seek, rebuffer, bitrate, position; 'stop' ends the session",
@@ -198,7 +198,7 @@ class PlayerEvent(BaseModel):
 
 
 class PlayerHeartbeatIn(BaseModel):
-    session_id: str = Field(min_length=1, max_length=64)
+    session_id: StoredText = Field(min_length=1, max_length=64)
     events: list[PlayerEvent] = Field(default_factory=list, max_length=1000)
 
 

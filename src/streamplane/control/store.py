@@ -27,10 +27,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 from alembic import command
 from alembic.config import Config
+from pydantic import AfterValidator
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -62,6 +63,7 @@ __all__ = [
     "Resume",
     "Screen",
     "Store",
+    "StoredText",
     "TitleRow",
     "alembic_config",
     "migrate",
@@ -69,6 +71,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character (\\u0000): no stored text may hold one")
+    return value
+
+
+# Request text that reaches the store. PostgreSQL refuses a NUL character in text (SQLite
+# keeps it), so it is refused at the door with a 422 naming the field, not a 500 from the
+# driver.
+StoredText = Annotated[str, AfterValidator(_no_nul)]
 
 _T = TypeVar("_T")
 _BUSY_TIMEOUT_S: Final = 30.0  # how long a SQLite writer waits for another process's lock
