@@ -40,7 +40,7 @@ import resource
 import shlex
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -477,44 +477,34 @@ def main() -> None:
     looked = [table.lookup(a) for a in addresses[:n]]
     sets = {title: CandidateSet(edges) for title, edges in held.items()}
 
-    def ranking(i: int) -> object:
-        return rank_edges(
-            client=clients[i],
-            client_location=located[i],
-            title=titles[i],
-            session_key=f"s-{i}",
-            candidates=sets[titles[i]],
-            routes=looked[i],
-            limit=DEFAULT_LIMIT,
-        )
+    def looked_up(
+        rank: Callable[..., object], sets: Mapping[str, object]
+    ) -> Callable[[int], object]:
+        """Decision i by ``rank`` on the candidates in ``sets``, the lookups done beforehand."""
+
+        def decide(i: int) -> object:
+            return rank(
+                client=clients[i],
+                client_location=located[i],
+                title=titles[i],
+                session_key=f"s-{i}",
+                candidates=sets[titles[i]],
+                routes=looked[i],
+                limit=DEFAULT_LIMIT,
+            )
+
+        return decide
 
     def grouping(i: int) -> object:
         return CandidateSet(held[titles[i]])
 
-    def reference(i: int) -> object:
-        return reference_rank.rank_edges(
-            client=clients[i],
-            client_location=located[i],
-            title=titles[i],
-            session_key=f"s-{i}",
-            candidates=held[titles[i]],
-            routes=looked[i],
-            limit=DEFAULT_LIMIT,
-        )
-
+    ranking = looked_up(rank_edges, sets)
+    reference = looked_up(reference_rank.rank_edges, held)
     # rank.py interpreted beside it (profiled too: compiled, rank_edges is one opaque call).
-    source_sets = {title: interpreted.CandidateSet(edges) for title, edges in held.items()}
-
-    def ranking_source(i: int) -> object:
-        return interpreted.rank_edges(
-            client=clients[i],
-            client_location=located[i],
-            title=titles[i],
-            session_key=f"s-{i}",
-            candidates=source_sets[titles[i]],
-            routes=looked[i],
-            limit=DEFAULT_LIMIT,
-        )
+    ranking_source = looked_up(
+        interpreted.rank_edges,
+        {title: interpreted.CandidateSet(edges) for title, edges in held.items()},
+    )
 
     warm = GeoLocator()
     for a in addresses[:n]:
