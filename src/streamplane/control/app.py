@@ -437,8 +437,13 @@ def create_app(
 
     # -- playback --------------------------------------------------------------------------
 
-    @app.post("/v1/playback", response_model=PlaybackOut, tags=["playback"])
-    async def start_playback(body: PlaybackIn, request: Request, me: Me) -> PlaybackOut:
+    @app.post(
+        "/v1/playback",
+        response_model=None,
+        tags=["playback"],
+        openapi_extra=_reply_schema("PlaybackOut"),
+    )
+    async def start_playback(body: PlaybackIn, request: Request, me: Me) -> Response:
         """Start a session: ranked edges with signed HLS and DASH URLs, heartbeat, resume.
 
         Refusals: 404 unknown title, 403 the plan does not include it, 503 no healthy edge
@@ -446,9 +451,10 @@ def create_app(
         """
         title = await _title(body.title)
         await plane.fleet.refresh(monotonic())
-        return await plane.playback.start(
+        out = await plane.playback.start(
             me.account_id, title, body, _client_address(request), clock()
         )
+        return Response(msgspec.json.encode(out), media_type="application/json")
 
     @app.delete("/v1/playback/{session_id}", status_code=204, tags=["playback"])
     async def stop_playback(session_id: str, me: Me) -> Response:
@@ -571,15 +577,15 @@ def _body_schema(name: str, reply: str | None = None) -> dict[str, Any]:
         }
     }
     if reply is not None:
-        extra["responses"] = {
-            "200": {
-                "description": "accepted",
-                "content": {
-                    "application/json": {"schema": {"$ref": _SCHEMA_REF.format(name=reply)}}
-                },
-            }
-        }
+        extra.update(_reply_schema(reply, "accepted"))
     return extra
+
+
+def _reply_schema(name: str, description: str = "Successful Response") -> dict[str, Any]:
+    """A 200 answer whose body is the msgspec struct ``name`` (see ``_openapi_components``)."""
+    schema = {"$ref": _SCHEMA_REF.format(name=name)}
+    content = {"application/json": {"schema": schema}}
+    return {"responses": {"200": {"description": description, "content": content}}}
 
 
 def _openapi_components(app: FastAPI) -> None:
@@ -594,7 +600,7 @@ def _openapi_components(app: FastAPI) -> None:
                 routes=app.routes,
             )
             _, components = msgspec.json.schema_components(
-                [Title, EdgeHeartbeat, HeartbeatReply], ref_template=_SCHEMA_REF
+                [Title, EdgeHeartbeat, HeartbeatReply, PlaybackOut], ref_template=_SCHEMA_REF
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             app.openapi_schema = schema

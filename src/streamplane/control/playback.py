@@ -18,10 +18,13 @@ expired gets 410 (its position is still recorded) and should start playback agai
 
 from __future__ import annotations
 
+import logging
+import math
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, NamedTuple
 
+import msgspec
 from pydantic import BaseModel, Field
 from sqlalchemy import (
     Connection,
@@ -30,6 +33,7 @@ from sqlalchemy import (
     Select,
     String,
     bindparam,
+    delete,
     func,
     insert,
     literal,
@@ -41,7 +45,15 @@ from streamplane.config import ControlSettings, Plan
 from streamplane.control.catalog import TitleInfo
 from streamplane.control.errors import ApiError, not_found, unauthorised
 from streamplane.control.fleet import Fleet, candidates
-from streamplane.control.store import Account, Resume, Screen, Store, StoredText, upsert
+from streamplane.control.store import (
+    Account,
+    Resume,
+    Screen,
+    Script,
+    Store,
+    StoredText,
+    upsert,
+)
 from streamplane.edge import sign, signed_url
 from streamplane.steering import (
     DEFAULT_LIMIT,
@@ -53,6 +65,7 @@ from streamplane.steering import (
 )
 
 __all__ = [
+    "Claimed",
     "EdgeOut",
     "HeartbeatOut",
     "Playback",
@@ -60,13 +73,18 @@ __all__ = [
     "PlaybackOut",
     "PlayerEvent",
     "PlayerHeartbeatIn",
+    "claim_screen",
 ]
+
+log = logging.getLogger(__name__)
 
 _MAX_POSITION_S: Final = 1e7
 _OFFER_TTL_S: Final = 1.0  # how much older than their heartbeats steering's loads may be
 _OFFERS_KEPT: Final = 10_000  # titles with prepared candidates
 
-# The start's statements, built once (their SQL is compiled once per engine and cached).
+# The start's statements, built once and compiled once per store (``Store.prepare``). Every
+# filter on screens is ``NOT ended`` so that it goes through the partial indexes of live
+# sessions (see ``Screen``): a start never reads an account's ended screens.
 _LOCK_ACCOUNT: Final = (
     select(
         Account.plan,
@@ -82,7 +100,7 @@ _END_DEVICE: Final = (
     .where(
         Screen.account_id == bindparam("b_account"),
         Screen.device == bindparam("b_device"),
-        Screen.ended.is_(False),
+        ~Screen.ended,
     )
     .values(ended=True)
 )
@@ -91,14 +109,22 @@ _COUNT_SCREENS: Final = (
     .select_from(Screen)
     .where(
         Screen.account_id == bindparam("b_account"),
-        Screen.ended.is_(False),
-        Screen.last_seen >= bindparam("b_cutoff"),
+        ~Screen.ended,
+        Screen.last_seen >= bindparam("b_cutoff", type_=Float),
     )
 )
-_INSERT_SCREEN: Final = insert(Screen)
+_INSERT_SCREEN: Final = insert(Screen).values(
+    id=bindparam("b_id", type_=String),
+    account_id=bindparam("b_account", type_=String),
+    title=bindparam("b_title", type_=String),
+    device=bindparam("b_device", type_=String),
+    started_at=bindparam("b_now", type_=Float),
+    last_seen=bindparam("b_now", type_=Float),
+    ended=False,
+)
 
 
-def _claim_on_postgres() -> Select[int]:
+def _claim_on_postgres() -> Select[tuple[int]]:
     """The last three statements as one, for PostgreSQL, where a statement can write in its
     WITH clauses: two round trips fewer while the account's row is locked.
 
@@ -112,8 +138,8 @@ def _claim_on_postgres() -> Select[int]:
         .select_from(Screen)
         .where(
             Screen.account_id == bindparam("b_account"),
-            Screen.ended.is_(False),
-            Screen.last_seen >= bindparam("b_cutoff"),
+            ~Screen.ended,
+            Screen.last_seen >= bindparam("b_cutoff", type_=Float),
             Screen.device != bindparam("b_device"),
         )
         .cte("live")
@@ -140,6 +166,107 @@ def _claim_on_postgres() -> Select[int]:
 
 _CLAIM_ON_POSTGRES: Final = _claim_on_postgres()
 
+# Sessions not heard from for the retention, deleted a batch per transaction.
+_PURGE_BATCH: Final = 2000
+_PURGE_EVERY_S: Final = 60.0
+_PURGE: Final = delete(Screen).where(
+    Screen.id.in_(
+        select(Screen.id)
+        .where(Screen.last_seen < bindparam("b_before", type_=Float))
+        .limit(_PURGE_BATCH)
+        .scalar_subquery()
+    )
+)
+
+
+class _Statements:
+    """The start's statements compiled for one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.lock_account = store.prepare(_LOCK_ACCOUNT)
+        self.end_device = store.prepare(_END_DEVICE)
+        self.count_screens = store.prepare(_COUNT_SCREENS)
+        self.insert_screen = store.prepare(_INSERT_SCREEN)
+        self.claim_on_postgres = store.prepare(_CLAIM_ON_POSTGRES) if store.is_postgres else None
+
+
+class Claimed(NamedTuple):
+    """What a start's transaction decided: a refusal, or the plan, screens in use and the
+    resume position."""
+
+    refusal: ApiError | None
+    plan: Plan | None = None
+    in_use: int = 0
+    resume_s: float = 0.0
+
+
+def claim_screen(
+    statements: _Statements,
+    params: dict[str, Any],
+    plans: Mapping[str, Plan],
+    title: TitleInfo,
+    servable: bool,
+) -> Script[Claimed]:
+    """The whole start transaction, as statements: nothing else happens while locks are held.
+
+    ``params`` carries ``b_account``, ``b_title``, ``b_device``, ``b_id`` (the new session),
+    ``b_now`` and ``b_cutoff`` (screens last heard from before it are free). Lock the account
+    row (and read its plan and the title's resume position); refuse a plan without the
+    title, a title no one can serve; give up the device's earlier screen; count the screens in
+    use; take one if one is free.
+    """
+    rows = yield statements.lock_account, params
+    if not rows:
+        return Claimed(unauthorised("the account no longer exists"))
+    plan_name, position = rows[0]
+    plan = plans.get(plan_name)
+    if plan is None or plan.screens <= 0 or not title.entitles(plan_name):
+        return Claimed(
+            ApiError(
+                403,
+                "not_entitled",
+                f"plan {plan_name!r} does not include {title.id!r}"
+                + (f"; plans that do: {', '.join(title.plans)}" if title.plans else ""),
+                plan=plan_name,
+            )
+        )
+    if not servable:
+        return Claimed(
+            ApiError(
+                503,
+                "no_edge",
+                f"no healthy edge holds {title.id!r} now; try again shortly",
+                title=title.id,
+            )
+        )
+    # The same device starting again gives its screen up first; then a screen is taken if
+    # one is free.
+    if statements.claim_on_postgres is not None:
+        rows = yield statements.claim_on_postgres, {**params, "b_limit": plan.screens}
+        in_use = int(rows[0][0])
+    else:
+        yield statements.end_device, params
+        rows = yield statements.count_screens, params
+        in_use = int(rows[0][0])
+        if in_use < plan.screens:
+            yield statements.insert_screen, params
+    if in_use >= plan.screens:
+        return Claimed(
+            ApiError(
+                409,
+                "screens_limit",
+                f"screens limit reached: plan {plan_name!r} allows {plan.screens}"
+                f" screen{'s' if plan.screens != 1 else ''} at once and {in_use} in use;"
+                " stop playback on another device or wait for it to time out",
+                limit=plan.screens,
+                in_use=in_use,
+                plan=plan_name,
+            ),
+            None,
+            in_use,
+        )
+    return Claimed(None, plan, in_use + 1, 0.0 if position is None else float(position))
+
 
 class PlaybackIn(BaseModel):
     title: StoredText = Field(min_length=1, max_length=128, examples=["demo-mix"])
@@ -152,7 +279,7 @@ class PlaybackIn(BaseModel):
     lon: float | None = Field(default=None, ge=-180, le=180)
 
 
-class EdgeOut(BaseModel):
+class EdgeOut(msgspec.Struct, kw_only=True):
     edge_id: str
     base_url: str
     rank: int
@@ -164,18 +291,21 @@ class EdgeOut(BaseModel):
     last_resort: bool = False
 
 
-class HeartbeatInfo(BaseModel):
+class HeartbeatInfo(msgspec.Struct, kw_only=True):
     url: str
     interval_s: float
     token: str  # Bearer token for POST /v1/heartbeat, good for this session only
 
 
-class ScreensOut(BaseModel):
+class ScreensOut(msgspec.Struct, kw_only=True):
     in_use: int
     limit: int
 
 
-class PlaybackOut(BaseModel):
+class PlaybackOut(msgspec.Struct, kw_only=True):
+    """The answer to a start, encoded with msgspec (a tenth of what validating and
+    serialising it through pydantic took on every start)."""
+
     session_id: str
     title: str
     hls: str  # on the best edge
@@ -220,6 +350,12 @@ class Playback:
         token_ttl_s: int,
         session_token: Callable[[str, str, int], str],
     ) -> None:
+        if settings.screen_retention_s < settings.screen_timeout_s:
+            raise ValueError(
+                f"control.screen_retention_s ({settings.screen_retention_s:g}) must be at least"
+                f" control.screen_timeout_s ({settings.screen_timeout_s:g}): a session still"
+                " holding its screen would be deleted"
+            )
         self._store = store
         self._settings = settings
         self._fleet = fleet
@@ -229,6 +365,9 @@ class Playback:
         self._ttl = token_ttl_s
         self._session_token = session_token
         self._heartbeat_url = settings.base_url() + "/v1/heartbeat"
+        self._statements = _Statements(store)
+        self._purge_due = -math.inf  # when a start next sets off a purge
+        self._latest = -math.inf  # the latest start's clock
         # title -> (fleet generation, built at, sites, prepared candidates)
         self._offers: dict[str, tuple[int, float, dict[str, SiteInfo], CandidateSet]] = {}
 
@@ -262,89 +401,25 @@ class Playback:
         offered = self._offered(title.id, now)
         origin = self._settings.origin_url.rstrip("/")
         session_id = str(uuid.uuid4())
-        cutoff = now - self._settings.screen_timeout_s
-        plans = self._settings.plans
-        servable = bool(offered or origin)
-        postgres = self._store.is_postgres
-
-        def claim(conn: Connection) -> tuple[ApiError | None, Plan | None, int, float]:
-            """The whole transaction: statements only, nothing else while the lock is held."""
-            keys = {"b_account": account_id, "b_title": title.id, "b_device": body.device}
-            row = conn.execute(_LOCK_ACCOUNT, keys).first()
-            if row is None:
-                return unauthorised("the account no longer exists"), None, 0, 0.0
-            plan_name, position = row
-            plan = plans.get(plan_name)
-            if plan is None or plan.screens <= 0 or not title.entitles(plan_name):
-                return (
-                    ApiError(
-                        403,
-                        "not_entitled",
-                        f"plan {plan_name!r} does not include {title.id!r}"
-                        + (f"; plans that do: {', '.join(title.plans)}" if title.plans else ""),
-                        plan=plan_name,
-                    ),
-                    None,
-                    0,
-                    0.0,
-                )
-            if not servable:
-                return (
-                    ApiError(
-                        503,
-                        "no_edge",
-                        f"no healthy edge holds {title.id!r} now; try again shortly",
-                        title=title.id,
-                    ),
-                    None,
-                    0,
-                    0.0,
-                )
-            # The same device starting again gives its screen up first; then a screen is taken
-            # if one is free.
-            if postgres:
-                claimed = {**keys, "b_cutoff": cutoff, "b_id": session_id, "b_now": now}
-                claimed["b_limit"] = plan.screens
-                in_use = int(conn.execute(_CLAIM_ON_POSTGRES, claimed).scalar_one())
-            else:
-                conn.execute(_END_DEVICE, keys)
-                in_use = int(
-                    conn.execute(_COUNT_SCREENS, {**keys, "b_cutoff": cutoff}).scalar_one()
-                )
-            if in_use >= plan.screens:
-                return (
-                    ApiError(
-                        409,
-                        "screens_limit",
-                        f"screens limit reached: plan {plan_name!r} allows {plan.screens}"
-                        f" screen{'s' if plan.screens != 1 else ''} at once and {in_use} in use;"
-                        " stop playback on another device or wait for it to time out",
-                        limit=plan.screens,
-                        in_use=in_use,
-                        plan=plan_name,
-                    ),
-                    None,
-                    in_use,
-                    0.0,
-                )
-            if not postgres:
-                conn.execute(
-                    _INSERT_SCREEN,
-                    {
-                        "id": session_id,
-                        "account_id": account_id,
-                        "title": title.id,
-                        "device": body.device,
-                        "started_at": now,
-                        "last_seen": now,
-                        "ended": False,
-                    },
-                )
-            return None, plan, in_use + 1, 0.0 if position is None else float(position)
-
+        params = {
+            "b_account": account_id,
+            "b_title": title.id,
+            "b_device": body.device,
+            "b_id": session_id,
+            "b_now": now,
+            "b_cutoff": now - self._settings.screen_timeout_s,
+        }
+        script = claim_screen(
+            self._statements, params, self._settings.plans, title, bool(offered or origin)
+        )
         # A refusal is returned, not raised, so that the device's earlier screen stays given
         # up (committed) even when the start is refused.
-        refusal, plan, in_use, resume = await self._store.transaction(claim)
+        refusal, plan, in_use, resume = await self._store.run(script)
+        self._latest = max(self._latest, now)
+        if now >= self._purge_due and self._store.housekeep(
+            "screen purge", lambda: self.purge(now)
+        ):
+            self._purge_due = now + _PURGE_EVERY_S
         if refusal is not None:
             raise refusal
         assert plan is not None
@@ -410,6 +485,25 @@ class Playback:
             resume_position_s=resume,
             screens=ScreensOut(in_use=in_use, limit=plan.screens),
         )
+
+    async def purge(self, now: float) -> int:
+        """Delete the sessions not heard from for ``screen_retention_s`` (ended, stopped or
+        timed out: none holds a screen) before ``now``, or before a later start's clock if
+        one came meanwhile; how many. A batch per transaction, so that starts wait for one
+        batch at most. Starts set it off once a minute."""
+        total = 0
+        while True:
+            before = max(now, self._latest) - self._settings.screen_retention_s
+
+            def batch(conn: Connection, before: float = before) -> int:
+                return int(conn.execute(_PURGE, {"b_before": before}).rowcount)
+
+            deleted = await self._store.transaction(batch)
+            total += deleted
+            if deleted < _PURGE_BATCH:
+                if total:
+                    log.info("purged %d playback sessions heard from before %.0f", total, before)
+                return total
 
     async def heartbeat(self, account_id: str, body: PlayerHeartbeatIn, now: float) -> HeartbeatOut:
         cutoff = now - self._settings.screen_timeout_s

@@ -1,0 +1,101 @@
+"""A start's transaction as statements (``claim_screen``), driven with plain rows: what it
+asks the store, in which order, and what it decides; no database."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from streamplane.config import Plan
+from streamplane.control.catalog import TitleInfo
+from streamplane.control.playback import Claimed, claim_screen
+from streamplane.control.store import Rows
+
+PLANS = {"basic": Plan(screens=1), "standard": Plan(screens=2), "none": Plan(screens=0)}
+PARAMS = {"b_account": "a1", "b_title": "demo", "b_device": "tv", "b_id": "s1", "b_now": 9.0}
+
+
+def _title(*plans: str) -> TitleInfo:
+    return TitleInfo(
+        id="demo",
+        name="Demo",
+        duration_s=60.0,
+        width=1280,
+        height=720,
+        hls="master.m3u8",
+        dash="manifest.mpd",
+        artwork=(),
+        rungs=(),
+        plans=plans,
+    )
+
+
+def _statements(postgres: bool) -> Any:
+    return SimpleNamespace(
+        lock_account="lock",
+        end_device="end",
+        count_screens="count",
+        insert_screen="insert",
+        claim_on_postgres="claim" if postgres else None,
+    )
+
+
+def _drive(
+    answers: dict[str, Rows], *, postgres: bool = False, title: TitleInfo | None = None
+) -> tuple[list[tuple[str, dict[str, Any]]], Claimed]:
+    """Run the script, answering each statement from ``answers``; what it asked, and its
+    result."""
+    script = claim_screen(
+        _statements(postgres), dict(PARAMS), PLANS, title or _title(), servable=True
+    )
+    asked: list[tuple[str, dict[str, Any]]] = []
+    rows: Rows | None = None
+    while True:
+        try:
+            statement, params = script.send(rows)  # type: ignore[arg-type]
+        except StopIteration as done:
+            return asked, cast(Claimed, done.value)
+        asked.append((cast(str, statement), dict(params)))
+        rows = answers.get(cast(str, statement), [])
+
+
+def test_a_free_screen_is_taken_after_the_device_gives_its_own_up() -> None:
+    asked, claimed = _drive({"lock": [("standard", 42.0)], "count": [(1,)]})
+    assert [name for name, _ in asked] == ["lock", "end", "count", "insert"]
+    assert claimed == Claimed(None, PLANS["standard"], 2, 42.0)
+
+
+def test_no_free_screen_takes_none_and_says_how_many_are_in_use() -> None:
+    asked, claimed = _drive({"lock": [("standard", None)], "count": [(2,)]})
+    assert [name for name, _ in asked] == ["lock", "end", "count"]  # no insert
+    assert claimed.refusal is not None and claimed.refusal.status == 409
+    assert claimed.refusal.body()["in_use"] == 2 and claimed.in_use == 2
+
+
+def test_on_postgresql_one_statement_ends_counts_and_inserts_under_the_limit() -> None:
+    asked, claimed = _drive({"lock": [("basic", None)], "claim": [(0,)]}, postgres=True)
+    assert [name for name, _ in asked] == ["lock", "claim"]
+    assert asked[1][1]["b_limit"] == 1
+    assert claimed == Claimed(None, PLANS["basic"], 1, 0.0)
+    _, full = _drive({"lock": [("basic", None)], "claim": [(1,)]}, postgres=True)
+    assert full.refusal is not None and full.refusal.status == 409
+
+
+@pytest.mark.parametrize(
+    ("plan", "title", "status"),
+    [("basic", _title("standard"), 403), ("none", _title(), 403), ("gone", _title(), 403)],
+)
+def test_a_plan_without_the_title_reads_nothing_else(
+    plan: str, title: TitleInfo, status: int
+) -> None:
+    asked, claimed = _drive({"lock": [(plan, None)]}, title=title)
+    assert [name for name, _ in asked] == ["lock"]
+    assert claimed.refusal is not None and claimed.refusal.status == status
+
+
+def test_a_deleted_account_is_refused_at_the_lock() -> None:
+    asked, claimed = _drive({})
+    assert [name for name, _ in asked] == ["lock"]
+    assert claimed.refusal is not None and claimed.refusal.status == 401
