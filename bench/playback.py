@@ -237,6 +237,7 @@ def _write_history(url: str, rows: list[tuple[Any, ...]]) -> None:
                 columns = ", ".join(_SCREEN_COLUMNS)
                 marks = ", ".join("?" * len(_SCREEN_COLUMNS))
                 db.executemany(f"INSERT INTO screens ({columns}) VALUES ({marks})", rows)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # not left for the server to copy
         finally:
             db.close()
         return
@@ -245,7 +246,9 @@ def _write_history(url: str, rows: list[tuple[Any, ...]]) -> None:
         conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
         try:
             await conn.copy_records_to_table("screens", records=rows, columns=_SCREEN_COLUMNS)
-            await conn.execute("ANALYZE screens")  # as autovacuum would have, over years
+            # What autovacuum would have done over the years, rather than during the run.
+            await conn.execute("VACUUM (ANALYZE) screens")
+            await conn.execute("CHECKPOINT")
         finally:
             await conn.close()
 

@@ -1,5 +1,5 @@
 """A start's transaction as statements (``claim_screen``), driven with plain rows: what it
-asks the store, in which order, and what it decides; no database."""
+asks the store, in which order, and what it decides; no database. And its signed URLs."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streamplane.config import Plan
 from streamplane.control.catalog import TitleInfo
-from streamplane.control.playback import Claimed, claim_screen
+from streamplane.control.playback import Claimed, claim_screen, signed_urls
 from streamplane.control.store import Rows
+from streamplane.edge import signed_url
 
 PLANS = {"basic": Plan(screens=1), "standard": Plan(screens=2), "none": Plan(screens=0)}
 PARAMS = {"b_account": "a1", "b_title": "demo", "b_device": "tv", "b_id": "s1", "b_now": 9.0}
@@ -99,3 +102,27 @@ def test_a_deleted_account_is_refused_at_the_lock() -> None:
     asked, claimed = _drive({})
     assert [name for name, _ in asked] == ["lock"]
     assert claimed.refusal is not None and claimed.refusal.status == 401
+
+
+hosts = st.from_regex(r"[a-z0-9][a-z0-9.-]{0,20}(:[0-9]{1,5})?", fullmatch=True)
+bases = st.builds(
+    lambda scheme, host, slash: f"{scheme}://{host}{slash}",
+    st.sampled_from(["http", "https", "HTTP"]),
+    hosts,
+    st.sampled_from(["", "/"]),
+)
+paths = st.from_regex(r"(/[A-Za-z0-9._~!$&'()*+,;=:@ -]{1,12}){1,3}", fullmatch=True).filter(
+    lambda p: "/./" not in p + "/" and "/../" not in p + "/" and "%" not in p
+)
+
+
+@given(st.lists(bases, max_size=6), paths, st.text(st.characters(codec="ascii"), min_size=1))
+def test_signed_urls_are_signed_url_for_each_base(many: list[str], path: str, token: str) -> None:
+    assert signed_urls(many, path, token) == [signed_url(b, path, token) for b in many]
+
+
+@pytest.mark.parametrize("bad", ["http://h/x", "http://h?q", "h:80", "http://h#f"])
+def test_signed_urls_refuse_a_base_signed_url_refuses(bad: str) -> None:
+    for where in ([bad], ["http://ok", bad]):
+        with pytest.raises(ValueError, match="scheme://host"):
+            signed_urls(where, "/demo/master.m3u8", "tok")

@@ -23,6 +23,7 @@ import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, NamedTuple
+from urllib.parse import urlsplit
 
 import msgspec
 from pydantic import BaseModel, Field
@@ -74,6 +75,7 @@ __all__ = [
     "PlayerEvent",
     "PlayerHeartbeatIn",
     "claim_screen",
+    "signed_urls",
 ]
 
 log = logging.getLogger(__name__)
@@ -268,6 +270,34 @@ def claim_screen(
     return Claimed(None, plan, in_use + 1, 0.0 if position is None else float(position))
 
 
+def signed_urls(bases: Sequence[str], path: str, token: str) -> list[str]:
+    """``signed_url(base, path, token)`` for every base, the way a start needs them.
+
+    The quoted path and token are the same for every edge, so they are made once (by
+    ``signed_url`` itself, for the first base) and each base only checked and prefixed:
+    a tenth of the work for the dozen URLs of an answer.
+    """
+    if not bases:
+        return []
+    first = signed_url(bases[0], path, token)
+    tail = first[len(_scheme_host(bases[0])) :]
+    return [first, *(_scheme_host(base) + tail for base in bases[1:])]
+
+
+def _scheme_host(base: str) -> str:
+    """``scheme://host[:port]`` of ``base``, refused as ``signed_url`` refuses it."""
+    parts = urlsplit(base)
+    if (
+        not parts.scheme
+        or not parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(f"base must be scheme://host[:port] only, not {base!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 class PlaybackIn(BaseModel):
     title: StoredText = Field(min_length=1, max_length=128, examples=["demo-mix"])
     device: StoredText = Field(
@@ -368,6 +398,7 @@ class Playback:
         self._statements = _Statements(store)
         self._purge_due = -math.inf  # when a start next sets off a purge
         self._latest = -math.inf  # the latest start's clock
+        self._purge_again = False
         # title -> (fleet generation, built at, sites, prepared candidates)
         self._offers: dict[str, tuple[int, float, dict[str, SiteInfo], CandidateSet]] = {}
 
@@ -416,10 +447,10 @@ class Playback:
         # up (committed) even when the start is refused.
         refusal, plan, in_use, resume = await self._store.run(script)
         self._latest = max(self._latest, now)
-        if now >= self._purge_due and self._store.housekeep(
-            "screen purge", lambda: self.purge(now)
-        ):
+        if now >= self._purge_due:
             self._purge_due = now + _PURGE_EVERY_S
+            if not self._store.housekeep("screen purge", lambda: self.purge(now)):
+                self._purge_again = True  # the one running goes on to this start's clock
         if refusal is not None:
             raise refusal
         assert plan is not None
@@ -439,18 +470,24 @@ class Playback:
         shares = {c.edge_id: c.share for c in offered}
         hls_path = f"/{title.id}/{title.hls}"
         dash_path = f"/{title.id}/{title.dash}"
+        bases = [r.base_url for r in ranked]
         edges = [
             EdgeOut(
                 edge_id=r.edge_id,
                 base_url=r.base_url,
                 rank=r.rank,
                 reason=r.reason,
-                hls=signed_url(r.base_url, hls_path, token),
-                dash=signed_url(r.base_url, dash_path, token),
+                hls=hls,
+                dash=dash,
                 load=r.load,
                 share=shares.get(r.edge_id, 1.0),
             )
-            for r in ranked
+            for r, hls, dash in zip(
+                ranked,
+                signed_urls(bases, hls_path, token),
+                signed_urls(bases, dash_path, token),
+                strict=True,
+            )
         ]
         if origin:
             edges.append(
@@ -492,6 +529,7 @@ class Playback:
         one came meanwhile; how many. A batch per transaction, so that starts wait for one
         batch at most. Starts set it off once a minute."""
         total = 0
+        self._purge_again = False
         while True:
             before = max(now, self._latest) - self._settings.screen_retention_s
 
@@ -500,10 +538,14 @@ class Playback:
 
             deleted = await self._store.transaction(batch)
             total += deleted
-            if deleted < _PURGE_BATCH:
-                if total:
-                    log.info("purged %d playback sessions heard from before %.0f", total, before)
-                return total
+            if deleted == _PURGE_BATCH:
+                continue  # more to delete
+            if self._purge_again:  # a start found a purge due meanwhile: its turn
+                self._purge_again = False
+                continue
+            if total:
+                log.info("purged %d playback sessions heard from before %.0f", total, before)
+            return total
 
     async def heartbeat(self, account_id: str, body: PlayerHeartbeatIn, now: float) -> HeartbeatOut:
         cutoff = now - self._settings.screen_timeout_s
