@@ -27,9 +27,9 @@ machine falls on all of them alike.
 
     .venv/bin/python bench/playback.py [--runs 3] [--seconds 10] [--concurrency 32] [--record]
 
-To measure another version of the control plane with this same script (a "before" beside an
-"after"), put its source first on the path: ``PYTHONPATH=/elsewhere/src .venv/bin/python
-bench/playback.py``; the servers the script starts inherit it.
+``--before CHECKOUT`` runs the control plane of another checkout (``CHECKOUT/src`` first on
+its path) on the same load in the same runs, each on a fresh database of its own: a "before"
+beside the "after", under the same noise.
 """
 
 from __future__ import annotations
@@ -139,9 +139,11 @@ default_plan = "bench"
 
 
 @contextmanager
-def _serving(command: list[str], port: int, what: str) -> Iterator[int]:
+def _serving(
+    command: list[str], port: int, what: str, env: dict[str, str] | None = None
+) -> Iterator[int]:
     """Run a server process until the block ends; yields its pid once /healthz answers."""
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -461,51 +463,82 @@ def _measure(load: Load, pool: ProcessPoolExecutor) -> Measured:
     return pool.submit(run_load, load).result()
 
 
-def _run_store(
-    store: str, url: str, args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor
+def _measure_control(
+    store: str,
+    url: str,
+    args: argparse.Namespace,
+    work: Path,
+    pool: ProcessPoolExecutor,
+    source: str | None = None,
 ) -> dict[str, Measured]:
+    """The control plane (from ``source``'s ``src`` if given) on ``url``: starts by new
+    accounts, by accounts with long histories, and ``/healthz``."""
     out: dict[str, Measured] = {}
     port = _port()
     config = _config(work, url, port, args.devices)
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
-    timing = {
-        "concurrency": args.concurrency,
-        "warmup_s": args.warmup,
-        "seconds": args.seconds,
-    }
+    env = None
+    if source is not None:
+        env = {**os.environ, "PYTHONPATH": str(Path(source).resolve() / "src")}
     start = {
         "method": "POST",
         "path": "/v1/playback",
         "body": '{"title": "bench", "device": "d{n}"}',
         "devices": args.devices,
     }
-    with _serving(control, port, f"{store}: the control plane") as pid:
+    with _serving(control, port, f"{store}: the control plane", env) as pid:
         tokens, long_tokens, long_lived = _set_up(port, args)
         _write_history(url, _history(long_lived, args.history, time.time()))
         out["playback"] = _measure(
-            Load(port=port, tokens=tuple(tokens), server_pid=pid, **start, **timing), pool
+            Load(port=port, tokens=tuple(tokens), server_pid=pid, **start, **_timing(args)), pool
         )
         out["history"] = _measure(
-            Load(port=port, tokens=tuple(long_tokens), server_pid=pid, **start, **timing), pool
+            Load(port=port, tokens=tuple(long_tokens), server_pid=pid, **start, **_timing(args)),
+            pool,
         )
-        out["healthz"] = _measure(
-            Load(port=port, method="GET", path="/healthz", server_pid=pid, **timing), pool
-        )
+        if source is None:
+            out["healthz"] = _measure(
+                Load(port=port, method="GET", path="/healthz", server_pid=pid, **_timing(args)),
+                pool,
+            )
+    return out
+
+
+def _measure_peer(url: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -> Measured:
     port = _port()
     peer = [sys.executable, __file__, "--serve-peer", url, "--port", str(port)]
-    with _serving(peer, port, f"{store}: the peer") as pid:
-        out["peer"] = _measure(
+    with _serving(peer, port, "the peer") as pid:
+        return _measure(
             Load(
                 port=port,
                 method="POST",
                 path="/v1/playback",
                 body='{"title": "bench", "device": "d{n}"}',
                 server_pid=pid,
-                **timing,
+                **_timing(args),
             ),
             pool,
         )
-    return out
+
+
+def _timing(args: argparse.Namespace) -> dict[str, Any]:
+    return {"concurrency": args.concurrency, "warmup_s": args.warmup, "seconds": args.seconds}
+
+
+@contextmanager
+def _database(store: str, work: Path, name: str) -> Iterator[str]:
+    """A fresh database for one server; its SQLAlchemy URL."""
+    if store == "SQLite":
+        (work / name).mkdir()
+        yield f"sqlite+aiosqlite:///{work / name / 'control.db'}"
+        return
+    name = f"bench_playback_{os.getpid()}_{name}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _pg_admin(sql: str) -> None:
@@ -519,16 +552,21 @@ async def _pg_admin(sql: str) -> None:
 WHAT = {
     "playback": "control: `POST /v1/playback`",
     "history": "control: `POST /v1/playback`, long histories",
+    "before": "before: `POST /v1/playback`",
+    "before-history": "before: `POST /v1/playback`, long histories",
     "peer": "peer: FastAPI + one INSERT",
     "healthz": "control: `GET /healthz`",
 }
 
 
 def main(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    kinds = ["playback", "history", "peer", "healthz"]
+    if args.before:
+        kinds[2:2] = ["before", "before-history"]
     rows = {
         (store, kind): Row(store, WHAT[kind])
         for store in ("SQLite", "PostgreSQL")
-        for kind in ("playback", "history", "peer", "healthz")
+        for kind in kinds
     }
     loads: list[str] = []
     spawn = multiprocessing.get_context("spawn")
@@ -536,20 +574,16 @@ def main(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
         for run in range(args.runs):
             with tempfile.TemporaryDirectory(prefix="bench-playback-") as tmp:
                 work = Path(tmp)
-                (work / "sqlite").mkdir()
-                url = f"sqlite+aiosqlite:///{work / 'sqlite' / 'control.db'}"
-                for kind, m in _run_store("SQLite", url, args, work / "sqlite", pool).items():
-                    rows["SQLite", kind].runs.append(m)
-                name = f"bench_playback_{os.getpid()}_{run}"
-                asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-                try:
-                    (work / "pg").mkdir()
-                    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-                    url = f"{base}/{name}"
-                    for kind, m in _run_store("PostgreSQL", url, args, work / "pg", pool).items():
-                        rows["PostgreSQL", kind].runs.append(m)
-                finally:
-                    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                for store in ("SQLite", "PostgreSQL"):
+                    with _database(store, work, f"{run}_control") as url:
+                        found = _measure_control(store, url, args, work, pool)
+                        found["peer"] = _measure_peer(url, args, pool)
+                    if args.before:
+                        with _database(store, work, f"{run}_before") as url:
+                            old = _measure_control(store, url, args, work, pool, args.before)
+                        found["before"], found["before-history"] = old["playback"], old["history"]
+                    for kind, m in found.items():
+                        rows[store, kind].runs.append(m)
             load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
             loads.append(load)
             print(f"run {run + 1}/{args.runs} done; load average {load}", file=sys.stderr)
@@ -574,6 +608,14 @@ def _table(rows: Sequence[Row], args: argparse.Namespace) -> str:
             f" (with long histories {history / peer:.2f}); / the same server's /healthz ="
             f" {playback / healthz:.2f}; long histories / new accounts = {history / playback:.2f}."
         )
+        if (store, WHAT["before"]) in by:
+            before = by[store, WHAT["before"]].rate
+            old_history = by[store, WHAT["before-history"]].rate
+            lines.append(
+                f"- {store}, before: starts / the peer's inserts = {before / peer:.2f}"
+                f" (with long histories {old_history / peer:.2f}); long histories / new"
+                f" accounts = {old_history / before:.2f}."
+            )
     sqlite = by["SQLite", WHAT["playback"]].rate
     pg = by["PostgreSQL", WHAT["playback"]].rate
     lines.append(f"- Playback starts, SQLite / PostgreSQL = {sqlite / pg:.2f}.")
@@ -615,6 +657,11 @@ if __name__ == "__main__":
     parser.add_argument("--accounts", type=int, default=20)
     parser.add_argument("--devices", type=int, default=4, help="per account (its screens)")
     parser.add_argument("--history", type=int, default=12_800, help="past screens per account")
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="also run the control plane of another checkout (its src/) on the same load",
+    )
     parser.add_argument(
         "--record", action="store_true", help="replace the figures in docs/benchmarks.md"
     )

@@ -46,13 +46,15 @@ def _statements(postgres: bool) -> Any:
 
 
 def _drive(
-    answers: dict[str, Rows], *, postgres: bool = False, title: TitleInfo | None = None
+    answers: dict[str, Rows],
+    *,
+    postgres: bool = False,
+    title: TitleInfo | None = None,
+    servable: bool = True,
 ) -> tuple[list[tuple[str, dict[str, Any]]], Claimed]:
     """Run the script, answering each statement from ``answers``; what it asked, and its
     result."""
-    script = claim_screen(
-        _statements(postgres), dict(PARAMS), PLANS, title or _title(), servable=True
-    )
+    script = claim_screen(_statements(postgres), dict(PARAMS), PLANS, title or _title(), servable)
     asked: list[tuple[str, dict[str, Any]]] = []
     rows: Rows | None = None
     while True:
@@ -77,13 +79,34 @@ def test_no_free_screen_takes_none_and_says_how_many_are_in_use() -> None:
     assert claimed.refusal.body()["in_use"] == 2 and claimed.in_use == 2
 
 
-def test_on_postgresql_one_statement_ends_counts_and_inserts_under_the_limit() -> None:
-    asked, claimed = _drive({"lock": [("basic", None)], "claim": [(0,)]}, postgres=True)
-    assert [name for name, _ in asked] == ["lock", "claim"]
-    assert asked[1][1]["b_limit"] == 1
+def test_on_postgresql_one_statement_is_the_whole_start() -> None:
+    asked, claimed = _drive({"claim": [("basic", None, 0)]}, postgres=True)
+    assert [name for name, _ in asked] == ["claim"]
+    # told the limit of each plan it may take a screen for: those with the title
+    assert dict(zip(asked[0][1]["b_plans"], asked[0][1]["b_limits"], strict=True)) == {
+        "basic": 1,
+        "standard": 2,
+    }
     assert claimed == Claimed(None, PLANS["basic"], 1, 0.0)
-    _, full = _drive({"lock": [("basic", None)], "claim": [(1,)]}, postgres=True)
+    _, full = _drive({"claim": [("basic", 3.0, 1)]}, postgres=True)
     assert full.refusal is not None and full.refusal.status == 409
+    _, gone = _drive({}, postgres=True)
+    assert gone.refusal is not None and gone.refusal.status == 401
+    # the plan lacks the title: no count came back, and the refusal says why
+    asked, refused = _drive({"claim": [("basic", None, None)]}, postgres=True, title=_title("x"))
+    assert asked[0][1]["b_plans"] == [] and refused.refusal is not None
+    assert refused.refusal.status == 403
+
+
+def test_a_title_no_one_can_serve_is_refused_after_the_plan() -> None:
+    sqlite: dict[str, Rows] = {"lock": [("basic", None)]}
+    postgresql: dict[str, Rows] = {"claim": [("basic", None, None)]}
+    for postgres, answers in ((False, sqlite), (True, postgresql)):
+        asked, claimed = _drive(answers, postgres=postgres, servable=False)
+        assert len(asked) == 1
+        assert claimed.refusal is not None and claimed.refusal.status == 503
+        if postgres:
+            assert asked[0][1]["b_plans"] == []  # no screen taken, none given up
 
 
 @pytest.mark.parametrize(

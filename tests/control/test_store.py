@@ -151,3 +151,26 @@ async def test_a_script_on_a_lost_connection_fails_once_and_the_next_one_works(d
         assert await store.run(_add_script(store, "a3")) == 2
     finally:
         await store.dispose()
+
+
+async def test_a_whole_transaction_statement_must_end_its_script(db: Db) -> None:
+    store = Store(db.url, schema=db.schema)
+    try:
+        await migrate(store)
+        one = store.prepare(select(func.count()).select_from(Account), whole=True)
+
+        def alone() -> Script[int]:
+            rows = yield one, {}
+            return int(rows[0][0])
+
+        def followed() -> Script[int]:
+            yield one, {}
+            yield one, {}
+            return 0
+
+        assert await store.run(alone()) == 0
+        with pytest.raises(RuntimeError, match="must be the last"):
+            await store.run(followed())  # (on PostgreSQL it was sent without BEGIN)
+        assert await store.run(alone()) == 0  # and the connection is fine
+    finally:
+        await store.dispose()

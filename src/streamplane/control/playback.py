@@ -1,20 +1,23 @@
 """Playback: start a session against the screens limit, answer with ranked, signed edges.
 
-A start is one transaction: lock the account row (``FOR UPDATE`` on PostgreSQL; on SQLite the
-transaction began IMMEDIATE) reading its plan and the resume position; then give up the same
-device's earlier screen, count the screens in use (screens whose heartbeats stopped
-``screen_timeout_s`` ago are not counted) and, if one is free, insert the new one (three
-statements on SQLite, one on PostgreSQL). The plan must entitle the title and someone must be
-able to serve it. Refusals, in this order: 404 unknown title, 403 not entitled, 503 no healthy
-edge holds it and no origin is configured, 409 screens limit reached. Everything else happens
-outside the transaction: the candidate edges are taken from the in-process fleet before it,
-steering ranks the best few after the commit, and one EdgeAuth token (its ACL is the title's
-path, so every edge takes it) and the session's JWT are signed then.
+A start is one transaction (``claim_screen``): lock the account row (``FOR UPDATE`` on
+PostgreSQL; on SQLite the transaction began IMMEDIATE) reading its plan and the resume
+position; then give up the same device's earlier screen, count the screens in use (screens
+whose heartbeats stopped ``screen_timeout_s`` ago are not counted) and, if one is free,
+insert the new one: four statements on SQLite, and on PostgreSQL one call of a database
+function that runs them (one round trip, the row lock held only while they run). Each reads
+only live sessions, through partial indexes: an account's history never slows its starts.
+The plan must entitle the title and someone must be able to serve it. Refusals, in this
+order: 404 unknown title, 403 not entitled, 503 no healthy edge holds it and no origin is
+configured, 409 screens limit reached. Everything else happens outside the transaction: the
+candidate edges are taken from the in-process fleet before it, steering ranks the best few
+after the commit, and one EdgeAuth token (its ACL is the title's path, so every edge takes
+it) and the session's JWT are signed then. Sessions not heard from for
+``screen_retention_s`` are deleted by a purge that starts set off once a minute.
 
 Player heartbeats keep a screen alive and record where the viewer is. The latest event by
 event time wins, so duplicates and late arrivals are harmless; a session whose screen already
-expired gets 410 (its position is still recorded) and should start playback again.
-"""
+expired gets 410 (its position is still recorded) and should start playback again."""
 
 from __future__ import annotations
 
@@ -31,16 +34,16 @@ from sqlalchemy import (
     Connection,
     Float,
     Integer,
-    Select,
     String,
     bindparam,
     delete,
     func,
     insert,
-    literal,
     select,
+    text,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from streamplane.config import ControlSettings, Plan
 from streamplane.control.catalog import TitleInfo
@@ -126,47 +129,21 @@ _INSERT_SCREEN: Final = insert(Screen).values(
 )
 
 
-def _claim_on_postgres() -> Select[tuple[int]]:
-    """The last three statements as one, for PostgreSQL, where a statement can write in its
-    WITH clauses: two round trips fewer while the account's row is locked.
-
-    Every part sees the snapshot taken when the statement began, after the lock was granted
-    (which is why the lock stays a statement of its own): the count leaves the device's own
-    screens out rather than seeing them ended, and the insert happens only under the limit.
-    """
-    ended = _END_DEVICE.cte("ended")
-    live = (
-        select(func.count().label("n"))
-        .select_from(Screen)
-        .where(
-            Screen.account_id == bindparam("b_account"),
-            ~Screen.ended,
-            Screen.last_seen >= bindparam("b_cutoff", type_=Float),
-            Screen.device != bindparam("b_device"),
-        )
-        .cte("live")
-    )
-    now = bindparam("b_now", type_=Float)
-    added = (
-        insert(Screen)
-        .from_select(
-            ["id", "account_id", "title", "device", "started_at", "last_seen", "ended"],
-            select(
-                bindparam("b_id", type_=String),
-                bindparam("b_account", type_=String),
-                bindparam("b_title", type_=String),
-                bindparam("b_device", type_=String),
-                now,
-                now,
-                literal(False),
-            ).where(live.c.n < bindparam("b_limit", type_=Integer)),
-        )
-        .cte("added")
-    )
-    return select(live.c.n).add_cte(ended, added)
-
-
-_CLAIM_ON_POSTGRES: Final = _claim_on_postgres()
+# On PostgreSQL the start's statements run in the database (migration 0002 defines the
+# function): one round trip, and the account's row locked only while they run.
+_CLAIM_ON_POSTGRES: Final = text(
+    "SELECT o_plan, o_position, o_in_use FROM streamplane_claim_screen("
+    ":b_account, :b_title, :b_device, :b_id, :b_now, :b_cutoff, :b_plans, :b_limits)"
+).bindparams(
+    bindparam("b_account", type_=String),
+    bindparam("b_title", type_=String),
+    bindparam("b_device", type_=String),
+    bindparam("b_id", type_=String),
+    bindparam("b_now", type_=Float),
+    bindparam("b_cutoff", type_=Float),
+    bindparam("b_plans", type_=ARRAY(String)),
+    bindparam("b_limits", type_=ARRAY(Integer)),
+)
 
 # Sessions not heard from for the retention, deleted a batch per transaction.
 _PURGE_BATCH: Final = 2000
@@ -189,7 +166,9 @@ class _Statements:
         self.end_device = store.prepare(_END_DEVICE)
         self.count_screens = store.prepare(_COUNT_SCREENS)
         self.insert_screen = store.prepare(_INSERT_SCREEN)
-        self.claim_on_postgres = store.prepare(_CLAIM_ON_POSTGRES) if store.is_postgres else None
+        self.claim_on_postgres = (
+            store.prepare(_CLAIM_ON_POSTGRES, whole=True) if store.is_postgres else None
+        )
 
 
 class Claimed(NamedTuple):
@@ -215,12 +194,27 @@ def claim_screen(
     ``b_now`` and ``b_cutoff`` (screens last heard from before it are free). Lock the account
     row (and read its plan and the title's resume position); refuse a plan without the
     title, a title no one can serve; give up the device's earlier screen; count the screens in
-    use; take one if one is free.
+    use; take one if one is free. On PostgreSQL one statement does it all, in the database
+    (``streamplane_claim_screen``), told the limit of each plan it may take a screen for.
     """
-    rows = yield statements.lock_account, params
+    in_use: int | None = None
+    if statements.claim_on_postgres is not None:
+        limits = {
+            name: plan.screens
+            for name, plan in plans.items()
+            if servable and plan.screens > 0 and title.entitles(name)
+        }
+        claim = {**params, "b_plans": list(limits), "b_limits": list(limits.values())}
+        rows = yield statements.claim_on_postgres, claim
+        if rows:
+            plan_name, position, counted = rows[0]
+            in_use = None if counted is None else int(counted)
+    else:
+        rows = yield statements.lock_account, params
+        if rows:
+            plan_name, position = rows[0]
     if not rows:
         return Claimed(unauthorised("the account no longer exists"))
-    plan_name, position = rows[0]
     plan = plans.get(plan_name)
     if plan is None or plan.screens <= 0 or not title.entitles(plan_name):
         return Claimed(
@@ -241,12 +235,9 @@ def claim_screen(
                 title=title.id,
             )
         )
-    # The same device starting again gives its screen up first; then a screen is taken if
-    # one is free.
-    if statements.claim_on_postgres is not None:
-        rows = yield statements.claim_on_postgres, {**params, "b_limit": plan.screens}
-        in_use = int(rows[0][0])
-    else:
+    if in_use is None:
+        # The same device starting again gives its screen up first; then a screen is taken
+        # if one is free.
         yield statements.end_device, params
         rows = yield statements.count_screens, params
         in_use = int(rows[0][0])

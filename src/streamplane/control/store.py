@@ -258,9 +258,13 @@ class Prepared:
     so select plain columns (numbers, strings).
     """
 
-    __slots__ = ("_layout", "sql")
+    __slots__ = ("_layout", "sql", "whole")
 
-    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
+    def __init__(self, statement: ClauseElement, dialect: Dialect, *, whole: bool = False) -> None:
+        # A whole transaction by itself (a database function that takes its locks and does
+        # all its writes): sent alone, without BEGIN and COMMIT round trips, and nothing may
+        # follow it in its script.
+        self.whole = whole
         compiled = statement.compile(dialect=dialect)
         assert isinstance(compiled, SQLCompiler)
         if compiled.positiontup is None:
@@ -291,6 +295,15 @@ class Prepared:
         return out
 
 
+def _finish(script: Script[_T], rows: Rows) -> _T:
+    """Send the rows of a script's whole-transaction statement; what the script returns."""
+    try:
+        script.send(rows)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    raise RuntimeError("a whole-transaction statement must be the last of its script")
+
+
 def _drive(dbapi_connection: Any, script: Script[_T], dialect: Dialect) -> _T:
     """Run ``script`` on a DB-API connection already inside its transaction."""
     cursor = dbapi_connection.cursor()
@@ -310,6 +323,8 @@ def _drive(dbapi_connection: Any, script: Script[_T], dialect: Dialect) -> _T:
                 raise DBAPIError.instance(
                     statement.sql, args, err, dialect.loaded_dbapi.Error, dialect=dialect
                 ) from err
+            if statement.whole:  # as on PostgreSQL, where it runs without BEGIN and COMMIT
+                return _finish(script, rows)
     finally:
         script.close()
         cursor.close()
@@ -426,9 +441,10 @@ class Store:
             self._after_commit()
             return result
 
-    def prepare(self, statement: ClauseElement) -> Prepared:
-        """``statement`` compiled for this store's engine, to be yielded by a :data:`Script`."""
-        return Prepared(statement, self.engine.dialect)
+    def prepare(self, statement: ClauseElement, *, whole: bool = False) -> Prepared:
+        """``statement`` compiled for this store's engine, to be yielded by a :data:`Script`;
+        ``whole``: it is a transaction by itself (see :class:`Prepared`)."""
+        return Prepared(statement, self.engine.dialect, whole=whole)
 
     async def run(self, script: Script[_T]) -> _T:
         """``script`` as one write transaction (locked as :meth:`write`), on the driver itself.
@@ -488,24 +504,31 @@ class Store:
         return self._driver
 
     async def _run_asyncpg(self, script: Script[_T]) -> _T:
-        """The script on an asyncpg connection of the engine's pool: its own BEGIN and COMMIT,
-        each statement prepared once per connection (asyncpg's statement cache)."""
+        """The script on an asyncpg connection of the engine's pool, each statement prepared
+        once per connection (asyncpg's statement cache): in a transaction of its own (BEGIN,
+        the statements, COMMIT), or, for a :attr:`Prepared.whole` statement, alone."""
+        try:
+            statement, params = next(script)
+        except StopIteration as nothing:
+            return nothing.value  # type: ignore[no-any-return]
         proxied = await self.engine.raw_connection()
         adapted = proxied.dbapi_connection
         driver: Any = proxied.driver_connection  # an asyncpg connection
-        statement: Prepared | None = None
         args: Sequence[Any] = ()
         try:
-            async with driver.transaction():
-                rows: Rows | None = None
-                while True:
-                    try:
-                        statement, params = script.send(rows)  # type: ignore[arg-type]
-                    except StopIteration as done:
-                        result: _T = done.value
-                        break
-                    args = statement.args(params)
-                    rows = await driver.fetch(statement.sql, *args)
+            if statement.whole:
+                args = statement.args(params)
+                result = _finish(script, await driver.fetch(statement.sql, *args))
+            else:
+                async with driver.transaction():
+                    while True:
+                        args = statement.args(params)
+                        rows = await driver.fetch(statement.sql, *args)
+                        try:
+                            statement, params = script.send(rows)
+                        except StopIteration as done:
+                            result = done.value
+                            break
         except BaseException as err:
             script.close()
             if driver.is_closed() or driver.is_in_transaction():
@@ -514,8 +537,7 @@ class Store:
             else:
                 await greenlet_spawn(proxied.close)
             if isinstance(err, Exception):
-                sql = statement.sql if statement is not None else "BEGIN"
-                translated = _asyncpg_error(err, adapted, sql, args, driver.is_closed())
+                translated = _asyncpg_error(err, adapted, statement.sql, args, driver.is_closed())
                 if translated is not err:
                     raise translated from err
             raise
