@@ -440,6 +440,12 @@ class Row:
     def rate(self) -> float:
         return statistics.median(m.requests / m.seconds for m in self.runs)
 
+    @property
+    def cpu(self) -> float:
+        """The server's median CPU seconds per request (nan if /proc could not tell)."""
+        cpus = [m.cpu_s / m.requests for m in self.runs if m.cpu_s and m.requests]
+        return statistics.median(cpus) if cpus else float("nan")
+
     def cells(self) -> list[str]:
         rates = [m.requests / m.seconds for m in self.runs]
         lats = sorted(self._median_run().latencies)
@@ -603,18 +609,21 @@ def _table(rows: Sequence[Row], args: argparse.Namespace) -> str:
         history = by[store, WHAT["history"]].rate
         peer = by[store, WHAT["peer"]].rate
         healthz = by[store, WHAT["healthz"]].rate
+        cpu = by[store, WHAT["peer"]].cpu / by[store, WHAT["playback"]].cpu
         lines.append(
             f"- {store}: playback starts / the peer's inserts = {playback / peer:.2f}"
-            f" (with long histories {history / peer:.2f}); / the same server's /healthz ="
+            f" (with long histories {history / peer:.2f}; in server CPU per request, the"
+            f" peer's / a start's = {cpu:.2f}); / the same server's /healthz ="
             f" {playback / healthz:.2f}; long histories / new accounts = {history / playback:.2f}."
         )
         if (store, WHAT["before"]) in by:
             before = by[store, WHAT["before"]].rate
             old_history = by[store, WHAT["before-history"]].rate
+            old_cpu = by[store, WHAT["peer"]].cpu / by[store, WHAT["before"]].cpu
             lines.append(
                 f"- {store}, before: starts / the peer's inserts = {before / peer:.2f}"
-                f" (with long histories {old_history / peer:.2f}); long histories / new"
-                f" accounts = {old_history / before:.2f}."
+                f" (with long histories {old_history / peer:.2f}; in CPU {old_cpu:.2f});"
+                f" long histories / new accounts = {old_history / before:.2f}."
             )
     sqlite = by["SQLite", WHAT["playback"]].rate
     pg = by["PostgreSQL", WHAT["playback"]].rate
