@@ -3,6 +3,7 @@ asks the store, in which order, and what it decides; no database. And its signed
 
 from __future__ import annotations
 
+import uuid
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 from streamplane.config import Plan
 from streamplane.control.catalog import TitleInfo
-from streamplane.control.playback import Claimed, claim_screen, signed_urls
+from streamplane.control.playback import Claimed, claim_screen, new_session_id, signed_urls
 from streamplane.control.store import Rows
 from streamplane.edge import signed_url
 
@@ -149,3 +150,14 @@ def test_signed_urls_refuse_a_base_signed_url_refuses(bad: str) -> None:
     for where in ([bad], ["http://ok", bad]):
         with pytest.raises(ValueError, match="scheme://host"):
             signed_urls(where, "/demo/master.m3u8", "tok")
+
+
+@given(st.floats(0, 2**47 / 1000), st.integers(0, 2**74 - 1), st.integers(0, 2**74 - 1))
+def test_session_ids_are_uuid7_in_time_order_and_keep_every_random_bit(
+    now: float, a: int, b: int
+) -> None:
+    first = uuid.UUID(new_session_id(now, a))
+    assert (first.version, first.variant) == (7, uuid.RFC_4122)
+    assert first.int >> 80 == int(now * 1000)
+    assert (new_session_id(now, a) == new_session_id(now, b)) == (a == b)
+    assert new_session_id(now, a) < new_session_id(now + 0.002, b)  # as text, too
