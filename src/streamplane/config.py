@@ -175,6 +175,7 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     tls_key: str = ""
     access_log: bool = True  # one JSON line per request on stdout
     header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
+    body_timeout_s: float = 10.0  # a request's announced body must arrive within this after it
     idle_timeout_s: float = 30.0  # keep-alive connections idle longer are closed
     send_timeout_s: float = 30.0  # a client that takes no bytes for this long is dropped
     stall_timeout_s: float = 15.0  # an origin fetch without progress for this long fails

@@ -194,7 +194,7 @@ def test_hidden_cache_files_and_symlinks_out_are_not_served(
         (b"GET\r\n\r\n", 400),
         (b"HELLO\r\n\r\n", 400),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # a TLS hello on the plain port
-        (b"GET / HTTP/9.9\r\n\r\n", 400),
+        (b"GET / HTTP/9.9\r\n\r\n", 505),  # a version, but not one served here
         (b"GET /t1/master.m3u8 HTTP/1.1\r\n" + b"X-Junk: " + b"a" * 20000 + b"\r\n\r\n", 431),
         (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", 414),
         (b"BREW /t1/master.m3u8 HTTP/1.1\r\nHost: e\r\n\r\n", 501),

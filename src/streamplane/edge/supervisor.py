@@ -409,6 +409,9 @@ async def _main(config: EdgeSettings, keyring: dict[str, str], log: Callable[[st
             sup.on_message(data)
 
     loop.add_reader(keeper.fileno(), on_readable)
+    # Workers take SIGUSR1 as the drain notice; ignored until a worker is ready for it (an
+    # ignored signal stays ignored across exec), so a notice cannot kill one still starting.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     for index in range(config.workers):
         sup.start_worker(index)
     probe.close()
@@ -432,6 +435,10 @@ async def _main(config: EdgeSettings, keyring: dict[str, str], log: Callable[[st
     # Drain: first tell the control plane, so steering moves viewers away, then stop.
     sup.draining = True
     log("draining: reporting it to the control plane, then finishing in-flight responses")
+    for process in sup.processes.values():  # /healthz answers 503 from now on
+        if process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGUSR1)
     async with httpx.AsyncClient(timeout=2.0) as client:
         await sup.send_heartbeat(client)
     await asyncio.sleep(config.drain_notice_s)

@@ -61,12 +61,14 @@ __all__ = [
     "ExpiredToken",
     "ForgedToken",
     "Grant",
+    "GrantCache",
     "MalformedToken",
     "MissingToken",
     "NotYetValid",
     "PathNotAllowed",
     "TokenError",
     "WrongClient",
+    "check_grant",
     "grant_allows",
     "key_from_hex",
     "sign",
@@ -287,10 +289,7 @@ def verify(
         raise ForgedToken("the HMAC does not match the token and path")
 
     # Authenticated from here on.
-    if start is not None and now < start:
-        raise NotYetValid(f"valid from {start}, now is {now}")
-    if now >= expiry:
-        raise ExpiredToken(f"expired at {expiry}, now is {now}")
+    _check_window(start, expiry, now)
 
     token_ip = values.get("ip")
     if token_ip is not None:
@@ -321,11 +320,51 @@ def verify(
     )
 
 
+def check_grant(grant: Grant, *, path: str, now: int) -> None:
+    """Check a grant :func:`verify` returned for another request of the same token and client.
+
+    The checks that depend on the request rather than on the token, in :func:`verify`'s order:
+    the validity window at ``now`` (:class:`NotYetValid`, :class:`ExpiredToken`), then the
+    path (:class:`PathNotAllowed`). The HMAC and the client address are the token's and were
+    checked once.
+    """
+    _check_window(grant.start, grant.expiry, now)
+    if not grant_allows(grant, path):
+        raise PathNotAllowed(f"{path!r} is outside the token's acl")
+
+
+class GrantCache:
+    """Verified grants by token and client address, so a session's token costs one HMAC.
+
+    A session asks for hundreds of paths with one token: the first request pays for
+    :func:`verify`, later ones only for :func:`check_grant`. Only grants that verified are
+    kept (a refused token is verified again each time), and at ``size`` entries the cache
+    starts over: a bound, not an eviction policy.
+    """
+
+    def __init__(self, keyring: Mapping[str, bytes], size: int = 16384) -> None:
+        self.keyring = keyring
+        self.size = size
+        self._grants: dict[tuple[str, str | None], Grant] = {}
+
+    def verify(self, token: str | None, *, path: str, now: int, client_ip: str | None) -> Grant:
+        """:func:`verify` with its outcome remembered; raises what it raises."""
+        grant = self._grants.get((token, client_ip)) if token else None
+        if grant is not None:
+            check_grant(grant, path=path, now=now)
+            return grant
+        grant = verify(token, path=path, now=now, client_ip=client_ip, keyring=self.keyring)
+        if len(self._grants) >= self.size:
+            self._grants.clear()
+        self._grants[(token or "", client_ip)] = grant
+        return grant
+
+
 def grant_allows(grant: Grant, path: str) -> bool:
     """Whether a grant :func:`verify` returned also covers ``path`` (decoded, normalised).
 
-    Lets an edge verify a session's token once and then check each further path with a
-    pattern match instead of an HMAC; expiry and the client address stay the caller's to check.
+    The path half of :func:`check_grant`, which an edge uses (through :class:`GrantCache`) to
+    check a session's further requests with a pattern match instead of an HMAC.
     """
     if not _is_clean_path(path):
         return False
@@ -422,6 +461,13 @@ def _pad_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
         key = hashlib.sha256(key).digest()
     key = key.ljust(_SHA256_BLOCK, b"\0")
     return hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD))
+
+
+def _check_window(start: int | None, expiry: int, now: int) -> None:
+    if start is not None and now < start:
+        raise NotYetValid(f"valid from {start}, now is {now}")
+    if now >= expiry:
+        raise ExpiredToken(f"expired at {expiry}, now is {now}")
 
 
 def _is_clean_path(path: str) -> bool:
