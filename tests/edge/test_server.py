@@ -573,3 +573,90 @@ def test_tls_serves_the_same_bytes_and_says_whether_sendfile_stays_zero_copy(
         assert kernel_tls_status()[1] in e.log()  # the start-up says what TLS costs here
     finally:
         e.stop(signal.SIGKILL)
+
+
+# -- the protocol's deadlines and refusals, from outside ---------------------------------
+
+
+def test_a_body_over_the_limit_is_refused_from_its_head(edge: Edge) -> None:
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(b"POST /fill HTTP/1.1\r\nHost: e\r\nContent-Length: 2000000000\r\n\r\n")
+        reply = s.recv(65536)  # at once, without a byte of the body
+    assert status_of(reply) == 413 and b'"error"' in reply
+
+
+def test_silent_bodies_are_cut_off_and_cannot_exhaust_a_worker(
+    tmp_path: Path, origin_dir: Path
+) -> None:
+    """Heads announcing a body that never comes, more than the worker has descriptors for
+    (it was held for ever, and 1,100 made a 1,024-descriptor worker unreachable): each gets
+    408 at the body deadline, and then a new client is served."""
+    import resource
+
+    e = start_edge(tmp_path, origin_dir, workers=1, body_timeout_s=1.0)
+    silent: list[socket.socket] = []
+    try:
+        [worker] = edge_workers(e)
+        limit = len(os.listdir(f"/proc/{worker}/fd")) + 40
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, (limit, limit))
+        for _ in range(60):
+            s = socket.create_connection(("127.0.0.1", e.port))
+            s.sendall(b"POST /fill HTTP/1.1\r\nHost: e\r\nContent-Length: 10\r\n\r\n")
+            silent.append(s)
+        started = time.monotonic()
+        for s in silent:  # those past the limit wait in the backlog for the first to go
+            s.settimeout(10)
+            assert status_of(s.recv(4096)) == 408
+            s.close()
+        assert time.monotonic() - started < 10
+        assert e.get("/t1/master.m3u8").status_code == 200
+    finally:
+        for s in silent:
+            s.close()
+        e.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("version", "status"), [(b" HTTP/2.0", 505), (b" HTTP/3.0", 505), (b"", 400)]
+)
+def test_a_request_line_in_another_version_or_none_is_refused(
+    edge: Edge, version: bytes, status: int
+) -> None:
+    target = f"/t1/master.m3u8?__token__={token()}".encode()
+    reply = raw(edge, b"GET " + target + version + b"\r\nHost: e\r\n\r\n")
+    assert status_of(reply) == status
+    assert b"#EXTM3U" not in reply and reply.count(b"\r\n\r\n") == 1  # one answer, no playlist
+
+
+def test_an_upgrade_request_gets_one_answer_and_the_connection_stays_http(edge: Edge) -> None:
+    tok = token()
+    upgrade = (
+        f"GET /t1/master.m3u8?__token__={tok} HTTP/1.1\r\nHost: e\r\n"
+        "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    after = f"GET /t1/v/1/init.mp4?__token__={tok} HTTP/1.1\r\nConnection: close\r\n\r\n"
+    reply = raw(edge, (upgrade + after).encode())
+    statuses = [int(part[:3]) for part in reply.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == [200, 200]
+    assert b"#EXTM3U" in reply
+
+
+def test_health_reports_draining_from_the_drain_notice(tmp_path: Path, origin_dir: Path) -> None:
+    e = start_edge(tmp_path, origin_dir, drain_notice_s=3.0)
+    try:
+        assert httpx.get(e.url + "/healthz").json() == {"status": "ok"}
+        e.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2.5
+        seen = None
+        while time.monotonic() < deadline:
+            r = httpx.get(e.url + "/healthz")
+            if r.status_code == 503:
+                seen = r
+                break
+            time.sleep(0.05)
+        assert seen is not None, "no 503 during the drain notice"
+        assert seen.json() == {"status": "draining"}
+        assert seen.headers["connection"] == "close"
+        assert e.process.wait(30) == 0
+    finally:
+        e.stop(signal.SIGKILL)

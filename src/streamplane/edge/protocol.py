@@ -10,8 +10,8 @@ wall clock comes from :class:`WorkerState` (set by the shell). The asyncio shell
 ``edge/server.py``; the tests drive this class with byte strings and a fake clock.
 
 A connection is in one of these states; each has a deadline, the earliest of which is
-:attr:`EdgeProtocol.deadline` (0: none). The shell calls :meth:`EdgeProtocol.tick` once it
-passed, as aioquic's shells call ``handle_timer`` at ``get_timer()``.
+:attr:`EdgeProtocol.deadline` (``math.inf``: none). The shell calls :meth:`EdgeProtocol.tick`
+once it passed, as aioquic's shells call ``handle_timer`` at ``get_timer()``.
 
 ========== ============================================ =========================================
 state      what it waits for                            deadline, and what happens at it
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import re
 from collections import deque
 from collections.abc import Mapping
@@ -305,7 +306,7 @@ class Request:
         self.method = b""
         self.keep_alive = True
         self.started = started
-        self.head_done = 0.0  # when the head was complete: the body's deadline counts from it
+        self.head_done: float | None = None  # the body's deadline counts from then
 
 
 class _Reject(Exception):
@@ -379,14 +380,15 @@ class EdgeProtocol:
         self._refusal: tuple[int, str, Request | None] | None = None
         self._ignore_input = False  # after CONNECT: what follows is not HTTP
         self._reading_paused = False
-        self._write_blocked_at = 0.0  # the transport's buffer is full since then (0: not)
+        self._write_blocked_at: float | None = None  # the transport's buffer is full since
         self._eof = False
-        self._closing_at = 0.0  # our side shut since then (CLOSING)
+        self._closing_at: float | None = None  # our side shut since then (CLOSING)
         self._close_sent = False
         self._closed = False
-        self._drain_by = 0.0
+        self._drain_by: float | None = None
         self._idle_since = now
         self._serial = 0
+        self._received = 0  # requests parsed whole
 
     # -- what the shell reads -------------------------------------------------------------
 
@@ -394,12 +396,12 @@ class EdgeProtocol:
     def state(self) -> State:
         if self._closed:
             return State.CLOSED
-        if self._closing_at:
+        if self._closing_at is not None:
             return State.CLOSING
         if self._response is not None or self._queue:
             return State.RESPONDING
         if self._current is not None:
-            return State.BODY if self._current.head_done else State.HEAD
+            return State.HEAD if self._current.head_done is None else State.BODY
         return State.IDLE
 
     @property
@@ -412,14 +414,21 @@ class EdgeProtocol:
 
     def receive_data(self, data: bytes | memoryview, now: float) -> list[Action]:
         self._now = now
-        if self._closing_at or self._closed or self._refusal is not None or self._ignore_input:
+        if (
+            self._closing_at is not None
+            or self._closed
+            or self._refusal is not None
+            or self._ignore_input
+        ):
             return self._take()  # discarded: a lingering close, or the stream is lost
+        queued, fresh = self._received, self._current is None
         try:
             self._feed(data)
         except _Reject as exc:
             self._refuse(exc.status, str(exc))
         except httptools.HttpParserInvalidMethodError:
-            if _METHOD_LIKE.match(data):
+            # Where the failing request starts is known only if it starts this chunk.
+            if queued == self._received and fresh and _METHOD_LIKE.match(data):
                 self._refuse(501, "unknown method")
             else:
                 self._refuse(400, "malformed request line")
@@ -441,7 +450,7 @@ class EdgeProtocol:
         """The client finished sending: answer what is queued, then close."""
         self._now = now
         self._eof = True
-        if self._closing_at and not self._closed and not self._close_sent:
+        if self._closing_at is not None and not self._closed and not self._close_sent:
             self._close_sent = True
             self._emit(_CLOSE)
         self._advance()
@@ -450,10 +459,10 @@ class EdgeProtocol:
     def tick(self, now: float) -> list[Action]:
         """The clock: act on a deadline that passed."""
         self._now = now
-        if not self.deadline or now < self.deadline or self._closed:
+        if now < self.deadline or self._closed:
             return self._take()
         resp = self._response
-        if self._closing_at or (self._drain_by and now >= self._drain_by):
+        if self._closing_at is not None or (self._drain_by is not None and now >= self._drain_by):
             self._abort()
         elif resp is not None:
             if resp.phase == _FETCH and not resp.head_sent:
@@ -461,10 +470,10 @@ class EdgeProtocol:
                 self._error(resp.req, 504, "the origin did not answer in time")
             else:  # a client that takes nothing, or an origin stalled mid-body
                 self._abort()
-        elif self._write_blocked_at:
+        elif self._write_blocked_at is not None:
             self._abort()
         elif self._current is not None:
-            what = "body" if self._current.head_done else "headers"
+            what = "headers" if self._current.head_done is None else "body"
             self._refuse(408, f"the request {what} took too long")
         else:
             self._shutdown()  # idle keep-alive
@@ -488,20 +497,20 @@ class EdgeProtocol:
                 self._release(self._response)
                 self._response = None
             self._queue.clear()
-        self.deadline = 0.0
+        self.deadline = math.inf
         return self._take()
 
     def writing_paused(self, now: float) -> list[Action]:
         """The transport's buffer is full: answer nothing more until it drains."""
         self._now = now
-        if not self._write_blocked_at:
+        if self._write_blocked_at is None:
             self._write_blocked_at = now
         self._rearm()
         return self._take()
 
     def writing_resumed(self, now: float) -> list[Action]:
         self._now = now
-        self._write_blocked_at = 0.0
+        self._write_blocked_at = None
         self._advance()
         return self._take()
 
@@ -740,13 +749,22 @@ class EdgeProtocol:
         assert req is not None
         self._current = None
         self._queue.append(req)
+        self._received += 1
 
     # -- the order of things -----------------------------------------------------------------
 
     def _advance(self) -> None:
         """Answer what waits, in order, as far as it can go now; then set the deadline."""
-        while self._response is None and not self._closing_at and not self._closed:
-            if self._write_blocked_at:
+        # Before answering, so that an action waiting for a notice stays the last one.
+        if self._closing_at is None and not self._closed:
+            if not self._reading_paused and len(self._queue) > MAX_PIPELINED:
+                self._reading_paused = True
+                self._emit(_PAUSE)
+            elif self._reading_paused and len(self._queue) <= MAX_PIPELINED // 2:
+                self._reading_paused = False
+                self._emit(_RESUME)
+        while self._response is None and self._closing_at is None and not self._closed:
+            if self._write_blocked_at is not None:
                 break
             if self._queue:
                 self._answer(self._queue.popleft())
@@ -763,37 +781,30 @@ class EdgeProtocol:
                 self._close_sent = True
                 self._emit(_CLOSE)
             break
-        if self._closing_at or self._closed:
-            if self._reading_paused and not self._closed:
-                self._reading_paused = False  # discard what still comes while lingering
-                self._emit(_RESUME)
-        elif not self._reading_paused and len(self._queue) > MAX_PIPELINED:
-            self._reading_paused = True
-            self._emit(_PAUSE)
-        elif self._reading_paused and len(self._queue) <= MAX_PIPELINED // 2:
-            self._reading_paused = False
+        if self._reading_paused and self._closing_at is not None and not self._closed:
+            self._reading_paused = False  # discard what still comes while lingering
             self._emit(_RESUME)
         self._rearm()
 
     def _rearm(self) -> None:
         c = self.w.config
         if self._closed:
-            self.deadline = 0.0
+            self.deadline = math.inf
             return
-        if self._closing_at:
+        if self._closing_at is not None:
             deadline = self._closing_at + LINGER_S
         elif self._response is not None:
             deadline = self._response.deadline
-        elif self._write_blocked_at:
+        elif self._write_blocked_at is not None:
             deadline = self._write_blocked_at + c.send_timeout_s
         elif (req := self._current) is not None:
-            if req.head_done:
-                deadline = req.head_done + c.body_timeout_s
-            else:
+            if req.head_done is None:
                 deadline = req.started + c.header_timeout_s
+            else:
+                deadline = req.head_done + c.body_timeout_s
         else:
             deadline = self._idle_since + c.idle_timeout_s
-        if self._drain_by and self._drain_by < deadline:
+        if self._drain_by is not None and self._drain_by < deadline:
             deadline = self._drain_by
         self.deadline = deadline
 
@@ -806,7 +817,7 @@ class EdgeProtocol:
         self._out.append(action)
 
     def _shutdown(self) -> None:
-        if not self._closing_at and not self._closed:
+        if self._closing_at is None and not self._closed:
             self._closing_at = self._now
             if self._eof:
                 self._close_sent = True
@@ -823,7 +834,7 @@ class EdgeProtocol:
             self._release(self._response)
             self._response = None
         self._queue.clear()
-        self.deadline = 0.0
+        self.deadline = math.inf
 
     def _refuse(self, status: int, message: str) -> None:
         if self._refusal is None:

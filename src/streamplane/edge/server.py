@@ -110,7 +110,7 @@ class Worker:
         self.state.set_clock(now, time.time())
         for conn in list(self.connections):
             deadline = conn.core.deadline
-            if deadline and now >= deadline:
+            if now >= deadline:
                 conn.tick(now)
 
     def tick(self) -> None:
