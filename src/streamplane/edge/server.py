@@ -233,9 +233,10 @@ class EdgeConnection(asyncio.BufferedProtocol):
             self.w.flush_hits()
 
     def eof_received(self) -> bool:
-        # Half-open: the core answers what is queued and then closes.
+        # Half-open: the core answers what is queued and then closes. (Over TLS the transport
+        # closes regardless, and warns if asked not to.)
         self._notify(self.core.eof)
-        return True
+        return self.sock_fd >= 0
 
     def pause_writing(self) -> None:
         self._notify(self.core.writing_paused)
