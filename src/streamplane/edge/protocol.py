@@ -378,7 +378,7 @@ class EdgeProtocol:
         self._response: _Response | None = None
         # A request that could not be parsed: answered once the queue is, then we close.
         self._refusal: tuple[int, str, Request | None] | None = None
-        self._ignore_input = False  # after CONNECT: what follows is not HTTP
+        self._deaf = False  # what the client sends from now on is discarded
         self._reading_paused = False
         self._write_blocked_at: float | None = None  # the transport's buffer is full since
         self._eof = False
@@ -414,12 +414,7 @@ class EdgeProtocol:
 
     def receive_data(self, data: bytes | memoryview, now: float) -> list[Action]:
         self._now = now
-        if (
-            self._closing_at is not None
-            or self._closed
-            or self._refusal is not None
-            or self._ignore_input
-        ):
+        if self._deaf:
             return self._take()  # discarded: a lingering close, or the stream is lost
         queued, fresh = self._received, self._current is None
         try:
@@ -492,7 +487,9 @@ class EdgeProtocol:
     def connection_lost(self, now: float) -> list[Action]:
         self._now = now
         if not self._closed:
-            self._closed = True
+            self._closed = self._deaf = True
+            if self._closing_at is None:
+                self._closing_at = now
             if self._response is not None:
                 self._release(self._response)
                 self._response = None
@@ -688,7 +685,7 @@ class EdgeProtocol:
                 upgraded = self._queue[-1] if self._queue else None
                 if upgraded is not None and upgraded.method == b"CONNECT":
                     upgraded.keep_alive = False
-                    self._ignore_input = True
+                    self._deaf = True
                     return
                 offset = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
                 self._parser = httptools.HttpRequestParser(self)
@@ -755,36 +752,52 @@ class EdgeProtocol:
 
     def _advance(self) -> None:
         """Answer what waits, in order, as far as it can go now; then set the deadline."""
+        queue = self._queue
         # Before answering, so that an action waiting for a notice stays the last one.
-        if self._closing_at is None and not self._closed:
-            if not self._reading_paused and len(self._queue) > MAX_PIPELINED:
-                self._reading_paused = True
-                self._emit(_PAUSE)
-            elif self._reading_paused and len(self._queue) <= MAX_PIPELINED // 2:
-                self._reading_paused = False
-                self._emit(_RESUME)
-        while self._response is None and self._closing_at is None and not self._closed:
+        if self._reading_paused or len(queue) > MAX_PIPELINED:
+            self._flow()
+        # _closing_at is set once the connection closes or closed (see _abort)
+        while self._response is None and self._closing_at is None:
             if self._write_blocked_at is not None:
                 break
-            if self._queue:
-                self._answer(self._queue.popleft())
-                continue
-            if self._refusal is not None:
-                status, message, partial = self._refusal
-                req = partial or Request(self._now)
-                req.keep_alive = False
-                if req.method not in _GET_HEAD:
-                    req.method = b"GET"
-                self._error(req, status, message)
-            elif self._eof:
-                self._closing_at = self._now
-                self._close_sent = True
-                self._emit(_CLOSE)
-            break
-        if self._reading_paused and self._closing_at is not None and not self._closed:
-            self._reading_paused = False  # discard what still comes while lingering
-            self._emit(_RESUME)
+            if queue:
+                self._answer(queue.popleft())
+            elif self._refusal is not None or self._eof:
+                self._end_of_stream()
+                break
+            else:
+                break
         self._rearm()
+
+    def _flow(self) -> None:
+        """Pause reading while too many requests wait; resume at half, or to linger."""
+        if self._closing_at is not None:
+            if self._reading_paused and not self._closed:
+                self._reading_paused = False  # discard what still comes while lingering
+                self._emit(_RESUME)
+        elif not self._reading_paused:
+            self._reading_paused = True
+            self._emit(_PAUSE)
+        elif len(self._queue) <= MAX_PIPELINED // 2:
+            self._reading_paused = False
+            self._emit(_RESUME)
+
+    def _end_of_stream(self) -> None:
+        """Every request before it answered: the refusal of an unparsable one, or the close."""
+        if self._refusal is not None:
+            status, message, partial = self._refusal
+            req = partial or Request(self._now)
+            req.keep_alive = False
+            if req.method not in _GET_HEAD:
+                req.method = b"GET"
+            self._error(req, status, message)  # and then _done shuts down
+        else:
+            self._closing_at = self._now
+            self._deaf = True
+            self._close_sent = True
+            self._emit(_CLOSE)
+        if self._reading_paused:
+            self._flow()
 
     def _rearm(self) -> None:
         c = self.w.config
@@ -819,6 +832,7 @@ class EdgeProtocol:
     def _shutdown(self) -> None:
         if self._closing_at is None and not self._closed:
             self._closing_at = self._now
+            self._deaf = True
             if self._eof:
                 self._close_sent = True
                 self._emit(_CLOSE)
@@ -828,7 +842,9 @@ class EdgeProtocol:
     def _abort(self) -> None:
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._deaf = True
+        if self._closing_at is None:
+            self._closing_at = self._now
         self._emit(_ABORT)  # first: the shell stops any send before its file is closed
         if self._response is not None:
             self._release(self._response)
@@ -840,6 +856,7 @@ class EdgeProtocol:
         if self._refusal is None:
             self._refusal = (status, message, self._current)
         self._current = None
+        self._deaf = True
 
     def _release(self, resp: _Response) -> None:
         if resp.fd >= 0:
@@ -855,7 +872,9 @@ class EdgeProtocol:
         if method == b"OPTIONS":
             self._simple(req, 204, b"", extra=_PREFLIGHT)
             return
-        client = self._client_address(req)
+        client = self.client_ip
+        if w.config.trust_forwarded_for:
+            client = self._forwarded_for(req) or client
         epoch = int(self._now + w.wall_offset)
         # A player polls its playlist with one URL and one token: a request target this
         # client was granted before skips parsing and the ACL match, keeping only the clock.
@@ -892,7 +911,12 @@ class EdgeProtocol:
                 verified[(req.url, client)] = (path, grant)
         key = path[1:]
         hot = w.hot.get(key)
-        if hot is not None and hot[0] > req.started and not _conditional_or_ranged(req):
+        h = req.headers
+        if (
+            hot is not None
+            and hot[0] > req.started
+            and not (h and (b"range" in h or b"if-none-match" in h or b"if-modified-since" in h))
+        ):
             w.metrics.s.hits += 1
             w.hit(key)
             head = self._head(req, 200, hot[1])
@@ -922,12 +946,11 @@ class EdgeProtocol:
         grant = self.w.grants.verify(token, path=path, now=epoch, client_ip=client)
         return grant if in_query else None
 
-    def _client_address(self, req: Request) -> str:
-        if self.w.config.trust_forwarded_for:
-            forwarded = req.headers.get(b"x-forwarded-for")
-            if forwarded:
-                return forwarded.split(b",")[0].strip().decode("latin-1")
-        return self.client_ip
+    def _forwarded_for(self, req: Request) -> str | None:
+        forwarded = req.headers.get(b"x-forwarded-for")
+        if forwarded:
+            return forwarded.split(b",")[0].strip().decode("latin-1")
+        return None
 
     def _operate(self, req: Request, path: str) -> None:
         if path == "/healthz":  # answered here: what it reports is this worker's state
@@ -1098,8 +1121,3 @@ class EdgeProtocol:
         self._idle_since = self._now
         if not req.keep_alive or w.draining:
             self._shutdown()
-
-
-def _conditional_or_ranged(req: Request) -> bool:
-    h = req.headers
-    return b"range" in h or b"if-none-match" in h or b"if-modified-since" in h

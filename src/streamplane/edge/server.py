@@ -281,6 +281,10 @@ class EdgeConnection(asyncio.BufferedProtocol):
         if self._applying:
             self._later.extend(actions)
             return
+        if len(actions) == 1 and type(actions[0]) is Write:  # most answers: one write
+            assert self.transport is not None
+            self.transport.write(actions[0].data)
+            return
         self._applying = True
         try:
             for action in actions:
@@ -299,31 +303,24 @@ class EdgeConnection(asyncio.BufferedProtocol):
             self._notify(self.core.failed)
 
     def _carry_out(self, action: Action) -> None:
-        kind = type(action)
+        # The core emits nothing after Close or Abort, so a write never meets a closed
+        # transport here.
         transport = self.transport
         assert transport is not None
-        if kind is Write:
-            assert isinstance(action, Write)
-            if not transport.is_closing():
-                transport.write(action.data)
-        elif kind is Open:
-            assert isinstance(action, Open)
+        if type(action) is Write:
+            transport.write(action.data)
+        elif type(action) is Open:
             self._open(action.key)
-        elif kind is SendFile:
-            assert isinstance(action, SendFile)
+        elif type(action) is SendFile:
             self._send_file(action)
-        elif kind is CloseFile:
-            assert isinstance(action, CloseFile)
+        elif type(action) is CloseFile:
             os.close(action.fd)
-        elif kind is ReadText:
-            assert isinstance(action, ReadText)
+        elif type(action) is ReadText:
             body = os.pread(action.fd, action.count, action.offset)
             self._notify(self.core.text_read, body)
-        elif kind is Fetch:
-            assert isinstance(action, Fetch)
+        elif type(action) is Fetch:
             self.follower = self._spawn(self._follow(action.key, action.serial))
-        elif kind is Operate:
-            assert isinstance(action, Operate)
+        elif type(action) is Operate:
             reply = operations.answer(self.w, action.request, action.path, self.core.client_ip)
             self._apply(
                 self.core.reply(
@@ -334,23 +331,22 @@ class EdgeConnection(asyncio.BufferedProtocol):
                     extra=reply.extra,
                 )
             )
-        elif kind is Shutdown:
+        elif type(action) is Shutdown:
             if transport.can_write_eof():
                 transport.write_eof()  # FIN once the response is flushed; reading goes on
             else:
                 transport.close()
-        elif kind is Close:
+        elif type(action) is Close:
             transport.close()
-        elif kind is Abort:
+        elif type(action) is Abort:
             self._stop_tasks()
             transport.abort()
             self._release_wfd()
-        elif kind is PauseReading:
+        elif type(action) is PauseReading:
             transport.pause_reading()
-        elif kind is ResumeReading:
-            if transport.is_reading() or transport.is_closing():
-                return
-            transport.resume_reading()
+        elif type(action) is ResumeReading:
+            if not transport.is_reading() and not transport.is_closing():
+                transport.resume_reading()
         else:
             raise TypeError(f"unknown action {action!r}")
 
