@@ -263,8 +263,8 @@ class WorkerState:
         self.verified: dict[tuple[bytes, str], tuple[str, tokens.Grant]] = {}
         # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
         # holds descriptors: a player polls them, and each poll would otherwise cost five
-        # syscalls. key -> (valid until, header block, body)
-        self.hot: dict[str, tuple[float, bytes, bytes]] = {}
+        # syscalls.
+        self.hot: dict[str, _Hot] = {}
         self.draining = False
         self.date = b""
         self.wall_offset = 0.0  # wall clock minus the monotonic clock
@@ -279,6 +279,20 @@ class WorkerState:
     def hit(self, key: str) -> None:
         hits = self.hits
         hits[key] = hits.pop(key, 0) + 1
+
+
+class _Hot:
+    """A small object held in memory, with the whole answers it was last given."""
+
+    __slots__ = ("answers", "block", "body", "until")
+
+    def __init__(self, until: float, block: bytes, body: bytes) -> None:
+        self.until = until
+        self.block = block  # its header block
+        self.body = body
+        # (Date, keep-alive, Origin) -> head and body: a poll writes them without building
+        # a head or copying the body again within the same second.
+        self.answers: dict[tuple[bytes, bool, bytes | None], bytes] = {}
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -302,7 +316,7 @@ class Request:
         self.url = b""
         self.headers: dict[bytes, bytes] = {}
         self.header_bytes = 0
-        self.body = bytearray()
+        self.body: bytes | bytearray = b""  # most requests have none; see on_body
         self.method = b""
         self.keep_alive = True
         self.started = started
@@ -739,7 +753,10 @@ class EdgeProtocol:
         assert req is not None
         if len(req.body) + len(body) > MAX_BODY_BYTES:
             raise _Reject(413, f"request bodies are limited to {MAX_BODY_BYTES} bytes")
-        req.body += body
+        if type(req.body) is bytes:
+            req.body = bytearray(body)  # amortised appends: a body may come a byte at a time
+        else:
+            req.body += body
 
     def on_message_complete(self) -> None:
         req = self._current
@@ -914,14 +931,24 @@ class EdgeProtocol:
         h = req.headers
         if (
             hot is not None
-            and hot[0] > req.started
+            and hot.until > req.started
             and not (h and (b"range" in h or b"if-none-match" in h or b"if-modified-since" in h))
         ):
             w.metrics.s.hits += 1
             w.hit(key)
-            head = self._head(req, 200, hot[1])
-            self._emit(Write(head if method == b"HEAD" else head + hot[2]))
-            self._done(req, 200, 0 if method == b"HEAD" else len(hot[2]))
+            if method == b"HEAD":
+                self._emit(Write(self._head(req, 200, hot.block)))
+                self._done(req, 200, 0)
+                return
+            answer_key = (w.date, req.keep_alive and not w.draining, h.get(b"origin"))
+            answer = hot.answers.get(answer_key)
+            if answer is None:
+                answer = self._head(req, 200, hot.block) + hot.body
+                if len(hot.answers) >= 8:
+                    hot.answers.clear()
+                hot.answers[answer_key] = answer
+            self._emit(Write(answer))
+            self._done(req, 200, len(hot.body))
             return
         self._response = _Response(req, path, key, _OPEN, self._now + w.config.send_timeout_s)
         self._emit(Open(key))
@@ -1055,7 +1082,7 @@ class EdgeProtocol:
             hot = self.w.hot
             if len(hot) >= _HOT_OBJECTS:
                 hot.clear()
-            hot[resp.key] = (req.started + _HOT_TTL_S, http.header_block(headers), body)
+            hot[resp.key] = _Hot(req.started + _HOT_TTL_S, http.header_block(headers), body)
         self._emit(Write(head + body))
         self._done(req, answer.status, len(body))
 
