@@ -97,6 +97,7 @@ _SMALL_TEXT: Final = 64 * 1024
 _GRANT_CACHE: Final = 16384
 _HOT_OBJECTS: Final = 1024
 _HOT_TTL_S: Final = 0.5  # a live playlist is at most this stale
+_HEADER_BLOCKS: Final = 4096
 _METHOD_LIKE: Final = re.compile(rb"[A-Z]{2,20} /")
 _NEEDED_HEADERS: Final = frozenset(
     {
@@ -265,6 +266,8 @@ class WorkerState:
         # holds descriptors: a player polls them, and each poll would otherwise cost five
         # syscalls.
         self.hot: dict[str, _Hot] = {}
+        # (key, mtime_ns, size) -> the whole object's answer and its header block
+        self.blocks: dict[tuple[str, int, int], tuple[http.ObjectAnswer, bytes]] = {}
         self.draining = False
         self.date = b""
         self.wall_offset = 0.0  # wall clock minus the monotonic clock
@@ -1011,6 +1014,28 @@ class EdgeProtocol:
         """
         req = resp.req
         h = req.headers
+        if not h or not (b"range" in h or b"if-none-match" in h or b"if-modified-since" in h):
+            # The whole object, as most requests want: its header block is made once per
+            # version of the object, however many viewers ask for it.
+            block_key = (resp.key, mtime_ns, size)
+            cached = self.w.blocks.get(block_key)
+            if cached is not None:
+                resp.answer, block = cached
+            else:
+                resp.answer = answer = http.answer_object(
+                    resp.path,
+                    mtime_ns,
+                    size,
+                    range_header=None,
+                    if_none_match=None,
+                    if_modified_since=None,
+                )
+                block = http.header_block([*answer.headers, (b"Content-Length", b"%d" % size)])
+                blocks = self.w.blocks
+                if len(blocks) >= _HEADER_BLOCKS:
+                    blocks.clear()
+                blocks[block_key] = (answer, block)
+            return self._body_from(resp, fd, block)
         try:
             answer = http.answer_object(
                 resp.path,
@@ -1029,14 +1054,20 @@ class EdgeProtocol:
             self._simple(req, 304, b"", extra=tuple(answer.headers))
             return False
         resp.answer = answer
+        block = http.header_block([*answer.headers, (b"Content-Length", b"%d" % answer.count)])
+        return self._body_from(resp, fd, block)
+
+    def _body_from(self, resp: _Response, fd: int, block: bytes) -> bool:
+        answer = resp.answer
+        assert answer is not None
+        req = resp.req
         resp.fd = fd
         resp.start = resp.pos = answer.offset
         resp.end = answer.offset + answer.count
         resp.text = answer.count <= _SMALL_TEXT and not resp.path.endswith(_MEDIA_SUFFIXES)
         if resp.text:
             return True  # its head is made with its body (see _text_response)
-        headers = [*answer.headers, (b"Content-Length", b"%d" % answer.count)]
-        head = self._head(req, answer.status, headers)
+        head = self._head(req, answer.status, block)
         if req.method == b"HEAD" or answer.count == 0:
             self._release(resp)
             self._emit(Write(head))
