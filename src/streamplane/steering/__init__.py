@@ -18,7 +18,7 @@ from streamplane.steering.bgp import (
     find_exabgp,
     parse_exabgp_message,
 )
-from streamplane.steering.czmap import load_czmap, parse_czmap
+from streamplane.steering.czmap import CoverageZones, load_czmap, parse_czmap
 from streamplane.steering.errors import (
     AddressError,
     BgpError,
@@ -63,6 +63,7 @@ __all__ = [
     "BgpNeighbor",
     "CandidateSet",
     "Client",
+    "CoverageZones",
     "CzmapError",
     "EdgeCandidate",
     "ExabgpNotFound",
