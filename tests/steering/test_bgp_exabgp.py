@@ -1,5 +1,6 @@
 """Two real ExaBGP speakers on loopback: an ISP router announces, the edge site's BgpFeed
-learns, and Steering's ranking follows within seconds."""
+learns, and Steering's ranking follows within seconds; a router that hangs loses its routes
+when the hold timer expires, and a speaker that dies is restarted."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from streamplane.config import BgpPeer
 from streamplane.steering import (
     BgpError,
     BgpFeed,
@@ -205,3 +207,110 @@ async def test_exabgp_missing_or_failing_is_reported(tmp_path: Path) -> None:
     with pytest.raises(BgpError, match=r"(?s)exited with status 1.*configuration error: boom"):
         await feed.start(timeout=5)
     assert not feed.running
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                # pid (comm) state ppid ...: comm may hold spaces, so split after its ')'
+                if int(stat.rpartition(")")[2].split()[1]) == pid:
+                    found.add(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead, only not yet reaped by its parent.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    return False
+
+
+async def test_a_hung_router_loses_its_routes_when_the_hold_timer_expires(
+    isp: IspRouter,
+) -> None:
+    """The hold time is a setting passed to ExaBGP: a router that stops answering (SIGSTOP)
+    has its routes withdrawn once it expires, not kept steering clients for 180 s."""
+    table = RoutingTable()
+    steering = Steering(table)
+    peer = BgpPeer(
+        site="bgp-site",
+        local_address=SITE,
+        peer_address=ISP,
+        local_as=SITE_AS,
+        peer_as=ISP_AS,
+        port=isp.port,
+        relation="private",
+        hold_time_s=3,
+    )
+    feed = BgpFeed(table, peer)
+    assert (feed.neighbors[0].hold_time, feed.neighbors[0].relation) == (3, "private")
+    async with feed:
+        await feed.wait_established(timeout=20)
+        isp.send(f"announce route 203.0.113.0/24 next-hop {ISP} as-path [ 64500 ]")
+        await _eventually(lambda: _first(steering, V4) == "bgp-1", "the announcement")
+        assert "private peering" in steering.rank(V4, "tt1", "s", FLEET)[0].reason
+        [session] = feed.sessions()
+        assert (session.state, session.hold_time_s, session.prefixes) == ("established", 3, 1)
+
+        assert isp.process is not None
+        os.killpg(isp.process.pid, signal.SIGSTOP)
+        try:
+            took = await _eventually(
+                lambda: _first(steering, V4) == "near-1", "the hold timer", timeout=15
+            )
+            [session] = feed.sessions()
+            assert session.state == "connecting" and session.prefixes == 0
+            assert "hold timer" in (session.last_error or "").lower(), session.last_error
+        finally:
+            os.killpg(isp.process.pid, signal.SIGCONT)
+    # 3 s of silence, then the timer fires (ExaBGP checks it about once a second).
+    assert took < 3 + 3, took
+
+
+async def test_a_speaker_that_dies_is_restarted_and_learns_again(isp: IspRouter) -> None:
+    """ExaBGP killed: its routes go at once, its API process goes with it, and the feed
+    starts it again after a back-off; the router re-sends its routes to the new session."""
+    table = RoutingTable()
+    neighbor = BgpNeighbor(address=ISP, peer_as=ISP_AS, local_as=SITE_AS, local_address=SITE)
+    clock_now = [1000.0]
+    feed = BgpFeed(
+        table,
+        "bgp-site",
+        [neighbor],
+        port=isp.port,
+        restart_base_s=0.2,
+        clock=lambda: clock_now[0],
+    )
+    assert [s.state for s in feed.sessions()] == ["idle"]
+    async with feed:
+        assert [s.state for s in feed.sessions()] in (["connecting"], ["established"])
+        await feed.wait_established(timeout=20)
+        isp.send(f"announce route 198.51.100.0/24 next-hop {ISP}")
+        await _eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route")
+        first = feed.pid
+        assert first is not None
+        relays = _children(first)
+        assert len(relays) == 1  # ExaBGP's API process, the relay
+
+        clock_now[0] = 2000.0
+        os.kill(first, signal.SIGKILL)
+        await _eventually(lambda: table.lookup("198.51.100.1") == {}, "the routes dropped")
+        await _eventually(lambda: not any(map(_alive, relays)), "the relay dying with ExaBGP")
+        await _eventually(lambda: feed.restarts == 1, "the restart")
+        await feed.wait_established(timeout=20)
+        await _eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route again")
+        assert feed.pid not in (None, first)
+        [session] = feed.sessions()
+        assert (session.state, session.restarts, session.prefixes) == ("established", 1, 1)
+        assert session.since == 2000.0  # established again since the restart
+        assert feed.last_error is not None and "exited with status -9" in feed.last_error
+    assert [s.state for s in feed.sessions()] == ["idle"]
+    assert table.lookup("198.51.100.1") == {}

@@ -180,3 +180,4 @@ class RouteChange(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str | None = None
     route: Route | None = None
     session: Literal["up", "down"] | None = None
+    reason: str | None = None  # why a session went down, as the speaker says it
