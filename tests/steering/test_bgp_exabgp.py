@@ -4,14 +4,9 @@ when the hold timer expires, and a speaker that dies is restarted."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import getpass
 import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -26,107 +21,26 @@ from streamplane.steering import (
     ExabgpNotFound,
     RoutingTable,
     Steering,
-    find_exabgp,
 )
-
-ISP, SITE = "127.0.0.2", "127.0.0.3"
-ISP_AS, SITE_AS = 64500, 64512
-COMMANDS = Path(__file__).with_name("isp_commands.py")
+from tests.steering.exabgp_peers import (
+    ISP,
+    ISP_AS,
+    SITE,
+    SITE_AS,
+    IspRouter,
+    alive,
+    children,
+    eventually,
+    isp_router,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _free_port() -> int:
-    """A port free on both loopback addresses (each speaker listens on its own)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((ISP, 0))
-            port = int(probe.getsockname()[1])
-            with socket.socket() as other:
-                try:
-                    other.bind((SITE, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port on both loopback addresses")
-
-
-class IspRouter:
-    """An ExaBGP announcing what the test writes to its command FIFO."""
-
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.workdir = workdir
-        self.port = port
-        self.fifo = workdir / "commands"
-        self.process: asyncio.subprocess.Process | None = None
-        self._writer: int | None = None
-
-    async def start(self) -> None:
-        os.mkfifo(self.fifo)
-        self._writer = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
-        config = self.workdir / "isp.conf"
-        config.write_text(
-            f"process commands {{\n  run {sys.executable} {COMMANDS} {self.fifo};\n"
-            "  encoder json;\n}\n"
-            f"neighbor {SITE} {{\n  router-id {ISP};\n  local-address {ISP};\n"
-            f"  local-as {ISP_AS};\n  peer-as {SITE_AS};\n"
-            "  family { ipv4 unicast; ipv6 unicast; }\n"
-            "  api { processes [ commands ]; }\n}\n"
-        )
-        env = {
-            **os.environ,
-            "exabgp_tcp_port": str(self.port),
-            "exabgp_tcp_bind": ISP,
-            "exabgp_daemon_user": getpass.getuser(),
-            "exabgp_api_cli": "false",
-        }
-        with (self.workdir / "isp.log").open("wb") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                str(find_exabgp()),
-                str(config),
-                env=env,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def send(self, command: str) -> None:
-        assert self._writer is not None
-        os.write(self._writer, (command + "\n").encode())
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 5)
-            except TimeoutError:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                await self.process.wait()
-        if self._writer is not None:
-            os.close(self._writer)
-            self._writer = None
-
-
 @pytest.fixture
 async def isp(tmp_path: Path) -> AsyncIterator[IspRouter]:
-    router = IspRouter(tmp_path, _free_port())
-    await router.start()
-    try:
+    async with isp_router(tmp_path) as router:
         yield router
-    finally:
-        await router.stop()
-
-
-async def _eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
-    """Seconds until ``check()`` holds; fails the test after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not check():
-        if loop.time() - start > timeout:
-            pytest.fail(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(0.05)
-    return loop.time() - start
 
 
 FLEET = [
@@ -156,8 +70,8 @@ async def test_announcements_and_withdrawals_change_the_ranking(isp: IspRouter) 
 
         isp.send(f"announce route 203.0.113.0/24 next-hop {ISP} as-path [ 64500 64501 ] med 10")
         isp.send("announce route 2001:db8:77::/48 next-hop 2001:db8::1 as-path [ 64500 ]")
-        await _eventually(lambda: _first(steering, V4) == "bgp-1", "the IPv4 announcement")
-        await _eventually(lambda: _first(steering, V6) == "bgp-1", "the IPv6 announcement")
+        await eventually(lambda: _first(steering, V4) == "bgp-1", "the IPv4 announcement")
+        await eventually(lambda: _first(steering, V6) == "bgp-1", "the IPv6 announcement")
         best = steering.rank(V4, "tt1", "session-1", FLEET)[0]
         assert (best.prefix, best.as_path_len, best.med, best.relation) == (
             "203.0.113.0/24",
@@ -169,12 +83,12 @@ async def test_announcements_and_withdrawals_change_the_ranking(isp: IspRouter) 
         assert table.lookup("203.0.113.7")["bgp-site"].peer == ISP
 
         isp.send(f"withdraw route 203.0.113.0/24 next-hop {ISP}")
-        await _eventually(lambda: _first(steering, V4) == "near-1", "the withdrawal")
+        await eventually(lambda: _first(steering, V4) == "near-1", "the withdrawal")
         assert _first(steering, V6) == "bgp-1"  # the other prefix stays
 
         # The ISP's router goes away: its session drops, and with it every route it gave.
         await isp.stop()
-        await _eventually(lambda: _first(steering, V6) == "near-1", "the session going down")
+        await eventually(lambda: _first(steering, V6) == "near-1", "the session going down")
         assert feed.established == set()
         assert feed.errors == 0, feed.last_error
     assert len(table) == 0
@@ -189,7 +103,7 @@ async def test_routes_learned_are_dropped_when_the_feed_stops(isp: IspRouter) ->
     try:
         await feed.wait_established(timeout=20)
         isp.send(f"announce route 198.51.100.0/24 next-hop {ISP}")
-        await _eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route")
+        await eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route")
     finally:
         await feed.stop()
     assert table.lookup("198.51.100.1") == {}
@@ -207,30 +121,6 @@ async def test_exabgp_missing_or_failing_is_reported(tmp_path: Path) -> None:
     with pytest.raises(BgpError, match=r"(?s)exited with status 1.*configuration error: boom"):
         await feed.start(timeout=5)
     assert not feed.running
-
-
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                # pid (comm) state ppid ...: comm may hold spaces, so split after its ')'
-                if int(stat.rpartition(")")[2].split()[1]) == pid:
-                    found.add(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead, only not yet reaped by its parent.
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    return False
 
 
 async def test_a_hung_router_loses_its_routes_when_the_hold_timer_expires(
@@ -255,7 +145,7 @@ async def test_a_hung_router_loses_its_routes_when_the_hold_timer_expires(
     async with feed:
         await feed.wait_established(timeout=20)
         isp.send(f"announce route 203.0.113.0/24 next-hop {ISP} as-path [ 64500 ]")
-        await _eventually(lambda: _first(steering, V4) == "bgp-1", "the announcement")
+        await eventually(lambda: _first(steering, V4) == "bgp-1", "the announcement")
         assert "private peering" in steering.rank(V4, "tt1", "s", FLEET)[0].reason
         [session] = feed.sessions()
         assert (session.state, session.hold_time_s, session.prefixes) == ("established", 3, 1)
@@ -263,7 +153,7 @@ async def test_a_hung_router_loses_its_routes_when_the_hold_timer_expires(
         assert isp.process is not None
         os.killpg(isp.process.pid, signal.SIGSTOP)
         try:
-            took = await _eventually(
+            took = await eventually(
                 lambda: _first(steering, V4) == "near-1", "the hold timer", timeout=15
             )
             [session] = feed.sessions()
@@ -294,19 +184,19 @@ async def test_a_speaker_that_dies_is_restarted_and_learns_again(isp: IspRouter)
         assert [s.state for s in feed.sessions()] in (["connecting"], ["established"])
         await feed.wait_established(timeout=20)
         isp.send(f"announce route 198.51.100.0/24 next-hop {ISP}")
-        await _eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route")
+        await eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route")
         first = feed.pid
         assert first is not None
-        relays = _children(first)
+        relays = children(first)
         assert len(relays) == 1  # ExaBGP's API process, the relay
 
         clock_now[0] = 2000.0
         os.kill(first, signal.SIGKILL)
-        await _eventually(lambda: table.lookup("198.51.100.1") == {}, "the routes dropped")
-        await _eventually(lambda: not any(map(_alive, relays)), "the relay dying with ExaBGP")
-        await _eventually(lambda: feed.restarts == 1, "the restart")
+        await eventually(lambda: table.lookup("198.51.100.1") == {}, "the routes dropped")
+        await eventually(lambda: not any(map(alive, relays)), "the relay dying with ExaBGP")
+        await eventually(lambda: feed.restarts == 1, "the restart")
         await feed.wait_established(timeout=20)
-        await _eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route again")
+        await eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route again")
         assert feed.pid not in (None, first)
         [session] = feed.sessions()
         assert (session.state, session.restarts, session.prefixes) == ("established", 1, 1)

@@ -911,11 +911,13 @@ class BgpFeed:
                 self._down_reasons.pop(change.peer, None)
                 settle = True
             elif change.session == "down":
+                was_up = change.peer in self.established
                 self.established.discard(change.peer)
                 if change.reason:
                     self._down_reasons[change.peer] = change.reason
+                    # A session lost is news; another failed attempt to connect is not.
                     log.log(
-                        logging.INFO if self._stopping else logging.WARNING,
+                        logging.WARNING if was_up and not self._stopping else logging.DEBUG,
                         "BGP session of site %s with %s down: %s",
                         self.site,
                         change.peer,
