@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from msgspec.structs import replace as msgspec_replace
 
 from streamplane.config import (
     ControlSettings,
@@ -26,8 +27,17 @@ from streamplane.config import (
     load_settings,
 )
 from streamplane.control import create_app
-from streamplane.control.fleet import EdgeCredential, same_base_url
-from streamplane.edge import heartbeat_authorization
+from streamplane.control.errors import ApiError
+from streamplane.control.fleet import (
+    EdgeCredential,
+    FleetPolicy,
+    Signed,
+    authenticate,
+    check_claims,
+    replay_problem,
+    same_base_url,
+)
+from streamplane.edge import EdgeHeartbeat, heartbeat_authorization
 from streamplane.steering import GeoLocator
 
 from .conftest import ADMIN, EDGE_KEYS, KEY_HEX, T0, Control, Db, heartbeat, running, write_title
@@ -378,6 +388,57 @@ def test_the_shared_fleet_token_is_gone_and_says_what_replaces_it(tmp_path: Path
 )
 def test_same_base_url(a: str, b: str, same: bool) -> None:
     assert same_base_url(a, b) is same
+
+
+def test_authentication_as_a_pure_function() -> None:
+    policy = FleetPolicy(timeout_s=6, slow_start_s=0, slow_start_floor=1, clock_skew_s=30)
+    new, old = b"n" * 16, b"o" * 16
+    creds = {
+        "e1": EdgeCredential(
+            edge_id="e1",
+            key=new,
+            base_url=E1_URL,
+            site="ams-1",
+            source="api",
+            previous_key=old,
+            previous_until=1000.0,
+        )
+    }
+    body = b'{"any": "bytes"}'
+
+    def auth(key: bytes, ts_ms: int, now: float, edge_id: str = "e1") -> Signed | None:
+        header = heartbeat_authorization(key, edge_id, ts_ms, body)
+        return authenticate(header, body, creds, now, policy)
+
+    assert auth(new, 999_000, 999.0) == Signed("e1", 999_000)
+    assert auth(old, 999_000, 999.0) == Signed("e1", 999_000)
+    for key, ts_ms, now, error in [
+        (old, 1_000_000, 1000.0, "bad_edge_signature"),  # the replaced key's time is up
+        (b"x" * 16, 999_000, 999.0, "bad_edge_signature"),
+        (new, 969_000, 999.5, "edge_clock_skew"),
+    ]:
+        with pytest.raises(ApiError) as refused:
+            auth(key, ts_ms, now)
+        assert (refused.value.status, refused.value.code) == (401, error)
+    with pytest.raises(ApiError, match="no edge is registered as 'e2'"):
+        auth(new, 999_000, 999.0, "e2")
+    with pytest.raises(ApiError, match="sign heartbeats"):
+        authenticate(None, body, creds, 999.0, policy)
+    assert authenticate(None, body, creds, 999.0, msgspec_replace(policy, dev_mode=True)) is None
+
+    hb = EdgeHeartbeat(**{**heartbeat("e1"), "site": "ams-1"})
+    check_claims(hb, Signed("e1", 1), creds)
+    for claimed, signer, error in [
+        ({}, None, "unsigned_heartbeat"),
+        ({}, Signed("e2", 1), "edge_id_mismatch"),
+        ({"base_url": ATTACKER}, Signed("e1", 1), "base_url_mismatch"),
+        ({"site": "lon-1"}, Signed("e1", 1), "site_mismatch"),
+    ]:
+        with pytest.raises(ApiError) as refused:
+            check_claims(msgspec_replace(hb, **claimed), signer, creds)
+        assert refused.value.code == error
+    assert replay_problem(2, None) is None and replay_problem(2, 1) is None
+    assert "replay" in (replay_problem(1, 1) or "")
 
 
 def test_a_replaced_key_is_accepted_until_its_time() -> None:

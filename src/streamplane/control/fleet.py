@@ -169,12 +169,12 @@ def same_base_url(a: str, b: str) -> bool:
 
 def authenticate(
     authorization: str | None,
-    digest: bytes,
+    body: bytes,
     credentials: Mapping[str, EdgeCredential],
     now: float,
     policy: FleetPolicy,
 ) -> Signed | None:
-    """Which edge signed a heartbeat whose body hashes to ``digest``, at ``now``.
+    """Which edge signed heartbeat ``body``, at ``now``.
 
     None for an unsigned heartbeat in development mode (:func:`check_claims` then still
     refuses it for a registered edge). Anything else not signed by a registered edge's key,
@@ -198,6 +198,7 @@ def authenticate(
             f"no edge is registered as {claim.edge_id!r}: register it with its own key in "
             f"[control.edges.{claim.edge_id}] or with PUT /v1/fleet/edges/{claim.edge_id}",
         )
+    digest = body_digest(body)  # only now: a stranger's bulk body costs no hashing
     for key in credential.keys(now):
         expected = heartbeat_signature(key, claim.edge_id, claim.ts_ms, digest)
         if hmac.compare_digest(expected, claim.sig):
@@ -608,7 +609,7 @@ class Fleet:
 
     def authenticate(self, authorization: str | None, body: bytes, now: float) -> Signed | None:
         """The edge that signed heartbeat ``body`` (see :func:`authenticate`); 401 if none did."""
-        return authenticate(authorization, body_digest(body), self.credentials, now, self.policy)
+        return authenticate(authorization, body, self.credentials, now, self.policy)
 
     async def heartbeat(self, hb: EdgeHeartbeat, now: float, signed: Signed | None) -> EdgeView:
         """Record ``hb`` (already checked, signed as ``signed``) as received at ``now``.
