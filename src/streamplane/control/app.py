@@ -7,7 +7,11 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 - catalog: ``GET /v1/titles``, ``GET /v1/titles/{id}``, ``GET /v1/titles/{id}/availability``,
   ``POST /v1/titles`` (admin)
 - playback: ``POST /v1/playback``, ``DELETE /v1/playback/{session_id}``, ``POST /v1/heartbeat``
-- fleet: ``POST /v1/fleet/heartbeat`` (edges), ``GET /v1/fleet`` (admin)
+- fleet: ``POST /v1/fleet/heartbeat`` (edges, each signing with its own key),
+  ``GET /v1/fleet`` (admin); edge registrations: ``GET /v1/fleet/edges``,
+  ``PUT`` / ``DELETE /v1/fleet/edges/{id}``, ``POST /v1/fleet/edges/{id}/rotate`` (admin);
+  ``GET /v1/fleet/bgp`` (admin: the BGP sessions)
+- operations: ``GET /healthz`` (each component's status), ``GET /metrics`` (admin, Prometheus)
 - web: ``GET /watch`` (the browser player) and its assets under ``/static``
 
 Every refusal is JSON ``{"error": code, "detail": sentence, ...facts}``.
@@ -30,8 +34,8 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,7 +53,18 @@ from streamplane.control.accounts import (
 )
 from streamplane.control.catalog import Catalog, TitleInfo, check_title_id, summarise
 from streamplane.control.errors import ApiError, forbidden, not_found, unauthorised
-from streamplane.control.fleet import Fleet, FleetPolicy, check_heartbeat, exclusion, share, state
+from streamplane.control.fleet import (
+    EdgeRegistrationIn,
+    EdgeRegistrationOut,
+    EdgeRotateIn,
+    Fleet,
+    FleetPolicy,
+    check_heartbeat,
+    exclusion,
+    settings_credentials,
+    share,
+    state,
+)
 from streamplane.control.playback import (
     HeartbeatOut,
     Playback,
@@ -57,17 +72,16 @@ from streamplane.control.playback import (
     PlaybackOut,
     PlayerHeartbeatIn,
 )
+from streamplane.control.steering_sources import BgpOut, SteeringSources
 from streamplane.control.store import Store, migrate
 from streamplane.edge import EdgeHeartbeat, HeartbeatReply
 from streamplane.media import Title
 from streamplane.steering import (
-    BgpFeed,
     GeoLocator,
     RoutingTable,
     SiteInfo,
     Steering,
     SteeringError,
-    load_czmap,
 )
 from streamplane.web import PLAYER_PAGE, STATIC_DIR
 
@@ -190,13 +204,15 @@ class ControlPlane:
         self.accounts = Accounts(self.store, c, jwt_key)
         self.catalog = Catalog(self.store)
         self.fleet = Fleet(
-            self.store, FleetPolicy.from_settings(c), Path(c.placement) if c.placement else None
+            self.store,
+            FleetPolicy.from_settings(c),
+            Path(c.placement) if c.placement else None,
+            credentials=settings_credentials(c),
         )
-        sites: dict[str, SiteInfo] = {}
-        table = RoutingTable()
-        if c.czmap:
-            routes, sites = load_czmap(Path(c.czmap))
-            table.replace(routes)
+        # -- steering's inputs: the czmap file and the BGP speakers (steering_sources.py)
+        table = steering.table if steering is not None else RoutingTable()
+        self.sources = SteeringSources(c, table, clock=clock)
+        sites: dict[str, SiteInfo] = self.sources.sites
         self.table = table
         self.steering = (
             steering if steering is not None else Steering(table, GeoLocator(), sites=sites)
@@ -211,7 +227,11 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
-        self._bgp: list[BgpFeed] = []
+        self.sources.on_sites = self._sites_reloaded
+
+    def _sites_reloaded(self, sites: dict[str, SiteInfo]) -> None:
+        self.steering.sites = sites
+        self.playback.sites = sites
 
     async def start(self) -> None:
         c = self.settings.control
@@ -219,15 +239,11 @@ class ControlPlane:
         titles = await self.catalog.scan(Path(c.catalog_dir), self.clock())
         if titles:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
-        await self.fleet.refresh(self.monotonic())
-        for peer in c.bgp:
-            feed = BgpFeed(self.table, peer)
-            await feed.start()
-            self._bgp.append(feed)
+        await self.fleet.start(self.monotonic())
+        await self.sources.start()
 
     async def stop(self) -> None:
-        for feed in self._bgp:
-            await feed.stop()
+        await self.sources.stop()
         await self.store.dispose()
 
 
@@ -279,8 +295,12 @@ def create_app(
     admin_bearer = HTTPBearer(
         auto_error=False, scheme_name="admin", description="control.admin_token"
     )
-    edge_bearer = HTTPBearer(
-        auto_error=False, scheme_name="fleet", description="control.fleet_token, if set"
+    edge_auth = APIKeyHeader(
+        name="Authorization",
+        auto_error=False,
+        scheme_name="edge",
+        description="StreamplaneEdge id=<edge id>, ts=<epoch ms>, sig=<HMAC-SHA256 hex> with "
+        "the edge's own key (streamplane.edge.report)",
     )
     Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
@@ -297,15 +317,6 @@ def create_app(
         token = _bearer(credentials)
         if not hmac.compare_digest(token.encode(), c.admin_token.encode()):
             raise forbidden("not the admin token")
-
-    async def edge_auth(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(edge_bearer)],
-    ) -> None:
-        if not c.fleet_token:
-            return
-        token = _bearer(credentials)
-        if not hmac.compare_digest(token.encode(), c.fleet_token.encode()):
-            raise forbidden("not the fleet token")
 
     Me = Annotated[Principal, Depends(principal)]
 
@@ -475,13 +486,21 @@ def create_app(
         "/v1/fleet/heartbeat",
         response_model=None,
         tags=["fleet"],
-        dependencies=[Depends(edge_auth)],
         openapi_extra=_body_schema("EdgeHeartbeat", reply="HeartbeatReply"),
     )
-    async def edge_heartbeat(request: Request) -> Response:
-        """An edge's heartbeat (``streamplane.edge.EdgeHeartbeat``, unknown fields refused)."""
-        hb = check_heartbeat(_decode(await request.body(), EdgeHeartbeat))
-        await plane.fleet.heartbeat(hb, clock())
+    async def edge_heartbeat(
+        request: Request,
+        authorization: Annotated[str | None, Depends(edge_auth)],
+    ) -> Response:
+        """An edge's heartbeat (``streamplane.edge.EdgeHeartbeat``, unknown fields refused),
+        signed with the edge's own key: 401 if it is not, 403 if it claims another edge's id,
+        base URL or site."""
+        body = await request.body()
+        now = clock()
+        await plane.fleet.refresh(monotonic())
+        signed = plane.fleet.authenticate(authorization, body, now)
+        hb = check_heartbeat(_decode(body, EdgeHeartbeat))
+        await plane.fleet.heartbeat(hb, now, signed)
         return Response(
             msgspec.json.encode(HeartbeatReply(interval_s=c.edge_heartbeat_s)),
             media_type="application/json",
@@ -518,9 +537,71 @@ def create_app(
             )
         return FleetOut(edges=edges, offered=sum(e.offered for e in edges))
 
+    @app.get(
+        "/v1/fleet/edges",
+        response_model=list[EdgeRegistrationOut],
+        tags=["fleet"],
+        dependencies=[Depends(admin)],
+    )
+    async def edge_registrations() -> list[EdgeRegistrationOut]:
+        """The edges allowed to heartbeat, and the base URL and site each may claim (admin)."""
+        await plane.fleet.refresh(monotonic())
+        return plane.fleet.registrations()
+
+    @app.put(
+        "/v1/fleet/edges/{edge_id}",
+        response_model=EdgeRegistrationOut,
+        tags=["fleet"],
+        dependencies=[Depends(admin)],
+        responses={201: {"model": EdgeRegistrationOut, "description": "registered"}},
+    )
+    async def register_edge(
+        edge_id: str, body: EdgeRegistrationIn, response: Response
+    ) -> EdgeRegistrationOut:
+        """Register an edge, or change its base URL or site (admin). Without ``key``, a new
+        edge gets a generated one, shown in this answer only; a registered edge keeps its own."""
+        created, out = await plane.fleet.register(edge_id, body, clock())
+        response.status_code = 201 if created else 200
+        return out
+
+    @app.post(
+        "/v1/fleet/edges/{edge_id}/rotate",
+        response_model=EdgeRegistrationOut,
+        tags=["fleet"],
+        dependencies=[Depends(admin)],
+    )
+    async def rotate_edge_key(edge_id: str, body: EdgeRotateIn) -> EdgeRegistrationOut:
+        """A new key for the edge, shown in this answer only (admin)."""
+        return await plane.fleet.rotate(edge_id, body, clock())
+
+    @app.delete(
+        "/v1/fleet/edges/{edge_id}",
+        status_code=204,
+        tags=["fleet"],
+        dependencies=[Depends(admin)],
+    )
+    async def unregister_edge(edge_id: str) -> Response:
+        """Revoke an edge: its heartbeats are refused, and it is offered no more (admin)."""
+        await plane.fleet.unregister(edge_id)
+        return Response(status_code=204)
+
+    # -- BGP and operations (SteeringSources) -----------------------------------------------
+
+    @app.get("/v1/fleet/bgp", response_model=BgpOut, tags=["fleet"], dependencies=[Depends(admin)])
+    async def fleet_bgp() -> BgpOut:
+        """Every BGP session: state and since when, restarts, prefixes learned (admin)."""
+        return plane.sources.bgp()
+
+    @app.get("/metrics", tags=["operations"], dependencies=[Depends(admin)])
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text: BGP sessions and the czmap file (admin: scrape with the token)."""
+        return PlainTextResponse(plane.sources.metrics(), media_type=_PROMETHEUS)
+
     @app.get("/healthz", tags=["operations"])
-    async def healthz() -> dict[str, bool]:
-        return {"ok": True}
+    async def healthz() -> JSONResponse:
+        """``{"status": ..., "<component>": {"status": ..., ...}}``: ``ok``; ``degraded`` (still
+        serving: a BGP session not established, a czmap file refused), or ``down`` (503)."""
+        return _health(plane.sources.health())
 
     # -- web pages -------------------------------------------------------------------------
 
@@ -536,6 +617,19 @@ def create_app(
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+_PROMETHEUS: Final = "text/plain; version=0.0.4; charset=utf-8"
+_SEVERITY: Final = {"ok": 0, "degraded": 1, "down": 2}
+
+
+def _health(components: dict[str, dict[str, Any]]) -> JSONResponse:
+    """The worst component's status overall; 503 only when something is down."""
+    status = max(
+        (c["status"] for c in components.values()), key=_SEVERITY.__getitem__, default="ok"
+    )
+    return JSONResponse(
+        {"status": status, **components}, status_code=503 if status == "down" else 200
+    )
 
 
 def _client_address(request: Request) -> str:
