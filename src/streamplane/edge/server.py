@@ -92,6 +92,7 @@ class Worker:
         self.connections: set[EdgeConnection] = set()
         self.fetches: dict[str, asyncio.Event] = {}  # key -> woken on every chunk
         self.tasks: set[asyncio.Task[None]] = set()
+        self._changes: dict[str, asyncio.Future[None]] = {}  # see changed()
         # One receive buffer for every connection of the worker (see EdgeConnection.get_buffer).
         self.read_buffer = memoryview(bytearray(_READ_BUFFER))
         self.run_dir = cache.root / ".run"
@@ -129,6 +130,46 @@ class Worker:
         # Advice to the eviction policy; a full socket loses advice, never data.
         with contextlib.suppress(OSError):
             self._keeper.sendto(json.dumps(message).encode(), self.keeper_address)
+
+    # -- waiting for objects being fetched ------------------------------------------------
+
+    def changed(self, key: str) -> asyncio.Future[None]:
+        """Resolved when the object being fetched under ``key`` may have changed.
+
+        One wait per object and round for all of this worker's followers of it, however
+        many: the next chunk of a fetch in this worker, or a change of the partial's size
+        that another worker writes (looked at every 5 ms), or 50 ms at most. Each follower
+        polling on its own cost a timer or a task per follower per round, and made a miss
+        storm's CPU mostly Python (bench/edge.py).
+        """
+        change = self._changes.get(key)
+        if change is None:
+            change = self._changes[key] = asyncio.get_running_loop().create_future()
+            self.spawn(self._watch(key, change))
+        return change
+
+    async def _watch(self, key: str, change: asyncio.Future[None]) -> None:
+        try:
+            event = self.fetches.get(key)
+            if event is not None:
+                event.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(event.wait(), 0.05)
+                return
+            size = self._partial_size(key)
+            for _ in range(10):
+                await asyncio.sleep(0.005)
+                if key in self.fetches or self._partial_size(key) != size:
+                    return
+        finally:
+            del self._changes[key]
+            change.set_result(None)
+
+    def _partial_size(self, key: str) -> int:
+        try:
+            return os.stat(self.cache.body_path(key)).st_size
+        except OSError:  # gone: complete, failed, or not begun
+            return -1
 
     def flush_hits(self) -> None:
         # Counted per key, in the order of each key's last request (what LRU needs), and told
@@ -432,13 +473,8 @@ class EdgeConnection(asyncio.BufferedProtocol):
                 os.close(fd)
 
     async def _wait_progress(self, key: str) -> None:
-        event = self.w.fetches.get(key)
-        if event is None:  # the fetch runs in another worker: look again shortly
-            await asyncio.sleep(0.005)
-            return
-        event.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), 0.05)
+        # shielded: a follower that goes must not cancel the wait the others share
+        await asyncio.shield(self.w.changed(key))
 
     # -- bodies -----------------------------------------------------------------------------
 
