@@ -698,7 +698,8 @@ class EdgeProtocol:
                 # 7.8 lets a server ignore Upgrade and go on with HTTP/1.1, as nginx does:
                 # the request is answered as any other (a player sending "Upgrade: h2c" gets
                 # its segment), and what follows is parsed as the next request. CONNECT asks
-                # for a tunnel: it is refused (405) and what follows it is not HTTP.
+                # for a tunnel: it is refused (its target is no path: 400, and a path would be
+                # 405) and what follows it is not read as HTTP.
                 upgraded = self._queue[-1] if self._queue else None
                 if upgraded is not None and upgraded.method == b"CONNECT":
                     upgraded.keep_alive = False

@@ -252,7 +252,7 @@ class EdgeConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.w.connections.discard(self)
         self._stop_tasks()
-        self._apply(self.core.connection_lost(time.monotonic()))
+        self._notify(self.core.connection_lost)  # the core gives back the files it held
         self._release_wfd()
 
     # A buffered protocol, reading into the worker's one buffer: a plain protocol's transport
@@ -344,8 +344,7 @@ class EdgeConnection(asyncio.BufferedProtocol):
             self._notify(self.core.failed)
 
     def _carry_out(self, action: Action) -> None:
-        # The core emits nothing after Close or Abort, so a write never meets a closed
-        # transport here.
+        # The core emits nothing after Close or Abort, nor once told the connection was lost.
         transport = self.transport
         assert transport is not None
         if type(action) is Write:
