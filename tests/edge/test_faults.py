@@ -126,6 +126,21 @@ def test_a_full_disk_costs_one_origin_request_per_object_and_answers_fast(
             # the edge learned what its disk holds: later misses are fetched and served
             for path in ("/t1/v/1/seg_1.m4s", "/t1/v/1/seg_2.m4s", "/t1/v/1/init.mp4"):
                 assert e.get(path).content == (http_origin.root / path.lstrip("/")).read_bytes()
+
+            # an object larger than the whole disk: no eviction helps, a quick 503 for it
+            async def refused() -> list[httpx.Response]:
+                async with httpx.AsyncClient(timeout=60) as client:
+                    url = e.url + "/t1/v/1/seg_3.m4s"  # 12 MB
+                    return await asyncio.gather(
+                        *(client.get(url, params={"__token__": token()}) for _ in range(8))
+                    )
+
+            started = time.monotonic()
+            answers = asyncio.run(refused())
+            assert {r.status_code for r in answers} == {503}, [r.text for r in answers]
+            assert "cache" in answers[0].json()["error"]
+            assert time.monotonic() - started < 8
+            assert http_origin.requests["/t1/v/1/seg_3.m4s"] == 1
             assert len(e.log()) < 8000, e.log()[-3000:]
         finally:
             e.stop(signal.SIGKILL)

@@ -290,27 +290,14 @@ class DiskCache:
         name = _name(key)
         body = self._body + name
         for _ in range(4):
-            tmp = f"{self._tmp}{name}.{os.getpid()}.{next(self._serial)}"
             try:
-                fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = self._create(name)
+                if fd < 0:
+                    if self._take_over(body, name, stall_s):
+                        continue
+                    return None
             except OSError as exc:
                 raise FetchError(503, f"the cache cannot start {key}: {exc.strerror}") from None
-            try:
-                # Locked before anyone can see it: an unlocked partial is always a dead one.
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                os.fchmod(fd, _PARTIAL_MODE)  # whatever the umask: read-only means complete
-                os.link(tmp, body)
-            except FileExistsError:
-                os.close(fd)
-                if self._take_over(body, name, stall_s):
-                    continue
-                return None
-            except BaseException:
-                os.close(fd)
-                raise
-            finally:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
             writer = ObjectWriter(self, key, name, fd)
             # Whoever held the key before us has finished, and its outcome is visible now
             # (a commit renames, a failure is recorded before its partial goes): never ask
@@ -320,6 +307,26 @@ class DiskCache:
                 return None
             return writer
         return None
+
+    def _create(self, name: str) -> int:
+        """A new partial for ``name``, locked and linked into place; -1 if one exists."""
+        tmp = f"{self._tmp}{name}.{os.getpid()}.{next(self._serial)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _PARTIAL_MODE)
+        try:
+            # Locked before anyone can see it: an unlocked partial is always a dead one.
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.fchmod(fd, _PARTIAL_MODE)  # whatever the umask: read-only means complete
+            os.link(tmp, self._body + name)
+        except FileExistsError:
+            os.close(fd)
+            return -1
+        except BaseException:
+            os.close(fd)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        return fd
 
     def _take_over(self, body: str, name: str, stall_s: float) -> bool:
         """Remove a partial whose fetcher is gone (or stalled); False if it lives on."""
