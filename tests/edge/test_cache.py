@@ -25,7 +25,9 @@ from streamplane.edge.cache import (
     Pending,
     valid_key,
 )
+from streamplane.edge.fetch import Fetches, Follower
 from streamplane.edge.http import BadPath, request_path
+from streamplane.edge.origin import DirectoryOrigin
 from streamplane.edge.throttle import LogThrottle
 from tests.edge.conftest import tmpfs
 
@@ -182,6 +184,55 @@ def test_a_partial_whose_fetcher_was_killed_is_taken_over_at_once(cache: DiskCac
         assert isinstance(found, Pending)
         os.close(found.fd)
         writer.abort()
+    finally:
+        fetcher.kill()
+        fetcher.wait()
+
+
+async def test_a_reader_of_a_killed_fetch_goes_on_with_the_fetch_that_took_over(
+    tmp_path: Path, cache: DiskCache
+) -> None:
+    """Half way through the body its fetcher dies: the reader takes the fetch over and reads
+    the rest from the new one, the same bytes, never a short object."""
+    origin = tmp_path / "origin"
+    (origin / "t").mkdir(parents=True)
+    body = os.urandom(1_000_000)
+    (origin / "t" / "x.m4s").write_bytes(body)
+    mtime = (origin / "t" / "x.m4s").stat().st_mtime
+    script = (
+        "import asyncio, sys\n"
+        "from pathlib import Path\n"
+        "from streamplane.edge.cache import DiskCache\n"
+        f"w = DiskCache(Path({str(cache.root)!r})).begin('t/x.m4s', stall_s=60)\n"
+        f"asyncio.run(w.start({len(body)}, {mtime!r}))\n"
+        f"w.write(Path({str(origin / 't' / 'x.m4s')!r}).read_bytes()[:300_000])\n"
+        "print('fetching', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    fetcher = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    fetches = Fetches(
+        cache, DirectoryOrigin(origin), stall_s=10, stored=lambda k, n: None, warn=print
+    )
+    try:
+        assert fetcher.stdout is not None
+        assert await asyncio.to_thread(fetcher.stdout.readline) == b"fetching\n"
+        found = await fetches.outcome("t/x.m4s")
+        assert isinstance(found, Arriving) and found.meta.length == len(body)
+        follower = Follower(fetches, "t/x.m4s", found)
+        got = bytearray()
+        pos = await follower.available(0)
+        got += os.pread(follower.fd, pos, 0)
+        fetcher.kill()
+        await asyncio.to_thread(fetcher.wait)
+        while pos < len(body):
+            end = await follower.available(pos)
+            got += os.pread(follower.fd, end - pos, pos)
+            pos = end
+        follower.close()
+        assert bytes(got) == body
+        assert fetches.counters.origin_fetches == 1  # the takeover, and only it
     finally:
         fetcher.kill()
         fetcher.wait()
