@@ -35,7 +35,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -109,6 +109,11 @@ class BgpPeer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     local_as: int
     peer_as: int
     port: int = 179
+    # What the site's link to this router is; ranks its routes (embedded first, transit last)
+    relation: Literal["embedded", "private", "public", "transit"] = "public"
+    # Seconds without a message from the router before its session and routes go (BGP's
+    # 0, "never", is refused: a hung router would steer clients for ever).
+    hold_time_s: Annotated[int, msgspec.Meta(ge=3, le=65535)] = 90
 
 
 class EdgeRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -139,6 +144,8 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     catalog_dir: str = "catalog"  # scanned for */title.json at startup
     placement: str = ""  # placement.json (streamplane.placement/1); empty: none
     czmap: str = ""  # Apache Traffic Control czmap.json; empty: none
+    # how often the czmap file is checked for changes (SIGHUP reloads it too); 0: never
+    czmap_poll_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     bgp: tuple[BgpPeer, ...] = ()  # BGP sessions feeding the routing table
     origin_url: str = ""  # last-resort edge when no healthy edge holds a title; empty: none
     # accounts

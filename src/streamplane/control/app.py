@@ -9,7 +9,9 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 - playback: ``POST /v1/playback``, ``DELETE /v1/playback/{session_id}``, ``POST /v1/heartbeat``
 - fleet: ``POST /v1/fleet/heartbeat`` (edges, each signing with its own key),
   ``GET /v1/fleet`` (admin); edge registrations: ``GET /v1/fleet/edges``,
-  ``PUT`` / ``DELETE /v1/fleet/edges/{id}``, ``POST /v1/fleet/edges/{id}/rotate`` (admin)
+  ``PUT`` / ``DELETE /v1/fleet/edges/{id}``, ``POST /v1/fleet/edges/{id}/rotate`` (admin);
+  ``GET /v1/fleet/bgp`` (admin: the BGP sessions)
+- operations: ``GET /healthz`` (each component's status), ``GET /metrics`` (admin, Prometheus)
 - web: ``GET /watch`` (the browser player) and its assets under ``/static``
 
 Every refusal is JSON ``{"error": code, "detail": sentence, ...facts}``.
@@ -32,7 +34,7 @@ from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
@@ -70,17 +72,16 @@ from streamplane.control.playback import (
     PlaybackOut,
     PlayerHeartbeatIn,
 )
+from streamplane.control.steering_sources import BgpOut, SteeringSources
 from streamplane.control.store import Store, migrate
 from streamplane.edge import EdgeHeartbeat, HeartbeatReply
 from streamplane.media import Title
 from streamplane.steering import (
-    BgpFeed,
     GeoLocator,
     RoutingTable,
     SiteInfo,
     Steering,
     SteeringError,
-    load_czmap,
 )
 from streamplane.web import PLAYER_PAGE, STATIC_DIR
 
@@ -208,11 +209,10 @@ class ControlPlane:
             Path(c.placement) if c.placement else None,
             credentials=settings_credentials(c),
         )
-        sites: dict[str, SiteInfo] = {}
-        table = RoutingTable()
-        if c.czmap:
-            routes, sites = load_czmap(Path(c.czmap))
-            table.replace(routes)
+        # -- steering's inputs: the czmap file and the BGP speakers (steering_sources.py)
+        table = steering.table if steering is not None else RoutingTable()
+        self.sources = SteeringSources(c, table, clock=clock)
+        sites: dict[str, SiteInfo] = self.sources.sites
         self.table = table
         self.steering = (
             steering if steering is not None else Steering(table, GeoLocator(), sites=sites)
@@ -227,7 +227,11 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
-        self._bgp: list[BgpFeed] = []
+        self.sources.on_sites = self._sites_reloaded
+
+    def _sites_reloaded(self, sites: dict[str, SiteInfo]) -> None:
+        self.steering.sites = sites
+        self.playback.sites = sites
 
     async def start(self) -> None:
         c = self.settings.control
@@ -236,14 +240,10 @@ class ControlPlane:
         if titles:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
         await self.fleet.start(self.monotonic())
-        for peer in c.bgp:
-            feed = BgpFeed(self.table, peer)
-            await feed.start()
-            self._bgp.append(feed)
+        await self.sources.start()
 
     async def stop(self) -> None:
-        for feed in self._bgp:
-            await feed.stop()
+        await self.sources.stop()
         await self.store.dispose()
 
 
@@ -585,9 +585,23 @@ def create_app(
         await plane.fleet.unregister(edge_id)
         return Response(status_code=204)
 
+    # -- BGP and operations (SteeringSources) -----------------------------------------------
+
+    @app.get("/v1/fleet/bgp", response_model=BgpOut, tags=["fleet"], dependencies=[Depends(admin)])
+    async def fleet_bgp() -> BgpOut:
+        """Every BGP session: state and since when, restarts, prefixes learned (admin)."""
+        return plane.sources.bgp()
+
+    @app.get("/metrics", tags=["operations"], dependencies=[Depends(admin)])
+    async def metrics() -> PlainTextResponse:
+        """Prometheus text: BGP sessions and the czmap file (admin: scrape with the token)."""
+        return PlainTextResponse(plane.sources.metrics(), media_type=_PROMETHEUS)
+
     @app.get("/healthz", tags=["operations"])
-    async def healthz() -> dict[str, bool]:
-        return {"ok": True}
+    async def healthz() -> JSONResponse:
+        """``{"status": ..., "<component>": {"status": ..., ...}}``: ``ok``; ``degraded`` (still
+        serving: a BGP session not established, a czmap file refused), or ``down`` (503)."""
+        return _health(plane.sources.health())
 
     # -- web pages -------------------------------------------------------------------------
 
@@ -603,6 +617,19 @@ def create_app(
 
 
 # -- helpers -----------------------------------------------------------------------------------
+
+_PROMETHEUS: Final = "text/plain; version=0.0.4; charset=utf-8"
+_SEVERITY: Final = {"ok": 0, "degraded": 1, "down": 2}
+
+
+def _health(components: dict[str, dict[str, Any]]) -> JSONResponse:
+    """The worst component's status overall; 503 only when something is down."""
+    status = max(
+        (c["status"] for c in components.values()), key=_SEVERITY.__getitem__, default="ok"
+    )
+    return JSONResponse(
+        {"status": status, **components}, status_code=503 if status == "down" else 200
+    )
 
 
 def _client_address(request: Request) -> str:
