@@ -39,7 +39,7 @@ from typing import Any, Final
 import httptools
 
 from streamplane.config import EdgeSettings
-from streamplane.edge import http, tokens
+from streamplane.edge import http, propagation, tokens
 from streamplane.edge.cache import DiskCache, FetchError, ObjectWriter
 from streamplane.edge.metrics import WorkerMetrics
 from streamplane.edge.origin import Origin, make_origin
@@ -74,6 +74,7 @@ _NEEDED_HEADERS: Final = frozenset(
         b"origin",
         b"authorization",
         b"x-forwarded-for",
+        b"host",
     }
 )
 
@@ -127,8 +128,9 @@ class Worker:
         self.verified: dict[tuple[bytes, str], tuple[str, tokens.Grant]] = {}
         # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
         # holds descriptors: a player polls them, and each poll would otherwise cost five
-        # syscalls. key -> (valid until, headers, body)
-        self.hot: dict[str, tuple[float, bytes, bytes]] = {}
+        # syscalls. key, or (key, carry) for a manifest rewritten for a token (see
+        # EdgeConnection._carry) -> (valid until, headers, body)
+        self.hot: dict[str | tuple[str, propagation.Carry], tuple[float, bytes, bytes]] = {}
         # One receive buffer for every connection of the worker (see EdgeConnection.get_buffer).
         self.read_buffer = memoryview(bytearray(_READ_BUFFER))
         self.draining = False
@@ -437,7 +439,8 @@ class EdgeConnection(asyncio.BufferedProtocol):
                     verified.clear()
                 verified[(req.url, self._client_address(req))] = (path, grant)
         key = path[1:]
-        hot = self.w.hot.get(key)
+        carry = self._carry(req, path)
+        hot = self.w.hot.get(key if carry is None else (key, carry))
         if hot is not None and hot[0] > req.started and not _conditional_or_ranged(req):
             self.w.metrics.s.hits += 1
             self.w.hit(key)
@@ -450,11 +453,28 @@ class EdgeConnection(asyncio.BufferedProtocol):
         if obj is not None:
             self.w.metrics.s.hits += 1
             self.w.hit(key)
-            return self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns)
+            return self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns, carry)
         status = self.w.cache.recent_error(key)
         if status is not None:
             return self._send_error(req, status, "the origin failed on this object just now")
-        return lambda: self._send_miss(req, path, key)
+        return lambda: self._send_miss(req, path, key, carry)
+
+    def _carry(self, req: _Request, path: str) -> propagation.Carry | None:
+        """The token a manifest served to this request hands on to the URIs inside it.
+
+        Players resolve a manifest's relative URIs without the manifest's query, so a title
+        signed in the query string would play no further than its master playlist (token
+        propagation, see ``propagation``). Only a token that came in the query and was
+        verified is carried; one from a cookie travels by itself.
+        """
+        if not self.w.config.require_token or not propagation.rewrites(path):
+            return None
+        name = self.w.config.token_name
+        token = tokens.token_from_request(req.url.partition(b"?")[2].decode("latin-1"), None, name)
+        if token is None:
+            return None
+        host = req.headers.get(b"host")
+        return propagation.carry(name, token, host.decode("latin-1") if host else None)
 
     def _check_token(self, req: _Request, path: str, query: str) -> tokens.Grant | None:
         """Verify the token, once per token and client: a session asks for hundreds of paths.
@@ -498,9 +518,25 @@ class EdgeConnection(asyncio.BufferedProtocol):
 
     # -- the body of a complete object --------------------------------------------------
 
-    def _send_object(self, req: _Request, path: str, fd: int, size: int, mtime_ns: int) -> Job:
+    def _send_object(
+        self,
+        req: _Request,
+        path: str,
+        fd: int,
+        size: int,
+        mtime_ns: int,
+        carry: propagation.Carry | None = None,
+    ) -> Job:
         etag = http.etag_for(mtime_ns, size)
         mtime = mtime_ns / 1e9
+        body: bytes | None = None
+        if carry is not None:  # a manifest for a token: its length and validator are its own
+            try:
+                body = propagation.propagate(path, os.pread(fd, size, 0), carry)
+            except BaseException:
+                os.close(fd)
+                raise
+            size, etag = len(body), propagation.etag(etag, carry)
         headers = [
             (b"Content-Type", http.content_type(path)),
             (b"Last-Modified", http.http_date(mtime)),
@@ -530,15 +566,22 @@ class EdgeConnection(asyncio.BufferedProtocol):
             self._write(head)
             self.w.log(self, req, status, 0)
             return None
-        if self.sock_fd < 0 or (count <= _SMALL_TEXT and not path.endswith(_MEDIA_SUFFIXES)):
+        if (
+            body is not None
+            or self.sock_fd < 0
+            or (count <= _SMALL_TEXT and not path.endswith(_MEDIA_SUFFIXES))
+        ):
             try:
-                body = os.pread(fd, count, offset)
+                body = (
+                    os.pread(fd, count, offset) if body is None else body[offset : offset + count]
+                )
             finally:
                 os.close(fd)
             if status == 200 and len(body) == size and size <= _SMALL_TEXT:
                 if len(self.w.hot) >= _HOT_OBJECTS:
                     self.w.hot.clear()
-                self.w.hot[path[1:]] = (req.started + _HOT_TTL_S, http.header_block(headers), body)
+                hot = (req.started + _HOT_TTL_S, http.header_block(headers), body)
+                self.w.hot[path[1:] if carry is None else (path[1:], carry)] = hot
             self._write(head + body)
             self.w.metrics.s.bytes_sent += len(body)
             self.w.log(self, req, status, len(body))
@@ -652,7 +695,9 @@ class EdgeConnection(asyncio.BufferedProtocol):
 
     # -- misses: join or start the fetch, send the bytes as they land ------------------
 
-    async def _send_miss(self, req: _Request, path: str, key: str) -> None:
+    async def _send_miss(
+        self, req: _Request, path: str, key: str, carry: propagation.Carry | None
+    ) -> None:
         w = self.w
         w.metrics.s.misses += 1
         joined = w.ensure_fetch(key)
@@ -664,14 +709,14 @@ class EdgeConnection(asyncio.BufferedProtocol):
             while True:  # wait for the origin's answer: the length, or a failure
                 obj = w.cache.open_complete(key)
                 if obj is not None:
-                    response = self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns)
+                    response = self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns, carry)
                     if response is not None:
                         await response()
                     return
                 inflight = w.cache.open_inflight(key)
                 if inflight is not None:
                     fd, meta = inflight
-                    if meta is not None:
+                    if meta is not None and carry is None:  # a manifest to rewrite waits
                         break
                     os.close(fd)
                     fd = -1
