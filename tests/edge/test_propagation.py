@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from streamplane.edge import propagation
 from streamplane.edge.propagation import Carry, carry, propagate, propagate_dash, propagate_hls
-from streamplane.edge.tokens import token_from_request
+from streamplane.edge.tokens import MalformedToken, token_from_request
 from streamplane.media import manifest
 from tests.media.test_manifest import make_title
 
@@ -187,6 +187,18 @@ def test_a_carry_needs_a_name_and_a_token() -> None:
         carry("__token__", "")
     assert propagation.rewrites("/t/master.m3u8") and propagation.rewrites("/t/manifest.mpd")
     assert not propagation.rewrites("/t/v/1/seg_1.m4s")
+
+
+def test_the_carry_of_a_request_comes_from_its_raw_query_and_host() -> None:
+    query = f"x=1&__token__={TOKEN}".encode()
+    assert propagation.carry_from_query("__token__", query, b"edge.example:8081") == CARRY
+    assert propagation.carry_from_query("__token__", b"__token__=a%7Eb", None) == Carry(
+        "__token__", "a~b"
+    )
+    assert propagation.carry_from_query("__token__", b"", None) is None
+    assert propagation.carry_from_query("__token__", b"other=1", b"edge") is None
+    with pytest.raises(MalformedToken):
+        propagation.carry_from_query("__token__", b"__token__=a&__token__=b", None)
 
 
 # -- DASH, by example --------------------------------------------------------------------------

@@ -32,15 +32,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+from functools import lru_cache
 from typing import Final
 from urllib.parse import quote, unquote_plus
 
 import msgspec
 
+from streamplane.edge.tokens import token_from_request
+
 __all__ = [
     "MANIFEST_SUFFIXES",
     "Carry",
     "carry",
+    "carry_from_query",
     "etag",
     "propagate",
     "propagate_dash",
@@ -103,6 +107,19 @@ def carry(name: str, token: str, host: str | None = None) -> Carry:
         value=quote(token, safe=_VALUE_SAFE),
         host=_authority(host, None) if host else None,
     )
+
+
+# Cached: a player asks for its playlists with the same target again and again (a live one every
+# few seconds), and parsing and escaping its token costs more than serving the playlist from
+# memory. The key is what the edge already holds: the raw query and Host header.
+@lru_cache(maxsize=4096)
+def carry_from_query(name: str, query: bytes, host: bytes | None) -> Carry | None:
+    """The carry for a request whose query string is ``query`` (raw): its ``name`` token, if
+    it has one (``tokens.token_from_request``; ``MalformedToken`` if it has two)."""
+    token = token_from_request(query.decode("latin-1"), None, name)
+    if token is None:
+        return None
+    return carry(name, token, host.decode("latin-1") if host else None)
 
 
 def rewrites(path: str) -> bool:

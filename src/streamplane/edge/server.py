@@ -469,12 +469,10 @@ class EdgeConnection(asyncio.BufferedProtocol):
         """
         if not self.w.config.require_token or not propagation.rewrites(path):
             return None
-        name = self.w.config.token_name
-        token = tokens.token_from_request(req.url.partition(b"?")[2].decode("latin-1"), None, name)
-        if token is None:
-            return None
-        host = req.headers.get(b"host")
-        return propagation.carry(name, token, host.decode("latin-1") if host else None)
+        query = req.url.partition(b"?")[2]
+        return propagation.carry_from_query(
+            self.w.config.token_name, query, req.headers.get(b"host")
+        )
 
     def _check_token(self, req: _Request, path: str, query: str) -> tokens.Grant | None:
         """Verify the token, once per token and client: a session asks for hundreds of paths.
