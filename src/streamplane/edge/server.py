@@ -526,15 +526,9 @@ class EdgeConnection(asyncio.BufferedProtocol):
         carry: propagation.Carry | None = None,
     ) -> Job:
         etag = http.etag_for(mtime_ns, size)
+        if carry is not None:  # a manifest rewritten for a token is another representation
+            etag = propagation.etag(etag, carry)
         mtime = mtime_ns / 1e9
-        body: bytes | None = None
-        if carry is not None:  # a manifest for a token: its length and validator are its own
-            try:
-                body = propagation.propagate(path, os.pread(fd, size, 0), carry)
-            except BaseException:
-                os.close(fd)
-                raise
-            size, etag = len(body), propagation.etag(etag, carry)
         headers = [
             (b"Content-Type", http.content_type(path)),
             (b"Last-Modified", http.http_date(mtime)),
@@ -546,6 +540,14 @@ class EdgeConnection(asyncio.BufferedProtocol):
         if http.is_not_modified(etag, mtime, h.get(b"if-none-match"), h.get(b"if-modified-since")):
             os.close(fd)
             return self._send_simple(req, 304, b"", extra=headers)
+        body: bytes | None = None
+        if carry is not None:  # its length, and the range asked of it, are the rewritten body's
+            try:
+                body = propagation.propagate(path, os.pread(fd, size, 0), carry)
+            except BaseException:
+                os.close(fd)
+                raise
+            size = len(body)
         try:
             wanted = http.parse_range(h.get(b"range"), size)
         except http.Unsatisfiable as exc:
