@@ -377,6 +377,9 @@ def test_every_uri_line_and_attribute_gets_the_token_and_nothing_else_changes(
         assert [kv for kv in params if kv[0] != name] == [kv for kv in kept if kv[0] != name]
     # Rewriting what was rewritten changes nothing: the token is replaced, not repeated.
     assert propagate_hls(out.encode(), carried).decode() == out
+    # The rendering from the cached template is the walk itself, for each token in turn.
+    for again in (carried, carry(name, token + "2"), carried):
+        assert propagate_hls(body, again) == propagation._walk_hls(body, again)
 
 
 @given(
@@ -409,6 +412,8 @@ def test_every_template_url_gets_the_token_and_the_mpd_stays_well_formed(
         assert got.count("$") == uri.count("$")
         assert [v for k, v in parse_qsl(urlsplit(got).query) if k == name] == [token]
     assert propagate_dash(out, carried) == out
+    for again in (carried, carry(name, token + "2"), carried):
+        assert propagate_dash(body, again) == propagation._walk_dash(body, again)
 
 
 @given(st.binary(max_size=200), tokens_text)
@@ -417,6 +422,24 @@ def test_any_bytes_are_handled_without_error(body: bytes, token: str) -> None:
     for path in ("/t/x.m3u8", "/t/x.mpd"):
         out = propagate(path, body, carried)
         assert propagate(path, out, carried) == out
+
+
+def test_large_manifests_and_ones_holding_nul_are_walked_directly_with_the_same_result() -> None:
+    # Templates are for what is polled; a long VOD playlist is asked for once per session.
+    segments = "".join(f"#EXTINF:4.0,\nseg_{n}.m4s\n" for n in range(1, 12_000))
+    large = f'#EXTM3U\n#EXT-X-MAP:URI="init.mp4"\n{segments}#EXT-X-ENDLIST\n'.encode()
+    assert len(large) > propagation._TEMPLATE_MAX
+    out = propagate_hls(large, CARRY)
+    assert out.count(T.encode()) == 12_000
+    assert out == propagation._walk_hls(large, CARRY)
+    with_nul = b'#EXTM3U\n# \0 \n#EXT-X-MAP:URI="init.mp4"\nseg_1.m4s\n'
+    assert propagate_hls(with_nul, CARRY) == (
+        b'#EXTM3U\n# \0 \n#EXT-X-MAP:URI="init.mp4?'
+        + T.encode()
+        + b'"\nseg_1.m4s?'
+        + T.encode()
+        + b"\n"
+    )
 
 
 def test_carry_is_hashable_for_the_hot_object_cache() -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Final
 from urllib.parse import quote, unquote_plus
@@ -60,7 +61,10 @@ _VALUE_SAFE: Final = "/:@!()*=~"
 _SCHEME: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 _DEFAULT_PORTS: Final = {"http": ":80", "https": ":443"}
 
-# HLS: an attribute of an attribute list (RFC 8216 4.2), its value quoted or not.
+# HLS: a URI line that is a relative path and nothing else (no scheme, query or fragment), to
+# which the token is simply appended; and an attribute of an attribute list (RFC 8216 4.2),
+# its value quoted or not.
+_PLAIN_URI: Final = re.compile(rb"(?!//)[A-Za-z0-9_./~-]+")
 _HLS_ATTRIBUTE: Final = re.compile(r'([A-Z0-9-]+)=("[^"\r\n]*"|[^",]*)')
 
 # DASH: a start tag of an element whose attributes hold URLs, and the attributes themselves.
@@ -163,18 +167,57 @@ def with_token(uri: str, carried: Carry) -> str:
     return f"{path}?{'&'.join(kept)}{hash_mark}{fragment}"
 
 
+# -- rendering from a template -------------------------------------------------------------------
+
+# Walking a manifest costs about as much per line as serving it (a 100-segment playlist took
+# over 200 us), and a live playlist is polled by every viewer, each with a token of their own.
+# So a manifest is walked once per version (and token name and host), with a mark where the
+# token goes; each token is then one bytes.join. NUL never occurs in a manifest; one that holds
+# it, or a large one (a long VOD playlist, asked for once per session), is walked directly.
+_MARK: Final = "\0token\0"
+_TEMPLATE_MAX: Final = 256 * 1024
+
+
+def _render(walk: Callable[[bytes, Carry], bytes], body: bytes, carried: Carry) -> bytes:
+    if len(body) > _TEMPLATE_MAX or b"\0" in body:
+        return walk(body, carried)
+    chunks = _template(walk, body, carried.name, carried.host)
+    if chunks is None:
+        return body
+    return f"{carried.name}={carried.value}".encode().join(chunks)
+
+
+@lru_cache(maxsize=64)
+def _template(
+    walk: Callable[[bytes, Carry], bytes], body: bytes, name: str, host: str | None
+) -> tuple[bytes, ...] | None:
+    marked = walk(body, Carry(name=name, value=_MARK, host=host))
+    if marked == body:
+        return None
+    return tuple(marked.split(f"{name}={_MARK}".encode()))
+
+
 # -- HLS ---------------------------------------------------------------------------------------
 
 
 def propagate_hls(body: bytes, carried: Carry) -> bytes:
     """An HLS playlist with the token added to every URI that leads back to this edge."""
+    return _render(_walk_hls, body, carried)
+
+
+def _walk_hls(body: bytes, carried: Carry) -> bytes:
     text_body = body.removeprefix(b"\xef\xbb\xbf")  # a byte order mark stays where it is
     if not text_body.startswith(b"#EXTM3U"):
         return body
     out: list[bytes] = [body[: len(body) - len(text_body)]]
     changed = False
+    param = b"?" + f"{carried.name}={carried.value}".encode()
     for line in text_body.splitlines(keepends=True):
         content = line.rstrip(b"\r\n")
+        if _PLAIN_URI.fullmatch(content):  # most lines of a media playlist: seg_1.m4s
+            changed = True
+            out.append(content + param + line[len(content) :])
+            continue
         stripped = content.strip()
         if not stripped or (stripped.startswith(b"#") and b'URI="' not in stripped):
             out.append(line)
@@ -225,6 +268,10 @@ def _hls_tag(line: str, carried: Carry) -> str:
 
 def propagate_dash(body: bytes, carried: Carry) -> bytes:
     """A DASH MPD with the token added to its segment URLs, templates and file BaseURLs."""
+    return _render(_walk_dash, body, carried)
+
+
+def _walk_dash(body: bytes, carried: Carry) -> bytes:
     if b"<MPD" not in body and b":MPD" not in body:
         return body
 
