@@ -3,8 +3,8 @@
 A signed URL carries its token in the query string (``master.m3u8?__token__=…``), but a player
 resolves the relative URIs inside a playlist against the playlist's URL *without* its query
 (RFC 3986 5.2.2), so the variant playlists, init and media segments would be asked for without
-the token and refused. Large CDNs solve this by rewriting the manifests they serve (Akamai's and
-CloudFront's "token propagation"); this module is that rewrite, as pure functions over bytes.
+the token and refused. Large CDNs solve this by rewriting the manifests they serve ("token
+propagation"); this module is that rewrite, as pure functions over bytes.
 
 - HLS (RFC 8216): every URI line, and every quoted ``URI`` or ``*-URI`` attribute of an
   ``#EXT`` tag (``EXT-X-MAP``, ``EXT-X-MEDIA``, ``EXT-X-I-FRAME-STREAM-INF``, ``EXT-X-KEY``,
@@ -14,9 +14,10 @@ CloudFront's "token propagation"); this module is that rewrite, as pure function
   ``initialization``, ``index``, ``bitstreamSwitching``), ``SegmentURL`` (``media``,
   ``index``), ``Initialization``, ``RepresentationIndex`` and ``BitstreamSwitching``
   (``sourceURL``), and the text of ``BaseURL`` (unless it names a directory, whose children
-  carry the token themselves) and ``Location``. The query goes on the templates, not in a
-  ``urn:mpeg:dash:urlparam:2014`` property: dash.js, Shaka and ffmpeg all keep a template's
-  query when they expand it; not all of them read the URL-parameter properties.
+  carry the token themselves) and ``Location``. The query goes on the templates rather than
+  in a ``urn:mpeg:dash:urlparam:2014`` property: dash.js, Shaka and ffmpeg all keep a
+  template's query when they expand it (``tests/e2e/test_any_player.py``), and nothing here
+  relies on a player reading the URL-parameter properties.
 
 Only URIs that lead back to this edge are rewritten: relative references, and absolute ones
 naming the host the request was sent to. An absolute URI to any other host (a key server, an
