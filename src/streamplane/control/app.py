@@ -7,7 +7,9 @@ Routes (OpenAPI at ``/docs`` and ``/openapi.json``):
 - catalog: ``GET /v1/titles``, ``GET /v1/titles/{id}``, ``GET /v1/titles/{id}/availability``,
   ``POST /v1/titles`` (admin)
 - playback: ``POST /v1/playback``, ``DELETE /v1/playback/{session_id}``, ``POST /v1/heartbeat``
-- fleet: ``POST /v1/fleet/heartbeat`` (edges), ``GET /v1/fleet`` (admin)
+- fleet: ``POST /v1/fleet/heartbeat`` (edges, each signing with its own key),
+  ``GET /v1/fleet`` (admin); edge registrations: ``GET /v1/fleet/edges``,
+  ``PUT`` / ``DELETE /v1/fleet/edges/{id}``, ``POST /v1/fleet/edges/{id}/rotate`` (admin)
 - web: ``GET /watch`` (the browser player) and its assets under ``/static``
 
 Every refusal is JSON ``{"error": code, "detail": sentence, ...facts}``.
@@ -31,7 +33,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,7 +51,18 @@ from streamplane.control.accounts import (
 )
 from streamplane.control.catalog import Catalog, TitleInfo, check_title_id, summarise
 from streamplane.control.errors import ApiError, forbidden, not_found, unauthorised
-from streamplane.control.fleet import Fleet, FleetPolicy, check_heartbeat, exclusion, share, state
+from streamplane.control.fleet import (
+    EdgeRegistrationIn,
+    EdgeRegistrationOut,
+    EdgeRotateIn,
+    Fleet,
+    FleetPolicy,
+    check_heartbeat,
+    exclusion,
+    settings_credentials,
+    share,
+    state,
+)
 from streamplane.control.playback import (
     HeartbeatOut,
     Playback,
@@ -190,7 +203,10 @@ class ControlPlane:
         self.accounts = Accounts(self.store, c, jwt_key)
         self.catalog = Catalog(self.store)
         self.fleet = Fleet(
-            self.store, FleetPolicy.from_settings(c), Path(c.placement) if c.placement else None
+            self.store,
+            FleetPolicy.from_settings(c),
+            Path(c.placement) if c.placement else None,
+            credentials=settings_credentials(c),
         )
         sites: dict[str, SiteInfo] = {}
         table = RoutingTable()
@@ -219,7 +235,7 @@ class ControlPlane:
         titles = await self.catalog.scan(Path(c.catalog_dir), self.clock())
         if titles:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
-        await self.fleet.refresh(self.monotonic())
+        await self.fleet.start(self.monotonic())
         for peer in c.bgp:
             feed = BgpFeed(self.table, peer)
             await feed.start()
@@ -279,8 +295,12 @@ def create_app(
     admin_bearer = HTTPBearer(
         auto_error=False, scheme_name="admin", description="control.admin_token"
     )
-    edge_bearer = HTTPBearer(
-        auto_error=False, scheme_name="fleet", description="control.fleet_token, if set"
+    edge_auth = APIKeyHeader(
+        name="Authorization",
+        auto_error=False,
+        scheme_name="edge",
+        description="StreamplaneEdge id=<edge id>, ts=<epoch ms>, sig=<HMAC-SHA256 hex> with "
+        "the edge's own key (streamplane.edge.report)",
     )
     Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
@@ -297,15 +317,6 @@ def create_app(
         token = _bearer(credentials)
         if not hmac.compare_digest(token.encode(), c.admin_token.encode()):
             raise forbidden("not the admin token")
-
-    async def edge_auth(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(edge_bearer)],
-    ) -> None:
-        if not c.fleet_token:
-            return
-        token = _bearer(credentials)
-        if not hmac.compare_digest(token.encode(), c.fleet_token.encode()):
-            raise forbidden("not the fleet token")
 
     Me = Annotated[Principal, Depends(principal)]
 
@@ -475,13 +486,21 @@ def create_app(
         "/v1/fleet/heartbeat",
         response_model=None,
         tags=["fleet"],
-        dependencies=[Depends(edge_auth)],
         openapi_extra=_body_schema("EdgeHeartbeat", reply="HeartbeatReply"),
     )
-    async def edge_heartbeat(request: Request) -> Response:
-        """An edge's heartbeat (``streamplane.edge.EdgeHeartbeat``, unknown fields refused)."""
-        hb = check_heartbeat(_decode(await request.body(), EdgeHeartbeat))
-        await plane.fleet.heartbeat(hb, clock())
+    async def edge_heartbeat(
+        request: Request,
+        authorization: Annotated[str | None, Depends(edge_auth)],
+    ) -> Response:
+        """An edge's heartbeat (``streamplane.edge.EdgeHeartbeat``, unknown fields refused),
+        signed with the edge's own key: 401 if it is not, 403 if it claims another edge's id,
+        base URL or site."""
+        body = await request.body()
+        now = clock()
+        await plane.fleet.refresh(monotonic())
+        signed = plane.fleet.authenticate(authorization, body, now)
+        hb = check_heartbeat(_decode(body, EdgeHeartbeat))
+        await plane.fleet.heartbeat(hb, now, signed)
         return Response(
             msgspec.json.encode(HeartbeatReply(interval_s=c.edge_heartbeat_s)),
             media_type="application/json",
@@ -517,6 +536,54 @@ def create_app(
                 )
             )
         return FleetOut(edges=edges, offered=sum(e.offered for e in edges))
+
+    @app.get(
+        "/v1/fleet/edges",
+        response_model=list[EdgeRegistrationOut],
+        tags=["fleet"],
+        dependencies=[Depends(admin)],
+    )
+    async def edge_registrations() -> list[EdgeRegistrationOut]:
+        """The edges allowed to heartbeat, and the base URL and site each may claim (admin)."""
+        await plane.fleet.refresh(monotonic())
+        return plane.fleet.registrations()
+
+    @app.put(
+        "/v1/fleet/edges/{edge_id}",
+        response_model=EdgeRegistrationOut,
+        tags=["fleet"],
+        dependencies=[Depends(admin)],
+        responses={201: {"model": EdgeRegistrationOut, "description": "registered"}},
+    )
+    async def register_edge(
+        edge_id: str, body: EdgeRegistrationIn, response: Response
+    ) -> EdgeRegistrationOut:
+        """Register an edge, or change its base URL or site (admin). Without ``key``, a new
+        edge gets a generated one, shown in this answer only; a registered edge keeps its own."""
+        created, out = await plane.fleet.register(edge_id, body, clock())
+        response.status_code = 201 if created else 200
+        return out
+
+    @app.post(
+        "/v1/fleet/edges/{edge_id}/rotate",
+        response_model=EdgeRegistrationOut,
+        tags=["fleet"],
+        dependencies=[Depends(admin)],
+    )
+    async def rotate_edge_key(edge_id: str, body: EdgeRotateIn) -> EdgeRegistrationOut:
+        """A new key for the edge, shown in this answer only (admin)."""
+        return await plane.fleet.rotate(edge_id, body, clock())
+
+    @app.delete(
+        "/v1/fleet/edges/{edge_id}",
+        status_code=204,
+        tags=["fleet"],
+        dependencies=[Depends(admin)],
+    )
+    async def unregister_edge(edge_id: str) -> Response:
+        """Revoke an edge: its heartbeats are refused, and it is offered no more (admin)."""
+        await plane.fleet.unregister(edge_id)
+        return Response(status_code=204)
 
     @app.get("/healthz", tags=["operations"])
     async def healthz() -> dict[str, bool]:
