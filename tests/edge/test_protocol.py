@@ -216,7 +216,7 @@ def test_pipelined_bytes_cut_at_any_points_are_answered_the_same(cuts: list[int]
             assert isinstance(action, Open)
             opened.append(action.key)
             while True:  # answer each as the shell would, at once
-                after = c.missing(404)
+                after = c.missing((404, "gone"))
                 nxt = [a for a in after if isinstance(a, Open)]
                 if not nxt:
                     break
@@ -287,9 +287,9 @@ def test_tokens_are_checked_first_and_a_remembered_grant_still_expires() -> None
     assert c.state.metrics.s.token_rejections == 2
     short = token(ttl=10)
     assert c.send(get("/t1/s.m4s", tok=short)) == [Open("t1/s.m4s")]
-    c.missing(404)
+    c.missing((404, "gone"))
     assert c.at(5).send(get("/t1/other.m4s", tok=short)) == [Open("t1/other.m4s")]  # cached
-    c.missing(404)
+    c.missing((404, "gone"))
     # the same URL (remembered as granted) and another one, once the token expired: 410
     assert status_of(only_write(c.at(10).send(get("/t1/s.m4s", tok=short)))) == 410
     assert status_of(only_write(c.send(get("/t1/third.m4s", tok=short)))) == 410
@@ -302,7 +302,7 @@ def test_a_cookie_token_is_honoured_but_its_target_not_remembered() -> None:
     c = Conn()
     cookie = f"Cookie: __token__={TOKEN}"
     assert c.send(get("/t1/s.m4s", cookie, tok=None)) == [Open("t1/s.m4s")]
-    c.missing(404)
+    c.missing((404, "gone"))
     assert c.state.verified == {}
 
 
@@ -363,14 +363,14 @@ def test_notices_about_a_fetch_no_longer_followed_are_ignored_and_their_files_gi
     c.tick(SETTINGS.stall_timeout_s)  # 504: the response is over
     assert c.fetch_ready(1, 9, 300, 0.0) == [CloseFile(9)]
     assert c.fetch_progress(1, 300) == []
-    assert c.fetch_failed(1, 502) == []
+    assert c.fetch_failed(1, 502, "the origin failed") == []
 
 
 def test_a_recent_origin_error_is_answered_at_once() -> None:
     c = Conn()
     c.send(get("/t1/s.m4s"))
-    reply = only_write(c.missing(404))
-    assert status_of(reply) == 404 and b"origin" in body_of(reply)
+    reply = only_write(c.missing((404, "the origin has no such object")))
+    assert status_of(reply) == 404 and b"the origin has no such object" in body_of(reply)
 
 
 # -- errors mid-stream ----------------------------------------------------------------------
@@ -380,7 +380,7 @@ def test_an_origin_failure_before_the_head_is_its_status_and_the_connection_serv
     c = Conn()
     c.send(get("/t1/a.m4s") + get("/t1/b.m4s"))
     c.missing(None)
-    actions = c.fetch_failed(1, 502)
+    actions = c.fetch_failed(1, 502, "the origin failed")
     assert status_of(writes(actions)[0]) == 502
     assert actions[-1] == Open("t1/b.m4s")
 
@@ -392,7 +392,7 @@ def test_an_origin_failure_mid_body_aborts_so_the_client_sees_a_short_body() -> 
     c.fetch_ready(1, 9, 300, 0.0)
     c.fetch_progress(1, 100)
     c.sent()
-    assert c.fetch_failed(1, 502) == [Abort(), CloseFile(9)]
+    assert c.fetch_failed(1, 502, "the origin failed") == [Abort(), CloseFile(9)]
     assert c.core.state is State.CLOSED and c.core.deadline == math.inf
 
 
@@ -562,7 +562,7 @@ def test_a_valid_request_before_a_malformed_one_is_answered_first() -> None:
     c = Conn()
     actions = c.send(get("/t1/s.m4s") + b"\x16\x03\x01garbage")
     assert actions == [Open("t1/s.m4s")]
-    actions = c.missing(404)
+    actions = c.missing((404, "gone"))
     assert [status_of(w) for w in writes(actions)] == [404, 400]
     assert actions[-1] == Shutdown()
 
@@ -573,7 +573,7 @@ def test_reading_pauses_while_too_many_requests_wait() -> None:
     assert actions == [PauseReading(), Open("t1/0.m4s")]
     resumed = False
     for _ in range(MAX_PIPELINED + 1):
-        resumed = resumed or ResumeReading() in c.missing(404)
+        resumed = resumed or ResumeReading() in c.missing((404, "gone"))
     assert resumed
 
 
@@ -649,7 +649,7 @@ def test_an_upgrade_request_is_answered_once_as_http_1_1_and_the_connection_goes
     assert isinstance(a, SendFile) and status_of(a.head) == 200
     assert c.sent() == [CloseFile(3), Open("t1/b.m4s")]
     assert c.send(get("/t1/c.m4s")) == []  # parsed on as HTTP/1.1
-    c.missing(404)
+    c.missing((404, "gone"))
     assert c.core.state is State.RESPONDING
 
 
@@ -706,7 +706,8 @@ class ModelShell:
             elif isinstance(action, Open):
                 size = self.objects.get(action.key)
                 if size is None:
-                    queue += self.conn.missing(None if action.key in self.fetched else 404)
+                    failed = None if action.key in self.fetched else (404, "gone")
+                    queue += self.conn.missing(failed)
                 else:
                     queue += self.conn.opened(self.fd(), size, MTIME_NS)
             elif isinstance(action, ReadText):
@@ -772,3 +773,76 @@ def test_every_file_handed_to_the_core_is_closed_exactly_once(steps: list[tuple[
     shell.carry_out(c.connection_lost())
     assert sorted(shell.closed) == sorted(shell.handed)
     assert c.core.state is State.CLOSED and c.core.deadline == math.inf
+
+
+# -- token propagation in the one text path -------------------------------------------------
+
+
+PLAYLIST = b'#EXTM3U\n#EXT-X-VERSION:7\n#EXT-X-MAP:URI="init.mp4"\n#EXTINF:4,\nseg_1.m4s\n'
+
+
+def test_a_manifest_asked_with_a_query_token_hands_it_on_with_its_own_length_and_etag() -> None:
+    c = Conn()
+    assert c.send(get("/t1/v/1/index.m3u8")) == [Open("t1/v/1/index.m3u8")]
+    # read whole, whatever range is asked: the rewrite needs all of it
+    assert c.opened(5, len(PLAYLIST), MTIME_NS) == [ReadText(5, 0, len(PLAYLIST))]
+    actions = c.text_read(PLAYLIST)
+    reply = only_write(actions[1:])
+    body = body_of(reply)
+    assert f"seg_1.m4s?__token__={TOKEN}".encode() in body
+    assert f'URI="init.mp4?__token__={TOKEN}"'.encode() in body
+    assert header(reply, b"content-length") == b"%d" % len(body)
+    etag = header(reply, b"etag")
+    assert etag is not None and b"-t" in etag
+    # polled again with the same token: from memory; with another: rewritten again
+    assert body_of(only_write(c.at(0.1).send(get("/t1/v/1/index.m3u8")))) == body
+    other = token(ttl=700)
+    assert c.send(get("/t1/v/1/index.m3u8", tok=other)) == [Open("t1/v/1/index.m3u8")]
+    c.opened(6, len(PLAYLIST), MTIME_NS)
+    assert other.encode() in body_of(only_write(c.text_read(PLAYLIST)[1:]))
+    # its validator is decided before the file is read
+    c.send(get("/t1/v/1/index.m3u8", f"If-None-Match: {etag.decode()}"))
+    actions = c.opened(7, len(PLAYLIST), MTIME_NS)
+    assert actions[0] == CloseFile(7) and status_of(only_write(actions[1:])) == 304
+    # a range is a range of the rewritten body
+    c.send(get("/t1/v/1/index.m3u8", "Range: bytes=-20"))
+    c.opened(8, len(PLAYLIST), MTIME_NS)
+    ranged = only_write(c.text_read(PLAYLIST)[1:])
+    assert status_of(ranged) == 206 and body_of(ranged) == body[-20:]
+
+
+def test_a_cookie_token_serves_the_manifest_as_the_file_is() -> None:
+    c = Conn()
+    c.send(get("/t1/v/1/index.m3u8", f"Cookie: __token__={TOKEN}", tok=None))
+    c.opened(5, len(PLAYLIST), MTIME_NS)
+    assert body_of(only_write(c.text_read(PLAYLIST)[1:])) == PLAYLIST
+
+
+def test_a_manifest_miss_under_a_token_waits_for_the_whole_file_then_rewrites_it() -> None:
+    c = Conn()
+    c.send(get("/t1/v/1/index.m3u8"))
+    assert c.missing(None) == [Fetch("t1/v/1/index.m3u8", 1)]
+    assert c.fetch_ready(1, 9, len(PLAYLIST), 1_700_000_000.0) == []
+    assert c.fetch_progress(1, 10) == []
+    assert c.fetch_progress(1, len(PLAYLIST)) == [ReadText(9, 0, len(PLAYLIST))]
+    assert TOKEN.encode() in body_of(only_write(c.text_read(PLAYLIST)[1:]))
+
+
+# -- a fetch taken over mid-body ---------------------------------------------------------------
+
+
+def test_a_taken_over_fetch_is_read_from_its_new_file_once_the_send_under_way_ends() -> None:
+    c = Conn()
+    c.send(get("/t1/s.m4s"))
+    c.missing(None)
+    c.fetch_ready(1, 9, 300, 0.0)
+    assert c.fetch_progress(1, 100) == [SendFile(9, 0, 100)]
+    assert c.fetch_moved(1, 10) == []  # 9 is being sent from: kept until that send ends
+    assert c.fetch_progress(1, 200) == []
+    assert c.sent() == [CloseFile(9), SendFile(10, 100, 100)]
+    assert c.fetch_moved(1, 11) == []  # a send runs again
+    assert c.sent() == [CloseFile(10)]  # and nothing more landed yet
+    assert c.fetch_moved(1, 12) == [CloseFile(11)]  # waiting: switched at once
+    assert c.fetch_progress(1, 300) == [SendFile(12, 200, 100)]
+    assert c.sent() == [CloseFile(12)]
+    assert c.core.state is State.IDLE

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -33,7 +33,8 @@ async def test_an_unexpected_error_in_one_request_is_a_500_and_everything_else_i
         origin=str(origin_dir), cache_dir=str(tmp_path / "cache"), require_token=False
     )
     cache = DiskCache(tmp_path / "cache")
-    worker = Worker(config, {}, 0, cache, make_origin(config.origin), os.getpid())
+    keeper, supervisor_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    worker = Worker(config, {}, 0, cache, make_origin(config.origin), keeper)
     really_open = cache.open_complete
 
     def open_complete(key: str) -> CachedObject | None:
@@ -68,3 +69,5 @@ async def test_an_unexpected_error_in_one_request_is_a_500_and_everything_else_i
         server.close()
         await server.wait_closed()
         await worker.origin.aclose()
+        keeper.close()
+        supervisor_end.close()

@@ -188,13 +188,17 @@ def answer_object(
     range_header: bytes | None,
     if_none_match: bytes | None,
     if_modified_since: bytes | None,
+    etag: bytes | None = None,
 ) -> ObjectAnswer:
     """The answer about an object of ``size`` bytes, complete or still arriving.
 
     A matching validator is a 304 (RFC 9110 section 13.2.2), then one byte range a 206, else
     the whole object a 200. Raises :class:`Unsatisfiable` for a range past the end (416).
+    ``etag`` replaces the file's own validator for another representation of it (a manifest
+    rewritten for a token).
     """
-    etag = etag_for(mtime_ns, size)
+    if etag is None:
+        etag = etag_for(mtime_ns, size)
     headers = _object_headers(path, mtime_ns, etag)
     if (if_none_match is not None or if_modified_since is not None) and is_not_modified(
         etag, mtime_ns / 1e9, if_none_match, if_modified_since

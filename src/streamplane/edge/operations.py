@@ -112,8 +112,11 @@ def answer(worker: Worker, req: Request, path: str, client_ip: str) -> Reply:
         except ValueError as exc:
             return _error(400, str(exc))
         tmp = w.run_dir / f"fill-plan.{os.getpid()}.tmp"
-        tmp.write_bytes(msgspec.json.encode(plan))
-        os.replace(tmp, w.run_dir / "fill-plan.json")
+        try:
+            tmp.write_bytes(msgspec.json.encode(plan))
+            os.replace(tmp, w.run_dir / "fill-plan.json")
+        except OSError as exc:
+            return _error(503, f"the edge cannot record the plan: {exc.strerror}")
         w.tell_keeper({"fill": True})
         body = msgspec.json.encode({"accepted": len(plan.titles), "status": "/fill"})
         return Reply(202, body + b"\n")

@@ -56,7 +56,7 @@ import httptools
 import msgspec
 
 from streamplane.config import EdgeSettings
-from streamplane.edge import http, tokens
+from streamplane.edge import http, propagation, tokens
 from streamplane.edge.metrics import WorkerMetrics
 
 __all__ = [
@@ -109,6 +109,7 @@ _NEEDED_HEADERS: Final = frozenset(
         b"authorization",
         b"x-forwarded-for",
         b"content-length",
+        b"host",  # the manifests it rewrites hand the token to URIs naming this host
     }
 )
 _GET_HEAD: Final = (b"GET", b"HEAD")
@@ -265,7 +266,8 @@ class WorkerState:
         # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
         # holds descriptors: a player polls them, and each poll would otherwise cost five
         # syscalls.
-        self.hot: dict[str, _Hot] = {}
+        # Keyed by the object's key, or (key, carry) for a manifest rewritten for a token.
+        self.hot: dict[str | tuple[str, propagation.Carry], _Hot] = {}
         # (key, mtime_ns, size) -> the whole object's answer and its header block
         self.blocks: dict[tuple[str, int, int], tuple[http.ObjectAnswer, bytes]] = {}
         self.draining = False
@@ -296,6 +298,10 @@ class _Hot:
         # (Date, keep-alive, Origin) -> head and body: a poll writes them without building
         # a head or copying the body again within the same second.
         self.answers: dict[tuple[bytes, bool, bytes | None], bytes] = {}
+
+
+def _with_etag(headers: list[tuple[bytes, bytes]], etag: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    return tuple((name, etag if name == b"ETag" else value) for name, value in headers)
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -342,12 +348,16 @@ class _Response:
     __slots__ = (
         "answer",
         "available",
+        "carry",
         "deadline",
         "end",
+        "etag",
         "fd",
         "head",
         "head_sent",
         "key",
+        "moved",
+        "mtime_ns",
         "path",
         "phase",
         "pos",
@@ -375,6 +385,10 @@ class _Response:
         self.sending = 0  # bytes of the SendFile under way
         self.progress_at = 0.0  # the origin's last progress
         self.text = False  # a small text body: read whole, answered in one write
+        self.carry: propagation.Carry | None = None  # the token a manifest hands on
+        self.etag = b""  # a text body's validator, decided before it is read
+        self.mtime_ns = 0
+        self.moved = -1  # a taken-over fetch's descriptor, used once the send under way ends
 
 
 # -- the connection ---------------------------------------------------------------------------
@@ -561,14 +575,15 @@ class EdgeProtocol:
         self._advance()
         return self._take()
 
-    def missing(self, error_status: int | None, now: float) -> list[Action]:
-        """The cache does not hold the object; ``error_status`` if the origin just failed on it."""
+    def missing(self, failed: tuple[int, str] | None, now: float) -> list[Action]:
+        """The cache does not hold the object; ``failed``: the status and words of a recent
+        origin failure on it, if any."""
         self._now = now
         resp = self._response
         if resp is None or resp.phase != _OPEN or self._closed:
             return self._take()
-        if error_status is not None:
-            self._error(resp.req, error_status, "the origin failed on this object just now")
+        if failed is not None:
+            self._error(resp.req, failed[0], failed[1])
         else:
             self.w.metrics.s.misses += 1
             self._serial += 1
@@ -614,7 +629,8 @@ class EdgeProtocol:
         self._rearm()
         return self._take()
 
-    def fetch_failed(self, serial: int, status: int, now: float) -> list[Action]:
+    def fetch_failed(self, serial: int, status: int, message: str, now: float) -> list[Action]:
+        """The rest of the object will not come: ``status`` and why."""
         self._now = now
         resp = self._response
         if resp is None or resp.serial != serial or self._closed:
@@ -623,8 +639,25 @@ class EdgeProtocol:
             self._abort()
         else:
             self._release(resp)
-            self._error(resp.req, status, "the origin failed")
+            self._error(resp.req, status, message)
         self._advance()
+        return self._take()
+
+    def fetch_moved(self, serial: int, fd: int, now: float) -> list[Action]:
+        """The fetch was taken over (its fetcher died): the same object, the same bytes, goes
+        on arriving in ``fd``. Used from the next send on; a send under way ends on the old."""
+        self._now = now
+        resp = self._response
+        if resp is None or resp.serial != serial or resp.fd < 0 or self._closed:
+            self._emit(CloseFile(fd))
+            return self._take()
+        if resp.phase == _SEND:
+            if resp.moved >= 0:
+                self._emit(CloseFile(resp.moved))
+            resp.moved = fd
+        else:
+            self._emit(CloseFile(resp.fd))
+            resp.fd = fd
         return self._take()
 
     def sent(self, now: float) -> list[Action]:
@@ -635,6 +668,9 @@ class EdgeProtocol:
             return self._take()
         resp.pos += resp.sending
         resp.sending = 0
+        if resp.moved >= 0:
+            self._emit(CloseFile(resp.fd))
+            resp.fd, resp.moved = resp.moved, -1
         if resp.pos >= resp.end:
             self._release(resp)
             self._done(resp.req, resp.answer.status if resp.answer else 200, resp.end - resp.start)
@@ -883,6 +919,9 @@ class EdgeProtocol:
         if resp.fd >= 0:
             self._emit(CloseFile(resp.fd))
             resp.fd = -1
+        if resp.moved >= 0:
+            self._emit(CloseFile(resp.moved))
+            resp.moved = -1
 
     # -- answering ------------------------------------------------------------------------
 
@@ -931,7 +970,8 @@ class EdgeProtocol:
                     verified.clear()
                 verified[(req.url, client)] = (path, grant)
         key = path[1:]
-        hot = w.hot.get(key)
+        carry = self._carry(req, path)
+        hot = w.hot.get(key if carry is None else (key, carry))
         h = req.headers
         if (
             hot is not None
@@ -954,8 +994,28 @@ class EdgeProtocol:
             self._emit(Write(answer))
             self._done(req, 200, len(hot.body))
             return
-        self._response = _Response(req, path, key, _OPEN, self._now + w.config.send_timeout_s)
+        resp = self._response = _Response(
+            req, path, key, _OPEN, self._now + w.config.send_timeout_s
+        )
+        resp.carry = carry
         self._emit(Open(key))
+
+    def _carry(self, req: Request, path: str) -> propagation.Carry | None:
+        """The token a manifest served to this request hands on to the URIs inside it.
+
+        Players resolve a manifest's relative URIs without the manifest's query, so a title
+        signed in the query string would play no further than its master playlist (token
+        propagation, see ``propagation``). Only a token that came in the query and was
+        verified is carried; one from a cookie travels by itself.
+        """
+        config = self.w.config
+        if not config.require_token or not propagation.rewrites(path):
+            return None
+        query = req.url.partition(b"?")[2]
+        try:
+            return propagation.carry_from_query(config.token_name, query, req.headers.get(b"host"))
+        except tokens.TokenError:  # refused before this, by the token check
+            return None
 
     def _check_token(
         self, req: Request, path: str, query: str, client: str, epoch: int
@@ -1015,6 +1075,10 @@ class EdgeProtocol:
         """
         req = resp.req
         h = req.headers
+        if resp.carry is not None or (
+            size <= _SMALL_TEXT and not resp.path.endswith(_MEDIA_SUFFIXES)
+        ):
+            return self._text_first(resp, fd, size, mtime_ns)
         if not h or not (b"range" in h or b"if-none-match" in h or b"if-modified-since" in h):
             # The whole object, as most requests want: its header block is made once per
             # version of the object, however many viewers ask for it.
@@ -1058,6 +1122,28 @@ class EdgeProtocol:
         block = http.header_block([*answer.headers, (b"Content-Length", b"%d" % answer.count)])
         return self._body_from(resp, fd, block)
 
+    def _text_first(self, resp: _Response, fd: int, size: int, mtime_ns: int) -> bool:
+        """A small text body (or a manifest to rewrite, whatever its size) is read whole and
+        answered by _text_response; only a 304 is decided before, from its validator."""
+        etag = http.etag_for(mtime_ns, size)
+        if resp.carry is not None:  # a manifest rewritten for a token is another representation
+            etag = propagation.etag(etag, resp.carry)
+        h = resp.req.headers
+        if h and http.is_not_modified(
+            etag, mtime_ns / 1e9, h.get(b"if-none-match"), h.get(b"if-modified-since")
+        ):
+            self._emit(CloseFile(fd))
+            headers = http.object_headers(resp.path, mtime_ns, size)
+            self._simple(resp.req, 304, b"", extra=_with_etag(headers, etag))
+            return False
+        resp.text = True
+        resp.fd = fd
+        resp.etag = etag
+        resp.mtime_ns = mtime_ns
+        resp.start = resp.pos = 0
+        resp.end = size
+        return True
+
     def _body_from(self, resp: _Response, fd: int, block: bytes) -> bool:
         answer = resp.answer
         assert answer is not None
@@ -1065,9 +1151,6 @@ class EdgeProtocol:
         resp.fd = fd
         resp.start = resp.pos = answer.offset
         resp.end = answer.offset + answer.count
-        resp.text = answer.count <= _SMALL_TEXT and not resp.path.endswith(_MEDIA_SUFFIXES)
-        if resp.text:
-            return True  # its head is made with its body (see _text_response)
         head = self._head(req, answer.status, block)
         if req.method == b"HEAD" or answer.count == 0:
             self._release(resp)
@@ -1098,13 +1181,30 @@ class EdgeProtocol:
     def _text_response(self, resp: _Response, body: bytes) -> None:
         """The one place a small text body (a playlist, a manifest) is answered from.
 
-        The head is made here, from the body as it will be sent, so a body rewritten on the
-        way out carries its own length.
+        The body is the whole file. A manifest asked for with a query token is rewritten here
+        so that the URIs in it carry the token on (``propagation``); the range asked for, the
+        length and the head are then the body's as it is sent.
         """
         req = resp.req
-        answer = resp.answer
-        assert answer is not None
-        headers = [*answer.headers, (b"Content-Length", b"%d" % len(body))]
+        carry = resp.carry
+        if carry is not None:
+            body = propagation.propagate(resp.path, body, carry)
+        h = req.headers
+        try:
+            answer = http.answer_object(
+                resp.path,
+                resp.mtime_ns,
+                len(body),
+                range_header=h.get(b"range") if h else None,
+                if_none_match=None,  # decided before the read (see _text_first)
+                if_modified_since=None,
+                etag=resp.etag,
+            )
+        except http.Unsatisfiable as exc:
+            extra = ((b"Content-Range", b"bytes */%d" % len(body)),)
+            self._error(req, 416, str(exc), extra=extra)
+            return
+        headers = [*answer.headers, (b"Content-Length", b"%d" % answer.count)]
         head = self._head(req, answer.status, headers)
         if req.method == b"HEAD":
             self._emit(Write(head))
@@ -1114,7 +1214,10 @@ class EdgeProtocol:
             hot = self.w.hot
             if len(hot) >= _HOT_OBJECTS:
                 hot.clear()
-            hot[resp.key] = _Hot(req.started + _HOT_TTL_S, http.header_block(headers), body)
+            hot_key = resp.key if carry is None else (resp.key, carry)
+            hot[hot_key] = _Hot(req.started + _HOT_TTL_S, http.header_block(headers), body)
+        else:
+            body = body[answer.offset : answer.offset + answer.count]
         self._emit(Write(head + body))
         self._done(req, answer.status, len(body))
 

@@ -39,7 +39,8 @@ from typing import Any, Final
 
 from streamplane.config import EdgeSettings
 from streamplane.edge import operations, protocol, tokens
-from streamplane.edge.cache import DiskCache, FetchError, ObjectWriter
+from streamplane.edge.cache import Complete, DiskCache, Failed, FetchError, error_text
+from streamplane.edge.fetch import Fetches, Follower
 from streamplane.edge.origin import Origin, make_origin
 from streamplane.edge.protocol import (
     Abort,
@@ -58,6 +59,7 @@ from streamplane.edge.protocol import (
     WorkerState,
     Write,
 )
+from streamplane.edge.throttle import LogThrottle
 
 __all__ = ["EdgeConnection", "Worker", "listening_socket", "run_worker"]
 
@@ -78,27 +80,39 @@ class Worker:
         index: int,
         cache: DiskCache,
         origin: Origin,
-        supervisor: int,
+        keeper: socket.socket,
     ) -> None:
         self.config = config
         self.index = index
         self.cache = cache
         self.origin = origin
+        self.warn = LogThrottle(lambda text: print(f"edge worker {index}: {text}", file=sys.stderr))
         self.state = WorkerState(
             config, {kid: tokens.key_from_hex(h) for kid, h in keyring.items()}, index
         )
         self.state.set_clock(time.monotonic(), time.time())
         self.metrics = self.state.metrics
         self.connections: set[EdgeConnection] = set()
-        self.fetches: dict[str, asyncio.Event] = {}  # key -> woken on every chunk
+        # Misses start or join origin fetches here (see fetch); what landed, and a full disk,
+        # are told to the supervisor, which keeps the cache within its disk.
+        self.fetches = Fetches(
+            cache,
+            origin,
+            stall_s=config.stall_timeout_s,
+            stored=lambda key, size: self.tell_keeper({"admit": key, "size": size}),
+            warn=self.warn,
+            counters=self.metrics.s,
+        )
+        cache.ask_room = lambda need: self.tell_keeper({"room": need})
+        cache.warn = self.warn
         self.tasks: set[asyncio.Task[None]] = set()
-        self._changes: dict[str, asyncio.Future[None]] = {}  # see changed()
         # One receive buffer for every connection of the worker (see EdgeConnection.get_buffer).
         self.read_buffer = memoryview(bytearray(_READ_BUFFER))
         self.run_dir = cache.root / ".run"
-        self.keeper_address = f"\0streamplane-edge-{supervisor}-{config.port}"
-        self._keeper = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._keeper.setblocking(False)
+        # The supervisor's end of a socketpair it made and handed down: no other process
+        # can send to it (an abstract socket name took datagrams from any local process).
+        self._keeper = keeper
+        keeper.setblocking(False)
 
     @property
     def draining(self) -> bool:
@@ -129,47 +143,7 @@ class Worker:
     def tell_keeper(self, message: dict[str, Any]) -> None:
         # Advice to the eviction policy; a full socket loses advice, never data.
         with contextlib.suppress(OSError):
-            self._keeper.sendto(json.dumps(message).encode(), self.keeper_address)
-
-    # -- waiting for objects being fetched ------------------------------------------------
-
-    def changed(self, key: str) -> asyncio.Future[None]:
-        """Resolved when the object being fetched under ``key`` may have changed.
-
-        One wait per object and round for all of this worker's followers of it, however
-        many: the next chunk of a fetch in this worker, or a change of the partial's size
-        that another worker writes (looked at every 5 ms), or 50 ms at most. Each follower
-        polling on its own cost a timer or a task per follower per round, and made a miss
-        storm's CPU mostly Python (bench/edge.py).
-        """
-        change = self._changes.get(key)
-        if change is None:
-            change = self._changes[key] = asyncio.get_running_loop().create_future()
-            self.spawn(self._watch(key, change))
-        return change
-
-    async def _watch(self, key: str, change: asyncio.Future[None]) -> None:
-        try:
-            event = self.fetches.get(key)
-            if event is not None:
-                event.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(event.wait(), 0.05)
-                return
-            size = self._partial_size(key)
-            for _ in range(10):
-                await asyncio.sleep(0.005)
-                if key in self.fetches or self._partial_size(key) != size:
-                    return
-        finally:
-            del self._changes[key]
-            change.set_result(None)
-
-    def _partial_size(self, key: str) -> int:
-        try:
-            return os.stat(self.cache.body_path(key)).st_size
-        except OSError:  # gone: complete, failed, or not begun
-            return -1
+            self._keeper.send(json.dumps(message).encode())
 
     def flush_hits(self) -> None:
         # Counted per key, in the order of each key's last request (what LRU needs), and told
@@ -179,43 +153,11 @@ class Worker:
             self.tell_keeper({"hits": list(hits.items())})
             hits.clear()
 
-    # -- misses ------------------------------------------------------------------------
-
-    def ensure_fetch(self, key: str) -> bool:
-        """Start the origin fetch of ``key`` unless one runs somewhere; True if this joins one."""
-        writer = self.cache.begin(key, self.config.stall_timeout_s)
-        if writer is None:
-            return True
-        event = self.fetches.setdefault(key, asyncio.Event())
-        self.spawn(self._fetch(key, writer, event))
-        return False
-
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # The loop keeps only weak references to tasks: hold them until they finish.
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    async def _fetch(self, key: str, writer: ObjectWriter, event: asyncio.Event) -> None:
-        self.metrics.s.origin_fetches += 1
-        try:
-            await self.origin.fetch(key, writer, event.set)
-            size = writer.commit()
-            self.metrics.s.origin_bytes += size
-            self.cache.clear_error(key)
-            self.tell_keeper({"admit": key, "size": size})
-        except FetchError as exc:
-            self.metrics.s.origin_errors += 1
-            writer.abort()
-            self.cache.record_error(key, exc.status)
-        except BaseException:
-            self.metrics.s.origin_errors += 1
-            writer.abort()
-            self.cache.record_error(key, 502)
-            raise
-        finally:
-            event.set()
-            self.fetches.pop(key, None)
 
 
 class EdgeConnection(asyncio.BufferedProtocol):
@@ -310,7 +252,7 @@ class EdgeConnection(asyncio.BufferedProtocol):
 
     def _core_failed(self, exc: BaseException) -> None:
         # A bug in the core: its state cannot be trusted, so this connection goes. Only this one.
-        print(f"edge worker {self.w.index}: connection core failed: {exc!r}", file=sys.stderr)
+        self.w.warn("core", f"a connection's core failed: {exc!r}")
         self._stop_tasks()
         if self.transport is not None:
             self.transport.abort()
@@ -340,7 +282,7 @@ class EdgeConnection(asyncio.BufferedProtocol):
         try:
             self._carry_out(action)
         except Exception as exc:  # a bug, or an error nobody expected: this request only
-            print(f"edge worker {self.w.index}: {action!r} failed: {exc!r}", file=sys.stderr)
+            self.w.warn("action", f"{action!r} failed: {exc!r}")
             self._notify(self.core.failed)
 
     def _carry_out(self, action: Action) -> None:
@@ -410,70 +352,61 @@ class EdgeConnection(asyncio.BufferedProtocol):
         now = time.monotonic()
         if obj is not None:
             self._apply(self.core.opened(obj.fd, obj.size, obj.mtime_ns, now))
-        else:
-            self._apply(self.core.missing(cache.recent_error(key), now))
+            return
+        status = cache.recent_error(key)
+        failed = None if status is None else (status, error_text(status))
+        self._apply(self.core.missing(failed, now))
 
     async def _follow(self, key: str, serial: int) -> None:
-        """Join or start the fetch of ``key``; report what lands to the core while it follows.
+        """Start or join the fetch of ``key``; report what lands to the core while it follows.
 
-        The core gets its own descriptor of the arriving body; this task keeps another to
-        watch it grow (a partial whose fetch failed is unlinked short of its length).
+        ``Fetches`` holds the rules (one origin request per object, a dead fetcher's partial
+        taken over); this only tells the core. The core gets descriptors of its own: the
+        follower keeps one to watch the body grow, and moves to another partial when a fetch
+        is taken over, which the core is then told.
         """
         w = self.w
         core = self.core
-        if w.ensure_fetch(key):
-            w.metrics.s.collapsed += 1
-        fd = -1
-        length = 0
+        found = await w.fetches.outcome(key)
+        if isinstance(found, Failed):
+            if core.following == serial:
+                now = time.monotonic()
+                self._apply(core.fetch_failed(serial, found.status, found.message, now))
+            return
+        if isinstance(found, Complete):
+            obj = found.obj
+            self._apply(core.opened(obj.fd, obj.size, obj.mtime_ns, time.monotonic()))
+            return
+        follower = Follower(w.fetches, key, found)
         try:
-            while core.following == serial:
-                if fd < 0:
-                    obj = w.cache.open_complete(key)
-                    if obj is not None:
-                        self._apply(core.opened(obj.fd, obj.size, obj.mtime_ns, time.monotonic()))
-                        return
-                    inflight = w.cache.open_inflight(key)
-                    if inflight is not None:
-                        fd, meta = inflight
-                        if meta is not None:
-                            length = meta.length
-                            self._apply(
-                                core.fetch_ready(
-                                    serial, os.dup(fd), length, meta.mtime, time.monotonic()
-                                )
-                            )
-                            continue
-                        os.close(fd)
-                        fd = -1
-                    elif (status := w.cache.recent_error(key)) is not None:
-                        self._apply(core.fetch_failed(serial, status, time.monotonic()))
-                        return
-                    elif key not in w.fetches:
-                        # No fetch runs and nothing is cached: the fetch we joined died, or its
-                        # object was evicted the moment it landed. Fetch (or join) again.
-                        w.ensure_fetch(key)
-                else:
-                    st = os.fstat(fd)
-                    if st.st_nlink == 0 and st.st_size < length:  # unlinked short: it failed
-                        self._apply(core.fetch_failed(serial, 502, time.monotonic()))
-                        return
-                    self._apply(core.fetch_progress(serial, st.st_size, time.monotonic()))
-                    if st.st_size >= length:
-                        return  # all landed: the core sends the rest without more news
-                await self._wait_progress(key)
+            length = follower.meta.length
+            fd = follower.fd
+            self._apply(
+                core.fetch_ready(serial, os.dup(fd), length, follower.meta.mtime, time.monotonic())
+            )
+            pos = 0
+            while core.following == serial and pos < length:
+                try:
+                    pos = await follower.available(pos)
+                except FetchError as exc:
+                    if core.following == serial:
+                        now = time.monotonic()
+                        self._apply(core.fetch_failed(serial, exc.status, str(exc), now))
+                    return
+                if core.following != serial:
+                    return
+                if follower.fd != fd:  # taken over: the same object, arriving elsewhere
+                    fd = follower.fd
+                    self._apply(core.fetch_moved(serial, os.dup(fd), time.monotonic()))
+                self._apply(core.fetch_progress(serial, pos, time.monotonic()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            print(f"edge worker {w.index}: following {key} failed: {exc!r}", file=sys.stderr)
+            w.warn("follow", f"following {key} failed: {exc!r}")
             if core.following == serial:
                 self._notify(core.failed)
         finally:
-            if fd >= 0:
-                os.close(fd)
-
-    async def _wait_progress(self, key: str) -> None:
-        # shielded: a follower that goes must not cancel the wait the others share
-        await asyncio.shield(self.w.changed(key))
+            follower.close()
 
     # -- bodies -----------------------------------------------------------------------------
 
@@ -625,19 +558,30 @@ def tls_context(config: EdgeSettings) -> ssl.SSLContext | None:
     return context
 
 
-def run_worker(config: EdgeSettings, keyring: dict[str, str], index: int, supervisor: int) -> None:
-    """Entry point of one worker process, started by the supervisor (its pid)."""
+def run_worker(
+    config: EdgeSettings,
+    keyring: dict[str, str],
+    index: int,
+    supervisor: int,
+    keeper: socket.socket,
+) -> None:
+    """Entry point of one worker process, started by the supervisor (its pid), which hands
+    it its end of the control channel (``keeper``)."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config, keyring, index, supervisor))
+        asyncio.run(_serve(config, keyring, index, supervisor, keeper))
 
 
 async def _serve(
-    config: EdgeSettings, keyring: dict[str, str], index: int, supervisor: int
+    config: EdgeSettings,
+    keyring: dict[str, str],
+    index: int,
+    supervisor: int,
+    keeper: socket.socket,
 ) -> None:
     loop = asyncio.get_running_loop()
     cache = DiskCache(Path(config.cache_dir))
     origin = make_origin(config.origin)
-    worker = Worker(config, keyring, index, cache, origin, supervisor)
+    worker = Worker(config, keyring, index, cache, origin, keeper)
     (worker.run_dir / "metrics").mkdir(exist_ok=True)
     sock = listening_socket(config.host, config.port)
     server = await loop.create_server(
