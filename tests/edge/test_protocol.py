@@ -70,7 +70,8 @@ def get(
     version: str = "HTTP/1.1",
 ) -> bytes:
     target = path if tok is None else f"{path}?__token__={tok}"
-    lines = [f"{method} {target} {version}", "Host: edge", *headers]
+    host = [] if any(h.lower().startswith("host:") for h in headers) else ["Host: edge"]
+    lines = [f"{method} {target} {version}", *host, *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -846,3 +847,14 @@ def test_a_taken_over_fetch_is_read_from_its_new_file_once_the_send_under_way_en
     assert c.fetch_progress(1, 300) == [SendFile(12, 200, 100)]
     assert c.sent() == [CloseFile(12)]
     assert c.core.state is State.IDLE
+
+
+def test_a_granted_target_asked_under_another_host_hands_the_token_to_that_host() -> None:
+    absolute = b"#EXTM3U\n#EXTINF:4,\nhttp://edge-b.example/t1/seg_1.m4s\n"
+    c = Conn()
+    c.send(get("/t1/index.m3u8", "Host: edge-a.example"))
+    c.opened(5, len(absolute), MTIME_NS)
+    assert body_of(only_write(c.text_read(absolute)[1:])) == absolute  # another host's URI
+    c.send(get("/t1/index.m3u8", "Host: edge-b.example"))  # the same target, granted before
+    c.opened(6, len(absolute), MTIME_NS)
+    assert f"seg_1.m4s?__token__={TOKEN}".encode() in body_of(only_write(c.text_read(absolute)[1:]))

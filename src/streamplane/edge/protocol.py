@@ -50,7 +50,7 @@ import math
 import re
 from collections import deque
 from collections.abc import Mapping
-from typing import Final
+from typing import Final, NamedTuple
 
 import httptools
 import msgspec
@@ -261,8 +261,7 @@ class WorkerState:
         self.index = index
         self.metrics = WorkerMetrics()
         self.grants = tokens.GrantCache(keyring, _GRANT_CACHE)
-        # (request target, client) -> (its path, the grant that allowed it)
-        self.verified: dict[tuple[bytes, str], tuple[str, tokens.Grant]] = {}
+        self.verified: dict[tuple[bytes, str], _Granted] = {}  # by request target and client
         # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
         # holds descriptors: a player polls them, and each poll would otherwise cost five
         # syscalls.
@@ -302,6 +301,15 @@ class _Hot:
 
 def _with_etag(headers: list[tuple[bytes, bytes]], etag: bytes) -> tuple[tuple[bytes, bytes], ...]:
     return tuple((name, etag if name == b"ETag" else value) for name, value in headers)
+
+
+class _Granted(NamedTuple):
+    """A request target a client was granted: what the next request for it can skip."""
+
+    path: str
+    grant: tokens.Grant
+    carry: propagation.Carry | None  # what a manifest answered to it hands on, for ``host``
+    host: bytes | None
 
 
 # -- requests -------------------------------------------------------------------------------
@@ -939,8 +947,10 @@ class EdgeProtocol:
         # A player polls its playlist with one URL and one token: a request target this
         # client was granted before skips parsing and the ACL match, keeping only the clock.
         seen = w.verified.get((req.url, client))
-        if seen is not None and (method == b"GET" or method == b"HEAD") and seen[1].live(epoch):
-            path = seen[0]
+        if seen is not None and (method == b"GET" or method == b"HEAD") and seen.grant.live(epoch):
+            path = seen.path
+            host = req.headers.get(b"host")
+            carry = seen.carry if host == seen.host else self._carry(req, path)
         else:
             try:
                 path, query = http.request_path(req.url)
@@ -964,13 +974,13 @@ class EdgeProtocol:
             if not path[1:] or "/." in path:  # the path is normalised: a segment starting "."
                 self._error(req, 404, "no such object")
                 return
+            carry = self._carry(req, path)
             if grant is not None:
                 verified = w.verified
                 if len(verified) >= _GRANT_CACHE:
                     verified.clear()
-                verified[(req.url, client)] = (path, grant)
+                verified[(req.url, client)] = _Granted(path, grant, carry, req.headers.get(b"host"))
         key = path[1:]
-        carry = self._carry(req, path)
         hot = w.hot.get(key if carry is None else (key, carry))
         h = req.headers
         if (
