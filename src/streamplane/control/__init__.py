@@ -10,14 +10,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from streamplane.control.app import ControlPlane, create_app
+    from streamplane.control.app import create_app
     from streamplane.control.errors import ApiError
     from streamplane.control.fleet import EdgeView, FleetPolicy
+    from streamplane.control.plane import ControlPlane
     from streamplane.control.store import Store, migrate
 
 _LAZY = {
     "ApiError": "errors",
-    "ControlPlane": "app",
+    "ControlPlane": "plane",
     "EdgeView": "fleet",
     "FleetPolicy": "fleet",
     "Store": "store",

@@ -1,0 +1,88 @@
+"""The control plane's services, built from the settings: what every route works on.
+
+``create_app`` builds one :class:`ControlPlane` and keeps it as ``app.state.plane``; the
+routers reach it through the ``Plane`` dependency (``streamplane.control.routes.deps``).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from streamplane.config import Settings
+from streamplane.control.accounts import Accounts
+from streamplane.control.catalog import Catalog
+from streamplane.control.fleet import Fleet, FleetPolicy
+from streamplane.control.playback import Playback
+from streamplane.control.store import Store, migrate
+from streamplane.steering import BgpFeed, GeoLocator, RoutingTable, SiteInfo, Steering, load_czmap
+
+__all__ = ["Clock", "ControlPlane"]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class ControlPlane:
+    """Everything a request needs, built from the settings; started by the app's lifespan."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+        steering: Steering | None = None,
+    ) -> None:
+        c = settings.control
+        self.settings = settings
+        self.clock = clock
+        self.monotonic = monotonic
+        self.store = Store(c.database_url, schema=c.database_schema)
+        jwt_key = bytes.fromhex(c.jwt_secret) if c.jwt_secret else secrets.token_bytes(32)
+        self.accounts = Accounts(self.store, c, jwt_key)
+        self.catalog = Catalog(self.store)
+        self.fleet = Fleet(
+            self.store, FleetPolicy.from_settings(c), Path(c.placement) if c.placement else None
+        )
+        sites: dict[str, SiteInfo] = {}
+        table = RoutingTable()
+        if c.czmap:
+            routes, sites = load_czmap(Path(c.czmap))
+            table.replace(routes)
+        self.table = table
+        self.steering = (
+            steering if steering is not None else Steering(table, GeoLocator(), sites=sites)
+        )
+        self.playback = Playback(
+            self.store,
+            c,
+            self.fleet,
+            self.steering,
+            sites,
+            settings.tokens.signing_key(),
+            settings.tokens.ttl_s,
+            self.accounts.session_token,
+        )
+        self._bgp: list[BgpFeed] = []
+
+    async def start(self) -> None:
+        c = self.settings.control
+        await migrate(self.store)
+        titles = await self.catalog.scan(Path(c.catalog_dir), self.clock())
+        if titles:
+            log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
+        await self.fleet.refresh(self.monotonic())
+        for peer in c.bgp:
+            feed = BgpFeed(self.table, peer)
+            await feed.start()
+            self._bgp.append(feed)
+
+    async def stop(self) -> None:
+        for feed in self._bgp:
+            await feed.stop()
+        await self.store.dispose()
