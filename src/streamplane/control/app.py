@@ -10,13 +10,14 @@ Every refusal is JSON ``{"error": code, "detail": sentence, ...facts}``.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import msgspec
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -104,19 +105,34 @@ def _openapi_components(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+class ErrorResponse(JSONResponse):
+    """A refusal's JSON, whatever text it quotes back.
+
+    Bodies are read strictly (``routes/body.py``), so no request text should hold what UTF-8
+    cannot encode; should one still be echoed (a lone surrogate in a validation error's
+    ``input``), it is escaped (``\\ud800``) rather than failing the response with a 500.
+    """
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return msgspec.json.encode(content)
+        except (UnicodeEncodeError, TypeError):
+            return json.dumps(content, ensure_ascii=True, default=str).encode()
+
+
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(_request: Request, exc: ApiError) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return ErrorResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         for e in errors:
             if e.get("type") == "json_invalid":
                 why = (e.get("ctx") or {}).get("error", "")
-                return JSONResponse(
+                return ErrorResponse(
                     {
                         "error": "bad_json",
                         "detail": f"the request body is not valid JSON: {why}".rstrip(": "),
@@ -126,15 +142,15 @@ def _errors(app: FastAPI) -> None:
         detail = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in errors
         )
-        return JSONResponse(
+        return ErrorResponse(
             {"error": "invalid", "detail": detail, "errors": jsonable_encoder(errors)},
             status_code=422,
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(
+        return ErrorResponse(
             {"error": code, "detail": str(exc.detail)},
             status_code=exc.status_code,
             headers=exc.headers,

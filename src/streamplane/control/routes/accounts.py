@@ -15,11 +15,12 @@ from streamplane.control.accounts import (
     SignupIn,
     TokensOut,
 )
+from streamplane.control.routes.body import JsonRoute
 from streamplane.control.routes.deps import Me, plane_of
 
 __all__ = ["AccountDetail", "AccountScreens", "router"]
 
-router = APIRouter(tags=["accounts"])
+router = APIRouter(tags=["accounts"], route_class=JsonRoute)
 
 
 class AccountScreens(BaseModel):

@@ -11,13 +11,13 @@ from streamplane.control.catalog import TitleInfo, check_title_id, summarise
 from streamplane.control.errors import ApiError, not_found
 from streamplane.control.fleet import exclusion, state
 from streamplane.control.plane import ControlPlane
-from streamplane.control.routes.body import body_schema, decode
+from streamplane.control.routes.body import JsonRoute, body_schema, decode
 from streamplane.control.routes.deps import admin, plane_of
 from streamplane.media import Title
 
 __all__ = ["Availability", "Holder", "RungOut", "TitleList", "TitleOut", "known_title", "router"]
 
-router = APIRouter(tags=["catalog"])
+router = APIRouter(tags=["catalog"], route_class=JsonRoute)
 
 
 class RungOut(BaseModel):

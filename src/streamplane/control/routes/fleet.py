@@ -7,13 +7,13 @@ from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel
 
 from streamplane.control.fleet import check_heartbeat, exclusion, share, state
-from streamplane.control.routes.body import body_schema, decode
+from streamplane.control.routes.body import JsonRoute, body_schema, decode
 from streamplane.control.routes.deps import admin, edge_auth, plane_of
 from streamplane.edge import EdgeHeartbeat, HeartbeatReply
 
 __all__ = ["EdgeStatus", "FleetOut", "router"]
 
-router = APIRouter(tags=["fleet"])
+router = APIRouter(tags=["fleet"], route_class=JsonRoute)
 
 
 class EdgeStatus(BaseModel):

@@ -8,12 +8,13 @@ from fastapi import APIRouter, Request, Response
 
 from streamplane.control.errors import forbidden
 from streamplane.control.playback import HeartbeatOut, PlaybackIn, PlaybackOut, PlayerHeartbeatIn
+from streamplane.control.routes.body import JsonRoute
 from streamplane.control.routes.catalog import known_title
 from streamplane.control.routes.deps import Creds, Me, bearer_token, plane_of
 
 __all__ = ["router"]
 
-router = APIRouter(tags=["playback"])
+router = APIRouter(tags=["playback"], route_class=JsonRoute)
 
 
 @router.post("/v1/playback", response_model=PlaybackOut)
