@@ -115,6 +115,10 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     database_url: str = "sqlite+aiosqlite:///streamplane.db"
     database_schema: str = ""  # PostgreSQL schema to use (its search_path); empty: the default
+    # A dead store fails requests fast (503) rather than holding them: how long to wait for a
+    # PostgreSQL connection to open, and for a pooled connection when all are in use.
+    database_connect_timeout_s: float = 5.0
+    database_pool_timeout_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = ""  # how players reach this service; empty: http://host:port

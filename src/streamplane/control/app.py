@@ -30,6 +30,7 @@ from streamplane.control.middleware import BodyLimit
 from streamplane.control.plane import Clock, ControlPlane
 from streamplane.control.routes import include, pages
 from streamplane.control.routes.body import SCHEMA_REF
+from streamplane.control.store import StoreUnavailable
 from streamplane.edge import EdgeHeartbeat, HeartbeatReply
 from streamplane.media import Title
 from streamplane.steering import Steering, SteeringError
@@ -38,6 +39,8 @@ __all__ = ["ControlPlane", "create_app"]
 
 # Bodies that may be larger than the others: title documents and edge heartbeats (many titles).
 _BULK_PATHS: Final = ("/v1/titles", "/v1/fleet/heartbeat")
+# What a 503 for an unavailable store tells the client to wait before trying again, seconds.
+RETRY_AFTER_S: Final = 2
 
 
 def create_app(
@@ -125,6 +128,22 @@ def _errors(app: FastAPI) -> None:
     async def api_error(_request: Request, exc: ApiError) -> Response:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
         return ErrorResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(_request: Request, _exc: StoreUnavailable) -> Response:
+        # Why (hosts, files) is for the operator: the store logs it once an outage and
+        # /healthz shows it. The client learns what is down and when to try again.
+        return ErrorResponse(
+            {
+                "error": "store_unavailable",
+                "detail": (
+                    f"the control plane's database is unavailable; try again in {RETRY_AFTER_S} s"
+                ),
+                "retry_after_s": RETRY_AFTER_S,
+            },
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, exc: RequestValidationError) -> Response:

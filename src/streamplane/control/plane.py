@@ -6,18 +6,20 @@ routers reach it through the ``Plane`` dependency (``streamplane.control.routes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 from streamplane.config import Settings
 from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy
 from streamplane.control.playback import Playback
-from streamplane.control.store import Store, migrate
+from streamplane.control.store import Store, StoreUnavailable, migrate
 from streamplane.steering import BgpFeed, GeoLocator, RoutingTable, SiteInfo, Steering, load_czmap
 
 __all__ = ["Clock", "ControlPlane"]
@@ -25,6 +27,11 @@ __all__ = ["Clock", "ControlPlane"]
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+# /healthz asks the store at most this often, and waits for its answer at most this long: a
+# load balancer polling many times a second costs the store one SELECT a second.
+_STORE_CHECK_EVERY_S: Final = 1.0
+_STORE_CHECK_TIMEOUT_S: Final = 1.0
 
 
 class ControlPlane:
@@ -42,7 +49,12 @@ class ControlPlane:
         self.settings = settings
         self.clock = clock
         self.monotonic = monotonic
-        self.store = Store(c.database_url, schema=c.database_schema)
+        self.store = Store(
+            c.database_url,
+            schema=c.database_schema,
+            connect_timeout_s=c.database_connect_timeout_s,
+            pool_timeout_s=c.database_pool_timeout_s,
+        )
         jwt_key = bytes.fromhex(c.jwt_secret) if c.jwt_secret else secrets.token_bytes(32)
         self.accounts = Accounts(self.store, c, jwt_key)
         self.catalog = Catalog(self.store)
@@ -69,6 +81,27 @@ class ControlPlane:
             self.accounts.session_token,
         )
         self._bgp: list[BgpFeed] = []
+        self._store_problem: str | None = None
+        self._store_checked_at = float("-inf")
+        self._store_check = asyncio.Lock()
+
+    async def store_problem(self) -> str | None:
+        """What is wrong with the store (None: it answered), checked at most once a second."""
+        if self.monotonic() - self._store_checked_at < _STORE_CHECK_EVERY_S:
+            return self._store_problem
+        async with self._store_check:  # concurrent callers share one check
+            if self.monotonic() - self._store_checked_at < _STORE_CHECK_EVERY_S:
+                return self._store_problem
+            try:
+                await asyncio.wait_for(self.store.ping(), _STORE_CHECK_TIMEOUT_S)
+                problem = None
+            except StoreUnavailable as err:
+                problem = f"unavailable: {err}"
+            except TimeoutError:
+                problem = f"unavailable: no answer within {_STORE_CHECK_TIMEOUT_S:g} s"
+            self._store_problem = problem
+            self._store_checked_at = self.monotonic()
+        return problem
 
     async def start(self) -> None:
         c = self.settings.control
