@@ -127,6 +127,11 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     czmap: str = ""  # Apache Traffic Control czmap.json; empty: none
     bgp: tuple[BgpPeer, ...] = ()  # BGP sessions feeding the routing table
     origin_url: str = ""  # last-resort edge when no healthy edge holds a title; empty: none
+    # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
+    # of them, the client is read from trusted_proxy_header, walked right to left past the
+    # trusted hops. Empty: the TCP peer is the client, whatever the headers say.
+    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxy_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     # accounts
     jwt_secret: str = ""  # hex; empty: a random secret per process (tokens die on restart)
     access_ttl_s: int = 900

@@ -10,7 +10,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from streamplane.control.app import create_app
+    from streamplane.control.app import create_app, server_config
     from streamplane.control.errors import ApiError
     from streamplane.control.fleet import EdgeView, FleetPolicy
     from streamplane.control.plane import ControlPlane
@@ -23,6 +23,7 @@ _LAZY = {
     "FleetPolicy": "fleet",
     "Store": "store",
     "create_app": "app",
+    "server_config": "app",
     "migrate": "store",
 }
 
@@ -42,4 +43,5 @@ __all__ = [
     "Store",
     "create_app",
     "migrate",
+    "server_config",
 ]

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from streamplane.config import Settings
+from streamplane.config import Settings, SettingsError
 from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy
+from streamplane.control.forwarded import parse_networks
 from streamplane.control.playback import Playback
 from streamplane.control.store import Store, StoreUnavailable, migrate
 from streamplane.steering import BgpFeed, GeoLocator, RoutingTable, SiteInfo, Steering, load_czmap
@@ -49,6 +50,10 @@ class ControlPlane:
         self.settings = settings
         self.clock = clock
         self.monotonic = monotonic
+        try:
+            self.trusted_proxies = parse_networks(c.trusted_proxies)
+        except ValueError as err:
+            raise SettingsError(f"control.trusted_proxies: {err}") from None
         self.store = Store(
             c.database_url,
             schema=c.database_schema,

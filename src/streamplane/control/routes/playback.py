@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 from fastapi import APIRouter, Request, Response
 
 from streamplane.control.errors import forbidden
+from streamplane.control.forwarded import client_address, forwarded_chain, x_forwarded_for_chain
 from streamplane.control.playback import HeartbeatOut, PlaybackIn, PlaybackOut, PlayerHeartbeatIn
 from streamplane.control.routes.body import JsonRoute
 from streamplane.control.routes.catalog import known_title
@@ -58,8 +57,14 @@ async def player_heartbeat(
 
 
 def _client_address(request: Request) -> str:
-    host = request.client.host if request.client else ""
-    try:
-        return str(ipaddress.ip_address(host))
-    except ValueError:
-        return "0.0.0.0"  # unknown: steering falls back to geography the client sent, or none
+    """The client's address: the TCP peer, or whom trusted proxies say they forward for."""
+    peer = request.client.host if request.client else ""
+    plane = plane_of(request)
+    chain: list[str] = []
+    if plane.trusted_proxies:  # the headers are read only from a trusted peer
+        header = plane.settings.control.trusted_proxy_header
+        values = request.headers.getlist(header)
+        chain = forwarded_chain(values) if header == "forwarded" else x_forwarded_for_chain(values)
+    address = client_address(peer, chain, plane.trusted_proxies)
+    # unknown: steering falls back to geography the client sent, or none
+    return address if address is not None else "0.0.0.0"
