@@ -12,7 +12,6 @@ import asyncio
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -34,6 +33,7 @@ from fastapi import FastAPI
 from streamplane.config import ControlSettings, Plan, Settings, TokenSettings
 from streamplane.control import create_app
 from streamplane.media.title import Rung, Title, encode_title
+from streamplane.stack import free_port
 from streamplane.steering import GeoLocator, RoutingTable, Steering
 
 PG_DSN = os.environ.get("STREAMPLANE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -285,12 +285,6 @@ async def control(db: Db, tmp_path: Path, geo: GeoLocator) -> AsyncIterator[Cont
     write_title(catalog, "short", duration_s=30.0)
     async with running(db, catalog, geo) as c:
         yield c
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

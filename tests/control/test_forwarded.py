@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -132,16 +134,14 @@ def _app(tmp_path: Path, **control: object) -> FastAPI:
 def _first_edge(base: str, headers: dict[str, str]) -> str:
     with httpx.Client(base_url=base) as client:
         for edge_id in ("lb", "near", "spoofed"):
-            hb = heartbeat(
-                f"e-{edge_id}", ("demo",), site=edge_id, sent_at=__import__("time").time()
-            )
+            hb = heartbeat(f"e-{edge_id}", ("demo",), site=edge_id, sent_at=time.time())
             assert client.post("/v1/fleet/heartbeat", json=hb).status_code == 200
-        body = {"email": f"v{free_port()}@example.com", "password": "correct horse"}
+        body = {"email": f"v-{uuid.uuid4().hex[:8]}@example.com", "password": "correct horse"}
         assert client.post("/v1/accounts", json=body).status_code == 201
         token = client.post("/v1/auth/login", json=body).json()["access_token"]
         r = client.post(
             "/v1/playback",
-            json={"title": "demo", "device": f"tv-{free_port()}"},
+            json={"title": "demo", "device": "tv"},
             headers={"Authorization": f"Bearer {token}", **headers},
         )
         assert r.status_code == 200, r.text
