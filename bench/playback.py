@@ -122,6 +122,8 @@ password_time_cost = 1
 password_memory_kib = 8192
 plans = {{ bench = {{ screens = 1000000 }} }}
 default_plan = "bench"
+# its edges are fictional and their heartbeats set-up, not what is measured: sent unsigned
+dev_mode = true
 """
     )
     return path

@@ -15,8 +15,12 @@ The file has one table per section; every key is optional and falls back to the 
     port = 8080
     catalog_dir = "catalog"
     placement = "catalog/placement/placement.json"
+    [control.edges.edge-1]         # each edge's own heartbeat key and the URL it may claim
+    key = "5be0..."
+    base_url = "https://edge-1.example.net"
 
     [edge]                         # see EdgeSettings
+    fleet_key = "5be0..."          # this edge's key: [control.edges.<edge_id>].key
 
 An environment variable overrides one key: ``STREAMPLANE_<SECTION>_<KEY>``, upper case, e.g.
 ``STREAMPLANE_CONTROL_DATABASE_URL=postgresql+asyncpg://127.0.0.1/streamplane`` or
@@ -31,7 +35,7 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -39,6 +43,7 @@ __all__ = [
     "ENV_PREFIX",
     "BgpPeer",
     "ControlSettings",
+    "EdgeRegistration",
     "EdgeSettings",
     "Plan",
     "Settings",
@@ -104,6 +109,24 @@ class BgpPeer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     local_as: int
     peer_as: int
     port: int = 179
+    # What the site's link to this router is; ranks its routes (embedded first, transit last)
+    relation: Literal["embedded", "private", "public", "transit"] = "public"
+    # Seconds without a message from the router before its session and routes go (BGP's
+    # 0, "never", is refused: a hung router would steer clients for ever).
+    hold_time_s: Annotated[int, msgspec.Meta(ge=3, le=65535)] = 90
+
+
+class EdgeRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An edge allowed to heartbeat: its own key, and the base URL (and site) it may claim.
+
+    The edge signs every heartbeat with ``key`` (its ``edge.fleet_key``); a heartbeat for this
+    edge id signed with anything else, or naming another base URL or site, is refused.
+    """
+
+    key: str  # hex, at least 16 bytes: python -c 'import secrets; print(secrets.token_hex(32))'
+    base_url: str  # the only base_url its heartbeats may carry: http(s)://host[:port]
+    site: str = ""  # the only site they may name; empty: any
+    previous_key: str = ""  # accepted as well while the edge moves to `key`; empty: none
 
 
 def _default_plans() -> dict[str, Plan]:
@@ -125,6 +148,8 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     catalog_dir: str = "catalog"  # scanned for */title.json at startup
     placement: str = ""  # placement.json (streamplane.placement/1); empty: none
     czmap: str = ""  # Apache Traffic Control czmap.json; empty: none
+    # how often the czmap file is checked for changes (SIGHUP reloads it too); 0: never
+    czmap_poll_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     bgp: tuple[BgpPeer, ...] = ()  # BGP sessions feeding the routing table
     origin_url: str = ""  # last-resort edge when no healthy edge holds a title; empty: none
     # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
@@ -139,7 +164,10 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     password_time_cost: int = 3  # argon2id passes (argon2-cffi's default, RFC 9106 low-memory)
     password_memory_kib: int = 65536  # argon2id memory per hash
     admin_token: str = ""  # bearer token for admin routes; empty: admin routes refuse
-    fleet_token: str = ""  # bearer token edges send with heartbeats; empty: not required
+    # edges: each its own key (here, or added by PUT /v1/fleet/edges/{id} with admin_token)
+    edges: dict[str, EdgeRegistration] = msgspec.field(default_factory=dict)
+    edge_clock_skew_s: float = 300.0  # a signed heartbeat's ts may be this far from our clock
+    dev_mode: bool = False  # unsigned heartbeats from unregistered edges pass: never in production
     plans: dict[str, Plan] = msgspec.field(default_factory=_default_plans)
     default_plan: str = "standard"
     # sessions and heartbeats
@@ -177,7 +205,8 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     lon: float | None = None
     capacity_bps: float = 10e9  # rated throughput, reported in heartbeats
     control_url: str = ""  # the control plane; empty: standalone, no heartbeats
-    fleet_token: str = ""  # bearer token for heartbeats, if the control plane wants one
+    fleet_key: str = ""  # hex: this edge's own key, [control.edges.<edge_id>].key up there
+    dev_mode: bool = False  # heartbeat unsigned when there is no fleet_key: development only
     admin_token: str = ""  # bearer token for /fill; empty: loopback clients only
     heartbeat_s: float = 2.0
     tls_cert: str = ""
@@ -210,6 +239,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
 
 
+# Settings that were removed, and what replaces them: named, not "unknown field".
+_REPLACED: Final[Mapping[tuple[str, str], str]] = {
+    ("control", "fleet_token"): (
+        "was one token shared by every edge, so any edge could speak for another; register "
+        'each edge with its own key instead: [control.edges.<edge id>] key = "<hex>", '
+        'base_url = "<its URL>" (see docs/control.md, "Edge credentials")'
+    ),
+    ("edge", "fleet_token"): (
+        "was one token shared by every edge; set edge.fleet_key to this edge's own key, the "
+        "one registered at the control plane as [control.edges.<edge id>] key"
+    ),
+}
+
 _SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "tokens": TokenSettings,
     "control": ControlSettings,
@@ -240,6 +282,10 @@ def load_settings(
             raise SettingsError(
                 f"{where}: unknown section [{section}]; sections are {', '.join(_SECTIONS)}"
             )
+        table = raw[section]
+        for key in table if isinstance(table, dict) else ():
+            if (section, key) in _REPLACED:
+                raise SettingsError(f"{where}: {section}.{key} {_REPLACED[section, key]}")
     env = os.environ if environ is None else environ
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -249,6 +295,8 @@ def load_settings(
             continue  # STREAMPLANE_* variables of other tools (none today) are not ours
         if not key:
             raise SettingsError(f"{name}: give a key, e.g. {ENV_PREFIX}{section.upper()}_KEY")
+        if (section, key) in _REPLACED:
+            raise SettingsError(f"{name}: {section}.{key} {_REPLACED[section, key]}")
         fields = _SECTIONS[section].__struct_fields__
         if key not in fields and section != "edge":
             raise SettingsError(f"{name}: [{section}] has no key {key!r}")

@@ -9,6 +9,7 @@ saying why, only when no server answers at ``STREAMPLANE_TEST_PG`` (default
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import shutil
@@ -30,8 +31,9 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from streamplane.config import ControlSettings, Plan, Settings, TokenSettings
+from streamplane.config import ControlSettings, EdgeRegistration, Plan, Settings, TokenSettings
 from streamplane.control import create_app
+from streamplane.edge import HeartbeatSigner, edge_key
 from streamplane.media.title import Rung, Title, encode_title
 from streamplane.stack import free_port
 from streamplane.steering import GeoLocator, RoutingTable, Steering
@@ -41,6 +43,9 @@ KEY_ID = "k1"
 KEY_HEX = "a1" * 32
 ADMIN = "admin-secret"
 T0 = 1_800_000_000.0  # the fake clock's start
+# The edges every test control plane knows, each with its own key (``heartbeat`` gives
+# edge ``eN`` the base URL registered here).
+EDGE_KEYS = {f"e{i}": f"{i:02x}" * 32 for i in range(1, 5)}
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -198,6 +203,7 @@ class Control:
     settings: Settings
     catalog: Path
     _accounts: int = field(default=0)
+    signers: dict[str, HeartbeatSigner] = field(default_factory=dict)
 
     async def account(self, plan: str = "standard") -> dict[str, str]:
         """Sign up and log in; the Authorization header of the new account."""
@@ -213,8 +219,45 @@ class Control:
         assert r.status_code == 200, r.text
         return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
+    def signed(self, body: bytes, edge_id: str = "e1") -> dict[str, str]:
+        """Headers of heartbeat ``body`` signed now by registered edge ``edge_id``."""
+        signer = self.signers.get(edge_id)
+        if signer is None:
+            key = edge_key(self.settings.control.edges[edge_id].key)
+            signer = self.signers[edge_id] = HeartbeatSigner(edge_id, key)
+        return {
+            "Authorization": signer.authorization(body, self.clock()),
+            "Content-Type": "application/json",
+        }
+
+    async def beat(self, body: dict[str, Any] | bytes, edge_id: str = "e1") -> httpx.Response:
+        """Post a heartbeat signed by ``edge_id`` (unsigned if it is not registered)."""
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if edge_id in self.signers or edge_id in self.settings.control.edges:
+            headers = self.signed(content, edge_id)
+        else:
+            headers = {"Content-Type": "application/json"}
+        return await self.client.post("/v1/fleet/heartbeat", content=content, headers=headers)
+
+    async def register(self, edge_id: str, base_url: str, site: str = "") -> bytes:
+        """Register ``edge_id`` through the admin API; its new key, which ``beat`` signs with."""
+        r = await self.client.put(
+            f"/v1/fleet/edges/{edge_id}",
+            json={"base_url": base_url, "site": site},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert r.status_code == 201, r.text
+        key = bytes.fromhex(r.json()["key"])
+        self.signers[edge_id] = HeartbeatSigner(edge_id, key)
+        return key
+
     async def edge(self, edge_id: str, titles: tuple[str, ...] = (), **kw: Any) -> httpx.Response:
-        r = await self.client.post("/v1/fleet/heartbeat", json=heartbeat(edge_id, titles, **kw))
+        """A heartbeat from ``edge_id``, registered (through the admin API) if it is not yet."""
+        hb = heartbeat(edge_id, titles, **kw)
+        registered = edge_id in self.signers or edge_id in self.settings.control.edges
+        if not registered and not self.settings.control.dev_mode:
+            await self.register(edge_id, hb["base_url"])
+        r = await self.beat(hb, edge_id)
         assert r.status_code == 200, r.text
         return r
 
@@ -244,6 +287,10 @@ def control_settings(db: Db, catalog: Path, **control: Any) -> Settings:
         "slow_start_floor": 0.1,
         "edge_timeout_s": 6.0,
         "screen_timeout_s": 90.0,
+        "edges": {
+            edge_id: EdgeRegistration(key=key, base_url=f"http://{edge_id}.example:8081")
+            for edge_id, key in EDGE_KEYS.items()
+        },
     }
     defaults.update(control)
     return Settings(

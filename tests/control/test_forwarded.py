@@ -127,7 +127,10 @@ def _app(tmp_path: Path, **control: object) -> FastAPI:
         )
     )
     db = Db("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'control.db'}")
-    settings = control_settings(db, catalog, czmap=str(czmap), slow_start_s=0.0, **control)
+    # development mode: the edges heartbeat unsigned (who the client is is under test here)
+    settings = control_settings(
+        db, catalog, czmap=str(czmap), slow_start_s=0.0, dev_mode=True, **control
+    )
     return create_app(settings)
 
 

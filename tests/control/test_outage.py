@@ -8,6 +8,7 @@ plane under a real uvicorn server, so that what a client sees on the wire is che
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,9 +20,11 @@ import httpx
 import pytest
 
 from streamplane.control import create_app
+from streamplane.edge import HeartbeatSigner, edge_key
 from streamplane.steering import GeoLocator, RoutingTable, Steering
 
 from .conftest import (
+    EDGE_KEYS,
     Clock,
     Db,
     PrivatePostgres,
@@ -64,10 +67,18 @@ def _requests(token: str, hb_token: str, session: str) -> list[tuple[str, str, s
     ]
 
 
+_EDGE = HeartbeatSigner("e1", edge_key(EDGE_KEYS["e1"]))
+
+
 def _send(client: httpx.Client, method: str, path: str, body: object) -> httpx.Response:
     path, _, token = path.partition("#")
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return client.request(method, path, json=body, headers=headers)
+    content = json.dumps(body).encode()
+    if path == "/v1/fleet/heartbeat":  # signed with edge e1's own key
+        headers = {"Authorization": _EDGE.authorization(content, time.time())}
+    return client.request(
+        method, path, content=content, headers={**headers, "Content-Type": "application/json"}
+    )
 
 
 def test_postgresql_stopped_is_503_and_healthz_says_so_then_it_recovers(
@@ -88,7 +99,7 @@ def test_postgresql_stopped_is_503_and_healthz_says_so_then_it_recovers(
         hb_token = started.json()["heartbeat"]["token"]
         session = started.json()["session_id"]
         r = client.get("/healthz")
-        assert (r.status_code, r.json()) == (200, {"status": "ok", "store": "ok"})
+        assert (r.status_code, r.json()) == (200, {"status": "ok", "store": {"status": "ok"}})
 
         private_pg.stop()
         for what, method, path, json in _requests(token, hb_token, session):
@@ -104,13 +115,14 @@ def test_postgresql_stopped_is_503_and_healthz_says_so_then_it_recovers(
         monotonic.advance(1.5)
         r = client.get("/healthz")
         assert r.status_code == 503, r.text
-        assert r.json()["status"] == "degraded"
-        assert r.json()["store"].startswith("unavailable: "), r.text
+        assert r.json()["status"] == "down"
+        assert r.json()["store"]["status"] == "down", r.text
+        assert "connect" in r.json()["store"]["problems"][0], r.text
 
         private_pg.start()
         monotonic.advance(1.5)
         r = client.get("/healthz")
-        assert (r.status_code, r.json()) == (200, {"status": "ok", "store": "ok"})
+        assert (r.status_code, r.json()) == (200, {"status": "ok", "store": {"status": "ok"}})
         # no restart: every request works again, the first one included
         for what, method, path, json in _requests(token, hb_token, session):
             r = _send(client, method, path, json)
@@ -134,15 +146,14 @@ async def test_sqlite_file_removed_is_503_not_writes_into_the_removed_file(
         assert (await control.play(auth, "demo")).status_code == 200
         database.unlink()
         _assert_unavailable(await control.play(auth, "demo", device="phone"), "playback")
-        r = await control.client.post("/v1/fleet/heartbeat", json=heartbeat("e1", ("demo",)))
-        _assert_unavailable(r, "edge")
+        _assert_unavailable(await control.beat(heartbeat("e1", ("demo",))), "edge")
         _assert_unavailable(await control.client.get("/v1/account", headers=auth), "account")
         monotonic.advance(1.5)
         r = await control.client.get("/healthz")
         assert r.status_code == 503
         assert r.json() == {
-            "status": "degraded",
-            "store": f"unavailable: the database file {database} was removed",
+            "status": "down",
+            "store": {"status": "down", "problems": [f"the database file {database} was removed"]},
         }
 
 
@@ -166,11 +177,10 @@ def small_filesystem(tmp_path: Path) -> Iterator[Path]:
 
 def _fill(directory: Path) -> Path:
     filler = directory / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:  # unbuffered: closing has nothing to write
         try:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
         except OSError:
             pass
     return filler
@@ -196,11 +206,11 @@ async def test_sqlite_disk_full_is_503_and_recovers_when_room_is_made(
         assert refused, "the full filesystem never refused a write"
         monotonic.advance(1.5)
         r = await control.client.get("/healthz")
-        assert r.status_code == 503 and "is full" in r.json()["store"], r.text
+        assert r.status_code == 503 and "is full" in r.json()["store"]["problems"][0], r.text
 
         filler.unlink()
         monotonic.advance(1.5)
         r = await control.client.get("/healthz")
-        assert (r.status_code, r.json()) == (200, {"status": "ok", "store": "ok"})
+        assert (r.status_code, r.json()) == (200, {"status": "ok", "store": {"status": "ok"}})
         r = await control.play(accounts[0], "demo", device="after")
         assert r.status_code == 200, r.text

@@ -22,6 +22,7 @@ from streamplane.stack import free_port
 
 KEY_ID = "k1"
 KEY_HEX = "5f" * 32
+FLEET_KEY_HEX = "6e" * 32  # an edge's own heartbeat key (edge.fleet_key)
 
 
 def token(acl: str = "/*", ttl: int = 600, ip: str | None = None, key_hex: str = KEY_HEX) -> str:
@@ -65,6 +66,8 @@ def start_edge(
 ) -> Edge:
     port = edge.pop("port", None) or free_port()
     cache = Path(edge.pop("cache_dir", tmp / "cache"))
+    if "control_url" in edge:  # an edge that heartbeats signs with a key of its own
+        edge.setdefault("fleet_key", FLEET_KEY_HEX)
     lines = ["[tokens]", f'keys = {{ {KEY_ID} = "{KEY_HEX}" }}', "[edge]"]
     settings = {
         "origin": str(origin),

@@ -17,11 +17,12 @@ from typing import Final
 from streamplane.config import Settings, SettingsError
 from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
-from streamplane.control.fleet import Fleet, FleetPolicy
+from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
 from streamplane.control.forwarded import parse_networks
 from streamplane.control.playback import Playback
+from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
-from streamplane.steering import BgpFeed, GeoLocator, RoutingTable, SiteInfo, Steering, load_czmap
+from streamplane.steering import GeoLocator, RoutingTable, SiteInfo, Steering
 
 __all__ = ["Clock", "ControlPlane"]
 
@@ -64,13 +65,15 @@ class ControlPlane:
         self.accounts = Accounts(self.store, c, jwt_key)
         self.catalog = Catalog(self.store)
         self.fleet = Fleet(
-            self.store, FleetPolicy.from_settings(c), Path(c.placement) if c.placement else None
+            self.store,
+            FleetPolicy.from_settings(c),
+            Path(c.placement) if c.placement else None,
+            credentials=settings_credentials(c),
         )
-        sites: dict[str, SiteInfo] = {}
-        table = RoutingTable()
-        if c.czmap:
-            routes, sites = load_czmap(Path(c.czmap))
-            table.replace(routes)
+        # -- steering's inputs: the czmap file and the BGP speakers (steering_sources.py)
+        table = steering.table if steering is not None else RoutingTable()
+        self.sources = SteeringSources(c, table, clock=clock)
+        sites: dict[str, SiteInfo] = self.sources.sites
         self.table = table
         self.steering = (
             steering if steering is not None else Steering(table, GeoLocator(), sites=sites)
@@ -85,10 +88,14 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
-        self._bgp: list[BgpFeed] = []
+        self.sources.on_sites = self._sites_reloaded
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
         self._store_check = asyncio.Lock()
+
+    def _sites_reloaded(self, sites: dict[str, SiteInfo]) -> None:
+        self.steering.sites = sites
+        self.playback.sites = sites
 
     async def store_problem(self) -> str | None:
         """What is wrong with the store (None: it answered), checked at most once a second."""
@@ -101,9 +108,9 @@ class ControlPlane:
                 await asyncio.wait_for(self.store.ping(), _STORE_CHECK_TIMEOUT_S)
                 problem = None
             except StoreUnavailable as err:
-                problem = f"unavailable: {err}"
+                problem = str(err)
             except TimeoutError:
-                problem = f"unavailable: no answer within {_STORE_CHECK_TIMEOUT_S:g} s"
+                problem = f"no answer within {_STORE_CHECK_TIMEOUT_S:g} s"
             self._store_problem = problem
             self._store_checked_at = self.monotonic()
         return problem
@@ -114,13 +121,9 @@ class ControlPlane:
         titles = await self.catalog.scan(Path(c.catalog_dir), self.clock())
         if titles:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
-        await self.fleet.refresh(self.monotonic())
-        for peer in c.bgp:
-            feed = BgpFeed(self.table, peer)
-            await feed.start()
-            self._bgp.append(feed)
+        await self.fleet.start(self.monotonic())
+        await self.sources.start()
 
     async def stop(self) -> None:
-        for feed in self._bgp:
-            await feed.stop()
+        await self.sources.stop()
         await self.store.dispose()

@@ -61,6 +61,7 @@ __all__ = [
     "Account",
     "Base",
     "Edge",
+    "EdgeKey",
     "RefreshToken",
     "Resume",
     "Screen",
@@ -242,6 +243,24 @@ class Edge(Base):
     sent_at: Mapped[float] = mapped_column(Float)  # the edge's clock
     received_at: Mapped[float] = mapped_column(Float)  # ours
     up_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: not offerable
+    # the ts (epoch ms, the edge's clock) of its last signed heartbeat: later ones only
+    auth_ts: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class EdgeKey(Base):
+    """An edge registered through the admin API: its key and the base URL (and site) it may
+    claim. Edges registered in the settings file are not stored here."""
+
+    __tablename__ = "edge_keys"
+
+    edge_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128))  # hex
+    base_url: Mapped[str] = mapped_column(String(256))
+    site: Mapped[str] = mapped_column(String(64))  # empty: any
+    previous_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    previous_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    registered_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 class Store:

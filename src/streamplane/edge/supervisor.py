@@ -36,7 +36,13 @@ from streamplane.edge.cache import DiskCache, FetchError
 from streamplane.edge.eviction import EvictionPolicy, make_policy
 from streamplane.edge.operations import FillRequest, FillStatus
 from streamplane.edge.origin import Origin, make_origin
-from streamplane.edge.report import FLEET_HEARTBEAT_PATH, EdgeHeartbeat, HeartbeatReply
+from streamplane.edge.report import (
+    FLEET_HEARTBEAT_PATH,
+    EdgeHeartbeat,
+    HeartbeatReply,
+    HeartbeatSigner,
+    edge_key,
+)
 from streamplane.edge.server import listening_socket, run_worker
 
 __all__ = ["kernel_tls_status", "run_edge"]
@@ -89,6 +95,11 @@ class Supervisor:
         self.throughput_bps = 0.0
         self.heartbeat_interval = config.heartbeat_s
         self._heartbeat_failing = False
+        self.signer = (
+            HeartbeatSigner(config.edge_id, edge_key(config.fleet_key))
+            if config.fleet_key
+            else None
+        )
 
     # -- cache index ---------------------------------------------------------------------
 
@@ -201,17 +212,25 @@ class Supervisor:
         beat = self.heartbeat()
         if not self.config.control_url:
             return
+        body = msgspec.json.encode(beat)
         headers = {"Content-Type": "application/json"}
-        if self.config.fleet_token:
-            headers["Authorization"] = f"Bearer {self.config.fleet_token}"
+        if self.signer is not None:
+            headers["Authorization"] = self.signer.authorization(body, time.time())
         url = self.config.control_url.rstrip("/") + FLEET_HEARTBEAT_PATH
         try:
-            response = await client.post(url, content=msgspec.json.encode(beat), headers=headers)
-            response.raise_for_status()
+            response = await client.post(url, content=body, headers=headers)
+            if response.is_error:  # say why: a refused key or URL is the operator's to fix
+                if not self._heartbeat_failing:
+                    self.log(
+                        f"heartbeat to {url} refused: {response.status_code} "
+                        f"{response.text[:300]}; still serving, will retry"
+                    )
+                self._heartbeat_failing = True
+                return
             reply = msgspec.json.decode(response.content, type=HeartbeatReply)
             self.heartbeat_interval = max(0.5, min(60.0, reply.interval_s))
             if self._heartbeat_failing:
-                self.log("control plane reachable again")
+                self.log("heartbeats accepted again")
             self._heartbeat_failing = False
         except (httpx.HTTPError, msgspec.DecodeError) as exc:
             if not self._heartbeat_failing:  # say it once, not every few seconds

@@ -5,12 +5,16 @@
 - ``catalog``: ``GET /v1/titles``, ``GET /v1/titles/{id}``, ``GET /v1/titles/{id}/availability``,
   ``POST /v1/titles`` (admin)
 - ``playback``: ``POST /v1/playback``, ``DELETE /v1/playback/{session_id}``, ``POST /v1/heartbeat``
-- ``fleet``: ``POST /v1/fleet/heartbeat`` (edges), ``GET /v1/fleet`` (admin)
-- ``pages``: ``GET /healthz``, ``GET /watch`` (the browser player) and its assets under ``/static``
+- ``fleet``: ``POST /v1/fleet/heartbeat`` (edges, each signing with its own key),
+  ``GET /v1/fleet`` (admin); edge registrations: ``GET /v1/fleet/edges``,
+  ``PUT`` / ``DELETE /v1/fleet/edges/{id}``, ``POST /v1/fleet/edges/{id}/rotate`` (admin);
+  ``GET /v1/fleet/bgp`` (admin: the BGP sessions)
+- ``pages``: ``GET /metrics`` (admin, Prometheus), ``GET /healthz`` (each component's status),
+  ``GET /watch`` (the browser player) and its assets under ``/static``
 
-``deps`` holds what routes depend on (the control plane, the principal, the admin and edge
-credentials); ``body`` decodes the msgspec bodies. :func:`include` puts the routes on the
-app in this order, which is also the order of the OpenAPI document.
+``deps`` holds what routes depend on (the control plane, the principal, the admin token and
+an edge's signed heartbeat header); ``body`` reads JSON bodies. :func:`include` puts the
+routes on the app in this order, which is also the order of the OpenAPI document.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ request about 8 us of FastAPI's dependency solving, for one attribute lookup.)
 - ``Me``: the account of a valid access token (401 otherwise).
 - ``Creds``: the raw ``Authorization: Bearer`` credentials, for routes that read the claims.
 - ``admin``: the admin token (``control.admin_token``); admin routes are off without one.
-- ``edge_auth``: an edge's heartbeat credential (``control.fleet_token``, if set).
+- ``EdgeAuthorization``: an edge heartbeat's ``Authorization`` header, signed with the edge's
+  own key (checked by ``Fleet.authenticate``, which needs the body too).
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ import hmac
 from typing import Annotated, cast
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from streamplane.control.accounts import Principal
 from streamplane.control.errors import forbidden, unauthorised
 from streamplane.control.plane import ControlPlane
 
-__all__ = ["Creds", "Me", "admin", "bearer_token", "edge_auth", "plane_of"]
+__all__ = ["Creds", "EdgeAuthorization", "Me", "admin", "bearer_token", "plane_of"]
 
 _bearer = HTTPBearer(auto_error=False, description="an access token from /v1/auth/login")
 _admin_bearer = HTTPBearer(auto_error=False, scheme_name="admin", description="control.admin_token")
-_edge_bearer = HTTPBearer(
-    auto_error=False, scheme_name="fleet", description="control.fleet_token, if set"
+_edge_key = APIKeyHeader(
+    name="Authorization",
+    auto_error=False,
+    scheme_name="edge",
+    description="StreamplaneEdge id=<edge id>, ts=<epoch ms>, sig=<HMAC-SHA256 hex> with "
+    "the edge's own key (streamplane.edge.report)",
 )
 
 
@@ -40,6 +45,7 @@ def plane_of(request: Request) -> ControlPlane:
 
 
 Creds = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+EdgeAuthorization = Annotated[str | None, Depends(_edge_key)]
 
 
 def bearer_token(credentials: HTTPAuthorizationCredentials | None) -> str:
@@ -67,15 +73,3 @@ async def admin(
     token = bearer_token(credentials)
     if not hmac.compare_digest(token.encode(), expected.encode()):
         raise forbidden("not the admin token")
-
-
-async def edge_auth(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_edge_bearer)],
-) -> None:
-    expected = plane_of(request).settings.control.fleet_token
-    if not expected:
-        return
-    token = bearer_token(credentials)
-    if not hmac.compare_digest(token.encode(), expected.encode()):
-        raise forbidden("not the fleet token")

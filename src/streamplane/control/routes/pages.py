@@ -1,41 +1,56 @@
-"""Operations and the pages a person opens: ``/healthz``, ``/watch`` and ``/static``."""
+"""Operations and the pages a person opens: ``/metrics``, ``/healthz``, ``/watch``, ``/static``."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse, JSONResponse
-from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from typing import Any, Final
 
-from streamplane.control.routes.deps import plane_of
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.staticfiles import StaticFiles
+
+from streamplane.control.routes.deps import admin, plane_of
 from streamplane.web import PLAYER_PAGE, STATIC_DIR
 
-__all__ = ["Health", "router", "static_files"]
+__all__ = ["router", "static_files"]
 
 router = APIRouter()
 
 
-class Health(BaseModel):
-    status: str  # ok, or degraded when a part the service needs is not working
-    store: str  # ok, or "unavailable: " and why
+_PROMETHEUS: Final = "text/plain; version=0.0.4; charset=utf-8"
+_SEVERITY: Final = {"ok": 0, "degraded": 1, "down": 2}
 
 
-@router.get(
-    "/healthz",
-    tags=["operations"],
-    response_model=Health,
-    responses={503: {"model": Health, "description": "a part is down: it says which"}},
-)
-async def healthz(request: Request) -> Health | JSONResponse:
-    """Whether the service can serve: 200 if so, 503 naming what is down.
+@router.get("/metrics", tags=["operations"], dependencies=[Depends(admin)])
+async def metrics(request: Request) -> PlainTextResponse:
+    """Prometheus text: BGP sessions and the czmap file (admin: scrape with the token)."""
+    return PlainTextResponse(plane_of(request).sources.metrics(), media_type=_PROMETHEUS)
 
-    The store is asked (``SELECT 1``, and for SQLite whether its file is still there and
-    writable) at most once a second, waiting at most a second for the answer.
+
+@router.get("/healthz", tags=["operations"])
+async def healthz(request: Request) -> JSONResponse:
+    """``{"status": ..., "<component>": {"status": ..., ...}}``: ``ok``; ``degraded`` (still
+    serving: a BGP session not established, a czmap file refused), or ``down`` (503: the
+    store is unavailable, so requests that need it fail).
+
+    The store is asked (``SELECT 1``, and for SQLite whether its file is still there,
+    writable, with room) at most once a second, waiting at most a second for the answer.
     """
-    problem = await plane_of(request).store_problem()
-    if problem is None:
-        return Health(status="ok", store="ok")
-    return JSONResponse({"status": "degraded", "store": problem}, status_code=503)
+    plane = plane_of(request)
+    problem = await plane.store_problem()
+    store: dict[str, Any] = {"status": "ok"}
+    if problem is not None:
+        store = {"status": "down", "problems": [problem]}
+    return _health({"store": store, **plane.sources.health()})
+
+
+def _health(components: dict[str, dict[str, Any]]) -> JSONResponse:
+    """The worst component's status overall; 503 only when something is down."""
+    status = max(
+        (c["status"] for c in components.values()), key=_SEVERITY.__getitem__, default="ok"
+    )
+    return JSONResponse(
+        {"status": status, **components}, status_code=503 if status == "down" else 200
+    )
 
 
 @router.get("/watch", include_in_schema=False)
