@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import signal
@@ -156,6 +157,24 @@ def make_origin(root: Path) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A filesystem of its own at ``path``, ``size`` large: a disk that fills up, and another
+    filesystem than the origin's. Mounting needs root; the test is skipped without it."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
 @pytest.fixture
 def origin_dir(tmp_path: Path) -> Path:
     return make_origin(tmp_path / "origin")
@@ -190,6 +209,8 @@ class CountingOrigin:
     requests: dict[str, int] = field(default_factory=dict)
     trickle_s: float = 0.0  # pause between 64 KB chunks
     hang: bool = False
+    # Every answer waits for this: a test holds the origin until its requests reached the edge.
+    gate: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -214,6 +235,7 @@ def http_origin(origin_dir: Path) -> Iterator[CountingOrigin]:
             if o.hang:
                 time.sleep(30)
                 return
+            o.gate.wait(30)
             path = o.root / self.path.lstrip("/")
             if not path.is_file():
                 self.send_response(404)
@@ -234,6 +256,7 @@ def http_origin(origin_dir: Path) -> Iterator[CountingOrigin]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     state["o"] = CountingOrigin(origin_dir, server)
+    state["o"].gate.set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield state["o"]

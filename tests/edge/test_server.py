@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from streamplane.edge.cache import DiskCache
 from tests.edge.conftest import KEY_HEX, Edge, edge_workers, running, start_edge, token
 
 
@@ -372,8 +373,7 @@ def test_restart_keeps_the_warm_cache_and_drops_partials(tmp_path: Path, origin_
     e = start_edge(tmp_path, origin_dir)
     body = e.get("/t1/v/1/seg_2.m4s").content
     assert e.stop() == 0
-    partial = e.cache / ".inflight" / "body" / "t1" / "v" / "1" / "seg_1.m4s"
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(DiskCache(e.cache).body_path("t1/v/1/seg_1.m4s"))
     partial.write_bytes(b"half")  # as a crash mid-fetch leaves it
     empty = tmp_path / "empty-origin"
     empty.mkdir()

@@ -103,8 +103,11 @@ def answer(conn: EdgeConnection, req: _Request, path: str) -> Job:
         except ValueError as exc:
             return conn._send_error(req, 400, str(exc))
         tmp = w.run_dir / f"fill-plan.{os.getpid()}.tmp"
-        tmp.write_bytes(msgspec.json.encode(plan))
-        os.replace(tmp, w.run_dir / "fill-plan.json")
+        try:
+            tmp.write_bytes(msgspec.json.encode(plan))
+            os.replace(tmp, w.run_dir / "fill-plan.json")
+        except OSError as exc:
+            return conn._send_error(req, 503, f"the edge cannot record the plan: {exc.strerror}")
         w.tell_keeper({"fill": True})
         body = msgspec.json.encode({"accepted": len(plan.titles), "status": "/fill"})
         return conn._send_simple(req, 202, body + b"\n", content_type=_JSON)

@@ -40,9 +40,11 @@ import httptools
 
 from streamplane.config import EdgeSettings
 from streamplane.edge import http, tokens
-from streamplane.edge.cache import DiskCache, FetchError, ObjectWriter
+from streamplane.edge.cache import Complete, DiskCache, Failed, FetchError, error_text
+from streamplane.edge.fetch import Fetches, Follower
 from streamplane.edge.metrics import WorkerMetrics
 from streamplane.edge.origin import Origin, make_origin
+from streamplane.edge.throttle import LogThrottle
 
 __all__ = ["Job", "listening_socket", "run_worker"]
 
@@ -111,16 +113,28 @@ class Worker:
         index: int,
         cache: DiskCache,
         origin: Origin,
-        supervisor: int,
+        keeper: socket.socket,
     ) -> None:
         self.config = config
         self.index = index
         self.cache = cache
         self.origin = origin
         self.metrics = WorkerMetrics()
+        self.warn = LogThrottle(lambda text: print(f"edge worker {index}: {text}", file=sys.stderr))
         self.keyring = {kid: tokens.key_from_hex(h) for kid, h in keyring.items()}
         self.connections: set[EdgeConnection] = set()
-        self.fetches: dict[str, asyncio.Event] = {}  # key -> woken on every chunk
+        # Misses start or join origin fetches here (see fetch); what landed, and a full disk,
+        # are told to the supervisor, which keeps the cache within its disk.
+        self.fetches = Fetches(
+            cache,
+            origin,
+            stall_s=config.stall_timeout_s,
+            stored=lambda key, size: self.tell_keeper({"admit": key, "size": size}),
+            warn=self.warn,
+            counters=self.metrics.s,
+        )
+        cache.ask_room = lambda need: self.tell_keeper({"room": need})
+        cache.warn = self.warn
         self.tasks: set[asyncio.Task[None]] = set()
         self.grants: dict[tuple[str, str], tokens.Grant] = {}  # (token, client) -> verified
         # (request target, client) -> (its path, the grant that allowed it)
@@ -134,9 +148,10 @@ class Worker:
         self.draining = False
         self.date = http.http_date(time.time())
         self.run_dir = cache.root / ".run"
-        self.keeper_address = f"\0streamplane-edge-{supervisor}-{config.port}"
-        self._keeper = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self._keeper.setblocking(False)
+        # The supervisor's end of a socketpair it made and handed down: no other process
+        # can send to it (an abstract socket name took datagrams from any local process).
+        self._keeper = keeper
+        keeper.setblocking(False)
         self._hits: dict[str, int] = {}
         self._log: list[bytes] = []
 
@@ -156,7 +171,7 @@ class Worker:
     def tell_keeper(self, message: dict[str, Any]) -> None:
         # Advice to the eviction policy; a full socket loses advice, never data.
         with contextlib.suppress(OSError):
-            self._keeper.sendto(json.dumps(message).encode(), self.keeper_address)
+            self._keeper.send(json.dumps(message).encode())
 
     def hit(self, key: str) -> None:
         # Counted per key, in the order of each key's last request (what LRU needs), and told
@@ -191,39 +206,13 @@ class Worker:
 
     def ensure_fetch(self, key: str) -> bool:
         """Start the origin fetch of ``key`` unless one runs somewhere; True if this joins one."""
-        writer = self.cache.begin(key, self.config.stall_timeout_s)
-        if writer is None:
-            return True
-        event = self.fetches.setdefault(key, asyncio.Event())
-        self.spawn(self._fetch(key, writer, event))
-        return False
+        return self.fetches.ensure(key)
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         # The loop keeps only weak references to tasks: hold them until they finish.
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
-
-    async def _fetch(self, key: str, writer: ObjectWriter, event: asyncio.Event) -> None:
-        self.metrics.s.origin_fetches += 1
-        try:
-            await self.origin.fetch(key, writer, event.set)
-            size = writer.commit()
-            self.metrics.s.origin_bytes += size
-            self.cache.clear_error(key)
-            self.tell_keeper({"admit": key, "size": size})
-        except FetchError as exc:
-            self.metrics.s.origin_errors += 1
-            writer.abort()
-            self.cache.record_error(key, exc.status)
-        except BaseException:
-            self.metrics.s.origin_errors += 1
-            writer.abort()
-            self.cache.record_error(key, 502)
-            raise
-        finally:
-            event.set()
-            self.fetches.pop(key, None)
 
 
 class EdgeConnection(asyncio.BufferedProtocol):
@@ -453,7 +442,7 @@ class EdgeConnection(asyncio.BufferedProtocol):
             return self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns)
         status = self.w.cache.recent_error(key)
         if status is not None:
-            return self._send_error(req, status, "the origin failed on this object just now")
+            return self._send_error(req, status, error_text(status))
         return lambda: self._send_miss(req, path, key)
 
     def _check_token(self, req: _Request, path: str, query: str) -> tokens.Grant | None:
@@ -655,45 +644,23 @@ class EdgeConnection(asyncio.BufferedProtocol):
     async def _send_miss(self, req: _Request, path: str, key: str) -> None:
         w = self.w
         w.metrics.s.misses += 1
-        joined = w.ensure_fetch(key)
-        if joined:
-            w.metrics.s.collapsed += 1
-        deadline = time.monotonic() + w.config.stall_timeout_s
-        fd = -1
-        try:
-            while True:  # wait for the origin's answer: the length, or a failure
-                obj = w.cache.open_complete(key)
-                if obj is not None:
-                    response = self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns)
-                    if response is not None:
-                        await response()
-                    return
-                inflight = w.cache.open_inflight(key)
-                if inflight is not None:
-                    fd, meta = inflight
-                    if meta is not None:
-                        break
-                    os.close(fd)
-                    fd = -1
-                elif (status := w.cache.recent_error(key)) is not None:
-                    self._send_error(req, status, "the origin failed")
-                    return
-                elif key not in w.fetches:
-                    # No fetch runs and nothing is cached: the fetch we joined died, or its
-                    # object was evicted the moment it landed. Fetch (or join) again.
-                    joined = w.ensure_fetch(key)
-                if time.monotonic() > deadline:
-                    self._send_error(req, 504, "the origin did not answer in time")
-                    return
-                await self._wait_progress(key)
-            await self._stream_partial(req, path, key, fd, meta.length, meta.mtime)
-        finally:
-            if fd >= 0:
-                os.close(fd)
+        found = await w.fetches.outcome(key)
+        if isinstance(found, Failed):
+            self._send_error(req, found.status, found.message)
+        elif isinstance(found, Complete):
+            obj = found.obj
+            response = self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns)
+            if response is not None:
+                await response()
+        else:
+            follower = Follower(w.fetches, key, found)
+            try:
+                await self._stream_partial(req, path, follower)
+            finally:
+                follower.close()
 
-    async def _stream_partial(
-        self, req: _Request, path: str, key: str, fd: int, length: int, mtime: float
-    ) -> None:
+    async def _stream_partial(self, req: _Request, path: str, follower: Follower) -> None:
+        length, mtime = follower.meta.length, follower.meta.mtime
         # whole seconds, as the committed file's mtime will give: the same validators
         headers = http.object_headers(path, int(mtime) * 1_000_000_000, length)
         try:
@@ -713,31 +680,15 @@ class EdgeConnection(asyncio.BufferedProtocol):
             self.w.log(self, req, status, 0)
             return
         start = pos
-        last_progress = time.monotonic()
         while pos < end:
-            st = os.fstat(fd)
-            available = min(st.st_size, end)
-            if available > pos:
-                await self._sendfile(fd, pos, available - pos)
-                pos = available
-                last_progress = time.monotonic()
-                continue
-            if st.st_nlink == 0 and st.st_size < length:  # unlinked short: the fetch failed
-                raise ConnectionAbortedError("the origin fetch failed mid-body")
-            if time.monotonic() - last_progress > self.w.config.stall_timeout_s:
-                raise ConnectionAbortedError("the origin stalled mid-body")
-            await self._wait_progress(key)
+            try:
+                available = min(await follower.available(pos), end)
+            except FetchError as exc:  # the rest will not come: never end a short body as whole
+                raise ConnectionAbortedError(str(exc)) from None
+            await self._sendfile(follower.fd, pos, available - pos)
+            pos = available
         self.w.metrics.s.bytes_sent += pos - start
         self.w.log(self, req, status, pos - start)
-
-    async def _wait_progress(self, key: str) -> None:
-        event = self.w.fetches.get(key)
-        if event is None:  # the fetch runs in another worker: look again shortly
-            await asyncio.sleep(0.005)
-            return
-        event.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(event.wait(), 0.05)
 
     # -- operations endpoints -------------------------------------------------------
 
@@ -900,19 +851,30 @@ def tls_context(config: EdgeSettings) -> ssl.SSLContext | None:
     return context
 
 
-def run_worker(config: EdgeSettings, keyring: dict[str, str], index: int, supervisor: int) -> None:
-    """Entry point of one worker process, started by the supervisor (its pid)."""
+def run_worker(
+    config: EdgeSettings,
+    keyring: dict[str, str],
+    index: int,
+    supervisor: int,
+    keeper: socket.socket,
+) -> None:
+    """Entry point of one worker process, started by the supervisor (its pid), which hands
+    it its end of the control channel (``keeper``)."""
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(config, keyring, index, supervisor))
+        asyncio.run(_serve(config, keyring, index, supervisor, keeper))
 
 
 async def _serve(
-    config: EdgeSettings, keyring: dict[str, str], index: int, supervisor: int
+    config: EdgeSettings,
+    keyring: dict[str, str],
+    index: int,
+    supervisor: int,
+    keeper: socket.socket,
 ) -> None:
     loop = asyncio.get_running_loop()
     cache = DiskCache(Path(config.cache_dir))
     origin = make_origin(config.origin)
-    worker = Worker(config, keyring, index, cache, origin, supervisor)
+    worker = Worker(config, keyring, index, cache, origin, keeper)
     (worker.run_dir / "metrics").mkdir(exist_ok=True)
     sock = listening_socket(config.host, config.port)
     server = await loop.create_server(
