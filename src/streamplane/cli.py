@@ -268,7 +268,10 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             out_console.print(f"API (OpenAPI):   {stack.control_url}/docs")
             for e in stack.edges:
                 out_console.print(f"edge {e.name}:   {e.url}/metrics")
-            out_console.print(f"HLS for any player (token valid 6 h): {answer['hls']}")
+            # The edges hand the token on from these manifests to every URI in them, so
+            # a player needs only the URL (hls.js, dash.js, Shaka and ffmpeg are tested with it).
+            out_console.print(f"HLS for any player (token valid 6 h):  {answer['hls']}")
+            out_console.print(f"DASH for any player (token valid 6 h): {answer['dash']}")
             if not serve:
                 return
             out_console.print("\nServing; press Ctrl-C to stop.")

@@ -39,7 +39,7 @@ from typing import Any, Final
 import httptools
 
 from streamplane.config import EdgeSettings
-from streamplane.edge import http, tokens
+from streamplane.edge import http, propagation, tokens
 from streamplane.edge.cache import Complete, DiskCache, Failed, FetchError, error_text
 from streamplane.edge.fetch import Fetches, Follower
 from streamplane.edge.metrics import WorkerMetrics
@@ -76,6 +76,7 @@ _NEEDED_HEADERS: Final = frozenset(
         b"origin",
         b"authorization",
         b"x-forwarded-for",
+        b"host",
     }
 )
 
@@ -141,8 +142,9 @@ class Worker:
         self.verified: dict[tuple[bytes, str], tuple[str, tokens.Grant]] = {}
         # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
         # holds descriptors: a player polls them, and each poll would otherwise cost five
-        # syscalls. key -> (valid until, headers, body)
-        self.hot: dict[str, tuple[float, bytes, bytes]] = {}
+        # syscalls. key, or (key, carry) for a manifest rewritten for a token (see
+        # EdgeConnection._carry) -> (valid until, headers, body)
+        self.hot: dict[str | tuple[str, propagation.Carry], tuple[float, bytes, bytes]] = {}
         # One receive buffer for every connection of the worker (see EdgeConnection.get_buffer).
         self.read_buffer = memoryview(bytearray(_READ_BUFFER))
         self.draining = False
@@ -426,7 +428,8 @@ class EdgeConnection(asyncio.BufferedProtocol):
                     verified.clear()
                 verified[(req.url, self._client_address(req))] = (path, grant)
         key = path[1:]
-        hot = self.w.hot.get(key)
+        carry = self._carry(req, path)
+        hot = self.w.hot.get(key if carry is None else (key, carry))
         if hot is not None and hot[0] > req.started and not _conditional_or_ranged(req):
             self.w.metrics.s.hits += 1
             self.w.hit(key)
@@ -439,11 +442,26 @@ class EdgeConnection(asyncio.BufferedProtocol):
         if obj is not None:
             self.w.metrics.s.hits += 1
             self.w.hit(key)
-            return self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns)
+            return self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns, carry)
         status = self.w.cache.recent_error(key)
         if status is not None:
             return self._send_error(req, status, error_text(status))
-        return lambda: self._send_miss(req, path, key)
+        return lambda: self._send_miss(req, path, key, carry)
+
+    def _carry(self, req: _Request, path: str) -> propagation.Carry | None:
+        """The token a manifest served to this request hands on to the URIs inside it.
+
+        Players resolve a manifest's relative URIs without the manifest's query, so a title
+        signed in the query string would play no further than its master playlist (token
+        propagation, see ``propagation``). Only a token that came in the query and was
+        verified is carried; one from a cookie travels by itself.
+        """
+        if not self.w.config.require_token or not propagation.rewrites(path):
+            return None
+        query = req.url.partition(b"?")[2]
+        return propagation.carry_from_query(
+            self.w.config.token_name, query, req.headers.get(b"host")
+        )
 
     def _check_token(self, req: _Request, path: str, query: str) -> tokens.Grant | None:
         """Verify the token, once per token and client: a session asks for hundreds of paths.
@@ -487,8 +505,18 @@ class EdgeConnection(asyncio.BufferedProtocol):
 
     # -- the body of a complete object --------------------------------------------------
 
-    def _send_object(self, req: _Request, path: str, fd: int, size: int, mtime_ns: int) -> Job:
+    def _send_object(
+        self,
+        req: _Request,
+        path: str,
+        fd: int,
+        size: int,
+        mtime_ns: int,
+        carry: propagation.Carry | None = None,
+    ) -> Job:
         etag = http.etag_for(mtime_ns, size)
+        if carry is not None:  # a manifest rewritten for a token is another representation
+            etag = propagation.etag(etag, carry)
         mtime = mtime_ns / 1e9
         headers = [
             (b"Content-Type", http.content_type(path)),
@@ -501,6 +529,14 @@ class EdgeConnection(asyncio.BufferedProtocol):
         if http.is_not_modified(etag, mtime, h.get(b"if-none-match"), h.get(b"if-modified-since")):
             os.close(fd)
             return self._send_simple(req, 304, b"", extra=headers)
+        body: bytes | None = None
+        if carry is not None:  # its length, and the range asked of it, are the rewritten body's
+            try:
+                body = propagation.propagate(path, os.pread(fd, size, 0), carry)
+            except BaseException:
+                os.close(fd)
+                raise
+            size = len(body)
         try:
             wanted = http.parse_range(h.get(b"range"), size)
         except http.Unsatisfiable as exc:
@@ -519,15 +555,22 @@ class EdgeConnection(asyncio.BufferedProtocol):
             self._write(head)
             self.w.log(self, req, status, 0)
             return None
-        if self.sock_fd < 0 or (count <= _SMALL_TEXT and not path.endswith(_MEDIA_SUFFIXES)):
+        if (
+            body is not None
+            or self.sock_fd < 0
+            or (count <= _SMALL_TEXT and not path.endswith(_MEDIA_SUFFIXES))
+        ):
             try:
-                body = os.pread(fd, count, offset)
+                body = (
+                    os.pread(fd, count, offset) if body is None else body[offset : offset + count]
+                )
             finally:
                 os.close(fd)
             if status == 200 and len(body) == size and size <= _SMALL_TEXT:
                 if len(self.w.hot) >= _HOT_OBJECTS:
                     self.w.hot.clear()
-                self.w.hot[path[1:]] = (req.started + _HOT_TTL_S, http.header_block(headers), body)
+                hot = (req.started + _HOT_TTL_S, http.header_block(headers), body)
+                self.w.hot[path[1:] if carry is None else (path[1:], carry)] = hot
             self._write(head + body)
             self.w.metrics.s.bytes_sent += len(body)
             self.w.log(self, req, status, len(body))
@@ -641,7 +684,9 @@ class EdgeConnection(asyncio.BufferedProtocol):
 
     # -- misses: join or start the fetch, send the bytes as they land ------------------
 
-    async def _send_miss(self, req: _Request, path: str, key: str) -> None:
+    async def _send_miss(
+        self, req: _Request, path: str, key: str, carry: propagation.Carry | None
+    ) -> None:
         w = self.w
         w.metrics.s.misses += 1
         found = await w.fetches.outcome(key)
@@ -649,15 +694,35 @@ class EdgeConnection(asyncio.BufferedProtocol):
             self._send_error(req, found.status, found.message)
         elif isinstance(found, Complete):
             obj = found.obj
-            response = self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns)
+            response = self._send_object(req, path, obj.fd, obj.size, obj.mtime_ns, carry)
             if response is not None:
                 await response()
         else:
             follower = Follower(w.fetches, key, found)
             try:
-                await self._stream_partial(req, path, follower)
+                if carry is None:
+                    await self._stream_partial(req, path, follower)
+                else:
+                    await self._send_whole_manifest(req, path, follower, carry)
             finally:
                 follower.close()
+
+    async def _send_whole_manifest(
+        self, req: _Request, path: str, follower: Follower, carry: propagation.Carry
+    ) -> None:
+        """A manifest to rewrite cannot be streamed as it lands: wait for all of it (a few KB)."""
+        length, pos = follower.meta.length, 0
+        try:
+            while pos < length:
+                pos = await follower.available(pos)
+        except FetchError as exc:
+            self._send_error(req, exc.status, str(exc))
+            return
+        # whole seconds, as the committed file's mtime will give: the same validators
+        mtime_ns = int(follower.meta.mtime) * 1_000_000_000
+        response = self._send_object(req, path, os.dup(follower.fd), length, mtime_ns, carry)
+        if response is not None:
+            await response()
 
     async def _stream_partial(self, req: _Request, path: str, follower: Follower) -> None:
         length, mtime = follower.meta.length, follower.meta.mtime

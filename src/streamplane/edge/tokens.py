@@ -282,7 +282,9 @@ def verify(
     signed = token[: -len(mac_field) - 1]
     acl_text = values.get("acl")
     message = signed if acl_text is not None else signed + "~url=" + path
-    if not hmac.compare_digest(_mac(key, message), mac_field[5:]):
+    mac = _keyed(key).copy()  # _mac, inlined: verify runs once per session at every edge
+    mac.update(message.encode())
+    if not hmac.compare_digest(mac.hexdigest(), mac_field[5:]):
         # A URL token does not carry its path, so "another path" and "forged" look alike.
         raise ForgedToken("the HMAC does not match the token and path")
 
@@ -306,7 +308,7 @@ def verify(
         if compiled is None:
             raise MalformedToken("the acl has an empty entry")
         acl, patterns = compiled
-        if not any(_glob_match(pattern, path) for pattern in patterns):
+        if not _any_match(patterns, path):
             raise PathNotAllowed(f"{path!r} is outside the token's acl")
 
     return Grant(
@@ -332,7 +334,7 @@ def grant_allows(grant: Grant, path: str) -> bool:
     if grant.acl is None:
         return grant.url == path
     compiled = _compile_acl(_ACL_DELIMITER.join(grant.acl))
-    return compiled is not None and any(_glob_match(p, path) for p in compiled[1])
+    return compiled is not None and _any_match(compiled[1], path)
 
 
 def token_from_request(
@@ -396,32 +398,21 @@ def signed_url(base: str, path: str, token: str, name: str = DEFAULT_TOKEN_NAME)
 
 
 def _mac(key: bytes, message: str) -> str:
-    """HMAC-SHA256 (RFC 2104) as lowercase hex, from per-key precomputed pad states.
+    """HMAC-SHA256 (RFC 2104) of ``message`` under ``key``, as lowercase hex.
 
-    With OpenSSL 3 most of a one-shot ``hmac.digest`` is spent setting the key up again on
-    every call; copying two prepared SHA-256 states (as the stdlib's own fallback HMAC does)
-    halves the cost of a verify. Tests pin it to ``hmac.new`` for all key lengths.
+    The standard library's HMAC, keyed once per key and copied per message: with OpenSSL 3
+    most of a one-shot ``hmac.digest`` is spent setting the key up again on every call, and
+    copying the keyed state skips that (about 1.5x the one-shot speed here).
     """
-    inner_pad, outer_pad = _pad_states(key)
-    inner = inner_pad.copy()
-    inner.update(message.encode())
-    outer = outer_pad.copy()
-    outer.update(inner.digest())
-    return outer.hexdigest()
-
-
-_SHA256_BLOCK: Final = 64
-_IPAD: Final = bytes(byte ^ 0x36 for byte in range(256))
-_OPAD: Final = bytes(byte ^ 0x5C for byte in range(256))
+    mac = _keyed(key).copy()
+    mac.update(message.encode())
+    return mac.hexdigest()
 
 
 # Small: a keyring holds a handful of live keys, and this keeps the secrets it is given.
 @lru_cache(maxsize=32)
-def _pad_states(key: bytes) -> tuple[hashlib._Hash, hashlib._Hash]:
-    if len(key) > _SHA256_BLOCK:
-        key = hashlib.sha256(key).digest()
-    key = key.ljust(_SHA256_BLOCK, b"\0")
-    return hashlib.sha256(key.translate(_IPAD)), hashlib.sha256(key.translate(_OPAD))
+def _keyed(key: bytes) -> hmac.HMAC:
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 def _is_clean_path(path: str) -> bool:
@@ -503,6 +494,14 @@ def _compile_acl(acl_text: str) -> tuple[tuple[str, ...], tuple[tuple[str, ...],
     if not all(entries):
         return None
     return entries, tuple(tuple(entry.split("*")) for entry in entries)
+
+
+def _any_match(patterns: tuple[tuple[str, ...], ...], path: str) -> bool:
+    # A loop, not any() over a generator (a third of a microsecond): this runs on every verify.
+    for pattern in patterns:  # noqa: SIM110
+        if _glob_match(pattern, path):
+            return True
+    return False
 
 
 def _glob_match(pieces: tuple[str, ...], path: str) -> bool:
