@@ -423,7 +423,7 @@ def control(
     import msgspec
     import uvicorn
 
-    from streamplane.control import create_app
+    from streamplane.control import create_app, server_config
 
     c = msgspec.structs.replace(
         settings.control,
@@ -444,8 +444,10 @@ def control(
     console.print(
         f"control plane on http://{c.host}:{c.port} (API docs at /docs), store {c.database_url}"
     )
-    # no per-request access log: it cost 2-5 % of the server's CPU under load
-    uvicorn.run(api, host=c.host, port=c.port, log_level="info", access_log=False)
+    server = uvicorn.Server(server_config(api, c.host, c.port))
+    server.run()
+    if not server.started:  # as uvicorn.run: a failed startup (the log says why) is an error
+        raise _error("the control plane did not start (see above)", 3)
 
 
 @control_app.command("migrate")

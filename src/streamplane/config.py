@@ -138,6 +138,10 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     database_url: str = "sqlite+aiosqlite:///streamplane.db"
     database_schema: str = ""  # PostgreSQL schema to use (its search_path); empty: the default
+    # A dead store fails requests fast (503) rather than holding them: how long to wait for a
+    # PostgreSQL connection to open, and for a pooled connection when all are in use.
+    database_connect_timeout_s: float = 5.0
+    database_pool_timeout_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = ""  # how players reach this service; empty: http://host:port
@@ -148,6 +152,11 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     czmap_poll_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     bgp: tuple[BgpPeer, ...] = ()  # BGP sessions feeding the routing table
     origin_url: str = ""  # last-resort edge when no healthy edge holds a title; empty: none
+    # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
+    # of them, the client is read from trusted_proxy_header, walked right to left past the
+    # trusted hops. Empty: the TCP peer is the client, whatever the headers say.
+    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxy_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     # accounts
     jwt_secret: str = ""  # hex; empty: a random secret per process (tokens die on restart)
     access_ttl_s: int = 900

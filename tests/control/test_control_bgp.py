@@ -103,6 +103,7 @@ async def test_sessions_health_metrics_and_steering_follow_the_speaker(
         await until(healthy, "the session established")
         assert await _json(control, "/healthz") == {
             "status": "ok",
+            "store": {"status": "ok"},
             "bgp": {"status": "ok", "sessions": 1, "established": 1, "prefixes": 0},
         }
 

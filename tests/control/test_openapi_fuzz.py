@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import socket
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,14 +19,13 @@ import asyncpg
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
 from streamplane.config import ControlSettings, Settings, TokenSettings
 from streamplane.control import create_app
 
-from .conftest import ADMIN, Db, control_settings, heartbeat, write_title
+from .conftest import ADMIN, Db, control_settings, heartbeat, serving, write_title
 
 _doc = create_app(
     Settings(
@@ -46,12 +43,6 @@ _ADMIN_ROUTES = {
     ("DELETE", "/v1/fleet/edges/{edge_id}"),
 }
 _EDGE_ROUTES = {("POST", "/v1/fleet/heartbeat")}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -76,16 +67,7 @@ def server(
     catalog = tmp / "catalog"
     write_title(catalog, "demo")
     app = create_app(control_settings(db, catalog, public_url="", dev_mode=True))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not srv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=base) as client:
+    with serving(app) as base, httpx.Client(base_url=base) as client:
         email = f"fuzz-{secrets.token_hex(4)}@example.com"
         client.post("/v1/accounts", json={"email": email, "password": "fuzz password"})
         token = client.post(
@@ -93,11 +75,7 @@ def server(
         ).json()["access_token"]
         hb = heartbeat("fuzz-edge", ("demo",), sent_at=time.time())
         client.post("/v1/fleet/heartbeat", json=hb).raise_for_status()
-    try:
         yield base, token
-    finally:
-        srv.should_exit = True
-        thread.join(10)
 
 
 @schema.parametrize()
