@@ -510,6 +510,7 @@ def edge(
         settings = load_settings(config)
         keyring = dict(settings.tokens.keys)
         settings.tokens.keyring()  # refuse bad keys before any worker starts
+        settings.edge.proxy_networks()
     except SettingsError as exc:
         raise _error(str(exc), 2) from None
     given = {

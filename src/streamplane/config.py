@@ -35,9 +35,12 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from streamplane.edge import Network
 
 __all__ = [
     "ENV_PREFIX",
@@ -222,7 +225,19 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     fill_rate_bps: float = 200e6  # proactive fill's rate limit, bits per second
     fill_offpeak_load: float = 0.5  # fill only while serving is below this share of capacity
     eviction: Literal["s3fifo", "lru"] = "s3fifo"  # measured: bench/cache.py
-    trust_forwarded_for: bool = False  # behind a trusted proxy: the client is X-Forwarded-For
+    # Behind proxies (a load balancer, a shield tier): from a peer in these networks the client
+    # is read from X-Forwarded-For, walked right to left past the trusted hops, as the control
+    # plane does (edge/forwarded.py). Empty: the TCP peer is the client, whatever it sends.
+    trusted_proxies: tuple[str, ...] = ()
+
+    def proxy_networks(self) -> tuple[Network, ...]:
+        """``trusted_proxies`` as networks; SettingsError naming the first that is none."""
+        from streamplane.edge import parse_networks
+
+        try:
+            return parse_networks(self.trusted_proxies)
+        except ValueError as err:
+            raise SettingsError(f"edge.trusted_proxies: {err}") from None
 
     def url(self) -> str:
         if self.base_url:
@@ -246,6 +261,10 @@ _REPLACED: Final[Mapping[tuple[str, str], str]] = {
         "was one token shared by every edge, so any edge could speak for another; register "
         'each edge with its own key instead: [control.edges.<edge id>] key = "<hex>", '
         'base_url = "<its URL>" (see docs/control.md, "Edge credentials")'
+    ),
+    ("edge", "trust_forwarded_for"): (
+        "believed the leftmost X-Forwarded-For entry, which any client can write; list the "
+        'proxies in front of the edge instead: edge.trusted_proxies = ["10.0.0.0/8"]'
     ),
     ("edge", "fleet_token"): (
         "was one token shared by every edge; set edge.fleet_key to this edge's own key, the "

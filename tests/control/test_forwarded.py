@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from streamplane.control import create_app, server_config
-from streamplane.control.forwarded import (
+from streamplane.edge.forwarded import (
     client_address,
     forwarded_chain,
     parse_networks,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -86,6 +87,8 @@ def start_edge(
             lines.append(f"{name} = {'true' if value else 'false'}")
         elif isinstance(value, int | float):
             lines.append(f"{name} = {value}")
+        elif isinstance(value, list | tuple):  # of strings: a JSON array is a TOML one
+            lines.append(f"{name} = {json.dumps(list(value))}")
         else:
             lines.append(f'{name} = "{value}"')
     config = tmp / f"edge-{port}.toml"

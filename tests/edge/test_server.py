@@ -122,6 +122,41 @@ def test_tokens_are_checked_before_anything_is_served(edge: Edge) -> None:
     assert "token" in refused.json()["error"]
 
 
+def test_behind_trusted_proxies_the_client_is_the_first_untrusted_hop(
+    tmp_path: Path, shared_origin: Path
+) -> None:
+    """A token bound to the viewer's address plays through the proxy in front of the edge, and
+    an address the viewer writes into X-Forwarded-For itself is never believed (the edge read
+    the leftmost entry, so a token bound to anyone's address played for everyone)."""
+    edge = start_edge(tmp_path, shared_origin, workers=1, trusted_proxies=["127.0.0.0/8"])
+    try:
+        path = "/t1/v/1/seg_2.m4s"
+        viewer, victim = "198.51.100.7", "203.0.113.9"
+        bound = token(ip=viewer)
+        assert edge.get(path, tok=bound, headers={"X-Forwarded-For": viewer}).status_code == 200
+        # the viewer forges the victim's address; the proxy appends the address it saw
+        forged = edge.get(
+            path, tok=token(ip=victim), headers={"X-Forwarded-For": f"{victim}, {viewer}"}
+        )
+        assert forged.status_code == 403
+        # the same when the proxy adds its own header line after the client's
+        lines = [("X-Forwarded-For", victim), ("X-Forwarded-For", viewer)]
+        assert edge.get(path, tok=token(ip=victim), headers=lines).status_code == 403
+        assert edge.get(path, tok=bound, headers=lines).status_code == 200
+        # without the header the proxy itself is the client
+        assert edge.get(path, tok=bound).status_code == 403
+    finally:
+        edge.stop()
+
+
+def test_trusted_proxies_that_are_no_networks_stop_the_edge_with_their_name(
+    tmp_path: Path, shared_origin: Path
+) -> None:
+    edge = start_edge(tmp_path, shared_origin, wait=False, trusted_proxies=["10.0.0.0/33"])
+    assert edge.process.wait(timeout=30) == 2
+    assert "edge.trusted_proxies" in edge.log() and "10.0.0.0/33" in edge.log()
+
+
 def test_a_url_granted_before_is_refused_once_its_token_expires(edge: Edge) -> None:
     # A player polls one playlist URL with one token; the edge remembers that URL as granted,
     # and must still refuse it (410) once the token expires, and a URL the token never covered.

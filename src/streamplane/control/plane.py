@@ -18,10 +18,10 @@ from streamplane.config import Settings, SettingsError
 from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
-from streamplane.control.forwarded import parse_networks
 from streamplane.control.playback import Playback
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
+from streamplane.edge import parse_networks
 from streamplane.steering import GeoLocator, RoutingTable, SiteInfo, Steering
 
 __all__ = ["Clock", "ControlPlane"]

@@ -1,6 +1,7 @@
 """The edge (data plane): serve segments to viewers, checking signed URLs first.
 
-``tokens`` is a pure core shared with the control plane, which signs what the edge verifies.
+``tokens`` is a pure core shared with the control plane, which signs what the edge verifies;
+``forwarded`` (who the client is behind trusted proxies) is another, read by both.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ from streamplane.edge.eviction import (
     PolicyName,
     S3FifoPolicy,
     make_policy,
+)
+from streamplane.edge.forwarded import (
+    Network,
+    client_address,
+    forwarded_chain,
+    parse_networks,
+    x_forwarded_for_chain,
 )
 from streamplane.edge.report import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
@@ -68,6 +76,7 @@ __all__ = [
     "LruPolicy",
     "MalformedToken",
     "MissingToken",
+    "Network",
     "NotYetValid",
     "PathNotAllowed",
     "PolicyName",
@@ -76,15 +85,19 @@ __all__ = [
     "WrongClient",
     "body_digest",
     "check_grant",
+    "client_address",
     "edge_key",
+    "forwarded_chain",
     "grant_allows",
     "heartbeat_authorization",
     "heartbeat_signature",
     "key_from_hex",
     "make_policy",
     "parse_edge_authorization",
+    "parse_networks",
     "sign",
     "signed_url",
     "token_from_request",
     "verify",
+    "x_forwarded_for_chain",
 ]

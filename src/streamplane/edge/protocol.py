@@ -56,7 +56,7 @@ import httptools
 import msgspec
 
 from streamplane.config import EdgeSettings
-from streamplane.edge import http, propagation, tokens
+from streamplane.edge import forwarded, http, propagation, tokens
 from streamplane.edge.metrics import WorkerMetrics
 
 __all__ = [
@@ -261,6 +261,7 @@ class WorkerState:
         self.index = index
         self.metrics = WorkerMetrics()
         self.grants = tokens.GrantCache(keyring, _GRANT_CACHE)
+        self.proxies = config.proxy_networks()
         self.verified: dict[tuple[bytes, str], _Granted] = {}  # by request target and client
         # Playlists and manifests held in memory for _HOT_TTL_S, as nginx's open_file_cache
         # holds descriptors: a player polls them, and each poll would otherwise cost five
@@ -776,6 +777,8 @@ class EdgeProtocol:
             if lower in req.headers and lower != b"cookie":
                 if lower == b"range":
                     raise _Reject(400, "more than one Range header")
+                if lower == b"x-forwarded-for":  # one list, as its lines were sent
+                    req.headers[lower] += b", " + value
             else:
                 req.headers[lower] = value
 
@@ -941,7 +944,7 @@ class EdgeProtocol:
             self._simple(req, 204, b"", extra=_PREFLIGHT)
             return
         client = self.client_ip
-        if w.config.trust_forwarded_for:
+        if w.proxies:
             client = self._forwarded_for(req) or client
         epoch = int(self._now + w.wall_offset)
         # A player polls its playlist with one URL and one token: a request target this
@@ -1048,10 +1051,11 @@ class EdgeProtocol:
         return grant if in_query else None
 
     def _forwarded_for(self, req: Request) -> str | None:
-        forwarded = req.headers.get(b"x-forwarded-for")
-        if forwarded:
-            return forwarded.split(b",")[0].strip().decode("latin-1")
-        return None
+        """The client a trusted proxy forwards for: X-Forwarded-For walked from the right
+        past the trusted hops. Its leftmost entries are whatever the client wrote."""
+        value = req.headers.get(b"x-forwarded-for")
+        chain = forwarded.x_forwarded_for_chain([value.decode("latin-1")]) if value else []
+        return forwarded.client_address(self.client_ip, chain, self.w.proxies)
 
     def _operate(self, req: Request, path: str) -> None:
         if path == "/healthz":  # answered here: what it reports is this worker's state

@@ -5,11 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 
 from streamplane.control.errors import forbidden
-from streamplane.control.forwarded import client_address, forwarded_chain, x_forwarded_for_chain
 from streamplane.control.playback import HeartbeatOut, PlaybackIn, PlaybackOut, PlayerHeartbeatIn
 from streamplane.control.routes.body import JsonRoute
 from streamplane.control.routes.catalog import known_title
 from streamplane.control.routes.deps import Creds, Me, bearer_token, plane_of
+from streamplane.edge import client_address, forwarded_chain, x_forwarded_for_chain
 
 __all__ = ["router"]
 
