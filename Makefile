@@ -24,14 +24,15 @@ SYSTEM_TOOLS := chromium:chromium strace:strace nginx:nginx-light wrk:wrk
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
 
-$(STAMP): pyproject.toml $(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js | $(BIN)/python
+$(STAMP): pyproject.toml $(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js $(VENDOR)/shaka-player.compiled.js | $(BIN)/python
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 # The browser player's JavaScript: hls.js and dash.js from npm (pinned by package-lock.json) into
-# static/vendor/ (dash.js's licence renamed beside hls.js's).
-$(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js &: $(WEB)/package.json $(WEB)/package-lock.json
+# static/vendor/ (dash.js's licence renamed beside hls.js's), and Shaka Player's compiled build,
+# which the tests play signed titles with as a third player (its licence renamed likewise).
+$(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js $(VENDOR)/shaka-player.compiled.js &: $(WEB)/package.json $(WEB)/package-lock.json
 	@command -v npm >/dev/null || { echo "npm not found: install Node.js 20+ (the player's hls.js and dash.js come from npm)"; exit 1; }
 	cd $(WEB) && npm ci --no-audit --no-fund --loglevel=error
 	mkdir -p $(VENDOR)
@@ -39,7 +40,9 @@ $(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js &: $(WEB)/package.json $(WEB)/pa
 	cp $(WEB)/node_modules/dashjs/dist/modern/esm/dash.all.min.js \
 	  $(WEB)/node_modules/dashjs/dist/modern/esm/dash.all.min.js.LICENSE.txt $(VENDOR)/
 	cp $(WEB)/node_modules/dashjs/LICENSE.md $(VENDOR)/LICENSE.dashjs.md
-	touch $(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js
+	cp $(WEB)/node_modules/shaka-player/dist/shaka-player.compiled.js $(VENDOR)/
+	cp $(WEB)/node_modules/shaka-player/LICENSE $(VENDOR)/LICENSE.shaka-player
+	touch $(VENDOR)/hls.min.mjs $(VENDOR)/dash.all.min.js $(VENDOR)/shaka-player.compiled.js
 
 $(VENV)/.system: | $(BIN)/python
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \

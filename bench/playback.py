@@ -133,6 +133,8 @@ password_time_cost = 1
 password_memory_kib = 8192
 plans = {{ bench = {{ screens = {devices} }} }}
 default_plan = "bench"
+# its edges are fictional and their heartbeats set-up, not what is measured: sent unsigned
+dev_mode = true
 """
     )
     return path
@@ -421,7 +423,9 @@ def peer_app(url: str) -> Any:
 def _serve_peer(url: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(peer_app(url), host="127.0.0.1", port=port, log_level="info")  # as the CLI
+    from streamplane.control.app import server_config
+
+    uvicorn.Server(server_config(peer_app(url), "127.0.0.1", port)).run()  # as the CLI
 
 
 # -- runs --------------------------------------------------------------------------------------

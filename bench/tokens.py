@@ -78,6 +78,7 @@ def main() -> None:
         f"| {'token':<28} | {'verify() us':>11} | {'verify()/s':>10} "
         f"| {'bare HMAC us':>12} | {'ratio':>5} |"
     )
+    print(header)
     print("|" + "|".join("-" * (len(cell)) for cell in header.split("|")[1:-1]) + "|")
     for label, token, path, client in _cases():
         signed = token.rpartition("~hmac=")[0]

@@ -268,7 +268,10 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             out_console.print(f"API (OpenAPI):   {stack.control_url}/docs")
             for e in stack.edges:
                 out_console.print(f"edge {e.name}:   {e.url}/metrics")
-            out_console.print(f"HLS for any player (token valid 6 h): {answer['hls']}")
+            # The edges hand the token on from these manifests to every URI in them, so
+            # a player needs only the URL (hls.js, dash.js, Shaka and ffmpeg are tested with it).
+            out_console.print(f"HLS for any player (token valid 6 h):  {answer['hls']}")
+            out_console.print(f"DASH for any player (token valid 6 h): {answer['dash']}")
             if not serve:
                 return
             out_console.print("\nServing; press Ctrl-C to stop.")
@@ -400,6 +403,12 @@ def control(
     ),
     host: str | None = typer.Option(None, help="Bind address (default: control.host)."),
     port: int | None = typer.Option(None, help="Port (default: control.port)."),
+    dev: bool = typer.Option(
+        False,
+        "--dev",
+        help="Development only: accept unsigned heartbeats from unregistered edges "
+        "(control.dev_mode).",
+    ),
 ) -> None:
     """Run the control plane (migrating its database first); OpenAPI at /docs."""
     from streamplane.config import SettingsError, load_settings
@@ -414,20 +423,31 @@ def control(
     import msgspec
     import uvicorn
 
-    from streamplane.control import create_app
+    from streamplane.control import create_app, server_config
 
     c = msgspec.structs.replace(
-        settings.control, host=host or settings.control.host, port=port or settings.control.port
+        settings.control,
+        host=host or settings.control.host,
+        port=port or settings.control.port,
+        dev_mode=dev or settings.control.dev_mode,
     )
     try:
         api = create_app(msgspec.structs.replace(settings, control=c))
     except SettingsError as exc:
         raise _error(str(exc), 2) from None
+    if c.dev_mode:
+        console.print(
+            "[bold red]DEVELOPMENT MODE:[/bold red] heartbeats from unregistered edges are "
+            "accepted unsigned; anyone who reaches this port can add an edge or drain one. "
+            "Never run it like this in production."
+        )
     console.print(
         f"control plane on http://{c.host}:{c.port} (API docs at /docs), store {c.database_url}"
     )
-    # no per-request access log: it cost 2-5 % of the server's CPU under load
-    uvicorn.run(api, host=c.host, port=c.port, log_level="info", access_log=False)
+    server = uvicorn.Server(server_config(api, c.host, c.port))
+    server.run()
+    if not server.started:  # as uvicorn.run: a failed startup (the log says why) is an error
+        raise _error("the control plane did not start (see above)", 3)
 
 
 @control_app.command("migrate")
@@ -470,8 +490,17 @@ def edge(
     access_log: bool | None = typer.Option(
         None, "--access-log/--no-access-log", help="One JSON line per request on stdout."
     ),
+    dev: bool = typer.Option(
+        False,
+        "--dev",
+        help="Development only: heartbeat unsigned when edge.fleet_key is not set (edge.dev_mode).",
+    ),
 ) -> None:
-    """Run an edge: serve title packages zero-copy behind signed URLs, pulling misses."""
+    """Run an edge: serve title packages zero-copy behind signed URLs, pulling misses.
+
+    Its heartbeats are signed with edge.fleet_key (in the settings file, or
+    STREAMPLANE_EDGE_FLEET_KEY), the key the control plane holds for its --id.
+    """
     import msgspec
 
     from streamplane.config import SettingsError, load_settings
@@ -481,6 +510,7 @@ def edge(
         settings = load_settings(config)
         keyring = dict(settings.tokens.keys)
         settings.tokens.keyring()  # refuse bad keys before any worker starts
+        settings.edge.proxy_networks()
     except SettingsError as exc:
         raise _error(str(exc), 2) from None
     given = {
@@ -496,6 +526,7 @@ def edge(
         "tls_cert": None if tls_cert is None else str(tls_cert),
         "tls_key": None if tls_key is None else str(tls_key),
         "access_log": access_log,
+        "dev_mode": dev or None,
     }
     edge_settings = msgspec.structs.replace(
         settings.edge, **{k: v for k, v in given.items() if v is not None}
@@ -509,6 +540,26 @@ def edge(
         raise _error(f"origin {edge_settings.origin} is neither a directory nor an http URL", 2)
     if edge_settings.tls_cert and not Path(edge_settings.tls_cert).is_file():
         raise _error(f"TLS certificate {edge_settings.tls_cert} does not exist", 2)
+    if edge_settings.fleet_key:
+        from streamplane.edge import edge_key
+
+        try:
+            edge_key(edge_settings.fleet_key)
+        except ValueError as exc:
+            raise _error(f"edge.fleet_key: {exc}", 2) from None
+    elif edge_settings.control_url and not edge_settings.dev_mode:
+        raise _error(
+            f"edge.fleet_key is not set: edge {edge_settings.edge_id} cannot sign its heartbeats "
+            f"to {edge_settings.control_url}. Set it (settings file or STREAMPLANE_EDGE_FLEET_KEY) "
+            f"to the key registered at the control plane as [control.edges.{edge_settings.edge_id}]"
+            "; --dev (edge.dev_mode) sends them unsigned, for a control plane in development mode",
+            2,
+        )
+    elif edge_settings.control_url:
+        console.print(
+            "[bold red]DEVELOPMENT MODE:[/bold red] heartbeats are sent unsigned (no "
+            "edge.fleet_key); only a control plane in development mode accepts them"
+        )
     raise typer.Exit(run_edge(edge_settings, keyring))
 
 

@@ -15,8 +15,12 @@ The file has one table per section; every key is optional and falls back to the 
     port = 8080
     catalog_dir = "catalog"
     placement = "catalog/placement/placement.json"
+    [control.edges.edge-1]         # each edge's own heartbeat key and the URL it may claim
+    key = "5be0..."
+    base_url = "https://edge-1.example.net"
 
     [edge]                         # see EdgeSettings
+    fleet_key = "5be0..."          # this edge's key: [control.edges.<edge_id>].key
 
 An environment variable overrides one key: ``STREAMPLANE_<SECTION>_<KEY>``, upper case, e.g.
 ``STREAMPLANE_CONTROL_DATABASE_URL=postgresql+asyncpg://127.0.0.1/streamplane`` or
@@ -31,14 +35,18 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal
 
 import msgspec
+
+if TYPE_CHECKING:
+    from streamplane.edge import Network
 
 __all__ = [
     "ENV_PREFIX",
     "BgpPeer",
     "ControlSettings",
+    "EdgeRegistration",
     "EdgeSettings",
     "Plan",
     "Settings",
@@ -104,6 +112,24 @@ class BgpPeer(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     local_as: int
     peer_as: int
     port: int = 179
+    # What the site's link to this router is; ranks its routes (embedded first, transit last)
+    relation: Literal["embedded", "private", "public", "transit"] = "public"
+    # Seconds without a message from the router before its session and routes go (BGP's
+    # 0, "never", is refused: a hung router would steer clients for ever).
+    hold_time_s: Annotated[int, msgspec.Meta(ge=3, le=65535)] = 90
+
+
+class EdgeRegistration(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An edge allowed to heartbeat: its own key, and the base URL (and site) it may claim.
+
+    The edge signs every heartbeat with ``key`` (its ``edge.fleet_key``); a heartbeat for this
+    edge id signed with anything else, or naming another base URL or site, is refused.
+    """
+
+    key: str  # hex, at least 16 bytes: python -c 'import secrets; print(secrets.token_hex(32))'
+    base_url: str  # the only base_url its heartbeats may carry: http(s)://host[:port]
+    site: str = ""  # the only site they may name; empty: any
+    previous_key: str = ""  # accepted as well while the edge moves to `key`; empty: none
 
 
 def _default_plans() -> dict[str, Plan]:
@@ -115,14 +141,25 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     database_url: str = "sqlite+aiosqlite:///streamplane.db"
     database_schema: str = ""  # PostgreSQL schema to use (its search_path); empty: the default
+    # A dead store fails requests fast (503) rather than holding them: how long to wait for a
+    # PostgreSQL connection to open, and for a pooled connection when all are in use.
+    database_connect_timeout_s: float = 5.0
+    database_pool_timeout_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = ""  # how players reach this service; empty: http://host:port
     catalog_dir: str = "catalog"  # scanned for */title.json at startup
     placement: str = ""  # placement.json (streamplane.placement/1); empty: none
     czmap: str = ""  # Apache Traffic Control czmap.json; empty: none
+    # how often the czmap file is checked for changes (SIGHUP reloads it too); 0: never
+    czmap_poll_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     bgp: tuple[BgpPeer, ...] = ()  # BGP sessions feeding the routing table
     origin_url: str = ""  # last-resort edge when no healthy edge holds a title; empty: none
+    # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
+    # of them, the client is read from trusted_proxy_header, walked right to left past the
+    # trusted hops. Empty: the TCP peer is the client, whatever the headers say.
+    trusted_proxies: tuple[str, ...] = ()
+    trusted_proxy_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     # accounts
     jwt_secret: str = ""  # hex; empty: a random secret per process (tokens die on restart)
     access_ttl_s: int = 900
@@ -130,7 +167,10 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     password_time_cost: int = 3  # argon2id passes (argon2-cffi's default, RFC 9106 low-memory)
     password_memory_kib: int = 65536  # argon2id memory per hash
     admin_token: str = ""  # bearer token for admin routes; empty: admin routes refuse
-    fleet_token: str = ""  # bearer token edges send with heartbeats; empty: not required
+    # edges: each its own key (here, or added by PUT /v1/fleet/edges/{id} with admin_token)
+    edges: dict[str, EdgeRegistration] = msgspec.field(default_factory=dict)
+    edge_clock_skew_s: float = 300.0  # a signed heartbeat's ts may be this far from our clock
+    dev_mode: bool = False  # unsigned heartbeats from unregistered edges pass: never in production
     plans: dict[str, Plan] = msgspec.field(default_factory=_default_plans)
     default_plan: str = "standard"
     # sessions and heartbeats
@@ -169,13 +209,15 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     lon: float | None = None
     capacity_bps: float = 10e9  # rated throughput, reported in heartbeats
     control_url: str = ""  # the control plane; empty: standalone, no heartbeats
-    fleet_token: str = ""  # bearer token for heartbeats, if the control plane wants one
+    fleet_key: str = ""  # hex: this edge's own key, [control.edges.<edge_id>].key up there
+    dev_mode: bool = False  # heartbeat unsigned when there is no fleet_key: development only
     admin_token: str = ""  # bearer token for /fill; empty: loopback clients only
     heartbeat_s: float = 2.0
     tls_cert: str = ""
     tls_key: str = ""
     access_log: bool = True  # one JSON line per request on stdout
     header_timeout_s: float = 10.0  # a request's headers must arrive within this (slowloris)
+    body_timeout_s: float = 10.0  # a request's announced body must arrive within this after it
     idle_timeout_s: float = 30.0  # keep-alive connections idle longer are closed
     send_timeout_s: float = 30.0  # a client that takes no bytes for this long is dropped
     stall_timeout_s: float = 15.0  # an origin fetch without progress for this long fails
@@ -184,7 +226,19 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     fill_rate_bps: float = 200e6  # proactive fill's rate limit, bits per second
     fill_offpeak_load: float = 0.5  # fill only while serving is below this share of capacity
     eviction: Literal["s3fifo", "lru"] = "s3fifo"  # measured: bench/cache.py
-    trust_forwarded_for: bool = False  # behind a trusted proxy: the client is X-Forwarded-For
+    # Behind proxies (a load balancer, a shield tier): from a peer in these networks the client
+    # is read from X-Forwarded-For, walked right to left past the trusted hops, as the control
+    # plane does (edge/forwarded.py). Empty: the TCP peer is the client, whatever it sends.
+    trusted_proxies: tuple[str, ...] = ()
+
+    def proxy_networks(self) -> tuple[Network, ...]:
+        """``trusted_proxies`` as networks; SettingsError naming the first that is none."""
+        from streamplane.edge import parse_networks
+
+        try:
+            return parse_networks(self.trusted_proxies)
+        except ValueError as err:
+            raise SettingsError(f"edge.trusted_proxies: {err}") from None
 
     def url(self) -> str:
         if self.base_url:
@@ -201,6 +255,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
 
+
+# Settings that were removed, and what replaces them: named, not "unknown field".
+_REPLACED: Final[Mapping[tuple[str, str], str]] = {
+    ("control", "fleet_token"): (
+        "was one token shared by every edge, so any edge could speak for another; register "
+        'each edge with its own key instead: [control.edges.<edge id>] key = "<hex>", '
+        'base_url = "<its URL>" (see docs/control.md, "Edge credentials")'
+    ),
+    ("edge", "trust_forwarded_for"): (
+        "believed the leftmost X-Forwarded-For entry, which any client can write; list the "
+        'proxies in front of the edge instead: edge.trusted_proxies = ["10.0.0.0/8"]'
+    ),
+    ("edge", "fleet_token"): (
+        "was one token shared by every edge; set edge.fleet_key to this edge's own key, the "
+        "one registered at the control plane as [control.edges.<edge id>] key"
+    ),
+}
 
 _SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "tokens": TokenSettings,
@@ -232,6 +303,10 @@ def load_settings(
             raise SettingsError(
                 f"{where}: unknown section [{section}]; sections are {', '.join(_SECTIONS)}"
             )
+        table = raw[section]
+        for key in table if isinstance(table, dict) else ():
+            if (section, key) in _REPLACED:
+                raise SettingsError(f"{where}: {section}.{key} {_REPLACED[section, key]}")
     env = os.environ if environ is None else environ
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
@@ -241,6 +316,8 @@ def load_settings(
             continue  # STREAMPLANE_* variables of other tools (none today) are not ours
         if not key:
             raise SettingsError(f"{name}: give a key, e.g. {ENV_PREFIX}{section.upper()}_KEY")
+        if (section, key) in _REPLACED:
+            raise SettingsError(f"{name}: {section}.{key} {_REPLACED[section, key]}")
         fields = _SECTIONS[section].__struct_fields__
         if key not in fields and section != "edge":
             raise SettingsError(f"{name}: [{section}] has no key {key!r}")

@@ -12,6 +12,11 @@ start it the same way::
 Steering on loopback: every edge gets a site of its own, and a coverage-zone file gives the
 sites nested prefixes of 127.0.0.0/8, so a client on 127.0.0.1 is steered by longest-prefix
 match like any other client, and each ranked edge comes with its reason.
+
+Every edge gets a key of its own, as in production: the control plane's settings register
+each edge id with its key, base URL and site (``[control.edges.edge-N]``), and each edge reads
+only its own key from a settings file of its own (``edge-N.toml``), so every heartbeat is
+signed and no edge can speak for another.
 """
 
 from __future__ import annotations
@@ -119,6 +124,8 @@ class LocalStack:
         self.control_settings = dict(control_settings or {})  # [control] keys to override
         self.key_hex = secrets.token_hex(32)
         self.admin_token = secrets.token_hex(16)
+        # each edge's own heartbeat key, by edge id
+        self.edge_keys = {self.edge_id(i): secrets.token_hex(32) for i in range(edges)}
         self.control: StackProcess | None = None
         self.edges: list[StackProcess] = []
         self._account: dict[str, str] | None = None
@@ -126,6 +133,13 @@ class LocalStack:
     @property
     def control_url(self) -> str:
         return f"http://127.0.0.1:{self.control_port}"
+
+    @staticmethod
+    def edge_id(index: int) -> str:
+        return f"edge-{index + 1}"
+
+    def edge_url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.edge_ports[index]}"
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -159,11 +173,11 @@ class LocalStack:
     def start_edge(self, index: int) -> StackProcess:
         site = _SITES[index][0]
         port = self.edge_ports[index]
-        edge_id = f"edge-{index + 1}"
+        edge_id = self.edge_id(index)
         args = [
             "edge",
             "--config",
-            str(self.work / "settings.toml"),
+            str(self._write_edge_settings(index)),
             "--id",
             edge_id,
             "--site",
@@ -178,7 +192,7 @@ class LocalStack:
             self.control_url,
             "--no-access-log",
         ]
-        process = self._spawn(edge_id, f"http://127.0.0.1:{port}", args)
+        process = self._spawn(edge_id, self.edge_url(index), args)
         if index < len(self.edges):
             self.edges[index] = process
         else:
@@ -212,12 +226,30 @@ class LocalStack:
         if placement.is_file():
             control["placement"] = str(placement)
         control.update(self.control_settings)
-        lines = ["[tokens]", f'keys = {{ k1 = "{self.key_hex}" }}', "", "[control]"]
+        lines = [*self._tokens_lines(), "", "[control]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in control.items()]
-        lines += ["", "[edge]", f"origin = {json.dumps(str(self.catalog))}", "heartbeat_s = 1.0"]
-        lines += ["capacity_bps = 2e9", "drain_notice_s = 1.5"]
+        for index in range(self.edge_count):
+            edge_id = self.edge_id(index)
+            lines += ["", f"[control.edges.{edge_id}]", f'key = "{self.edge_keys[edge_id]}"']
+            lines += [f'base_url = "{self.edge_url(index)}"', f'site = "{_SITES[index][0]}"']
         path = self.work / "settings.toml"
         path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)  # every edge's key
+        return path
+
+    def _tokens_lines(self) -> list[str]:
+        return ["[tokens]", f'keys = {{ k1 = "{self.key_hex}" }}']
+
+    def _write_edge_settings(self, index: int) -> Path:
+        """The settings of one edge: the token keyring, and its own heartbeat key only."""
+        edge_id = self.edge_id(index)
+        lines = [*self._tokens_lines(), "", "[edge]"]
+        lines += [f"origin = {json.dumps(str(self.catalog))}", "heartbeat_s = 1.0"]
+        lines += ["capacity_bps = 2e9", "drain_notice_s = 1.5"]
+        lines += [f'fleet_key = "{self.edge_keys[edge_id]}"']
+        path = self.work / f"{edge_id}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
         return path
 
     def _spawn(self, name: str, url: str, args: list[str]) -> StackProcess:

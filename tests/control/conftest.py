@@ -9,12 +9,18 @@ saying why, only when no server answers at ``STREAMPLANE_TEST_PG`` (default
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +28,14 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+import uvicorn
 from fastapi import FastAPI
 
-from streamplane.config import ControlSettings, Plan, Settings, TokenSettings
+from streamplane.config import ControlSettings, EdgeRegistration, Plan, Settings, TokenSettings
 from streamplane.control import create_app
+from streamplane.edge import HeartbeatSigner, edge_key
 from streamplane.media.title import Rung, Title, encode_title
+from streamplane.stack import free_port
 from streamplane.steering import GeoLocator, RoutingTable, Steering
 
 PG_DSN = os.environ.get("STREAMPLANE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -34,6 +43,9 @@ KEY_ID = "k1"
 KEY_HEX = "a1" * 32
 ADMIN = "admin-secret"
 T0 = 1_800_000_000.0  # the fake clock's start
+# The edges every test control plane knows, each with its own key (``heartbeat`` gives
+# edge ``eN`` the base URL registered here).
+EDGE_KEYS = {f"e{i}": f"{i:02x}" * 32 for i in range(1, 5)}
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
@@ -191,6 +203,7 @@ class Control:
     settings: Settings
     catalog: Path
     _accounts: int = field(default=0)
+    signers: dict[str, HeartbeatSigner] = field(default_factory=dict)
 
     async def account(self, plan: str = "standard") -> dict[str, str]:
         """Sign up and log in; the Authorization header of the new account."""
@@ -206,8 +219,45 @@ class Control:
         assert r.status_code == 200, r.text
         return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
+    def signed(self, body: bytes, edge_id: str = "e1") -> dict[str, str]:
+        """Headers of heartbeat ``body`` signed now by registered edge ``edge_id``."""
+        signer = self.signers.get(edge_id)
+        if signer is None:
+            key = edge_key(self.settings.control.edges[edge_id].key)
+            signer = self.signers[edge_id] = HeartbeatSigner(edge_id, key)
+        return {
+            "Authorization": signer.authorization(body, self.clock()),
+            "Content-Type": "application/json",
+        }
+
+    async def beat(self, body: dict[str, Any] | bytes, edge_id: str = "e1") -> httpx.Response:
+        """Post a heartbeat signed by ``edge_id`` (unsigned if it is not registered)."""
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if edge_id in self.signers or edge_id in self.settings.control.edges:
+            headers = self.signed(content, edge_id)
+        else:
+            headers = {"Content-Type": "application/json"}
+        return await self.client.post("/v1/fleet/heartbeat", content=content, headers=headers)
+
+    async def register(self, edge_id: str, base_url: str, site: str = "") -> bytes:
+        """Register ``edge_id`` through the admin API; its new key, which ``beat`` signs with."""
+        r = await self.client.put(
+            f"/v1/fleet/edges/{edge_id}",
+            json={"base_url": base_url, "site": site},
+            headers={"Authorization": f"Bearer {ADMIN}"},
+        )
+        assert r.status_code == 201, r.text
+        key = bytes.fromhex(r.json()["key"])
+        self.signers[edge_id] = HeartbeatSigner(edge_id, key)
+        return key
+
     async def edge(self, edge_id: str, titles: tuple[str, ...] = (), **kw: Any) -> httpx.Response:
-        r = await self.client.post("/v1/fleet/heartbeat", json=heartbeat(edge_id, titles, **kw))
+        """A heartbeat from ``edge_id``, registered (through the admin API) if it is not yet."""
+        hb = heartbeat(edge_id, titles, **kw)
+        registered = edge_id in self.signers or edge_id in self.settings.control.edges
+        if not registered and not self.settings.control.dev_mode:
+            await self.register(edge_id, hb["base_url"])
+        r = await self.beat(hb, edge_id)
         assert r.status_code == 200, r.text
         return r
 
@@ -237,6 +287,10 @@ def control_settings(db: Db, catalog: Path, **control: Any) -> Settings:
         "slow_start_floor": 0.1,
         "edge_timeout_s": 6.0,
         "screen_timeout_s": 90.0,
+        "edges": {
+            edge_id: EdgeRegistration(key=key, base_url=f"http://{edge_id}.example:8081")
+            for edge_id, key in EDGE_KEYS.items()
+        },
     }
     defaults.update(control)
     return Settings(
@@ -247,12 +301,23 @@ def control_settings(db: Db, catalog: Path, **control: Any) -> Settings:
 
 @asynccontextmanager
 async def running(
-    db: Db, catalog: Path, geo: GeoLocator, clock: Clock | None = None, **control: Any
+    db: Db,
+    catalog: Path,
+    geo: GeoLocator,
+    clock: Clock | None = None,
+    *,
+    monotonic: Clock | None = None,
+    **control: Any,
 ) -> AsyncIterator[Control]:
     """Start a control plane (lifespan included) on ``db``; stop it on exit."""
     settings = control_settings(db, catalog, **control)
     clock = clock or Clock()
-    app = create_app(settings, clock=clock, steering=Steering(RoutingTable(), geo))
+    app = create_app(
+        settings,
+        clock=clock,
+        monotonic=monotonic or time.monotonic,
+        steering=Steering(RoutingTable(), geo),
+    )
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, client=("198.51.100.7", 40000))
         async with httpx.AsyncClient(transport=transport, base_url="http://control.test") as client:
@@ -267,3 +332,81 @@ async def control(db: Db, tmp_path: Path, geo: GeoLocator) -> AsyncIterator[Cont
     write_title(catalog, "short", duration_s=30.0)
     async with running(db, catalog, geo) as c:
         yield c
+
+
+@contextmanager
+def serving(app: FastAPI, config: uvicorn.Config | None = None) -> Iterator[str]:
+    """Run ``app`` under a real uvicorn server in a thread (its own loop, lifespan and pools);
+    yields its base URL. ``config``: how to serve it (default: loopback, a free port)."""
+    if config is None:
+        config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not srv.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://{config.host}:{config.port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+_PG_BIN = "/usr/lib/postgresql/15/bin"
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of one test's own, on a free port, that the test may stop and
+    start (the shared one on 5432 must never be stopped). Run as the ``postgres`` user when
+    the tests run as root (PostgreSQL refuses to run as root)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.data = Path(tempfile.mkdtemp(prefix="sp-pg-"))
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            shutil.chown(self.data, "postgres", "postgres")
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._pg_ctl("initdb", "-o", "-A trust -U postgres -E UTF8 --no-sync")
+        self.url = f"postgresql+asyncpg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _pg_ctl(self, *args: str) -> None:
+        subprocess.run(
+            [*self._as, f"{_PG_BIN}/pg_ctl", "-D", str(self.data), "-s", *args],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        self._pg_ctl("-o", opts, "-l", str(self.data / "log"), "-w", "start")
+
+    def stop(self) -> None:
+        """Stop at once, as an outage would: sessions are cut, new connections refused."""
+        self._pg_ctl("-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        subprocess.run(
+            [*self._as, f"{_PG_BIN}/pg_ctl", "-D", str(self.data), "-s", "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(self.data, ignore_errors=True)
+
+
+@pytest.fixture
+def private_pg() -> Iterator[PrivatePostgres]:
+    """A private PostgreSQL server, started; skips (saying why) where there is none to run."""
+    if not os.path.exists(f"{_PG_BIN}/pg_ctl"):
+        pytest.skip(f"no PostgreSQL 15 binaries in {_PG_BIN} (Debian: apt-get install postgresql)")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root without runuser: PostgreSQL will not run as root")
+    server = PrivatePostgres()
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from streamplane.cli import app
 
-from .conftest import KEY_HEX, write_title
+from .conftest import EDGE_KEYS, KEY_HEX, write_title
 
 
 def _config(tmp_path: Path, port: int) -> Path:
@@ -28,6 +28,10 @@ keys = {{ k1 = "{KEY_HEX}" }}
 database_url = "sqlite+aiosqlite:///{tmp_path / "control.db"}"
 catalog_dir = "{tmp_path / "catalog"}"
 port = {port}
+
+[control.edges.e1]
+key = "{EDGE_KEYS["e1"]}"
+base_url = "http://e1.example:8081"
 """
     )
     return path
@@ -81,3 +85,13 @@ def test_serve(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_no_start_without_edge_credentials(tmp_path: Path) -> None:
+    config = _config(tmp_path, 1)
+    text = config.read_text()
+    config.write_text(text[: text.index("[control.edges.e1]")])
+    result = CliRunner().invoke(app, ["control", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "no edge can prove who it is" in result.output
+    assert "[control.edges.<edge id>]" in result.output and "--dev" in result.output

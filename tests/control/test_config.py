@@ -89,3 +89,29 @@ def test_signing_key_problems() -> None:
     odd = load_settings(None, {"STREAMPLANE_TOKENS_KEYS": '{"a": "abc"}'})
     with pytest.raises(SettingsError, match=r"tokens\.keys\.a"):
         odd.tokens.keyring()
+
+
+def test_trusted_proxies_from_the_environment_and_bad_ones_named() -> None:
+    from streamplane.control import create_app
+
+    s = load_settings(
+        None,
+        {
+            "STREAMPLANE_CONTROL_TRUSTED_PROXIES": '["10.0.0.0/8", "2001:db8::/32"]',
+            "STREAMPLANE_CONTROL_TRUSTED_PROXY_HEADER": "forwarded",
+            "STREAMPLANE_TOKENS_KEYS": '{"k": "00"}',
+        },
+    )
+    assert s.control.trusted_proxies == ("10.0.0.0/8", "2001:db8::/32")
+    assert s.control.trusted_proxy_header == "forwarded"
+    with pytest.raises(SettingsError, match="trusted_proxy_header"):
+        load_settings(None, {"STREAMPLANE_CONTROL_TRUSTED_PROXY_HEADER": "x-real-ip"})
+    bad = load_settings(
+        None,
+        {
+            "STREAMPLANE_CONTROL_TRUSTED_PROXIES": '["10.0.0.0/8", "lb.example"]',
+            "STREAMPLANE_TOKENS_KEYS": '{"k": "00"}',
+        },
+    )
+    with pytest.raises(SettingsError, match=r"control\.trusted_proxies: 'lb\.example'"):
+        create_app(bad)

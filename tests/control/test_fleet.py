@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from streamplane.steering import GeoLocator
-
-from .conftest import ADMIN, Control, Db, heartbeat, running, write_title
+from .conftest import ADMIN, Control, heartbeat
 
 ADMIN_AUTH = {"Authorization": f"Bearer {ADMIN}"}
 
@@ -127,30 +123,14 @@ async def test_bad_heartbeats_are_refused_with_the_reason(
 ) -> None:
     hb = heartbeat("e1", ("demo",))
     hb.update(change)
-    r = await control.client.post("/v1/fleet/heartbeat", json=hb)
+    r = await control.beat(hb)
     assert r.status_code == 422
     assert message in r.json()["detail"]
     hb = heartbeat("e1")
     del hb["sent_at"]
-    r = await control.client.post("/v1/fleet/heartbeat", json=hb)
+    r = await control.beat(hb)
     assert r.status_code == 422 and "sent_at" in r.json()["detail"]
     assert (await control.client.get("/v1/fleet", headers=ADMIN_AUTH)).json()["edges"] == []
-
-
-async def test_fleet_token(db: Db, tmp_path: Path, geo: GeoLocator) -> None:
-    catalog = tmp_path / "catalog"
-    write_title(catalog, "demo")
-    async with running(db, catalog, geo, fleet_token="edge-secret") as control:
-        hb = heartbeat("e1", ("demo",))
-        assert (await control.client.post("/v1/fleet/heartbeat", json=hb)).status_code == 401
-        r = await control.client.post(
-            "/v1/fleet/heartbeat", json=hb, headers={"Authorization": "Bearer nope"}
-        )
-        assert r.status_code == 403
-        r = await control.client.post(
-            "/v1/fleet/heartbeat", json=hb, headers={"Authorization": "Bearer edge-secret"}
-        )
-        assert r.status_code == 200
 
 
 async def test_load_reports_reach_the_ranking_within_a_second(control: Control) -> None:

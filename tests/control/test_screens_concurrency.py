@@ -45,6 +45,7 @@ async def test_fifty_concurrent_starts_across_two_instances(
     catalog = tmp_path / "catalog"
     write_title(catalog, "demo")
     async with running(db, catalog, geo) as one, running(db, catalog, geo) as two:
+        two.signers = one.signers  # one edge, heartbeating both instances in turn
         await one.edge("e1", ("demo",))
         await two.edge("e1", ("demo",))
         auth = await one.account("premium")

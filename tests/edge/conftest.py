@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from streamplane.stack import free_port
 
 KEY_ID = "k1"
 KEY_HEX = "5f" * 32
+FLEET_KEY_HEX = "6e" * 32  # an edge's own heartbeat key (edge.fleet_key)
 
 
 def token(acl: str = "/*", ttl: int = 600, ip: str | None = None, key_hex: str = KEY_HEX) -> str:
@@ -65,6 +68,8 @@ def start_edge(
 ) -> Edge:
     port = edge.pop("port", None) or free_port()
     cache = Path(edge.pop("cache_dir", tmp / "cache"))
+    if "control_url" in edge:  # an edge that heartbeats signs with a key of its own
+        edge.setdefault("fleet_key", FLEET_KEY_HEX)
     lines = ["[tokens]", f'keys = {{ {KEY_ID} = "{KEY_HEX}" }}', "[edge]"]
     settings = {
         "origin": str(origin),
@@ -82,6 +87,8 @@ def start_edge(
             lines.append(f"{name} = {'true' if value else 'false'}")
         elif isinstance(value, int | float):
             lines.append(f"{name} = {value}")
+        elif isinstance(value, list | tuple):  # of strings: a JSON array is a TOML one
+            lines.append(f"{name} = {json.dumps(list(value))}")
         else:
             lines.append(f'{name} = "{value}"')
     config = tmp / f"edge-{port}.toml"
@@ -153,6 +160,24 @@ def make_origin(root: Path) -> Path:
     return root
 
 
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A filesystem of its own at ``path``, ``size`` large: a disk that fills up, and another
+    filesystem than the origin's. Mounting needs root; the test is skipped without it."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=True)
+
+
 @pytest.fixture
 def origin_dir(tmp_path: Path) -> Path:
     return make_origin(tmp_path / "origin")
@@ -187,6 +212,8 @@ class CountingOrigin:
     requests: dict[str, int] = field(default_factory=dict)
     trickle_s: float = 0.0  # pause between 64 KB chunks
     hang: bool = False
+    # Every answer waits for this: a test holds the origin until its requests reached the edge.
+    gate: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -211,6 +238,7 @@ def http_origin(origin_dir: Path) -> Iterator[CountingOrigin]:
             if o.hang:
                 time.sleep(30)
                 return
+            o.gate.wait(30)
             path = o.root / self.path.lstrip("/")
             if not path.is_file():
                 self.send_response(404)
@@ -231,6 +259,7 @@ def http_origin(origin_dir: Path) -> Iterator[CountingOrigin]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     state["o"] = CountingOrigin(origin_dir, server)
+    state["o"].gate.set()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield state["o"]

@@ -40,8 +40,10 @@ def control() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     server.shutdown()
 
 
-def wait_fill(edge: Edge, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    deadline = time.monotonic() + 120
+def wait_fill(
+    edge: Edge, headers: dict[str, str] | None = None, deadline_s: float = 120
+) -> dict[str, Any]:
+    deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         status: dict[str, Any] = httpx.get(edge.url + "/fill", headers=headers).json()
         if status["state"] in ("done", "failed") and status.get("titles_total"):

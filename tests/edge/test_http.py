@@ -119,3 +119,42 @@ def test_response_head_is_the_same_from_a_list_or_a_ready_block() -> None:
     assert b"Content-Length: 12\r\n" in as_list and b"Access-Control-Allow-Origin: *" in as_list
     closing = http.response_head(599, [], date=b"x", keep_alive=False, cors_origin=None)
     assert closing.startswith(b"HTTP/1.1 599 Unknown") and b"Access-Control" not in closing
+
+
+def test_answer_object_is_304_then_one_range_then_the_whole() -> None:
+    mtime_ns = 1_700_000_000 * 10**9
+    whole = http.answer_object(
+        "/t/seg.m4s", mtime_ns, 1000, range_header=None, if_none_match=None, if_modified_since=None
+    )
+    assert (whole.status, whole.offset, whole.count) == (200, 0, 1000)
+    assert whole.headers == http.object_headers("/t/seg.m4s", mtime_ns, 1000)
+    etag = dict(whole.headers)[b"ETag"]
+    ranged = http.answer_object(
+        "/t/seg.m4s",
+        mtime_ns,
+        1000,
+        range_header=b"bytes=-10",
+        if_none_match=b'"other"',
+        if_modified_since=None,
+    )
+    assert (ranged.status, ranged.offset, ranged.count) == (206, 990, 10)
+    assert dict(ranged.headers)[b"Content-Range"] == b"bytes 990-999/1000"
+    fresh = http.answer_object(
+        "/t/seg.m4s",
+        mtime_ns,
+        1000,
+        range_header=b"bytes=0-1",
+        if_none_match=etag,
+        if_modified_since=None,
+    )
+    assert fresh.status == 304 and fresh.count == 0
+    assert not any(name == b"Content-Length" for name, _ in fresh.headers)
+    with pytest.raises(http.Unsatisfiable):
+        http.answer_object(
+            "/t/seg.m4s",
+            mtime_ns,
+            1000,
+            range_header=b"bytes=1000-",
+            if_none_match=None,
+            if_modified_since=None,
+        )

@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from streamplane.edge.cache import DiskCache
 from tests.edge.conftest import KEY_HEX, Edge, edge_workers, running, start_edge, token
 
 
@@ -121,6 +122,41 @@ def test_tokens_are_checked_before_anything_is_served(edge: Edge) -> None:
     assert "token" in refused.json()["error"]
 
 
+def test_behind_trusted_proxies_the_client_is_the_first_untrusted_hop(
+    tmp_path: Path, shared_origin: Path
+) -> None:
+    """A token bound to the viewer's address plays through the proxy in front of the edge, and
+    an address the viewer writes into X-Forwarded-For itself is never believed (the edge read
+    the leftmost entry, so a token bound to anyone's address played for everyone)."""
+    edge = start_edge(tmp_path, shared_origin, workers=1, trusted_proxies=["127.0.0.0/8"])
+    try:
+        path = "/t1/v/1/seg_2.m4s"
+        viewer, victim = "198.51.100.7", "203.0.113.9"
+        bound = token(ip=viewer)
+        assert edge.get(path, tok=bound, headers={"X-Forwarded-For": viewer}).status_code == 200
+        # the viewer forges the victim's address; the proxy appends the address it saw
+        forged = edge.get(
+            path, tok=token(ip=victim), headers={"X-Forwarded-For": f"{victim}, {viewer}"}
+        )
+        assert forged.status_code == 403
+        # the same when the proxy adds its own header line after the client's
+        lines = [("X-Forwarded-For", victim), ("X-Forwarded-For", viewer)]
+        assert edge.get(path, tok=token(ip=victim), headers=lines).status_code == 403
+        assert edge.get(path, tok=bound, headers=lines).status_code == 200
+        # without the header the proxy itself is the client
+        assert edge.get(path, tok=bound).status_code == 403
+    finally:
+        edge.stop()
+
+
+def test_trusted_proxies_that_are_no_networks_stop_the_edge_with_their_name(
+    tmp_path: Path, shared_origin: Path
+) -> None:
+    edge = start_edge(tmp_path, shared_origin, wait=False, trusted_proxies=["10.0.0.0/33"])
+    assert edge.process.wait(timeout=30) == 2
+    assert "edge.trusted_proxies" in edge.log() and "10.0.0.0/33" in edge.log()
+
+
 def test_a_url_granted_before_is_refused_once_its_token_expires(edge: Edge) -> None:
     # A player polls one playlist URL with one token; the edge remembers that URL as granted,
     # and must still refuse it (410) once the token expires, and a URL the token never covered.
@@ -194,7 +230,7 @@ def test_hidden_cache_files_and_symlinks_out_are_not_served(
         (b"GET\r\n\r\n", 400),
         (b"HELLO\r\n\r\n", 400),
         (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # a TLS hello on the plain port
-        (b"GET / HTTP/9.9\r\n\r\n", 400),
+        (b"GET / HTTP/9.9\r\n\r\n", 505),  # a version, but not one served here
         (b"GET /t1/master.m3u8 HTTP/1.1\r\n" + b"X-Junk: " + b"a" * 20000 + b"\r\n\r\n", 431),
         (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", 414),
         (b"BREW /t1/master.m3u8 HTTP/1.1\r\nHost: e\r\n\r\n", 501),
@@ -372,8 +408,7 @@ def test_restart_keeps_the_warm_cache_and_drops_partials(tmp_path: Path, origin_
     e = start_edge(tmp_path, origin_dir)
     body = e.get("/t1/v/1/seg_2.m4s").content
     assert e.stop() == 0
-    partial = e.cache / ".inflight" / "body" / "t1" / "v" / "1" / "seg_1.m4s"
-    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(DiskCache(e.cache).body_path("t1/v/1/seg_1.m4s"))
     partial.write_bytes(b"half")  # as a crash mid-fetch leaves it
     empty = tmp_path / "empty-origin"
     empty.mkdir()
@@ -571,5 +606,92 @@ def test_tls_serves_the_same_bytes_and_says_whether_sendfile_stays_zero_copy(
         assert r.status_code == 200
         assert r.content == (origin_dir / "t1/v/1/seg_1.m4s").read_bytes()
         assert kernel_tls_status()[1] in e.log()  # the start-up says what TLS costs here
+    finally:
+        e.stop(signal.SIGKILL)
+
+
+# -- the protocol's deadlines and refusals, from outside ---------------------------------
+
+
+def test_a_body_over_the_limit_is_refused_from_its_head(edge: Edge) -> None:
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=5) as s:
+        s.sendall(b"POST /fill HTTP/1.1\r\nHost: e\r\nContent-Length: 2000000000\r\n\r\n")
+        reply = s.recv(65536)  # at once, without a byte of the body
+    assert status_of(reply) == 413 and b'"error"' in reply
+
+
+def test_silent_bodies_are_cut_off_and_cannot_exhaust_a_worker(
+    tmp_path: Path, origin_dir: Path
+) -> None:
+    """Heads announcing a body that never comes, more than the worker has descriptors for
+    (it was held for ever, and 1,100 made a 1,024-descriptor worker unreachable): each gets
+    408 at the body deadline, and then a new client is served."""
+    import resource
+
+    e = start_edge(tmp_path, origin_dir, workers=1, body_timeout_s=1.0)
+    silent: list[socket.socket] = []
+    try:
+        [worker] = edge_workers(e)
+        limit = len(os.listdir(f"/proc/{worker}/fd")) + 40
+        resource.prlimit(worker, resource.RLIMIT_NOFILE, (limit, limit))
+        for _ in range(60):
+            s = socket.create_connection(("127.0.0.1", e.port))
+            s.sendall(b"POST /fill HTTP/1.1\r\nHost: e\r\nContent-Length: 10\r\n\r\n")
+            silent.append(s)
+        started = time.monotonic()
+        for s in silent:  # those past the limit wait in the backlog for the first to go
+            s.settimeout(10)
+            assert status_of(s.recv(4096)) == 408
+            s.close()
+        assert time.monotonic() - started < 10
+        assert e.get("/t1/master.m3u8").status_code == 200
+    finally:
+        for s in silent:
+            s.close()
+        e.stop(signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    ("version", "status"), [(b" HTTP/2.0", 505), (b" HTTP/3.0", 505), (b"", 400)]
+)
+def test_a_request_line_in_another_version_or_none_is_refused(
+    edge: Edge, version: bytes, status: int
+) -> None:
+    target = f"/t1/master.m3u8?__token__={token()}".encode()
+    reply = raw(edge, b"GET " + target + version + b"\r\nHost: e\r\n\r\n")
+    assert status_of(reply) == status
+    assert b"#EXTM3U" not in reply and reply.count(b"\r\n\r\n") == 1  # one answer, no playlist
+
+
+def test_an_upgrade_request_gets_one_answer_and_the_connection_stays_http(edge: Edge) -> None:
+    tok = token()
+    upgrade = (
+        f"GET /t1/master.m3u8?__token__={tok} HTTP/1.1\r\nHost: e\r\n"
+        "Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+    )
+    after = f"GET /t1/v/1/init.mp4?__token__={tok} HTTP/1.1\r\nConnection: close\r\n\r\n"
+    reply = raw(edge, (upgrade + after).encode())
+    statuses = [int(part[:3]) for part in reply.split(b"HTTP/1.1 ")[1:]]
+    assert statuses == [200, 200]
+    assert b"#EXTM3U" in reply
+
+
+def test_health_reports_draining_from_the_drain_notice(tmp_path: Path, origin_dir: Path) -> None:
+    e = start_edge(tmp_path, origin_dir, drain_notice_s=3.0)
+    try:
+        assert httpx.get(e.url + "/healthz").json() == {"status": "ok"}
+        e.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2.5
+        seen = None
+        while time.monotonic() < deadline:
+            r = httpx.get(e.url + "/healthz")
+            if r.status_code == 503:
+                seen = r
+                break
+            time.sleep(0.05)
+        assert seen is not None, "no 503 during the drain notice"
+        assert seen.json() == {"status": "draining"}
+        assert seen.headers["connection"] == "close"
+        assert e.process.wait(30) == 0
     finally:
         e.stop(signal.SIGKILL)

@@ -24,6 +24,7 @@ from streamplane.edge import (
     sign,
     signed_url,
     token_from_request,
+    tokens,
     verify,
 )
 
@@ -285,6 +286,36 @@ def test_uppercase_hmac_is_not_the_hmac() -> None:
     signed, _, mac = _acl_token().rpartition("~hmac=")
     with pytest.raises(ForgedToken):
         _verify(f"{signed}~hmac={mac.upper()}")
+
+
+@pytest.mark.parametrize("length", [1, 32, 63, 64, 65, 128, 200])
+def test_the_mac_is_rfc_2104_hmac_sha256_for_keys_of_every_length(length: int) -> None:
+    # 64 bytes is SHA-256's block: a longer key is hashed first, a shorter one padded.
+    key = bytes(range(7, 7 + length))
+    acl = sign(key_id=KID, key=key, acl=["/title/abc/*"], expiry=EXPIRY)
+    url = sign(key_id=KID, key=key, url=SEGMENT, expiry=EXPIRY)
+    for token, message in ((acl, ""), (url, "~url=" + SEGMENT)):
+        signed, _, mac = token.rpartition("~hmac=")
+        assert mac == _hmac_hex(key, signed + message)
+        assert _verify(token, keyring={KID: key}).key_id == KID
+    assert tokens._mac(key, "") == _hmac_hex(key, "")
+
+
+def test_the_mac_is_the_standard_librarys_hmac_keyed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not HMAC rebuilt from pad states: hmac.new keys it, once per key (then copied per message).
+    keyed: list[tuple[bytes, object]] = []
+    real = hmac.new
+
+    def spy(key: bytes, msg: bytes | None = None, digestmod: object = None) -> hmac.HMAC:
+        keyed.append((key, digestmod))
+        return real(key, msg, digestmod)
+
+    monkeypatch.setattr(hmac, "new", spy)
+    key = b"a key only this test signs with"
+    tokens_signed = [_acl_token(key=key, session_id=f"s{n}") for n in range(3)]
+    for token in tokens_signed:
+        _verify(token, keyring={KID: key})
+    assert keyed == [(key, hashlib.sha256)]
 
 
 # --- paths --------------------------------------------------------------------------------

@@ -132,10 +132,14 @@ def _valid_point(lat: float | None, lon: float | None) -> tuple[float, float] | 
 
 
 def _route_text(route: Route) -> str:
-    path = " ".join(map(str, route.as_path)) if route.as_path else "(empty: the peer's own)"
+    if route.source == "czmap":
+        via = "czmap file route"
+    else:
+        path = " ".join(map(str, route.as_path)) if route.as_path else "(empty: the peer's own)"
+        via = f"AS path {path}, MED {route.med}"
     return (
-        f"longest prefix {route.prefix} (/{_prefix_len(route.prefix)}) via AS path {path}, "
-        f"MED {route.med}, {RELATION_LABEL[route.relation]}"
+        f"longest prefix {route.prefix} (/{_prefix_len(route.prefix)}) via {via}, "
+        f"{RELATION_LABEL[route.relation]}"
     )
 
 
@@ -189,11 +193,14 @@ class _Place:
         self.km = km = None if here is None or point is None else _chord_km(here, _unit(*point))
         if route is not None:
             group = _MATCHED
-            hops = len(route.as_path)
+            # A file route has no AS path or MED: it compares as the longest and highest.
+            file_route = route.source == "czmap"
+            hops = _PATH_CAP if file_route else len(route.as_path)
+            med = (1 << _MED_BITS) - 1 if file_route else route.med
             route_key = 128 - _prefix_len(route.prefix)
             route_key = (route_key << _REL_BITS) | RELATION_PREFERENCE[route.relation]
             route_key = (route_key << _PATH_BITS) | (hops if hops < _PATH_CAP else _PATH_CAP)
-            route_key = (route_key << _MED_BITS) | route.med
+            route_key = (route_key << _MED_BITS) | med
         else:
             group = _LOCATED if km is not None else _ANYWHERE
             route_key = 0
@@ -361,8 +368,8 @@ def _explain(
                     reason=reason,
                     prefix=route.prefix,
                     prefix_len=_prefix_len(route.prefix),
-                    as_path_len=len(route.as_path),
-                    med=route.med,
+                    as_path_len=None if route.source == "czmap" else len(route.as_path),
+                    med=None if route.source == "czmap" else route.med,
                     relation=route.relation,
                     distance_km=None if km is None else int(km * 10.0 + 0.5) / 10.0,
                     load=edge.load,

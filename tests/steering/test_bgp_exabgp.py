@@ -1,20 +1,17 @@
 """Two real ExaBGP speakers on loopback: an ISP router announces, the edge site's BgpFeed
-learns, and Steering's ranking follows within seconds."""
+learns, and Steering's ranking follows within seconds; a router that hangs loses its routes
+when the hold timer expires, and a speaker that dies is restarted."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import getpass
 import os
 import signal
-import socket
-import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from streamplane.config import BgpPeer
 from streamplane.steering import (
     BgpError,
     BgpFeed,
@@ -24,107 +21,26 @@ from streamplane.steering import (
     ExabgpNotFound,
     RoutingTable,
     Steering,
-    find_exabgp,
 )
-
-ISP, SITE = "127.0.0.2", "127.0.0.3"
-ISP_AS, SITE_AS = 64500, 64512
-COMMANDS = Path(__file__).with_name("isp_commands.py")
+from tests.steering.exabgp_peers import (
+    ISP,
+    ISP_AS,
+    SITE,
+    SITE_AS,
+    IspRouter,
+    alive,
+    children,
+    eventually,
+    isp_router,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _free_port() -> int:
-    """A port free on both loopback addresses (each speaker listens on its own)."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((ISP, 0))
-            port = int(probe.getsockname()[1])
-            with socket.socket() as other:
-                try:
-                    other.bind((SITE, port))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError("no free port on both loopback addresses")
-
-
-class IspRouter:
-    """An ExaBGP announcing what the test writes to its command FIFO."""
-
-    def __init__(self, workdir: Path, port: int) -> None:
-        self.workdir = workdir
-        self.port = port
-        self.fifo = workdir / "commands"
-        self.process: asyncio.subprocess.Process | None = None
-        self._writer: int | None = None
-
-    async def start(self) -> None:
-        os.mkfifo(self.fifo)
-        self._writer = os.open(self.fifo, os.O_RDWR | os.O_NONBLOCK)
-        config = self.workdir / "isp.conf"
-        config.write_text(
-            f"process commands {{\n  run {sys.executable} {COMMANDS} {self.fifo};\n"
-            "  encoder json;\n}\n"
-            f"neighbor {SITE} {{\n  router-id {ISP};\n  local-address {ISP};\n"
-            f"  local-as {ISP_AS};\n  peer-as {SITE_AS};\n"
-            "  family { ipv4 unicast; ipv6 unicast; }\n"
-            "  api { processes [ commands ]; }\n}\n"
-        )
-        env = {
-            **os.environ,
-            "exabgp_tcp_port": str(self.port),
-            "exabgp_tcp_bind": ISP,
-            "exabgp_daemon_user": getpass.getuser(),
-            "exabgp_api_cli": "false",
-        }
-        with (self.workdir / "isp.log").open("wb") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                str(find_exabgp()),
-                str(config),
-                env=env,
-                stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def send(self, command: str) -> None:
-        assert self._writer is not None
-        os.write(self._writer, (command + "\n").encode())
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(self.process.wait(), 5)
-            except TimeoutError:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                await self.process.wait()
-        if self._writer is not None:
-            os.close(self._writer)
-            self._writer = None
-
-
 @pytest.fixture
 async def isp(tmp_path: Path) -> AsyncIterator[IspRouter]:
-    router = IspRouter(tmp_path, _free_port())
-    await router.start()
-    try:
+    async with isp_router(tmp_path) as router:
         yield router
-    finally:
-        await router.stop()
-
-
-async def _eventually(check: Callable[[], bool], what: str, timeout: float = 10.0) -> float:
-    """Seconds until ``check()`` holds; fails the test after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not check():
-        if loop.time() - start > timeout:
-            pytest.fail(f"not within {timeout:g} s: {what}")
-        await asyncio.sleep(0.05)
-    return loop.time() - start
 
 
 FLEET = [
@@ -154,8 +70,8 @@ async def test_announcements_and_withdrawals_change_the_ranking(isp: IspRouter) 
 
         isp.send(f"announce route 203.0.113.0/24 next-hop {ISP} as-path [ 64500 64501 ] med 10")
         isp.send("announce route 2001:db8:77::/48 next-hop 2001:db8::1 as-path [ 64500 ]")
-        await _eventually(lambda: _first(steering, V4) == "bgp-1", "the IPv4 announcement")
-        await _eventually(lambda: _first(steering, V6) == "bgp-1", "the IPv6 announcement")
+        await eventually(lambda: _first(steering, V4) == "bgp-1", "the IPv4 announcement")
+        await eventually(lambda: _first(steering, V6) == "bgp-1", "the IPv6 announcement")
         best = steering.rank(V4, "tt1", "session-1", FLEET)[0]
         assert (best.prefix, best.as_path_len, best.med, best.relation) == (
             "203.0.113.0/24",
@@ -167,12 +83,12 @@ async def test_announcements_and_withdrawals_change_the_ranking(isp: IspRouter) 
         assert table.lookup("203.0.113.7")["bgp-site"].peer == ISP
 
         isp.send(f"withdraw route 203.0.113.0/24 next-hop {ISP}")
-        await _eventually(lambda: _first(steering, V4) == "near-1", "the withdrawal")
+        await eventually(lambda: _first(steering, V4) == "near-1", "the withdrawal")
         assert _first(steering, V6) == "bgp-1"  # the other prefix stays
 
         # The ISP's router goes away: its session drops, and with it every route it gave.
         await isp.stop()
-        await _eventually(lambda: _first(steering, V6) == "near-1", "the session going down")
+        await eventually(lambda: _first(steering, V6) == "near-1", "the session going down")
         assert feed.established == set()
         assert feed.errors == 0, feed.last_error
     assert len(table) == 0
@@ -187,7 +103,7 @@ async def test_routes_learned_are_dropped_when_the_feed_stops(isp: IspRouter) ->
     try:
         await feed.wait_established(timeout=20)
         isp.send(f"announce route 198.51.100.0/24 next-hop {ISP}")
-        await _eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route")
+        await eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route")
     finally:
         await feed.stop()
     assert table.lookup("198.51.100.1") == {}
@@ -205,3 +121,86 @@ async def test_exabgp_missing_or_failing_is_reported(tmp_path: Path) -> None:
     with pytest.raises(BgpError, match=r"(?s)exited with status 1.*configuration error: boom"):
         await feed.start(timeout=5)
     assert not feed.running
+
+
+async def test_a_hung_router_loses_its_routes_when_the_hold_timer_expires(
+    isp: IspRouter,
+) -> None:
+    """The hold time is a setting passed to ExaBGP: a router that stops answering (SIGSTOP)
+    has its routes withdrawn once it expires, not kept steering clients for 180 s."""
+    table = RoutingTable()
+    steering = Steering(table)
+    peer = BgpPeer(
+        site="bgp-site",
+        local_address=SITE,
+        peer_address=ISP,
+        local_as=SITE_AS,
+        peer_as=ISP_AS,
+        port=isp.port,
+        relation="private",
+        hold_time_s=3,
+    )
+    feed = BgpFeed(table, peer)
+    assert (feed.neighbors[0].hold_time, feed.neighbors[0].relation) == (3, "private")
+    async with feed:
+        await feed.wait_established(timeout=20)
+        isp.send(f"announce route 203.0.113.0/24 next-hop {ISP} as-path [ 64500 ]")
+        await eventually(lambda: _first(steering, V4) == "bgp-1", "the announcement")
+        assert "private peering" in steering.rank(V4, "tt1", "s", FLEET)[0].reason
+        [session] = feed.sessions()
+        assert (session.state, session.hold_time_s, session.prefixes) == ("established", 3, 1)
+
+        assert isp.process is not None
+        os.killpg(isp.process.pid, signal.SIGSTOP)
+        try:
+            took = await eventually(
+                lambda: _first(steering, V4) == "near-1", "the hold timer", timeout=15
+            )
+            [session] = feed.sessions()
+            assert session.state == "connecting" and session.prefixes == 0
+            assert "hold timer" in (session.last_error or "").lower(), session.last_error
+        finally:
+            os.killpg(isp.process.pid, signal.SIGCONT)
+    # 3 s of silence, then the timer fires (ExaBGP checks it about once a second).
+    assert took < 3 + 3, took
+
+
+async def test_a_speaker_that_dies_is_restarted_and_learns_again(isp: IspRouter) -> None:
+    """ExaBGP killed: its routes go at once, its API process goes with it, and the feed
+    starts it again after a back-off; the router re-sends its routes to the new session."""
+    table = RoutingTable()
+    neighbor = BgpNeighbor(address=ISP, peer_as=ISP_AS, local_as=SITE_AS, local_address=SITE)
+    clock_now = [1000.0]
+    feed = BgpFeed(
+        table,
+        "bgp-site",
+        [neighbor],
+        port=isp.port,
+        restart_base_s=0.2,
+        clock=lambda: clock_now[0],
+    )
+    assert [s.state for s in feed.sessions()] == ["idle"]
+    async with feed:
+        assert [s.state for s in feed.sessions()] in (["connecting"], ["established"])
+        await feed.wait_established(timeout=20)
+        isp.send(f"announce route 198.51.100.0/24 next-hop {ISP}")
+        await eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route")
+        first = feed.pid
+        assert first is not None
+        relays = children(first)
+        assert len(relays) == 1  # ExaBGP's API process, the relay
+
+        clock_now[0] = 2000.0
+        os.kill(first, signal.SIGKILL)
+        await eventually(lambda: table.lookup("198.51.100.1") == {}, "the routes dropped")
+        await eventually(lambda: not any(map(alive, relays)), "the relay dying with ExaBGP")
+        await eventually(lambda: feed.restarts == 1, "the restart")
+        await feed.wait_established(timeout=20)
+        await eventually(lambda: "bgp-site" in table.lookup("198.51.100.1"), "the route again")
+        assert feed.pid not in (None, first)
+        [session] = feed.sessions()
+        assert (session.state, session.restarts, session.prefixes) == ("established", 1, 1)
+        assert session.since == 2000.0  # established again since the restart
+        assert feed.last_error is not None and "exited with status -9" in feed.last_error
+    assert [s.state for s in feed.sessions()] == ["idle"]
+    assert table.lookup("198.51.100.1") == {}

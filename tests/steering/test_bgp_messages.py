@@ -163,8 +163,9 @@ def test_applying_changes_keeps_peers_apart() -> None:
     apply_changes(table, parse_exabgp_message(other_peer, "ams"))
     assert table.lookup("198.51.100.1")["ams"].source == "bgp"
     apply_changes(table, parse_exabgp_message(WITHDRAW_V4, "ams"))
-    # the czmap path and the other peer's path remain; czmap's empty AS path is shorter
-    assert table.lookup("203.0.113.1")["ams"].source == "czmap"
+    # the czmap path and the other peer's path remain; the peer's path, whose AS path is
+    # known, is preferred to the file's
+    assert table.lookup("203.0.113.1")["ams"].peer == "127.0.0.9"
     apply_changes(table, parse_exabgp_message(STATE % "down", "ams"))
     assert table.lookup("198.51.100.1")["ams"].peer == "127.0.0.9"
     apply_changes(

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 
 from streamplane.steering import (
     Client,
+    CoverageZones,
     CzmapError,
     EdgeCandidate,
     RoutingTable,
@@ -86,7 +88,34 @@ def test_czmap_steers_through_the_table() -> None:
     [
         ("{", "not JSON"),
         ("[]", "expected a JSON object with 'coverageZones'"),
-        ('{"coverageZone": {}}', "'coverageZones' is missing"),
+        ('{"revision": "1"}', "'coverageZones' is missing"),
+        # Strict: a misspelt key is named, not ignored (it left a zone quietly empty).
+        (
+            '{"coverageZone": {}}',
+            "unknown key 'coverageZone' .*did you mean 'coverageZones'",
+        ),
+        (
+            '{"coverageZones": {"g": {"networks": ["10.0.0.0/8"]}}}',
+            r"cache group 'g': unknown key 'networks' \(a cache group key has coordinates, "
+            r"network, network6\); did you mean 'network'\?",
+        ),
+        (
+            '{"coverageZones": {"g": {"coordinates": {"lat": 52, "longitude": 4}}}}',
+            "cache group 'g', 'coordinates': unknown key 'lat'",
+        ),
+        # A key given twice: the second silently replaced the first.
+        (
+            '{"coverageZones": {"g": {"network": ["10.0.0.0/8"]}, "g": {}}}',
+            "cache group 'g' is given twice in 'coverageZones'",
+        ),
+        (
+            '{"coverageZones": {"g": {"network": ["10.0.0.0/8"], "network": []}}}',
+            "cache group 'g': cache group key 'network' is given twice",
+        ),
+        (
+            '{"coverageZones": {"g": {"coordinates": {"latitude": NaN, "longitude": 0}}}}',
+            "not JSON: NaN is not a JSON number",
+        ),
         ('{"coverageZones": {"g": []}}', "cache group 'g': expected an object"),
         (
             '{"coverageZones": {"g": {"network": ["10.0.0.0/8", "10.1.2.3/8"]}}}',
@@ -119,6 +148,88 @@ def test_malformed_files_are_named(document: str, message: str) -> None:
         parse_czmap(document, origin="zones.json")
 
 
+def test_bytes_that_are_not_utf8_are_named() -> None:
+    with pytest.raises(CzmapError, match=r"^zones\.json: not JSON: .*utf-8"):
+        parse_czmap(b'{"coverageZones": {"\xff": {}}}', origin="zones.json")
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(CzmapError, match=r"cannot read coverage-zone file .*nope\.json"):
         load_czmap(tmp_path / "nope.json")
+
+
+def test_a_misspelt_key_in_a_real_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "czmap.json"
+    path.write_text('{"coverageZones": {"ams": {"networks": ["192.0.2.0/24"]}}}')
+    with pytest.raises(CzmapError, match=rf"^{tmp_path}/czmap\.json: cache group 'ams'"):
+        load_czmap(path)
+
+
+def _write(path: Path, document: object) -> None:
+    # As an operator's deploy does: a new file renamed over the old one.
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(document if isinstance(document, str) else json.dumps(document))
+    tmp.replace(path)
+
+
+def test_coverage_zones_reload_when_the_file_changes(tmp_path: Path) -> None:
+    path = tmp_path / "czmap.json"
+    _write(path, {"coverageZones": {"ams": {"network": ["192.0.2.0/24"]}}})
+    loaded: list[list[str]] = []
+    now = [1000.0]
+    zones = CoverageZones(
+        path,
+        on_load=lambda routes, _: loaded.append([r.prefix for r in routes]),
+        clock=lambda: now[0],
+    )
+    assert [r.prefix for r in zones.routes] == ["192.0.2.0/24"]
+    assert zones.check() is False and loaded == []  # unchanged: not read again
+    assert zones.health()["status"] == "ok"
+
+    now[0] = 2000.0
+    _write(path, {"coverageZones": {"ams": {"network": ["198.51.100.0/24"]}, "fra": {}}})
+    assert zones.check() is True
+    assert loaded == [["198.51.100.0/24"]] and set(zones.sites) == {"ams", "fra"}
+    assert (zones.loaded_at, zones.reloads) == (2000.0, 1)
+
+    # A bad file: the table in use stays, and health and the error say why.
+    _write(path, {"coverageZones": {"ams": {"networks": ["203.0.113.0/24"]}}})
+    assert zones.check() is False
+    assert loaded == [["198.51.100.0/24"]]
+    assert [r.prefix for r in zones.routes] == ["198.51.100.0/24"]
+    health = zones.health()
+    assert health["status"] == "degraded"
+    assert "unknown key 'networks'" in health["problems"][0]
+    assert "still using the table read at" in health["problems"][0]
+    assert zones.check() is False and zones.failures == 1  # the same bad file: not re-read
+
+    # Fixed: loaded, and healthy again.
+    _write(path, {"coverageZones": {"ams": {"network": ["203.0.113.0/24"]}}})
+    assert zones.check() is True
+    assert loaded[-1] == ["203.0.113.0/24"]
+    assert zones.health()["status"] == "ok" and zones.error is None
+
+    # Removed: the table stays too.
+    path.unlink()
+    assert zones.check() is False
+    assert "cannot read coverage-zone file" in (zones.error or "")
+    assert [r.prefix for r in zones.routes] == ["203.0.113.0/24"]
+
+
+def test_reload_reads_the_file_even_if_it_looks_unchanged(tmp_path: Path) -> None:
+    """What SIGHUP does: a file rewritten within one timestamp tick is still read."""
+    path = tmp_path / "czmap.json"
+    _write(path, {"coverageZones": {"ams": {"network": ["192.0.2.0/24"]}}})
+    zones = CoverageZones(path)
+    stat = path.stat()
+    path.write_text(json.dumps({"coverageZones": {"ams": {"network": ["192.0.3.0/24"]}}}))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert zones.reload() is True
+    assert [r.prefix for r in zones.routes] == ["192.0.3.0/24"]
+
+
+def test_the_first_load_must_succeed(tmp_path: Path) -> None:
+    path = tmp_path / "czmap.json"
+    path.write_text('{"coverageZones": {"a": {}, "a": {}}}')
+    with pytest.raises(CzmapError, match="given twice"):
+        CoverageZones(path)

@@ -341,6 +341,46 @@ def test_the_reason_says_why() -> None:
     assert [r.rank for r in ranked] == [1, 2]
 
 
+def test_a_file_route_says_so_and_ranks_after_a_learned_one() -> None:
+    """A czmap route is described as what it is, not as an empty AS path, and a BGP route of
+    the same prefix length and relation ranks before it (it knows the path); among file
+    routes distance decides."""
+    czmap = route("203.0.113.0/24", "ams", source="czmap")
+    learned = route("203.0.113.0/24", "fra", as_path=(64500, 64501, 64502), med=90, source="bgp")
+    ranked = rank([edge("a", "ams", AMS), edge("f", "fra", FRA)], {"ams": czmap, "fra": learned})
+    assert order(ranked) == ["f", "a"]  # the client is next to ams: only the path decided
+    assert ranked[1].reason.startswith(
+        "longest prefix 203.0.113.0/24 (/24) via czmap file route, public peering; 0 km"
+    )
+    assert "AS path" not in ranked[1].reason and "MED" not in ranked[1].reason
+    assert (ranked[1].as_path_len, ranked[1].med) == (None, None)
+    # What still comes first: a longer prefix, a better relation.
+    longer = route("203.0.113.0/25", "ams", source="czmap")
+    assert order(
+        rank([edge("a", "ams", AMS), edge("f", "fra", FRA)], {"ams": longer, "fra": learned})
+    ) == ["a", "f"]
+    private = route("203.0.113.0/24", "ams", source="czmap", relation="private")
+    assert order(
+        rank([edge("a", "ams", AMS), edge("f", "fra", FRA)], {"ams": private, "fra": learned})
+    ) == ["a", "f"]
+    # Two file routes: the nearer site.
+    other = route("203.0.113.0/24", "fra", source="czmap")
+    assert order(
+        rank([edge("a", "ams", AMS), edge("f", "fra", FRA)], {"ams": czmap, "fra": other}, at=FRA)
+    ) == ["f", "a"]
+
+
+def test_transit_ranks_after_public_peering_and_says_so() -> None:
+    routes = {
+        "ams": route("203.0.113.0/24", "ams", as_path=(1,), relation="transit"),
+        "fra": route("203.0.113.0/24", "fra", as_path=(1, 2, 3), relation="public"),
+    }
+    ranked = rank([edge("a", "ams", AMS), edge("f", "fra", FRA)], routes)
+    assert order(ranked) == ["f", "a"]
+    assert ranked[1].relation == "transit"
+    assert "via AS path 1, MED 0, transit;" in ranked[1].reason
+
+
 def test_limit_keeps_the_best() -> None:
     fleet = [edge(f"e{i}", "fra", FRA, load=i / 10) for i in range(8)]
     full = rank(fleet)
@@ -376,19 +416,21 @@ _candidates = st.lists(
 _routes = st.dictionaries(
     st.sampled_from(_SITE_NAMES),
     st.builds(
-        lambda length, path, med, relation: Route(
+        lambda length, path, med, relation, source: Route(
             prefix=f"203.0.{113 & (0xFF << (24 - length)) & 0xFF}.0/{length}"
             if length > 16
             else f"203.0.0.0/{length}",
             site="",
-            as_path=tuple(range(path)),
-            med=med,
+            as_path=() if source == "czmap" else tuple(range(path)),
+            med=0 if source == "czmap" else med,
             relation=relation,
+            source=source,
         ),
         st.integers(8, 24),
         st.integers(0, 4),
         st.integers(0, 3),
-        st.sampled_from(["embedded", "private", "public"]),
+        st.sampled_from(["embedded", "private", "public", "transit"]),
+        st.sampled_from(["bgp", "czmap", "static"]),
     ),
 )
 
@@ -431,13 +473,14 @@ def test_ranking_properties(
         [r for r in ranked if not r.slow_start_deferred],
         [r for r in ranked if r.slow_start_deferred],
     ):
+        # A file route (no AS path, no MED: None) ranks as the longest path, highest MED.
         keys = [
             (
                 r.prefix is None,
                 -(r.prefix_len or 0),
-                ["embedded", "private", "public"].index(r.relation) if r.relation else 0,
-                r.as_path_len or 0,
-                r.med or 0,
+                ["embedded", "private", "public", "transit"].index(r.relation) if r.relation else 0,
+                255 if r.as_path_len is None else r.as_path_len,
+                2**32 if r.med is None else r.med,
             )
             for r in block
         ]

@@ -137,7 +137,8 @@ _routes = st.dictionaries(
         st.sampled_from([8, 16, 16, 24, 24, 32, 48]),
         st.integers(0, 3),
         st.sampled_from([0, 0, 10, 20]),
-        st.sampled_from(["embedded", "private", "public"]),
+        st.sampled_from(["embedded", "private", "public", "transit"]),
+        st.sampled_from(["bgp", "bgp", "czmap", "static"]),
     ),
     max_size=8,
 )
@@ -149,16 +150,17 @@ _client_points = st.one_of(
 _limits = st.one_of(st.none(), st.integers(0, 12), st.just(-1), st.just(DEFAULT_LIMIT))
 
 
-def _as_routes(raw: Mapping[str, tuple[int, int, int, str]]) -> dict[str, Route]:
+def _as_routes(raw: Mapping[str, tuple[int, int, int, str, str]]) -> dict[str, Route]:
     return {
         site: Route(
             prefix=_PREFIXES[length],
             site=site,
-            as_path=tuple(range(path)),
-            med=med,
+            as_path=() if source == "czmap" else tuple(range(path)),
+            med=0 if source == "czmap" else med,
             relation=relation,  # type: ignore[arg-type]
+            source=source,
         )
-        for site, (length, path, med, relation) in raw.items()
+        for site, (length, path, med, relation, source) in raw.items()
     }
 
 

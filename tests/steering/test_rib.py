@@ -73,8 +73,8 @@ def test_prefixes_are_normalised_and_bad_ones_named() -> None:
     table = RoutingTable()
     with pytest.raises(RouteError, match=r"site 'ams'.*'10\.0\.0\.0/33'"):
         table.announce(r("10.0.0.0/33", "ams"))
-    with pytest.raises(RouteError, match="relation 'transit'"):
-        table.announce(r("10.0.0.0/8", "ams", relation="transit"))
+    with pytest.raises(RouteError, match=r"relation 'peering'.*transit"):
+        table.announce(r("10.0.0.0/8", "ams", relation="peering"))
     with pytest.raises(RouteError, match="MED -1"):
         table.announce(r("10.0.0.0/8", "ams", med=-1))
     with pytest.raises(RouteError, match="no site"):
@@ -131,8 +131,9 @@ def test_the_best_path_of_a_site_wins_and_others_survive_withdrawal() -> None:
     table.announce(r("10.0.0.0/8", "ams", as_path=(1,), source="bgp", peer="192.0.2.2"))
     table.announce(r("10.0.0.0/8", "ams", source="czmap"))
     assert len(table) == 1
-    # relation ties (public), shortest AS path: czmap's empty path, then peer .2
-    assert table.lookup("10.0.0.1")["ams"].source == "czmap"
+    # relation ties (public), shortest AS path: peer .2; the file route has no AS path to
+    # compare and comes after every path BGP learned
+    assert table.lookup("10.0.0.1")["ams"].peer == "192.0.2.2"
     table.announce(
         r(
             "10.0.0.0/8",
@@ -145,11 +146,59 @@ def test_the_best_path_of_a_site_wins_and_others_survive_withdrawal() -> None:
     )
     assert table.lookup("10.0.0.1")["ams"].peer == "192.0.2.1"  # relation before path length
     table.withdraw("ams", "10.0.0.0/8", source="bgp", peer="192.0.2.1")
-    assert table.lookup("10.0.0.1")["ams"].source == "czmap"
-    table.withdraw("ams", "10.0.0.0/8", source="czmap")
     assert table.lookup("10.0.0.1")["ams"].peer == "192.0.2.2"
     assert table.clear(site="ams", source="bgp") == 1
+    assert table.lookup("10.0.0.1")["ams"].source == "czmap"  # the file route is kept
+    table.withdraw("ams", "10.0.0.0/8", source="czmap")
     assert table.lookup("10.0.0.1") == {}
+    # A file route marked with a better relation still wins: relation comes first.
+    table.announce(r("10.0.0.0/8", "ams", as_path=(1,), source="bgp", peer="192.0.2.2"))
+    table.announce(r("10.0.0.0/8", "ams", source="czmap", relation="embedded"))
+    assert table.lookup("10.0.0.1")["ams"].source == "czmap"
+
+
+_ORIGINS = [("ams", "bgp", "p1"), ("ams", "bgp", "p2"), ("ams", "czmap", ""), ("fra", "bgp", "p1")]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["announce", "announce", "withdraw", "clear", "replace"]),
+            st.sampled_from(["10.0.0.0/8", "10.1.0.0/16", "2001:db8::/32"]),
+            st.sampled_from(_ORIGINS),
+        ),
+        max_size=30,
+    )
+)
+def test_paths_are_counted_per_site_source_and_peer(
+    ops: list[tuple[str, str, tuple[str, str, str]]],
+) -> None:
+    """What a BGP session taught (GET /v1/fleet/bgp's prefixes) is counted as paths come
+    and go, and agrees with the paths there are."""
+    table = RoutingTable()
+    paths: set[tuple[str, str, str, str]] = set()  # (prefix, site, source, peer)
+    for action, prefix, (site, source, peer) in ops:
+        if action == "announce":
+            table.announce(r(prefix, site, source=source, peer=peer))
+            paths.add((prefix, site, source, peer))
+        elif action == "withdraw":
+            table.withdraw(site, prefix, source=source, peer=peer)
+            paths.discard((prefix, site, source, peer))
+        elif action == "clear":
+            table.clear(site=site, source=source, peer=peer)
+            paths -= {p for p in paths if p[1:] == (site, source, peer)}
+        else:  # reload one source with one route
+            table.replace([r(prefix, site, source=source, peer=peer)], source=source)
+            paths = {p for p in paths if p[2] != source} | {(prefix, site, source, peer)}
+        for origin in _ORIGINS:
+            want = sum(1 for p in paths if p[1:] == origin)
+            site, source, peer = origin
+            assert table.count_paths(site=site, source=source, peer=peer) == want
+        assert table.count_paths() == len(paths)
+        assert table.count_paths(source="bgp", peer="p1") == sum(
+            1 for p in paths if p[2:] == ("bgp", "p1")
+        )
 
 
 def test_replace_swaps_everything_or_one_source() -> None:

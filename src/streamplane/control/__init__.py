@@ -10,18 +10,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from streamplane.control.app import ControlPlane, create_app
+    from streamplane.control.app import create_app, server_config
     from streamplane.control.errors import ApiError
     from streamplane.control.fleet import EdgeView, FleetPolicy
+    from streamplane.control.plane import ControlPlane
     from streamplane.control.store import Store, migrate
 
 _LAZY = {
     "ApiError": "errors",
-    "ControlPlane": "app",
+    "ControlPlane": "plane",
     "EdgeView": "fleet",
     "FleetPolicy": "fleet",
     "Store": "store",
     "create_app": "app",
+    "server_config": "app",
     "migrate": "store",
 }
 
@@ -41,4 +43,5 @@ __all__ = [
     "Store",
     "create_app",
     "migrate",
+    "server_config",
 ]

@@ -131,7 +131,7 @@ _INSERT_SCREEN: Final = insert(Screen).values(
 )
 
 
-# On PostgreSQL the start's statements run in the database (migration 0002 defines the
+# On PostgreSQL the start's statements run in the database (migration 0003 defines the
 # function): one round trip, and the account's row locked only while they run.
 _CLAIM_ON_POSTGRES: Final = text(
     "SELECT o_plan, o_position, o_in_use FROM streamplane_claim_screen("

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -58,7 +59,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
@@ -70,6 +72,7 @@ __all__ = [
     "Account",
     "Base",
     "Edge",
+    "EdgeKey",
     "Prepared",
     "RefreshToken",
     "Resume",
@@ -77,10 +80,12 @@ __all__ = [
     "Screen",
     "Script",
     "Store",
+    "StoreUnavailable",
     "StoredText",
     "TitleRow",
     "alembic_config",
     "migrate",
+    "unavailable",
     "upsert",
 ]
 
@@ -102,6 +107,8 @@ _T = TypeVar("_T")
 _BUSY_TIMEOUT_S: Final = 30.0  # how long a SQLite writer waits for another process's lock
 _CHECKPOINT_EVERY: Final = 1000  # SQLite transactions between two WAL checkpoints
 _CHECKPOINT: Final = "WAL checkpoint"
+# SQLite: a filesystem with less room than this fails the health check (writes may fail).
+_MIN_FREE_BYTES: Final = 1 << 20
 
 # Names for constraints and indexes, so that migrations name them the same on every engine.
 _NAMING: Final = {
@@ -110,6 +117,45 @@ _NAMING: Final = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached or written now: try again later (an HTTP 503).
+
+    The message says why, for the operator (it may name hosts and files): the routes tell a
+    client only that the store is unavailable.
+    """
+
+
+# SQLSTATE classes that mean "not now" rather than "not this request": connection exceptions,
+# insufficient resources (too many connections, disk full) and operator intervention
+# (shutting down, starting up, a statement cancelled).
+_UNAVAILABLE_SQLSTATES: Final = ("08", "53", "57")
+
+
+def unavailable(err: BaseException) -> str | None:
+    """Why ``err`` means the store is unavailable (worth a retry later); None if it does not.
+
+    Connecting fails with the driver's own exceptions (``OSError`` for a refused or timed out
+    connection, asyncpg's for a server that is starting or shutting down), which SQLAlchemy
+    passes through; a statement fails with SQLAlchemy's: ``OperationalError`` (SQLite:
+    read-only, disk full, locked past the busy timeout...), a lost connection, or the pool
+    timing out while every connection is in use.
+    """
+    if isinstance(err, PoolTimeout):
+        return "every database connection is busy (pool timeout)"
+    if isinstance(err, OperationalError | InterfaceError):
+        return str(err.orig)
+    if isinstance(err, DBAPIError):
+        state = str(getattr(err.orig, "sqlstate", None) or "")
+        if err.connection_invalidated or state.startswith(_UNAVAILABLE_SQLSTATES):
+            return str(err.orig)
+        return None
+    if isinstance(err, OSError):  # TimeoutError included
+        return f"cannot connect: {err or type(err).__name__}"
+    if type(err).__module__.startswith("asyncpg"):  # raised while connecting, unwrapped
+        return f"cannot connect: {err}"
+    return None
 
 
 class Base(DeclarativeBase):
@@ -239,6 +285,24 @@ class Edge(Base):
     sent_at: Mapped[float] = mapped_column(Float)  # the edge's clock
     received_at: Mapped[float] = mapped_column(Float)  # ours
     up_since: Mapped[float | None] = mapped_column(Float, nullable=True)  # None: not offerable
+    # the ts (epoch ms, the edge's clock) of its last signed heartbeat: later ones only
+    auth_ts: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class EdgeKey(Base):
+    """An edge registered through the admin API: its key and the base URL (and site) it may
+    claim. Edges registered in the settings file are not stored here."""
+
+    __tablename__ = "edge_keys"
+
+    edge_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key: Mapped[str] = mapped_column(String(128))  # hex
+    base_url: Mapped[str] = mapped_column(String(256))
+    site: Mapped[str] = mapped_column(String(64))  # empty: any
+    previous_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    previous_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    registered_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
 
 
 Rows = Sequence[Sequence[Any]]
@@ -357,10 +421,27 @@ class Store:
     """The engine, and transactions with the locking each engine needs.
 
     ``pool_size`` connections are kept open and never more: a request beyond them waits for
-    one to come back, rather than opening (and soon closing) a connection of its own.
+    one to come back (up to ``pool_timeout_s``), rather than opening (and soon closing) a
+    connection of its own. A PostgreSQL server that does not answer fails a connection after
+    ``connect_timeout_s``.
+
+    Every transaction that fails because the database is unavailable raises
+    :class:`StoreUnavailable` (see :func:`unavailable`), whatever the engine's own exception;
+    the pool forgets its connections when one is found lost, so the store recovers by itself
+    once the database is back. A SQLite database file removed or replaced under a running
+    store is unavailable too (its open connections would go on writing into the removed
+    file, lost at the next start).
     """
 
-    def __init__(self, url: str, *, schema: str = "", pool_size: int = 20) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str = "",
+        pool_size: int = 20,
+        connect_timeout_s: float = 5.0,
+        pool_timeout_s: float = 10.0,
+    ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
         self.is_postgres = url.startswith("postgresql")
@@ -368,15 +449,26 @@ class Store:
             raise ValueError(
                 f"database URL {url!r}: use sqlite+aiosqlite:///FILE or postgresql+asyncpg://..."
             )
-        kwargs: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 0}
-        if schema:
-            if not self.is_postgres or not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
-                raise ValueError(f"database schema {schema!r}: a PostgreSQL name in [a-z0-9_]")
-            kwargs["connect_args"] = {"server_settings": {"search_path": schema}}
+        kwargs: dict[str, Any] = {
+            "pool_size": pool_size,
+            "max_overflow": 0,
+            "pool_timeout": pool_timeout_s,
+        }
+        if schema and (not self.is_postgres or not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema)):
+            raise ValueError(f"database schema {schema!r}: a PostgreSQL name in [a-z0-9_]")
+        if self.is_postgres:
+            connect: dict[str, Any] = {"timeout": connect_timeout_s}
+            if schema:
+                connect["server_settings"] = {"search_path": schema}
+            kwargs["connect_args"] = connect
         if self.is_sqlite:
             # A writer waits for the write lock rather than failing at once with "locked".
             kwargs["connect_args"] = {"timeout": _BUSY_TIMEOUT_S}
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        # SQLite: the database file, and its identity (device, inode) once it exists.
+        self.path = _sqlite_file(url) if self.is_sqlite else None
+        self._file_id: tuple[int, int] | None = None
+        self._down: str | None = None  # why the last transaction found the store unavailable
         # SQLite: this process's writers, one at a time, in order; and the synchronous engine
         # that runs transaction() on the loop's thread (none for an in-memory database, which
         # a second engine would not share).
@@ -392,8 +484,16 @@ class Store:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncConnection]:
         """A transaction for reads and for writes that need no lock (committed on exit)."""
-        async with self.engine.connect() as conn, conn.begin():
-            yield conn
+        self._check_file()
+        try:
+            async with self.engine.connect() as conn, conn.begin():
+                yield conn
+        except Exception as err:
+            down = self._unavailable(err)
+            if down is None or down is err:
+                raise
+            raise down from err
+        self._succeeded()
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -403,14 +503,22 @@ class Store:
         (``.with_for_update()``) where a read decides a write. Prefer :meth:`transaction` on
         hot paths: here every statement is awaited while the lock is held.
         """
-        if not self.is_sqlite:
-            async with self.engine.connect() as conn, conn.begin():
-                yield conn
-            return
-        async with self._write_lock, self.engine.connect() as conn:
-            await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
-            async with conn.begin():
-                yield conn
+        self._check_file()
+        try:
+            if not self.is_sqlite:
+                async with self.engine.connect() as conn, conn.begin():
+                    yield conn
+            else:
+                async with self._write_lock, self.engine.connect() as conn:
+                    await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+                    async with conn.begin():
+                        yield conn
+        except Exception as err:
+            down = self._unavailable(err)
+            if down is None or down is err:
+                raise
+            raise down from err
+        self._succeeded()
 
     async def transaction(self, work: Callable[[Connection], _T]) -> _T:
         """``work(connection)`` in one write transaction (as :meth:`write`), committed if it
@@ -424,8 +532,18 @@ class Store:
         if self._inline is None:
             async with self.write() as conn:
                 return await conn.run_sync(work)
-        inline = self._inline
+        self._check_file()
+        try:
+            result = await self._inline_transaction(self._inline, work)
+        except Exception as err:
+            down = self._unavailable(err)
+            if down is None or down is err:
+                raise
+            raise down from err
+        self._succeeded()
+        return result
 
+    async def _inline_transaction(self, inline: Engine, work: Callable[[Connection], _T]) -> _T:
         def begin() -> tuple[Connection, Any]:
             sync = inline.connect()
             try:
@@ -451,29 +569,47 @@ class Store:
 
         Each statement the script yields runs with its parameters and its rows are sent back;
         what the script returns is the result, committed. If the script or a statement raises,
-        nothing is kept and the error (a SQLAlchemy ``DBAPIError`` for the database's own)
-        propagates. The script is the whole transaction: it does nothing else between two
-        statements, so on SQLite it runs on this thread with no await while the lock is held.
+        nothing is kept and the error propagates: :class:`StoreUnavailable` as from
+        :meth:`transaction`, else SQLAlchemy's exception for the database's own. The script is
+        the whole transaction: it does nothing else between two statements, so on SQLite it
+        runs on this thread with no await while the lock is held.
         """
-        if self.is_postgres:
-            return await self._run_asyncpg(script)
-        if self._inline is None:  # in memory: on the async engine's own connection
+        if self._inline is None and not self.is_postgres:  # SQLite in memory
             return await self.transaction(
                 lambda conn: _drive(conn.connection.dbapi_connection, script, self.engine.dialect)
             )
-        raw = self._inline_driver()
+        self._check_file()
+        try:
+            if self.is_postgres:
+                result = await self._run_asyncpg(script)
+            else:
+                result = await self._run_inline(script)
+        except Exception as err:
+            down = self._unavailable(err)
+            if down is None or down is err:
+                raise
+            raise down from err
+        self._succeeded()
+        return result
 
-        def begin() -> None:
-            raw.execute("BEGIN IMMEDIATE")  # the write lock, or "locked"
+    async def _run_inline(self, script: Script[_T]) -> _T:
+        raw = self._inline_driver()
+        dialect = self.engine.dialect
+
+        def execute(sql: str) -> None:
+            try:
+                raw.execute(sql)
+            except sqlite3.Error as err:  # as SQLAlchemy raises it for any other statement
+                raise DBAPIError.instance(sql, (), err, sqlite3.Error, dialect=dialect) from err
 
         async with self._write_lock:
-            await self._sqlite_locked(begin)
+            await self._sqlite_locked(lambda: execute("BEGIN IMMEDIATE"))
             try:
-                result = _drive(raw, script, self.engine.dialect)
-                raw.execute("COMMIT")
+                result = _drive(raw, script, dialect)
+                execute("COMMIT")
             except BaseException:
                 if raw.in_transaction:
-                    raw.execute("ROLLBACK")
+                    execute("ROLLBACK")
                 raise
             self._after_commit()
             return result
@@ -544,6 +680,68 @@ class Store:
         await greenlet_spawn(proxied.close)
         return result
 
+    def _check_file(self) -> None:
+        """SQLite: refuse to go on when the database file was removed or replaced.
+
+        The open connections would not notice: they keep the removed file open and write on
+        into it, and new ones would create an empty database in its place. One ``stat`` a
+        transaction (about a microsecond).
+        """
+        if self.path is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if self._file_id is None:
+                return  # not created yet: migrate() creates it
+            raise self._down_because(f"the database file {self.path} was removed") from None
+        except OSError as err:
+            raise self._down_because(f"the database file {self.path}: {err}") from None
+        file_id = (st.st_dev, st.st_ino)
+        if self._file_id is None:
+            self._file_id = file_id
+        elif file_id != self._file_id:
+            raise self._down_because(
+                f"the database file {self.path} was replaced by another file; restart to use it"
+            )
+
+    def _unavailable(self, err: Exception) -> StoreUnavailable | None:
+        """:class:`StoreUnavailable` if ``err`` means the store is unavailable, else None."""
+        if isinstance(err, StoreUnavailable):
+            return err
+        reason = unavailable(err)
+        return None if reason is None else self._down_because(reason)
+
+    def _down_because(self, reason: str) -> StoreUnavailable:
+        if self._down is None:  # once per outage, not once per request
+            log.warning("the database is unavailable: %s", reason)
+        self._down = reason
+        return StoreUnavailable(reason)
+
+    def _succeeded(self) -> None:
+        if self._down is not None:
+            log.warning("the database is available again (it was: %s)", self._down)
+            self._down = None
+
+    async def ping(self) -> None:
+        """Prove the store answers: ``SELECT 1`` runs, and a SQLite file is still there,
+        writable, with room left on its filesystem.
+
+        Raises :class:`StoreUnavailable` saying why not.
+        """
+        if self.path is not None and self._file_id is not None:
+            self._check_file()
+            if not os.access(self.path, os.W_OK):
+                raise self._down_because(f"the database file {self.path} is not writable")
+            fs = os.statvfs(os.path.dirname(self.path))
+            if fs.f_bavail * fs.f_frsize < _MIN_FREE_BYTES:
+                raise self._down_because(
+                    f"the filesystem of {self.path} is full "
+                    f"({fs.f_bavail * fs.f_frsize} bytes free)"
+                )
+        async with self.read() as conn:
+            await conn.exec_driver_sql("SELECT 1")
+
     def _after_commit(self) -> None:
         """Every so many commits, checkpoint the WAL on another thread (see ``_checkpoint``)."""
         self._commits += 1
@@ -597,6 +795,14 @@ class Store:
         await self.engine.dispose()
         if self._inline is not None:
             self._inline.dispose()
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The file of a SQLite URL; None for an in-memory database."""
+    parsed = make_url(url)
+    if parsed.database in (None, "", ":memory:") or parsed.query.get("mode") == "memory":
+        return None
+    return os.path.abspath(parsed.database)
 
 
 def _inline_engine(url: str) -> Engine | None:

@@ -1,6 +1,7 @@
 """The edge (data plane): serve segments to viewers, checking signed URLs first.
 
-``tokens`` is a pure core shared with the control plane, which signs what the edge verifies.
+``tokens`` is a pure core shared with the control plane, which signs what the edge verifies;
+``forwarded`` (who the client is behind trusted proxies) is another, read by both.
 """
 
 from __future__ import annotations
@@ -14,23 +15,40 @@ from streamplane.edge.eviction import (
     S3FifoPolicy,
     make_policy,
 )
+from streamplane.edge.forwarded import (
+    Network,
+    client_address,
+    forwarded_chain,
+    parse_networks,
+    x_forwarded_for_chain,
+)
 from streamplane.edge.report import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
+    EDGE_AUTH_SCHEME,
     FLEET_HEARTBEAT_PATH,
+    EdgeClaim,
     EdgeHeartbeat,
     HeartbeatReply,
+    HeartbeatSigner,
+    body_digest,
+    edge_key,
+    heartbeat_authorization,
+    heartbeat_signature,
+    parse_edge_authorization,
 )
 from streamplane.edge.tokens import (
     DEFAULT_TOKEN_NAME,
     ExpiredToken,
     ForgedToken,
     Grant,
+    GrantCache,
     MalformedToken,
     MissingToken,
     NotYetValid,
     PathNotAllowed,
     TokenError,
     WrongClient,
+    check_grant,
     grant_allows,
     key_from_hex,
     sign,
@@ -43,28 +61,43 @@ __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL_S",
     "DEFAULT_POLICY",
     "DEFAULT_TOKEN_NAME",
+    "EDGE_AUTH_SCHEME",
     "FLEET_HEARTBEAT_PATH",
     "POLICY_NAMES",
+    "EdgeClaim",
     "EdgeHeartbeat",
     "EvictionPolicy",
     "ExpiredToken",
     "ForgedToken",
     "Grant",
+    "GrantCache",
     "HeartbeatReply",
+    "HeartbeatSigner",
     "LruPolicy",
     "MalformedToken",
     "MissingToken",
+    "Network",
     "NotYetValid",
     "PathNotAllowed",
     "PolicyName",
     "S3FifoPolicy",
     "TokenError",
     "WrongClient",
+    "body_digest",
+    "check_grant",
+    "client_address",
+    "edge_key",
+    "forwarded_chain",
     "grant_allows",
+    "heartbeat_authorization",
+    "heartbeat_signature",
     "key_from_hex",
     "make_policy",
+    "parse_edge_authorization",
+    "parse_networks",
     "sign",
     "signed_url",
     "token_from_request",
     "verify",
+    "x_forwarded_for_chain",
 ]

@@ -1,9 +1,10 @@
 """The HTTP semantics of the edge, as pure functions over plain values.
 
-The server (``edge/server.py``) parses bytes with httptools and moves bodies with sendfile;
-every decision about *what* to answer lives here, so it is tested without a socket: which
-path a request names, which byte range it wants, whether a conditional request is a 304,
-which content type and caching a file gets, and the exact header block to send.
+The connection's state machine (``edge/protocol.py``) parses requests with httptools and the
+shell (``edge/server.py``) moves bodies with sendfile; every decision about *what* to answer
+lives here, so it is tested without a socket: which path a request names, which byte range it
+wants, whether a conditional request is a 304, which content type and caching a file gets,
+and the exact header block to send.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ __all__ = [
     "CONTENT_TYPES",
     "BadPath",
     "ByteRange",
+    "ObjectAnswer",
     "Unsatisfiable",
+    "answer_object",
     "cache_control",
     "content_type",
+    "error_body",
     "etag_for",
     "http_date",
     "is_not_modified",
@@ -150,13 +154,61 @@ def etag_for(mtime_ns: int, size: int) -> bytes:
 
 def object_headers(path: str, mtime_ns: int, size: int) -> list[tuple[bytes, bytes]]:
     """What every answer about an object carries, complete or still arriving, 200 or 304."""
+    return _object_headers(path, mtime_ns, etag_for(mtime_ns, size))
+
+
+def _object_headers(path: str, mtime_ns: int, etag: bytes) -> list[tuple[bytes, bytes]]:
     return [
         (b"Content-Type", content_type(path)),
         (b"Last-Modified", http_date(mtime_ns / 1e9)),
-        (b"ETag", etag_for(mtime_ns, size)),
+        (b"ETag", etag),
         (b"Cache-Control", cache_control(path)),
         (b"Accept-Ranges", b"bytes"),
     ]
+
+
+class ObjectAnswer(msgspec.Struct, frozen=True):
+    """What to answer a GET or HEAD of an object: the status, the headers and the bytes.
+
+    ``headers`` are :func:`object_headers` (plus ``Content-Range`` for a 206), without
+    ``Content-Length``, which the sender adds for the body it actually sends.
+    """
+
+    status: int  # 200, 206 or 304
+    headers: list[tuple[bytes, bytes]]
+    offset: int
+    count: int
+
+
+def answer_object(
+    path: str,
+    mtime_ns: int,
+    size: int,
+    *,
+    range_header: bytes | None,
+    if_none_match: bytes | None,
+    if_modified_since: bytes | None,
+    etag: bytes | None = None,
+) -> ObjectAnswer:
+    """The answer about an object of ``size`` bytes, complete or still arriving.
+
+    A matching validator is a 304 (RFC 9110 section 13.2.2), then one byte range a 206, else
+    the whole object a 200. Raises :class:`Unsatisfiable` for a range past the end (416).
+    ``etag`` replaces the file's own validator for another representation of it (a manifest
+    rewritten for a token).
+    """
+    if etag is None:
+        etag = etag_for(mtime_ns, size)
+    headers = _object_headers(path, mtime_ns, etag)
+    if (if_none_match is not None or if_modified_since is not None) and is_not_modified(
+        etag, mtime_ns / 1e9, if_none_match, if_modified_since
+    ):
+        return ObjectAnswer(304, headers, 0, 0)
+    wanted = parse_range(range_header, size)
+    if wanted is None:
+        return ObjectAnswer(200, headers, 0, size)
+    headers.append((b"Content-Range", b"bytes %d-%d/%d" % (wanted.start, wanted.end, size)))
+    return ObjectAnswer(206, headers, wanted.start, wanted.length)
 
 
 def http_date(epoch_seconds: float) -> bytes:
@@ -230,6 +282,11 @@ def _digits(text: bytes) -> int:
     if not text.isdigit():
         raise ValueError(text)
     return int(text)
+
+
+def error_body(status: int, message: str) -> bytes:
+    """The JSON body of every error the edge answers: what is wrong, in words, and the status."""
+    return msgspec.json.encode({"error": message, "status": status}) + b"\n"
 
 
 def header_block(headers: list[tuple[bytes, bytes]]) -> bytes:

@@ -40,12 +40,15 @@ class MetricsSnapshot(msgspec.Struct, kw_only=True):
     latency_sum: float = 0.0
 
 
+_STATUS_KEYS: Final = {code: str(code) for code in range(100, 600)}
+
+
 class WorkerMetrics:
     def __init__(self) -> None:
         self.s = MetricsSnapshot()
 
     def request(self, status: int, seconds: float) -> None:
-        key = str(status)
+        key = _STATUS_KEYS.get(status) or str(status)
         self.s.requests[key] = self.s.requests.get(key, 0) + 1
         self.s.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.s.latency_sum += seconds

@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from streamplane.edge import metrics
+from streamplane.edge import http, metrics
 
 if TYPE_CHECKING:
-    from streamplane.edge.server import EdgeConnection, Job, _Request
+    from streamplane.edge.protocol import Request
+    from streamplane.edge.server import Worker
 
-__all__ = ["FillRequest", "FillStatus", "answer", "parse_fill"]
+__all__ = ["FillRequest", "FillStatus", "Reply", "answer", "parse_fill"]
 
 _JSON = b"application/json"
 
@@ -72,51 +73,61 @@ def parse_fill(body: bytes) -> FillRequest:
     return FillRequest(titles=tuple(dict.fromkeys(titles)), rate_bps=rate)
 
 
-def answer(conn: EdgeConnection, req: _Request, path: str) -> Job:
-    w = conn.w
-    if path == "/healthz":
-        state = b"draining" if w.draining else b"ok"
-        status = 503 if w.draining else 200
-        return conn._send_simple(req, status, b'{"status": "%s"}\n' % state, content_type=_JSON)
+class Reply(msgspec.Struct, frozen=True):
+    """An operations endpoint's answer, which the connection's core sends."""
+
+    status: int
+    body: bytes
+    content_type: bytes = _JSON
+    extra: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def _error(status: int, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()) -> Reply:
+    return Reply(status, http.error_body(status, message), extra=extra)
+
+
+def answer(worker: Worker, req: Request, path: str, client_ip: str) -> Reply:
+    """``/metrics`` and ``/fill`` (``/healthz`` is the connection core's: it reads no file)."""
+    w = worker
     if path == "/metrics":
         total = metrics.sum_up(metrics.read_all(w.run_dir / "metrics"))
         st = os.statvfs(w.cache.root)
         extra = {
             "disk_used_bytes": float((st.f_blocks - st.f_bfree) * st.f_frsize),
             "disk_total_bytes": float(st.f_blocks * st.f_frsize),
-            "draining": float(w.draining),
+            "draining": float(w.state.draining),
         }
-        return conn._send_simple(
-            req, 200, metrics.render(total, extra), content_type=b"text/plain; version=0.0.4"
-        )
+        return Reply(200, metrics.render(total, extra), b"text/plain; version=0.0.4")
     if path == "/fill":
-        if not _is_admin(conn, req):
-            return conn._send_error(req, 403, "fill needs the admin token (or a loopback client)")
+        if not _is_admin(w.config.admin_token, req, client_ip):
+            return _error(403, "fill needs the admin token (or a loopback client)")
         status_path = w.run_dir / "fill-status.json"
         if req.method == b"GET":
             body = status_path.read_bytes() if status_path.exists() else b'{"state": "idle"}'
-            return conn._send_simple(req, 200, body, content_type=_JSON)
+            return Reply(200, body)
         if req.method != b"POST":
-            return conn._send_error(req, 405, "GET or POST", allow=b"GET, POST")
+            return _error(405, "GET or POST", extra=((b"Allow", b"GET, POST"),))
         try:
             plan = parse_fill(bytes(req.body))
         except ValueError as exc:
-            return conn._send_error(req, 400, str(exc))
+            return _error(400, str(exc))
         tmp = w.run_dir / f"fill-plan.{os.getpid()}.tmp"
-        tmp.write_bytes(msgspec.json.encode(plan))
-        os.replace(tmp, w.run_dir / "fill-plan.json")
+        try:
+            tmp.write_bytes(msgspec.json.encode(plan))
+            os.replace(tmp, w.run_dir / "fill-plan.json")
+        except OSError as exc:
+            return _error(503, f"the edge cannot record the plan: {exc.strerror}")
         w.tell_keeper({"fill": True})
         body = msgspec.json.encode({"accepted": len(plan.titles), "status": "/fill"})
-        return conn._send_simple(req, 202, body + b"\n", content_type=_JSON)
-    return conn._send_error(req, 404, "no such endpoint")
+        return Reply(202, body + b"\n")
+    return _error(404, "no such endpoint")
 
 
-def _is_admin(conn: EdgeConnection, req: _Request) -> bool:
-    secret = conn.w.config.admin_token
+def _is_admin(secret: str, req: Request, client_ip: str) -> bool:
     given = req.headers.get(b"authorization", b"")
     if secret:
         return hmac.compare_digest(given, b"Bearer " + secret.encode())
     try:
-        return ipaddress.ip_address(conn.client_ip).is_loopback
+        return ipaddress.ip_address(client_ip).is_loopback
     except ValueError:
         return False

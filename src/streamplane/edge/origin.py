@@ -1,19 +1,23 @@
 """Where the edge pulls from on a miss: the media plane's catalog directory or an HTTP server.
 
-An origin writes one object into an :class:`ObjectWriter` and calls ``progress`` after each
-chunk so that waiting clients are woken as the bytes arrive. Failures become a
-:class:`FetchError` with the status the client should see: 404 for a missing object, 502 for
-an origin that refuses or breaks, 504 for one that is too slow.
+An origin writes one object into an :class:`ObjectWriter` (``start`` with the length, which
+may wait for room on a full disk, then the bytes) and calls ``progress`` after each chunk so
+that waiting clients are woken as the bytes arrive. Failures become a :class:`FetchError`
+with the status the client should see: 404 for a missing object, 502 for an origin that
+refuses or breaks, 504 for one that is too slow, 503 when the cache cannot hold it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
+import threading
 from collections.abc import Callable
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Final, Protocol
+from urllib.parse import quote
 
 import httpx
 
@@ -22,6 +26,7 @@ from streamplane.edge.cache import FetchError, ObjectWriter
 __all__ = ["DirectoryOrigin", "HttpOrigin", "Origin", "make_origin"]
 
 _CHUNK = 1 << 20
+_URL_SAFE: Final = "/._~!$&'()*+,;=:@-"
 
 
 class Origin(Protocol):
@@ -40,6 +45,8 @@ class DirectoryOrigin:
             raise ValueError(f"origin directory {root} does not exist")
         self.root = root.resolve()
         self._prefix = str(self.root) + os.sep
+        # Falls back once per origin, for good: a cache on another filesystem stays there.
+        self._mode = "copy_file_range"
 
     def describe(self) -> str:
         return str(self.root)
@@ -50,18 +57,35 @@ class DirectoryOrigin:
         def wake() -> None:
             loop.call_soon_threadsafe(progress)
 
-        # A thread, so that reading a slow disk never stalls the event loop that serves.
-        await asyncio.to_thread(self._copy, key, writer, wake)
+        # Threads, so that a slow disk (NFS, a mounted bucket) never stalls the event loop.
+        fd, size, mtime = await asyncio.to_thread(self._open, key)
+        try:
+            await writer.start(size, mtime)
+            progress()
+            # The thread copies with descriptors of its own, closed by itself, and stops when
+            # told: a cancelled fetch closes the writer's descriptor, and a thread still using
+            # that number could write into whatever file the number is given to next.
+            stop = threading.Event()
+            src, dst = os.dup(fd), os.dup(writer.fd)
+            try:
+                await asyncio.to_thread(self._copy, key, src, dst, size, writer, wake, stop)
+            finally:
+                stop.set()
+        finally:
+            os.close(fd)
 
     async def aclose(self) -> None:
         return None
 
-    def _copy(self, key: str, writer: ObjectWriter, wake: Callable[[], None]) -> None:
+    def _open(self, key: str) -> tuple[int, int, float]:
         try:
-            fd = os.open(self._prefix + key, os.O_RDONLY | os.O_CLOEXEC)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            # O_NONBLOCK: a FIFO in the catalog must not hang the fetch waiting for a writer
+            fd = os.open(self._prefix + key, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
             raise FetchError(404, f"{key} is not in the origin") from None
         except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):  # no file could be named so
+                raise FetchError(404, f"{key} is not in the origin") from None
             raise FetchError(502, f"origin cannot open {key}: {exc.strerror}") from None
         try:
             if not os.readlink(f"/proc/self/fd/{fd}").startswith(self._prefix):
@@ -69,19 +93,79 @@ class DirectoryOrigin:
             st = os.fstat(fd)
             if (st.st_mode & 0o170000) != 0o100000:
                 raise FetchError(404, f"{key} is not a file")
-            writer.start(st.st_size, st.st_mtime)
-            wake()
-            offset = 0
-            while offset < st.st_size:
-                # copy_file_range keeps the copy in the kernel too
-                n = os.copy_file_range(fd, writer.fd, min(_CHUNK, st.st_size - offset), offset)
-                if n == 0:
-                    raise FetchError(502, f"{key} shrank while it was copied")
-                offset += n
-                writer.written += n
-                wake()
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        return fd, st.st_size, st.st_mtime
+
+    def _copy(
+        self,
+        key: str,
+        src: int,
+        dst: int,
+        size: int,
+        writer: ObjectWriter,
+        wake: Callable[[], None],
+        stop: threading.Event,
+    ) -> None:
+        try:
+            self._copy_all(key, src, dst, size, writer, wake, stop)
+        finally:
+            os.close(src)
+            os.close(dst)
+
+    def _copy_all(
+        self,
+        key: str,
+        src: int,
+        dst: int,
+        size: int,
+        writer: ObjectWriter,
+        wake: Callable[[], None],
+        stop: threading.Event,
+    ) -> None:
+        offset = 0
+        while offset < size and not stop.is_set():
+            count = min(_CHUNK, size - offset)
+            try:
+                n = self._copy_chunk(src, dst, count, offset)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise FetchError(503, f"the cache disk has no room for {key}") from None
+                message = f"copying {key} from the origin failed: {exc.strerror}"
+                raise FetchError(502, message) from None
+            if n == 0:
+                raise FetchError(502, f"{key} shrank while it was copied")
+            offset += n
+            writer.written += n
+            wake()
+
+    def _copy_chunk(self, src: int, dst: int, count: int, offset: int) -> int:
+        """Copy in the kernel: ``copy_file_range`` (shares extents on one filesystem), else
+        ``sendfile`` (another filesystem: EXDEV), else through a buffer."""
+        if self._mode == "copy_file_range":
+            try:
+                return os.copy_file_range(src, dst, count, offset)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._mode = "sendfile"
+        if self._mode == "sendfile":
+            try:
+                return os.sendfile(dst, src, offset, count)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                self._mode = "read"
+        data = os.pread(src, count, offset)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view) :]
+        return len(data)
+
+
+# The errors that say "not between these two files", not "the copy failed".
+_UNSUPPORTED: Final = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
 
 
 class HttpOrigin:
@@ -99,7 +183,8 @@ class HttpOrigin:
         return self.base_url
 
     async def fetch(self, key: str, writer: ObjectWriter, progress: Callable[[], None]) -> None:
-        url = f"{self.base_url}/{key}"
+        # Encoded again: a key may hold "?", "#" or "%" (decoded from the client's request).
+        url = f"{self.base_url}/{quote(key, safe=_URL_SAFE)}"
         try:
             async with self._client.stream("GET", url) as response:
                 if response.status_code == 404:
@@ -109,7 +194,7 @@ class HttpOrigin:
                 length = response.headers.get("content-length")
                 if length is None or not length.isdigit():
                     raise FetchError(502, f"origin sent {key} without a Content-Length")
-                writer.start(int(length), _last_modified(response.headers))
+                await writer.start(int(length), _last_modified(response.headers))
                 progress()
                 async for chunk in response.aiter_raw():  # as received: waiters see every chunk
                     writer.write(chunk)

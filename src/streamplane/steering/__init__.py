@@ -11,14 +11,21 @@ from __future__ import annotations
 # First: it sets aside a compiled ranking that was built from another rank.py.
 import streamplane.steering._build  # noqa: F401
 from streamplane.steering.bgp import (
+    DEFAULT_HOLD_TIME_S,
     BgpFeed,
     BgpNeighbor,
+    SessionState,
+    SessionStatus,
     apply_changes,
+    bgp_health,
+    bgp_metrics,
+    clean_stale_workdirs,
     exabgp_config,
     find_exabgp,
     parse_exabgp_message,
+    restart_delay,
 )
-from streamplane.steering.czmap import load_czmap, parse_czmap
+from streamplane.steering.czmap import CoverageZones, load_czmap, parse_czmap
 from streamplane.steering.errors import (
     AddressError,
     BgpError,
@@ -54,6 +61,7 @@ from streamplane.steering.rib import RoutingTable
 from streamplane.steering.shell import DEFAULT_LIMIT, Steering
 
 __all__ = [
+    "DEFAULT_HOLD_TIME_S",
     "DEFAULT_LIMIT",
     "LOAD_STEP",
     "AddressError",
@@ -63,6 +71,7 @@ __all__ = [
     "BgpNeighbor",
     "CandidateSet",
     "Client",
+    "CoverageZones",
     "CzmapError",
     "EdgeCandidate",
     "ExabgpNotFound",
@@ -75,11 +84,16 @@ __all__ = [
     "RouteChange",
     "RouteError",
     "RoutingTable",
+    "SessionState",
+    "SessionStatus",
     "SiteInfo",
     "Steering",
     "SteeringError",
     "apply_changes",
+    "bgp_health",
+    "bgp_metrics",
     "bundled_database",
+    "clean_stale_workdirs",
     "distance_km",
     "exabgp_config",
     "find_exabgp",
@@ -89,6 +103,7 @@ __all__ = [
     "parse_czmap",
     "parse_exabgp_message",
     "rank_edges",
+    "restart_delay",
     "session_fraction",
     "title_score",
 ]

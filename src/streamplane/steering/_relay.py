@@ -2,7 +2,9 @@
 
 ExaBGP talks to API processes over their stdin/stdout only; this runs as one (with no
 streamplane import, so it starts in milliseconds) and forwards every line to the Unix
-socket the feed listens on. It exits when ExaBGP closes stdin or the feed goes away.
+socket the feed listens on. It exits when ExaBGP closes stdin or the feed goes away. ExaBGP
+runs it through ``_tether.py``, so it is killed when ExaBGP dies too (ExaBGP puts it in a
+process group of its own: a signal to ExaBGP's group does not reach it).
 
     python _relay.py SOCKET_PATH
 """

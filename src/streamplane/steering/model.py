@@ -10,22 +10,45 @@ import msgspec
 
 from streamplane.steering.errors import PrefixError, RouteError
 
-Relation = Literal["embedded", "private", "public"]
+Relation = Literal["embedded", "private", "public", "transit"]
 Source = Literal["bgp", "czmap", "static"]
 
 # Lower is preferred. An embedded cache reaches the client without crossing an
 # interconnect, a private peering (PNI) crosses one dedicated link, a public one (an IXP's
-# shared fabric, or transit) crosses shared capacity the CDN does not control.
-RELATION_PREFERENCE: Final[dict[str, int]] = {"embedded": 0, "private": 1, "public": 2}
+# shared fabric) crosses shared capacity the CDN does not control, and transit crosses a
+# provider's network as well, paid by the bit (BGP's customer > peer > provider).
+RELATION_PREFERENCE: Final[dict[str, int]] = {
+    "embedded": 0,
+    "private": 1,
+    "public": 2,
+    "transit": 3,
+}
 RELATION_LABEL: Final[dict[str, str]] = {
     "embedded": "embedded in the ISP",
     "private": "private peering",
     "public": "public peering",
+    "transit": "transit",
 }
 # Among paths to the same prefix at the same site, a live BGP path beats configuration.
 SOURCE_PREFERENCE: Final[dict[str, int]] = {"bgp": 0, "czmap": 1, "static": 2}
+# A coverage-zone file says which cache group serves a network, not how the network is
+# reached: its routes carry no AS path and no MED. Compared as the longest path with the
+# highest MED (not as an empty path, which would beat every path BGP learns), a file route
+# ranks after a BGP route of the same prefix length and relation, and file routes tie with
+# each other on those rules, so distance decides between cache groups, as in Traffic Router.
+FILE_SOURCES: Final = frozenset({"czmap"})
+PATH_CAP: Final = 255  # path lengths compare up to this (an AS path is never near it)
 _MAX_ASN: Final = 2**32 - 1
 _MAX_MED: Final = 2**32 - 1
+MAX_MED: Final = _MAX_MED
+
+
+def path_preference(route: Route) -> tuple[int, int]:
+    """What rules 4 and 5 compare of ``route``: (AS path length, MED), lower preferred."""
+    if route.source in FILE_SOURCES:
+        return PATH_CAP, MAX_MED
+    hops = len(route.as_path)
+    return (hops if hops < PATH_CAP else PATH_CAP), route.med
 
 
 class Route(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,3 +180,4 @@ class RouteChange(msgspec.Struct, frozen=True, kw_only=True):
     prefix: str | None = None
     route: Route | None = None
     session: Literal["up", "down"] | None = None
+    reason: str | None = None  # why a session went down, as the speaker says it

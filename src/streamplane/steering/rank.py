@@ -4,23 +4,28 @@ An edge's place is decided by these rules, each consulted only when all before i
 
 1. The client is covered by a prefix its site serves (sites with none come after).
 2. The longest such prefix: the most specific announcement is the one meant for this client.
-3. The relation: embedded in the client's ISP, before private peering, before public.
+3. The relation: embedded in the client's ISP, before private peering, before public
+   peering, before transit.
 4. The shortest AS path.
 5. The lowest MED.
 6. The shortest distance between the client and the edge's site, in whole kilometres.
 7. The lowest load, in bands of ``LOAD_STEP`` (10 %) of capacity.
 8. The title's rendezvous hash over the edge ids.
 
+A route from a coverage-zone file (``source="czmap"``) has no AS path and no MED: rules 4
+and 5 rank it after every BGP route of the same prefix length and relation, and tie it with
+other file routes (``model.path_preference``), so distance decides between those.
+
 Where the relation sits. It comes before the AS path length, as LOCAL_PREF does in BGP's
 own decision process: operators set LOCAL_PREF from the business relationship (customer,
 then peer, then provider) precisely because path length is a weak proxy for cost and
 quality. An embedded cache serves the client without crossing any interconnect; a private
-peering crosses one link sized for this traffic; a public peering or transit crosses shared
-capacity the CDN does not control. An AS path one hop shorter over a public exchange does
-not make up for that: it is usually the same ISP seen from a route server. MED is compared
-last of the BGP attributes, as BGP does, and always (like ``always-compare-med``): a sort
-needs a total order, and in practice every site's routes for a client prefix come from the
-same ISP, whose MEDs are comparable.
+peering crosses one link sized for this traffic; a public peering crosses shared capacity
+the CDN does not control, and transit a provider's network too, paid by the bit. An AS path
+one hop shorter over a public exchange does not make up for that: it is usually the same
+ISP seen from a route server. MED is compared last of the BGP attributes, as BGP does, and
+always (like ``always-compare-med``): a sort needs a total order, and in practice every
+site's routes for a client prefix come from the same ISP, whose MEDs are comparable.
 
 Why load is banded. The title hash (rule 8) is what makes one title's requests land on the
 same few edges, so their caches hold it. If raw load ranked, the least-loaded edge would
@@ -72,6 +77,7 @@ import numpy as np
 import numpy.typing as npt
 
 from streamplane.steering.model import (
+    FILE_SOURCES,
     RELATION_LABEL,
     RELATION_PREFERENCE,
     Client,
@@ -80,6 +86,7 @@ from streamplane.steering.model import (
     Relation,
     Route,
     SiteInfo,
+    path_preference,
 )
 
 __all__ = [
@@ -122,7 +129,7 @@ _GROUP_BITS: Final = 2
 _LOAD_CAP: Final = (1 << _LOAD_BITS) - 1
 _LOAD_CAP_VALUE: Final = _LOAD_CAP * LOAD_STEP
 _DIST_CAP: Final = (1 << _DIST_BITS) - 1
-_PATH_CAP: Final = (1 << _PATH_BITS) - 1
+# model.PATH_CAP (255) and MAX_MED (2^32 - 1) fill the path and MED fields.
 _ROUTE_BITS: Final = _LEN_BITS + _REL_BITS + _PATH_BITS + _MED_BITS
 _GROUP_SHIFT: Final = _ROUTE_BITS + _DIST_BITS  # where the group sits in a tier
 _TIER_DEFER: Final = 1 << (_GROUP_BITS + _GROUP_SHIFT)
@@ -272,10 +279,10 @@ def _tier(route: Route | None, dist: int | None) -> int:
 
 
 # id(route) -> (route, what every edge it wins shares: its sentence (the AS path joined),
-# prefix, prefix length, AS path length, MED, relation, and its part of a tier (rules 1-5,
-# shifted past the distance)): routes live in the routing table for long, and are the same
-# for every client they win.
-_RouteParts = tuple[str, str, int, int, int, Relation, int]
+# prefix, prefix length, AS path length and MED (None for a file route, which has neither),
+# relation, and its part of a tier (rules 1-5, shifted past the distance)): routes live in
+# the routing table for long, and are the same for every client they win.
+_RouteParts = tuple[str, str, int, int | None, int | None, Relation, int]
 _ROUTE_PARTS: dict[int, tuple[Route, _RouteParts]] = {}
 
 
@@ -283,18 +290,23 @@ def _route_parts(route: Route) -> _RouteParts:
     cached = _ROUTE_PARTS.get(id(route))
     if cached is not None and cached[0] is route:
         return cached[1]
-    path = " ".join(map(str, route.as_path)) if route.as_path else "(empty: the peer's own)"
     length = _prefix_len(route.prefix)
-    text = (
-        f"longest prefix {route.prefix} (/{length}) via AS path {path}, "
-        f"MED {route.med}, {RELATION_LABEL[route.relation]}"
-    )
-    hops = len(route.as_path)
+    hops: int | None = None
+    med: int | None = None
+    if route.source in FILE_SOURCES:
+        # No AS path or MED to show: a file says which site serves the prefix, not how.
+        via = "czmap file route"
+    else:
+        hops, med = len(route.as_path), route.med
+        path = " ".join(map(str, route.as_path)) if route.as_path else "(empty: the peer's own)"
+        via = f"AS path {path}, MED {route.med}"
+    text = f"longest prefix {route.prefix} (/{length}) via {via}, {RELATION_LABEL[route.relation]}"
+    path_key, med_key = path_preference(route)
     key = 128 - length
     key = (key << _REL_BITS) | RELATION_PREFERENCE[route.relation]
-    key = (key << _PATH_BITS) | (hops if hops < _PATH_CAP else _PATH_CAP)
-    key = (key << _MED_BITS) | route.med
-    parts = (text, route.prefix, length, hops, route.med, route.relation, key << _DIST_BITS)
+    key = (key << _PATH_BITS) | path_key
+    key = (key << _MED_BITS) | med_key
+    parts = (text, route.prefix, length, hops, med, route.relation, key << _DIST_BITS)
     if len(_ROUTE_PARTS) >= 1 << 14:
         _ROUTE_PARTS.clear()
     _ROUTE_PARTS[id(route)] = (route, parts)

@@ -17,7 +17,9 @@ would need readers to go through an immutable snapshot instead.)
 
 A site may learn the same prefix from several places (two BGP neighbours, BGP and the
 czmap): the table keeps every such path and uses the best, as BGP does between paths to
-one prefix: relation, then AS path length, then MED, then BGP before files.
+one prefix: relation, then AS path length, then MED, then BGP before files. A file route
+has no AS path or MED, and compares as the longest path with the highest MED: a BGP path
+of the same relation is preferred to it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from streamplane.steering.model import (
     Route,
     check_route,
     normalise_prefix,
+    path_preference,
 )
 
 __all__ = ["RoutingTable"]
@@ -45,10 +48,11 @@ _EMPTY: dict[str, Route] = {}
 
 
 def _path_preference(route: Route) -> tuple[int, int, int, int, str]:
+    hops, med = path_preference(route)  # a file route's: the longest, the highest
     return (
         RELATION_PREFERENCE[route.relation],
-        len(route.as_path),
-        route.med,
+        hops,
+        med,
         SOURCE_PREFERENCE.get(route.source, len(SOURCE_PREFERENCE)),
         route.peer,
     )
@@ -68,6 +72,17 @@ class _Tables:
         self.own: dict[str, dict[str, Route]] = {}
         self.tries: tuple[_Trie, _Trie] = (pytricia.PyTricia(32), pytricia.PyTricia(128))
         self.count = 0  # (prefix, site) pairs that have a route
+        # (site, source, peer) -> how many prefixes it has a path to: what a BGP session
+        # has taught, without walking the table
+        self.per_origin: dict[tuple[str, str, str], int] = {}
+
+    def counted(self, site: str, key: _PathKey, delta: int) -> None:
+        origin = (site, *key)
+        left = self.per_origin.get(origin, 0) + delta
+        if left:
+            self.per_origin[origin] = left
+        else:
+            self.per_origin.pop(origin, None)
 
     def trie_of(self, prefix: str) -> _Trie:
         return self.tries[1] if ":" in prefix else self.tries[0]
@@ -123,6 +138,22 @@ class RoutingTable:
         """How many (prefix, site) pairs have a route."""
         return self._t.count
 
+    def count_paths(
+        self, *, site: str | None = None, source: str | None = None, peer: str | None = None
+    ) -> int:
+        """How many paths match all the given filters (a BGP peer's: the prefixes it gave).
+
+        Takes no lock, as lookups do not: copying a dict is one step under the GIL, so a
+        writer in another thread (a czmap reload) never holds up the caller.
+        """
+        origins = dict(self._t.per_origin).items()
+        return sum(
+            n
+            for (path_site, path_source, path_peer), n in origins
+            if (site is None or path_site == site)
+            and _matches((path_source, path_peer), source, peer)
+        )
+
     def __contains__(self, prefix: object) -> bool:
         if not isinstance(prefix, str):
             return False
@@ -135,7 +166,11 @@ class RoutingTable:
         route = check_route(route)
         with self._lock:
             t = self._t
-            t.paths.setdefault((route.prefix, route.site), {})[(route.source, route.peer)] = route
+            paths = t.paths.setdefault((route.prefix, route.site), {})
+            key = (route.source, route.peer)
+            if key not in paths:
+                t.counted(route.site, key, 1)
+            paths[key] = route
             self._settle(route.prefix, route.site)
 
     def withdraw(
@@ -152,6 +187,7 @@ class RoutingTable:
                 return
             for key in [k for k in paths if _matches(k, source, peer)]:
                 del paths[key]
+                self._t.counted(site, key, -1)
             self._settle(prefix, site)
 
     def clear(
@@ -168,6 +204,7 @@ class RoutingTable:
                 gone = [k for k in paths if _matches(k, source, peer)]
                 for key in gone:
                     del paths[key]
+                    t.counted(path_site, key, -1)
                 if gone:
                     removed += len(gone)
                     touched.append((prefix, path_site))
@@ -197,6 +234,8 @@ class RoutingTable:
                 ] = route
             for (prefix, site), paths in fresh.paths.items():
                 fresh.own.setdefault(prefix, {})[site] = min(paths.values(), key=_path_preference)
+                for key in paths:
+                    fresh.counted(site, key, 1)
             fresh.count = len(fresh.paths)
             # Shortest prefixes first: when a prefix goes in, every prefix that covers it is
             # already there, so a plain longest-match search finds what it inherits.

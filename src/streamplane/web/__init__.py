@@ -3,7 +3,8 @@
 ``static/`` holds the browser player: ``watch.html`` (served at ``/watch``), its ES modules,
 ``abr.js`` (streamplane's ABR and heartbeat cadence, the JavaScript port of
 ``streamplane.player``) and ``vendor/`` (hls.js and dash.js from npm, copied there by
-``make install``).
+``make install``; Shaka Player's compiled build beside them, which the tests play signed titles
+with as a player that knows nothing of streamplane).
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ partial (``WHERE NOT ended``); ``last_seen`` alone finds the sessions past their
 and holding the account's row lock only while they run (see ``claim_screen`` in
 ``streamplane/control/playback.py``, which runs the same statements one by one on SQLite).
 
-Revision ID: 0002
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002"
-down_revision = "0001"
+revision = "0003"
+down_revision = "0002"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,129 @@
+"""The control plane's services, built from the settings: what every route works on.
+
+``create_app`` builds one :class:`ControlPlane` and keeps it as ``app.state.plane``; the
+routers reach it through the ``Plane`` dependency (``streamplane.control.routes.deps``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from streamplane.config import Settings, SettingsError
+from streamplane.control.accounts import Accounts
+from streamplane.control.catalog import Catalog
+from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
+from streamplane.control.playback import Playback
+from streamplane.control.steering_sources import SteeringSources
+from streamplane.control.store import Store, StoreUnavailable, migrate
+from streamplane.edge import parse_networks
+from streamplane.steering import GeoLocator, RoutingTable, SiteInfo, Steering
+
+__all__ = ["Clock", "ControlPlane"]
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+# /healthz asks the store at most this often, and waits for its answer at most this long: a
+# load balancer polling many times a second costs the store one SELECT a second.
+_STORE_CHECK_EVERY_S: Final = 1.0
+_STORE_CHECK_TIMEOUT_S: Final = 1.0
+
+
+class ControlPlane:
+    """Everything a request needs, built from the settings; started by the app's lifespan."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock = time.time,
+        monotonic: Clock = time.monotonic,
+        steering: Steering | None = None,
+    ) -> None:
+        c = settings.control
+        self.settings = settings
+        self.clock = clock
+        self.monotonic = monotonic
+        try:
+            self.trusted_proxies = parse_networks(c.trusted_proxies)
+        except ValueError as err:
+            raise SettingsError(f"control.trusted_proxies: {err}") from None
+        self.store = Store(
+            c.database_url,
+            schema=c.database_schema,
+            connect_timeout_s=c.database_connect_timeout_s,
+            pool_timeout_s=c.database_pool_timeout_s,
+        )
+        jwt_key = bytes.fromhex(c.jwt_secret) if c.jwt_secret else secrets.token_bytes(32)
+        self.accounts = Accounts(self.store, c, jwt_key)
+        self.catalog = Catalog(self.store)
+        self.fleet = Fleet(
+            self.store,
+            FleetPolicy.from_settings(c),
+            Path(c.placement) if c.placement else None,
+            credentials=settings_credentials(c),
+        )
+        # -- steering's inputs: the czmap file and the BGP speakers (steering_sources.py)
+        table = steering.table if steering is not None else RoutingTable()
+        self.sources = SteeringSources(c, table, clock=clock)
+        sites: dict[str, SiteInfo] = self.sources.sites
+        self.table = table
+        self.steering = (
+            steering if steering is not None else Steering(table, GeoLocator(), sites=sites)
+        )
+        self.playback = Playback(
+            self.store,
+            c,
+            self.fleet,
+            self.steering,
+            sites,
+            settings.tokens.signing_key(),
+            settings.tokens.ttl_s,
+            self.accounts.session_token,
+        )
+        self.sources.on_sites = self._sites_reloaded
+        self._store_problem: str | None = None
+        self._store_checked_at = float("-inf")
+        self._store_check = asyncio.Lock()
+
+    def _sites_reloaded(self, sites: dict[str, SiteInfo]) -> None:
+        self.steering.sites = sites
+        self.playback.sites = sites
+
+    async def store_problem(self) -> str | None:
+        """What is wrong with the store (None: it answered), checked at most once a second."""
+        if self.monotonic() - self._store_checked_at < _STORE_CHECK_EVERY_S:
+            return self._store_problem
+        async with self._store_check:  # concurrent callers share one check
+            if self.monotonic() - self._store_checked_at < _STORE_CHECK_EVERY_S:
+                return self._store_problem
+            try:
+                await asyncio.wait_for(self.store.ping(), _STORE_CHECK_TIMEOUT_S)
+                problem = None
+            except StoreUnavailable as err:
+                problem = str(err)
+            except TimeoutError:
+                problem = f"no answer within {_STORE_CHECK_TIMEOUT_S:g} s"
+            self._store_problem = problem
+            self._store_checked_at = self.monotonic()
+        return problem
+
+    async def start(self) -> None:
+        c = self.settings.control
+        await migrate(self.store)
+        titles = await self.catalog.scan(Path(c.catalog_dir), self.clock())
+        if titles:
+            log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
+        await self.fleet.start(self.monotonic())
+        await self.sources.start()
+
+    async def stop(self) -> None:
+        await self.sources.stop()
+        await self.store.dispose()
