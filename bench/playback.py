@@ -2,14 +2,20 @@
 
 Method: for each store, run ``streamplane control`` as its own process (uvicorn, one worker,
 the CLI's own settings) on a fresh database; register a title, heartbeat ``--edges`` edges
-holding it, sign up ``--accounts`` accounts on a plan with room for every start. Then a load
-generator in a separate process (so it shares no interpreter and no GIL with the server: a
-small HTTP/1.1 client on raw keep-alive sockets, cheap per request) keeps ``--concurrency``
-playback starts in flight for ``--seconds`` after ``--warmup``, each from a new device of a
-random account. Every start is the whole path: JWT check, the catalog and fleet caches, one
-locking transaction (account row lock, screen count, screen insert, resume position),
-steering's ranking, the EdgeAuth token, the signed manifest URLs and the session JWT. The
-same load then hits the same server's ``GET /healthz`` (FastAPI and uvicorn with no work).
+holding it, sign up ``--accounts`` accounts on a plan of ``--devices`` screens, and as many
+again whose history holds ``--history`` past (ended) screens each, written straight into the
+store as years of viewing would leave them. Then a load generator in a separate process (so
+it shares no interpreter and no GIL with the server: a small HTTP/1.1 client on raw
+keep-alive sockets, cheap per request) keeps ``--concurrency`` playback starts in flight for
+``--seconds`` after ``--warmup``, each from one of the ``--devices`` devices of a random new
+account (a device starting again replaces its own screen, as a household's TV and phones
+do, so every start is granted and each one ends a screen: the accounts' histories grow as
+the run goes). Every start is the whole path: JWT check, the catalog and fleet caches, one
+locking transaction (account row lock, the device's earlier screen ended, screen count,
+screen insert, resume position), steering's ranking, the EdgeAuth token, the signed
+manifest URLs and the session JWT. The same load then runs on the accounts with a long
+history (a start must not slow down with it), and hits the same server's ``GET /healthz``
+(FastAPI and uvicorn with no work).
 The peer, on the same store in the same run, is a minimal FastAPI app served the same way
 whose ``POST /v1/playback`` validates the same body and does one INSERT in one write
 transaction through the same store class: the floor of framework plus driver for one write.
@@ -20,6 +26,10 @@ of requests/s is shown), the stores and servers interleaved so that other load o
 machine falls on all of them alike.
 
     .venv/bin/python bench/playback.py [--runs 3] [--seconds 10] [--concurrency 32] [--record]
+
+``--before CHECKOUT`` runs the control plane of another checkout (``CHECKOUT/src`` first on
+its path) on the same load in the same runs, each on a fresh database of its own: a "before"
+beside the "after", under the same noise.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import re
 import secrets
 import shlex
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -101,7 +112,7 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(work: Path, url: str, port: int) -> Path:
+def _config(work: Path, url: str, port: int, devices: int) -> Path:
     (work / "catalog" / "bench").mkdir(parents=True, exist_ok=True)
     (work / "catalog" / "bench" / "title.json").write_bytes(encode_title(_title()))
     path = work / "control.toml"
@@ -120,7 +131,7 @@ edge_timeout_s = 3600
 slow_start_s = 0
 password_time_cost = 1
 password_memory_kib = 8192
-plans = {{ bench = {{ screens = 1000000 }} }}
+plans = {{ bench = {{ screens = {devices} }} }}
 default_plan = "bench"
 # its edges are fictional and their heartbeats set-up, not what is measured: sent unsigned
 dev_mode = true
@@ -130,9 +141,11 @@ dev_mode = true
 
 
 @contextmanager
-def _serving(command: list[str], port: int, what: str) -> Iterator[int]:
+def _serving(
+    command: list[str], port: int, what: str, env: dict[str, str] | None = None
+) -> Iterator[int]:
     """Run a server process until the block ends; yields its pid once /healthz answers."""
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -155,8 +168,9 @@ def _serving(command: list[str], port: int, what: str) -> Iterator[int]:
             server.wait()
 
 
-def _set_up(port: int, args: argparse.Namespace) -> list[str]:
-    """Edges holding the title and accounts to start from; the accounts' access tokens."""
+def _set_up(port: int, args: argparse.Namespace) -> tuple[list[str], list[str], list[str]]:
+    """Edges holding the title and two sets of accounts to start from: their access tokens,
+    and the account ids of the second set (to be given a history)."""
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
         for i in range(args.edges):
             hb = {
@@ -174,22 +188,75 @@ def _set_up(port: int, args: argparse.Namespace) -> list[str]:
                 "sent_at": time.time(),
             }
             client.post("/v1/fleet/heartbeat", json=hb).raise_for_status()
-        tokens = []
-        for i in range(args.accounts):
+        tokens: list[list[str]] = [[], []]
+        long_lived: list[str] = []
+        for i in range(2 * args.accounts):
             creds = {"email": f"bench{i}@example.com", "password": "bench password"}
             client.post("/v1/accounts", json=creds).raise_for_status()
             r = client.post("/v1/auth/login", json=creds)
             r.raise_for_status()
-            tokens.append(r.json()["access_token"])
+            token = r.json()["access_token"]
+            tokens[i >= args.accounts].append(token)
+            if i >= args.accounts:
+                me = client.get("/v1/account", headers={"authorization": f"Bearer {token}"})
+                long_lived.append(me.raise_for_status().json()["account_id"])
         check = client.post(
             "/v1/playback",
             json={"title": "bench", "device": "check"},
-            headers={"authorization": f"Bearer {tokens[0]}"},
+            headers={"authorization": f"Bearer {tokens[0][0]}"},
         )
         check.raise_for_status()
         if len(check.json()["edges"]) < 2:
             raise SystemExit(f"the set-up is wrong: {check.text}")
-    return tokens
+        stop = client.delete(
+            f"/v1/playback/{check.json()['session_id']}",
+            headers={"authorization": f"Bearer {tokens[0][0]}"},
+        )
+        stop.raise_for_status()  # its screen is free again for the measured starts
+    return tokens[0], tokens[1], long_lived
+
+
+def _history(account_ids: Sequence[str], per_account: int, now: float) -> list[tuple[Any, ...]]:
+    """``per_account`` ended screens for each account, started over the past day (within the
+    retention), on a handful of devices: the rows years of viewing leave in ``screens``."""
+    rng = random.Random(11)
+    rows = []
+    for account in account_ids:
+        for i in range(per_account):
+            started = now - 86_000 * (i + 1) / (per_account + 1)
+            device = f"old-{rng.randrange(8)}"
+            rows.append((str(uuid.uuid4()), account, "bench", device, started, started + 30, True))
+    return rows
+
+
+_SCREEN_COLUMNS = ("id", "account_id", "title", "device", "started_at", "last_seen", "ended")
+
+
+def _write_history(url: str, rows: list[tuple[Any, ...]]) -> None:
+    """Insert ``rows`` into the control plane's ``screens`` while it runs, as another client."""
+    if url.startswith("sqlite"):
+        db = sqlite3.connect(url.split("///", 1)[1], timeout=60)
+        try:
+            with db:
+                columns = ", ".join(_SCREEN_COLUMNS)
+                marks = ", ".join("?" * len(_SCREEN_COLUMNS))
+                db.executemany(f"INSERT INTO screens ({columns}) VALUES ({marks})", rows)
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # not left for the server to copy
+        finally:
+            db.close()
+        return
+
+    async def copy() -> None:
+        conn = await asyncpg.connect(url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            await conn.copy_records_to_table("screens", records=rows, columns=_SCREEN_COLUMNS)
+            # What autovacuum would have done over the years, rather than during the run.
+            await conn.execute("VACUUM (ANALYZE) screens")
+            await conn.execute("CHECKPOINT")
+        finally:
+            await conn.close()
+
+    asyncio.run(copy())
 
 
 # -- the load generator (its own process) ------------------------------------------------------
@@ -197,13 +264,15 @@ def _set_up(port: int, args: argparse.Namespace) -> list[str]:
 
 @dataclass(frozen=True)
 class Load:
-    """What to send: ``body`` with ``{n}`` replaced by a new number per request."""
+    """What to send: ``body`` with ``{n}`` replaced by a new number per request (modulo
+    ``devices`` if given: the device of the account that starts)."""
 
     port: int
     method: str
     path: str
     body: str = ""
     tokens: tuple[str, ...] = ()
+    devices: int = 0
     concurrency: int = 32
     warmup_s: float = 2.0
     seconds: float = 10.0
@@ -253,7 +322,9 @@ async def _load(load: Load) -> Measured:
                 request = head
                 if load.tokens:
                     request += f"authorization: Bearer {rng.choice(load.tokens)}\r\n"
-                body = load.body.replace("{n}", str(next(numbers))).encode()
+                n = next(numbers)
+                body = load.body.replace("{n}", str(n % load.devices if load.devices else n))
+                body = body.encode()
                 if body:
                     request += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
                 t0 = time.perf_counter()
@@ -352,7 +423,9 @@ def peer_app(url: str) -> Any:
 def _serve_peer(url: str, port: int) -> None:
     import uvicorn
 
-    uvicorn.run(peer_app(url), host="127.0.0.1", port=port, log_level="info")  # as the CLI
+    from streamplane.control.app import server_config
+
+    uvicorn.Server(server_config(peer_app(url), "127.0.0.1", port)).run()  # as the CLI
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -370,6 +443,12 @@ class Row:
     @property
     def rate(self) -> float:
         return statistics.median(m.requests / m.seconds for m in self.runs)
+
+    @property
+    def cpu(self) -> float:
+        """The server's median CPU seconds per request (nan if /proc could not tell)."""
+        cpus = [m.cpu_s / m.requests for m in self.runs if m.cpu_s and m.requests]
+        return statistics.median(cpus) if cpus else float("nan")
 
     def cells(self) -> list[str]:
         rates = [m.requests / m.seconds for m in self.runs]
@@ -394,50 +473,82 @@ def _measure(load: Load, pool: ProcessPoolExecutor) -> Measured:
     return pool.submit(run_load, load).result()
 
 
-def _run_store(
-    store: str, url: str, args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor
+def _measure_control(
+    store: str,
+    url: str,
+    args: argparse.Namespace,
+    work: Path,
+    pool: ProcessPoolExecutor,
+    source: str | None = None,
 ) -> dict[str, Measured]:
+    """The control plane (from ``source``'s ``src`` if given) on ``url``: starts by new
+    accounts, by accounts with long histories, and ``/healthz``."""
     out: dict[str, Measured] = {}
     port = _port()
-    config = _config(work, url, port)
+    config = _config(work, url, port, args.devices)
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
-    timing = {
-        "concurrency": args.concurrency,
-        "warmup_s": args.warmup,
-        "seconds": args.seconds,
+    env = None
+    if source is not None:
+        env = {**os.environ, "PYTHONPATH": str(Path(source).resolve() / "src")}
+    start = {
+        "method": "POST",
+        "path": "/v1/playback",
+        "body": '{"title": "bench", "device": "d{n}"}',
+        "devices": args.devices,
     }
-    with _serving(control, port, f"{store}: the control plane") as pid:
-        tokens = tuple(_set_up(port, args))
+    with _serving(control, port, f"{store}: the control plane", env) as pid:
+        tokens, long_tokens, long_lived = _set_up(port, args)
+        _write_history(url, _history(long_lived, args.history, time.time()))
         out["playback"] = _measure(
-            Load(
-                port=port,
-                method="POST",
-                path="/v1/playback",
-                body='{"title": "bench", "device": "d{n}"}',
-                tokens=tokens,
-                server_pid=pid,
-                **timing,
-            ),
+            Load(port=port, tokens=tuple(tokens), server_pid=pid, **start, **_timing(args)), pool
+        )
+        out["history"] = _measure(
+            Load(port=port, tokens=tuple(long_tokens), server_pid=pid, **start, **_timing(args)),
             pool,
         )
-        out["healthz"] = _measure(
-            Load(port=port, method="GET", path="/healthz", server_pid=pid, **timing), pool
-        )
+        if source is None:
+            out["healthz"] = _measure(
+                Load(port=port, method="GET", path="/healthz", server_pid=pid, **_timing(args)),
+                pool,
+            )
+    return out
+
+
+def _measure_peer(url: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -> Measured:
     port = _port()
     peer = [sys.executable, __file__, "--serve-peer", url, "--port", str(port)]
-    with _serving(peer, port, f"{store}: the peer") as pid:
-        out["peer"] = _measure(
+    with _serving(peer, port, "the peer") as pid:
+        return _measure(
             Load(
                 port=port,
                 method="POST",
                 path="/v1/playback",
                 body='{"title": "bench", "device": "d{n}"}',
                 server_pid=pid,
-                **timing,
+                **_timing(args),
             ),
             pool,
         )
-    return out
+
+
+def _timing(args: argparse.Namespace) -> dict[str, Any]:
+    return {"concurrency": args.concurrency, "warmup_s": args.warmup, "seconds": args.seconds}
+
+
+@contextmanager
+def _database(store: str, work: Path, name: str) -> Iterator[str]:
+    """A fresh database for one server; its SQLAlchemy URL."""
+    if store == "SQLite":
+        (work / name).mkdir()
+        yield f"sqlite+aiosqlite:///{work / name / 'control.db'}"
+        return
+    name = f"bench_playback_{os.getpid()}_{name}"
+    asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+        yield f"{base}/{name}"
+    finally:
+        asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _pg_admin(sql: str) -> None:
@@ -450,16 +561,22 @@ async def _pg_admin(sql: str) -> None:
 
 WHAT = {
     "playback": "control: `POST /v1/playback`",
+    "history": "control: `POST /v1/playback`, long histories",
+    "before": "before: `POST /v1/playback`",
+    "before-history": "before: `POST /v1/playback`, long histories",
     "peer": "peer: FastAPI + one INSERT",
     "healthz": "control: `GET /healthz`",
 }
 
 
 def main(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
+    kinds = ["playback", "history", "peer", "healthz"]
+    if args.before:
+        kinds[2:2] = ["before", "before-history"]
     rows = {
         (store, kind): Row(store, WHAT[kind])
         for store in ("SQLite", "PostgreSQL")
-        for kind in ("playback", "peer", "healthz")
+        for kind in kinds
     }
     loads: list[str] = []
     spawn = multiprocessing.get_context("spawn")
@@ -467,20 +584,16 @@ def main(args: argparse.Namespace) -> tuple[list[Row], list[str]]:
         for run in range(args.runs):
             with tempfile.TemporaryDirectory(prefix="bench-playback-") as tmp:
                 work = Path(tmp)
-                (work / "sqlite").mkdir()
-                url = f"sqlite+aiosqlite:///{work / 'sqlite' / 'control.db'}"
-                for kind, m in _run_store("SQLite", url, args, work / "sqlite", pool).items():
-                    rows["SQLite", kind].runs.append(m)
-                name = f"bench_playback_{os.getpid()}_{run}"
-                asyncio.run(_pg_admin(f'CREATE DATABASE "{name}"'))
-                try:
-                    (work / "pg").mkdir()
-                    base = PG.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
-                    url = f"{base}/{name}"
-                    for kind, m in _run_store("PostgreSQL", url, args, work / "pg", pool).items():
-                        rows["PostgreSQL", kind].runs.append(m)
-                finally:
-                    asyncio.run(_pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                for store in ("SQLite", "PostgreSQL"):
+                    with _database(store, work, f"{run}_control") as url:
+                        found = _measure_control(store, url, args, work, pool)
+                        found["peer"] = _measure_peer(url, args, pool)
+                    if args.before:
+                        with _database(store, work, f"{run}_before") as url:
+                            old = _measure_control(store, url, args, work, pool, args.before)
+                        found["before"], found["before-history"] = old["playback"], old["history"]
+                    for kind, m in found.items():
+                        rows[store, kind].runs.append(m)
             load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
             loads.append(load)
             print(f"run {run + 1}/{args.runs} done; load average {load}", file=sys.stderr)
@@ -497,20 +610,34 @@ def _table(rows: Sequence[Row], args: argparse.Namespace) -> str:
     lines.append("")
     for store in ("SQLite", "PostgreSQL"):
         playback = by[store, WHAT["playback"]].rate
+        history = by[store, WHAT["history"]].rate
         peer = by[store, WHAT["peer"]].rate
         healthz = by[store, WHAT["healthz"]].rate
+        cpu = by[store, WHAT["peer"]].cpu / by[store, WHAT["playback"]].cpu
         lines.append(
-            f"- {store}: playback starts / the peer's inserts = {playback / peer:.2f}; "
-            f"/ the same server's /healthz = {playback / healthz:.2f}."
+            f"- {store}: playback starts / the peer's inserts = {playback / peer:.2f}"
+            f" (with long histories {history / peer:.2f}; in server CPU per request, the"
+            f" peer's / a start's = {cpu:.2f}); / the same server's /healthz ="
+            f" {playback / healthz:.2f}; long histories / new accounts = {history / playback:.2f}."
         )
+        if (store, WHAT["before"]) in by:
+            before = by[store, WHAT["before"]].rate
+            old_history = by[store, WHAT["before-history"]].rate
+            old_cpu = by[store, WHAT["peer"]].cpu / by[store, WHAT["before"]].cpu
+            lines.append(
+                f"- {store}, before: starts / the peer's inserts = {before / peer:.2f}"
+                f" (with long histories {old_history / peer:.2f}; in CPU {old_cpu:.2f});"
+                f" long histories / new accounts = {old_history / before:.2f}."
+            )
     sqlite = by["SQLite", WHAT["playback"]].rate
     pg = by["PostgreSQL", WHAT["playback"]].rate
     lines.append(f"- Playback starts, SQLite / PostgreSQL = {sqlite / pg:.2f}.")
     lines.append("")
     lines.append(
-        f"{args.concurrency} in flight, {args.edges} edges, {args.accounts} accounts; "
-        f"{args.seconds:g} s measured after {args.warmup:g} s of warm-up; median of "
-        f"{args.runs} run{'s' if args.runs != 1 else ''}."
+        f"{args.concurrency} in flight, {args.edges} edges, {args.accounts} accounts of "
+        f"{args.devices} devices (and {args.accounts} more with {args.history:,} past screens "
+        f"each: the long histories); {args.seconds:g} s measured after {args.warmup:g} s of "
+        f"warm-up; median of {args.runs} run{'s' if args.runs != 1 else ''}."
     )
     return "\n".join(lines)
 
@@ -541,6 +668,13 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--edges", type=int, default=20)
     parser.add_argument("--accounts", type=int, default=20)
+    parser.add_argument("--devices", type=int, default=4, help="per account (its screens)")
+    parser.add_argument("--history", type=int, default=12_800, help="past screens per account")
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="also run the control plane of another checkout (its src/) on the same load",
+    )
     parser.add_argument(
         "--record", action="store_true", help="replace the figures in docs/benchmarks.md"
     )

@@ -176,6 +176,7 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # sessions and heartbeats
     player_heartbeat_s: float = 30.0  # cadence players are told to heartbeat at
     screen_timeout_s: float = 90.0  # a screen with no heartbeat for this long is released
+    screen_retention_s: float = 86400.0  # sessions not heard from for this long are deleted
     edge_heartbeat_s: float = 2.0  # cadence edges are told to heartbeat at
     edge_timeout_s: float = 6.0  # an edge silent for this long is not offered
     slow_start_s: float = 60.0  # a recovered edge's share ramps to 1 over this long

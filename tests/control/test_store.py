@@ -1,4 +1,5 @@
-"""Store.transaction: all or nothing on both engines; on SQLite, never blocking the loop."""
+"""Store.transaction and Store.run: all or nothing on both engines; on SQLite, never blocking
+the loop; on PostgreSQL, a lost connection is not used again."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import asyncio
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
-from sqlalchemy import Connection, func, insert, select
+from sqlalchemy import Connection, bindparam, func, insert, select
+from sqlalchemy.exc import IntegrityError
 
-from streamplane.control.store import Account, Store, migrate
+from streamplane.control.store import Account, Script, Store, StoreUnavailable, migrate
 
 from .conftest import Db
 
@@ -86,5 +89,87 @@ async def test_sqlite_checkpoints_the_wal_so_it_stops_growing(tmp_path: Path) ->
         # Checkpointed every 1000 transactions, the WAL starts over instead of growing.
         assert sizes[2] <= 1.5 * sizes[0], sizes
         assert await store.transaction(_count) == 3000
+    finally:
+        await store.dispose()
+
+
+def _add_script(store: Store, *ids: str, fail: bool = False) -> Script[int]:
+    """Insert accounts ``ids`` and count them; raise at the end if ``fail``."""
+    add = store.prepare(
+        insert(Account).values(
+            id=bindparam("b_id"),
+            email=bindparam("b_email"),
+            password_hash="x",
+            plan="basic",
+            created_at=0.0,
+        )
+    )
+    count = store.prepare(select(func.count()).select_from(Account))
+    for account_id in ids:
+        rows = yield add, {"b_id": account_id, "b_email": f"{account_id}@example.com"}
+        assert list(rows) == []  # no RETURNING: no rows
+    rows = yield count, {}
+    if fail:
+        raise RuntimeError("refused")
+    return int(rows[0][0])
+
+
+async def test_a_script_commits_what_it_returns_and_nothing_of_what_raises(db: Db) -> None:
+    store = Store(db.url, schema=db.schema)
+    try:
+        await migrate(store)
+        assert await store.run(_add_script(store, "a1", "a2")) == 2
+        with pytest.raises(RuntimeError, match="refused"):
+            await store.run(_add_script(store, "a3", fail=True))
+        # a statement the database refuses: SQLAlchemy's exception, as on every other path
+        with pytest.raises(IntegrityError):
+            await store.run(_add_script(store, "a4", "a1"))
+        assert await store.run(_add_script(store)) == 2
+        assert await store.transaction(_count) == 2
+    finally:
+        await store.dispose()
+
+
+async def test_a_script_on_a_lost_connection_fails_once_and_the_next_one_works(db: Db) -> None:
+    """PostgreSQL restarted, a connection cut: the pool must not hand the dead one out again."""
+    if db.engine != "postgresql":
+        pytest.skip("SQLite has no connection to lose")
+    store = Store(db.url, schema=db.schema, pool_size=1)
+    try:
+        await migrate(store)
+        assert await store.run(_add_script(store, "a1")) == 1
+        async with store.read() as conn:
+            pid = (await conn.exec_driver_sql("SELECT pg_backend_pid()")).scalar_one()
+        killer = await asyncpg.connect(db.url.replace("postgresql+asyncpg://", "postgresql://"))
+        try:
+            assert await killer.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await killer.close()
+        with pytest.raises(StoreUnavailable, match="connection"):
+            await store.run(_add_script(store, "a2"))
+        assert await store.run(_add_script(store, "a3")) == 2
+    finally:
+        await store.dispose()
+
+
+async def test_a_whole_transaction_statement_must_end_its_script(db: Db) -> None:
+    store = Store(db.url, schema=db.schema)
+    try:
+        await migrate(store)
+        one = store.prepare(select(func.count()).select_from(Account), whole=True)
+
+        def alone() -> Script[int]:
+            rows = yield one, {}
+            return int(rows[0][0])
+
+        def followed() -> Script[int]:
+            yield one, {}
+            yield one, {}
+            return 0
+
+        assert await store.run(alone()) == 0
+        with pytest.raises(RuntimeError, match="must be the last"):
+            await store.run(followed())  # (on PostgreSQL it was sent without BEGIN)
+        assert await store.run(alone()) == 0  # and the connection is fine
     finally:
         await store.dispose()

@@ -28,6 +28,7 @@ from streamplane.config import Settings, SettingsError
 from streamplane.control.errors import ApiError
 from streamplane.control.middleware import BodyLimit
 from streamplane.control.plane import Clock, ControlPlane
+from streamplane.control.playback import PlaybackOut
 from streamplane.control.routes import include, pages
 from streamplane.control.routes.body import SCHEMA_REF
 from streamplane.control.store import StoreUnavailable
@@ -105,7 +106,8 @@ def server_config(app: FastAPI, host: str, port: int, **options: Any) -> uvicorn
 
 
 def _openapi_components(app: FastAPI) -> None:
-    """Add the msgspec contracts (title.json, the edge heartbeat) to the OpenAPI document."""
+    """Add the msgspec contracts (title.json, the edge heartbeat, the playback answer) to the
+    OpenAPI document."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -116,7 +118,7 @@ def _openapi_components(app: FastAPI) -> None:
                 routes=app.routes,
             )
             _, components = msgspec.json.schema_components(
-                [Title, EdgeHeartbeat, HeartbeatReply], ref_template=SCHEMA_REF
+                [Title, EdgeHeartbeat, HeartbeatReply, PlaybackOut], ref_template=SCHEMA_REF
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             app.openapi_schema = schema

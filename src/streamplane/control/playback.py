@@ -1,47 +1,64 @@
 """Playback: start a session against the screens limit, answer with ranked, signed edges.
 
-A start is one transaction: lock the account row (``FOR UPDATE`` on PostgreSQL; on SQLite the
-transaction began IMMEDIATE) reading its plan and the resume position; then give up the same
-device's earlier screen, count the screens in use (screens whose heartbeats stopped
-``screen_timeout_s`` ago are not counted) and, if one is free, insert the new one (three
-statements on SQLite, one on PostgreSQL). The plan must entitle the title and someone must be
-able to serve it. Refusals, in this order: 404 unknown title, 403 not entitled, 503 no healthy
-edge holds it and no origin is configured, 409 screens limit reached. Everything else happens
-outside the transaction: the candidate edges are taken from the in-process fleet before it,
-steering ranks the best few after the commit, and one EdgeAuth token (its ACL is the title's
-path, so every edge takes it) and the session's JWT are signed then.
+A start is one transaction (``claim_screen``): lock the account row (``FOR UPDATE`` on
+PostgreSQL; on SQLite the transaction began IMMEDIATE) reading its plan and the resume
+position; then give up the same device's earlier screen, count the screens in use (screens
+whose heartbeats stopped ``screen_timeout_s`` ago are not counted) and, if one is free,
+insert the new one: four statements on SQLite, and on PostgreSQL one call of a database
+function that runs them (one round trip, the row lock held only while they run). Each reads
+only live sessions, through partial indexes: an account's history never slows its starts.
+The plan must entitle the title and someone must be able to serve it. Refusals, in this
+order: 404 unknown title, 403 not entitled, 503 no healthy edge holds it and no origin is
+configured, 409 screens limit reached. Everything else happens outside the transaction: the
+candidate edges are taken from the in-process fleet before it, steering ranks the best few
+after the commit, and one EdgeAuth token (its ACL is the title's path, so every edge takes
+it) and the session's JWT are signed then. Sessions not heard from for
+``screen_retention_s`` are deleted by a purge that starts set off once a minute.
 
 Player heartbeats keep a screen alive and record where the viewer is. The latest event by
 event time wins, so duplicates and late arrivals are harmless; a session whose screen already
-expired gets 410 (its position is still recorded) and should start playback again.
-"""
+expired gets 410 (its position is still recorded) and should start playback again."""
 
 from __future__ import annotations
 
+import logging
+import math
+import secrets
 import uuid
-from collections.abc import Callable, Sequence
-from typing import Any, Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, NamedTuple
+from urllib.parse import urlsplit
 
+import msgspec
 from pydantic import BaseModel, Field
 from sqlalchemy import (
     Connection,
     Float,
     Integer,
-    Select,
     String,
     bindparam,
+    delete,
     func,
     insert,
-    literal,
     select,
+    text,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from streamplane.config import ControlSettings, Plan
 from streamplane.control.catalog import TitleInfo
 from streamplane.control.errors import ApiError, not_found, unauthorised
 from streamplane.control.fleet import Fleet, candidates
-from streamplane.control.store import Account, Resume, Screen, Store, StoredText, upsert
+from streamplane.control.store import (
+    Account,
+    Resume,
+    Screen,
+    Script,
+    Store,
+    StoredText,
+    upsert,
+)
 from streamplane.edge import sign, signed_url
 from streamplane.steering import (
     DEFAULT_LIMIT,
@@ -53,6 +70,7 @@ from streamplane.steering import (
 )
 
 __all__ = [
+    "Claimed",
     "EdgeOut",
     "HeartbeatOut",
     "Playback",
@@ -60,13 +78,20 @@ __all__ = [
     "PlaybackOut",
     "PlayerEvent",
     "PlayerHeartbeatIn",
+    "claim_screen",
+    "new_session_id",
+    "signed_urls",
 ]
+
+log = logging.getLogger(__name__)
 
 _MAX_POSITION_S: Final = 1e7
 _OFFER_TTL_S: Final = 1.0  # how much older than their heartbeats steering's loads may be
 _OFFERS_KEPT: Final = 10_000  # titles with prepared candidates
 
-# The start's statements, built once (their SQL is compiled once per engine and cached).
+# The start's statements, built once and compiled once per store (``Store.prepare``). Every
+# filter on screens is ``NOT ended`` so that it goes through the partial indexes of live
+# sessions (see ``Screen``): a start never reads an account's ended screens.
 _LOCK_ACCOUNT: Final = (
     select(
         Account.plan,
@@ -82,7 +107,7 @@ _END_DEVICE: Final = (
     .where(
         Screen.account_id == bindparam("b_account"),
         Screen.device == bindparam("b_device"),
-        Screen.ended.is_(False),
+        ~Screen.ended,
     )
     .values(ended=True)
 )
@@ -91,54 +116,198 @@ _COUNT_SCREENS: Final = (
     .select_from(Screen)
     .where(
         Screen.account_id == bindparam("b_account"),
-        Screen.ended.is_(False),
-        Screen.last_seen >= bindparam("b_cutoff"),
+        ~Screen.ended,
+        Screen.last_seen >= bindparam("b_cutoff", type_=Float),
     )
 )
-_INSERT_SCREEN: Final = insert(Screen)
+_INSERT_SCREEN: Final = insert(Screen).values(
+    id=bindparam("b_id", type_=String),
+    account_id=bindparam("b_account", type_=String),
+    title=bindparam("b_title", type_=String),
+    device=bindparam("b_device", type_=String),
+    started_at=bindparam("b_now", type_=Float),
+    last_seen=bindparam("b_now", type_=Float),
+    ended=False,
+)
 
 
-def _claim_on_postgres() -> Select[int]:
-    """The last three statements as one, for PostgreSQL, where a statement can write in its
-    WITH clauses: two round trips fewer while the account's row is locked.
+# On PostgreSQL the start's statements run in the database (migration 0003 defines the
+# function): one round trip, and the account's row locked only while they run.
+_CLAIM_ON_POSTGRES: Final = text(
+    "SELECT o_plan, o_position, o_in_use FROM streamplane_claim_screen("
+    ":b_account, :b_title, :b_device, :b_id, :b_now, :b_cutoff, :b_plans, :b_limits)"
+).bindparams(
+    bindparam("b_account", type_=String),
+    bindparam("b_title", type_=String),
+    bindparam("b_device", type_=String),
+    bindparam("b_id", type_=String),
+    bindparam("b_now", type_=Float),
+    bindparam("b_cutoff", type_=Float),
+    bindparam("b_plans", type_=ARRAY(String)),
+    bindparam("b_limits", type_=ARRAY(Integer)),
+)
 
-    Every part sees the snapshot taken when the statement began, after the lock was granted
-    (which is why the lock stays a statement of its own): the count leaves the device's own
-    screens out rather than seeing them ended, and the insert happens only under the limit.
+# Sessions not heard from for the retention, deleted a batch per transaction.
+_PURGE_BATCH: Final = 2000
+_PURGE_EVERY_S: Final = 60.0
+_PURGE: Final = delete(Screen).where(
+    Screen.id.in_(
+        select(Screen.id)
+        .where(Screen.last_seen < bindparam("b_before", type_=Float))
+        .limit(_PURGE_BATCH)
+        .scalar_subquery()
+    )
+)
+
+
+class _Statements:
+    """The start's statements compiled for one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.lock_account = store.prepare(_LOCK_ACCOUNT)
+        self.end_device = store.prepare(_END_DEVICE)
+        self.count_screens = store.prepare(_COUNT_SCREENS)
+        self.insert_screen = store.prepare(_INSERT_SCREEN)
+        self.claim_on_postgres = (
+            store.prepare(_CLAIM_ON_POSTGRES, whole=True) if store.is_postgres else None
+        )
+
+
+class Claimed(NamedTuple):
+    """What a start's transaction decided: a refusal, or the plan, screens in use and the
+    resume position."""
+
+    refusal: ApiError | None
+    plan: Plan | None = None
+    in_use: int = 0
+    resume_s: float = 0.0
+
+
+def claim_screen(
+    statements: _Statements,
+    params: dict[str, Any],
+    plans: Mapping[str, Plan],
+    title: TitleInfo,
+    servable: bool,
+) -> Script[Claimed]:
+    """The whole start transaction, as statements: nothing else happens while locks are held.
+
+    ``params`` carries ``b_account``, ``b_title``, ``b_device``, ``b_id`` (the new session),
+    ``b_now`` and ``b_cutoff`` (screens last heard from before it are free). Lock the account
+    row (and read its plan and the title's resume position); refuse a plan without the
+    title, a title no one can serve; give up the device's earlier screen; count the screens in
+    use; take one if one is free. On PostgreSQL one statement does it all, in the database
+    (``streamplane_claim_screen``), told the limit of each plan it may take a screen for.
     """
-    ended = _END_DEVICE.cte("ended")
-    live = (
-        select(func.count().label("n"))
-        .select_from(Screen)
-        .where(
-            Screen.account_id == bindparam("b_account"),
-            Screen.ended.is_(False),
-            Screen.last_seen >= bindparam("b_cutoff"),
-            Screen.device != bindparam("b_device"),
+    in_use: int | None = None
+    if statements.claim_on_postgres is not None:
+        limits = {
+            name: plan.screens
+            for name, plan in plans.items()
+            if servable and plan.screens > 0 and title.entitles(name)
+        }
+        claim = {**params, "b_plans": list(limits), "b_limits": list(limits.values())}
+        rows = yield statements.claim_on_postgres, claim
+        if rows:
+            plan_name, position, counted = rows[0]
+            in_use = None if counted is None else int(counted)
+    else:
+        rows = yield statements.lock_account, params
+        if rows:
+            plan_name, position = rows[0]
+    if not rows:
+        return Claimed(unauthorised("the account no longer exists"))
+    plan = plans.get(plan_name)
+    if plan is None or plan.screens <= 0 or not title.entitles(plan_name):
+        return Claimed(
+            ApiError(
+                403,
+                "not_entitled",
+                f"plan {plan_name!r} does not include {title.id!r}"
+                + (f"; plans that do: {', '.join(title.plans)}" if title.plans else ""),
+                plan=plan_name,
+            )
         )
-        .cte("live")
-    )
-    now = bindparam("b_now", type_=Float)
-    added = (
-        insert(Screen)
-        .from_select(
-            ["id", "account_id", "title", "device", "started_at", "last_seen", "ended"],
-            select(
-                bindparam("b_id", type_=String),
-                bindparam("b_account", type_=String),
-                bindparam("b_title", type_=String),
-                bindparam("b_device", type_=String),
-                now,
-                now,
-                literal(False),
-            ).where(live.c.n < bindparam("b_limit", type_=Integer)),
+    if not servable:
+        return Claimed(
+            ApiError(
+                503,
+                "no_edge",
+                f"no healthy edge holds {title.id!r} now; try again shortly",
+                title=title.id,
+            )
         )
-        .cte("added")
-    )
-    return select(live.c.n).add_cte(ended, added)
+    if in_use is None:
+        # The same device starting again gives its screen up first; then a screen is taken
+        # if one is free.
+        yield statements.end_device, params
+        rows = yield statements.count_screens, params
+        in_use = int(rows[0][0])
+        if in_use < plan.screens:
+            yield statements.insert_screen, params
+    if in_use >= plan.screens:
+        return Claimed(
+            ApiError(
+                409,
+                "screens_limit",
+                f"screens limit reached: plan {plan_name!r} allows {plan.screens}"
+                f" screen{'s' if plan.screens != 1 else ''} at once and {in_use} in use;"
+                " stop playback on another device or wait for it to time out",
+                limit=plan.screens,
+                in_use=in_use,
+                plan=plan_name,
+            ),
+            None,
+            in_use,
+        )
+    return Claimed(None, plan, in_use + 1, 0.0 if position is None else float(position))
 
 
-_CLAIM_ON_POSTGRES: Final = _claim_on_postgres()
+def new_session_id(now: float, random74: int) -> str:
+    """A session id: a UUIDv7 (RFC 9562) of ``now`` to the millisecond and 74 random bits.
+
+    Time-ordered, so that each new session's key lands at the end of the screens' primary-key
+    index, in pages a commit and a checkpoint write anyway; a random UUIDv4 dirtied a page
+    anywhere in it per start, most of a WAL checkpoint's writes once an index outgrows the
+    cache. The random bits keep ids unguessable; none of them is a credential.
+    """
+    ms = int(now * 1000) & ((1 << 48) - 1)
+    value = (
+        (ms << 80)
+        | (0x7 << 76)  # version 7
+        | (((random74 >> 62) & 0xFFF) << 64)  # 12 random bits
+        | (0b10 << 62)  # the RFC 4122 variant
+        | (random74 & ((1 << 62) - 1))  # 62 random bits
+    )
+    return str(uuid.UUID(int=value))
+
+
+def signed_urls(bases: Sequence[str], path: str, token: str) -> list[str]:
+    """``signed_url(base, path, token)`` for every base, the way a start needs them.
+
+    The quoted path and token are the same for every edge, so they are made once (by
+    ``signed_url`` itself, for the first base) and each base only checked and prefixed:
+    a tenth of the work for the dozen URLs of an answer.
+    """
+    if not bases:
+        return []
+    first = signed_url(bases[0], path, token)
+    tail = first[len(_scheme_host(bases[0])) :]
+    return [first, *(_scheme_host(base) + tail for base in bases[1:])]
+
+
+def _scheme_host(base: str) -> str:
+    """``scheme://host[:port]`` of ``base``, refused as ``signed_url`` refuses it."""
+    parts = urlsplit(base)
+    if (
+        not parts.scheme
+        or not parts.netloc
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+    ):
+        raise ValueError(f"base must be scheme://host[:port] only, not {base!r}")
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 class PlaybackIn(BaseModel):
@@ -152,7 +321,7 @@ class PlaybackIn(BaseModel):
     lon: float | None = Field(default=None, ge=-180, le=180)
 
 
-class EdgeOut(BaseModel):
+class EdgeOut(msgspec.Struct, kw_only=True):
     edge_id: str
     base_url: str
     rank: int
@@ -164,18 +333,21 @@ class EdgeOut(BaseModel):
     last_resort: bool = False
 
 
-class HeartbeatInfo(BaseModel):
+class HeartbeatInfo(msgspec.Struct, kw_only=True):
     url: str
     interval_s: float
     token: str  # Bearer token for POST /v1/heartbeat, good for this session only
 
 
-class ScreensOut(BaseModel):
+class ScreensOut(msgspec.Struct, kw_only=True):
     in_use: int
     limit: int
 
 
-class PlaybackOut(BaseModel):
+class PlaybackOut(msgspec.Struct, kw_only=True):
+    """The answer to a start, encoded with msgspec (a tenth of what validating and
+    serialising it through pydantic took on every start)."""
+
     session_id: str
     title: str
     hls: str  # on the best edge
@@ -220,6 +392,12 @@ class Playback:
         token_ttl_s: int,
         session_token: Callable[[str, str, int], str],
     ) -> None:
+        if settings.screen_retention_s < settings.screen_timeout_s:
+            raise ValueError(
+                f"control.screen_retention_s ({settings.screen_retention_s:g}) must be at least"
+                f" control.screen_timeout_s ({settings.screen_timeout_s:g}): a session still"
+                " holding its screen would be deleted"
+            )
         self._store = store
         self._settings = settings
         self._fleet = fleet
@@ -229,6 +407,10 @@ class Playback:
         self._ttl = token_ttl_s
         self._session_token = session_token
         self._heartbeat_url = settings.base_url() + "/v1/heartbeat"
+        self._statements = _Statements(store)
+        self._purge_due = -math.inf  # when a start next sets off a purge
+        self._latest = -math.inf  # the latest start's clock
+        self._purge_again = False
         # title -> (fleet generation, built at, sites, prepared candidates)
         self._offers: dict[str, tuple[int, float, dict[str, SiteInfo], CandidateSet]] = {}
 
@@ -261,90 +443,26 @@ class Playback:
     ) -> PlaybackOut:
         offered = self._offered(title.id, now)
         origin = self._settings.origin_url.rstrip("/")
-        session_id = str(uuid.uuid4())
-        cutoff = now - self._settings.screen_timeout_s
-        plans = self._settings.plans
-        servable = bool(offered or origin)
-        postgres = self._store.is_postgres
-
-        def claim(conn: Connection) -> tuple[ApiError | None, Plan | None, int, float]:
-            """The whole transaction: statements only, nothing else while the lock is held."""
-            keys = {"b_account": account_id, "b_title": title.id, "b_device": body.device}
-            row = conn.execute(_LOCK_ACCOUNT, keys).first()
-            if row is None:
-                return unauthorised("the account no longer exists"), None, 0, 0.0
-            plan_name, position = row
-            plan = plans.get(plan_name)
-            if plan is None or plan.screens <= 0 or not title.entitles(plan_name):
-                return (
-                    ApiError(
-                        403,
-                        "not_entitled",
-                        f"plan {plan_name!r} does not include {title.id!r}"
-                        + (f"; plans that do: {', '.join(title.plans)}" if title.plans else ""),
-                        plan=plan_name,
-                    ),
-                    None,
-                    0,
-                    0.0,
-                )
-            if not servable:
-                return (
-                    ApiError(
-                        503,
-                        "no_edge",
-                        f"no healthy edge holds {title.id!r} now; try again shortly",
-                        title=title.id,
-                    ),
-                    None,
-                    0,
-                    0.0,
-                )
-            # The same device starting again gives its screen up first; then a screen is taken
-            # if one is free.
-            if postgres:
-                claimed = {**keys, "b_cutoff": cutoff, "b_id": session_id, "b_now": now}
-                claimed["b_limit"] = plan.screens
-                in_use = int(conn.execute(_CLAIM_ON_POSTGRES, claimed).scalar_one())
-            else:
-                conn.execute(_END_DEVICE, keys)
-                in_use = int(
-                    conn.execute(_COUNT_SCREENS, {**keys, "b_cutoff": cutoff}).scalar_one()
-                )
-            if in_use >= plan.screens:
-                return (
-                    ApiError(
-                        409,
-                        "screens_limit",
-                        f"screens limit reached: plan {plan_name!r} allows {plan.screens}"
-                        f" screen{'s' if plan.screens != 1 else ''} at once and {in_use} in use;"
-                        " stop playback on another device or wait for it to time out",
-                        limit=plan.screens,
-                        in_use=in_use,
-                        plan=plan_name,
-                    ),
-                    None,
-                    in_use,
-                    0.0,
-                )
-            if not postgres:
-                conn.execute(
-                    _INSERT_SCREEN,
-                    {
-                        "id": session_id,
-                        "account_id": account_id,
-                        "title": title.id,
-                        "device": body.device,
-                        "started_at": now,
-                        "last_seen": now,
-                        "ended": False,
-                    },
-                )
-            return None, plan, in_use + 1, 0.0 if position is None else float(position)
-
+        session_id = new_session_id(now, secrets.randbits(74))
+        params = {
+            "b_account": account_id,
+            "b_title": title.id,
+            "b_device": body.device,
+            "b_id": session_id,
+            "b_now": now,
+            "b_cutoff": now - self._settings.screen_timeout_s,
+        }
+        script = claim_screen(
+            self._statements, params, self._settings.plans, title, bool(offered or origin)
+        )
         # A refusal is returned, not raised, so that the device's earlier screen stays given
         # up (committed) even when the start is refused.
-        refusal, plan, in_use, resume = await self._store.transaction(claim)
+        refusal, plan, in_use, resume = await self._store.run(script)
+        self._latest = max(self._latest, now)
+        if now >= self._purge_due:
+            self._purge_due = now + _PURGE_EVERY_S
+            if not self._store.housekeep("screen purge", lambda: self.purge(now)):
+                self._purge_again = True  # the one running goes on to this start's clock
         if refusal is not None:
             raise refusal
         assert plan is not None
@@ -364,18 +482,24 @@ class Playback:
         shares = {c.edge_id: c.share for c in offered}
         hls_path = f"/{title.id}/{title.hls}"
         dash_path = f"/{title.id}/{title.dash}"
+        bases = [r.base_url for r in ranked]
         edges = [
             EdgeOut(
                 edge_id=r.edge_id,
                 base_url=r.base_url,
                 rank=r.rank,
                 reason=r.reason,
-                hls=signed_url(r.base_url, hls_path, token),
-                dash=signed_url(r.base_url, dash_path, token),
+                hls=hls,
+                dash=dash,
                 load=r.load,
                 share=shares.get(r.edge_id, 1.0),
             )
-            for r in ranked
+            for r, hls, dash in zip(
+                ranked,
+                signed_urls(bases, hls_path, token),
+                signed_urls(bases, dash_path, token),
+                strict=True,
+            )
         ]
         if origin:
             edges.append(
@@ -410,6 +534,30 @@ class Playback:
             resume_position_s=resume,
             screens=ScreensOut(in_use=in_use, limit=plan.screens),
         )
+
+    async def purge(self, now: float) -> int:
+        """Delete the sessions not heard from for ``screen_retention_s`` (ended, stopped or
+        timed out: none holds a screen) before ``now``, or before a later start's clock if
+        one came meanwhile; how many. A batch per transaction, so that starts wait for one
+        batch at most. Starts set it off once a minute."""
+        total = 0
+        self._purge_again = False
+        while True:
+            before = max(now, self._latest) - self._settings.screen_retention_s
+
+            def batch(conn: Connection, before: float = before) -> int:
+                return int(conn.execute(_PURGE, {"b_before": before}).rowcount)
+
+            deleted = await self._store.transaction(batch)
+            total += deleted
+            if deleted == _PURGE_BATCH:
+                continue  # more to delete
+            if self._purge_again:  # a start found a purge due meanwhile: its turn
+                self._purge_again = False
+                continue
+            if total:
+                log.info("purged %d playback sessions heard from before %.0f", total, before)
+            return total
 
     async def heartbeat(self, account_id: str, body: PlayerHeartbeatIn, now: float) -> HeartbeatOut:
         cutoff = now - self._settings.screen_timeout_s

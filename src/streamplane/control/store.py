@@ -16,6 +16,14 @@ interpreter's 5 ms switch interval when the loop is busy) while the database's o
 lock is held. Writers of one process also queue for SQLite's lock on an asyncio lock, in
 order, rather than in SQLite's busy handler (which sleeps and retries); other processes are
 still kept out by the lock in the database file.
+
+The hottest transaction (a playback start) goes one step further: :meth:`Store.run` drives a
+*script*, a generator that yields :class:`Prepared` statements with their parameters and is
+sent back each one's rows, straight on the driver (``sqlite3``, or asyncpg on a connection of
+the same pool). SQLAlchemy compiles each statement once; what it would otherwise do on every
+execution (cache lookup, execution context, result objects, on PostgreSQL a greenlet switch
+per statement) cost several times what the database takes to run them. The script holds the
+transaction's logic once for both engines, and can be read and tested without a database.
 """
 
 from __future__ import annotations
@@ -24,8 +32,9 @@ import asyncio
 import logging
 import os
 import re
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
@@ -49,22 +58,27 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.sql import ColumnElement, Executable
+from sqlalchemy.sql import ClauseElement, ColumnElement, Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.util import greenlet_spawn
 
 __all__ = [
     "Account",
     "Base",
     "Edge",
     "EdgeKey",
+    "Prepared",
     "RefreshToken",
     "Resume",
+    "Rows",
     "Screen",
+    "Script",
     "Store",
     "StoreUnavailable",
     "StoredText",
@@ -92,6 +106,7 @@ StoredText = Annotated[str, AfterValidator(_no_nul)]
 _T = TypeVar("_T")
 _BUSY_TIMEOUT_S: Final = 30.0  # how long a SQLite writer waits for another process's lock
 _CHECKPOINT_EVERY: Final = 1000  # SQLite transactions between two WAL checkpoints
+_CHECKPOINT: Final = "WAL checkpoint"
 # SQLite: a filesystem with less room than this fails the health check (writes may fail).
 _MIN_FREE_BYTES: Final = 1 << 20
 
@@ -195,10 +210,18 @@ class TitleRow(Base):
 
 
 class Screen(Base):
-    """A playback session occupying one of the account's screens while heartbeats arrive."""
+    """A playback session occupying one of the account's screens while heartbeats arrive.
+
+    Rows stay after a session ends or times out (a late heartbeat learns it ended), until
+    ``screen_retention_s`` after their last heartbeat. What a start reads goes through the
+    partial indexes below, which hold only the sessions not ended: an account's history,
+    however long, is never read by a start, and the purge finds old rows by ``last_seen``.
+    Filter with ``~Screen.ended``, as the indexes are declared: SQLite uses a partial index
+    only for a query that repeats its condition in the same form (``ended = 0`` there, where
+    ``Screen.ended.is_(False)``, ``ended IS 0``, scans).
+    """
 
     __tablename__ = "screens"
-    __table_args__ = (Index("ix_screens_account_seen", "account_id", "last_seen"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id", ondelete="CASCADE"))
@@ -207,6 +230,25 @@ class Screen(Base):
     started_at: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float] = mapped_column(Float)
     ended: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+# A start gives up the device's earlier screen (by account and device) and counts the screens
+# heard from since the timeout (by account and last heartbeat): both among live sessions only.
+Index(
+    "ix_screens_live_device",
+    Screen.account_id,
+    Screen.device,
+    sqlite_where=~Screen.ended,
+    postgresql_where=~Screen.ended,
+)
+Index(
+    "ix_screens_live_seen",
+    Screen.account_id,
+    Screen.last_seen,
+    sqlite_where=~Screen.ended,
+    postgresql_where=~Screen.ended,
+)
+Index("ix_screens_last_seen", Screen.last_seen)  # the purge of old sessions
 
 
 class Resume(Base):
@@ -261,6 +303,118 @@ class EdgeKey(Base):
     previous_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     registered_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+Rows = Sequence[Sequence[Any]]
+"""A statement's rows as the driver gives them: tuples (sqlite3) or records (asyncpg)."""
+
+Script = Generator[tuple["Prepared", Mapping[str, Any]], Rows, _T]
+"""A transaction's logic for :meth:`Store.run`: yields each statement with its parameters,
+is sent back its rows, returns the result."""
+
+
+class Prepared:
+    """A Core statement compiled once for one dialect, and how to lay out its parameters.
+
+    Parameters are ``bindparam`` names given to :meth:`args` as a mapping; values written
+    into the statement (``.values(ended=True)``) are kept, converted once. Each value goes
+    through its column type's bind processor, as SQLAlchemy would; rows come back unprocessed,
+    so select plain columns (numbers, strings).
+    """
+
+    __slots__ = ("_layout", "sql", "whole")
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect, *, whole: bool = False) -> None:
+        # A whole transaction by itself (a database function that takes its locks and does
+        # all its writes): sent alone, without BEGIN and COMMIT round trips, and nothing may
+        # follow it in its script.
+        self.whole = whole
+        compiled = statement.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        if compiled.positiontup is None:
+            raise ValueError(f"{dialect.name}: parameters are not positional")
+        self.sql: str = compiled.string
+        # per position: (parameter name, its bind processor) or ("", the written value)
+        layout: list[tuple[str, Any]] = []
+        for name in compiled.positiontup:
+            bind = compiled.binds[name]
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if bind.required:
+                layout.append((name, process))
+            else:
+                value = bind.effective_value
+                layout.append(("", value if process is None else process(value)))
+        self._layout = tuple(layout)
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        """The driver's positional arguments; a ``KeyError`` names a missing parameter."""
+        out = []
+        for name, process in self._layout:
+            if not name:
+                out.append(process)  # the value written into the statement
+            elif process is None:
+                out.append(params[name])
+            else:
+                out.append(process(params[name]))
+        return out
+
+
+def _finish(script: Script[_T], rows: Rows) -> _T:
+    """Send the rows of a script's whole-transaction statement; what the script returns."""
+    try:
+        script.send(rows)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    raise RuntimeError("a whole-transaction statement must be the last of its script")
+
+
+def _drive(dbapi_connection: Any, script: Script[_T], dialect: Dialect) -> _T:
+    """Run ``script`` on a DB-API connection already inside its transaction."""
+    cursor = dbapi_connection.cursor()
+    try:
+        rows: Rows | None = None
+        while True:
+            try:
+                statement, params = script.send(rows)  # type: ignore[arg-type]
+            except StopIteration as done:
+                result: _T = done.value
+                return result
+            args = statement.args(params)
+            try:
+                cursor.execute(statement.sql, args)
+                rows = cursor.fetchall()
+            except dialect.loaded_dbapi.Error as err:
+                raise DBAPIError.instance(
+                    statement.sql, args, err, dialect.loaded_dbapi.Error, dialect=dialect
+                ) from err
+            if statement.whole:  # as on PostgreSQL, where it runs without BEGIN and COMMIT
+                return _finish(script, rows)
+    finally:
+        script.close()
+        cursor.close()
+
+
+def _asyncpg_error(
+    err: Exception, adapted: Any, sql: str, args: Sequence[Any], invalidated: bool
+) -> Exception:
+    """``err`` from asyncpg as SQLAlchemy would have raised it (an ``IntegrityError`` for a
+    unique violation, ``DBAPIError.connection_invalidated`` for a lost connection, ...), so
+    that callers catch the same exceptions on every path; ``err`` itself where SQLAlchemy
+    would not have wrapped it either. ``adapted`` is SQLAlchemy's adapter of the connection.
+    """
+    dbapi = adapted.dbapi
+    try:
+        # The adapter's own translation to DB-API exceptions (a private hook: SQLAlchemy has
+        # no public one for a driver exception raised outside its cursor).
+        adapted._handle_exception(err)
+    except dbapi.Error as dbapi_error:
+        wrapped: Exception = DBAPIError.instance(
+            sql, list(args), dbapi_error, dbapi.Error, connection_invalidated=invalidated
+        )
+        return wrapped
+    except Exception:  # not translated: raised as it is
+        return err
+    return err
 
 
 class Store:
@@ -320,8 +474,9 @@ class Store:
         # a second engine would not share).
         self._write_lock = asyncio.Lock()
         self._inline: Engine | None = None
+        self._driver: sqlite3.Connection | None = None
         self._commits = 0
-        self._checkpoint_task: asyncio.Task[None] | None = None
+        self._housekeeping: dict[str, asyncio.Task[None]] = {}
         if self.is_sqlite:
             _sqlite_transactions(self.engine.sync_engine)
             self._inline = _inline_engine(url)
@@ -389,23 +544,141 @@ class Store:
         return result
 
     async def _inline_transaction(self, inline: Engine, work: Callable[[Connection], _T]) -> _T:
+        def begin() -> tuple[Connection, Any]:
+            sync = inline.connect()
+            try:
+                return sync, sync.begin()  # BEGIN IMMEDIATE: the write lock, or "locked"
+            except BaseException:
+                sync.close()
+                raise
+
         async with self._write_lock:
-            delay = 0.001
-            deadline = time.monotonic() + _BUSY_TIMEOUT_S
-            while True:
-                with inline.connect() as conn:
-                    try:
-                        tx = conn.begin()  # BEGIN IMMEDIATE: the write lock, or "locked"
-                    except OperationalError as err:
-                        if "locked" not in str(err.orig) or time.monotonic() > deadline:
-                            raise
-                    else:
-                        with tx:
-                            result = work(conn)
-                        self._after_commit()
-                        return result
-                await asyncio.sleep(delay)  # another process writes: let the loop run
-                delay = min(2 * delay, 0.05)
+            sync, tx = await self._sqlite_locked(begin)
+            with sync, tx:
+                result = work(sync)
+            self._after_commit()
+            return result
+
+    def prepare(self, statement: ClauseElement, *, whole: bool = False) -> Prepared:
+        """``statement`` compiled for this store's engine, to be yielded by a :data:`Script`;
+        ``whole``: it is a transaction by itself (see :class:`Prepared`)."""
+        return Prepared(statement, self.engine.dialect, whole=whole)
+
+    async def run(self, script: Script[_T]) -> _T:
+        """``script`` as one write transaction (locked as :meth:`write`), on the driver itself.
+
+        Each statement the script yields runs with its parameters and its rows are sent back;
+        what the script returns is the result, committed. If the script or a statement raises,
+        nothing is kept and the error propagates: :class:`StoreUnavailable` as from
+        :meth:`transaction`, else SQLAlchemy's exception for the database's own. The script is
+        the whole transaction: it does nothing else between two statements, so on SQLite it
+        runs on this thread with no await while the lock is held.
+        """
+        if self._inline is None and not self.is_postgres:  # SQLite in memory
+            return await self.transaction(
+                lambda conn: _drive(conn.connection.dbapi_connection, script, self.engine.dialect)
+            )
+        self._check_file()
+        try:
+            if self.is_postgres:
+                result = await self._run_asyncpg(script)
+            else:
+                result = await self._run_inline(script)
+        except Exception as err:
+            down = self._unavailable(err)
+            if down is None or down is err:
+                raise
+            raise down from err
+        self._succeeded()
+        return result
+
+    async def _run_inline(self, script: Script[_T]) -> _T:
+        raw = self._inline_driver()
+        dialect = self.engine.dialect
+
+        def execute(sql: str) -> None:
+            try:
+                raw.execute(sql)
+            except sqlite3.Error as err:  # as SQLAlchemy raises it for any other statement
+                raise DBAPIError.instance(sql, (), err, sqlite3.Error, dialect=dialect) from err
+
+        async with self._write_lock:
+            await self._sqlite_locked(lambda: execute("BEGIN IMMEDIATE"))
+            try:
+                result = _drive(raw, script, dialect)
+                execute("COMMIT")
+            except BaseException:
+                if raw.in_transaction:
+                    execute("ROLLBACK")
+                raise
+            self._after_commit()
+            return result
+
+    async def _sqlite_locked(self, begin: Callable[[], _T]) -> _T:
+        """``begin()``, which takes SQLite's write lock or raises "database is locked", tried
+        again (the loop running meanwhile) while another process holds it, up to the busy
+        timeout. Called with this process's ``_write_lock`` held."""
+        delay = 0.001
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        while True:
+            try:
+                return begin()
+            except (OperationalError, sqlite3.OperationalError) as err:
+                if "locked" not in str(err) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(delay)  # another process writes: let the loop run
+            delay = min(2 * delay, 0.05)
+
+    def _inline_driver(self) -> sqlite3.Connection:
+        """The ``sqlite3`` connection under the inline engine (its pool holds exactly one)."""
+        if self._driver is None:
+            assert self._inline is not None
+            proxied = self._inline.raw_connection()
+            driver = proxied.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            self._driver = driver
+        return self._driver
+
+    async def _run_asyncpg(self, script: Script[_T]) -> _T:
+        """The script on an asyncpg connection of the engine's pool, each statement prepared
+        once per connection (asyncpg's statement cache): in a transaction of its own (BEGIN,
+        the statements, COMMIT), or, for a :attr:`Prepared.whole` statement, alone."""
+        try:
+            statement, params = next(script)
+        except StopIteration as nothing:
+            return nothing.value  # type: ignore[no-any-return]
+        proxied = await self.engine.raw_connection()
+        adapted = proxied.dbapi_connection
+        driver: Any = proxied.driver_connection  # an asyncpg connection
+        args: Sequence[Any] = ()
+        try:
+            if statement.whole:
+                args = statement.args(params)
+                result = _finish(script, await driver.fetch(statement.sql, *args))
+            else:
+                async with driver.transaction():
+                    while True:
+                        args = statement.args(params)
+                        rows = await driver.fetch(statement.sql, *args)
+                        try:
+                            statement, params = script.send(rows)
+                        except StopIteration as done:
+                            result = done.value
+                            break
+        except BaseException as err:
+            script.close()
+            if driver.is_closed() or driver.is_in_transaction():
+                # Never hand a dead or half-finished connection to the next request.
+                await greenlet_spawn(proxied.invalidate, err)
+            else:
+                await greenlet_spawn(proxied.close)
+            if isinstance(err, Exception):
+                translated = _asyncpg_error(err, adapted, statement.sql, args, driver.is_closed())
+                if translated is not err:
+                    raise translated from err
+            raise
+        await greenlet_spawn(proxied.close)
+        return result
 
     def _check_file(self) -> None:
         """SQLite: refuse to go on when the database file was removed or replaced.
@@ -472,9 +745,9 @@ class Store:
     def _after_commit(self) -> None:
         """Every so many commits, checkpoint the WAL on another thread (see ``_checkpoint``)."""
         self._commits += 1
-        if self._commits >= _CHECKPOINT_EVERY and self._checkpoint_task is None:
+        if self._commits >= _CHECKPOINT_EVERY and _CHECKPOINT not in self._housekeeping:
             self._commits = 0
-            self._checkpoint_task = asyncio.get_running_loop().create_task(self._checkpoint())
+            self.housekeep(_CHECKPOINT, self._checkpoint)
 
     async def _checkpoint(self) -> None:
         """Copy the WAL back into the database, on aiosqlite's thread.
@@ -483,21 +756,42 @@ class Store:
         thread committing (here the loop's), and its fsync can take a good fraction of a
         second on a busy disk. Writers of this process wait meanwhile (they await: the loop
         runs on), so that the checkpoint completes and the WAL starts over from its beginning.
+        If it fails, the next one will do: the WAL stays valid, only longer.
         """
+        async with self._write_lock, self.engine.connect() as conn:
+            driver = (await conn.get_raw_connection()).driver_connection
+            assert driver is not None  # an aiosqlite connection
+            cursor = await driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            await cursor.close()
+
+    def housekeep(self, name: str, work: Callable[[], Awaitable[object]]) -> bool:
+        """Run ``work()`` in a task of its own, unless the one called ``name`` still runs;
+        whether it was started.
+
+        For upkeep a request should not wait for (a WAL checkpoint, purging old rows): a
+        failure is logged, not raised; :meth:`settled` and :meth:`dispose` wait for it.
+        """
+        if name in self._housekeeping:
+            return False
+        loop = asyncio.get_running_loop()
+        self._housekeeping[name] = loop.create_task(self._housekept(name, work))
+        return True
+
+    async def _housekept(self, name: str, work: Callable[[], Awaitable[object]]) -> None:
         try:
-            async with self._write_lock, self.engine.connect() as conn:
-                driver = (await conn.get_raw_connection()).driver_connection
-                assert driver is not None  # an aiosqlite connection
-                cursor = await driver.execute("PRAGMA wal_checkpoint(PASSIVE)")
-                await cursor.close()
-        except Exception:  # the next one will do: the WAL stays valid, only longer
-            log.warning("WAL checkpoint failed", exc_info=True)
+            await work()
+        except Exception:
+            log.warning("%s failed (the next one will do)", name, exc_info=True)
         finally:
-            self._checkpoint_task = None
+            del self._housekeeping[name]
+
+    async def settled(self) -> None:
+        """Return once no housekeeping runs."""
+        while self._housekeeping:
+            await asyncio.wait(list(self._housekeeping.values()))
 
     async def dispose(self) -> None:
-        if self._checkpoint_task is not None:
-            await self._checkpoint_task
+        await self.settled()
         await self.engine.dispose()
         if self._inline is not None:
             self._inline.dispose()

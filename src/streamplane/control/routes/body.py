@@ -7,8 +7,8 @@ driver's) will take; and it exhausts the interpreter's recursion on deeply neste
 Here all of these are a 400 ``bad_json`` naming what is wrong: the pydantic routes are
 :class:`JsonRoute` s, whose requests parse with :func:`parse`, and the two bodies that are
 msgspec contracts shared with other planes (title.json, edge heartbeats) go through
-:func:`decode`. ``body_schema`` tells the OpenAPI document what those two bodies are (the
-schemas themselves are added by ``create_app``).
+:func:`decode`. ``body_schema`` tells the OpenAPI document what those two bodies are, and
+``reply_schema`` what a msgspec answer is (the schemas themselves are added by ``create_app``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fastapi.routing import APIRoute
 
 from streamplane.control.errors import ApiError
 
-__all__ = ["SCHEMA_REF", "BadJson", "JsonRoute", "body_schema", "decode", "parse"]
+__all__ = ["SCHEMA_REF", "BadJson", "JsonRoute", "body_schema", "decode", "parse", "reply_schema"]
 
 _T = TypeVar("_T")
 SCHEMA_REF: Final = "#/components/schemas/{name}"
@@ -144,12 +144,11 @@ def body_schema(name: str, reply: str | None = None) -> dict[str, Any]:
         }
     }
     if reply is not None:
-        extra["responses"] = {
-            "200": {
-                "description": "accepted",
-                "content": {
-                    "application/json": {"schema": {"$ref": SCHEMA_REF.format(name=reply)}}
-                },
-            }
-        }
+        extra.update(reply_schema(reply, "accepted"))
     return extra
+
+
+def reply_schema(name: str, description: str = "Successful Response") -> dict[str, Any]:
+    """``openapi_extra`` for a route whose 200 answer is the named msgspec schema."""
+    content = {"application/json": {"schema": {"$ref": SCHEMA_REF.format(name=name)}}}
+    return {"responses": {"200": {"description": description, "content": content}}}
