@@ -667,11 +667,20 @@ class Store:
                             break
         except BaseException as err:
             script.close()
-            if driver.is_closed() or driver.is_in_transaction():
-                # Never hand a dead or half-finished connection to the next request.
-                await greenlet_spawn(proxied.invalidate, err)
-            else:
+            # Only a statement the server refused (a SQLSTATE that is not about the connection)
+            # leaves the connection as it was: any other failure (a lost or cut connection,
+            # the client's protocol out of step, a cancellation) may have left it dead or
+            # half-finished, and it is never handed to the next request.
+            sqlstate = str(getattr(err, "sqlstate", "") or "")
+            if (
+                sqlstate
+                and not sqlstate.startswith(_UNAVAILABLE_SQLSTATES)
+                and not driver.is_closed()
+                and not driver.is_in_transaction()
+            ):
                 await greenlet_spawn(proxied.close)
+            else:
+                await greenlet_spawn(proxied.invalidate, err)
             if isinstance(err, Exception):
                 translated = _asyncpg_error(err, adapted, statement.sql, args, driver.is_closed())
                 if translated is not err:
