@@ -34,8 +34,16 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Generator,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Final, TypeVar
 
@@ -481,19 +489,26 @@ class Store:
             _sqlite_transactions(self.engine.sync_engine)
             self._inline = _inline_engine(url)
 
-    @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction for reads and for writes that need no lock (committed on exit)."""
+    @contextmanager
+    def _outage(self) -> Iterator[None]:
+        """Around one use of the store: an error that means the store is down becomes
+        ``StoreUnavailable`` (see ``_unavailable``), and a success ends an outage."""
         self._check_file()
         try:
-            async with self.engine.connect() as conn, conn.begin():
-                yield conn
+            yield
         except Exception as err:
             down = self._unavailable(err)
             if down is None or down is err:
                 raise
             raise down from err
         self._succeeded()
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction for reads and for writes that need no lock (committed on exit)."""
+        with self._outage():
+            async with self.engine.connect() as conn, conn.begin():
+                yield conn
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
@@ -503,8 +518,7 @@ class Store:
         (``.with_for_update()``) where a read decides a write. Prefer :meth:`transaction` on
         hot paths: here every statement is awaited while the lock is held.
         """
-        self._check_file()
-        try:
+        with self._outage():
             if not self.is_sqlite:
                 async with self.engine.connect() as conn, conn.begin():
                     yield conn
@@ -513,12 +527,6 @@ class Store:
                     await conn.execution_options(sqlite_begin="BEGIN IMMEDIATE")
                     async with conn.begin():
                         yield conn
-        except Exception as err:
-            down = self._unavailable(err)
-            if down is None or down is err:
-                raise
-            raise down from err
-        self._succeeded()
 
     async def transaction(self, work: Callable[[Connection], _T]) -> _T:
         """``work(connection)`` in one write transaction (as :meth:`write`), committed if it
@@ -532,15 +540,8 @@ class Store:
         if self._inline is None:
             async with self.write() as conn:
                 return await conn.run_sync(work)
-        self._check_file()
-        try:
+        with self._outage():
             result = await self._inline_transaction(self._inline, work)
-        except Exception as err:
-            down = self._unavailable(err)
-            if down is None or down is err:
-                raise
-            raise down from err
-        self._succeeded()
         return result
 
     async def _inline_transaction(self, inline: Engine, work: Callable[[Connection], _T]) -> _T:
@@ -578,18 +579,11 @@ class Store:
             return await self.transaction(
                 lambda conn: _drive(conn.connection.dbapi_connection, script, self.engine.dialect)
             )
-        self._check_file()
-        try:
+        with self._outage():
             if self.is_postgres:
                 result = await self._run_asyncpg(script)
             else:
                 result = await self._run_inline(script)
-        except Exception as err:
-            down = self._unavailable(err)
-            if down is None or down is err:
-                raise
-            raise down from err
-        self._succeeded()
         return result
 
     async def _run_inline(self, script: Script[_T]) -> _T:
