@@ -576,6 +576,9 @@ def abr_sim(
         "streamplane", "--abr", help="Algorithm(s), comma-separated, or `all`."
     ),
     max_buffer: float = typer.Option(30.0, "--max-buffer", help="Maximum buffer, seconds."),
+    latency_ms: float = typer.Option(
+        0.0, "--latency-ms", help="Request latency of cooked traces (Pensieve's convention: 80)."
+    ),
     plot: Path | None = typer.Option(None, "--plot", help="PNG of buffer, rung, throughput."),
 ) -> None:
     """Simulate ABR algorithms on network traces: bitrate, VMAF, rebuffering, switches, QoE."""
@@ -589,9 +592,9 @@ def abr_sim(
     try:
         algos = [player.make_abr(n).name for n in names if n]
         m = player.load_manifest(manifest)
-        runs = [player.load_trace(trace)] if trace is not None else []
+        runs = [player.load_trace(trace, latency_ms)] if trace is not None else []
         if traces is not None:
-            runs = player.load_trace_dir(traces)
+            runs = player.load_trace_dir(traces, latency_ms)
         settings = player.SimSettings(max_buffer_s=max_buffer)
         results = [
             [player.simulate(m, t, player.make_abr(a), settings) for a in algos] for t in runs
