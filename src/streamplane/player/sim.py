@@ -430,14 +430,14 @@ def simulate(
                 lower = checked_abandon(abr, state(i), progress)
                 if lower is not None:
                     if done > 0:
-                        downloads.append(Download(int(done), elapsed))
+                        downloads.append(Download(int(done), elapsed, t))
                     abandoned += 1
                     r = lower
                     note(r)
                     break
             if finished:
                 break
-        downloads.append(Download(total, elapsed))
+        downloads.append(Download(total, elapsed, t))
         buffer += d
         stalled = False
         records.append(
