@@ -79,7 +79,12 @@ def _title(path: Path | None) -> Path:
     return built
 
 
-def _row(name: str, m: Metrics) -> list[str]:
+def switch_rate(sessions: Sequence[Metrics]) -> float:
+    """Switches per minute of media, averaged over sessions."""
+    return sum(60.0 * m.switches / m.media_s for m in sessions) / len(sessions)
+
+
+def _row(name: str, m: Metrics, per_min: float) -> list[str]:
     return [
         name,
         f"{m.qoe_per_segment:.3f}",
@@ -90,6 +95,7 @@ def _row(name: str, m: Metrics) -> list[str]:
         f"{m.rebuffer_events}",
         f"{m.startup_s:.2f}",
         f"{m.switches}",
+        f"{per_min:.2f}",
         f"{m.avg_switch_kbps:.0f}",
         f"{m.abandoned}",
     ]
@@ -105,6 +111,7 @@ HEADERS = (
     "stalls",
     "startup s",
     "switches",
+    "switches/min",
     "avg switch kbps",
     "abandoned",
 )
@@ -171,9 +178,9 @@ def verdict(label: str, res: dict[str, Metrics]) -> bool:
     return best and safe
 
 
-def _print_table(res: dict[str, Metrics]) -> None:
-    rows = [_row(name, m) for name, m in res.items()]
-    print("\n".join(markdown_table(Table(HEADERS, rows, frozenset(range(1, 11))))))
+def _print_table(res: dict[str, Metrics], per_min: dict[str, float]) -> None:
+    rows = [_row(name, m, per_min[name]) for name, m in res.items()]
+    print("\n".join(markdown_table(Table(HEADERS, rows, frozenset(range(1, len(HEADERS)))))))
 
 
 def real_traces(args: argparse.Namespace, manifest: Manifest, settings: SimSettings) -> bool:
@@ -193,13 +200,14 @@ def real_traces(args: argparse.Namespace, manifest: Manifest, settings: SimSetti
             if not idx:
                 continue
             res = {n: mean_metrics([runs[n][k] for k in idx]) for n in names}
+            rates = {n: switch_rate([runs[n][k] for k in idx]) for n in names}
             print()
             print(
                 f"### {Path(folder).name}, {part}: {len(idx)} traces"
                 + (f", mean bandwidth {mean_kbps / 1000:.2f} Mbps" if part == "all" else "")
             )
             print()
-            _print_table(res)
+            _print_table(res, rates)
             print()
             ok = verdict(f"{Path(folder).name} {part}", res)
             if part != "tuning":
@@ -263,22 +271,27 @@ def main() -> None:
 def generated_sets(args: argparse.Namespace, manifest: Manifest, settings: SimSettings) -> bool:
     """The seeded 3G-like, LTE-like and broadband-like sets, a table each and their mean."""
     per_set: dict[str, dict[str, Metrics]] = {}
+    rates: dict[str, dict[str, float]] = {}
     names = list(ALGORITHMS)
     for kind in args.sets:
         traces = trace_set(kind, args.traces, args.seed, duration_s=args.duration)
         mean_kbps = sum(t.mean_kbps for t in traces) / len(traces)
         runs = run_sessions(manifest, traces, names, settings, args.jobs, LABELS[kind])
         per_set[kind] = {name: mean_metrics(runs[name]) for name in names}
+        rates[kind] = {name: switch_rate(runs[name]) for name in names}
         print()
         print(
             f"### {LABELS[kind]}: {len(traces)} traces, mean bandwidth {mean_kbps / 1000:.2f} Mbps"
         )
         print()
-        _print_table(per_set[kind])
+        _print_table(per_set[kind], rates[kind])
     print()
     print(f"### mean over the {len(args.sets)} sets")
     print()
-    _print_table({n: mean_metrics([per_set[k][n] for k in args.sets]) for n in names})
+    _print_table(
+        {n: mean_metrics([per_set[k][n] for k in args.sets]) for n in names},
+        {n: sum(rates[k][n] for k in args.sets) / len(args.sets) for n in names},
+    )
     print()
     met = True
     for kind in args.sets:
