@@ -527,8 +527,7 @@ class StreamplaneParams(msgspec.Struct, frozen=True):
     fast_half_life_s: float = 3.0  # throughput estimate: min(fast EWMA, slow EWMA)
     slow_half_life_s: float = 8.0
     session_clock: bool = True  # the EWMAs forget over session time, not download time
-    # segments planned ahead, at their real sizes; None: as many as span the maximum buffer
-    horizon: int | None = None
+    horizon: int = 5  # segments planned ahead, at their real sizes
     rebuffer_penalty: float = 4.3  # QoE per second of stall (Pensieve's linear QoE)
     switch_weight: float = 2.0  # a planned switch costs this many times its bitrate change
     target_frac: float = 2 / 3  # of the maximum buffer: where the plan should leave the buffer
@@ -542,12 +541,9 @@ class StreamplaneParams(msgspec.Struct, frozen=True):
     abandon_gain: float = 1.0  # a restart must be worth this much more than finishing (QoE)
 
 
-def horizon_segments(state: AbrState, horizon: int | None) -> range:
-    """The segments a plan covers: the next `horizon` (None: the fewest nominal segments that
-    span the maximum buffer, so a plan sees the whole of what spending the buffer does), fewer
-    near the end of a title whose length is known, always at least the next one."""
-    if horizon is None:
-        horizon = max(math.ceil(state.max_buffer_s / state.segment_s), 1)
+def horizon_segments(state: AbrState, horizon: int) -> range:
+    """The segments a plan covers: the next `horizon`, fewer near the end of a title whose
+    length is known, always at least the next one."""
     i = state.next_segment
     n = max(len(state.segment_durations_s), *(len(r.segment_bits) for r in state.rungs))
     end = i + horizon if n == 0 else max(min(i + horizon, n), i + 1)

@@ -201,12 +201,12 @@ def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
         ),
         (
             "abandon: 0.5 Mbps in flight (no recent rate, nothing measured before: 0.5 Mbps "
-            "throughout), 7 Mb left = 14 s with 5 s of buffer. A five-segment title, rest at one "
+            "throughout), 7 Mb left = 14 s with 5 s of buffer. Over five segments, rest at one "
             "rung: finish, then rung 0 (4 s a segment, buffer held at 4 s): 2 - 4.3 x 9 + 2 - "
             "2 x 1.5 - 16^2/20 = -50.5; restart at rung 0 (4 s, buffer 5 s): 0.5 - 2 x 1.5 + 2 "
             "- 15^2/20 = -11.75; at rung 1 (8 s): 1 - 4.3 x 3 - 2 + 2 - 1 - 12.8 = -25.7: rung 0",
             "should_abandon",
-            _s(buffer_s=5.0, last_rung=2, segment_durations_s=(4.0,) * 5),
+            _s(buffer_s=5.0, last_rung=2),
             inflight,
             0,
         ),

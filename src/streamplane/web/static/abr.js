@@ -23,7 +23,7 @@ export const DEFAULT_PARAMS = Object.freeze({
   fast_half_life_s: 3.0,
   slow_half_life_s: 8.0,
   session_clock: true,
-  horizon: null, // segments planned ahead; null: as many as span the maximum buffer
+  horizon: 5,
   rebuffer_penalty: 4.3,
   switch_weight: 2.0,
   target_frac: 2 / 3,
@@ -99,7 +99,6 @@ function highestFitting(values, limit) {
 }
 
 function horizon(state, h) {
-  if (h === null || h === undefined) h = Math.max(Math.ceil(state.max_buffer_s / state.segment_s), 1);
   const i = state.next_segment;
   let n = list(state.segment_durations_s).length;
   for (const r of state.rungs) n = Math.max(n, list(r.segment_bits).length);
