@@ -111,10 +111,7 @@ def _check_latency(name: str, latency_ms: float) -> None:
 
 def parse_cooked_trace(text: str, name: str = "trace", default_latency_ms: float = 0.0) -> Trace:
     """Periods from `seconds Mbps` lines; errors name the line."""
-    if not (math.isfinite(default_latency_ms) and default_latency_ms >= 0):
-        raise TraceError(
-            f"{name}: latency must be a finite number of ms >= 0, found {default_latency_ms}"
-        )
+    _check_latency(name, default_latency_ms)
     points: list[tuple[int, float, float]] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
