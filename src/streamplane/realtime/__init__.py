@@ -1,0 +1,24 @@
+"""Realtime: chat, presence, viewer counts and live state over WebSockets for live events."""
+
+from streamplane.realtime.broker import (
+    Broker,
+    BrokerError,
+    BrokerUnavailable,
+    Position,
+    PresenceEntry,
+    Publication,
+    StateValue,
+)
+from streamplane.realtime.memory import MemoryBroker, MemoryHub
+
+__all__ = [
+    "Broker",
+    "BrokerError",
+    "BrokerUnavailable",
+    "MemoryBroker",
+    "MemoryHub",
+    "Position",
+    "PresenceEntry",
+    "Publication",
+    "StateValue",
+]
