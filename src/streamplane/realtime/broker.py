@@ -60,9 +60,11 @@ __all__ = [
     "Recovered",
     "RecoveryListener",
     "StateValue",
+    "StateWire",
     "StateWrite",
     "state_data",
     "state_from_data",
+    "state_wire",
 ]
 
 
@@ -239,7 +241,9 @@ class Broker(Protocol):
         ...
 
 
-class _StateWire(msgspec.Struct, frozen=True, kw_only=True):
+class StateWire(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A :class:`StateValue` as JSON carries it: the value embedded as JSON, not as a string."""
+
     key: str
     value: msgspec.Raw
     seq: int
@@ -247,22 +251,24 @@ class _StateWire(msgspec.Struct, frozen=True, kw_only=True):
     max_age_ms: int
 
 
+def state_wire(value: StateValue) -> StateWire:
+    return StateWire(
+        key=value.key,
+        value=msgspec.Raw(value.value),
+        seq=value.seq,
+        source_time_ms=value.source_time_ms,
+        max_age_ms=value.max_age_ms,
+    )
+
+
 def state_data(value: StateValue) -> bytes:
     """The JSON data of the publication that carries an applied state write (every engine's)."""
-    return msgspec.json.encode(
-        _StateWire(
-            key=value.key,
-            value=msgspec.Raw(value.value),
-            seq=value.seq,
-            source_time_ms=value.source_time_ms,
-            max_age_ms=value.max_age_ms,
-        )
-    )
+    return msgspec.json.encode(state_wire(value))
 
 
 def state_from_data(data: bytes) -> StateValue:
     """The :class:`StateValue` a ``kind="state"`` publication carries."""
-    wire = msgspec.json.decode(data, type=_StateWire)
+    wire = msgspec.json.decode(data, type=StateWire)
     return StateValue(
         key=wire.key,
         value=bytes(wire.value),
