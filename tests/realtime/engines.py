@@ -2,7 +2,8 @@
 
 A harness hands out started nodes (each one gateway process) on one fresh backing store, a
 clock the test advances, and a way to take the store down and bring it back empty (a Redis
-restart without persistence). An engine joins the suite by adding its harness factory here.
+restart without persistence). An engine joins the suite by adding its harness factory here; a
+factory gets the pytest request, for the session fixtures it needs (a Redis Cluster).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol
+
+import pytest
 
 from streamplane.realtime.broker import Broker
 from streamplane.realtime.memory import MemoryHub
@@ -61,7 +64,7 @@ class MemoryHarness:
 
 
 @asynccontextmanager
-async def memory_harness() -> AsyncIterator[Harness]:
+async def memory_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harness]:
     harness = MemoryHarness()
     try:
         yield harness
@@ -70,6 +73,15 @@ async def memory_harness() -> AsyncIterator[Harness]:
             await node.close()
 
 
-ENGINES: dict[str, Callable[[], AbstractAsyncContextManager[Harness]]] = {
+def _redis_engines() -> dict[str, Callable[[pytest.FixtureRequest], HarnessContext]]:
+    from tests.realtime.redis_engines import redis_cluster_harness, redis_harness
+
+    return {"redis": redis_harness, "redis-cluster": redis_cluster_harness}
+
+
+HarnessContext = AbstractAsyncContextManager[Harness]
+
+ENGINES: dict[str, Callable[[pytest.FixtureRequest], HarnessContext]] = {
     "memory": memory_harness,
+    **_redis_engines(),
 }

@@ -10,6 +10,7 @@ from streamplane.realtime.broker import (
     StateValue,
 )
 from streamplane.realtime.memory import MemoryBroker, MemoryHub
+from streamplane.realtime.redis import RedisBroker
 
 __all__ = [
     "Broker",
@@ -20,5 +21,6 @@ __all__ = [
     "Position",
     "PresenceEntry",
     "Publication",
+    "RedisBroker",
     "StateValue",
 ]
