@@ -107,8 +107,9 @@ local function append(meta, stream)
   local size = tonumber(ARGV[4])
   if oldest < top - size + 1 then oldest = top - size + 1 end
   local cutoff = now - tonumber(ARGV[5])
+  local count = 1  -- usually the oldest entry is still fresh: look at it alone
   while oldest <= top do
-    local batch = redis.call('XRANGE', stream, oldest .. '-0', '+', 'COUNT', 32)
+    local batch = redis.call('XRANGE', stream, oldest .. '-0', '+', 'COUNT', count)
     local fresh = false
     for i = 1, #batch do
       if tonumber(batch[i][2][2]) < cutoff then
@@ -118,7 +119,8 @@ local function append(meta, stream)
         break
       end
     end
-    if fresh or #batch < 32 then break end
+    if fresh or #batch < count then break end
+    count = 64
   end
   redis.call('XTRIM', stream, 'MINID', '~', oldest .. '-0')
   redis.call('HSET', meta, 'epoch', epoch, 'top', top, 'oldest', oldest)
