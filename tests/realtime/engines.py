@@ -73,15 +73,23 @@ async def memory_harness(request: pytest.FixtureRequest) -> AsyncIterator[Harnes
             await node.close()
 
 
-def _redis_engines() -> dict[str, Callable[[pytest.FixtureRequest], HarnessContext]]:
-    from tests.realtime.redis_engines import redis_cluster_harness, redis_harness
-
-    return {"redis": redis_harness, "redis-cluster": redis_cluster_harness}
-
-
 HarnessContext = AbstractAsyncContextManager[Harness]
+
+
+def redis_harness(request: pytest.FixtureRequest) -> HarnessContext:
+    from tests.realtime.redis_engines import redis_harness as harness  # it imports this module
+
+    return harness(request)
+
+
+def redis_cluster_harness(request: pytest.FixtureRequest) -> HarnessContext:
+    from tests.realtime.redis_engines import redis_cluster_harness as harness
+
+    return harness(request)
+
 
 ENGINES: dict[str, Callable[[pytest.FixtureRequest], HarnessContext]] = {
     "memory": memory_harness,
-    **_redis_engines(),
+    "redis": redis_harness,
+    "redis-cluster": redis_cluster_harness,
 }

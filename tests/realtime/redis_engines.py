@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from streamplane.realtime.broker import Broker
-from streamplane.realtime.redis import RedisBroker
+from streamplane.realtime.redis import RedisBroker, client_options
 from tests.realtime.engines import Harness, ManualClock
 from tests.realtime.fault_proxy import FaultProxy
 from tests.realtime.redis_servers import SHARED_REDIS, RedisClusterServers, reachable
@@ -69,11 +69,11 @@ class RedisHarness:
             client = RedisCluster(
                 startup_nodes=[ClusterNode(*p.address) for p in self.proxies.values()],
                 address_remap=self._remap,
-                socket_connect_timeout=1.0,
+                **client_options(1.0),
             )
         else:
             (proxy,) = self.proxies.values()
-            client = aioredis.Redis(host="127.0.0.1", port=proxy.port, socket_connect_timeout=1.0)
+            client = aioredis.Redis(host="127.0.0.1", port=proxy.port, **client_options(1.0))
         broker = RedisBroker(client, prefix=self.prefix, clock=self.clock, **FAST)
         await broker.start()
         self.nodes.append(broker)

@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.crc import key_slot
 
 from streamplane.realtime.broker import BrokerError, Position, StateValue
-from streamplane.realtime.redis import RedisBroker, channel_key
+from streamplane.realtime.redis import RedisBroker, channel_key, client_options
 from tests.realtime.redis_engines import delete_prefix
 from tests.realtime.redis_servers import SHARED_REDIS, reachable
 
@@ -24,7 +24,7 @@ async def shared() -> AsyncIterator[tuple[RedisBroker, aioredis.Redis, str]]:
     if not reachable(SHARED_REDIS):
         pytest.skip("no Redis at 127.0.0.1:6379")
     prefix = f"t{uuid.uuid4().hex[:12]}:"
-    broker = RedisBroker(aioredis.Redis(port=SHARED_REDIS[1]), prefix=prefix)
+    broker = RedisBroker(aioredis.Redis(port=SHARED_REDIS[1], **client_options()), prefix=prefix)
     raw = aioredis.Redis(port=SHARED_REDIS[1])
     await broker.start()
     try:

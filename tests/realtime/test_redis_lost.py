@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,7 +23,7 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from streamplane.realtime.broker import BrokerUnavailable, Position, Publication
 from streamplane.realtime.protocol import Cursor, Verdict
-from streamplane.realtime.redis import RedisBroker
+from streamplane.realtime.redis import RedisBroker, client_options
 from tests.realtime.fault_proxy import FaultProxy
 from tests.realtime.redis_engines import FAST, delete_prefix
 from tests.realtime.redis_servers import (
@@ -240,8 +241,12 @@ async def test_a_cut_between_a_gateway_and_redis_recovers_exactly_what_was_misse
     prefix = f"t{uuid.uuid4().hex[:12]}:"
     proxy = FaultProxy(SHARED_REDIS)
     await proxy.start()
-    publisher_node = RedisBroker(aioredis.Redis(port=SHARED_REDIS[1]), prefix=prefix, **FAST)
-    gateway = RedisBroker(aioredis.Redis(port=proxy.port), prefix=prefix, **FAST)
+    publisher_node = RedisBroker(
+        aioredis.Redis(port=SHARED_REDIS[1], **client_options()), prefix=prefix, **FAST
+    )
+    gateway = RedisBroker(
+        aioredis.Redis(port=proxy.port, **client_options()), prefix=prefix, **FAST
+    )
     viewer = Viewer(gateway, "chat:final")
     gateway.on_recovered(lambda channels: viewer.recover())
     publisher = Publisher(publisher_node, "chat:final")
@@ -307,7 +312,7 @@ async def test_a_cluster_shard_restart_affects_only_its_channels(
     def client() -> RedisCluster:
         return RedisCluster(
             startup_nodes=[ClusterNode(h, p) for h, p in cluster.startup_nodes],
-            socket_connect_timeout=1.0,
+            **client_options(1.0),
         )
 
     publisher_node = RedisBroker(client(), prefix=prefix, **FAST)
@@ -344,7 +349,15 @@ async def test_a_cluster_shard_restart_affects_only_its_channels(
         server.start()  # same port, same cluster config, no data
         await until(lambda: bool(returned) and gateway.health().ok, timeout=15)
         assert returned == [frozenset({lost})], "only the restarted shard's channels recover"
-        after = await publisher_node.publish(lost, b'{"n": 3}', **KEEP)
+        # A restarted cluster node answers CLUSTERDOWN until it has caught up with its peers:
+        # the publisher is refused (BrokerUnavailable) and tries again, as a gateway's would.
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    after = await publisher_node.publish(lost, b'{"n": 3}', **KEEP)
+                    break
+                except BrokerUnavailable:
+                    await asyncio.sleep(0.05)
         await viewers[lost].wait_for(after)
         assert viewers[lost].reloads and viewers[lost].reloads[-1].epoch == after.epoch
         assert after.epoch != before.epoch
@@ -354,3 +367,52 @@ async def test_a_cluster_shard_restart_affects_only_its_channels(
         await publisher_node.close()
         for address in cluster.startup_nodes:
             await delete_prefix(address, prefix)
+
+
+async def test_a_gateway_too_slow_for_its_pub_sub_connection_is_cut_and_recovers_exactly(
+    private_redis: RedisServer,
+) -> None:
+    """Redis cuts a subscriber whose output buffer passes its limit (a gateway process stalled):
+    to the engine that is a lost connection, and its viewers recover what they missed."""
+    private_redis.cli("CONFIG", "SET", "client-output-buffer-limit", "pubsub 64kb 0 0")
+    gateway = node_on(private_redis.url)
+    await gateway.start()
+    viewer = Viewer(gateway, "chat:final")
+    returned: list[frozenset[str]] = []
+
+    def on_recovered(channels: frozenset[str]) -> None:
+        returned.append(channels)
+        viewer.recover()
+
+    gateway.on_recovered(on_recovered)
+    await viewer.join()
+    acked: list[tuple[Position, int]] = []
+    message = b'{"text":"' + b"x" * 30_000 + b'"}'
+    published = threading.Event()
+
+    def publish_elsewhere() -> None:
+        """Another process's publisher: its own loop in a thread, unaffected by the stall."""
+
+        async def run() -> None:
+            other = node_on(private_redis.url)
+            for n in range(800):  # 24 MB: past what the kernel's socket buffers absorb
+                acked.append((await other.publish("chat:final", message, **KEEP), n))
+            await other.close()
+
+        try:
+            asyncio.run(run())
+        finally:
+            published.set()
+
+    publisher = asyncio.get_running_loop().run_in_executor(None, publish_elsewhere)
+    await until(lambda: len(acked) >= 1)
+    published.wait(30)  # the gateway's loop stalls while the publications pile up in Redis
+    await publisher
+    await until(lambda: bool(returned))
+    assert returned == [frozenset({"chat:final"})], "the cut was noticed and announced"
+    log = (private_redis.workdir / "redis.log").read_text()
+    assert "overcoming of output buffer limits" in log, "Redis cut it, nothing else did"
+    await viewer.wait_for(acked[-1][0])
+    assert viewer.reloads == []
+    assert [p.offset for p in viewer.applied] == [p.offset for p, _ in acked]
+    await gateway.close()

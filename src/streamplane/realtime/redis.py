@@ -72,7 +72,7 @@ from streamplane.realtime.broker import (
 )
 from streamplane.realtime.history import missed_range
 
-__all__ = ["DEFAULT_PREFIX", "RedisBroker", "channel_key"]
+__all__ = ["DEFAULT_PREFIX", "RedisBroker", "channel_key", "client_options"]
 
 _log = logging.getLogger(__name__)
 
@@ -588,12 +588,7 @@ class RedisBroker:
     @classmethod
     def connect(cls, url: str, *, cluster: bool = False, **options: Any) -> RedisBroker:
         """A node on the Redis (or, with ``cluster``, the Redis Cluster) at ``url``."""
-        settings: dict[str, Any] = {
-            "socket_connect_timeout": options.get("connect_timeout", 2.0),
-            "socket_timeout": 5.0,
-            # One quick retry: past it the store is down and the gateway degrades now.
-            "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-        }
+        settings = client_options(options.get("connect_timeout", 2.0))
         client: RedisClient
         if cluster:
             client = RedisCluster.from_url(url, **settings)
@@ -959,6 +954,18 @@ class RedisBroker:
 
     def on_recovered(self, listener: RecoveryListener) -> None:
         self._listeners.append(listener)
+
+
+def client_options(connect_timeout: float = 2.0) -> dict[str, Any]:
+    """The redis-py client settings the engine is meant to run with (``RedisBroker.connect``
+    uses them; pass them when building a client of your own)."""
+    return {
+        "socket_connect_timeout": connect_timeout,
+        "socket_timeout": 5.0,
+        # One quick retry: past it the store is down and the gateway degrades now, instead of
+        # redis-py's default of three retries with backoff (seconds of silence).
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+    }
 
 
 def _slot_owner(client: RedisCluster, name: bytes) -> tuple[str, int]:
