@@ -10,6 +10,7 @@ from streamplane.realtime.broker import (
     StateValue,
 )
 from streamplane.realtime.memory import MemoryBroker, MemoryHub
+from streamplane.realtime.tokens import RealtimeGrant, sign_realtime_token, verify_realtime_token
 
 __all__ = [
     "Broker",
@@ -20,5 +21,8 @@ __all__ = [
     "Position",
     "PresenceEntry",
     "Publication",
+    "RealtimeGrant",
     "StateValue",
+    "sign_realtime_token",
+    "verify_realtime_token",
 ]

@@ -394,7 +394,7 @@ DEFAULT_NAMESPACES: Final = {
 _CHANNEL_CHARS: Final = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:"
 )
-MAX_CHANNEL_LENGTH: Final = 128
+MAX_CHANNEL_LENGTH: Final = 160  # a namespace and a title id (up to 128)
 
 
 def namespace_of(channel: str, namespaces: Mapping[str, Namespace]) -> Namespace:
