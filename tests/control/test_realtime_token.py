@@ -102,6 +102,6 @@ async def test_without_a_gateway_the_endpoint_says_so_and_playback_carries_none(
     async for control in _control(db, tmp_path, geo):
         auth = await control.account()
         r = await control.client.post("/v1/realtime/token", json={"event": "demo"}, headers=auth)
-        assert r.status_code == 503 and r.json()["error"] == "realtime_off"
+        assert r.status_code == 404 and r.json()["error"] == "realtime_off"
         await control.edge("e1", ("demo",))
         assert (await control.play(auth, "demo")).json()["realtime"] is None
