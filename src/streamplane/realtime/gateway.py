@@ -360,6 +360,7 @@ class Gateway:
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._expiries: list[tuple[int, int, weakref.ref[_Connection]]] = []
         self._ids = itertools.count(1)
+        self._ticks = 0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -817,6 +818,10 @@ class Gateway:
             for k, b in self._buckets.items()
             if b.tokens < b.burst - 1e-9 or now - b.stamp < 60
         }
+        # Presence entries live presence_ttl; refreshing them three times per ttl is enough.
+        self._ticks += 1
+        every = max(1, int(self.settings.presence_ttl / 3 / self.settings.tick))
+        refresh = self._ticks % every == 0
         names = list(self.channels)
         local = {n: len(self.channels[n].conns) for n in names}
         await self.broker.report_counts(local, ttl=self.settings.tick * 3)
@@ -825,9 +830,10 @@ class Gateway:
             channel = self.channels.get(name)
             if channel is None or not channel.ready:
                 continue
-            await self.broker.presence_refresh(
-                name, [c.client for c in channel.conns], ttl=self.settings.presence_ttl
-            )
+            if refresh:
+                await self.broker.presence_refresh(
+                    name, [c.client for c in channel.conns], ttl=self.settings.presence_ttl
+                )
             viewers = totals.get(name, 0)
             if self.counts.due(name, viewers, now):
                 framed = _ws_frame(encode(Count(channel=name, viewers=viewers)))
