@@ -239,13 +239,17 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
 
     from streamplane.stack import LocalStack, StackError
 
-    console.print("[bold]starting[/bold] a control plane and two edges (build/stack/*.log)")
+    console.print(
+        "[bold]starting[/bold] a control plane, two edges and a realtime gateway"
+        " (build/stack/*.log)"
+    )
     stack = LocalStack(
         catalog,
         Path("build/stack"),
         edges=2,
         control_port=_free_or_any(8080),
         edge_ports=[_free_or_any(8081), _free_or_any(8082)],
+        gateway_port=_free_or_any(8090),
     )
     try:
         with stack:
@@ -268,6 +272,10 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             out_console.print(f"API (OpenAPI):   {stack.control_url}/docs")
             for e in stack.edges:
                 out_console.print(f"edge {e.name}:   {e.url}/metrics")
+            out_console.print(
+                f"Realtime gateway (chat, counts, live state): {stack.gateway_url}/connect"
+                f"  (tokens: POST {stack.control_url}/v1/realtime/token)"
+            )
             # The edges hand the token on from these manifests to every URI in them, so
             # a player needs only the URL (hls.js, dash.js, Shaka and ffmpeg are tested with it).
             out_console.print(f"HLS for any player (token valid 6 h):  {answer['hls']}")
@@ -275,7 +283,8 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             if not serve:
                 return
             out_console.print("\nServing; press Ctrl-C to stop.")
-            while all(p.alive() for p in [*stack.edges, stack.control] if p is not None):
+            running = [*stack.edges, stack.control, stack.gateway]
+            while all(p.alive() for p in running if p is not None):
                 time.sleep(1)
             console.print("[red]a process of the stack exited; see build/stack/*.log[/red]")
     except StackError as exc:
@@ -471,6 +480,74 @@ def control_migrate(ctx: typer.Context) -> None:
     except (OSError, ValueError) as exc:
         raise _error(f"{c.database_url}: {exc}", 1) from None
     out_console.print(f"schema up to date: {c.database_url}")
+
+
+@app.command()
+def gateway(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+    host: str | None = typer.Option(None, help="Bind address (default: realtime.host)."),
+    port: int | None = typer.Option(None, help="Port (default: realtime.port)."),
+    processes: int | None = typer.Option(None, help="Processes sharing the port (SO_REUSEPORT)."),
+) -> None:
+    """Run the realtime gateway: chat, presence, viewer counts and live state over WebSockets."""
+    import logging
+
+    import msgspec
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime.serve import GatewayConfigError, serve
+
+    try:
+        rt = load_settings(config).realtime
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+    changes = {"host": host, "port": port, "processes": processes}
+    rt = msgspec.structs.replace(rt, **{k: v for k, v in changes.items() if v is not None})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        serve(rt)
+    except GatewayConfigError as exc:
+        raise _error(str(exc), 2) from None
+    except OSError as exc:
+        raise _error(f"gateway on {rt.host}:{rt.port}: {exc}", 1) from None
+
+
+@app.command("realtime-token")
+def realtime_token(
+    user: str = typer.Option(..., help="Who the token names (a state source, a moderator)."),
+    channel: list[str] = typer.Option(
+        ..., help="PATTERN=RIGHTS, e.g. state:final=read,publish or chat:*=read,moderate."
+    ),
+    ttl: int = typer.Option(3600, help="Seconds it is valid."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+) -> None:
+    """Sign a realtime token with realtime.token_key (for sources and moderators; viewers get
+    theirs from the control plane)."""
+    import time
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime import sign_realtime_token
+
+    try:
+        key_hex = load_settings(config).realtime.token_key
+        key = bytes.fromhex(key_hex)
+    except (SettingsError, ValueError) as exc:
+        raise _error(f"realtime.token_key: {exc}", 2) from None
+    if not key:
+        raise _error("realtime.token_key is not set", 2)
+    grants: dict[str, list[str]] = {}
+    for item in channel:
+        pattern, sep, rights = item.partition("=")
+        if not sep:
+            raise _error(f"--channel {item!r}: write PATTERN=RIGHTS", 2)
+        grants[pattern] = [r for r in rights.split(",") if r]
+    try:
+        token = sign_realtime_token(
+            key, user=user, channels=grants, now=int(time.time()), ttl_s=ttl
+        )
+    except ValueError as exc:
+        raise _error(str(exc), 2) from None
+    out_console.print(token, soft_wrap=True)
 
 
 @app.command()

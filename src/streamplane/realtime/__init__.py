@@ -11,6 +11,7 @@ from streamplane.realtime.broker import (
 )
 from streamplane.realtime.memory import MemoryBroker, MemoryHub
 from streamplane.realtime.redis import RedisBroker
+from streamplane.realtime.tokens import RealtimeGrant, sign_realtime_token, verify_realtime_token
 
 __all__ = [
     "Broker",
@@ -21,6 +22,9 @@ __all__ = [
     "Position",
     "PresenceEntry",
     "Publication",
+    "RealtimeGrant",
     "RedisBroker",
     "StateValue",
+    "sign_realtime_token",
+    "verify_realtime_token",
 ]

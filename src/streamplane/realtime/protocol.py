@@ -73,6 +73,7 @@ __all__ = [
     "decode_server_frame",
     "disconnect_frame",
     "encode",
+    "full_jitter_backoff",
     "is_stale",
     "namespace_of",
     "presence_update",
@@ -105,6 +106,7 @@ class Code(enum.IntEnum):
     FORBIDDEN = 4003
     UNKNOWN_CHANNEL = 4004
     TOO_LARGE = 4009
+    MESSAGE_TOO_LARGE = 4011  # a chat message or state value over the channel's limit
     SLOW = 4010
     RATE_LIMITED = 4029
     MUTED = 4030
@@ -127,6 +129,7 @@ _CODES: Final[Mapping[Code, _CodeInfo]] = {
     Code.FORBIDDEN: _CodeInfo("forbidden", False, 0, False),
     Code.UNKNOWN_CHANNEL: _CodeInfo("unknown channel", False, 0, False),
     Code.TOO_LARGE: _CodeInfo("frame too large", False, 0, True),
+    Code.MESSAGE_TOO_LARGE: _CodeInfo("message too large", False, 0, False),
     Code.SLOW: _CodeInfo("slow consumer", True, 500, True),
     Code.RATE_LIMITED: _CodeInfo("rate limited", False, 1000, False),
     Code.MUTED: _CodeInfo("muted", False, 0, False),
@@ -323,7 +326,9 @@ def encode(frame: ServerFrame | ClientFrame) -> bytes:
     return _encoder.encode(frame)
 
 
-def decode_client_frame(data: bytes | str, *, max_bytes: int) -> ClientFrame:
+def decode_client_frame(
+    data: bytes | bytearray | memoryview | str, *, max_bytes: int
+) -> ClientFrame:
     """One client frame, or :class:`FrameError` (TOO_LARGE past ``max_bytes``, BAD_FRAME for
     anything that is not exactly one of the frames above)."""
     if len(data) > max_bytes:
@@ -389,7 +394,7 @@ DEFAULT_NAMESPACES: Final = {
 _CHANNEL_CHARS: Final = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:"
 )
-MAX_CHANNEL_LENGTH: Final = 128
+MAX_CHANNEL_LENGTH: Final = 160  # a namespace and a title id (up to 128)
 
 
 def namespace_of(channel: str, namespaces: Mapping[str, Namespace]) -> Namespace:
@@ -575,3 +580,10 @@ class CountThrottle:
 
     def forget(self, channel: str) -> None:
         self._sent.pop(channel, None)
+
+
+def full_jitter_backoff(attempt: int, *, base: float, cap: float, draw: float) -> float:
+    """Seconds before reconnect attempt ``attempt`` (0-based): uniform in [0, min(cap,
+    base * 2**attempt)), ``draw`` in [0, 1) from the caller's random source. Full jitter spreads
+    a reconnect storm evenly instead of in synchronised waves."""
+    return float(draw * min(cap, base * 2.0 ** min(attempt, 32)))
