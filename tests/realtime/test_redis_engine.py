@@ -116,3 +116,18 @@ async def test_settings_that_would_break_the_engine_are_refused_with_a_reason() 
     with pytest.raises(BrokerError, match="empty"):
         await broker.publish("", b"{}", **KEEP)
     await broker.close()
+
+
+async def test_a_prefix_in_the_url_keeps_events_apart_on_one_redis(
+    shared: tuple[RedisBroker, aioredis.Redis, str],
+) -> None:
+    _, raw, prefix = shared
+    one = RedisBroker.connect(f"redis://127.0.0.1:{SHARED_REDIS[1]}/0?prefix={prefix}a:")
+    two = RedisBroker.connect(f"redis://127.0.0.1:{SHARED_REDIS[1]}/0?prefix={prefix}b:")
+    try:
+        assert (await one.publish("chat:final", b"{}", **KEEP)).offset == 1
+        assert (await two.publish("chat:final", b"{}", **KEEP)).offset == 1, "another stream"
+        assert await raw.exists(channel_key(f"{prefix}a:", "chat:final", "m"))
+    finally:
+        await one.close()
+        await two.close()

@@ -42,6 +42,7 @@ import secrets
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import hiredis
 import msgspec
@@ -587,7 +588,16 @@ class RedisBroker:
 
     @classmethod
     def connect(cls, url: str, *, cluster: bool = False, **options: Any) -> RedisBroker:
-        """A node on the Redis (or, with ``cluster``, the Redis Cluster) at ``url``."""
+        """A node on the Redis (or, with ``cluster``, the Redis Cluster) at ``url``. A
+        ``prefix`` query parameter sets the key prefix (several events or tenants on one Redis:
+        ``redis://host:6379/0?prefix=final:``)."""
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        prefixes = [v for k, v in query if k == "prefix"]
+        if prefixes:
+            options = {"prefix": prefixes[-1], **options}
+            rest = urlencode([(k, v) for k, v in query if k != "prefix"])
+            url = urlunsplit(parts._replace(query=rest))
         settings = client_options(options.get("connect_timeout", 2.0))
         client: RedisClient
         if cluster:

@@ -2,7 +2,8 @@
 
 The parent raises the open-file limit (inherited by the children), starts the processes, and
 stops them all when it is told to stop or one of them dies. With the in-memory broker there can
-be only one process: two would each hold their own channels and counts.
+be only one process: two would each hold their own channels and counts; with Redis
+(``redis://…``, or ``redis+cluster://…`` for a Redis Cluster) any number, on any machines.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import signal
 import socket
 
 from streamplane.config import RealtimeSettings
-from streamplane.realtime.broker import Broker
+from streamplane.realtime.broker import Broker, BrokerError
 from streamplane.realtime.gateway import Gateway, GatewaySettings, raise_open_file_limit
 from streamplane.realtime.memory import MemoryHub
+from streamplane.realtime.redis import RedisBroker
 
 __all__ = ["GatewayConfigError", "gateway_settings", "make_broker", "serve"]
 
@@ -31,8 +33,15 @@ class GatewayConfigError(ValueError):
 def make_broker(url: str) -> Broker:
     if url == "memory":
         return MemoryHub().node()
+    if url.startswith(("redis://", "rediss://", "redis+cluster://")):
+        cluster = url.startswith("redis+cluster://")
+        try:
+            return RedisBroker.connect(url.replace("redis+cluster://", "redis://"), cluster=cluster)
+        except (BrokerError, ValueError) as err:
+            raise GatewayConfigError(f"realtime.broker = {url!r}: {err}") from None
     raise GatewayConfigError(
-        f"realtime.broker = {url!r}: this build has the in-memory engine only ('memory')"
+        f"realtime.broker = {url!r}: 'memory' (one process), 'redis://host:port' (one Redis) or "
+        "'redis+cluster://host:port' (a Redis Cluster, any of its nodes)"
     )
 
 
