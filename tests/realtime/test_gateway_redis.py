@@ -18,7 +18,9 @@ from streamplane.realtime.serve import GatewayConfigError, make_broker
 from tests.realtime.redis_engines import FAST, delete_prefix
 from tests.realtime.redis_servers import SHARED_REDIS, RedisServer, have_redis_server, reachable
 from tests.realtime.test_gateway import FAST as NAMESPACES
-from tests.realtime.test_gateway import KEY, token, until
+from tests.realtime.test_gateway import KEY, clients, token, until
+
+__all__ = ["clients"]  # the gateway tests' client fixture, used here too
 
 
 @pytest.fixture
@@ -38,21 +40,6 @@ async def gateways() -> AsyncIterator[Callable[[str], object]]:
     yield start_on
     for gateway in running:
         await gateway.close()
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[..., RealtimeClient]]:
-    made: list[RealtimeClient] = []
-
-    def make(url: str, tok: str, *channels: str) -> RealtimeClient:
-        client = RealtimeClient(url, tok, channels=list(channels), backoff_base=0.05)
-        client.start()
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        await client.stop()
 
 
 def test_a_broker_url_that_is_not_an_engine_is_refused_with_the_forms_it_takes() -> None:
