@@ -60,3 +60,26 @@ async def test_the_gateway_serves_a_client_and_stops_on_sigterm() -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "open-file limit" in out, "the limit it runs with is logged"
+
+
+def test_gateway_load_runs_fan_out_and_a_storm_and_finds_nothing_lost() -> None:
+    port = free_port()
+    proc = _gateway("--port", str(port))
+    try:
+        env = {**os.environ, "STREAMPLANE_REALTIME_TOKEN_KEY": KEY}
+        args = ["--port", str(port), "--connections", "60", "--processes", "2"]
+        args += ["--messages", "3", "--storm-messages", "3"]
+        load = subprocess.run(
+            [sys.executable, "-m", "streamplane", "gateway-load", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert load.returncode == 0, load.stdout + load.stderr
+        assert "connections held" in load.stdout and "60" in load.stdout
+        lost_row = next(line for line in load.stdout.splitlines() if "lost" in line)
+        assert lost_row.split()[-2] == "0", lost_row
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
