@@ -591,9 +591,8 @@ class Gateway:
     ) -> SubscribedChannel:
         namespace = self._authorise(conn, frame, name)
         known = conn.positions.position(name) is not None or name in conn.joining
-        if not known and len(conn.positions.positions()) + len(conn.joining) >= (
-            self.settings.max_channels
-        ):
+        held = conn.positions.positions().keys() | conn.joining.keys()
+        if not known and len(held) >= self.settings.max_channels:
             raise FrameError(Code.TOO_MANY_CHANNELS, f"at most {self.settings.max_channels}")
         conn.positions.forget(name)
         conn.joining[name] = []  # live deliveries wait here until the answer is sent
