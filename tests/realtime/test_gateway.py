@@ -439,3 +439,19 @@ async def test_a_batch_subscribes_what_it_may_and_names_what_it_may_not(start: S
         await ws.send(json.dumps({"type": "publish", "id": 10, "channel": "state:c", "data": {}}))
         refused = json.loads(await ws.recv())
         assert refused["code"] == Code.FORBIDDEN
+
+
+async def test_a_silent_peer_is_dropped_and_a_pinging_client_is_kept(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    gateway, url = await start(ping_s=0.2)
+    alive = clients(url, token("ann"), "chat:final")
+    await alive.synced.wait()
+    async with connect(f"{url}/connect?token={token('bob')}", ping_interval=None) as silent:
+        await silent.recv()  # connected; then it says nothing (a peer behind a cut network)
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(5):
+                while True:
+                    await silent.recv()
+    assert gateway.stats["silent"] == 1
+    assert alive.connected.is_set() and alive.connects == 1, "its pings kept it"

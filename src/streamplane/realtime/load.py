@@ -122,6 +122,16 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
         while not all(v.synced for v in viewers):
             await asyncio.sleep(0.05)
         out.put(("connected", index, sum(v.transport is not None for v in viewers)))
+
+        async def keep_alive() -> None:  # the gateway drops connections it stops hearing
+            ping = msgspec.json.encode({"type": "ping", "id": 0})
+            while True:
+                await asyncio.sleep(5)
+                for v in viewers:
+                    if v.transport is not None and v.synced:
+                        v.transport.send(WSMsgType.TEXT, ping)
+
+        pinger = loop.create_task(keep_alive())
         while True:
             command, arg = await loop.run_in_executor(None, commands.get)
             if command == "report":
@@ -147,6 +157,7 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
                 await connect_all(viewers)
                 out.put(("reconnected", index, time.time()))
             elif command == "stop":
+                pinger.cancel()
                 return
 
     asyncio.run(run())
