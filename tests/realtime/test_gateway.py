@@ -455,3 +455,21 @@ async def test_a_silent_peer_is_dropped_and_a_pinging_client_is_kept(
                     await silent.recv()
     assert gateway.stats["silent"] == 1
     assert alive.connected.is_set() and alive.connects == 1, "its pings kept it"
+
+
+async def test_a_subscription_refused_during_an_outage_leaves_nothing_behind(
+    start: Start,
+) -> None:
+    hub = MemoryHub()
+    gateway, url = await start(hub)
+    async with connect(f"{url}/connect?token={token()}", ping_interval=None) as ws:
+        await ws.recv()
+        hub.interrupt()
+        await ws.send('{"type":"subscribe","id":1,"channels":[{"channel":"chat:final"}]}')
+        answer = json.loads(await ws.recv())
+        assert answer["channels"][0]["code"] == Code.UNAVAILABLE
+        assert "chat:final" not in gateway.channels, "no half-joined channel"
+        hub.restore()
+        await ws.send('{"type":"subscribe","id":2,"channels":[{"channel":"chat:final"}]}')
+        again = json.loads(await ws.recv())
+        assert again["id"] == 2 and again["channels"][0].get("code", 0) == 0

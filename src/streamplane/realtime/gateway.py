@@ -45,7 +45,6 @@ from websockets.server import ServerProtocol
 from streamplane.realtime.broker import (
     Broker,
     BrokerError,
-    BrokerUnavailable,
     Position,
     PresenceEntry,
     Publication,
@@ -291,8 +290,12 @@ class _Connection(asyncio.Protocol):
                         self.disconnect(err.code)
                     else:
                         self.send(self._error(frame, err.code, str(err)))
-                except BrokerUnavailable:
-                    self.send(self._error(frame, Code.UNAVAILABLE, "broker unavailable"))
+                except BrokerError as err:
+                    self.send(self._error(frame, Code.UNAVAILABLE, f"broker: {err}"))
+                except Exception:
+                    # A defect must not leave the client waiting on an answer that never comes.
+                    _log.exception("frame %s failed", type(frame).__name__)
+                    self.disconnect(Code.SHUTDOWN)
         finally:
             self.worker = None
 
@@ -573,8 +576,8 @@ class Gateway:
                 answers.append(await self._subscribe_one(conn, frame, item.channel, item.since))
             except FrameError as err:
                 answers.append(self._refused(item.channel, err.code))
-            except BrokerUnavailable:
-                conn.joining.pop(item.channel, None)
+            except BrokerError:
+                self._leave(conn, item.channel)  # half-joined: undo it, the client retries
                 answers.append(self._refused(item.channel, Code.UNAVAILABLE))
         conn.send(Subscribed(id=frame.id, channels=answers))
         for item in frame.channels:  # what arrived while the answer was being made
