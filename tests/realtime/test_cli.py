@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 from streamplane.realtime.client import RealtimeClient
 from streamplane.realtime.tokens import sign_realtime_token
@@ -83,3 +84,42 @@ def test_gateway_load_runs_fan_out_and_a_storm_and_finds_nothing_lost() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+async def test_a_gateway_killed_mid_stream_makes_its_clients_reconnect_and_reload() -> None:
+    """kill -9 takes the in-memory streams with it: back on the same port, the clients come back
+    on their own and reload (a new epoch), rather than trusting positions from the old one."""
+    port = free_port()
+    proc = _gateway("--port", str(port))
+    token = sign_realtime_token(
+        bytes.fromhex(KEY),
+        user="ann",
+        channels={"chat:*": ["read", "publish"]},
+        now=int(time.time()),
+        ttl_s=120,
+    )
+    client = RealtimeClient(
+        f"ws://127.0.0.1:{port}", token, channels=["chat:final"], backoff_base=0.05, backoff_cap=0.5
+    )
+    client.start()
+    try:
+        await asyncio.wait_for(client.synced.wait(), 30)
+        first = await client.publish("chat:final", {"text": "before"})
+        assert first.position is not None
+        proc.kill()
+        proc.wait(10)
+        await asyncio.wait_for(_until(lambda: not client.connected.is_set()), 10)
+        proc = _gateway("--port", str(port))
+        await asyncio.wait_for(_until(lambda: client.views["chat:final"].reloads == 2), 30)
+        again = await client.publish("chat:final", {"text": "after"})
+        assert again.position is not None and again.position.epoch != first.position.epoch
+        assert client.cursor.position("chat:final") is not None
+    finally:
+        await client.stop()
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.02)
