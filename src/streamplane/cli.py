@@ -512,6 +512,53 @@ def gateway(
         raise _error(f"gateway on {rt.host}:{rt.port}: {exc}", 1) from None
 
 
+@app.command("gateway-load")
+def gateway_load(
+    port: int = typer.Option(8090, help="The gateway's port on 127.0.0.1."),
+    connections: int = typer.Option(1000, help="WebSocket viewers to open."),
+    processes: int = typer.Option(2, help="Load processes, each from its own 127.0.0.x."),
+    messages: int = typer.Option(20, help="Messages per broadcast round."),
+    storm_messages: int = typer.Option(10, help="Messages published during the storm."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+) -> None:
+    """Load a running gateway: N viewers fan-out, then a reconnect storm; prints what was lost."""
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime.load import percentile, run_load
+
+    try:
+        key = bytes.fromhex(load_settings(config).realtime.token_key)
+    except (SettingsError, ValueError) as exc:
+        raise _error(f"realtime.token_key: {exc}", 2) from None
+    if not key:
+        raise _error("realtime.token_key is not set (the gateway's key signs the viewers)", 2)
+    if connections < processes or processes < 1 or processes > 250:
+        raise _error("need 1 to 250 processes and at least one connection per process", 2)
+    with console.status(f"{connections} viewers, {processes} processes: fan-out, then a storm"):
+        try:
+            report = run_load(
+                port,
+                key,
+                connections=connections,
+                processes=processes,
+                messages=messages,
+                storm_messages=storm_messages,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise _error(f"gateway on 127.0.0.1:{port}: {exc}", 1) from None
+    table = Table(title=f"gateway-load against 127.0.0.1:{port}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    p50, p99 = percentile(report.latencies, 0.5), percentile(report.latencies, 0.99)
+    table.add_row("connections held", f"{report.held} ({report.connect_s:.1f} s to open)")
+    table.add_row("broadcast latency p50 / p99", f"{p50 * 1000:.0f} / {p99 * 1000:.0f} ms")
+    table.add_row("reconnect storm recovered in", f"{report.storm_s:.1f} s")
+    table.add_row("lost", str(report.lost))
+    table.add_row("holes / repeats applied", f"{report.holes} / {report.repeats}")
+    out_console.print(table)
+    if report.lost or report.repeats or report.holes:
+        raise typer.Exit(1)
+
+
 @app.command("realtime-token")
 def realtime_token(
     user: str = typer.Option(..., help="Who the token names (a state source, a moderator)."),

@@ -392,3 +392,84 @@ async def test_an_expired_token_ends_the_connection_with_its_code(
     # the connection was cut with TOKEN_EXPIRED, the reconnect refused with the same code
     assert client.disconnects == [Code.TOKEN_EXPIRED]
     assert err.value.code == 401
+
+
+async def test_deliveries_lost_between_broker_and_gateway_are_filled_from_history(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    """What a Redis pub/sub drop does: the gateway misses deliveries; the next one shows the
+    hole, and every client still gets each publication once, in order, without a reload."""
+    hub = MemoryHub()
+    gateway, url = await start(hub)
+    other = hub.node()
+    await other.start()
+    ann = clients(url, token("ann"), "fast:final")
+    await ann.synced.wait()
+    keep = {"history_size": 100, "history_ttl": 600.0}
+    await other.publish("fast:final", b'{"n":0}', **keep)
+    await until(lambda: len(ann.views["fast:final"].messages) == 1)
+    await gateway.broker.unsubscribe("fast:final", gateway._on_publication)
+    for n in (1, 2):  # published while the gateway hears nothing
+        await other.publish("fast:final", f'{{"n":{n}}}'.encode(), **keep)
+    await gateway.broker.subscribe("fast:final", gateway._on_publication)
+    await other.publish("fast:final", b'{"n":3}', **keep)
+    await until(lambda: len(ann.views["fast:final"].messages) == 4)
+    view = ann.views["fast:final"]
+    assert [json.loads(bytes(m.data))["n"] for m in view.messages] == [0, 1, 2, 3]
+    assert view.reloads == 1 and gateway.stats["resets"] == 0
+    await other.close()
+
+
+async def test_a_batch_subscribes_what_it_may_and_names_what_it_may_not(start: Start) -> None:
+    _, url = await start(max_channels=2)
+    async with connect(f"{url}/connect?token={token()}", ping_interval=None) as ws:
+        await ws.recv()
+        batch = [{"channel": c} for c in ("chat:a", "nope:b", "state:c", "chat:d", "chat:e")]
+        await ws.send(json.dumps({"type": "subscribe", "id": 9, "channels": batch}))
+        answer = json.loads(await ws.recv())
+        codes = {c["channel"]: c.get("code", 0) for c in answer["channels"]}
+        assert answer["id"] == 9
+        assert codes == {
+            "chat:a": 0,
+            "nope:b": Code.UNKNOWN_CHANNEL,
+            "state:c": 0,
+            "chat:d": Code.TOO_MANY_CHANNELS,
+            "chat:e": Code.TOO_MANY_CHANNELS,
+        }
+        await ws.send(json.dumps({"type": "publish", "id": 10, "channel": "state:c", "data": {}}))
+        refused = json.loads(await ws.recv())
+        assert refused["code"] == Code.FORBIDDEN
+
+
+async def test_a_silent_peer_is_dropped_and_a_pinging_client_is_kept(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    gateway, url = await start(ping_s=0.2)
+    alive = clients(url, token("ann"), "chat:final")
+    await alive.synced.wait()
+    async with connect(f"{url}/connect?token={token('bob')}", ping_interval=None) as silent:
+        await silent.recv()  # connected; then it says nothing (a peer behind a cut network)
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(5):
+                while True:
+                    await silent.recv()
+    assert gateway.stats["silent"] == 1
+    assert alive.connected.is_set() and alive.connects == 1, "its pings kept it"
+
+
+async def test_a_subscription_refused_during_an_outage_leaves_nothing_behind(
+    start: Start,
+) -> None:
+    hub = MemoryHub()
+    gateway, url = await start(hub)
+    async with connect(f"{url}/connect?token={token()}", ping_interval=None) as ws:
+        await ws.recv()
+        hub.interrupt()
+        await ws.send('{"type":"subscribe","id":1,"channels":[{"channel":"chat:final"}]}')
+        answer = json.loads(await ws.recv())
+        assert answer["channels"][0]["code"] == Code.UNAVAILABLE
+        assert "chat:final" not in gateway.channels, "no half-joined channel"
+        hub.restore()
+        await ws.send('{"type":"subscribe","id":2,"channels":[{"channel":"chat:final"}]}')
+        again = json.loads(await ws.recv())
+        assert again["id"] == 2 and again["channels"][0].get("code", 0) == 0

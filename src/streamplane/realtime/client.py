@@ -29,6 +29,7 @@ from streamplane.realtime.protocol import (
     Cursor,
     Disconnect,
     ErrorReply,
+    Ping,
     PresenceDiff,
     PubFrame,
     Publish,
@@ -169,12 +170,29 @@ class RealtimeClient:
 
     async def _session(self, ws: ClientConnection) -> int:
         """Read frames until the connection ends; the milliseconds the server asked to wait."""
+        ws_tasks: list[asyncio.Task[None]] = []
+        try:
+            return await self._read(ws, ws_tasks)
+        finally:
+            for task in ws_tasks:
+                task.cancel()
+
+    async def _ping(self, ws: ClientConnection, every: float) -> None:
+        """Tell the gateway this client is alive (it drops connections it stops hearing)."""
+        with contextlib.suppress(WebSocketException):
+            while True:
+                await asyncio.sleep(every)
+                await ws.send(encode(Ping(id=0)).decode())
+
+    async def _read(self, ws: ClientConnection, ws_tasks: list[asyncio.Task[None]]) -> int:
         after_ms = 0
         async for message in ws:
             frame = decode_server_frame(message)
             if isinstance(frame, Connected):
                 self.connects += 1
                 self.connected.set()
+                pinger = asyncio.get_running_loop().create_task(self._ping(ws, frame.ping_s))
+                ws_tasks.append(pinger)
                 await self._resubscribe(ws)
             elif isinstance(frame, Disconnect):
                 self.disconnects.append(frame.code)

@@ -45,7 +45,6 @@ from websockets.server import ServerProtocol
 from streamplane.realtime.broker import (
     Broker,
     BrokerError,
-    BrokerUnavailable,
     Position,
     PresenceEntry,
     Publication,
@@ -117,7 +116,7 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     join_history: int = 30  # publications a fresh subscription starts with
     presence_ttl: float = 30.0
     tick: float = 1.0  # presence, counts, expiry: once per tick
-    ping_s: float = 25.0
+    ping_s: float = 25.0  # clients ping this often; silent for 2.5x as long, they are dropped
     namespaces: dict[str, Namespace] = msgspec.field(default_factory=lambda: DEFAULT_NAMESPACES)
 
 
@@ -166,6 +165,7 @@ class _Connection(asyncio.Protocol):
         self.inbox: list[ClientFrame] = []
         self.worker: asyncio.Task[None] | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.heard = 0.0  # loop time of the last bytes received
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -182,6 +182,7 @@ class _Connection(asyncio.Protocol):
             self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        self.heard = asyncio.get_running_loop().time()
         self.ws.receive_data(data)
         for event in self.ws.events_received():
             if isinstance(event, Request):
@@ -289,8 +290,12 @@ class _Connection(asyncio.Protocol):
                         self.disconnect(err.code)
                     else:
                         self.send(self._error(frame, err.code, str(err)))
-                except BrokerUnavailable:
-                    self.send(self._error(frame, Code.UNAVAILABLE, "broker unavailable"))
+                except BrokerError as err:
+                    self.send(self._error(frame, Code.UNAVAILABLE, f"broker: {err}"))
+                except Exception:
+                    # A defect must not leave the client waiting on an answer that never comes.
+                    _log.exception("frame %s failed", type(frame).__name__)
+                    self.disconnect(Code.SHUTDOWN)
         finally:
             self.worker = None
 
@@ -355,12 +360,14 @@ class Gateway:
         self.admission = TokenBucket(rate=settings.admission_rate, burst=settings.admission_burst)
         self.counts = CountThrottle(interval=settings.tick)
         self.stats: dict[str, int] = dict.fromkeys(
-            ("accepted", "refused", "handshake_timeouts", "bad_frames", "slow", "resets"), 0
+            ("accepted", "refused", "handshake_timeouts", "bad_frames", "slow", "resets", "silent"),
+            0,
         )
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._expiries: list[tuple[int, int, weakref.ref[_Connection]]] = []
         self._ids = itertools.count(1)
         self._ticks = 0
+        self._swept = 0.0
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -569,8 +576,8 @@ class Gateway:
                 answers.append(await self._subscribe_one(conn, frame, item.channel, item.since))
             except FrameError as err:
                 answers.append(self._refused(item.channel, err.code))
-            except BrokerUnavailable:
-                conn.joining.pop(item.channel, None)
+            except BrokerError:
+                self._leave(conn, item.channel)  # half-joined: undo it, the client retries
                 answers.append(self._refused(item.channel, Code.UNAVAILABLE))
         conn.send(Subscribed(id=frame.id, channels=answers))
         for item in frame.channels:  # what arrived while the answer was being made
@@ -591,9 +598,8 @@ class Gateway:
     ) -> SubscribedChannel:
         namespace = self._authorise(conn, frame, name)
         known = conn.positions.position(name) is not None or name in conn.joining
-        if not known and len(conn.positions.positions()) + len(conn.joining) >= (
-            self.settings.max_channels
-        ):
+        held = conn.positions.positions().keys() | conn.joining.keys()
+        if not known and len(held) >= self.settings.max_channels:
             raise FrameError(Code.TOO_MANY_CHANNELS, f"at most {self.settings.max_channels}")
         conn.positions.forget(name)
         conn.joining[name] = []  # live deliveries wait here until the answer is sent
@@ -808,6 +814,7 @@ class Gateway:
 
     async def _tick(self) -> None:
         now = self.clock()
+        self._drop_silent()
         while self._expiries and self._expiries[0][0] <= now:
             _, _, ref = heapq.heappop(self._expiries)
             conn = ref()
@@ -840,6 +847,19 @@ class Gateway:
                 for conn in list(channel.conns):
                     conn.write(framed)
             await self._presence_tick(channel)
+
+    def _drop_silent(self) -> None:
+        """Drop connections not heard from for 2.5 ping intervals: a peer that vanished without
+        closing (a cut network) would otherwise hold its descriptor and its presence forever."""
+        loop_now = asyncio.get_running_loop().time()
+        if loop_now - self._swept < self.settings.ping_s / 2:
+            return
+        self._swept = loop_now
+        limit = 2.5 * self.settings.ping_s
+        for conn in [c for c in self.connections if loop_now - c.heard > limit]:
+            self.stats["silent"] += 1
+            if conn.transport is not None:
+                conn.transport.abort()
 
     async def _presence_tick(self, channel: _Channel) -> None:
         limit = channel.namespace.presence_diff_limit

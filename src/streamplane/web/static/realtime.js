@@ -76,6 +76,7 @@ export class RealtimeClient {
     };
     ws.onclose = () => {
       this.ws = null;
+      clearInterval(this.pinger);
       for (const [, pending] of this.waiting) pending.reject(new Error("disconnected"));
       this.waiting.clear();
       if (this.stopped) return;
@@ -108,6 +109,8 @@ export class RealtimeClient {
   onFrame(frame) {
     switch (frame.type) {
       case "connected":
+        // The gateway drops connections it stops hearing from (a peer gone without closing).
+        this.pinger = setInterval(() => this.send({ type: "ping", id: 0 }), frame.ping_s * 1000);
         this.attempt = 0;
         this.connects += 1;
         this.resubscribe();
