@@ -240,13 +240,17 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
 
     from streamplane.stack import LocalStack, StackError
 
-    console.print("[bold]starting[/bold] a control plane and two edges (build/stack/*.log)")
+    console.print(
+        "[bold]starting[/bold] a control plane, two edges and a realtime gateway"
+        " (build/stack/*.log)"
+    )
     stack = LocalStack(
         catalog,
         Path("build/stack"),
         edges=2,
         control_port=_free_or_any(8080),
         edge_ports=[_free_or_any(8081), _free_or_any(8082)],
+        gateway_port=_free_or_any(8090),
     )
     try:
         with stack:
@@ -269,6 +273,10 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             out_console.print(f"API (OpenAPI):   {stack.control_url}/docs")
             for e in stack.edges:
                 out_console.print(f"edge {e.name}:   {e.url}/metrics")
+            out_console.print(
+                f"Realtime gateway (chat, counts, live state): {stack.gateway_url}/connect"
+                f"  (tokens: POST {stack.control_url}/v1/realtime/token)"
+            )
             # The edges hand the token on from these manifests to every URI in them, so
             # a player needs only the URL (hls.js, dash.js, Shaka and ffmpeg are tested with it).
             out_console.print(f"HLS for any player (token valid 6 h):  {answer['hls']}")
@@ -276,7 +284,8 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             if not serve:
                 return
             out_console.print("\nServing; press Ctrl-C to stop.")
-            while all(p.alive() for p in [*stack.edges, stack.control] if p is not None):
+            running = [*stack.edges, stack.control, stack.gateway]
+            while all(p.alive() for p in running if p is not None):
                 time.sleep(1)
             console.print("[red]a process of the stack exited; see build/stack/*.log[/red]")
     except StackError as exc:
@@ -477,6 +486,121 @@ def control_migrate(ctx: typer.Context) -> None:
     except (OSError, ValueError) as exc:
         raise _error(f"{c.database_url}: {exc}", 1) from None
     out_console.print(f"schema up to date: {c.database_url}")
+
+
+@app.command()
+def gateway(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+    host: str | None = typer.Option(None, help="Bind address (default: realtime.host)."),
+    port: int | None = typer.Option(None, help="Port (default: realtime.port)."),
+    processes: int | None = typer.Option(None, help="Processes sharing the port (SO_REUSEPORT)."),
+) -> None:
+    """Run the realtime gateway: chat, presence, viewer counts and live state over WebSockets."""
+    import logging
+
+    import msgspec
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime.serve import GatewayConfigError, serve
+
+    try:
+        rt = load_settings(config).realtime
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+    changes = {"host": host, "port": port, "processes": processes}
+    rt = msgspec.structs.replace(rt, **{k: v for k, v in changes.items() if v is not None})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        serve(rt)
+    except GatewayConfigError as exc:
+        raise _error(str(exc), 2) from None
+    except OSError as exc:
+        raise _error(f"gateway on {rt.host}:{rt.port}: {exc}", 1) from None
+
+
+@app.command("gateway-load")
+def gateway_load(
+    port: int = typer.Option(8090, help="The gateway's port on 127.0.0.1."),
+    connections: int = typer.Option(1000, help="WebSocket viewers to open."),
+    processes: int = typer.Option(2, help="Load processes, each from its own 127.0.0.x."),
+    messages: int = typer.Option(20, help="Messages per broadcast round."),
+    storm_messages: int = typer.Option(10, help="Messages published during the storm."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+) -> None:
+    """Load a running gateway: N viewers fan-out, then a reconnect storm; prints what was lost."""
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime.load import percentile, run_load
+
+    try:
+        key = bytes.fromhex(load_settings(config).realtime.token_key)
+    except (SettingsError, ValueError) as exc:
+        raise _error(f"realtime.token_key: {exc}", 2) from None
+    if not key:
+        raise _error("realtime.token_key is not set (the gateway's key signs the viewers)", 2)
+    if connections < processes or processes < 1 or processes > 250:
+        raise _error("need 1 to 250 processes and at least one connection per process", 2)
+    with console.status(f"{connections} viewers, {processes} processes: fan-out, then a storm"):
+        try:
+            report = run_load(
+                port,
+                key,
+                connections=connections,
+                processes=processes,
+                messages=messages,
+                storm_messages=storm_messages,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise _error(f"gateway on 127.0.0.1:{port}: {exc}", 1) from None
+    table = Table(title=f"gateway-load against 127.0.0.1:{port}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    p50, p99 = percentile(report.latencies, 0.5), percentile(report.latencies, 0.99)
+    table.add_row("connections held", f"{report.held} ({report.connect_s:.1f} s to open)")
+    table.add_row("broadcast latency p50 / p99", f"{p50 * 1000:.0f} / {p99 * 1000:.0f} ms")
+    table.add_row("reconnect storm recovered in", f"{report.storm_s:.1f} s")
+    table.add_row("lost", str(report.lost))
+    table.add_row("holes / repeats applied", f"{report.holes} / {report.repeats}")
+    out_console.print(table)
+    if report.lost or report.repeats or report.holes:
+        raise typer.Exit(1)
+
+
+@app.command("realtime-token")
+def realtime_token(
+    user: str = typer.Option(..., help="Who the token names (a state source, a moderator)."),
+    channel: list[str] = typer.Option(
+        ..., help="PATTERN=RIGHTS, e.g. state:final=read,publish or chat:*=read,moderate."
+    ),
+    ttl: int = typer.Option(3600, help="Seconds it is valid."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+) -> None:
+    """Sign a realtime token with realtime.token_key (for sources and moderators; viewers get
+    theirs from the control plane)."""
+    import time
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime import sign_realtime_token
+
+    try:
+        key_hex = load_settings(config).realtime.token_key
+        key = bytes.fromhex(key_hex)
+    except (SettingsError, ValueError) as exc:
+        raise _error(f"realtime.token_key: {exc}", 2) from None
+    if not key:
+        raise _error("realtime.token_key is not set", 2)
+    grants: dict[str, list[str]] = {}
+    for item in channel:
+        pattern, sep, rights = item.partition("=")
+        if not sep:
+            raise _error(f"--channel {item!r}: write PATTERN=RIGHTS", 2)
+        grants[pattern] = [r for r in rights.split(",") if r]
+    try:
+        token = sign_realtime_token(
+            key, user=user, channels=grants, now=int(time.time()), ttl_s=ttl
+        )
+    except ValueError as exc:
+        raise _error(str(exc), 2) from None
+    out_console.print(token, soft_wrap=True)
 
 
 @app.command()

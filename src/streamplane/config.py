@@ -19,6 +19,9 @@ The file has one table per section; every key is optional and falls back to the 
     key = "5be0..."
     base_url = "https://edge-1.example.net"
 
+    [realtime]                     # see RealtimeSettings
+    token_key = "77aa..."          # the control plane signs realtime tokens, gateways check them
+
     [edge]                         # see EdgeSettings
     fleet_key = "5be0..."          # this edge's key: [control.edges.<edge_id>].key
 
@@ -49,6 +52,7 @@ __all__ = [
     "EdgeRegistration",
     "EdgeSettings",
     "Plan",
+    "RealtimeSettings",
     "Settings",
     "SettingsError",
     "TokenSettings",
@@ -248,12 +252,31 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         return f"{scheme}://{host}:{self.port}"
 
 
+class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The realtime gateway, and how the control plane signs tokens for it."""
+
+    token_key: str = ""  # hex, shared by the control plane and the gateways; empty: realtime off
+    token_ttl_s: int = 3600
+    public_url: str = ""  # how browsers reach the gateway (ws://...); empty: ws://host:port
+    host: str = "127.0.0.1"
+    port: int = 8090
+    processes: int = 1  # several share the port (SO_REUSEPORT); needs a broker across them
+    broker: str = "memory"  # "memory" (one process) or the URL of a scale-out engine
+    max_connections: int = 18_000  # per process
+    admission_rate: float = 2_000.0  # new connections per second per process
+    admission_burst: int = 4_000
+
+    def url(self) -> str:
+        return self.public_url.rstrip("/") or f"ws://{self.host}:{self.port}"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Every plane's settings; each plane reads its own section."""
 
     tokens: TokenSettings = msgspec.field(default_factory=TokenSettings)
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
+    realtime: RealtimeSettings = msgspec.field(default_factory=RealtimeSettings)
 
 
 # Settings that were removed, and what replaces them: named, not "unknown field".
@@ -277,6 +300,7 @@ _SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "tokens": TokenSettings,
     "control": ControlSettings,
     "edge": EdgeSettings,
+    "realtime": RealtimeSettings,
 }
 
 

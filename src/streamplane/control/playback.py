@@ -50,6 +50,7 @@ from streamplane.config import ControlSettings, Plan
 from streamplane.control.catalog import TitleInfo
 from streamplane.control.errors import ApiError, not_found, unauthorised
 from streamplane.control.fleet import Fleet, candidates
+from streamplane.control.realtime import RealtimeInfo
 from streamplane.control.store import (
     Account,
     Resume,
@@ -357,6 +358,7 @@ class PlaybackOut(msgspec.Struct, kw_only=True):
     heartbeat: HeartbeatInfo
     resume_position_s: float
     screens: ScreensOut
+    realtime: RealtimeInfo | None = None  # the event's chat, counts and live state
 
 
 class PlayerEvent(BaseModel):

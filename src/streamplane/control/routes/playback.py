@@ -41,9 +41,9 @@ async def start_playback(body: PlaybackIn, request: Request) -> Response:
     plane = plane_of(request)
     title = await known_title(plane, body.title)
     await plane.fleet.refresh(plane.monotonic())
-    out = await plane.playback.start(
-        me.account_id, title, body, _client_address(request), plane.clock()
-    )
+    now = plane.clock()
+    out = await plane.playback.start(me.account_id, title, body, _client_address(request), now)
+    out.realtime = plane.realtime.issue(me.account_id, title.id, now)
     # Encoded once by msgspec: validating and serialising it as a pydantic model was a
     # tenth of a start.
     return Response(msgspec.json.encode(out), media_type="application/json")
