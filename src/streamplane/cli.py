@@ -560,8 +560,10 @@ def gateway_load(
     table.add_row("reconnect storm recovered in", f"{report.storm_s:.1f} s")
     table.add_row("lost", str(report.lost))
     table.add_row("holes / repeats applied", f"{report.holes} / {report.repeats}")
+    table.add_row("told to reload (not recovered)", str(report.reloads))
+    table.add_row("viewers not back after the storm", str(report.unconnected))
     out_console.print(table)
-    if report.lost or report.repeats or report.holes:
+    if report.lost or report.repeats or report.holes or report.unconnected:
         raise typer.Exit(1)
 
 

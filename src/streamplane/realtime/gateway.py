@@ -687,7 +687,24 @@ class Gateway:
         if not channel.conns and channel.ready:
             del self.channels[name]
             self.counts.forget(name)
-            self._spawn(self.broker.unsubscribe(name, self._on_publication))
+            self._spawn(self._unsubscribe(name))
+
+    async def _unsubscribe(self, name: str) -> None:
+        # This runs after the leave that asked for it. A viewer may have joined the channel in
+        # between (a reconnect storm does it all the time): its subscribe was a no-op on the
+        # subscription still in place, so dropping it now would leave that channel deaf to
+        # every later publication. The channel's presence here is the one truth about it.
+        if name in self.channels:
+            return
+        await self.broker.unsubscribe(name, self._on_publication)
+        if name in self.channels:  # joined while the unsubscribe was on its way: take it back
+            try:
+                await self.broker.subscribe(name, self._on_publication)
+            except BrokerError:
+                _log.warning("could not resubscribe to %s; its viewers reconnect", name)
+                channel = self.channels.get(name)
+                for conn in list(channel.conns if channel is not None else ()):
+                    conn.disconnect(Code.SHUTDOWN)
 
     async def _forget_presence(self, name: str, client: str) -> None:
         with contextlib.suppress(BrokerError):  # otherwise it expires on its own
