@@ -562,6 +562,8 @@ def gateway_load(
     table.add_row("holes / repeats applied", f"{report.holes} / {report.repeats}")
     table.add_row("told to reload (not recovered)", str(report.reloads))
     table.add_row("viewers not back after the storm", str(report.unconnected))
+    for why in report.why_unconnected:
+        table.add_row("  why", why)
     out_console.print(table)
     if report.lost or report.repeats or report.holes or report.unconnected:
         raise typer.Exit(1)

@@ -38,6 +38,7 @@ class LoadReport(msgspec.Struct, kw_only=True):
     lost: int  # publications missing on viewers connected and subscribed at the end, unexplained
     reloads: int  # explicit "not recovered": the viewer was told to reload, nothing silent
     unconnected: int  # viewers still not back at the end: their count, not a loss by the gateway
+    why_unconnected: list[str] = []
 
 
 class _Frame(msgspec.Struct):
@@ -61,6 +62,7 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
             self.position: dict[str, Any] | None = None
             self.transport: Any = None
             self.synced = False
+            self.why = ""  # why it is not subscribed, for the report
 
         def on_ws_connected(self, transport: Any) -> None:
             self.transport = transport
@@ -73,6 +75,7 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
         def on_ws_disconnected(self, transport: Any) -> None:
             if transport is self.transport:  # not the close of a connection already replaced
                 self.synced = False
+                self.why = "closed after connecting"
 
         def on_ws_frame(self, transport: Any, frame: Any) -> None:
             if frame.msg_type != WSMsgType.TEXT:
@@ -117,6 +120,8 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
         async def one(v: Viewer) -> None:
             delay = 0.0
             v.transport = None
+            v.why = "connected, no answer to its subscribe"
+            failed = ""
             for attempt in range(20):
                 await asyncio.sleep(delay)
                 async with sem:
@@ -128,8 +133,10 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
                             read_buffer_init_size=1024,
                         )
                         return
-                    except Exception:
+                    except Exception as exc:
+                        failed = f"{type(exc).__name__}: {exc}"
                         delay = random.random() * min(2.0, 0.1 * 2**attempt)
+            v.why = f"gave up connecting after 20 attempts: {failed}"
 
         await asyncio.gather(*(one(v) for v in viewers))
 
@@ -174,8 +181,9 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
                     for v in viewers
                     if v.synced and (v.position is None or v.position["offset"] < want)
                 )
+                why = sorted({v.why for v in viewers if not v.synced})
                 unconnected = sum(not v.synced for v in viewers)
-                result = (done, list(latencies), dict(stats), behind, unconnected)
+                result = (done, list(latencies), dict(stats), behind, unconnected, why)
                 out.put(("report", index, result))
                 latencies.clear()
             elif command == "drop":
@@ -281,4 +289,5 @@ def run_load(
         lost=sum(r[3] for r in storm),
         reloads=sum(r[2]["reloads"] for r in storm),
         unconnected=sum(r[4] for r in storm),
+        why_unconnected=sorted({w for r in storm for w in r[5]}),
     )
