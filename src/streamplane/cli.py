@@ -683,6 +683,86 @@ def swarm(
         raise _error(f"{report.summary.failed} of {viewers} viewers failed", 1)
 
 
+live_app = typer.Typer(help="Live channels: SRT ingest, a live ladder, low-latency HLS.")
+app.add_typer(live_app, name="live")
+
+_KEY_HELP = "The channel's stream key (the SRT passphrase, 10-79 characters)."
+
+
+@live_app.command("start")
+def live_start(
+    channel: str = typer.Argument(..., help="Channel name (lower-case letters, digits, - and _)."),
+    srt_listen: int = typer.Option(..., "--srt-listen", help="UDP port the SRT feed comes to."),
+    stream_key: str = typer.Option(
+        ..., "--stream-key", envvar="STREAMPLANE_LIVE_STREAM_KEY", help=_KEY_HELP
+    ),
+    root: Path = typer.Option(Path("live"), "--root", help="Where channels are written."),
+    port: int = typer.Option(8090, "--port", help="HTTP port of the channel's origin."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the origin and SRT bind."),
+    rungs: str = typer.Option("240:400,144:150", "--rungs", help="Live ladder, HEIGHT:KBPS,..."),
+    audio: bool = typer.Option(True, "--audio/--no-audio", help="Encode the feed's audio."),
+    dvr: float = typer.Option(7200.0, "--dvr", help="Seconds of DVR window kept."),
+) -> None:
+    """Receive CHANNEL's feed over SRT and serve it as low-latency HLS until Ctrl-C."""
+    import asyncio
+
+    from streamplane import live
+
+    try:
+        settings = live.ChannelSettings(
+            name=channel,
+            root=root,
+            srt_port=srt_listen,
+            stream_key=stream_key,
+            rungs=live.parse_rungs(rungs),
+            audio=audio,
+            dvr_seconds=dvr,
+            listen_host=host,
+        )
+        settings.check()
+    except live.LiveError as exc:
+        raise _error(str(exc), 2) from None
+    console.print(
+        f"channel {channel}: feed to srt://{host}:{srt_listen}, "
+        f"playback at http://{host}:{port}/{channel}/master.m3u8, "
+        f"status at http://{host}:{port}/{channel}/status.json"
+    )
+    try:
+        asyncio.run(live.serve_channel(settings, host, port))
+    except OSError as exc:
+        raise _error(str(exc), 3) from None
+
+
+@live_app.command("feed")
+def live_feed(
+    channel: str = typer.Argument(..., help="Channel name (for the log)."),
+    to: str = typer.Option(..., "--to", help="Where the channel listens: srt://HOST:PORT."),
+    stream_key: str = typer.Option(
+        ..., "--stream-key", envvar="STREAMPLANE_LIVE_STREAM_KEY", help=_KEY_HELP
+    ),
+    source: str = typer.Option("testsrc", "--source", help="testsrc, bunny or bikes (looped)."),
+    seconds: float | None = typer.Option(None, "--seconds", help="Stop after this long."),
+) -> None:
+    """Push a test feed (burnt-in clock) to a channel in real time, until Ctrl-C."""
+    import subprocess
+
+    from streamplane import live
+    from streamplane.media.ffmpeg import ffmpeg_exe
+
+    try:
+        args = live.feed_args(to, stream_key, source, seconds=seconds)  # type: ignore[arg-type]
+    except live.LiveError as exc:
+        raise _error(str(exc), 2) from None
+    console.print(f"feeding {channel} from {source} to {to}")
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *args]
+    try:
+        code = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        code = 0
+    if code != 0:
+        raise _error(f"the feed stopped: ffmpeg exited with {code} (see above)", 1)
+
+
 def main() -> None:
     app()
 
