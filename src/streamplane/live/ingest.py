@@ -433,14 +433,13 @@ class Channel:
                 independent=info.first_sample_is_sync,
                 data=data,
             )
-            self._carry_out(out.rendition, track.push(fragment, self.clock()))
+            await self.publish(out.rendition, track.push(fragment, self.clock()))
             if self._master_due and all(
                 t.window().last_part() is not None for t in self.tracks.values()
             ):
                 # announced once every rendition has a part a player can ask for
                 self._master_due = False
                 self._write_master()
-            await self._notify()
         # mfra and anything else at the end of a run carry nothing a player needs
 
     async def _read_log(self, stream: asyncio.StreamReader) -> None:
@@ -461,6 +460,11 @@ class Channel:
         log.warning("channel %s: %s", self.settings.name, message)
         self.problems.append({"at": round(now, 3), "problem": message})
         self._write_status()
+
+    async def publish(self, rendition: str, effects: list[WriteObject | RemoveObject]) -> None:
+        """Carry out a packager's effects for ``rendition`` and wake who waits on them."""
+        self._carry_out(rendition, effects)
+        await self._notify()
 
     async def _notify(self) -> None:
         async with self.changed:
