@@ -100,23 +100,29 @@ def test_a_channel_goes_live_blocks_reloads_survives_a_lost_feed_and_slides_its_
     assert len(frames) == round(first.duration * 24)
 
     assert feed.wait(30) == 0
-    wait_for(lambda: channel.status()["state"] != "live", 15, "the channel to see the feed go")
-    before = _segments(_playlist(channel))
-    assert not _playlist(channel).is_endlist  # players keep waiting, the channel goes on
 
-    # The feed comes back: the same playlist continues after a discontinuity, new init.
+    def first_of(init: str) -> m3u8.Segment | None:
+        return next((s for s in _segments(_playlist(channel)) if s.init_section.uri == init), None)
+
+    # The feed is lost: a slate goes on air after a discontinuity; the playlist never ends.
+    wait_for(lambda: "slate" in str(channel.status()["state"]), 20, "the slate")
+    slate = wait_for(lambda: first_of("init_1.mp4"), 15, "a slate segment")
+    assert isinstance(slate, m3u8.Segment) and slate.discontinuity
+    assert not _playlist(channel).is_endlist
+    slate_init = httpx.get(f"{channel.base}/v240/init_1.mp4", timeout=5).content
+    slate_body = httpx.get(f"{channel.base}/v240/{slate.uri}", timeout=5).content
+    with av.open(io.BytesIO(slate_init + slate_body)) as container:
+        assert next(container.decode(video=0)).height == 240
+
+    # The feed comes back: it replaces the slate after another discontinuity, with its own
+    # init segment, and the segment numbers go on.
     again = channel.feed(6)
-    wait_for(
-        lambda: any(s.discontinuity for s in _segments(_playlist(channel))),
-        20,
-        "a segment after the discontinuity",
-    )
-    after = _playlist(channel)
-    new = next(s for s in _segments(after) if s.discontinuity)
-    assert new.init_section.uri == "init_1.mp4"
-    assert int(new.uri.removeprefix("seg_").removesuffix(".m4s")) == (
-        int(before[-1].uri.removeprefix("seg_").removesuffix(".m4s")) + 1
-    )
+    back = wait_for(lambda: first_of("init_2.mp4"), 20, "the feed's return")
+    assert isinstance(back, m3u8.Segment) and back.discontinuity
+    numbers = [int(s.uri[4:-4]) for s in _segments(_playlist(channel))]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))
+    wait_for(lambda: channel.status()["state"] == "live", 10, "the channel live again")
+    assert channel.status()["runs"] == 2
     assert again.wait(30) == 0
 
     # The DVR window (4 s) slid: the first segments left the playlist and the disk.

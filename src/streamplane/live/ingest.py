@@ -16,6 +16,7 @@ rendition ``<rendition>/index.m3u8``, ``init_<run>.mp4``, ``seg_<n>.m4s``, ``seg
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -41,12 +42,18 @@ __all__ = [
     "Rung",
     "encoder_args",
     "feed_problem",
+    "font",
     "parse_rungs",
 ]
 
 log = logging.getLogger("streamplane.live")
 
 AUDIO: Final = "audio"
+FONT_CANDIDATES: Final = (
+    Path("/usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf"),
+    Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"),
+    Path("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"),
+)
 _NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _STDERR_KEEP: Final = 40
 
@@ -98,6 +105,7 @@ class ChannelSettings:
     dvr_seconds: float = 7200.0
     listen_host: str = "127.0.0.1"
     preset: str = "ultrafast"
+    slate: bool = True  # fill a lost feed's gap with a card until it comes back
 
     def check(self) -> None:
         if not _NAME.match(self.name):
@@ -129,13 +137,48 @@ class ChannelSettings:
         return self.root / self.name
 
 
-def encoder_args(settings: ChannelSettings, fds: list[int]) -> list[str]:
-    """ffmpeg's arguments: listen for one SRT feed, write each rendition to its descriptor."""
+def listener_input(settings: ChannelSettings) -> tuple[list[str], str]:
+    """The input of a feed run: one SRT publisher with the stream key; and its audio."""
     s = settings
     listen = (
         f"srt://{s.listen_host}:{s.srt_port}?mode=listener"
         f"&passphrase={s.stream_key}&enforced_encryption=1&latency=120000"
     )
+    options = ["-fflags", "nobuffer", "-analyzeduration", "1000000", "-probesize", "500000"]
+    return [*options, "-i", listen], "0:a:0?"
+
+
+def slate_input(settings: ChannelSettings, font: Path | None) -> tuple[list[str], str]:
+    """The input of a slate run: a card saying the feed is lost, and silence."""
+    height = settings.rungs[0].height
+    width = (height * 16 // 9) // 2 * 2
+    card = f"color=c=0x1d2330:s={width}x{height}:r={settings.fps}"
+    if font is not None:
+        card += (
+            f",drawtext=fontfile={font}:text='{settings.name} · back in a moment':"
+            "x=(w-tw)/2:y=(h-th)/2:fontsize=h/14:fontcolor=white"
+        )
+    return [
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        card,
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        "anullsrc=r=48000:cl=stereo",
+    ], "1:a"
+
+
+def encoder_args(
+    settings: ChannelSettings, fds: list[int], source: tuple[list[str], str] | None = None
+) -> list[str]:
+    """ffmpeg's arguments: read ``source`` (by default, listen for one SRT feed) and write
+    each rendition of the ladder to its descriptor."""
+    s = settings
+    inputs, audio_map = source if source is not None else listener_input(settings)
     gop = round(s.segment_target * s.fps)
     # frag_discont keeps each run's timestamps as they came, so audio and video of one run
     # stay in step (without it, each output's first fragment is moved to zero on its own).
@@ -154,14 +197,7 @@ def encoder_args(settings: ChannelSettings, fds: list[int]) -> list[str]:
     )
     scales = ";".join(f"[s{i}]scale=-2:{r.height}[o{i}]" for i, r in enumerate(s.rungs))
     args = [
-        "-fflags",
-        "nobuffer",
-        "-analyzeduration",
-        "1000000",
-        "-probesize",
-        "500000",
-        "-i",
-        listen,
+        *inputs,
         "-filter_complex",
         f"{split};{scales}",
     ]
@@ -199,7 +235,7 @@ def encoder_args(settings: ChannelSettings, fds: list[int]) -> list[str]:
     if s.audio:
         args += [
             "-map",
-            "0:a:0?",
+            audio_map,
             "-c:a",
             "aac",
             "-b:a",
@@ -261,6 +297,7 @@ class _Output:
     """One rendition's pipe from the encoder, as its boxes arrive."""
 
     rendition: str
+    source: str  # "feed" or "slate"
     splitter: BoxSplitter = field(default_factory=BoxSplitter)
     head: list[bytes] = field(default_factory=list)  # ftyp + moov, until the moov
     init: TrackInit | None = None
@@ -290,7 +327,8 @@ class Channel:
         self._last_problem = ("", 0.0)
         self._master_due = False
         self._codecs: dict[str, TrackInit] = {}
-        self._process: asyncio.subprocess.Process | None = None
+        self._processes: dict[str, asyncio.subprocess.Process] = {}
+        self._active = "feed"  # the run whose fragments go on air
         self._stopping = False
 
     # -- what the origin reads --------------------------------------------------------------
@@ -316,14 +354,28 @@ class Channel:
     # -- running --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Listen for feeds until :meth:`stop`: each connection is one encoder run."""
+        """Listen for feeds until :meth:`stop`: each connection is one encoder run. Once a
+        feed was lost, a slate fills the channel until the next feed comes."""
         directory = self.settings.directory
         for name in self.settings.renditions:
             (directory / name).mkdir(parents=True, exist_ok=True)
         self._write_status()
         try:
             while not self._stopping:
-                await self._one_run()
+                self._active = "feed"
+                feed = asyncio.create_task(self._encode("feed", listener_input(self.settings)))
+                slate = None
+                if self.runs > 0 and self.settings.slate:
+                    self._active = "slate"
+                    source = slate_input(self.settings, font())
+                    slate = asyncio.create_task(self._encode("slate", source))
+                try:
+                    await feed
+                finally:
+                    if slate is not None:
+                        slate.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await slate
                 if not self._stopping:
                     await asyncio.sleep(0.2)  # a publisher that keeps failing costs little
         finally:
@@ -335,16 +387,18 @@ class Channel:
 
     async def stop(self) -> None:
         self._stopping = True
-        process = self._process
-        if process is not None and process.returncode is None:
-            process.terminate()
+        for process in list(self._processes.values()):
+            if process.returncode is None:
+                process.terminate()
 
-    async def _one_run(self) -> None:
+    async def _encode(self, source: str, inputs: tuple[list[str], str]) -> None:
+        """One encoder run of ``source`` ("feed": the SRT listener; "slate"), until it ends."""
         s = self.settings
         pipes = [os.pipe() for _ in s.renditions]
         write_fds = [w for _, w in pipes]
-        self.state = "waiting for the feed" if self.runs == 0 else "feed lost; waiting for it"
-        self._write_status()
+        if source == "feed":
+            self.state = "waiting for the feed" if self.runs == 0 else "feed lost; waiting for it"
+            self._write_status()
         try:
             process = await asyncio.create_subprocess_exec(
                 ffmpeg_exe(),
@@ -352,24 +406,28 @@ class Channel:
                 "-nostdin",
                 "-loglevel",
                 "warning",
-                *encoder_args(s, write_fds),
+                *encoder_args(s, write_fds, inputs),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=write_fds,
                 preexec_fn=_die_with_parent,
             )
+        except BaseException:
+            for r, _ in pipes:
+                os.close(r)
+            raise
         finally:
             for w in write_fds:
                 os.close(w)
-        self._process = process
-        outputs = [_Output(name) for name in s.renditions]
+        self._processes[source] = process
+        outputs = [_Output(name, source) for name in s.renditions]
         readers = [
             asyncio.create_task(self._read_output(out, r))
             for out, (r, _) in zip(outputs, pipes, strict=True)
         ]
         assert process.stderr is not None
-        log_task = asyncio.create_task(self._read_log(process.stderr))
+        log_task = asyncio.create_task(self._read_log(process.stderr, source))
         try:
             await asyncio.gather(*readers)
             await log_task
@@ -380,15 +438,16 @@ class Channel:
             if process.returncode is None:
                 process.kill()
                 await process.wait()
-            self._process = None
+            del self._processes[source]
         began = any(out.init is not None for out in outputs)
-        for out in outputs:
-            if out.init is not None:
-                self._carry_out(out.rendition, self.tracks[out.rendition].interrupt())
+        if self._active == source:  # what it fed ends here (a slate the feed replaced, not)
+            for out in outputs:
+                if out.init is not None:
+                    self._carry_out(out.rendition, self.tracks[out.rendition].interrupt())
         if began:
             self._write_status()
             await self._notify()
-        elif process.returncode not in (0, None) and not self._stopping:
+        elif process.returncode not in (0, None) and not self._stopping and source == "feed":
             tail = " / ".join(self.last_log[-3:]) or f"ffmpeg exited with {process.returncode}"
             self._problem(f"the listener stopped before any feed: {tail}")
 
@@ -407,6 +466,14 @@ class Channel:
 
     async def _box(self, out: _Output, kind: str, box: bytes) -> None:
         track = self.tracks[out.rendition]
+        if out.source != self._active:
+            if out.source != "feed" or kind != "moov":
+                return  # a slate the feed replaced: what it still writes goes nowhere
+            # The feed is back: it replaces the slate from its first init segment on.
+            self._active = "feed"
+            slate = self._processes.get("slate")
+            if slate is not None and slate.returncode is None:
+                slate.terminate()
         if kind == "ftyp":
             out.head = [box]
             out.init = None
@@ -415,8 +482,11 @@ class Channel:
             out.init = read_init(init_bytes)
             self._codecs[out.rendition] = out.init
             if out.rendition == self.settings.renditions[0]:
-                self.runs += 1
-                self.state = "live"
+                if out.source == "feed":
+                    self.runs += 1
+                    self.state = "live"
+                else:
+                    self.state = "feed lost; slate on air"
                 self._write_status()
             self._carry_out(out.rendition, track.begin(init_bytes))
             self._master_due = True
@@ -442,9 +512,12 @@ class Channel:
                 self._write_master()
         # mfra and anything else at the end of a run carry nothing a player needs
 
-    async def _read_log(self, stream: asyncio.StreamReader) -> None:
+    async def _read_log(self, stream: asyncio.StreamReader, source: str) -> None:
         while line_bytes := await stream.readline():
             line = line_bytes.decode("utf-8", "replace").rstrip()
+            if source != "feed":
+                log.debug("channel %s %s: %s", self.settings.name, source, line)
+                continue
             self.last_log = (self.last_log + [line])[-_STDERR_KEEP:]
             problem = feed_problem(line)
             if problem is not None:
@@ -510,6 +583,11 @@ class Channel:
     def _write_status(self) -> None:
         body = json.dumps(self.status(), indent=1).encode()
         _write_atomic(self.settings.directory / "status.json", body)
+
+
+def font() -> Path | None:
+    """A font drawtext can burn text with, if the machine has one."""
+    return next((f for f in FONT_CANDIDATES if f.is_file()), None)
 
 
 def _die_with_parent() -> None:
