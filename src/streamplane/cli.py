@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -20,6 +21,9 @@ from rich.table import Table
 from rich.text import Text
 
 from streamplane import media, placement
+
+if TYPE_CHECKING:
+    from streamplane.stack import LocalStack
 
 app = typer.Typer(
     help="streamplane: per-shot encoding, edges, steering and players for video streaming.",
@@ -272,6 +276,8 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             # a player needs only the URL (hls.js, dash.js, Shaka and ffmpeg are tested with it).
             out_console.print(f"HLS for any player (token valid 6 h):  {answer['hls']}")
             out_console.print(f"DASH for any player (token valid 6 h): {answer['dash']}")
+            if serve:
+                _live_demo(stack)
             if not serve:
                 return
             out_console.print("\nServing; press Ctrl-C to stop.")
@@ -282,6 +288,54 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
         raise _error(str(exc), 1) from None
     except KeyboardInterrupt:
         console.print("stopping: the edges drain, then exit")
+
+
+def _live_demo(stack: LocalStack) -> None:
+    """A live channel beside the title: the test feed over SRT into a small live ladder."""
+    import secrets
+    import socket
+    import time
+    from urllib.parse import quote
+
+    from streamplane.stack import StackError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        srt_port = s.getsockname()[1]
+    port = _free_or_any(8090)
+    key = secrets.token_hex(8)
+    origin = f"http://127.0.0.1:{port}"
+    console.print("[bold]starting[/bold] live channel demo-live, fed by the test feed over SRT")
+    channel = stack.spawn(
+        "live",
+        origin,
+        ["live", "start", "demo-live", "--srt-listen", str(srt_port), "--port", str(port)]
+        + ["--root", str(stack.work / "live"), "--stream-key", key, "--dvr", "120"],
+    )
+    deadline = time.monotonic() + 30
+    while not _answers(f"{origin}/demo-live/status.json"):
+        if not channel.alive() or time.monotonic() > deadline:
+            raise StackError(f"the live channel did not start:\n{channel.tail()}")
+        time.sleep(0.2)
+    stack.spawn(
+        "live-feed",
+        "",
+        ["live", "feed", "demo-live", "--to", f"srt://127.0.0.1:{srt_port}", "--stream-key", key],
+    )
+    master = f"{origin}/demo-live/master.m3u8"
+    out_console.print(
+        f"\nLive (LL-HLS):   {stack.control_url}/static/live.html?src={quote(master)}"
+    )
+    out_console.print(f"live playlist:   {master} (status: {origin}/demo-live/status.json)")
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @app.command()

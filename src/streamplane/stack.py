@@ -128,6 +128,7 @@ class LocalStack:
         self.edge_keys = {self.edge_id(i): secrets.token_hex(32) for i in range(edges)}
         self.control: StackProcess | None = None
         self.edges: list[StackProcess] = []
+        self.others: list[StackProcess] = []  # started with spawn: stopped first
         self._account: dict[str, str] | None = None
 
     @property
@@ -201,8 +202,15 @@ class LocalStack:
         return process
 
     def stop(self) -> None:
-        for process in [*self.edges, *([self.control] if self.control else [])]:
+        for process in [*self.others, *self.edges, *([self.control] if self.control else [])]:
             process.stop()
+
+    def spawn(self, name: str, url: str, args: list[str]) -> StackProcess:
+        """Run ``streamplane ARGS`` beside the stack (logged to ``<work>/<name>.log``),
+        stopped with it."""
+        process = self._spawn(name, url, args)
+        self.others.append(process)
+        return process
 
     def _write_settings(self) -> Path:
         czmap = self.work / "czmap.json"
