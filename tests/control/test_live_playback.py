@@ -31,7 +31,7 @@ async def test_a_channel_plays_from_every_healthy_edge(
         for edge in body["edges"]:
             assert edge["reason"]
             assert edge["hls"].startswith(f"{edge['base_url']}/ch1/master.m3u8?__token__=")
-            assert edge["dash"] == ""  # no live MPD is written: none is offered
+            assert edge["dash"].startswith(f"{edge['base_url']}/ch1/manifest.mpd?__token__=")
         url = urlsplit(body["hls"])
         token = parse_qs(url.query)["__token__"][0]
         now = int(control.clock.now)

@@ -12,6 +12,7 @@ import av
 import httpx
 import m3u8
 import pytest
+from mpegdash.parser import MPEGDASHParser
 
 from tests.live.conftest import LiveChannel, status_problems, wait_for
 
@@ -88,6 +89,18 @@ def test_a_channel_goes_live_blocks_reloads_survives_a_lost_feed_and_slides_its_
     assert bad.status_code == 400
     escape = httpx.get(f"{channel.base}/v240/%2e%2e/%2e%2e/ch1/status.json", timeout=5)
     assert escape.status_code == 400
+
+    # The DASH MPD addresses the same segment files, once a segment is whole.
+    mpd_url = f"{channel.base}/manifest.mpd"
+    wait_for(lambda: httpx.get(mpd_url, timeout=5).status_code == 200, 10, "the MPD")
+    mpd = MPEGDASHParser.parse(httpx.get(mpd_url, timeout=5).text)
+    assert mpd.type == "dynamic"
+    sets = mpd.periods[0].adaptation_sets
+    assert [[r.id for r in a.representations] for a in sets] == [["v240", "v144"], ["audio"]]
+    template = sets[0].segment_templates[0]
+    assert template.media == "$RepresentationID$/seg_$Number$.m4s"
+    number = template.start_number
+    assert httpx.get(f"{channel.base}/v240/seg_{number}.m4s", timeout=5).status_code == 200
 
     # The segments decode: init + segment is a playable CMAF track of the rung's size.
     wait_for(lambda: _segments(_playlist(channel)), 10, "a complete segment")

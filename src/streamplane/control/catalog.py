@@ -61,7 +61,7 @@ def channel_info(channel: str) -> TitleInfo:
         width=0,
         height=0,
         hls="master.m3u8",
-        dash="",  # the live packager writes no MPD yet
+        dash="manifest.mpd",
         artwork=(),
         rungs=(),
         plans=(),

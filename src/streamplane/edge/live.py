@@ -62,7 +62,7 @@ def origin_target(key: str) -> tuple[str, str]:
 
 
 def is_live_playlist(key: str, ttl_s: float) -> bool:
-    """Whether ``key`` is a playlist that goes stale after ``ttl_s`` (0: none do, a VOD
-    edge's playlists are as immutable as its segments). A blocking reload's object never
-    goes stale: it is the playlist as of its part."""
-    return ttl_s > 0 and key.endswith(".m3u8")
+    """Whether ``key`` is a playlist (or an MPD) that goes stale after ``ttl_s`` (0: none
+    do, a VOD edge's playlists are as immutable as its segments). A blocking reload's object
+    (``…m3u8~msn.part``) never goes stale: it is the playlist as of its part."""
+    return ttl_s > 0 and key.endswith((".m3u8", ".mpd"))

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from streamplane.live.mpd import DashRendition, live_mpd
 from streamplane.live.playlist import Rendition, Window, master_playlist, media_playlist
 from streamplane.live.track import Fragment, RemoveObject, TrackPackager, WriteObject
 from streamplane.media.ffmpeg import ffmpeg_exe
@@ -542,6 +543,27 @@ class Channel:
     async def _notify(self) -> None:
         async with self.changed:
             self.changed.notify_all()
+
+    def mpd(self, now: float) -> str | None:
+        """The channel's DASH MPD at wall-clock ``now``; None before every rendition began."""
+        if len(self._codecs) != len(self.settings.renditions):
+            return None
+        rungs = {r.name: r for r in self.settings.rungs}
+        renditions = [
+            DashRendition(
+                id=name,
+                codecs=self._codecs[name].codec_string,
+                bandwidth=64_000 if name == AUDIO else rungs[name].kbps * 1000,
+                window=self.tracks[name].window(),
+                width=self._codecs[name].width,
+                height=self._codecs[name].height,
+                audio=name == AUDIO,
+            )
+            for name in self.settings.renditions  # highest rung first, the audio last
+        ]
+        if not any(s.duration for s in renditions[0].window.segments):
+            return None
+        return live_mpd(renditions, now, self.settings.dvr_seconds)
 
     # -- files ------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ _TYPES: Final = {
 
 def cache_control(name: str, *, blocking: bool, part_target: float, segment_target: float) -> str:
     """The Cache-Control of a live object named ``name`` (what the edges key their TTLs on)."""
-    if name.endswith(".m3u8"):
+    if name.endswith((".m3u8", ".mpd")):
         if blocking:  # the playlist as of a given part: any later copy is as good
             return f"public, max-age={math.ceil(3 * segment_target)}"
         # max-age counts whole seconds: one second is the shortest it says, about two parts
@@ -88,6 +88,11 @@ def live_app(channel: Channel) -> Starlette:
             return _error(400, "not a live object name")
         if path == "status.json":
             return JSONResponse(channel.status(), headers=headers(path))
+        if path == "manifest.mpd":
+            text = channel.mpd(channel.clock())
+            if text is None:
+                return _error(404, "the channel has not begun", cache=False)
+            return Response(text, media_type="application/dash+xml", headers=headers(path))
         rendition, _, name = path.rpartition("/")
         if rendition and rendition not in channel.tracks:
             return _error(404, f"no rendition {rendition!r} in channel {settings.name!r}")

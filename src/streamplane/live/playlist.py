@@ -56,6 +56,7 @@ class Segment:
     program_date_time: float  # wall-clock seconds of its first frame (UNIX epoch)
     discontinuity: bool = False  # the encoder restarted before it (a new feed, a slate)
     duration: float | None = None
+    start: float = 0.0  # media time of its first sample, seconds on its encoder run's timeline
 
 
 @dataclass(frozen=True)

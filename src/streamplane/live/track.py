@@ -70,6 +70,7 @@ class _Open:
             program_date_time=self.program_date_time,
             discontinuity=self.discontinuity,
             duration=duration,
+            start=self.start,
         )
 
 
