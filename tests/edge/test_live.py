@@ -1,115 +1,40 @@
 """Live objects through a real edge (two workers) from a real live origin over HTTP.
 
 The origin is `streamplane.live`'s own (blocking reloads, preload hints), run in a thread and
-fed parts by the test, so each part lands exactly when the test says; the edge is a real edge
-process. What a viewer relies on: a blocking reload is held until the part exists and then
-answered, however many viewers wait, from one origin request per object per edge; a plain
-playlist is fresh within its lifetime; tokens are checked as for VOD.
+fed parts by the test (``SyntheticOrigin``), so each part lands exactly when the test says;
+the edge is a real edge process. What a viewer relies on: a blocking reload is held until the
+part exists and then answered, however many viewers wait, from one origin request per object
+per edge; a plain playlist is fresh within its lifetime; tokens are checked as for VOD.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import m3u8
 import pytest
-import uvicorn
 
 from streamplane.edge import live
-from streamplane.live import Channel, ChannelSettings, Fragment, Rung, live_app
-from streamplane.stack import free_port
+from streamplane.live import SyntheticOrigin
 from tests.edge.conftest import Edge, start_edge, token
 
 pytestmark = pytest.mark.timeout(90)
 
 
-class LiveOrigin:
-    """A live origin in a thread of its own, counting the requests it gets."""
-
-    def __init__(self, root: Path) -> None:
-        settings = ChannelSettings(
-            name="ch1",
-            root=root,
-            srt_port=9,
-            stream_key="k" * 12,
-            rungs=(Rung(240, 400),),
-            audio=False,
-            segment_target=2.0,
-            part_target=0.5,
-        )
-        self.requests: collections.Counter[str] = collections.Counter()
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.channel: Channel | None = None
-        self.start = 100.0
-        self.sent = 0
-        self._settings = settings
-        self._server: uvicorn.Server | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.channel = Channel(self._settings)
-        (self._settings.directory / "v240").mkdir(parents=True)
-        app = live_app(self.channel)
-
-        async def counting(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            if scope["type"] == "http":
-                query = scope["query_string"].decode()
-                self.requests[scope["path"] + (f"?{query}" if query else "")] += 1
-            await app(scope, receive, send)
-
-        config = uvicorn.Config(
-            counting, host="127.0.0.1", port=self.port, log_level="error", lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self.loop.call_soon(self.ready.set)
-        self.loop.run_until_complete(self._server.serve())
-
-    def call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
-
-    def begin(self) -> None:
-        assert self.channel is not None
-        track = self.channel.tracks["v240"]
-        self.call(self.channel.publish("v240", track.begin(b"\0\0\0\x08moov")))
-
-    def parts(self, n: int) -> None:
-        """Land ``n`` more parts (a keyframe every fourth)."""
-        assert self.channel is not None
-        track = self.channel.tracks["v240"]
-        for _ in range(n):
-            i = self.sent
-            body = b"\0\0\0\x10moof" + i.to_bytes(8, "big")
-            fragment = Fragment(self.start + i * 0.5, 0.5, i % 4 == 0, body)
-            self.call(self.channel.publish("v240", track.push(fragment, time.time())))
-            self.sent += 1
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture
-def origin(tmp_path: Path) -> Iterator[LiveOrigin]:
-    o = LiveOrigin(tmp_path / "origin")
+def origin(tmp_path: Path) -> Iterator[SyntheticOrigin]:
+    o = SyntheticOrigin(tmp_path / "origin")
     yield o
     o.stop()
 
 
 @pytest.fixture
-def edge(tmp_path: Path, origin: LiveOrigin) -> Iterator[Edge]:
+def edge(tmp_path: Path, origin: SyntheticOrigin) -> Iterator[Edge]:
     e = start_edge(tmp_path, f"http://127.0.0.1:{origin.port}", live_playlist_ttl_s=0.5)
     yield e
     e.stop()
@@ -133,6 +58,11 @@ def test_blocking_reload_keys() -> None:
     assert live.origin_target("ch/v/seg_1.m4s") == ("ch/v/seg_1.m4s", "")
 
 
+def _land(origin: SyntheticOrigin, n: int) -> None:
+    for _ in range(n):
+        origin.land()
+
+
 async def _many(url: str, n: int) -> list[httpx.Response]:
     limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
     async with httpx.AsyncClient(timeout=30, limits=limits) as client:
@@ -140,10 +70,9 @@ async def _many(url: str, n: int) -> list[httpx.Response]:
 
 
 def test_viewers_waiting_on_the_next_part_cost_the_origin_one_request(
-    origin: LiveOrigin, edge: Edge
+    origin: SyntheticOrigin, edge: Edge
 ) -> None:
-    origin.begin()
-    origin.parts(5)  # segment 0 whole, part 0 of segment 1
+    _land(origin, 5)  # segment 0 whole, part 0 of segment 1
     tok = token("/ch1/*")
     viewers = 200
     url = f"{edge.url}/ch1/v240/index.m3u8?_HLS_msn=1&_HLS_part=1&__token__={tok}"
@@ -157,7 +86,7 @@ def test_viewers_waiting_on_the_next_part_cost_the_origin_one_request(
         time.sleep(0.02)
     time.sleep(0.5)  # the viewers are held: nothing answers them before the part lands
     assert not result
-    origin.parts(1)  # part 1 of segment 1 lands
+    _land(origin, 1)  # part 1 of segment 1 lands
     waiting.join(20)
     responses = result[0]
     assert [r.status_code for r in responses] == [200] * viewers
@@ -180,29 +109,29 @@ def test_viewers_waiting_on_the_next_part_cost_the_origin_one_request(
     while not origin.requests[f"/ch1/v240/{hint}"]:
         assert time.monotonic() < deadline, "the edge never asked the origin for the part"
         time.sleep(0.02)
-    origin.parts(1)
+    _land(origin, 1)
     waiting.join(20)
     assert [r.status_code for r in result[0]] == [200] * 100
-    assert {r.content for r in result[0]} == {b"\0\0\0\x10moof" + (6).to_bytes(8, "big")}
+    assert {r.content for r in result[0]} == {(6).to_bytes(8, "big") * 2}
     assert origin.requests[f"/ch1/v240/{hint}"] == 1
 
 
-def test_a_plain_live_playlist_is_fresh_within_its_lifetime(origin: LiveOrigin, edge: Edge) -> None:
-    origin.begin()
-    origin.parts(2)
+def test_a_plain_live_playlist_is_fresh_within_its_lifetime(
+    origin: SyntheticOrigin, edge: Edge
+) -> None:
+    _land(origin, 2)
     tok = token("/ch1/*")
     first = edge.get("/ch1/v240/index.m3u8", tok)
     assert first.status_code == 200 and "seg_0.1.m4s" in first.text
-    origin.parts(1)
+    _land(origin, 1)
     time.sleep(1.2)  # past the 0.5 s lifetime (and the workers' half-second memory)
     second = edge.get("/ch1/v240/index.m3u8", tok)
     assert second.status_code == 200 and "seg_0.2.m4s" in second.text
     assert origin.requests["/ch1/v240/index.m3u8"] == 2
 
 
-def test_live_requests_are_checked_like_any_other(origin: LiveOrigin, edge: Edge) -> None:
-    origin.begin()
-    origin.parts(2)
+def test_live_requests_are_checked_like_any_other(origin: SyntheticOrigin, edge: Edge) -> None:
+    _land(origin, 2)
     unsigned = httpx.get(f"{edge.url}/ch1/v240/index.m3u8?_HLS_msn=0&_HLS_part=1", timeout=10)
     assert unsigned.status_code == 403
     base = f"{edge.url}/ch1/v240/index.m3u8"

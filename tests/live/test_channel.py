@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import time
 
 import av
@@ -154,3 +155,15 @@ def test_a_channel_goes_live_blocks_reloads_survives_a_lost_feed_and_slides_its_
     assert encoders
     for pid in encoders:
         assert not os.path.exists(f"/proc/{pid}")
+
+
+def test_a_killed_channel_leaves_no_encoder_holding_its_port(start_channel) -> None:
+    channel = start_channel("ch2")
+    encoders = wait_for(lambda: _children(channel.process.pid), 10, "the listener")
+    assert isinstance(encoders, set)
+    channel.process.send_signal(signal.SIGKILL)
+    channel.process.wait(10)
+    wait_for(lambda: not any(os.path.exists(f"/proc/{p}") for p in encoders), 5, "no orphans")
+    # the SRT port is free again
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", channel.srt_port))

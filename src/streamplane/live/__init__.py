@@ -28,7 +28,7 @@ from streamplane.live.playlist import (
     media_playlist,
     reload_ready,
 )
-from streamplane.live.service import serve_channel
+from streamplane.live.service import SyntheticOrigin, serve_channel
 from streamplane.live.track import Fragment, TrackPackager
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "Rendition",
     "Rung",
     "Segment",
+    "SyntheticOrigin",
     "TrackPackager",
     "Window",
     "cache_control",
