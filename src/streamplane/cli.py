@@ -787,6 +787,49 @@ def live_start(
         raise _error(str(exc), 3) from None
 
 
+@live_app.command("plan")
+def live_plan(
+    events: Path = typer.Option(
+        ..., "--events", help="events.toml: [[event]] channel, start, expected_viewers, ..."
+    ),
+    servers: Path = typer.Option(..., "--servers", help="servers.toml, as `place` reads it."),
+    headroom: float = typer.Option(0.7, help="Share of a server's throughput to plan on."),
+    lead_min: float = typer.Option(15.0, "--lead-min", help="Minutes of warm-up before a start."),
+) -> None:
+    """Print what each scheduled event pre-warms, where and when, and why."""
+    from datetime import UTC, datetime
+
+    from streamplane.live.schedule import plan_event, read_events
+
+    try:
+        fleet = placement.read_servers(servers)
+        plans = [
+            plan_event(e, fleet, headroom=headroom, lead_s=lead_min * 60)
+            for e in read_events(events.read_text())
+        ]
+    except (OSError, ValueError, placement.PlacementError) as exc:
+        raise _error(str(exc), 2) from None
+
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    short = False
+    for plan in plans:
+        e = plan.event
+        table = Table(
+            title=f"{e.channel}: starts {when(e.start)}, warm from {when(plan.warm_at)}; "
+            f"gateway admits {plan.admission_per_s}/s, up to {plan.max_connections} connections"
+        )
+        for col in ("site", "viewers", "edges", "why"):
+            table.add_column(col)
+        for site in plan.sites:
+            table.add_row(site.site, str(site.viewers), ", ".join(site.edges) or "-", site.reason)
+        out_console.print(table)
+        short = short or not plan.ready
+    if short:
+        raise _error("some sites cannot carry their expected audience (see above)", 1)
+
+
 @live_app.command("feed")
 def live_feed(
     channel: str = typer.Argument(..., help="Channel name (for the log)."),
