@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -116,6 +118,8 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=1000)
     parser.add_argument("--parts", type=int, default=8)
     args = parser.parse_args()
+    # a SIGTERM (a timeout) unwinds like Ctrl-C, so the edge and nginx are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # nginx's workers run as another user
@@ -161,6 +165,10 @@ def main() -> None:
           f"{'max ms':>8} {'served':>8} {'failed':>6}")  # fmt: skip
     for name, result in results.items():
         print(_row(name, result))
+    for name, result in results.items():
+        if result["failures"]:
+            kinds = collections.Counter(result["failures"]).most_common()
+            print(f"{name} failures: " + ", ".join(f"{k} x{n}" for k, n in kinds))
     edge, nginx = results["streamplane edge"], results["nginx proxy_cache_lock"]
     if nginx["delays"] and edge["delays"]:
         ratio = quantiles(sorted(nginx["delays"]), n=100)[94] / max(
