@@ -159,6 +159,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     czmap_poll_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     bgp: tuple[BgpPeer, ...] = ()  # BGP sessions feeding the routing table
     origin_url: str = ""  # last-resort edge when no healthy edge holds a title; empty: none
+    # Live channels (streamplane live start): played like titles, from every healthy edge,
+    # which pull them from the live origin.
+    live_channels: tuple[str, ...] = ()
     # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
     # of them, the client is read from trusted_proxy_header, walked right to left past the
     # trusted hops. Empty: the TCP peer is the client, whatever the headers say.
@@ -234,6 +237,9 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # is read from X-Forwarded-For, walked right to left past the trusted hops, as the control
     # plane does (edge/forwarded.py). Empty: the TCP peer is the client, whatever it sends.
     trusted_proxies: tuple[str, ...] = ()
+    # Live channels: a playlist (asked for without _HLS_msn) older than this is fetched again.
+    # 0: playlists never change, as a VOD catalog's do not. See edge/live.py.
+    live_playlist_ttl_s: float = 0.0
 
     def proxy_networks(self) -> tuple[Network, ...]:
         """``trusted_proxies`` as networks; SettingsError naming the first that is none."""

@@ -133,6 +133,7 @@ class LocalStack:
         self.control: StackProcess | None = None
         self.gateway: StackProcess | None = None
         self.edges: list[StackProcess] = []
+        self.others: list[StackProcess] = []  # started with spawn: stopped first
         self._account: dict[str, str] | None = None
 
     @property
@@ -217,9 +218,16 @@ class LocalStack:
         return process
 
     def stop(self) -> None:
-        others = [p for p in (self.control, self.gateway) if p is not None]
-        for process in [*self.edges, *others]:
+        planes = [p for p in (self.control, self.gateway) if p is not None]
+        for process in [*self.others, *self.edges, *planes]:
             process.stop()
+
+    def spawn(self, name: str, url: str, args: list[str]) -> StackProcess:
+        """Run ``streamplane ARGS`` beside the stack (logged to ``<work>/<name>.log``),
+        stopped with it."""
+        process = self._spawn(name, url, args)
+        self.others.append(process)
+        return process
 
     def _write_settings(self) -> Path:
         czmap = self.work / "czmap.json"
