@@ -1,0 +1,245 @@
+"""What a player reports: the heartbeat event, the batch it arrives in, and the record the
+stream carries.
+
+A player sends ``POST /v1/heartbeat`` with ``{"session_id": ..., "events": [...]}`` (the same
+body from the browser player, the headless viewers and the swarm). Each event is what the
+player knows at that moment: position, buffer, the rung it plays and that rung's bitrate, its
+throughput estimate, startup time, rebuffers, switches, failovers, the edge serving it, errors.
+The session's account, device and title come from the heartbeat token, never from the body.
+
+Validation is per event (:func:`parse_batch`): the envelope must be a JSON object with a session
+id and at most ``MAX_EVENTS`` events, else the whole request is refused (:class:`BatchError`);
+then each event is decoded on its own, and one that is malformed, carries a non-finite,
+negative or absurdly large number, or is stamped too far in the future (a player clock ahead
+would otherwise win every later "latest by event time" comparison) is refused with its index
+and reason, while the rest of the batch is kept.
+
+Idempotence: an event is identified by ``(device, session, seq, at)``. ``seq`` is the player's
+own counter, increasing over its events; players that send none get ``seq = -1`` and are then
+identified by event time alone. Consumers write "latest by event time wins", so a duplicate or
+a late event never moves anything backwards.
+
+The stream carries :class:`EventBatch` (one request's accepted events, all of one device, so
+they land in one partition in order), encoded with msgpack (:func:`encode_record`). Fields are
+only ever added, with defaults, so that records written by an older version still decode.
+
+Pure: no I/O and no clock; ``now`` is an argument.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Final
+
+import msgspec
+
+__all__ = [
+    "MAX_AGE_S",
+    "MAX_BODY_BYTES",
+    "MAX_EVENTS",
+    "MAX_FUTURE_S",
+    "BatchError",
+    "EventBatch",
+    "HeartbeatEvent",
+    "ParsedBatch",
+    "PlayerEvent",
+    "Refusal",
+    "SessionIdentity",
+    "decode_record",
+    "encode_record",
+    "parse_batch",
+    "to_events",
+]
+
+MAX_EVENTS: Final = 1000  # events in one request
+MAX_BODY_BYTES: Final = 256 * 1024  # one request's body
+MAX_FUTURE_S: Final = 300.0  # an event may be stamped this far after the server's clock
+MAX_AGE_S: Final = 7 * 86_400.0  # ... and at most this long before it
+
+_NO_NUL: Final = r"^[^\x00]*$"  # PostgreSQL refuses NUL in text: refuse it at the door
+_MAX_TIME: Final = 1e11  # epoch seconds: the year 5138
+
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e7)]  # 115 days: no session plays longer
+ShortSeconds = Annotated[float, msgspec.Meta(ge=0, le=86_400)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1_000_000)]
+Kbps = Annotated[float, msgspec.Meta(ge=0, le=10_000_000)]  # 10 Gb/s
+Name = Annotated[str, msgspec.Meta(max_length=64, pattern=_NO_NUL)]
+Word = Annotated[str, msgspec.Meta(max_length=32, pattern=_NO_NUL)]
+EpochS = Annotated[float, msgspec.Meta(ge=0, le=_MAX_TIME)]
+Seq = Annotated[int, msgspec.Meta(ge=-1, le=2**53)]
+
+
+class PlayerEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """One event as a player sends it. Unknown fields are ignored (a newer player may say
+    more than this version reads)."""
+
+    at: EpochS  # when it happened, epoch seconds (player clock)
+    position_s: Seconds
+    kind: Word = "position"  # play, pause, seek, rebuffer, bitrate, position; "stop" ends it
+    seq: Seq = -1  # the device's counter, increasing; -1: the player keeps none
+    phase: Word | None = None  # startup, steady, rebuffering, seeking
+    format: Word | None = None  # hls or dash
+    buffer_s: ShortSeconds | None = None
+    rung: Annotated[int, msgspec.Meta(ge=0, le=1000)] | None = None
+    rung_id: Name | None = None
+    bitrate_kbps: Kbps | None = None  # the rung's
+    throughput_kbps: Kbps | None = None  # the player's estimate
+    startup_s: ShortSeconds | None = None
+    rebuffers: Count = 0  # since the session started
+    rebuffer_s: Seconds = 0.0
+    switches: Count = 0
+    failovers: Count = 0
+    edge: Name | None = None  # the edge serving it
+    errors: Count = 0
+
+
+class _Envelope(msgspec.Struct, kw_only=True):
+    session_id: Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=_NO_NUL)]
+    events: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=MAX_EVENTS)] = []
+
+
+class Refusal(msgspec.Struct, frozen=True):
+    index: int  # in the request's ``events``
+    reason: str
+
+
+class ParsedBatch(msgspec.Struct, frozen=True):
+    session_id: str
+    events: list[PlayerEvent]  # the accepted ones, in the order sent
+    refused: list[Refusal]
+
+
+class BatchError(ValueError):
+    """The request as a whole cannot be read; ``status`` is the HTTP answer it earns."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+_ENVELOPE: Final = msgspec.json.Decoder(_Envelope)
+_EVENT: Final = msgspec.json.Decoder(PlayerEvent)
+
+
+def parse_batch(body: bytes, now: float) -> ParsedBatch:
+    """Validate a heartbeat request's body received at ``now`` (server clock, epoch s).
+
+    Raises :class:`BatchError` for a body that is too large (413) or not a batch (400/422);
+    otherwise refuses single events with their reason and keeps the rest."""
+    if len(body) > MAX_BODY_BYTES:
+        raise BatchError(
+            413, "batch_too_large", f"the body is {len(body)} bytes; at most {MAX_BODY_BYTES}"
+        )
+    try:
+        envelope = _ENVELOPE.decode(body)
+    except msgspec.ValidationError as err:
+        raise BatchError(422, "invalid_batch", f"not a heartbeat batch: {err}") from None
+    except msgspec.DecodeError as err:
+        raise BatchError(400, "malformed_batch", f"the body is not JSON: {err}") from None
+    kept: list[PlayerEvent] = []
+    refused: list[Refusal] = []
+    for index, raw in enumerate(envelope.events):
+        try:
+            event = _EVENT.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+            refused.append(Refusal(index, str(err)))
+            continue
+        reason = _skew(event.at, now)
+        if reason is not None:
+            refused.append(Refusal(index, reason))
+        else:
+            kept.append(event)
+    return ParsedBatch(envelope.session_id, kept, refused)
+
+
+def _skew(at: float, now: float) -> str | None:
+    if at > now + MAX_FUTURE_S:
+        return (
+            f"`$.at` is {at - now:.0f} s after the server's clock (at most {MAX_FUTURE_S:g} s):"
+            " the player's clock is wrong"
+        )
+    if at < now - MAX_AGE_S:
+        return f"`$.at` is {now - at:.0f} s old (at most {MAX_AGE_S:g} s)"
+    return None
+
+
+class SessionIdentity(msgspec.Struct, frozen=True):
+    """Who sends a batch, from its verified heartbeat token."""
+
+    account: str
+    session: str
+    device: str
+    title: str
+
+
+class HeartbeatEvent(msgspec.Struct, kw_only=True, frozen=True):
+    """One accepted event as the stream carries it: the player's event and who sent it."""
+
+    account: str
+    session: str
+    device: str
+    title: str
+    received_at: float  # server clock, epoch s
+    at: float  # player clock, epoch s
+    seq: int
+    kind: str
+    position_s: float
+    phase: str | None = None
+    format: str | None = None
+    buffer_s: float | None = None
+    rung: int | None = None
+    rung_id: str | None = None
+    bitrate_kbps: float | None = None
+    throughput_kbps: float | None = None
+    startup_s: float | None = None
+    rebuffers: int = 0
+    rebuffer_s: float = 0.0
+    switches: int = 0
+    failovers: int = 0
+    edge: str | None = None
+    errors: int = 0
+
+    @property
+    def key(self) -> tuple[str, str, int, float]:
+        """What identifies this event among duplicates (see the module's docstring)."""
+        return (self.device, self.session, self.seq, self.at)
+
+
+class EventBatch(msgspec.Struct, kw_only=True, frozen=True):
+    """One request's accepted events: one device's, in the order sent."""
+
+    device: str
+    events: list[HeartbeatEvent]
+
+
+def to_events(who: SessionIdentity, events: Sequence[PlayerEvent], now: float) -> EventBatch:
+    """The stream's record of ``events`` sent by ``who`` and received at ``now``."""
+    # Every field of PlayerEvent is a field of HeartbeatEvent: a field added to both is
+    # carried without touching this.
+    return EventBatch(
+        device=who.device,
+        events=[
+            HeartbeatEvent(
+                account=who.account,
+                session=who.session,
+                device=who.device,
+                title=who.title,
+                received_at=now,
+                **msgspec.structs.asdict(e),
+            )
+            for e in events
+        ],
+    )
+
+
+_RECORD_ENCODER: Final = msgspec.msgpack.Encoder()
+_RECORD_DECODER: Final = msgspec.msgpack.Decoder(EventBatch)
+
+
+def encode_record(batch: EventBatch) -> bytes:
+    return _RECORD_ENCODER.encode(batch)
+
+
+def decode_record(data: bytes) -> EventBatch:
+    return _RECORD_DECODER.decode(data)
