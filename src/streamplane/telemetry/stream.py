@@ -35,6 +35,7 @@ __all__ = [
     "Stream",
     "StreamError",
     "StreamUnavailable",
+    "check_group_name",
     "partition_of",
 ]
 
@@ -43,6 +44,16 @@ def partition_of(device: str, partitions: int) -> int:
     """The partition of ``device``'s batches: CRC-32 of its id, stable across processes and
     versions (Python's ``hash`` is salted per process)."""
     return zlib.crc32(device.encode()) % partitions
+
+
+def check_group_name(name: str) -> str:
+    """``name`` if it can name a consumer group on every engine (a JetStream durable name)."""
+    if not 1 <= len(name) <= 64 or any(c in name for c in ". *>\t\n"):
+        raise StreamError(
+            f"a consumer group's name is 1 to 64 characters without '.', '*', '>' or blanks,"
+            f" not {name!r}"
+        )
+    return name
 
 
 class StreamError(Exception):
@@ -55,7 +66,7 @@ class StreamUnavailable(StreamError):
 
 class Appended(msgspec.Struct, frozen=True):
     partition: int
-    offset: int  # within the partition, from 1, increasing
+    offset: int  # increasing within the partition (contiguous on the embedded engine only)
 
 
 class Delivery(msgspec.Struct, frozen=True):
