@@ -199,6 +199,7 @@ class HeartbeatEvent(msgspec.Struct, kw_only=True, frozen=True):
     failovers: int = 0
     edge: str | None = None
     errors: int = 0
+    client: str | None = None  # the player's address as the control plane saw it (QoS networks)
 
     @property
     def key(self) -> tuple[str, str, int, float]:
@@ -213,8 +214,15 @@ class EventBatch(msgspec.Struct, kw_only=True, frozen=True):
     events: list[HeartbeatEvent]
 
 
-def to_events(who: SessionIdentity, events: Sequence[PlayerEvent], now: float) -> EventBatch:
-    """The stream's record of ``events`` sent by ``who`` and received at ``now``."""
+def to_events(
+    who: SessionIdentity,
+    events: Sequence[PlayerEvent],
+    now: float,
+    *,
+    client: str | None = None,
+) -> EventBatch:
+    """The stream's record of ``events`` sent by ``who`` from address ``client`` and received
+    at ``now``."""
     # Every field of PlayerEvent is a field of HeartbeatEvent: a field added to both is
     # carried without touching this.
     return EventBatch(
@@ -226,6 +234,7 @@ def to_events(who: SessionIdentity, events: Sequence[PlayerEvent], now: float) -
                 device=who.device,
                 title=who.title,
                 received_at=now,
+                client=client,
                 **msgspec.structs.asdict(e),
             )
             for e in events
