@@ -19,14 +19,14 @@ from streamplane.telemetry.qos import (
     RowKey,
     SessionMark,
     Verdict,
-    add,
+    add_qos,
     apply_rows,
-    fold,
-    judge,
+    fold_qos,
+    judge_edges,
     mean_bitrate_kbps,
-    quantile,
     rebuffer_ratio,
-    rollup,
+    rollup_qos,
+    startup_quantile,
 )
 
 T0 = 1_800_000_000.0  # a whole hour (1_800_000_000 / 3600 = 500_000)
@@ -102,7 +102,7 @@ def _run(batches: Iterable[list[QosSample]]) -> dict[RowKey, Qos]:
     marks: dict[str, SessionMark] = {}
     rows: dict[RowKey, Qos] = {}
     for batch in batches:
-        folded = fold(marks, batch)
+        folded = fold_qos(marks, batch)
         marks.update(folded.marks)
         rows.update(apply_rows(rows, folded.deltas))
     return rows
@@ -119,7 +119,7 @@ def _split(events: list[QosSample], cuts: list[int]) -> list[list[QosSample]]:
 
 @given(qos_values, qos_values, qos_values)
 def test_both_merges_are_associative_and_commutative(a: Qos, b: Qos, c: Qos) -> None:
-    for merge in (add, rollup):
+    for merge in (add_qos, rollup_qos):
         assert merge(a, b) == merge(b, a)
         assert merge(merge(a, b), c) == merge(a, merge(b, c))
 
@@ -157,7 +157,7 @@ def test_hour_rows_are_the_rollup_of_their_minutes(events: list[QosSample]) -> N
         rolled = Qos()
         for r, m in minutes.items():
             if r.key == hour.key and hour.start <= r.start < hour.start + HOUR:
-                rolled = rollup(rolled, m)
+                rolled = rollup_qos(rolled, m)
         assert q == rolled
 
 
@@ -171,7 +171,7 @@ def test_totals_do_not_depend_on_arrival_order(events: list[QosSample], rnd: ran
         title = [q for r, q in rows.items() if r.span == HOUR and r.key == QosKey(title="demo")]
         q = Qos()
         for h in title:
-            q = rollup(q, h)
+            q = rollup_qos(q, h)
         return (
             q.watch_ms,
             q.rebuffer_ms,
@@ -222,7 +222,7 @@ def test_the_counters_of_a_session_become_its_minutes_and_viewers() -> None:
     assert net.asn == 64501 and net.viewers == 2
     hour = rows[RowKey(int(T0), HOUR, QosKey(title="demo"))]
     assert (hour.viewers, hour.viewer_minutes, hour.rebuffer_ms) == (2, 3, 4000)
-    assert quantile(hour.startups, 0.5) is not None
+    assert startup_quantile(hour.startups, 0.5) is not None
     assert sum(hour.startups.values()) == 2  # each session's startup once
 
 
@@ -243,7 +243,7 @@ def test_startup_quantiles_are_within_the_sketch_accuracy(values: list[float], q
     hist: dict[int, int] = {}
     for v in values:
         hist[startup_bucket(v)] = hist.get(startup_bucket(v), 0) + 1
-    got = quantile(hist, q)
+    got = startup_quantile(hist, q)
     assert got is not None
     true = sorted(values)[int(q * (len(values) - 1))]
     assert abs(got - true) <= STARTUP_ACCURACY * true * 1.0000001
@@ -258,25 +258,25 @@ def _rows(**pairs: tuple[int, int]) -> list[tuple[QosKey, Qos]]:
 
 
 def test_an_edge_rebuffering_far_more_than_its_peers_is_demoted_until_it_recovers() -> None:
-    demoted = judge(_rows(slow=(300, 60), a=(300, 3), b=(300, 0)), {}, now=100.0)
+    demoted = judge_edges(_rows(slow=(300, 60), a=(300, 3), b=(300, 0)), {}, now=100.0)
     assert set(demoted) == {("n", "slow")}
     assert "20.0 % of the time on it against 0.5 %" in demoted["n", "slow"].reason
     # Better, but above the recovery line (1.5x its peers): still demoted (hysteresis).
-    held = judge(_rows(slow=(300, 12), a=(300, 6), b=(300, 6)), demoted, now=160.0)
+    held = judge_edges(_rows(slow=(300, 12), a=(300, 6), b=(300, 6)), demoted, now=160.0)
     assert set(held) == {("n", "slow")} and held["n", "slow"].since == 100.0
     # The same figures would not have demoted it (3x needed).
-    assert judge(_rows(slow=(300, 12), a=(300, 6), b=(300, 6)), {}, now=160.0) == {}
+    assert judge_edges(_rows(slow=(300, 12), a=(300, 6), b=(300, 6)), {}, now=160.0) == {}
     # Recovered.
-    assert judge(_rows(slow=(300, 1), a=(300, 6), b=(300, 6)), held, now=220.0) == {}
+    assert judge_edges(_rows(slow=(300, 1), a=(300, 6), b=(300, 6)), held, now=220.0) == {}
 
 
 def test_without_evidence_a_demotion_is_held_then_let_go() -> None:
     before = {("n", "slow"): Verdict(since=0.0, bad_at=100.0, reason="r")}
     quiet = _rows(slow=(10, 5), a=(300, 0))  # too little watching on it to judge
-    assert judge(quiet, before, now=200.0) == before
-    assert judge(quiet, before, now=221.0) == {}
+    assert judge_edges(quiet, before, now=200.0) == before
+    assert judge_edges(quiet, before, now=221.0) == {}
 
 
 def test_no_verdict_without_peers_or_below_the_floor() -> None:
-    assert judge(_rows(alone=(600, 300)), {}, now=0.0) == {}
-    assert judge(_rows(a=(600, 6), b=(600, 0)), {}, now=0.0) == {}  # 1 %: under the floor
+    assert judge_edges(_rows(alone=(600, 300)), {}, now=0.0) == {}
+    assert judge_edges(_rows(a=(600, 6), b=(600, 0)), {}, now=0.0) == {}  # 1 %: under the floor

@@ -19,6 +19,7 @@ from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
 from streamplane.control.playback import Playback
+from streamplane.control.qos import QosService
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
 from streamplane.edge import parse_networks
@@ -89,6 +90,8 @@ class ControlPlane:
             self.accounts.session_token,
         )
         self.sources.on_sites = self._sites_reloaded
+        # -- quality of experience: aggregates from the heartbeats, fed back into steering
+        self.qos = QosService(self.store, self.steering, clock=clock)
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
         self._store_check = asyncio.Lock()
@@ -123,7 +126,9 @@ class ControlPlane:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
         await self.fleet.start(self.monotonic())
         await self.sources.start()
+        await self.qos.start()
 
     async def stop(self) -> None:
+        await self.qos.stop()
         await self.sources.stop()
         await self.store.dispose()

@@ -116,6 +116,7 @@ class RankedEdge(msgspec.Struct, frozen=True, kw_only=True):
     load: float
     site: str = ""
     slow_start_deferred: bool = False  # moved after the full-share edges for this session
+    qos_demoted: bool = False  # moved after them: its viewers in this network rebuffer far more
 
 
 @lru_cache(maxsize=4096)

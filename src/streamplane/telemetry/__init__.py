@@ -1,5 +1,6 @@
 """The telemetry plane: player heartbeats validated at ingest, appended to a durable
-partitioned stream, and written behind into the store by idempotent consumers."""
+partitioned stream, and written behind into the store by idempotent consumers; the
+quality-of-experience aggregates that steering reads (``qos``, ``qos_consumer``)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,27 @@ from streamplane.telemetry.events import (
     parse_batch,
     to_events,
 )
+from streamplane.telemetry.qos import (
+    HOUR,
+    MINUTE,
+    DemotionPolicy,
+    Qos,
+    QosKey,
+    QosPolicy,
+    QosSample,
+    RowKey,
+    SessionMark,
+    Verdict,
+    add_qos,
+    apply_rows,
+    fold_qos,
+    judge_edges,
+    mean_bitrate_kbps,
+    rebuffer_ratio,
+    rollup_qos,
+    startup_quantile,
+)
+from streamplane.telemetry.qos_consumer import NetworkOf, QosConsumer, QosSink
 from streamplane.telemetry.stream import (
     Appended,
     Delivery,
@@ -29,24 +51,45 @@ from streamplane.telemetry.stream import (
 )
 
 __all__ = [
+    "HOUR",
     "MAX_BODY_BYTES",
     "MAX_EVENTS",
+    "MINUTE",
     "Appended",
     "BatchError",
     "Delivery",
+    "DemotionPolicy",
     "EventBatch",
     "Group",
     "HeartbeatEvent",
+    "NetworkOf",
     "ParsedBatch",
     "PlayerEvent",
+    "Qos",
+    "QosConsumer",
+    "QosKey",
+    "QosPolicy",
+    "QosSample",
+    "QosSink",
     "Refusal",
+    "RowKey",
     "SessionIdentity",
+    "SessionMark",
     "Stream",
     "StreamError",
     "StreamUnavailable",
+    "Verdict",
+    "add_qos",
+    "apply_rows",
     "decode_record",
     "encode_record",
+    "fold_qos",
+    "judge_edges",
+    "mean_bitrate_kbps",
     "parse_batch",
     "partition_of",
+    "rebuffer_ratio",
+    "rollup_qos",
+    "startup_quantile",
     "to_events",
 ]

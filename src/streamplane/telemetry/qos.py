@@ -35,8 +35,8 @@ DDSketch (Masson, Rim, Lee, VLDB 2019): bucket ``ceil(log_gamma(x))`` with
 counts, so minutes, hours and processes merge exactly, and a quantile read from any merge is
 within 1 % of a true sample value of that quantile's rank.
 
-Two merges: :func:`add` combines deltas for the same period (everything sums), and
-:func:`rollup` combines different minutes into a longer period (``viewers`` becomes the
+Two merges: :func:`add_qos` combines deltas for the same period (everything sums), and
+:func:`rollup_qos` combines different minutes into a longer period (``viewers`` becomes the
 peak minute's, ``viewer_minutes`` their sum; everything else sums). Both are associative
 and commutative; times are integer milliseconds and bitrate integrals integer kbit, so sums
 are exact in any order.
@@ -57,6 +57,7 @@ __all__ = [
     "HOUR",
     "MINUTE",
     "STARTUP_ACCURACY",
+    "DemotionPolicy",
     "Folded",
     "Qos",
     "QosKey",
@@ -64,17 +65,16 @@ __all__ = [
     "QosSample",
     "RowKey",
     "SessionMark",
-    "SteeringPolicy",
     "Verdict",
-    "add",
+    "add_qos",
     "apply_rows",
-    "fold",
-    "judge",
+    "fold_qos",
+    "judge_edges",
     "mean_bitrate_kbps",
-    "quantile",
     "rebuffer_ratio",
-    "rollup",
+    "rollup_qos",
     "startup_bucket",
+    "startup_quantile",
 ]
 
 MINUTE: Final = 60
@@ -138,12 +138,12 @@ def _sum_fields(a: Qos, b: Qos, viewers: int) -> Qos:
     )
 
 
-def add(a: Qos, b: Qos) -> Qos:
+def add_qos(a: Qos, b: Qos) -> Qos:
     """Two deltas of the same period together."""
     return _sum_fields(a, b, a.viewers + b.viewers)
 
 
-def rollup(a: Qos, b: Qos) -> Qos:
+def rollup_qos(a: Qos, b: Qos) -> Qos:
     """Two periods together (minutes into an hour): the peak viewers, everything else summed."""
     return _sum_fields(a, b, max(a.viewers, b.viewers))
 
@@ -157,7 +157,7 @@ def _bucket_value(bucket: int) -> float:
     return 2 * _GAMMA**bucket / (_GAMMA + 1)
 
 
-def quantile(histogram: Mapping[int, int], q: float) -> float | None:
+def startup_quantile(histogram: Mapping[int, int], q: float) -> float | None:
     """The ``q`` quantile (0..1) of a startup histogram, in seconds; None if it is empty."""
     total = sum(histogram.values())
     if total <= 0:
@@ -257,7 +257,7 @@ def _viewed(
     return False
 
 
-def fold(
+def fold_qos(
     marks: Mapping[str, SessionMark],
     samples: Iterable[QosSample],
     policy: QosPolicy = QosPolicy(),
@@ -326,7 +326,7 @@ def fold(
                 d.asn = 0
             row = RowKey(minute, MINUTE, key)
             known_delta = out.deltas.get(row)
-            out.deltas[row] = d if known_delta is None else add(known_delta, d)
+            out.deltas[row] = d if known_delta is None else add_qos(known_delta, d)
     return out
 
 
@@ -336,11 +336,11 @@ def apply_rows(existing: Mapping[RowKey, Qos], deltas: Mapping[RowKey, Qos]) -> 
     kept equal to the rollup of that hour's minutes."""
     out: dict[RowKey, Qos] = {}
     for row, delta in sorted(deltas.items()):
-        minute_row = add(out.get(row) or existing.get(row) or Qos(), delta)
+        minute_row = add_qos(out.get(row) or existing.get(row) or Qos(), delta)
         out[row] = minute_row
         hour = RowKey(row.start // HOUR * HOUR, HOUR, row.key)
         hour_row = out.get(hour) or existing.get(hour) or Qos()
-        summed = add(hour_row, msgspec.structs.replace(delta, viewers=0))
+        summed = add_qos(hour_row, msgspec.structs.replace(delta, viewers=0))
         summed.viewers = max(hour_row.viewers, minute_row.viewers)
         out[hour] = summed
     return out
@@ -358,7 +358,7 @@ class Verdict(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
-class SteeringPolicy(msgspec.Struct, frozen=True, kw_only=True):
+class DemotionPolicy(msgspec.Struct, frozen=True, kw_only=True):
     window_s: int = 180  # the minutes compared: those ending within this of now
     min_watch_s: float = 60.0  # an edge (and its peers) needs this much watching to judge
     floor: float = 0.02  # a rebuffer ratio below this is never "far more"
@@ -371,11 +371,11 @@ def _pct(x: float) -> str:
     return f"{x * 100:.1f} %"
 
 
-def judge(
+def judge_edges(
     rows: Iterable[tuple[QosKey, Qos]],
     demoted: Mapping[tuple[str, str], Verdict],
     now: float,
-    policy: SteeringPolicy = SteeringPolicy(),
+    policy: DemotionPolicy = DemotionPolicy(),
 ) -> dict[tuple[str, str], Verdict]:
     """Which (network, edge) pairs steering demotes now, from the (edge, network) minute
     rows of the window (summed here) and the pairs demoted before (hysteresis).
