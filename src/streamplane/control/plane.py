@@ -18,6 +18,7 @@ from streamplane.config import Settings, SettingsError
 from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
+from streamplane.control.heartbeats import Heartbeats
 from streamplane.control.playback import Playback
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
@@ -88,6 +89,8 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
+        self.heartbeats = Heartbeats(settings, self.store)
+        self.playback.heartbeats = self.heartbeats
         self.sources.on_sites = self._sites_reloaded
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
@@ -123,7 +126,9 @@ class ControlPlane:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
         await self.fleet.start(self.monotonic())
         await self.sources.start()
+        await self.heartbeats.start()
 
     async def stop(self) -> None:
+        await self.heartbeats.stop()
         await self.sources.stop()
         await self.store.dispose()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import msgspec
 from fastapi import APIRouter, Request, Response
 
-from streamplane.control.errors import forbidden
-from streamplane.control.playback import HeartbeatOut, PlaybackIn, PlayerHeartbeatIn
-from streamplane.control.routes.body import JsonRoute, reply_schema
+from streamplane.control.errors import ApiError
+from streamplane.control.playback import PlaybackIn
+from streamplane.control.routes.body import JsonRoute, body_schema, reply_schema
 from streamplane.control.routes.catalog import known_title
 from streamplane.control.routes.deps import Creds, Me, bearer_token, plane_of
 from streamplane.edge import client_address, forwarded_chain, x_forwarded_for_chain
+from streamplane.telemetry import BatchError
+from streamplane.telemetry.ingest import IngestRefused
 
 __all__ = ["router"]
 
@@ -43,21 +45,38 @@ async def stop_playback(session_id: str, me: Me, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/v1/heartbeat", response_model=HeartbeatOut)
-async def player_heartbeat(
-    body: PlayerHeartbeatIn, credentials: Creds, request: Request
-) -> HeartbeatOut:
-    """A player's batched events: keep the screen, record the position (latest wins).
+@router.post(
+    "/v1/heartbeat",
+    response_model=None,
+    openapi_extra=body_schema("HeartbeatRequest", reply="HeartbeatAnswer"),
+)
+async def player_heartbeat(credentials: Creds, request: Request) -> Response:
+    """A player's batched events, appended to the telemetry stream and written behind.
 
     Authorise with the session's heartbeat token (from the playback answer) or an access
-    token of the same account. 410 if the session already ended or timed out.
+    token of the same account. The answer comes once the batch is durable in the stream; a
+    bad event is refused with its reason (``refused``) and the rest kept. 410 if the session
+    already ended or timed out (its events are still recorded); 429 with Retry-After past the
+    device's or the service's rate (wait that long; ``interval_s`` is the cadence to keep).
     """
     plane = plane_of(request)
     now = plane.clock()
     claims = plane.accounts.claims(bearer_token(credentials), now)
-    if claims["typ"] == "session" and claims.get("sid") != body.session_id:
-        raise forbidden("this heartbeat token belongs to another session")
-    return await plane.playback.heartbeat(claims["sub"], body, now)
+    ingest = plane.heartbeats.ingest
+    if ingest is None:
+        raise ApiError(
+            503, "telemetry_unavailable", "heartbeats are not taken yet", retry_after_s=1
+        )
+    session = claims.get("sid") if claims["typ"] == "session" else None
+    try:
+        answer = await ingest.heartbeat(
+            claims["sub"], await request.body(), now, plane.monotonic(), session
+        )
+    except BatchError as err:
+        raise ApiError(err.status, err.code, str(err)) from None
+    except IngestRefused as err:
+        raise ApiError(err.status, err.code, err.detail, **err.extra) from None
+    return Response(msgspec.json.encode(answer), media_type="application/json")
 
 
 def _client_address(request: Request) -> str:
