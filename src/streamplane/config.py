@@ -267,6 +267,11 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     consumer_batches: int = 1024  # batches written in one store transaction, at most
     ack_wait_s: float = 30.0  # a batch taken and not written by then is handed out again
     screen_touch_s: float = 15.0  # a session's last_seen is written at most this often
+    # A lean listener for POST /v1/heartbeat alone (docs/telemetry.md); 0: none, heartbeats
+    # go to the control plane's own port. Players are sent to ingest_url (empty: host:port).
+    ingest_port: int = 0
+    ingest_host: str = "127.0.0.1"
+    ingest_url: str = ""
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import Connection, func, select
 
@@ -20,7 +21,7 @@ from streamplane.telemetry.consumers import StoreWrites, WriteBehind
 from streamplane.telemetry.stream_embedded import EmbeddedStream
 
 from ..telemetry.conftest import SHARED_NATS, _nats_reachable
-from .conftest import T0, Control, Db, running, write_title
+from .conftest import T0, Control, Db, free_port, running, write_title
 
 
 async def _start(control: Control, device: str = "tv") -> tuple[dict[str, Any], dict[str, str]]:
@@ -32,12 +33,11 @@ async def _start(control: Control, device: str = "tv") -> tuple[dict[str, Any], 
     return session, {"Authorization": f"Bearer {session['heartbeat']['token']}"}
 
 
-async def _beat(control: Control, session: dict[str, Any], hb: dict[str, str], *events: Any):  # type: ignore[no-untyped-def]
-    return await control.client.post(
-        "/v1/heartbeat",
-        json={"session_id": session["session_id"], "events": list(events)},
-        headers=hb,
-    )
+async def _beat(
+    control: Control, session: dict[str, Any], hb: dict[str, str], *events: Any
+) -> httpx.Response:
+    body = {"session_id": session["session_id"], "events": list(events)}
+    return await control.client.post("/v1/heartbeat", json=body, headers=hb)
 
 
 def _store(control: Control) -> Store:
@@ -222,3 +222,39 @@ async def test_heartbeats_through_jetstream_into_the_store(
         stream = await NatsStream.open(SHARED_NATS, name=name, partitions=2)
         await stream.delete()
         await stream.close()
+
+
+async def test_the_lean_listener_answers_as_the_control_plane_does(
+    db: Db, tmp_path: Path, geo: GeoLocator
+) -> None:
+    catalog = tmp_path / "catalog"
+    write_title(catalog, "demo")
+    port = free_port()
+    async with running(db, catalog, geo, telemetry={"ingest_port": port}) as control:
+        session, hb = await _start(control)
+        url = session["heartbeat"]["url"]
+        assert url == f"http://127.0.0.1:{port}/v1/heartbeat"
+        body = {"session_id": session["session_id"], "events": [{"at": T0, "position_s": 9.0}]}
+        async with httpx.AsyncClient() as client:
+            r = await client.post(url, json=body, headers=hb)
+            assert r.status_code == 200 and r.json()["resume_position_s"] == 9.0, r.text
+            # the same refusals as the framework's route
+            r = await client.post(url, json=body)
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+            r = await client.post(url, content=b"{", headers=hb)
+            assert r.status_code == 400 and r.json()["error"] == "bad_json", r.text
+            r = await client.post(url, content=b"x" * (65 * 1024), headers=hb)
+            assert r.status_code == 413, r.text
+            r = await client.get(url)
+            assert r.status_code == 405
+            r = await client.post(url.replace("/v1/heartbeat", "/v1/playback"), json={})
+            assert r.status_code == 404
+        # a request that is not HTTP is answered 400 and the connection closed
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"NONSENSE\r\n\r\n")
+        head = await asyncio.wait_for(reader.read(100), 5)
+        assert head.startswith(b"HTTP/1.1 400"), head
+        assert await asyncio.wait_for(reader.read(), 5) is not None  # closed by the server
+        writer.close()
+        await control.settled()
+        assert await _resume_rows(_store(control)) == [(9.0, T0)]

@@ -11,19 +11,24 @@ stream; they are written when it returns.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
+import msgspec
 from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from streamplane.config import Settings, SettingsError, TelemetrySettings
+from streamplane.control.errors import ApiError, unauthorised
 from streamplane.control.store import Resume, Screen, Store, StoreUnavailable
-from streamplane.telemetry import Stream, StreamError
+from streamplane.telemetry import BatchError, Stream, StreamError
 from streamplane.telemetry.admission import Admission, Limit
 from streamplane.telemetry.consumers import Position, StoreWrites, WriteBehind
-from streamplane.telemetry.ingest import Ingest, SessionView
+from streamplane.telemetry.ingest import Ingest, IngestRefused, SessionView
+from streamplane.telemetry.server import Answer, IngestServer
 
 __all__ = ["Heartbeats", "StoreSink", "open_stream"]
 
@@ -100,10 +105,31 @@ async def open_stream(t: TelemetrySettings, sqlite_path: str | None = None) -> S
     return EmbeddedStream(where, partitions=t.partitions)
 
 
+Claims = Callable[[str, float], dict[str, Any]]  # token, now -> verified claims (or ApiError)
+_STORE_RETRY_AFTER_S: Final = 2
+
+
+def _refusal(err: ApiError) -> Answer:
+    headers: list[tuple[bytes, bytes]] = []
+    if err.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    wait = err.extra.get("retry_after_s")
+    if isinstance(wait, int | float):
+        headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
+    return err.status, msgspec.json.encode(err.body()), headers
+
+
 class Heartbeats:
     """The telemetry plane as the control plane runs it; :meth:`start` opens the stream."""
 
-    def __init__(self, settings: Settings, store: Store) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        claims: Claims,
+        clock: Callable[[], float],
+        monotonic: Callable[[], float],
+    ) -> None:
         t = settings.telemetry
         try:
             self.admission = Admission(
@@ -113,9 +139,56 @@ class Heartbeats:
             raise SettingsError(f"telemetry: {err}") from None
         self._settings = settings
         self._store = store
+        self._claims = claims
+        self._clock = clock
+        self._monotonic = monotonic
         self.ingest: Ingest | None = None
         self.consumer: WriteBehind | None = None
+        self.listener: IngestServer | None = None
         self._stream: Stream | None = None
+
+    def url(self) -> str | None:
+        """Where players send heartbeats when the lean listener runs; None: the control
+        plane's own /v1/heartbeat."""
+        t = self._settings.telemetry
+        if not t.ingest_port:
+            return None
+        return t.ingest_url.rstrip("/") or f"http://{t.ingest_host}:{t.ingest_port}/v1/heartbeat"
+
+    async def answer(self, authorization: str, body: bytes) -> Answer:
+        """``POST /v1/heartbeat``, whichever listener took it: (status, JSON body, headers)."""
+        now = self._clock()
+        try:
+            scheme, _, token = authorization.partition(" ")
+            if scheme.lower() != "bearer" or not token:
+                raise unauthorised("send Authorization: Bearer <heartbeat or access token>")
+            claims = self._claims(token.strip(), now)
+            if self.ingest is None:
+                raise ApiError(
+                    503, "telemetry_unavailable", "heartbeats are not taken yet", retry_after_s=1
+                )
+            session = claims.get("sid") if claims["typ"] == "session" else None
+            try:
+                answer = await self.ingest.heartbeat(
+                    claims["sub"], body, now, self._monotonic(), session
+                )
+            except BatchError as err:
+                raise ApiError(err.status, err.code, str(err)) from None
+            except IngestRefused as err:
+                raise ApiError(err.status, err.code, err.detail, **err.extra) from None
+        except ApiError as err:
+            return _refusal(err)
+        except StoreUnavailable:  # a session not seen yet, and the store down
+            return _refusal(
+                ApiError(
+                    503,
+                    "store_unavailable",
+                    "the control plane's database is unavailable; try again in"
+                    f" {_STORE_RETRY_AFTER_S} s",
+                    retry_after_s=_STORE_RETRY_AFTER_S,
+                )
+            )
+        return 200, msgspec.json.encode(answer), []
 
     async def start(self) -> None:
         t = self._settings.telemetry
@@ -140,8 +213,19 @@ class Heartbeats:
             touch_s=t.screen_touch_s,
         )
         await self.consumer.start()
+        if t.ingest_port:
+            self.listener = IngestServer(self.answer, t.ingest_host, t.ingest_port)
+            try:
+                await self.listener.start()
+            except OSError as err:
+                raise SettingsError(
+                    f"telemetry.ingest_port: cannot listen on {t.ingest_host}:{t.ingest_port}:"
+                    f" {err}"
+                ) from None
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
         if self.consumer is not None:
             try:
                 await self.consumer.settle(timeout_s=2.0)  # write what is waiting, if we can

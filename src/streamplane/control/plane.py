@@ -89,8 +89,11 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
-        self.heartbeats = Heartbeats(settings, self.store)
+        self.heartbeats = Heartbeats(
+            settings, self.store, self.accounts.claims, clock=clock, monotonic=monotonic
+        )
         self.playback.heartbeats = self.heartbeats
+        self.playback.heartbeat_url = self.heartbeats.url() or self.playback.heartbeat_url
         self.sources.on_sites = self._sites_reloaded
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")

@@ -383,7 +383,7 @@ class Playback:
         self._ttl = token_ttl_s
         self._session_token = session_token
         self.heartbeats: Heartbeats | None = None  # set by the control plane
-        self._heartbeat_url = settings.base_url() + "/v1/heartbeat"
+        self.heartbeat_url = settings.base_url() + "/v1/heartbeat"
         self._statements = _Statements(store)
         self._purge_due = -math.inf  # when a start next sets off a purge
         self._latest = -math.inf  # the latest start's clock
@@ -510,7 +510,7 @@ class Playback:
             edges=edges,
             token_expires_at=expiry,
             heartbeat=HeartbeatInfo(
-                url=self._heartbeat_url,
+                url=self.heartbeat_url,
                 interval_s=self._settings.player_heartbeat_s,
                 token=self._session_token(account_id, session_id, expiry),
             ),

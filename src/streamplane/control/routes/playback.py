@@ -5,14 +5,11 @@ from __future__ import annotations
 import msgspec
 from fastapi import APIRouter, Request, Response
 
-from streamplane.control.errors import ApiError
 from streamplane.control.playback import PlaybackIn
 from streamplane.control.routes.body import JsonRoute, body_schema, reply_schema
 from streamplane.control.routes.catalog import known_title
-from streamplane.control.routes.deps import Creds, Me, bearer_token, plane_of
+from streamplane.control.routes.deps import Creds, Me, plane_of
 from streamplane.edge import client_address, forwarded_chain, x_forwarded_for_chain
-from streamplane.telemetry import BatchError
-from streamplane.telemetry.ingest import IngestRefused
 
 __all__ = ["router"]
 
@@ -50,7 +47,7 @@ async def stop_playback(session_id: str, me: Me, request: Request) -> Response:
     response_model=None,
     openapi_extra=body_schema("HeartbeatRequest", reply="HeartbeatAnswer"),
 )
-async def player_heartbeat(credentials: Creds, request: Request) -> Response:
+async def player_heartbeat(_credentials: Creds, request: Request) -> Response:
     """A player's batched events, appended to the telemetry stream and written behind.
 
     Authorise with the session's heartbeat token (from the playback answer) or an access
@@ -59,24 +56,16 @@ async def player_heartbeat(credentials: Creds, request: Request) -> Response:
     already ended or timed out (its events are still recorded); 429 with Retry-After past the
     device's or the service's rate (wait that long; ``interval_s`` is the cadence to keep).
     """
-    plane = plane_of(request)
-    now = plane.clock()
-    claims = plane.accounts.claims(bearer_token(credentials), now)
-    ingest = plane.heartbeats.ingest
-    if ingest is None:
-        raise ApiError(
-            503, "telemetry_unavailable", "heartbeats are not taken yet", retry_after_s=1
-        )
-    session = claims.get("sid") if claims["typ"] == "session" else None
-    try:
-        answer = await ingest.heartbeat(
-            claims["sub"], await request.body(), now, plane.monotonic(), session
-        )
-    except BatchError as err:
-        raise ApiError(err.status, err.code, str(err)) from None
-    except IngestRefused as err:
-        raise ApiError(err.status, err.code, err.detail, **err.extra) from None
-    return Response(msgspec.json.encode(answer), media_type="application/json")
+    # the same answer as the lean listener's (telemetry.ingest_port), errors included
+    status, body, headers = await plane_of(request).heartbeats.answer(
+        request.headers.get("authorization", ""), await request.body()
+    )
+    return Response(
+        body,
+        status_code=status,
+        media_type="application/json",
+        headers={k.decode(): v.decode() for k, v in headers},
+    )
 
 
 def _client_address(request: Request) -> str:
