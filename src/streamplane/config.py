@@ -51,6 +51,7 @@ __all__ = [
     "Plan",
     "Settings",
     "SettingsError",
+    "TelemetrySettings",
     "TokenSettings",
     "load_settings",
 ]
@@ -248,12 +249,38 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         return f"{scheme}://{host}:{self.port}"
 
 
+class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Player heartbeats: the stream they go into, admission, the write-behind consumer
+    (docs/telemetry.md)."""
+
+    engine: Literal["embedded", "nats"] = "embedded"
+    stream_dir: str = ""  # embedded: where the stream lives; empty: beside a SQLite store,
+    # else ./telemetry-stream
+    nats_url: str = "nats://127.0.0.1:4222"
+    stream_name: str = "TELEMETRY"  # the JetStream stream (its subjects: <name>.<partition>)
+    partitions: int = 8  # fixed once the stream exists
+    max_age_s: float = 7 * 86400.0  # JetStream keeps batches this long, written or not
+    device_rate: float = 2.0  # heartbeat requests a second one device may send...
+    device_burst: float = 10.0  # ... and in one burst
+    global_rate: float = 50_000.0  # requests a second this process takes from all players...
+    global_burst: float = 100_000.0
+    consumer_batches: int = 1024  # batches written in one store transaction, at most
+    ack_wait_s: float = 30.0  # a batch taken and not written by then is handed out again
+    screen_touch_s: float = 15.0  # a session's last_seen is written at most this often
+    # A lean listener for POST /v1/heartbeat alone (docs/telemetry.md); 0: none, heartbeats
+    # go to the control plane's own port. Players are sent to ingest_url (empty: host:port).
+    ingest_port: int = 0
+    ingest_host: str = "127.0.0.1"
+    ingest_url: str = ""
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Every plane's settings; each plane reads its own section."""
 
     tokens: TokenSettings = msgspec.field(default_factory=TokenSettings)
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
 
 # Settings that were removed, and what replaces them: named, not "unknown field".
@@ -277,6 +304,7 @@ _SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "tokens": TokenSettings,
     "control": ControlSettings,
     "edge": EdgeSettings,
+    "telemetry": TelemetrySettings,
 }
 
 

@@ -18,6 +18,7 @@ from streamplane.config import Settings, SettingsError
 from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
+from streamplane.control.heartbeats import Heartbeats
 from streamplane.control.playback import Playback
 from streamplane.control.qos import QosService
 from streamplane.control.steering_sources import SteeringSources
@@ -89,6 +90,11 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
+        self.heartbeats = Heartbeats(
+            settings, self.store, self.accounts.claims, clock=clock, monotonic=monotonic
+        )
+        self.playback.heartbeats = self.heartbeats
+        self.playback.heartbeat_url = self.heartbeats.url() or self.playback.heartbeat_url
         self.sources.on_sites = self._sites_reloaded
         # -- quality of experience: aggregates from the heartbeats, fed back into steering
         self.qos = QosService(self.store, self.steering, clock=clock)
@@ -126,9 +132,13 @@ class ControlPlane:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
         await self.fleet.start(self.monotonic())
         await self.sources.start()
+        await self.heartbeats.start()
         await self.qos.start()
+        if self.heartbeats.stream is not None:
+            await self.qos.consume(self.heartbeats.stream)
 
     async def stop(self) -> None:
         await self.qos.stop()
+        await self.heartbeats.stop()
         await self.sources.stop()
         await self.store.dispose()
