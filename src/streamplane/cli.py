@@ -652,6 +652,12 @@ def swarm(
     ),
     audio: bool = typer.Option(True, "--audio/--no-audio", help="Fetch the audio track too."),
     json_out: Path | None = typer.Option(None, "--json", help="Save the full report as JSON."),
+    admin_token: str | None = typer.Option(
+        None,
+        "--admin-token",
+        envvar="STREAMPLANE_ADMIN_TOKEN",
+        help="The control plane's admin token: report its QoS aggregates of the run too.",
+    ),
 ) -> None:
     """Run N headless viewers against a control plane and its edges: QoE and edge load."""
     from streamplane.player import PlayerError, SwarmConfig, report_tables, run_swarm_live
@@ -670,7 +676,7 @@ def swarm(
         sources=tuple(source),
     )
     try:
-        report = run_swarm_live(config, console)
+        report = run_swarm_live(config, console, admin_token)
     except SwarmError as exc:
         raise _error(str(exc), 1) from None
     except PlayerError as exc:

@@ -272,6 +272,19 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ingest_port: int = 0
     ingest_host: str = "127.0.0.1"
     ingest_url: str = ""
+    # Quality of experience (docs/telemetry.md#quality-of-experience): rows per qos_bucket_s
+    # (a minute; it must divide an hour) and per hour, kept this long; steering's judgement.
+    qos_bucket_s: int = 60
+    qos_lateness_s: float = 600.0  # events older than their arrival by more are moved up
+    qos_minutes_kept_s: float = 2 * 86400.0
+    qos_hours_kept_s: float = 90 * 86400.0
+    qos_judge_every_s: float = 10.0
+    qos_window_s: int = 180  # the rows steering compares: those of the last window
+    qos_min_watch_s: float = 60.0  # an edge and its peers need this much watching in a network
+    qos_floor: float = 0.02  # a rebuffer ratio below this never demotes
+    qos_factor: float = 3.0  # demoted at this many times the peers' rebuffer ratio...
+    qos_recover_factor: float = 1.5  # ... recovered at this many times
+    qos_hold_s: float = 120.0  # a demotion without fresh evidence lasts this long
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -20,7 +20,7 @@ from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
 from streamplane.control.heartbeats import Heartbeats
 from streamplane.control.playback import Playback
-from streamplane.control.qos import QosService
+from streamplane.control.qos import qos_service
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
 from streamplane.edge import parse_networks
@@ -97,7 +97,7 @@ class ControlPlane:
         self.playback.heartbeat_url = self.heartbeats.url() or self.playback.heartbeat_url
         self.sources.on_sites = self._sites_reloaded
         # -- quality of experience: aggregates from the heartbeats, fed back into steering
-        self.qos = QosService(self.store, self.steering, clock=clock)
+        self.qos = qos_service(settings.telemetry, self.store, self.steering, clock)
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
         self._store_check = asyncio.Lock()

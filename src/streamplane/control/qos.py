@@ -26,6 +26,7 @@ from typing import Any, Final, TypeVar
 import msgspec
 from sqlalchemy import Connection, and_, delete, select, text, tuple_
 
+from streamplane.config import SettingsError, TelemetrySettings
 from streamplane.control.store import QosMark, QosRow, Store, StoreUnavailable, upsert
 from streamplane.steering import Steering
 from streamplane.telemetry import (
@@ -51,7 +52,7 @@ from streamplane.telemetry import (
     startup_quantile,
 )
 
-__all__ = ["QosRetention", "QosService", "QosStore", "row_out", "total"]
+__all__ = ["QosRetention", "QosService", "QosStore", "qos_service", "row_out", "total"]
 
 log = logging.getLogger(__name__)
 
@@ -181,10 +182,10 @@ class QosStore:
         network: str | None = "",
         limit: int = 10_000,
     ) -> list[tuple[RowKey, Qos]]:
-        """Rows of ``span`` starting in [since, until) of one kind (edge, title, network,
-        edge for a network): per field, ``None`` for any value, a value for that one, and
+        """Rows of ``span`` whose period overlaps [since, until), of one kind (edge, title,
+        network, edge for a network): per field, ``None`` for any value, a value for that one, and
         ``""`` (the default) where the field does not apply to the kind."""
-        where = [QosRow.span == span, QosRow.start >= int(since), QosRow.start < until]
+        where = [QosRow.span == span, QosRow.start > since - span, QosRow.start < until]
         for column, value in (
             (QosRow.edge, edge),
             (QosRow.title, title),
@@ -211,9 +212,7 @@ class QosStore:
 
         def work(conn: Connection) -> int:
             gone = conn.execute(
-                delete(QosRow).where(
-                    QosRow.span == MINUTE, QosRow.start < now - retention.minutes_s
-                )
+                delete(QosRow).where(QosRow.span != HOUR, QosRow.start < now - retention.minutes_s)
             ).rowcount
             gone += conn.execute(
                 delete(QosRow).where(QosRow.span == HOUR, QosRow.start < now - retention.hours_s)
@@ -318,8 +317,9 @@ class QosService:
         """Judge the edges from the stored rows now, and take the metrics snapshot."""
         now = self.clock()
         window = self.steering_policy.window_s
+        bucket = self.store.policy.bucket_s
         pairs = await self.store.rows(
-            span=MINUTE, since=now - window, until=now + MINUTE, edge=None, network=None
+            span=bucket, since=now - window, until=now + bucket, edge=None, network=None
         )
         self.verdicts = judge_edges(
             ((r.key, q) for r, q in pairs), self.verdicts, now, self.steering_policy
@@ -328,9 +328,9 @@ class QosService:
         for (network, edge), verdict in self.verdicts.items():
             demoted.setdefault(network, {})[edge] = verdict.reason
         self.steering.demoted = demoted
-        last = (int(now) // MINUTE - 1) * MINUTE
+        last = (int(now) // bucket - 1) * bucket
         self._edges = await self.store.rows(
-            span=MINUTE, since=last, until=last + MINUTE, edge=None, title="", network=""
+            span=bucket, since=last, until=last + bucket, edge=None, title="", network=""
         )
         self.judgements += 1
         if now - self._purged_at >= MINUTE:
@@ -415,3 +415,29 @@ class QosService:
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def qos_service(
+    t: TelemetrySettings, store: Store, steering: Steering, clock: Callable[[], float]
+) -> QosService:
+    """The QoS service as ``[telemetry]`` sets it up; SettingsError naming a bad setting."""
+    try:
+        policy = QosPolicy(lateness_s=t.qos_lateness_s, bucket_s=t.qos_bucket_s)
+    except ValueError as err:
+        raise SettingsError(f"telemetry.qos_bucket_s: {err}") from None
+    return QosService(
+        store,
+        steering,
+        clock=clock,
+        policy=policy,
+        steering_policy=DemotionPolicy(
+            window_s=t.qos_window_s,
+            min_watch_s=t.qos_min_watch_s,
+            floor=t.qos_floor,
+            factor=t.qos_factor,
+            recover_factor=t.qos_recover_factor,
+            hold_s=t.qos_hold_s,
+        ),
+        retention=QosRetention(minutes_s=t.qos_minutes_kept_s, hours_s=t.qos_hours_kept_s),
+        judge_every_s=t.qos_judge_every_s,
+    )

@@ -216,6 +216,13 @@ class SessionMark(msgspec.Struct, kw_only=True):
 class QosPolicy(msgspec.Struct, frozen=True, kw_only=True):
     lateness_s: float = 600.0  # an event may be this much older than its arrival...
     ahead_s: float = 60.0  # ... or this much newer, before it is moved
+    # The period of the finest rows: a minute; shorter ones (dividing an hour) for tests
+    # and demos that cannot wait minutes for steering to see a change.
+    bucket_s: int = MINUTE
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.bucket_s < HOUR and HOUR % self.bucket_s == 0):
+            raise ValueError(f"bucket_s must divide an hour and be shorter, not {self.bucket_s}")
 
 
 class Folded(msgspec.Struct, kw_only=True):
@@ -266,6 +273,8 @@ def fold_qos(
     (sessions not in it are new); ``marks`` is not changed."""
     out = Folded(marks={}, deltas={})
     lateness_ms = int(policy.lateness_s * 1000)
+    bucket = policy.bucket_s
+    bucket_ms = bucket * 1000
     for s in samples:
         out.events += 1
         received_ms = int(s.received_at * 1000)
@@ -274,7 +283,7 @@ def fold_qos(
             at_ms = received_ms - lateness_ms
         elif at_ms > received_ms + int(policy.ahead_s * 1000):
             at_ms = received_ms
-        minute = at_ms // 60_000 * MINUTE
+        minute = at_ms // bucket_ms * bucket
         mark = out.marks.get(s.session)
         if mark is None:
             known = marks.get(s.session)
@@ -311,7 +320,7 @@ def fold_qos(
         edge, network = s.edge or "", s.network or ""
         # Viewer marks older than the lateness behind the session's latest event are let go;
         # an event in those minutes counts no viewer (it might have been counted already).
-        horizon = (mark.hi_ms - lateness_ms) // 60_000 * MINUTE - MINUTE
+        horizon = (mark.hi_ms - lateness_ms) // bucket_ms * bucket - bucket
         if mark.viewed and mark.viewed[0][0] < horizon:
             mark.viewed = [v for v in mark.viewed if v[0] >= horizon]
         counted = minute >= horizon and len(mark.viewed) < _MAX_KEYS_PER_SESSION
@@ -324,7 +333,7 @@ def fold_qos(
                 d.viewers = d.viewer_minutes = 1
             if not key.network:
                 d.asn = 0
-            row = RowKey(minute, MINUTE, key)
+            row = RowKey(minute, bucket, key)
             known_delta = out.deltas.get(row)
             out.deltas[row] = d if known_delta is None else add_qos(known_delta, d)
     return out

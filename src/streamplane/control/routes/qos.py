@@ -9,13 +9,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from streamplane.control.errors import ApiError
 from streamplane.control.qos import row_out, total
 from streamplane.control.routes.deps import admin, plane_of
-from streamplane.telemetry import HOUR, MINUTE, RowKey
+from streamplane.telemetry import HOUR, RowKey
 
 __all__ = ["router"]
 
 router = APIRouter()
 
-_SPANS: Final = {"minute": MINUTE, "hour": HOUR}
 _MAX_ROWS: Final = 10_000
 _KINDS: Final = "per edge, per title, per network, and per edge for a network"
 
@@ -56,19 +55,20 @@ async def qos(
                 f"{field} does not go with by={kind}: aggregates are kept {_KINDS}",
             )
         filters[field] = value
+    spans = {"minute": plane.qos.store.policy.bucket_s, "hour": HOUR}
     start = now - 3600.0 if since is None else since
-    end = now + MINUTE if until is None else until
+    end = now + spans["minute"] if until is None else until
     rows = await plane.qos.store.rows(
-        span=_SPANS[span], since=start, until=end, limit=_MAX_ROWS + 1, **filters
+        span=spans[span], since=start, until=end, limit=_MAX_ROWS + 1, **filters
     )
     truncated = len(rows) > _MAX_ROWS
     rows = rows[:_MAX_ROWS]
-    whole = row_out(RowKey(int(start), _SPANS[span], rows[0][0].key), total(rows)) if rows else None
+    whole = row_out(RowKey(int(start), spans[span], rows[0][0].key), total(rows)) if rows else None
     if whole is not None:
         whole["start"], whole["span_s"] = None, None
     return {
         "by": kind,
-        "span_s": _SPANS[span],
+        "span_s": spans[span],
         "since": start,
         "until": end,
         "rows": [row_out(r, q) for r, q in rows],
