@@ -19,17 +19,15 @@ and ``screen_timeout_s + touch_s`` after its last heartbeat.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final, Protocol
 
 import msgspec
 
 from streamplane.telemetry.events import EventBatch
-from streamplane.telemetry.stream import Group, Stream, StreamUnavailable
+from streamplane.telemetry.group_consumer import GroupConsumer
+from streamplane.telemetry.stream import Delivery, Stream
 
 __all__ = ["Position", "Sink", "StoreWrites", "WriteBehind", "fold"]
 
@@ -78,7 +76,7 @@ class Sink(Protocol):
     async def write(self, writes: StoreWrites) -> None: ...
 
 
-class WriteBehind:
+class WriteBehind(GroupConsumer):
     """Runs consumer group ``group`` of ``stream`` into ``sink`` until :meth:`stop`."""
 
     def __init__(
@@ -92,68 +90,23 @@ class WriteBehind:
         touch_s: float = 15.0,
         retry_max_s: float = 5.0,
     ) -> None:
-        self._stream = stream
+        super().__init__(
+            stream,
+            group=group,
+            max_batches=max_batches,
+            ack_wait_s=ack_wait_s,
+            retry_max_s=retry_max_s,
+        )
         self._sink = sink
-        self.group_name = group
-        self._max = max_batches
-        self._ack_wait_s = ack_wait_s
         self._touch_s = touch_s
-        self._retry_max_s = retry_max_s
         self._touched: dict[str, float] = {}  # session -> last_seen written
-        self._group: Group | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.written_events = 0
-        self.failures = 0  # sink writes that failed and were retried
 
-    async def start(self) -> None:
-        self._group = await self._stream.group(self.group_name, ack_wait_s=self._ack_wait_s)
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._group is not None:
-            with contextlib.suppress(StreamUnavailable):
-                await self._group.close()
-
-    async def backlog(self) -> int:
-        assert self._group is not None, "start() first"
-        return await self._group.backlog()
-
-    async def settle(self, timeout_s: float = 10.0) -> None:
-        """Wait until everything appended so far is written (tests, shutdown, benchmarks)."""
-        deadline = time.monotonic() + timeout_s
-        while await self.backlog() > 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {self.group_name} consumer is still behind")
-            await asyncio.sleep(0.005)
-
-    async def _run(self) -> None:
-        assert self._group is not None
-        group = self._group
-        while True:
-            try:
-                deliveries = await group.fetch(self._max, timeout_s=1.0)
-            except StreamUnavailable as err:
-                log.warning("telemetry %s: cannot fetch: %s", self.group_name, err)
-                await asyncio.sleep(0.5)
-                continue
-            if not deliveries:
-                continue
-            writes = self._throttled(fold(d.batch for d in deliveries))
-            await self._write(writes)
-            for session, at in writes.seen.items():
-                self._touched[session] = at
-            self.written_events += writes.events
-            try:
-                await group.ack(deliveries)
-            except StreamUnavailable as err:
-                # written but not acknowledged: they come back, and writing them again is
-                # harmless
-                log.warning("telemetry %s: cannot acknowledge: %s", self.group_name, err)
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        writes = self._throttled(fold(d.batch for d in deliveries))
+        await self.retried(lambda: self._sink.write(writes), writes.events)
+        for session, at in writes.seen.items():
+            self._touched[session] = at
+        self.written_events += writes.events
 
     def _throttled(self, writes: StoreWrites) -> StoreWrites:
         """``writes`` less the screen touches made less than ``touch_s`` ago."""
@@ -165,23 +118,3 @@ class WriteBehind:
             if s in writes.stopped or at - self._touched.get(s, -1e300) >= self._touch_s
         }
         return writes
-
-    async def _write(self, writes: StoreWrites) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await self._sink.write(writes)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # the store is down, or refused: keep them, try again
-                self.failures += 1
-                log.warning(
-                    "telemetry %s: writing %d events failed (%s); retrying in %.2f s",
-                    self.group_name,
-                    writes.events,
-                    err,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max_s)

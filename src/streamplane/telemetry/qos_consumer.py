@@ -13,20 +13,15 @@ nothing.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
 from streamplane.telemetry.events import EventBatch
+from streamplane.telemetry.group_consumer import GroupConsumer
 from streamplane.telemetry.qos import QosSample
-from streamplane.telemetry.stream import Group, Stream, StreamUnavailable
+from streamplane.telemetry.stream import Delivery, Stream
 
 __all__ = ["NetworkOf", "QosConsumer", "QosSink", "samples"]
-
-log = logging.getLogger(__name__)
 
 NetworkOf = Callable[[str], tuple[str, int]]
 """A client address -> its network (prefix, origin AS); ValueError if it is no address."""
@@ -73,7 +68,7 @@ def samples(batches: Iterable[EventBatch], network_of: NetworkOf) -> list[QosSam
     return out
 
 
-class QosConsumer:
+class QosConsumer(GroupConsumer):
     """Runs consumer group ``group`` of ``stream`` into ``sink`` until :meth:`stop`."""
 
     def __init__(
@@ -87,82 +82,17 @@ class QosConsumer:
         ack_wait_s: float = 30.0,
         retry_max_s: float = 5.0,
     ) -> None:
-        self._stream = stream
+        super().__init__(
+            stream,
+            group=group,
+            max_batches=max_batches,
+            ack_wait_s=ack_wait_s,
+            retry_max_s=retry_max_s,
+        )
         self._sink = sink
         self._network_of = network_of
-        self.group_name = group
-        self._max = max_batches
-        self._ack_wait_s = ack_wait_s
-        self._retry_max_s = retry_max_s
-        self._group: Group | None = None
-        self._task: asyncio.Task[None] | None = None
-        self.written_events = 0
-        self.failures = 0  # sink writes that failed and were retried
 
-    async def start(self) -> None:
-        self._group = await self._stream.group(self.group_name, ack_wait_s=self._ack_wait_s)
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        if self._group is not None:
-            with contextlib.suppress(StreamUnavailable):
-                await self._group.close()
-            self._group = None
-
-    async def backlog(self) -> int:
-        assert self._group is not None, "start() first"
-        return await self._group.backlog()
-
-    async def settle(self, timeout_s: float = 10.0) -> None:
-        """Wait until everything appended so far is written (tests, shutdown, benchmarks)."""
-        deadline = time.monotonic() + timeout_s
-        while await self.backlog() > 0:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the {self.group_name} consumer is still behind")
-            await asyncio.sleep(0.005)
-
-    async def _run(self) -> None:
-        assert self._group is not None
-        group = self._group
-        while True:
-            try:
-                deliveries = await group.fetch(self._max, timeout_s=1.0)
-            except StreamUnavailable as err:
-                log.warning("telemetry %s: cannot fetch: %s", self.group_name, err)
-                await asyncio.sleep(0.5)
-                continue
-            if not deliveries:
-                continue
-            batch = samples((d.batch for d in deliveries), self._network_of)
-            await self._write(batch)
-            self.written_events += len(batch)
-            try:
-                await group.ack(deliveries)
-            except StreamUnavailable as err:
-                # written, not acknowledged: they come back and add nothing
-                log.warning("telemetry %s: cannot acknowledge: %s", self.group_name, err)
-
-    async def _write(self, batch: Sequence[QosSample]) -> None:
-        delay = 0.05
-        while True:
-            try:
-                await self._sink.write(batch)
-                return
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # the store is down, or refused: keep them, try again
-                self.failures += 1
-                log.warning(
-                    "telemetry %s: writing %d events failed (%s); retrying in %.2f s",
-                    self.group_name,
-                    len(batch),
-                    err,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max_s)
+    async def handle(self, deliveries: Sequence[Delivery]) -> None:
+        batch = samples((d.batch for d in deliveries), self._network_of)
+        await self.retried(lambda: self._sink.write(batch), len(batch))
+        self.written_events += len(batch)
