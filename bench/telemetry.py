@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import BaseModel, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from playback import (
@@ -174,22 +175,23 @@ def _delete_stream(name: str) -> None:
 # -- the peer: FastAPI writing each heartbeat inline -------------------------------------------
 
 
+class Event(BaseModel):
+    at: float = Field(ge=0, le=1e11)
+    position_s: float = Field(ge=0, le=1e7)
+
+
+class Beat(BaseModel):
+    session_id: str = Field(min_length=1, max_length=64)
+    events: list[Event] = Field(default_factory=list, max_length=1000)
+
+
 def peer_app(url: str) -> Any:
     """A bare FastAPI app: the heartbeat body validated, one INSERT per request in one write
     transaction, run the way the control plane runs its own (``Store.transaction``)."""
     from fastapi import FastAPI
-    from pydantic import BaseModel, Field
     from sqlalchemy import Column, Float, MetaData, String, Table, insert
 
     from streamplane.control.store import Store
-
-    class Event(BaseModel):
-        at: float = Field(ge=0, le=1e11)
-        position_s: float = Field(ge=0, le=1e7)
-
-    class Beat(BaseModel):
-        session_id: str = Field(min_length=1, max_length=64)
-        events: list[Event] = Field(default_factory=list, max_length=1000)
 
     store = Store(url)
     metadata = MetaData()

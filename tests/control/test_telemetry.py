@@ -258,3 +258,13 @@ async def test_the_lean_listener_answers_as_the_control_plane_does(
         writer.close()
         await control.settled()
         assert await _resume_rows(_store(control)) == [(9.0, T0)]
+
+
+async def test_an_expired_heartbeat_token_is_refused_though_it_was_good_before(
+    control: Control,
+) -> None:
+    session, hb = await _start(control)
+    assert (await _beat(control, session, hb)).status_code == 200
+    control.clock.advance(3601)  # past the token's expiry (the tests' ttl is an hour)
+    r = await _beat(control, session, hb)
+    assert r.status_code == 401 and "expired" in r.json()["detail"], r.text

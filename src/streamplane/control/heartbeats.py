@@ -107,6 +107,7 @@ async def open_stream(t: TelemetrySettings, sqlite_path: str | None = None) -> S
 
 Claims = Callable[[str, float], dict[str, Any]]  # token, now -> verified claims (or ApiError)
 _STORE_RETRY_AFTER_S: Final = 2
+_TOKENS_KEPT: Final = 100_000
 
 
 def _refusal(err: ApiError) -> Answer:
@@ -146,6 +147,7 @@ class Heartbeats:
         self.consumer: WriteBehind | None = None
         self.listener: IngestServer | None = None
         self._stream: Stream | None = None
+        self._tokens: dict[str, dict[str, Any]] = {}  # token -> its verified claims
 
     def url(self) -> str | None:
         """Where players send heartbeats when the lean listener runs; None: the control
@@ -155,6 +157,18 @@ class Heartbeats:
             return None
         return t.ingest_url.rstrip("/") or f"http://{t.ingest_host}:{t.ingest_port}/v1/heartbeat"
 
+    def _verified(self, token: str, now: float) -> dict[str, Any]:
+        """The token's claims, its signature checked once: a player sends the same token with
+        every heartbeat, and checking it was a fifth of a heartbeat's work. Expiry is
+        checked every time (a token cannot be revoked otherwise)."""
+        claims = self._tokens.get(token)
+        if claims is None or claims["exp"] <= now:
+            claims = self._claims(token, now)  # ApiError if it is bad or expired
+            if len(self._tokens) >= _TOKENS_KEPT:
+                self._tokens.clear()
+            self._tokens[token] = claims
+        return claims
+
     async def answer(self, authorization: str, body: bytes) -> Answer:
         """``POST /v1/heartbeat``, whichever listener took it: (status, JSON body, headers)."""
         now = self._clock()
@@ -162,7 +176,7 @@ class Heartbeats:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise unauthorised("send Authorization: Bearer <heartbeat or access token>")
-            claims = self._claims(token.strip(), now)
+            claims = self._verified(token.strip(), now)
             if self.ingest is None:
                 raise ApiError(
                     503, "telemetry_unavailable", "heartbeats are not taken yet", retry_after_s=1
