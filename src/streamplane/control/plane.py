@@ -92,8 +92,17 @@ class ControlPlane:
         self.heartbeats = Heartbeats(
             settings, self.store, self.accounts.claims, clock=clock, monotonic=monotonic
         )
-        self.playback.heartbeats = self.heartbeats
         self.playback.heartbeat_url = self.heartbeats.url() or self.playback.heartbeat_url
+        t = settings.telemetry
+        if t.ingest_process:  # `streamplane ingest` takes them: nothing of it runs here
+            if not t.ingest_port or not c.jwt_secret:
+                raise SettingsError(
+                    "telemetry.ingest_process needs telemetry.ingest_port (where players send"
+                    " heartbeats) and control.jwt_secret (shared, so the ingest process can"
+                    " verify the control plane's tokens)"
+                )
+        else:
+            self.playback.heartbeats = self.heartbeats
         self.sources.on_sites = self._sites_reloaded
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
@@ -129,7 +138,8 @@ class ControlPlane:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
         await self.fleet.start(self.monotonic())
         await self.sources.start()
-        await self.heartbeats.start()
+        if not self.settings.telemetry.ingest_process:
+            await self.heartbeats.start()
 
     async def stop(self) -> None:
         await self.heartbeats.stop()
