@@ -474,6 +474,40 @@ def control_migrate(ctx: typer.Context) -> None:
 
 
 @app.command()
+def ingest(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="The control plane's settings TOML; STREAMPLANE_* override."
+    ),
+) -> None:
+    """Take player heartbeats in a process of their own (telemetry.ingest_process)."""
+    import asyncio
+    import signal
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.control.heartbeats import run_ingest
+
+    async def serve() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        t = settings.telemetry
+        console.print(f"heartbeat ingest on http://{t.ingest_host}:{t.ingest_port}/v1/heartbeat")
+        await run_ingest(settings, stopped)
+
+    try:
+        settings = load_settings(config)
+        try:
+            import uvloop
+
+            uvloop.run(serve())
+        except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+            asyncio.run(serve())
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+
+
+@app.command()
 def edge(
     config: Path | None = typer.Option(None, "--config", help="Settings TOML ([edge], [tokens])."),
     origin: str | None = typer.Option(None, "--origin", help="Catalog directory or http(s) URL."),

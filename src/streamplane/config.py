@@ -272,6 +272,9 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     ingest_port: int = 0
     ingest_host: str = "127.0.0.1"
     ingest_url: str = ""
+    # true: `streamplane ingest` takes heartbeats in a process of its own (its own core; needs
+    # ingest_port and control.jwt_secret); the control plane then runs no stream itself
+    ingest_process: bool = False
     # Quality of experience (docs/telemetry.md#quality-of-experience): rows per qos_bucket_s
     # (a minute; it must divide an hour) and per hour, kept this long; steering's judgement.
     qos_bucket_s: int = 60

@@ -5,6 +5,11 @@ a consumer killed mid-batch has its batch redelivered and nothing is doubled."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -258,3 +263,58 @@ async def test_the_lean_listener_answers_as_the_control_plane_does(
         writer.close()
         await control.settled()
         assert await _resume_rows(_store(control)) == [(9.0, T0)]
+
+
+async def test_an_expired_heartbeat_token_is_refused_though_it_was_good_before(
+    control: Control,
+) -> None:
+    session, hb = await _start(control)
+    assert (await _beat(control, session, hb)).status_code == 200
+    control.clock.advance(3601)  # past the token's expiry (the tests' ttl is an hour)
+    r = await _beat(control, session, hb)
+    assert r.status_code == 401 and "expired" in r.json()["detail"], r.text
+
+
+async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
+    db: Db, tmp_path: Path, geo: GeoLocator
+) -> None:
+    catalog = tmp_path / "catalog"
+    write_title(catalog, "demo")
+    port = free_port()
+    telemetry = {"ingest_port": port, "ingest_process": True, "stream_dir": str(tmp_path / "s")}
+    settings = tmp_path / "ingest.toml"
+    settings.write_text(
+        "[control]\n"
+        f'database_url = "{db.url}"\ndatabase_schema = "{db.schema}"\njwt_secret = "{"b2" * 32}"\n'
+        "[telemetry]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in telemetry.items())
+    )
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "streamplane", "ingest", "--config", str(settings)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with running(db, catalog, geo, telemetry=telemetry) as control:
+            session, hb = await _start(control)
+            assert session["heartbeat"]["url"] == f"http://127.0.0.1:{port}/v1/heartbeat"
+            # the ingest process runs on the real clock (the test's control plane on T0)
+            at = time.time() - 1
+            body = {"session_id": session["session_id"], "events": [{"at": at, "position_s": 4.0}]}
+            async with httpx.AsyncClient() as client:
+                for _ in range(100):  # until the process listens
+                    with contextlib.suppress(httpx.TransportError):
+                        r = await client.post(session["heartbeat"]["url"], json=body, headers=hb)
+                        break
+                    await asyncio.sleep(0.05)
+            assert r.status_code == 200 and r.json()["resume_position_s"] == 4.0, r.text
+            # the control plane's own route points there
+            r = await _beat(control, session, hb)
+            assert r.status_code == 503 and str(port) in r.json()["detail"], r.text
+            for _ in range(100):  # written behind by the ingest process
+                if await _resume_rows(_store(control)) == [(4.0, at)]:
+                    break
+                await asyncio.sleep(0.05)
+            assert await _resume_rows(_store(control)) == [(4.0, at)]
+    finally:
+        ingest.terminate()
+        assert ingest.wait(10) == 0, ingest.stderr.read() if ingest.stderr else ""

@@ -10,6 +10,7 @@ stream; they are written when it returns.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from streamplane.telemetry.consumers import Position, StoreWrites, WriteBehind
 from streamplane.telemetry.ingest import Ingest, IngestRefused, SessionView
 from streamplane.telemetry.server import Answer, IngestServer
 
-__all__ = ["Heartbeats", "StoreSink", "open_stream"]
+__all__ = ["Heartbeats", "StoreSink", "open_stream", "run_ingest"]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ async def open_stream(t: TelemetrySettings, sqlite_path: str | None = None) -> S
 
 Claims = Callable[[str, float], dict[str, Any]]  # token, now -> verified claims (or ApiError)
 _STORE_RETRY_AFTER_S: Final = 2
+_TOKENS_KEPT: Final = 100_000
 
 
 def _refusal(err: ApiError) -> Answer:
@@ -146,6 +148,7 @@ class Heartbeats:
         self.consumer: WriteBehind | None = None
         self.listener: IngestServer | None = None
         self._stream: Stream | None = None
+        self._tokens: dict[str, dict[str, Any]] = {}  # token -> its verified claims
 
     @property
     def stream(self) -> Stream | None:
@@ -160,6 +163,18 @@ class Heartbeats:
             return None
         return t.ingest_url.rstrip("/") or f"http://{t.ingest_host}:{t.ingest_port}/v1/heartbeat"
 
+    def _verified(self, token: str, now: float) -> dict[str, Any]:
+        """The token's claims, its signature checked once: a player sends the same token with
+        every heartbeat, and checking it was a fifth of a heartbeat's work. Expiry is
+        checked every time (a token cannot be revoked otherwise)."""
+        claims = self._tokens.get(token)
+        if claims is None or claims["exp"] <= now:
+            claims = self._claims(token, now)  # ApiError if it is bad or expired
+            if len(self._tokens) >= _TOKENS_KEPT:
+                self._tokens.clear()
+            self._tokens[token] = claims
+        return claims
+
     async def answer(self, authorization: str, body: bytes, client: str | None = None) -> Answer:
         """``POST /v1/heartbeat``, whichever listener took it: (status, JSON body, headers).
         ``client`` is the player's address (its events carry it, for the QoS networks)."""
@@ -168,10 +183,14 @@ class Heartbeats:
             scheme, _, token = authorization.partition(" ")
             if scheme.lower() != "bearer" or not token:
                 raise unauthorised("send Authorization: Bearer <heartbeat or access token>")
-            claims = self._claims(token.strip(), now)
+            claims = self._verified(token.strip(), now)
             if self.ingest is None:
+                where = self.url() if self._settings.telemetry.ingest_process else None
                 raise ApiError(
-                    503, "telemetry_unavailable", "heartbeats are not taken yet", retry_after_s=1
+                    503,
+                    "telemetry_unavailable",
+                    f"heartbeats are taken at {where}" if where else "heartbeats are not taken yet",
+                    retry_after_s=1,
                 )
             session = claims.get("sid") if claims["typ"] == "session" else None
             try:
@@ -291,3 +310,35 @@ class Heartbeats:
             await self._store.transaction(end)
         except StoreUnavailable as err:
             log.info("telemetry: a stop waits in the stream for the store (%s)", err)
+
+
+async def run_ingest(settings: Settings, stopped: asyncio.Event) -> str:
+    """``streamplane ingest``: heartbeats taken in a process of their own until ``stopped``
+    is set. Its store is the control plane's (a session's first heartbeat reads it once; the
+    write-behind writes it); it verifies the control plane's tokens with the shared
+    ``control.jwt_secret``. Returns where it listened."""
+    import time
+
+    from streamplane.control.accounts import Accounts
+
+    c, t = settings.control, settings.telemetry
+    if not t.ingest_port or not c.jwt_secret:
+        raise SettingsError(
+            "streamplane ingest needs telemetry.ingest_port and control.jwt_secret (the"
+            " control plane's, to verify its tokens)"
+        )
+    store = Store(
+        c.database_url,
+        schema=c.database_schema,
+        connect_timeout_s=c.database_connect_timeout_s,
+        pool_timeout_s=c.database_pool_timeout_s,
+    )
+    accounts = Accounts(store, c, bytes.fromhex(c.jwt_secret))
+    heartbeats = Heartbeats(settings, store, accounts.claims, time.time, time.monotonic)
+    try:
+        await heartbeats.start()
+        await stopped.wait()
+    finally:
+        await heartbeats.stop()
+        await store.dispose()
+    return heartbeats.url() or ""
