@@ -166,3 +166,21 @@ async def test_a_query_the_aggregates_cannot_answer_is_refused(
     r = await control.client.get("/v1/qos", params=params, headers=ADMIN_AUTH)
     assert r.status_code == 422 and problem in r.text
     assert (await control.client.get("/v1/qos", params={"edge": "e1"})).status_code in (401, 403)
+
+
+async def test_an_edge_the_fleet_does_not_know_gets_no_rows(
+    control: Control, tmp_path: Path
+) -> None:
+    plane = _plane(control)
+    stream = EmbeddedStream(tmp_path / "stream", partitions=2)
+    try:
+        for b in viewer("a", "made-up", (0, 0.0, 0), (30, 1.0, 2)):
+            await stream.append(b)
+        consumer = await plane.qos.consume(stream, ack_wait_s=0.5)
+        await consumer.settle()
+        store = plane.qos.store
+        assert await store.rows(span=MINUTE, since=0, until=T0 + HOUR, edge=None) == []
+        ((_, title),) = await store.rows(span=MINUTE, since=0, until=T0 + HOUR, title="demo")
+        assert (title.viewers, title.switches, title.rebuffer_ms) == (1, 2, 1000)
+    finally:
+        await stream.close()

@@ -227,13 +227,26 @@ def test_the_counters_of_a_session_become_its_minutes_and_viewers() -> None:
 
 
 def test_a_skewed_or_delayed_event_is_moved_into_the_allowed_lateness() -> None:
-    ahead = QosSample(session="a", title="t", at=T0 + 3600, received_at=T0, rebuffer_s=1.0)
-    behind = QosSample(session="b", title="t", at=T0 - 86400, received_at=T0, rebuffer_s=1.0)
+    ahead = QosSample(session="a", title="t", at=T0 + 3600, received_at=T0, switches=1)
+    behind = QosSample(session="b", title="t", at=T0 - 86400, received_at=T0, switches=1)
     rows = _run([[ahead, behind]])
     starts = {r.start for r in rows if r.span == MINUTE}
     assert starts == {int(T0), int(T0) - 600}  # received; received less the 10 min lateness
+    hours = [q for r, q in rows.items() if r.span == HOUR and r.key == QosKey(title="t")]
+    assert sum(q.switches for q in hours) == 2  # nothing dropped
+
+
+def test_a_session_is_counted_no_more_stalled_than_it_was_watched() -> None:
+    def hb(at: float, rebuffer_s: float) -> QosSample:
+        return QosSample(
+            session="liar", title="t", at=T0 + at, received_at=T0 + at, rebuffer_s=rebuffer_s
+        )
+
+    first = [hb(0, 1e6), hb(30, 1e6)]
+    rows = _run([first, [hb(20, 2e6)], [hb(50, 5.0)]])
     hour = rows[RowKey(int(T0), HOUR, QosKey(title="t"))]
-    assert hour.rebuffer_ms == 1000  # nothing dropped
+    assert (hour.watch_ms, hour.rebuffer_ms) == (50_000, 50_000)
+    assert rebuffer_ratio(hour) == 1.0
 
 
 @given(st.lists(st.floats(0.001, 600.0), min_size=1, max_size=300), st.floats(0.0, 1.0))

@@ -109,6 +109,7 @@ class ControlPlane:
         # -- quality of experience: aggregates from the heartbeats, fed back into steering
         self.qos = qos_service(settings.telemetry, self.store, self.steering, clock)
         self._qos_stream: Stream | None = None  # its own, when ingest runs elsewhere
+        self.qos.known_edge = lambda edge: edge == "origin" or self.fleet.knows(edge)
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
         self._store_check = asyncio.Lock()

@@ -291,6 +291,8 @@ class QosService:
         self.judgements = 0
         self.failures = 0
         self.consumers: list[QosConsumer] = []
+        # which edge ids a player may report (the control plane: the fleet's, and the origin)
+        self.known_edge: Callable[[str], bool] | None = None
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="qos-judge")
@@ -298,7 +300,9 @@ class QosService:
     async def consume(self, stream: Stream, **options: Any) -> QosConsumer:
         """Start a QoS consumer of ``stream`` into this store (``options``: its own, such as
         ``group`` or ``ack_wait_s``); stopped with the service."""
-        consumer = QosConsumer(stream, self.store, self.steering.network, **options)
+        consumer = QosConsumer(
+            stream, self.store, self.steering.network, known_edge=self.known_edge, **options
+        )
         await consumer.start()
         self.consumers.append(consumer)
         return consumer

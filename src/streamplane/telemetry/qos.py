@@ -13,7 +13,9 @@ What is aggregated, per minute of event time, per edge, per title, per client ne
 - ``startups``: each session's startup time once, as a histogram (below).
 
 Players report counters since their session started (rebuffers, rebuffer time, switches,
-errors). The core keeps, per session, a :class:`SessionMark`: the highest of each counter seen
+errors). A session's rebuffer time is counted up to the time its heartbeats span (no one
+stalls longer than that; a player that says so is wrong, or lying to have an edge demoted).
+The core keeps, per session, a :class:`SessionMark`: the highest of each counter seen
 and the event-time range seen. An event contributes only what raises the mark: the counters'
 growth, the time by which it stretches the range, a startup not yet counted, a minute (per
 edge and network) in which the session was not yet counted as a viewer. Hence idempotence
@@ -205,7 +207,8 @@ class SessionMark(msgspec.Struct, kw_only=True):
 
     lo_ms: int
     hi_ms: int
-    rebuffer_ms: int = 0
+    rebuffer_ms: int = 0  # reported
+    rebuffer_counted_ms: int = 0  # counted: at most hi_ms - lo_ms
     rebuffers: int = 0
     switches: int = 0
     errors: int = 0
@@ -306,11 +309,16 @@ def fold_qos(
         if stretch and s.bitrate_kbps is not None:
             delta.bitrate_ms = stretch
             delta.kbit = round(s.bitrate_kbps * stretch / 1000)
-        delta.rebuffer_ms = max(0, rebuffer_ms - mark.rebuffer_ms)
+        # No session stalls longer than the time its heartbeats span: a player reporting more
+        # (a bug, or one trying to have an edge demoted) is counted up to that, as it goes.
+        # Both bounds only grow, and end the same in any order.
+        mark.rebuffer_ms = max(mark.rebuffer_ms, rebuffer_ms)
+        counted = min(mark.rebuffer_ms, mark.hi_ms - mark.lo_ms)
+        delta.rebuffer_ms = max(0, counted - mark.rebuffer_counted_ms)
+        mark.rebuffer_counted_ms = max(mark.rebuffer_counted_ms, counted)
         delta.rebuffers = max(0, s.rebuffers - mark.rebuffers)
         delta.switches = max(0, s.switches - mark.switches)
         delta.errors = max(0, s.errors - mark.errors)
-        mark.rebuffer_ms = max(mark.rebuffer_ms, rebuffer_ms)
         mark.rebuffers = max(mark.rebuffers, s.rebuffers)
         mark.switches = max(mark.switches, s.switches)
         mark.errors = max(mark.errors, s.errors)

@@ -34,8 +34,16 @@ class QosSink(Protocol):
     async def write(self, samples: Sequence[QosSample]) -> None: ...
 
 
-def samples(batches: Iterable[EventBatch], network_of: NetworkOf) -> list[QosSample]:
-    """The QoS samples of ``batches``' events (an address that is no address: no network)."""
+def samples(
+    batches: Iterable[EventBatch],
+    network_of: NetworkOf,
+    known_edge: Callable[[str], bool] | None = None,
+) -> list[QosSample]:
+    """The QoS samples of ``batches``' events (an address that is no address: no network).
+
+    The edge is what the player says; with ``known_edge``, one the fleet does not know counts
+    for its title and network only (a player cannot fill the store with edges of its own
+    naming)."""
     networks: dict[str, tuple[str, int] | None] = {}
     out: list[QosSample] = []
     for batch in batches:
@@ -54,7 +62,7 @@ def samples(batches: Iterable[EventBatch], network_of: NetworkOf) -> list[QosSam
                     title=e.title,
                     at=e.at,
                     received_at=e.received_at,
-                    edge=e.edge,
+                    edge=e.edge if e.edge and (known_edge is None or known_edge(e.edge)) else None,
                     network=network[0] if network else None,
                     asn=network[1] if network else 0,
                     rebuffer_s=e.rebuffer_s,
@@ -77,6 +85,7 @@ class QosConsumer(GroupConsumer):
         sink: QosSink,
         network_of: NetworkOf,
         *,
+        known_edge: Callable[[str], bool] | None = None,
         group: str = "qos",
         max_batches: int = 1024,
         ack_wait_s: float = 30.0,
@@ -91,8 +100,9 @@ class QosConsumer(GroupConsumer):
         )
         self._sink = sink
         self._network_of = network_of
+        self._known_edge = known_edge
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
-        batch = samples((d.batch for d in deliveries), self._network_of)
+        batch = samples((d.batch for d in deliveries), self._network_of, self._known_edge)
         await self.retried(lambda: self._sink.write(batch), len(batch))
         self.written_events += len(batch)
