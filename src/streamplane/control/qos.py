@@ -24,10 +24,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final, TypeVar
 
 import msgspec
-from sqlalchemy import Connection, and_, delete, select, text, tuple_
+from sqlalchemy import Connection, and_, bindparam, delete, select, text, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from streamplane.config import SettingsError, TelemetrySettings
-from streamplane.control.store import QosMark, QosRow, Store, StoreUnavailable, upsert
+from streamplane.control.store import QosMark, QosRow, Store, StoreUnavailable
 from streamplane.steering import Steering
 from streamplane.telemetry import (
     HOUR,
@@ -115,6 +117,25 @@ class QosStore:
     def __init__(self, store: Store, policy: QosPolicy = QosPolicy()) -> None:
         self.store = store
         self.policy = policy
+        # Built once: a statement per call (its VALUES the size of the batch) was compiled
+        # anew every time, most of a write's cost.
+        insert = pg_insert if store.is_postgres else sqlite_insert
+        rows = insert(QosRow)
+        self._upsert_rows = rows.on_conflict_do_update(
+            index_elements=[c.key for c in _KEY_COLUMNS],
+            set_={c: rows.excluded[c] for c in (*_COUNTS, "startups")},
+        )
+        marks = insert(QosMark)
+        self._upsert_marks = marks.on_conflict_do_update(
+            index_elements=["session"],
+            set_={"seen_at": marks.excluded.seen_at, "mark": marks.excluded.mark},
+        )
+        self._read_marks = select(QosMark.session, QosMark.mark).where(
+            QosMark.session.in_(bindparam("b_sessions", expanding=True))
+        )
+        self._read_rows = select(*QosRow.__table__.columns).where(
+            tuple_(*_KEY_COLUMNS).in_(bindparam("b_keys", expanding=True))
+        )
 
     async def write(self, samples: Sequence[QosSample]) -> None:
         """Fold ``samples`` into the stored rows and marks, in one transaction."""
@@ -127,12 +148,9 @@ class QosStore:
         seen: dict[str, float] = {}
         for s in samples:
             seen[s.session] = max(seen.get(s.session, 0.0), s.received_at)
-        sessions = sorted(seen)
         marks: dict[str, SessionMark] = {}
-        for chunk in _chunks(sessions):
-            for session, mark in conn.execute(
-                select(QosMark.session, QosMark.mark).where(QosMark.session.in_(chunk))
-            ):
+        for chunk in _chunks(sorted(seen)):
+            for session, mark in conn.execute(self._read_marks, {"b_sessions": list(chunk)}):
                 marks[session] = _MARK_DECODER.decode(mark)
         folded = fold_qos(marks, samples, self.policy)
         keys = set(folded.deltas)
@@ -140,35 +158,19 @@ class QosStore:
         existing: dict[RowKey, Qos] = {}
         for row_keys in _chunks(sorted(keys)):
             wanted = [(r.start, r.span, r.key.edge, r.key.title, r.key.network) for r in row_keys]
-            for stored in conn.execute(
-                select(*QosRow.__table__.columns).where(tuple_(*_KEY_COLUMNS).in_(wanted))
-            ):
+            for stored in conn.execute(self._read_rows, {"b_keys": wanted}):
                 key = QosKey(stored.edge, stored.title, stored.network)
                 existing[RowKey(stored.start, stored.span, key)] = _qos(stored)
-        rows = sorted(apply_rows(existing, folded.deltas).items())
-        for part in _chunks(rows):
+        rows = sorted(apply_rows(existing, folded.deltas).items())  # one lock order for all
+        if rows:
+            conn.execute(self._upsert_rows, [_values(r, q) for r, q in rows])
+        if folded.marks:
             conn.execute(
-                upsert(
-                    self.store,
-                    QosRow,
-                    [_values(r, q) for r, q in part],  # type: ignore[arg-type]
-                    key=("start", "span", "edge", "title", "network"),
-                    update_columns=[*_COUNTS, "startups"],
-                )
-            )
-        written = sorted(folded.marks.items())
-        for part_marks in _chunks(written):
-            conn.execute(
-                upsert(
-                    self.store,
-                    QosMark,
-                    [  # type: ignore[arg-type]
-                        {"session": s, "seen_at": seen[s], "mark": _MARK.encode(m)}
-                        for s, m in part_marks
-                    ],
-                    key=("session",),
-                    update_columns=["seen_at", "mark"],
-                )
+                self._upsert_marks,
+                [
+                    {"session": s, "seen_at": seen[s], "mark": _MARK.encode(m)}
+                    for s, m in sorted(folded.marks.items())
+                ],
             )
 
     async def rows(

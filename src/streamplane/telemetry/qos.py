@@ -336,14 +336,27 @@ def fold_qos(
         if counted and (minute, edge, network) not in viewed_before:
             mark.viewed = sorted([*viewed_before, (minute, edge, network)])
         for key in _keys(edge, s.title, network):
-            d = msgspec.structs.replace(delta, startups=dict(delta.startups))
-            if counted and not _viewed(key, minute, edge, network, viewed_before):
-                d.viewers = d.viewer_minutes = 1
-            if not key.network:
-                d.asn = 0
+            viewer = 1 if counted and not _viewed(key, minute, edge, network, viewed_before) else 0
             row = RowKey(minute, bucket, key)
-            known_delta = out.deltas.get(row)
-            out.deltas[row] = d if known_delta is None else add_qos(known_delta, d)
+            d = out.deltas.get(row)
+            if d is None:  # owned by this fold: added to in place below
+                d = out.deltas[row] = Qos(asn=delta.asn if key.network else 0)
+            elif key.network and delta.asn > d.asn:
+                d.asn = delta.asn
+            d.viewers += viewer
+            d.viewer_minutes += viewer
+            d.watch_ms += delta.watch_ms
+            d.rebuffer_ms += delta.rebuffer_ms
+            d.bitrate_ms += delta.bitrate_ms
+            d.kbit += delta.kbit
+            d.rebuffers += delta.rebuffers
+            d.switches += delta.switches
+            d.errors += delta.errors
+            if delta.startups:
+                if not d.startups:
+                    d.startups = {}
+                for b, n in delta.startups.items():
+                    d.startups[b] = d.startups.get(b, 0) + n
     return out
 
 
