@@ -30,13 +30,18 @@ import argparse
 import json
 import multiprocessing
 import os
+import secrets
 import shlex
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +63,9 @@ from playback import (
 NATS = os.environ.get("STREAMPLANE_BENCH_NATS", "nats://127.0.0.1:4222")
 
 
-def _telemetry_config(config: Path, engine: str, work: Path, ingest_port: int) -> str:
+def _telemetry_config(
+    config: Path, engine: str, work: Path, ingest_port: int, separate: bool
+) -> str:
     stream = f"BENCH{uuid.uuid4().hex[:12]}"
     lines = [
         "",
@@ -68,6 +75,7 @@ def _telemetry_config(config: Path, engine: str, work: Path, ingest_port: int) -
         f'nats_url = "{NATS}"',
         f'stream_name = "{stream}"',
         f"ingest_port = {ingest_port}",
+        f"ingest_process = {'true' if separate else 'false'}",
         "device_rate = 100000.0",
         "device_burst = 100000.0",
     ]
@@ -122,15 +130,25 @@ def _timing(args: argparse.Namespace, concurrency: int | None = None) -> dict[st
 
 
 def _measure_control(
-    engine: str, url: str, args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor
+    engine: str,
+    url: str,
+    args: argparse.Namespace,
+    work: Path,
+    pool: ProcessPoolExecutor,
+    separate: bool = False,
 ) -> dict[str, Measured]:
     out: dict[str, Measured] = {}
     port, ingest = _port(), _port()
     config = _config(work, url, port, args.sessions + 4)
-    stream = _telemetry_config(config, engine, work, ingest)
+    stream = _telemetry_config(config, engine, work, ingest, separate)
+    # one secret for both processes: the ingest process verifies the control plane's tokens
+    env = {**os.environ, "STREAMPLANE_CONTROL_JWT_SECRET": secrets.token_hex(32)}
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
     try:
-        with _serving(control, port, f"{engine}: the control plane") as pid:
+        with (
+            _serving(control, port, f"{engine}: the control plane", env) as pid,
+            _ingesting(config, ingest, env, separate) as ingest_pid,
+        ):
             tokens, _, _ = _set_up(port, argparse.Namespace(edges=4, accounts=2, history=0))
             bodies = _bodies(_sessions(port, tokens[0], args.sessions))
             beat = {"method": "POST", "path": "/v1/heartbeat", "bodies": bodies}
@@ -140,12 +158,19 @@ def _measure_control(
                 "body": '{"title": "bench", "device": "start{n}"}',
                 "devices": 4,
             }
-            lean = Load(port=ingest, tokens=(tokens[0],), server_pid=pid, **beat, **_timing(args))
-            out["lean"] = pool.submit(run_load, lean).result()
-            framework = Load(
-                port=port, tokens=(tokens[0],), server_pid=pid, **beat, **_timing(args)
+            lean = Load(
+                port=ingest,
+                tokens=(tokens[0],),
+                server_pid=ingest_pid or pid,
+                **beat,
+                **_timing(args),
             )
-            out["framework"] = pool.submit(run_load, framework).result()
+            out["lean"] = pool.submit(run_load, lean).result()
+            if not separate:
+                framework = Load(
+                    port=port, tokens=(tokens[0],), server_pid=pid, **beat, **_timing(args)
+                )
+                out["framework"] = pool.submit(run_load, framework).result()
             starts = Load(
                 port=port, tokens=(tokens[1],), server_pid=pid, **start, **_timing(args, 4)
             )
@@ -157,6 +182,34 @@ def _measure_control(
         if engine == "nats":
             _delete_stream(stream)
     return out
+
+
+@contextmanager
+def _ingesting(config: Path, port: int, env: dict[str, str], separate: bool) -> Iterator[int]:
+    """``streamplane ingest`` beside the control plane when ``separate``; its pid (0: none)."""
+    if not separate:
+        yield 0
+        return
+    command = [sys.executable, "-m", "streamplane", "ingest", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("streamplane ingest did not start") from None
+                time.sleep(0.1)
+        yield process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _delete_stream(name: str) -> None:
@@ -288,17 +341,22 @@ def main(args: argparse.Namespace) -> str:
     notes = []
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=spawn) as pool:
-        for engine in args.engines:
+        for variant in args.engines:
+            engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
             store = stores[engine]
             with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
                 work = Path(tmp)
                 with _database(store, work, "control") as url:
-                    found = _measure_control(engine, url, args, work, pool)
+                    found = _measure_control(engine, url, args, work, pool, separate)
                 with _database(store, work, "peer") as url:
                     bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
                     found["peer"] = _measure_peer(url, bodies, args, pool)
             label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
+            if separate:
+                label += ", ingest process"
             for kind in ("lean", "framework", "peer", "storm", "starts", "starts-storm"):
+                if kind not in found:
+                    continue
                 rate, p50, p99, cpu, errors = _stats(found[kind])
                 lines.append(
                     f"| {label} | {WHAT[kind]} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |"
@@ -312,7 +370,7 @@ def main(args: argparse.Namespace) -> str:
                 f" playback starts during the storm: p50 {storm[1] / alone[1] - 1:+.0%},"
                 f" p99 {storm[2] / alone[2] - 1:+.0%}."
             )
-            print(f"{engine} done; load average {os.getloadavg()}", file=sys.stderr)
+            print(f"{variant} done; load average {os.getloadavg()}", file=sys.stderr)
     return "\n".join(
         [
             *lines,
@@ -329,7 +387,13 @@ def main(args: argparse.Namespace) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", nargs="+", default=["embedded", "nats"])
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["embedded", "nats", "embedded-process"],
+        choices=["embedded", "nats", "embedded-process", "nats-process"],
+        help="-process: heartbeats taken by `streamplane ingest`, a process of its own",
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=64)
