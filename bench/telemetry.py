@@ -21,7 +21,9 @@ than a real player's one heartbeat a second); the global limit is the default.
 
     .venv/bin/python bench/telemetry.py [--engines embedded nats] [--seconds 10] [--runs 1]
 
-Not measured yet: the backlog drain rate after a store outage.
+The backlog a store outage leaves: ``--drain`` heartbeats of ``--sessions`` sessions appended
+to an embedded stream while no consumer ran, then the write-behind consumer started on a fresh
+store (SQLite, PostgreSQL): heartbeats/s written until the backlog is empty.
 """
 
 from __future__ import annotations
@@ -310,6 +312,78 @@ def _serve_peer(url: str, port: int) -> None:
     uvicorn.Server(server_config(peer_app(url), "127.0.0.1", port)).run()
 
 
+# -- the backlog an outage leaves, drained -----------------------------------------------------
+
+
+def _drain(url: str, work: Path, batches: int, sessions: int) -> tuple[float, float]:
+    """(batches/s, events/s) the write-behind consumer writes a backlog of ``batches`` heartbeats
+    of ``sessions`` sessions into the store at ``url``: what a store outage leaves waiting in
+    the (embedded) stream, written when the store is back."""
+    import asyncio
+
+    from sqlalchemy import insert
+
+    from streamplane.control.heartbeats import StoreSink
+    from streamplane.control.store import Account, Store, migrate
+    from streamplane.telemetry import EventBatch, HeartbeatEvent
+    from streamplane.telemetry.consumers import WriteBehind
+    from streamplane.telemetry.stream_embedded import EmbeddedStream
+
+    async def run() -> tuple[float, float]:
+        store = Store(url)
+        await migrate(store)
+        accounts = [
+            {
+                "id": f"a{i}",
+                "email": f"a{i}@x.io",
+                "password_hash": "-",
+                "plan": "bench",
+                "created_at": 0.0,
+            }
+            for i in range(sessions)
+        ]
+        await store.transaction(lambda conn: conn.execute(insert(Account), accounts))
+        stream = EmbeddedStream(work / "drain-stream", partitions=8)
+        now = time.time()
+        appends = []
+        for n in range(batches):
+            session = f"s{n % sessions}"
+            event = HeartbeatEvent(
+                account=f"a{n % sessions}",
+                session=session,
+                device=f"d{n % sessions}",
+                title="bench",
+                received_at=now + n / 1000,
+                at=now + n / 1000,
+                seq=n,
+                kind="position",
+                position_s=n / 10,
+            )
+            batch = EventBatch(
+                device=event.device,
+                events=[event],
+                account=event.account,
+                session=session,
+                title="bench",
+                received_at=event.received_at,
+            )
+            appends.append(stream.append(batch))
+        group = await stream.group("store")  # the outage: nothing was written yet
+        await asyncio.gather(*appends)
+        await group.close()
+        consumer = WriteBehind(stream, StoreSink(store, 90.0, 15.0))
+        t0 = time.perf_counter()
+        await consumer.start()
+        await consumer.settle(timeout_s=600)
+        seconds = time.perf_counter() - t0
+        await consumer.stop()
+        await stream.close()
+        await store.dispose()
+        return batches / seconds, consumer.written_events / seconds
+
+    return asyncio.run(run())
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -371,6 +445,16 @@ def main(args: argparse.Namespace) -> str:
                 f" p99 {storm[2] / alone[2] - 1:+.0%}."
             )
             print(f"{variant} done; load average {os.getloadavg()}", file=sys.stderr)
+        for store in args.drain_stores:
+            with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
+                work = Path(tmp)
+                with _database(store, work, "drain") as url:
+                    batches_s, events_s = _drain(url, work, args.drain, args.sessions)
+            notes.append(
+                f"- Backlog drain into {store}: {args.drain:,} heartbeats waiting in the"
+                f" embedded stream (an outage's backlog) written at {events_s:,.0f} heartbeats/s"
+                f" ({batches_s:,.0f} batches/s) by the write-behind consumer."
+            )
     return "\n".join(
         [
             *lines,
@@ -398,6 +482,10 @@ if __name__ == "__main__":
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--drain", type=int, default=50_000, help="backlog heartbeats to drain")
+    parser.add_argument(
+        "--drain-stores", nargs="*", default=["SQLite", "PostgreSQL"], help="stores to drain into"
+    )
     parser.add_argument("--serve-peer", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
