@@ -21,7 +21,9 @@ than a real player's one heartbeat a second); the global limit is the default.
 
     .venv/bin/python bench/telemetry.py [--engines embedded nats] [--seconds 10] [--runs 1]
 
-Not measured yet: the backlog drain rate after a store outage.
+The backlog a store outage leaves: ``--drain`` heartbeats of ``--sessions`` sessions appended
+to an embedded stream while no consumer ran, then the write-behind consumer started on a fresh
+store (SQLite, PostgreSQL): heartbeats/s written until the backlog is empty.
 """
 
 from __future__ import annotations
@@ -30,13 +32,18 @@ import argparse
 import json
 import multiprocessing
 import os
+import secrets
 import shlex
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +65,9 @@ from playback import (
 NATS = os.environ.get("STREAMPLANE_BENCH_NATS", "nats://127.0.0.1:4222")
 
 
-def _telemetry_config(config: Path, engine: str, work: Path, ingest_port: int) -> str:
+def _telemetry_config(
+    config: Path, engine: str, work: Path, ingest_port: int, separate: bool
+) -> str:
     stream = f"BENCH{uuid.uuid4().hex[:12]}"
     lines = [
         "",
@@ -68,6 +77,7 @@ def _telemetry_config(config: Path, engine: str, work: Path, ingest_port: int) -
         f'nats_url = "{NATS}"',
         f'stream_name = "{stream}"',
         f"ingest_port = {ingest_port}",
+        f"ingest_process = {'true' if separate else 'false'}",
         "device_rate = 100000.0",
         "device_burst = 100000.0",
     ]
@@ -122,15 +132,25 @@ def _timing(args: argparse.Namespace, concurrency: int | None = None) -> dict[st
 
 
 def _measure_control(
-    engine: str, url: str, args: argparse.Namespace, work: Path, pool: ProcessPoolExecutor
+    engine: str,
+    url: str,
+    args: argparse.Namespace,
+    work: Path,
+    pool: ProcessPoolExecutor,
+    separate: bool = False,
 ) -> dict[str, Measured]:
     out: dict[str, Measured] = {}
     port, ingest = _port(), _port()
     config = _config(work, url, port, args.sessions + 4)
-    stream = _telemetry_config(config, engine, work, ingest)
+    stream = _telemetry_config(config, engine, work, ingest, separate)
+    # one secret for both processes: the ingest process verifies the control plane's tokens
+    env = {**os.environ, "STREAMPLANE_CONTROL_JWT_SECRET": secrets.token_hex(32)}
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
     try:
-        with _serving(control, port, f"{engine}: the control plane") as pid:
+        with (
+            _serving(control, port, f"{engine}: the control plane", env) as pid,
+            _ingesting(config, ingest, env, separate) as ingest_pid,
+        ):
             tokens, _, _ = _set_up(port, argparse.Namespace(edges=4, accounts=2, history=0))
             bodies = _bodies(_sessions(port, tokens[0], args.sessions))
             beat = {"method": "POST", "path": "/v1/heartbeat", "bodies": bodies}
@@ -140,12 +160,19 @@ def _measure_control(
                 "body": '{"title": "bench", "device": "start{n}"}',
                 "devices": 4,
             }
-            lean = Load(port=ingest, tokens=(tokens[0],), server_pid=pid, **beat, **_timing(args))
-            out["lean"] = pool.submit(run_load, lean).result()
-            framework = Load(
-                port=port, tokens=(tokens[0],), server_pid=pid, **beat, **_timing(args)
+            lean = Load(
+                port=ingest,
+                tokens=(tokens[0],),
+                server_pid=ingest_pid or pid,
+                **beat,
+                **_timing(args),
             )
-            out["framework"] = pool.submit(run_load, framework).result()
+            out["lean"] = pool.submit(run_load, lean).result()
+            if not separate:
+                framework = Load(
+                    port=port, tokens=(tokens[0],), server_pid=pid, **beat, **_timing(args)
+                )
+                out["framework"] = pool.submit(run_load, framework).result()
             starts = Load(
                 port=port, tokens=(tokens[1],), server_pid=pid, **start, **_timing(args, 4)
             )
@@ -157,6 +184,34 @@ def _measure_control(
         if engine == "nats":
             _delete_stream(stream)
     return out
+
+
+@contextmanager
+def _ingesting(config: Path, port: int, env: dict[str, str], separate: bool) -> Iterator[int]:
+    """``streamplane ingest`` beside the control plane when ``separate``; its pid (0: none)."""
+    if not separate:
+        yield 0
+        return
+    command = [sys.executable, "-m", "streamplane", "ingest", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("streamplane ingest did not start") from None
+                time.sleep(0.1)
+        yield process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def _delete_stream(name: str) -> None:
@@ -257,6 +312,78 @@ def _serve_peer(url: str, port: int) -> None:
     uvicorn.Server(server_config(peer_app(url), "127.0.0.1", port)).run()
 
 
+# -- the backlog an outage leaves, drained -----------------------------------------------------
+
+
+def _drain(url: str, work: Path, batches: int, sessions: int) -> tuple[float, float]:
+    """(batches/s, events/s) the write-behind consumer writes a backlog of ``batches`` heartbeats
+    of ``sessions`` sessions into the store at ``url``: what a store outage leaves waiting in
+    the (embedded) stream, written when the store is back."""
+    import asyncio
+
+    from sqlalchemy import insert
+
+    from streamplane.control.heartbeats import StoreSink
+    from streamplane.control.store import Account, Store, migrate
+    from streamplane.telemetry import EventBatch, HeartbeatEvent
+    from streamplane.telemetry.consumers import WriteBehind
+    from streamplane.telemetry.stream_embedded import EmbeddedStream
+
+    async def run() -> tuple[float, float]:
+        store = Store(url)
+        await migrate(store)
+        accounts = [
+            {
+                "id": f"a{i}",
+                "email": f"a{i}@x.io",
+                "password_hash": "-",
+                "plan": "bench",
+                "created_at": 0.0,
+            }
+            for i in range(sessions)
+        ]
+        await store.transaction(lambda conn: conn.execute(insert(Account), accounts))
+        stream = EmbeddedStream(work / "drain-stream", partitions=8)
+        now = time.time()
+        appends = []
+        for n in range(batches):
+            session = f"s{n % sessions}"
+            event = HeartbeatEvent(
+                account=f"a{n % sessions}",
+                session=session,
+                device=f"d{n % sessions}",
+                title="bench",
+                received_at=now + n / 1000,
+                at=now + n / 1000,
+                seq=n,
+                kind="position",
+                position_s=n / 10,
+            )
+            batch = EventBatch(
+                device=event.device,
+                events=[event],
+                account=event.account,
+                session=session,
+                title="bench",
+                received_at=event.received_at,
+            )
+            appends.append(stream.append(batch))
+        group = await stream.group("store")  # the outage: nothing was written yet
+        await asyncio.gather(*appends)
+        await group.close()
+        consumer = WriteBehind(stream, StoreSink(store, 90.0, 15.0))
+        t0 = time.perf_counter()
+        await consumer.start()
+        await consumer.settle(timeout_s=600)
+        seconds = time.perf_counter() - t0
+        await consumer.stop()
+        await stream.close()
+        await store.dispose()
+        return batches / seconds, consumer.written_events / seconds
+
+    return asyncio.run(run())
+
+
 # -- the report --------------------------------------------------------------------------------
 
 
@@ -288,17 +415,22 @@ def main(args: argparse.Namespace) -> str:
     notes = []
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=spawn) as pool:
-        for engine in args.engines:
+        for variant in args.engines:
+            engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
             store = stores[engine]
             with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
                 work = Path(tmp)
                 with _database(store, work, "control") as url:
-                    found = _measure_control(engine, url, args, work, pool)
+                    found = _measure_control(engine, url, args, work, pool, separate)
                 with _database(store, work, "peer") as url:
                     bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
                     found["peer"] = _measure_peer(url, bodies, args, pool)
             label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
+            if separate:
+                label += ", ingest process"
             for kind in ("lean", "framework", "peer", "storm", "starts", "starts-storm"):
+                if kind not in found:
+                    continue
                 rate, p50, p99, cpu, errors = _stats(found[kind])
                 lines.append(
                     f"| {label} | {WHAT[kind]} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |"
@@ -312,7 +444,17 @@ def main(args: argparse.Namespace) -> str:
                 f" playback starts during the storm: p50 {storm[1] / alone[1] - 1:+.0%},"
                 f" p99 {storm[2] / alone[2] - 1:+.0%}."
             )
-            print(f"{engine} done; load average {os.getloadavg()}", file=sys.stderr)
+            print(f"{variant} done; load average {os.getloadavg()}", file=sys.stderr)
+        for store in args.drain_stores:
+            with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
+                work = Path(tmp)
+                with _database(store, work, "drain") as url:
+                    batches_s, events_s = _drain(url, work, args.drain, args.sessions)
+            notes.append(
+                f"- Backlog drain into {store}: {args.drain:,} heartbeats waiting in the"
+                f" embedded stream (an outage's backlog) written at {events_s:,.0f} heartbeats/s"
+                f" ({batches_s:,.0f} batches/s) by the write-behind consumer."
+            )
     return "\n".join(
         [
             *lines,
@@ -329,11 +471,21 @@ def main(args: argparse.Namespace) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engines", nargs="+", default=["embedded", "nats"])
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["embedded", "nats", "embedded-process"],
+        choices=["embedded", "nats", "embedded-process", "nats-process"],
+        help="-process: heartbeats taken by `streamplane ingest`, a process of its own",
+    )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--drain", type=int, default=50_000, help="backlog heartbeats to drain")
+    parser.add_argument(
+        "--drain-stores", nargs="*", default=["SQLite", "PostgreSQL"], help="stores to drain into"
+    )
     parser.add_argument("--serve-peer", metavar="URL", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

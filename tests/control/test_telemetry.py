@@ -318,3 +318,28 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
     finally:
         ingest.terminate()
         assert ingest.wait(10) == 0, ingest.stderr.read() if ingest.stderr else ""
+
+
+async def test_a_screen_is_touched_once_per_touch_interval_not_per_heartbeat(
+    control: Control,
+) -> None:
+    session, hb = await _start(control)
+
+    async def last_seen() -> float:
+        await control.settled()
+
+        def read(conn: Connection) -> float:
+            return float(conn.execute(select(Screen.last_seen)).scalar_one())
+
+        return await _store(control).transaction(read)
+
+    assert (await _beat(control, session, hb)).status_code == 200
+    first = await last_seen()
+    assert first == T0  # the start's clock, and the first heartbeat's
+    for _ in range(4):  # four more within screen_touch_s (15 s): no write
+        control.clock.advance(3)
+        assert (await _beat(control, session, hb)).status_code == 200
+    assert await last_seen() == first
+    control.clock.advance(4)  # 16 s after the last write: this one is written
+    assert (await _beat(control, session, hb)).status_code == 200
+    assert await last_seen() == T0 + 16

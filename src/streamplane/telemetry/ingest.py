@@ -129,6 +129,7 @@ class Ingest:
         self._sessions: OrderedDict[str, SessionView] = OrderedDict()
         self._devices: dict[tuple[str, str], str] = {}  # (account, device) -> its session
         self._resume: OrderedDict[tuple[str, str], Position] = OrderedDict()
+        self._missing: OrderedDict[str, None] = OrderedDict()  # ids the store does not know
         self.appended = 0  # batches
         self.throttled = 0
 
@@ -241,9 +242,18 @@ class Ingest:
         if view is not None:
             self._sessions.move_to_end(session_id)
             return view
+        if session_id in self._missing:
+            return None
         view = await self._lookup(session_id)
         if view is not None:
             self._remember(session_id, view)
+        else:
+            # An id the store does not know never will (ids are made by the start, which
+            # commits before it answers): remember it, so that a flood of made-up ids costs
+            # the store one read each at most.
+            self._missing[session_id] = None
+            if len(self._missing) > _SESSIONS_KEPT:
+                self._missing.popitem(last=False)
         return view
 
     def _remember(self, session_id: str, view: SessionView) -> None:
