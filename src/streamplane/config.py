@@ -288,6 +288,9 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     qos_factor: float = 3.0  # demoted at this many times the peers' rebuffer ratio...
     qos_recover_factor: float = 1.5  # ... recovered at this many times
     qos_hold_s: float = 120.0  # a demotion without fresh evidence lasts this long
+    # batches per QoS write: its rows grow with the keys a round touches, not its events, so
+    # larger rounds than the write-behind's (bench/qos.py: 1024 -> 8192, 3x the events/s)
+    qos_consumer_batches: int = 8192
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

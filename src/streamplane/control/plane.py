@@ -162,7 +162,9 @@ class ControlPlane:
                 return
             stream = self._qos_stream = await open_stream(t)
         if stream is not None:
-            await self.qos.consume(stream, max_batches=t.consumer_batches, ack_wait_s=t.ack_wait_s)
+            await self.qos.consume(
+                stream, max_batches=t.qos_consumer_batches, ack_wait_s=t.ack_wait_s
+            )
 
     async def stop(self) -> None:
         await self.qos.stop()
