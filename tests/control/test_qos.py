@@ -133,6 +133,11 @@ async def test_heartbeats_become_minute_and_hour_rows_once(
         text = (await control.client.get("/metrics", headers=ADMIN_AUTH)).text
         assert 'streamplane_qos_viewers{edge="e2"} 1' in text
         assert 'streamplane_qos_rebuffer_ratio{edge="e2"} 0.0333333' in text
+        # 7 heartbeats appended twice, some handed out again: every delivery folded
+        (events,) = [
+            line for line in text.splitlines() if line.startswith("streamplane_qos_events_total")
+        ]
+        assert int(events.split()[1]) >= 14
     finally:
         await stream.close()
 

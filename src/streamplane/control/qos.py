@@ -413,6 +413,20 @@ class QosService:
             "1 for an edge steering ranks after the others for a client network.",
             ((f'network="{_label(n)}",edge="{_label(e)}"', 1.0) for n, e in sorted(self.verdicts)),
         )
+        lines.append(
+            "# HELP streamplane_qos_events_total Heartbeat events folded into the QoS rows."
+        )
+        lines.append("# TYPE streamplane_qos_events_total counter")
+        lines.append(
+            f"streamplane_qos_events_total {sum(c.written_events for c in self.consumers)}"
+        )
+        lines.append(
+            "# HELP streamplane_qos_write_failures_total QoS writes that failed and were retried."
+        )
+        lines.append("# TYPE streamplane_qos_write_failures_total counter")
+        lines.append(
+            f"streamplane_qos_write_failures_total {sum(c.failures for c in self.consumers)}"
+        )
         lines.append("# HELP streamplane_qos_judge_failures_total Judgements that failed.")
         lines.append("# TYPE streamplane_qos_judge_failures_total counter")
         lines.append(f"streamplane_qos_judge_failures_total {self.failures}")
