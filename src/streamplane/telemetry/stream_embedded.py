@@ -309,8 +309,12 @@ class _Member:
                 default=math.inf,
             )
             wait = min(left, max(due - time.monotonic(), 0.0) + 0.001)
+            # asyncio.timeout, not wait_for: on 3.11, wait_for returns the event's result when
+            # a cancellation arrives as the event is set, swallowing the cancellation, and a
+            # consumer being stopped went on fetching for ever.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stream._arrived.wait(), wait)
+                async with asyncio.timeout(wait):
+                    await self._stream._arrived.wait()
 
     async def _take(self, limit: int) -> list[Delivery]:
         s = self._state
