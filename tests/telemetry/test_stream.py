@@ -132,6 +132,28 @@ async def test_an_embedded_stream_refuses_another_partition_count(tmp_path: Path
         EmbeddedStream(tmp_path, partitions=8)
 
 
+def test_an_embedded_stream_is_refused_to_a_second_process(tmp_path: Path) -> None:
+    import multiprocessing
+
+    first = EmbeddedStream(tmp_path, partitions=2)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        why = pool.apply(_open_elsewhere, (str(tmp_path),))
+    assert "open in another process" in why
+    asyncio.run(first.close())
+    with ctx.Pool(1) as pool:  # closed: free again
+        assert pool.apply(_open_elsewhere, (str(tmp_path),)) == "opened"
+
+
+def _open_elsewhere(directory: str) -> str:
+    try:
+        stream = EmbeddedStream(Path(directory), partitions=2)
+    except StreamError as err:
+        return str(err)
+    asyncio.run(stream.close())
+    return "opened"
+
+
 async def test_an_embedded_stream_trims_what_every_group_acknowledged(tmp_path: Path) -> None:
     stream = EmbeddedStream(tmp_path, partitions=2)
     group = await stream.group("writer")
