@@ -314,8 +314,11 @@ def control_settings(
     return Settings(
         tokens=TokenSettings(keys={KEY_ID: KEY_HEX}, signing_kid=KEY_ID, ttl_s=3600),
         control=ControlSettings(**defaults),
-        # the test's own stream (beside its catalog): a restarted control plane finds it again
-        telemetry=TelemetrySettings(**{"stream_dir": f"{catalog}-telemetry", **(telemetry or {})}),
+        # each control plane's own stream (beside its catalog): an embedded stream serves one
+        # process, and some tests run two instances side by side
+        telemetry=TelemetrySettings(
+            **{"stream_dir": f"{catalog}-telemetry-{uuid.uuid4().hex[:8]}", **(telemetry or {})}
+        ),
     )
 
 

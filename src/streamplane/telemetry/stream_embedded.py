@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import math
 import sqlite3
 import threading
@@ -89,6 +90,18 @@ class EmbeddedStream:
         if not 1 <= partitions <= 1024:
             raise StreamError(f"telemetry partitions must be 1..1024, not {partitions}")
         directory.mkdir(parents=True, exist_ok=True)
+        # Offsets are handed out in memory: a second process on the same stream would hand
+        # out the same ones. Refused, saying so, rather than failing appends later.
+        self._lock = open(directory / "stream.lock", "a+b")  # noqa: SIM115 (held while open)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StreamError(
+                f"the telemetry stream in {directory} is open in another process (one process"
+                " per embedded stream: run `streamplane ingest` with telemetry.ingest_process,"
+                " or the nats engine, to take heartbeats in several)"
+            ) from None
         self._path = directory / "stream.db"
         self._writer = _connect(self._path)
         self._reader = _connect(self._path)
@@ -281,6 +294,7 @@ class EmbeddedStream:
         with self._io_lock:
             self._writer.close()
             self._reader.close()
+        self._lock.close()  # and with it the lock
 
 
 class _Member:
