@@ -657,6 +657,39 @@ def realtime_token(
     out_console.print(token, soft_wrap=True)
 
 
+def ingest(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="The control plane's settings TOML; STREAMPLANE_* override."
+    ),
+) -> None:
+    """Take player heartbeats in a process of their own (telemetry.ingest_process)."""
+    import asyncio
+    import signal
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.control.heartbeats import run_ingest
+
+    async def serve() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        t = settings.telemetry
+        console.print(f"heartbeat ingest on http://{t.ingest_host}:{t.ingest_port}/v1/heartbeat")
+        await run_ingest(settings, stopped)
+
+    try:
+        settings = load_settings(config)
+        try:
+            import uvloop
+
+            uvloop.run(serve())
+        except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+            asyncio.run(serve())
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+
+
 @app.command()
 def edge(
     config: Path | None = typer.Option(None, "--config", help="Settings TOML ([edge], [tokens])."),
@@ -839,6 +872,12 @@ def swarm(
     ),
     audio: bool = typer.Option(True, "--audio/--no-audio", help="Fetch the audio track too."),
     json_out: Path | None = typer.Option(None, "--json", help="Save the full report as JSON."),
+    admin_token: str | None = typer.Option(
+        None,
+        "--admin-token",
+        envvar="STREAMPLANE_ADMIN_TOKEN",
+        help="The control plane's admin token: report its QoS aggregates of the run too.",
+    ),
 ) -> None:
     """Run N headless viewers against a control plane and its edges: QoE and edge load."""
     from streamplane.player import PlayerError, SwarmConfig, report_tables, run_swarm_live
@@ -857,7 +896,7 @@ def swarm(
         sources=tuple(source),
     )
     try:
-        report = run_swarm_live(config, console)
+        report = run_swarm_live(config, console, admin_token)
     except SwarmError as exc:
         raise _error(str(exc), 1) from None
     except PlayerError as exc:
