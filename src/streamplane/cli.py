@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -21,6 +22,9 @@ from rich.table import Table
 from rich.text import Text
 
 from streamplane import media, placement
+
+if TYPE_CHECKING:
+    from streamplane.stack import LocalStack
 
 app = typer.Typer(
     help="streamplane: per-shot encoding, edges, steering and players for video streaming.",
@@ -281,6 +285,8 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             # a player needs only the URL (hls.js, dash.js, Shaka and ffmpeg are tested with it).
             out_console.print(f"HLS for any player (token valid 6 h):  {answer['hls']}")
             out_console.print(f"DASH for any player (token valid 6 h): {answer['dash']}")
+            if serve:
+                _live_demo(stack)
             if not serve:
                 return
             out_console.print("\nServing; press Ctrl-C to stop.")
@@ -292,6 +298,54 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
         raise _error(str(exc), 1) from None
     except KeyboardInterrupt:
         console.print("stopping: the edges drain, then exit")
+
+
+def _live_demo(stack: LocalStack) -> None:
+    """A live channel beside the title: the test feed over SRT into a small live ladder."""
+    import secrets
+    import socket
+    import time
+    from urllib.parse import quote
+
+    from streamplane.stack import StackError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        srt_port = s.getsockname()[1]
+    port = _free_or_any(8090)
+    key = secrets.token_hex(8)
+    origin = f"http://127.0.0.1:{port}"
+    console.print("[bold]starting[/bold] live channel demo-live, fed by the test feed over SRT")
+    channel = stack.spawn(
+        "live",
+        origin,
+        ["live", "start", "demo-live", "--srt-listen", str(srt_port), "--port", str(port)]
+        + ["--root", str(stack.work / "live"), "--stream-key", key, "--dvr", "120"],
+    )
+    deadline = time.monotonic() + 30
+    while not _answers(f"{origin}/demo-live/status.json"):
+        if not channel.alive() or time.monotonic() > deadline:
+            raise StackError(f"the live channel did not start:\n{channel.tail()}")
+        time.sleep(0.2)
+    stack.spawn(
+        "live-feed",
+        "",
+        ["live", "feed", "demo-live", "--to", f"srt://127.0.0.1:{srt_port}", "--stream-key", key],
+    )
+    master = f"{origin}/demo-live/master.m3u8"
+    out_console.print(
+        f"\nLive (LL-HLS):   {stack.control_url}/static/live.html?src={quote(master)}"
+    )
+    out_console.print(f"live playlist:   {master} (status: {origin}/demo-live/status.json)")
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @app.command()
@@ -607,6 +661,39 @@ def realtime_token(
     out_console.print(token, soft_wrap=True)
 
 
+def ingest(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="The control plane's settings TOML; STREAMPLANE_* override."
+    ),
+) -> None:
+    """Take player heartbeats in a process of their own (telemetry.ingest_process)."""
+    import asyncio
+    import signal
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.control.heartbeats import run_ingest
+
+    async def serve() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        t = settings.telemetry
+        console.print(f"heartbeat ingest on http://{t.ingest_host}:{t.ingest_port}/v1/heartbeat")
+        await run_ingest(settings, stopped)
+
+    try:
+        settings = load_settings(config)
+        try:
+            import uvloop
+
+            uvloop.run(serve())
+        except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+            asyncio.run(serve())
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+
+
 @app.command()
 def edge(
     config: Path | None = typer.Option(None, "--config", help="Settings TOML ([edge], [tokens])."),
@@ -789,6 +876,12 @@ def swarm(
     ),
     audio: bool = typer.Option(True, "--audio/--no-audio", help="Fetch the audio track too."),
     json_out: Path | None = typer.Option(None, "--json", help="Save the full report as JSON."),
+    admin_token: str | None = typer.Option(
+        None,
+        "--admin-token",
+        envvar="STREAMPLANE_ADMIN_TOKEN",
+        help="The control plane's admin token: report its QoS aggregates of the run too.",
+    ),
 ) -> None:
     """Run N headless viewers against a control plane and its edges: QoE and edge load."""
     from streamplane.player import PlayerError, SwarmConfig, report_tables, run_swarm_live
@@ -807,7 +900,7 @@ def swarm(
         sources=tuple(source),
     )
     try:
-        report = run_swarm_live(config, console)
+        report = run_swarm_live(config, console, admin_token)
     except SwarmError as exc:
         raise _error(str(exc), 1) from None
     except PlayerError as exc:
@@ -818,6 +911,129 @@ def swarm(
         out_console.print(f"report: {json_out}")
     if report.summary.failed:
         raise _error(f"{report.summary.failed} of {viewers} viewers failed", 1)
+
+
+live_app = typer.Typer(help="Live channels: SRT ingest, a live ladder, low-latency HLS.")
+app.add_typer(live_app, name="live")
+
+_KEY_HELP = "The channel's stream key (the SRT passphrase, 10-79 characters)."
+
+
+@live_app.command("start")
+def live_start(
+    channel: str = typer.Argument(..., help="Channel name (lower-case letters, digits, - and _)."),
+    srt_listen: int = typer.Option(..., "--srt-listen", help="UDP port the SRT feed comes to."),
+    stream_key: str = typer.Option(
+        ..., "--stream-key", envvar="STREAMPLANE_LIVE_STREAM_KEY", help=_KEY_HELP
+    ),
+    root: Path = typer.Option(Path("live"), "--root", help="Where channels are written."),
+    port: int = typer.Option(8090, "--port", help="HTTP port of the channel's origin."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the origin and SRT bind."),
+    rungs: str = typer.Option("240:400,144:150", "--rungs", help="Live ladder, HEIGHT:KBPS,..."),
+    audio: bool = typer.Option(True, "--audio/--no-audio", help="Encode the feed's audio."),
+    dvr: float = typer.Option(7200.0, "--dvr", help="Seconds of DVR window kept."),
+) -> None:
+    """Receive CHANNEL's feed over SRT and serve it as low-latency HLS until Ctrl-C."""
+    import asyncio
+
+    from streamplane import live
+
+    try:
+        settings = live.ChannelSettings(
+            name=channel,
+            root=root,
+            srt_port=srt_listen,
+            stream_key=stream_key,
+            rungs=live.parse_rungs(rungs),
+            audio=audio,
+            dvr_seconds=dvr,
+            listen_host=host,
+        )
+        settings.check()
+    except live.LiveError as exc:
+        raise _error(str(exc), 2) from None
+    console.print(
+        f"channel {channel}: feed to srt://{host}:{srt_listen}, "
+        f"playback at http://{host}:{port}/{channel}/master.m3u8, "
+        f"status at http://{host}:{port}/{channel}/status.json"
+    )
+    try:
+        asyncio.run(live.serve_channel(settings, host, port))
+    except OSError as exc:
+        raise _error(str(exc), 3) from None
+
+
+@live_app.command("plan")
+def live_plan(
+    events: Path = typer.Option(
+        ..., "--events", help="events.toml: [[event]] channel, start, expected_viewers, ..."
+    ),
+    servers: Path = typer.Option(..., "--servers", help="servers.toml, as `place` reads it."),
+    headroom: float = typer.Option(0.7, help="Share of a server's throughput to plan on."),
+    lead_min: float = typer.Option(15.0, "--lead-min", help="Minutes of warm-up before a start."),
+) -> None:
+    """Print what each scheduled event pre-warms, where and when, and why."""
+    from datetime import UTC, datetime
+
+    from streamplane.live.schedule import plan_event, read_events
+
+    try:
+        fleet = placement.read_servers(servers)
+        plans = [
+            plan_event(e, fleet, headroom=headroom, lead_s=lead_min * 60)
+            for e in read_events(events.read_text())
+        ]
+    except (OSError, ValueError, placement.PlacementError) as exc:
+        raise _error(str(exc), 2) from None
+
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    short = False
+    for plan in plans:
+        e = plan.event
+        table = Table(
+            title=f"{e.channel}: starts {when(e.start)}, warm from {when(plan.warm_at)}; "
+            f"gateway admits {plan.admission_per_s}/s, up to {plan.max_connections} connections"
+        )
+        for col in ("site", "viewers", "edges", "why"):
+            table.add_column(col)
+        for site in plan.sites:
+            table.add_row(site.site, str(site.viewers), ", ".join(site.edges) or "-", site.reason)
+        out_console.print(table)
+        short = short or not plan.ready
+    if short:
+        raise _error("some sites cannot carry their expected audience (see above)", 1)
+
+
+@live_app.command("feed")
+def live_feed(
+    channel: str = typer.Argument(..., help="Channel name (for the log)."),
+    to: str = typer.Option(..., "--to", help="Where the channel listens: srt://HOST:PORT."),
+    stream_key: str = typer.Option(
+        ..., "--stream-key", envvar="STREAMPLANE_LIVE_STREAM_KEY", help=_KEY_HELP
+    ),
+    source: str = typer.Option("testsrc", "--source", help="testsrc, bunny or bikes (looped)."),
+    seconds: float | None = typer.Option(None, "--seconds", help="Stop after this long."),
+) -> None:
+    """Push a test feed (burnt-in clock) to a channel in real time, until Ctrl-C."""
+    import subprocess
+
+    from streamplane import live
+    from streamplane.media.ffmpeg import ffmpeg_exe
+
+    try:
+        args = live.feed_args(to, stream_key, source, seconds=seconds)  # type: ignore[arg-type]
+    except live.LiveError as exc:
+        raise _error(str(exc), 2) from None
+    console.print(f"feeding {channel} from {source} to {to}")
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *args]
+    try:
+        code = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        code = 0
+    if code != 0:
+        raise _error(f"the feed stopped: ffmpeg exited with {code} (see above)", 1)
 
 
 def main() -> None:

@@ -113,6 +113,7 @@ class LocalStack:
         slow_start_s: float = 0.0,
         control_settings: Mapping[str, Any] | None = None,
         gateway_port: int | None = None,
+        telemetry_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not 1 <= edges <= len(_SITES):
             raise StackError(f"a local stack runs 1 to {len(_SITES)} edges, not {edges}")
@@ -124,6 +125,12 @@ class LocalStack:
         self.edge_ports = list(edge_ports or [free_port() for _ in range(edges)])
         self.slow_start_s = slow_start_s
         self.control_settings = dict(control_settings or {})  # [control] keys to override
+        # [telemetry]: the embedded stream in the work directory unless told otherwise
+        self.telemetry_settings = {
+            "engine": "embedded",
+            "stream_dir": str(self.work / "telemetry"),
+            **(telemetry_settings or {}),
+        }
         self.key_hex = secrets.token_hex(32)
         self.gateway_port = gateway_port or free_port()
         self.realtime_key_hex = secrets.token_hex(32)  # shared by the control plane and gateway
@@ -133,6 +140,7 @@ class LocalStack:
         self.control: StackProcess | None = None
         self.gateway: StackProcess | None = None
         self.edges: list[StackProcess] = []
+        self.others: list[StackProcess] = []  # started with spawn: stopped first
         self._account: dict[str, str] | None = None
 
     @property
@@ -217,9 +225,16 @@ class LocalStack:
         return process
 
     def stop(self) -> None:
-        others = [p for p in (self.control, self.gateway) if p is not None]
-        for process in [*self.edges, *others]:
+        planes = [p for p in (self.control, self.gateway) if p is not None]
+        for process in [*self.others, *self.edges, *planes]:
             process.stop()
+
+    def spawn(self, name: str, url: str, args: list[str]) -> StackProcess:
+        """Run ``streamplane ARGS`` beside the stack (logged to ``<work>/<name>.log``),
+        stopped with it."""
+        process = self._spawn(name, url, args)
+        self.others.append(process)
+        return process
 
     def _write_settings(self) -> Path:
         czmap = self.work / "czmap.json"
@@ -251,6 +266,8 @@ class LocalStack:
             lines += [f'base_url = "{self.edge_url(index)}"', f'site = "{_SITES[index][0]}"']
         lines += ["", "[realtime]", f'token_key = "{self.realtime_key_hex}"']
         lines += [f"port = {self.gateway_port}"]
+        lines += ["", "[telemetry]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.telemetry_settings.items()]
         path = self.work / "settings.toml"
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)  # every edge's key

@@ -897,6 +897,10 @@ class Fleet:
         self._placement_mtime = mtime
         self.generation += 1
 
+    def knows(self, edge_id: str) -> bool:
+        """Whether ``edge_id`` is an edge of the fleet: registered, or heard from."""
+        return edge_id in self.credentials or edge_id in self._edges
+
     def edges(self) -> list[EdgeView]:
         return sorted(self._edges.values(), key=lambda e: e.edge_id)
 
@@ -914,6 +918,10 @@ class Fleet:
             else:
                 out[edge_id] = (self._edges.get(edge_id), ["placement"])
         return out
+
+    def serving(self) -> list[EdgeView]:
+        """Every edge with a heartbeat: a live channel is pulled by any of them."""
+        return list(self._edges.values())
 
     def holding(self, title: str) -> list[EdgeView]:
         """The edges with a heartbeat that hold ``title`` by heartbeat or by placement."""
