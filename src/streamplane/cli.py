@@ -615,6 +615,7 @@ def gateway_load(
     table.add_row("lost", str(report.lost))
     table.add_row("holes / repeats applied", f"{report.holes} / {report.repeats}")
     table.add_row("told to reload (not recovered)", str(report.reloads))
+    table.add_row("connections cut and redialled", str(report.redials))
     table.add_row("viewers not back after the storm", str(report.unconnected))
     for why in report.why_unconnected:
         table.add_row("  why", why)

@@ -38,6 +38,7 @@ class LoadReport(msgspec.Struct, kw_only=True):
     lost: int  # publications missing on viewers connected and subscribed at the end, unexplained
     reloads: int  # explicit "not recovered": the viewer was told to reload, nothing silent
     unconnected: int  # viewers still not back at the end: their count, not a loss by the gateway
+    redials: int = 0  # connections that closed under a viewer outside the storm's drop
     why_unconnected: list[str] = []
 
 
@@ -55,7 +56,8 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
 
     decoder = msgspec.json.Decoder(_Frame)
     latencies: list[float] = []
-    stats = {"holes": 0, "repeats": 0, "reloads": 0}
+    stats = {"holes": 0, "repeats": 0, "reloads": 0, "redials": 0}
+    tasks: set[asyncio.Task[None]] = set()
 
     class Viewer(WSListener):
         def __init__(self) -> None:
@@ -74,8 +76,14 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
 
         def on_ws_disconnected(self, transport: Any) -> None:
             if transport is self.transport:  # not the close of a connection already replaced
+                # A connection closed under it: like the real client, it reconnects and
+                # recovers from its last position (left alone, it would be counted as loss).
                 self.synced = False
                 self.why = "closed after connecting"
+                stats["redials"] += 1
+                task = asyncio.get_running_loop().create_task(dial(self))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
         def on_ws_frame(self, transport: Any, frame: Any) -> None:
             if frame.msg_type != WSMsgType.TEXT:
@@ -113,32 +121,32 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
             if data is not None and "t" in data:
                 latencies.append(time.time() - data["t"])
 
+    host = f"127.0.0.{2 + index}"
+    sem = asyncio.Semaphore(200)  # bound to the loop on first use
+
+    async def dial(v: Viewer) -> None:
+        delay = 0.0
+        v.transport = None
+        v.why = "connected, no answer to its subscribe"
+        failed = ""
+        for attempt in range(20):
+            await asyncio.sleep(delay)
+            async with sem:
+                try:
+                    await ws_connect(
+                        lambda: v,
+                        f"ws://127.0.0.1:{port}/connect?token={token}",
+                        local_addr=(host, 0),
+                        read_buffer_init_size=1024,
+                    )
+                    return
+                except Exception as exc:
+                    failed = f"{type(exc).__name__}: {exc}"
+                    delay = random.random() * min(2.0, 0.1 * 2**attempt)
+        v.why = f"gave up connecting after 20 attempts: {failed}"
+
     async def connect_all(viewers: list[Viewer]) -> None:
-        host = f"127.0.0.{2 + index}"
-        sem = asyncio.Semaphore(200)
-
-        async def one(v: Viewer) -> None:
-            delay = 0.0
-            v.transport = None
-            v.why = "connected, no answer to its subscribe"
-            failed = ""
-            for attempt in range(20):
-                await asyncio.sleep(delay)
-                async with sem:
-                    try:
-                        await ws_connect(
-                            lambda: v,
-                            f"ws://127.0.0.1:{port}/connect?token={token}",
-                            local_addr=(host, 0),
-                            read_buffer_init_size=1024,
-                        )
-                        return
-                    except Exception as exc:
-                        failed = f"{type(exc).__name__}: {exc}"
-                        delay = random.random() * min(2.0, 0.1 * 2**attempt)
-            v.why = f"gave up connecting after 20 attempts: {failed}"
-
-        await asyncio.gather(*(one(v) for v in viewers))
+        await asyncio.gather(*(dial(v) for v in viewers))
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
@@ -189,13 +197,18 @@ def _load(index: int, port: int, count: int, token: str, out: Any, commands: Any
             elif command == "drop":
                 for v in viewers:
                     v.synced = False
-                    if v.transport is not None:
-                        v.transport.disconnect()
+                    gone, v.transport = v.transport, None  # its close is this drop, not a cut
+                    if gone is not None:
+                        gone.disconnect()
                 await asyncio.sleep(0.05)
                 await connect_all(viewers)
                 out.put(("reconnected", index, time.time()))
             elif command == "stop":
                 pinger.cancel()
+                for v in viewers:
+                    v.transport = None  # closing at the end is not a cut to redial
+                for task in list(tasks):
+                    task.cancel()
                 return
 
     asyncio.run(run())
@@ -289,5 +302,6 @@ def run_load(
         lost=sum(r[3] for r in storm),
         reloads=sum(r[2]["reloads"] for r in storm),
         unconnected=sum(r[4] for r in storm),
+        redials=sum(r[2]["redials"] for r in storm),
         why_unconnected=sorted({w for r in storm for w in r[5]}),
     )
