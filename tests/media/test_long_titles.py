@@ -173,3 +173,18 @@ def test_full_mode_ships_capped_matrix_encodes_and_drops_the_rest(
     kept = {p.name for p in (work / "matrix").glob("*.mp4")}
     shipped = {(c.shot, c.quantiser) for r in outcome.title.rungs for c in r.shots}
     assert len(kept) == len(shipped) < 3 * len(outcome.title.shots)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"vbv_maxrate": 0.5}, "vbv_maxrate"),
+        ({"vbv_buffer_s": 0.0}, "vbv_buffer_s"),
+        ({"qp_anchor": True, "codec": "vp9"}, "constant-QP anchor needs one of h264, hevc"),
+    ],
+)
+def test_settings_a_cap_or_anchor_cannot_honour_are_refused(
+    change: dict[str, object], words: str
+) -> None:
+    with pytest.raises(ValueError, match=words):
+        msgspec.structs.replace(SMALL, **change).check()  # type: ignore[arg-type]
