@@ -89,6 +89,7 @@ bench: install
 	$(BIN)/python bench/steering.py
 	$(BIN)/python bench/playback.py
 	$(BIN)/python bench/abr.py
+	$(BIN)/python bench/realtime_redis.py
 
 clean:
 	rm -rf catalog build .pytest_cache .mypy_cache .ruff_cache src/build

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -20,6 +22,9 @@ from rich.table import Table
 from rich.text import Text
 
 from streamplane import media, placement
+
+if TYPE_CHECKING:
+    from streamplane.stack import LocalStack
 
 app = typer.Typer(
     help="streamplane: per-shot encoding, edges, steering and players for video streaming.",
@@ -252,13 +257,17 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
 
     from streamplane.stack import LocalStack, StackError
 
-    console.print("[bold]starting[/bold] a control plane and two edges (build/stack/*.log)")
+    console.print(
+        "[bold]starting[/bold] a control plane, two edges and a realtime gateway"
+        " (build/stack/*.log)"
+    )
     stack = LocalStack(
         catalog,
         Path("build/stack"),
         edges=2,
         control_port=_free_or_any(8080),
         edge_ports=[_free_or_any(8081), _free_or_any(8082)],
+        gateway_port=_free_or_any(8090),
     )
     try:
         with stack:
@@ -281,20 +290,75 @@ def _serve_demo(catalog: Path, serve: bool) -> None:
             out_console.print(f"API (OpenAPI):   {stack.control_url}/docs")
             for e in stack.edges:
                 out_console.print(f"edge {e.name}:   {e.url}/metrics")
+            out_console.print(
+                f"Realtime gateway (chat, counts, live state): {stack.gateway_url}/connect"
+                f"  (tokens: POST {stack.control_url}/v1/realtime/token)"
+            )
             # The edges hand the token on from these manifests to every URI in them, so
             # a player needs only the URL (hls.js, dash.js, Shaka and ffmpeg are tested with it).
             out_console.print(f"HLS for any player (token valid 6 h):  {answer['hls']}")
             out_console.print(f"DASH for any player (token valid 6 h): {answer['dash']}")
+            if serve:
+                _live_demo(stack)
             if not serve:
                 return
             out_console.print("\nServing; press Ctrl-C to stop.")
-            while all(p.alive() for p in [*stack.edges, stack.control] if p is not None):
+            running = [*stack.edges, stack.control, stack.gateway]
+            while all(p.alive() for p in running if p is not None):
                 time.sleep(1)
             console.print("[red]a process of the stack exited; see build/stack/*.log[/red]")
     except StackError as exc:
         raise _error(str(exc), 1) from None
     except KeyboardInterrupt:
         console.print("stopping: the edges drain, then exit")
+
+
+def _live_demo(stack: LocalStack) -> None:
+    """A live channel beside the title: the test feed over SRT into a small live ladder."""
+    import secrets
+    import socket
+    import time
+    from urllib.parse import quote
+
+    from streamplane.stack import StackError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        srt_port = s.getsockname()[1]
+    port = _free_or_any(8090)
+    key = secrets.token_hex(8)
+    origin = f"http://127.0.0.1:{port}"
+    console.print("[bold]starting[/bold] live channel demo-live, fed by the test feed over SRT")
+    channel = stack.spawn(
+        "live",
+        origin,
+        ["live", "start", "demo-live", "--srt-listen", str(srt_port), "--port", str(port)]
+        + ["--root", str(stack.work / "live"), "--stream-key", key, "--dvr", "120"],
+    )
+    deadline = time.monotonic() + 30
+    while not _answers(f"{origin}/demo-live/status.json"):
+        if not channel.alive() or time.monotonic() > deadline:
+            raise StackError(f"the live channel did not start:\n{channel.tail()}")
+        time.sleep(0.2)
+    stack.spawn(
+        "live-feed",
+        "",
+        ["live", "feed", "demo-live", "--to", f"srt://127.0.0.1:{srt_port}", "--stream-key", key],
+    )
+    master = f"{origin}/demo-live/master.m3u8"
+    out_console.print(
+        f"\nLive (LL-HLS):   {stack.control_url}/static/live.html?src={quote(master)}"
+    )
+    out_console.print(f"live playlist:   {master} (status: {origin}/demo-live/status.json)")
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @app.command()
@@ -458,6 +522,11 @@ def control(
         f"control plane on http://{c.host}:{c.port} (API docs at /docs), store {c.database_url}"
     )
     server = uvicorn.Server(server_config(api, c.host, c.port))
+    # Everything loaded so far (FastAPI, SQLAlchemy, pydantic: some 130,000 objects) lives as
+    # long as the process: kept out of the collector's full passes, which otherwise walked it
+    # all every second or two under load, holding up every request in flight meanwhile.
+    gc.collect()
+    gc.freeze()
     server.run()
     if not server.started:  # as uvicorn.run: a failed startup (the log says why) is an error
         raise _error("the control plane did not start (see above)", 3)
@@ -484,6 +553,121 @@ def control_migrate(ctx: typer.Context) -> None:
     except (OSError, ValueError) as exc:
         raise _error(f"{c.database_url}: {exc}", 1) from None
     out_console.print(f"schema up to date: {c.database_url}")
+
+
+@app.command()
+def gateway(
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+    host: str | None = typer.Option(None, help="Bind address (default: realtime.host)."),
+    port: int | None = typer.Option(None, help="Port (default: realtime.port)."),
+    processes: int | None = typer.Option(None, help="Processes sharing the port (SO_REUSEPORT)."),
+) -> None:
+    """Run the realtime gateway: chat, presence, viewer counts and live state over WebSockets."""
+    import logging
+
+    import msgspec
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime.serve import GatewayConfigError, serve
+
+    try:
+        rt = load_settings(config).realtime
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+    changes = {"host": host, "port": port, "processes": processes}
+    rt = msgspec.structs.replace(rt, **{k: v for k, v in changes.items() if v is not None})
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        serve(rt)
+    except GatewayConfigError as exc:
+        raise _error(str(exc), 2) from None
+    except OSError as exc:
+        raise _error(f"gateway on {rt.host}:{rt.port}: {exc}", 1) from None
+
+
+@app.command("gateway-load")
+def gateway_load(
+    port: int = typer.Option(8090, help="The gateway's port on 127.0.0.1."),
+    connections: int = typer.Option(1000, help="WebSocket viewers to open."),
+    processes: int = typer.Option(2, help="Load processes, each from its own 127.0.0.x."),
+    messages: int = typer.Option(20, help="Messages per broadcast round."),
+    storm_messages: int = typer.Option(10, help="Messages published during the storm."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+) -> None:
+    """Load a running gateway: N viewers fan-out, then a reconnect storm; prints what was lost."""
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime.load import percentile, run_load
+
+    try:
+        key = bytes.fromhex(load_settings(config).realtime.token_key)
+    except (SettingsError, ValueError) as exc:
+        raise _error(f"realtime.token_key: {exc}", 2) from None
+    if not key:
+        raise _error("realtime.token_key is not set (the gateway's key signs the viewers)", 2)
+    if connections < processes or processes < 1 or processes > 250:
+        raise _error("need 1 to 250 processes and at least one connection per process", 2)
+    with console.status(f"{connections} viewers, {processes} processes: fan-out, then a storm"):
+        try:
+            report = run_load(
+                port,
+                key,
+                connections=connections,
+                processes=processes,
+                messages=messages,
+                storm_messages=storm_messages,
+            )
+        except (OSError, TimeoutError) as exc:
+            raise _error(f"gateway on 127.0.0.1:{port}: {exc}", 1) from None
+    table = Table(title=f"gateway-load against 127.0.0.1:{port}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    p50, p99 = percentile(report.latencies, 0.5), percentile(report.latencies, 0.99)
+    table.add_row("connections held", f"{report.held} ({report.connect_s:.1f} s to open)")
+    table.add_row("broadcast latency p50 / p99", f"{p50 * 1000:.0f} / {p99 * 1000:.0f} ms")
+    table.add_row("reconnect storm recovered in", f"{report.storm_s:.1f} s")
+    table.add_row("lost", str(report.lost))
+    table.add_row("holes / repeats applied", f"{report.holes} / {report.repeats}")
+    out_console.print(table)
+    if report.lost or report.repeats or report.holes:
+        raise typer.Exit(1)
+
+
+@app.command("realtime-token")
+def realtime_token(
+    user: str = typer.Option(..., help="Who the token names (a state source, a moderator)."),
+    channel: list[str] = typer.Option(
+        ..., help="PATTERN=RIGHTS, e.g. state:final=read,publish or chat:*=read,moderate."
+    ),
+    ttl: int = typer.Option(3600, help="Seconds it is valid."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
+) -> None:
+    """Sign a realtime token with realtime.token_key (for sources and moderators; viewers get
+    theirs from the control plane)."""
+    import time
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime import sign_realtime_token
+
+    try:
+        key_hex = load_settings(config).realtime.token_key
+        key = bytes.fromhex(key_hex)
+    except (SettingsError, ValueError) as exc:
+        raise _error(f"realtime.token_key: {exc}", 2) from None
+    if not key:
+        raise _error("realtime.token_key is not set", 2)
+    grants: dict[str, list[str]] = {}
+    for item in channel:
+        pattern, sep, rights = item.partition("=")
+        if not sep:
+            raise _error(f"--channel {item!r}: write PATTERN=RIGHTS", 2)
+        grants[pattern] = [r for r in rights.split(",") if r]
+    try:
+        token = sign_realtime_token(
+            key, user=user, channels=grants, now=int(time.time()), ttl_s=ttl
+        )
+    except ValueError as exc:
+        raise _error(str(exc), 2) from None
+    out_console.print(token, soft_wrap=True)
 
 
 @app.command()
@@ -589,6 +773,9 @@ def abr_sim(
         "streamplane", "--abr", help="Algorithm(s), comma-separated, or `all`."
     ),
     max_buffer: float = typer.Option(30.0, "--max-buffer", help="Maximum buffer, seconds."),
+    latency_ms: float = typer.Option(
+        0.0, "--latency-ms", help="Request latency of cooked traces (Pensieve's convention: 80)."
+    ),
     plot: Path | None = typer.Option(None, "--plot", help="PNG of buffer, rung, throughput."),
 ) -> None:
     """Simulate ABR algorithms on network traces: bitrate, VMAF, rebuffering, switches, QoE."""
@@ -602,9 +789,9 @@ def abr_sim(
     try:
         algos = [player.make_abr(n).name for n in names if n]
         m = player.load_manifest(manifest)
-        runs = [player.load_trace(trace)] if trace is not None else []
+        runs = [player.load_trace(trace, latency_ms)] if trace is not None else []
         if traces is not None:
-            runs = player.load_trace_dir(traces)
+            runs = player.load_trace_dir(traces, latency_ms)
         settings = player.SimSettings(max_buffer_s=max_buffer)
         results = [
             [player.simulate(m, t, player.make_abr(a), settings) for a in algos] for t in runs
@@ -694,6 +881,129 @@ def swarm(
         out_console.print(f"report: {json_out}")
     if report.summary.failed:
         raise _error(f"{report.summary.failed} of {viewers} viewers failed", 1)
+
+
+live_app = typer.Typer(help="Live channels: SRT ingest, a live ladder, low-latency HLS.")
+app.add_typer(live_app, name="live")
+
+_KEY_HELP = "The channel's stream key (the SRT passphrase, 10-79 characters)."
+
+
+@live_app.command("start")
+def live_start(
+    channel: str = typer.Argument(..., help="Channel name (lower-case letters, digits, - and _)."),
+    srt_listen: int = typer.Option(..., "--srt-listen", help="UDP port the SRT feed comes to."),
+    stream_key: str = typer.Option(
+        ..., "--stream-key", envvar="STREAMPLANE_LIVE_STREAM_KEY", help=_KEY_HELP
+    ),
+    root: Path = typer.Option(Path("live"), "--root", help="Where channels are written."),
+    port: int = typer.Option(8090, "--port", help="HTTP port of the channel's origin."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the origin and SRT bind."),
+    rungs: str = typer.Option("240:400,144:150", "--rungs", help="Live ladder, HEIGHT:KBPS,..."),
+    audio: bool = typer.Option(True, "--audio/--no-audio", help="Encode the feed's audio."),
+    dvr: float = typer.Option(7200.0, "--dvr", help="Seconds of DVR window kept."),
+) -> None:
+    """Receive CHANNEL's feed over SRT and serve it as low-latency HLS until Ctrl-C."""
+    import asyncio
+
+    from streamplane import live
+
+    try:
+        settings = live.ChannelSettings(
+            name=channel,
+            root=root,
+            srt_port=srt_listen,
+            stream_key=stream_key,
+            rungs=live.parse_rungs(rungs),
+            audio=audio,
+            dvr_seconds=dvr,
+            listen_host=host,
+        )
+        settings.check()
+    except live.LiveError as exc:
+        raise _error(str(exc), 2) from None
+    console.print(
+        f"channel {channel}: feed to srt://{host}:{srt_listen}, "
+        f"playback at http://{host}:{port}/{channel}/master.m3u8, "
+        f"status at http://{host}:{port}/{channel}/status.json"
+    )
+    try:
+        asyncio.run(live.serve_channel(settings, host, port))
+    except OSError as exc:
+        raise _error(str(exc), 3) from None
+
+
+@live_app.command("plan")
+def live_plan(
+    events: Path = typer.Option(
+        ..., "--events", help="events.toml: [[event]] channel, start, expected_viewers, ..."
+    ),
+    servers: Path = typer.Option(..., "--servers", help="servers.toml, as `place` reads it."),
+    headroom: float = typer.Option(0.7, help="Share of a server's throughput to plan on."),
+    lead_min: float = typer.Option(15.0, "--lead-min", help="Minutes of warm-up before a start."),
+) -> None:
+    """Print what each scheduled event pre-warms, where and when, and why."""
+    from datetime import UTC, datetime
+
+    from streamplane.live.schedule import plan_event, read_events
+
+    try:
+        fleet = placement.read_servers(servers)
+        plans = [
+            plan_event(e, fleet, headroom=headroom, lead_s=lead_min * 60)
+            for e in read_events(events.read_text())
+        ]
+    except (OSError, ValueError, placement.PlacementError) as exc:
+        raise _error(str(exc), 2) from None
+
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    short = False
+    for plan in plans:
+        e = plan.event
+        table = Table(
+            title=f"{e.channel}: starts {when(e.start)}, warm from {when(plan.warm_at)}; "
+            f"gateway admits {plan.admission_per_s}/s, up to {plan.max_connections} connections"
+        )
+        for col in ("site", "viewers", "edges", "why"):
+            table.add_column(col)
+        for site in plan.sites:
+            table.add_row(site.site, str(site.viewers), ", ".join(site.edges) or "-", site.reason)
+        out_console.print(table)
+        short = short or not plan.ready
+    if short:
+        raise _error("some sites cannot carry their expected audience (see above)", 1)
+
+
+@live_app.command("feed")
+def live_feed(
+    channel: str = typer.Argument(..., help="Channel name (for the log)."),
+    to: str = typer.Option(..., "--to", help="Where the channel listens: srt://HOST:PORT."),
+    stream_key: str = typer.Option(
+        ..., "--stream-key", envvar="STREAMPLANE_LIVE_STREAM_KEY", help=_KEY_HELP
+    ),
+    source: str = typer.Option("testsrc", "--source", help="testsrc, bunny or bikes (looped)."),
+    seconds: float | None = typer.Option(None, "--seconds", help="Stop after this long."),
+) -> None:
+    """Push a test feed (burnt-in clock) to a channel in real time, until Ctrl-C."""
+    import subprocess
+
+    from streamplane import live
+    from streamplane.media.ffmpeg import ffmpeg_exe
+
+    try:
+        args = live.feed_args(to, stream_key, source, seconds=seconds)  # type: ignore[arg-type]
+    except live.LiveError as exc:
+        raise _error(str(exc), 2) from None
+    console.print(f"feeding {channel} from {source} to {to}")
+    cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *args]
+    try:
+        code = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        code = 0
+    if code != 0:
+        raise _error(f"the feed stopped: ffmpeg exited with {code} (see above)", 1)
 
 
 def main() -> None:

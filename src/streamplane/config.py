@@ -19,6 +19,9 @@ The file has one table per section; every key is optional and falls back to the 
     key = "5be0..."
     base_url = "https://edge-1.example.net"
 
+    [realtime]                     # see RealtimeSettings
+    token_key = "77aa..."          # the control plane signs realtime tokens, gateways check them
+
     [edge]                         # see EdgeSettings
     fleet_key = "5be0..."          # this edge's key: [control.edges.<edge_id>].key
 
@@ -49,6 +52,7 @@ __all__ = [
     "EdgeRegistration",
     "EdgeSettings",
     "Plan",
+    "RealtimeSettings",
     "Settings",
     "SettingsError",
     "TokenSettings",
@@ -155,6 +159,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     czmap_poll_s: Annotated[float, msgspec.Meta(ge=0)] = 5.0
     bgp: tuple[BgpPeer, ...] = ()  # BGP sessions feeding the routing table
     origin_url: str = ""  # last-resort edge when no healthy edge holds a title; empty: none
+    # Live channels (streamplane live start): played like titles, from every healthy edge,
+    # which pull them from the live origin.
+    live_channels: tuple[str, ...] = ()
     # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
     # of them, the client is read from trusted_proxy_header, walked right to left past the
     # trusted hops. Empty: the TCP peer is the client, whatever the headers say.
@@ -230,6 +237,9 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     # is read from X-Forwarded-For, walked right to left past the trusted hops, as the control
     # plane does (edge/forwarded.py). Empty: the TCP peer is the client, whatever it sends.
     trusted_proxies: tuple[str, ...] = ()
+    # Live channels: a playlist (asked for without _HLS_msn) older than this is fetched again.
+    # 0: playlists never change, as a VOD catalog's do not. See edge/live.py.
+    live_playlist_ttl_s: float = 0.0
 
     def proxy_networks(self) -> tuple[Network, ...]:
         """``trusted_proxies`` as networks; SettingsError naming the first that is none."""
@@ -248,12 +258,31 @@ class EdgeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
         return f"{scheme}://{host}:{self.port}"
 
 
+class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The realtime gateway, and how the control plane signs tokens for it."""
+
+    token_key: str = ""  # hex, shared by the control plane and the gateways; empty: realtime off
+    token_ttl_s: int = 3600
+    public_url: str = ""  # how browsers reach the gateway (ws://...); empty: ws://host:port
+    host: str = "127.0.0.1"
+    port: int = 8090
+    processes: int = 1  # several share the port (SO_REUSEPORT); needs a broker across them
+    broker: str = "memory"  # "memory" (one process) or the URL of a scale-out engine
+    max_connections: int = 18_000  # per process
+    admission_rate: float = 2_000.0  # new connections per second per process
+    admission_burst: int = 4_000
+
+    def url(self) -> str:
+        return self.public_url.rstrip("/") or f"ws://{self.host}:{self.port}"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Every plane's settings; each plane reads its own section."""
 
     tokens: TokenSettings = msgspec.field(default_factory=TokenSettings)
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
+    realtime: RealtimeSettings = msgspec.field(default_factory=RealtimeSettings)
 
 
 # Settings that were removed, and what replaces them: named, not "unknown field".
@@ -277,6 +306,7 @@ _SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "tokens": TokenSettings,
     "control": ControlSettings,
     "edge": EdgeSettings,
+    "realtime": RealtimeSettings,
 }
 
 

@@ -1,4 +1,5 @@
-"""The whole delivery path on one machine: a control plane and N edges as real processes.
+"""The whole delivery path on one machine: a control plane, N edges and a realtime gateway as
+real processes.
 
 This is the embedded default of the fleet ("N edge processes on localhost ports"): the same
 ``streamplane control`` and ``streamplane edge`` a deployment runs, wired together with one
@@ -111,6 +112,7 @@ class LocalStack:
         edge_ports: Sequence[int] | None = None,
         slow_start_s: float = 0.0,
         control_settings: Mapping[str, Any] | None = None,
+        gateway_port: int | None = None,
     ) -> None:
         if not 1 <= edges <= len(_SITES):
             raise StackError(f"a local stack runs 1 to {len(_SITES)} edges, not {edges}")
@@ -123,16 +125,25 @@ class LocalStack:
         self.slow_start_s = slow_start_s
         self.control_settings = dict(control_settings or {})  # [control] keys to override
         self.key_hex = secrets.token_hex(32)
+        self.gateway_port = gateway_port or free_port()
+        self.realtime_key_hex = secrets.token_hex(32)  # shared by the control plane and gateway
         self.admin_token = secrets.token_hex(16)
         # each edge's own heartbeat key, by edge id
         self.edge_keys = {self.edge_id(i): secrets.token_hex(32) for i in range(edges)}
         self.control: StackProcess | None = None
+        self.gateway: StackProcess | None = None
         self.edges: list[StackProcess] = []
+        self.others: list[StackProcess] = []  # started with spawn: stopped first
         self._account: dict[str, str] | None = None
 
     @property
     def control_url(self) -> str:
         return f"http://127.0.0.1:{self.control_port}"
+
+    @property
+    def gateway_url(self) -> str:
+        """The realtime gateway (in-memory broker): WebSocket clients connect here."""
+        return f"ws://127.0.0.1:{self.gateway_port}"
 
     @staticmethod
     def edge_id(index: int) -> str:
@@ -165,7 +176,13 @@ class LocalStack:
         self.control = self._spawn(
             "control", self.control_url, ["control", "--config", str(settings)]
         )
+        self.gateway = self._spawn(
+            "gateway",
+            f"http://127.0.0.1:{self.gateway_port}",
+            ["gateway", "--config", str(settings)],
+        )
         self._wait_http(self.control, "/healthz")
+        self._wait_http(self.gateway, "/health")
         for index in range(self.edge_count):
             self.start_edge(index)
         self.wait_fleet(len(self.edges))
@@ -201,8 +218,16 @@ class LocalStack:
         return process
 
     def stop(self) -> None:
-        for process in [*self.edges, *([self.control] if self.control else [])]:
+        planes = [p for p in (self.control, self.gateway) if p is not None]
+        for process in [*self.others, *self.edges, *planes]:
             process.stop()
+
+    def spawn(self, name: str, url: str, args: list[str]) -> StackProcess:
+        """Run ``streamplane ARGS`` beside the stack (logged to ``<work>/<name>.log``),
+        stopped with it."""
+        process = self._spawn(name, url, args)
+        self.others.append(process)
+        return process
 
     def _write_settings(self) -> Path:
         czmap = self.work / "czmap.json"
@@ -232,6 +257,8 @@ class LocalStack:
             edge_id = self.edge_id(index)
             lines += ["", f"[control.edges.{edge_id}]", f'key = "{self.edge_keys[edge_id]}"']
             lines += [f'base_url = "{self.edge_url(index)}"', f'site = "{_SITES[index][0]}"']
+        lines += ["", "[realtime]", f'token_key = "{self.realtime_key_hex}"']
+        lines += [f"port = {self.gateway_port}"]
         path = self.work / "settings.toml"
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)  # every edge's key

@@ -130,6 +130,49 @@ async def test_a_script_commits_what_it_returns_and_nothing_of_what_raises(db: D
         await store.dispose()
 
 
+async def test_scripts_that_arrive_together_succeed_or_fail_each_on_its_own(db: Db) -> None:
+    """Concurrent scripts (on SQLite, one transaction with a savepoint each): one that raises
+    and one the database refuses keep nothing, and take none of the others down with them."""
+    store = Store(db.url, schema=db.schema)
+    try:
+        await migrate(store)
+        await store.run(_add_script(store, "a0"))
+        outcomes = await asyncio.gather(
+            store.run(_add_script(store, "a1")),
+            store.run(_add_script(store, "a2", "a3", fail=True)),
+            store.run(_add_script(store, "a4")),
+            store.run(_add_script(store, "a5", "a0")),  # a0 exists: refused
+            store.run(_add_script(store, "a6")),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[1], RuntimeError)
+        assert isinstance(outcomes[3], IntegrityError)
+        counts = [outcomes[0], outcomes[2], outcomes[4]]
+        if db.engine == "sqlite":  # one after the other, each seeing those before it
+            assert counts == [2, 3, 4]
+        async with store.read() as conn:
+            ids = (await conn.execute(select(Account.id).order_by(Account.id))).scalars().all()
+        assert ids == ["a0", "a1", "a4", "a6"]
+    finally:
+        await store.dispose()
+
+
+async def test_a_script_whose_request_is_cancelled_before_its_turn_keeps_nothing(
+    tmp_path: Path,
+) -> None:
+    store = Store(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    try:
+        await migrate(store)
+        queued = asyncio.create_task(store.run(_add_script(store, "a1")))
+        await asyncio.sleep(0)  # it is queued; its batch has not run yet
+        queued.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await queued
+        assert await store.run(_add_script(store, "a2")) == 1
+    finally:
+        await store.dispose()
+
+
 async def test_a_script_on_a_lost_connection_fails_once_and_the_next_one_works(db: Db) -> None:
     """PostgreSQL restarted, a connection cut: the pool must not hand the dead one out again."""
     if db.engine != "postgresql":

@@ -17,14 +17,18 @@ from streamplane.player import (
     Bola,
     BolaE,
     Download,
+    Manifest,
+    Period,
     Progress,
     RungInfo,
     Streamplane,
     StreamplaneParams,
     ThroughputRule,
+    Trace,
     make_abr,
     mpc_choice,
     plan_value,
+    simulate,
 )
 from streamplane.player.abr import (
     RecentRate,
@@ -449,3 +453,37 @@ def test_a_drop_that_outlasts_the_hold_is_taken_to_last_as_long_again() -> None:
     usual = (2.5e5, 2e6, 12.0)
     assert restart_value(s, 2, 12.75, usual) == pytest.approx(2 + 2 - 14.75**2 / 20)
     assert restart_value(s, 0, 8.0, usual) == pytest.approx(0.5 - 3 + 0.5 - 10.5**2 / 20)
+
+
+def test_session_clock_weighs_a_sample_by_the_time_since_the_previous_one() -> None:
+    # 1 Mbps for 4 s ending at 10 s, then 8 Mbps for 0.5 s ending at 20 s (the player waited)
+    ds = (Download(4_000_000, 4.0, 10.0), Download(4_000_000, 0.5, 20.0))
+    a = 0.5 ** (4 / 3)
+    on_download_time = (0.5 ** (0.5 / 3) * (1 - a) * 1000 + (1 - 0.5 ** (0.5 / 3)) * 8000) / (
+        1 - 0.5 ** (4.5 / 3)
+    )
+    on_session_time = (0.5 ** (10 / 3) * (1 - a) * 1000 + (1 - 0.5 ** (10 / 3)) * 8000) / (
+        1 - 0.5 ** (14 / 3)
+    )
+    assert ewma_kbps(ds, 3.0) == pytest.approx(on_download_time)
+    assert ewma_kbps(ds, 3.0, session_clock=True) == pytest.approx(on_session_time)
+    # an unknown end, or one closer than the download itself, falls back to download time
+    unknown = (Download(4_000_000, 4.0, 10.0), Download(4_000_000, 0.5))
+    assert ewma_kbps(unknown, 3.0, session_clock=True) == pytest.approx(on_download_time)
+    early = (Download(4_000_000, 4.0, 10.0), Download(4_000_000, 0.5, 10.2))
+    assert ewma_kbps(early, 3.0, session_clock=True) == pytest.approx(on_download_time)
+
+
+def test_ramp_up_after_a_low_phase_is_not_held_back_by_fast_downloads() -> None:
+    """40 s at 600 kbps, then 8 Mbps, on a ten-rung ladder up to 6 Mbps. On a fast link a
+    segment downloads in a fraction of a second, so an EWMA on download time needs a dozen
+    segments to forget the low phase; on the session clock it takes a few."""
+    rates = (230, 331, 477, 688, 991, 1427, 2056, 2962, 5027, 6000)
+    n = 50
+    ladder = tuple(RungInfo(float(r), (r * 4000,) * n) for r in rates)
+    manifest = Manifest("ladder", (4.0,) * n, ladder)
+    trace = Trace("ramp", (Period(40.0, 600.0, 80.0), Period(200.0, 8000.0, 80.0)))
+    segs = simulate(manifest, trace, make_abr("streamplane")).segments
+    first_fast = next(s.index for s in segs if s.request_s >= 40.0)
+    top = next(s.index for s in segs if s.rung == len(rates) - 1)
+    assert top - first_fast <= 4, [s.rung for s in segs]

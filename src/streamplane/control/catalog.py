@@ -52,6 +52,22 @@ class TitleInfo(msgspec.Struct, frozen=True, kw_only=True):
         return msgspec.to_builtins(self)  # type: ignore[no-any-return]
 
 
+def channel_info(channel: str) -> TitleInfo:
+    """A live channel as playback treats a title: its LL-HLS master playlist, no end."""
+    return TitleInfo(
+        id=channel,
+        name=channel,
+        duration_s=0.0,
+        width=0,
+        height=0,
+        hls="master.m3u8",
+        dash="manifest.mpd",
+        artwork=(),
+        rungs=(),
+        plans=(),
+    )
+
+
 def check_title_id(title_id: str) -> str:
     if not _TITLE_ID_RE.fullmatch(title_id) or ".." in title_id:
         raise ApiError(

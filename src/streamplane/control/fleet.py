@@ -915,6 +915,10 @@ class Fleet:
                 out[edge_id] = (self._edges.get(edge_id), ["placement"])
         return out
 
+    def serving(self) -> list[EdgeView]:
+        """Every edge with a heartbeat: a live channel is pulled by any of them."""
+        return list(self._edges.values())
+
     def holding(self, title: str) -> list[EdgeView]:
         """The edges with a heartbeat that hold ``title`` by heartbeat or by placement."""
         ids = set(self._by_title.get(title, ()))

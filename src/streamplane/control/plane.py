@@ -19,6 +19,7 @@ from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
 from streamplane.control.playback import Playback
+from streamplane.control.realtime import RealtimeIssuer
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
 from streamplane.edge import parse_networks
@@ -88,6 +89,7 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
+        self.realtime = RealtimeIssuer(settings.realtime)
         self.sources.on_sites = self._sites_reloaded
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")

@@ -50,6 +50,7 @@ from streamplane.config import ControlSettings, Plan
 from streamplane.control.catalog import TitleInfo
 from streamplane.control.errors import ApiError, not_found, unauthorised
 from streamplane.control.fleet import Fleet, candidates
+from streamplane.control.realtime import RealtimeInfo
 from streamplane.control.store import (
     Account,
     Resume,
@@ -357,6 +358,8 @@ class PlaybackOut(msgspec.Struct, kw_only=True):
     heartbeat: HeartbeatInfo
     resume_position_s: float
     screens: ScreensOut
+    realtime: RealtimeInfo | None = None  # the event's chat, counts and live state
+    live: bool = False  # a live channel: play at the live edge, no resume
 
 
 class PlayerEvent(BaseModel):
@@ -430,9 +433,9 @@ class Playback:
             and 0.0 <= now - known[1] < _OFFER_TTL_S
         ):
             return known[3]
-        offered = self._steering.prepare(
-            candidates(self._fleet.holding(title), now, self._fleet.policy, self.sites)
-        )
+        live = title in self._settings.live_channels
+        holders = self._fleet.serving() if live else self._fleet.holding(title)
+        offered = self._steering.prepare(candidates(holders, now, self._fleet.policy, self.sites))
         if len(self._offers) >= _OFFERS_KEPT:
             self._offers.clear()
         self._offers[title] = (generation, now, self.sites, offered)
@@ -497,7 +500,7 @@ class Playback:
             for r, hls, dash in zip(
                 ranked,
                 signed_urls(bases, hls_path, token),
-                signed_urls(bases, dash_path, token),
+                signed_urls(bases, dash_path, token) if title.dash else [""] * len(bases),
                 strict=True,
             )
         ]
@@ -513,7 +516,7 @@ class Playback:
                         else f"last resort: no healthy edge holds {title.id!r}, so the origin"
                     ),
                     hls=signed_url(origin, hls_path, token),
-                    dash=signed_url(origin, dash_path, token),
+                    dash=signed_url(origin, dash_path, token) if title.dash else "",
                     load=0.0,
                     share=1.0,
                     last_resort=True,
@@ -533,6 +536,7 @@ class Playback:
             ),
             resume_position_s=resume,
             screens=ScreensOut(in_use=in_use, limit=plan.screens),
+            live=title.id in self._settings.live_channels,
         )
 
     async def purge(self, now: float) -> int:

@@ -24,6 +24,9 @@ the same pool). SQLAlchemy compiles each statement once; what it would otherwise
 execution (cache lookup, execution context, result objects, on PostgreSQL a greenlet switch
 per statement) cost several times what the database takes to run them. The script holds the
 transaction's logic once for both engines, and can be read and tested without a database.
+On SQLite the scripts that arrive together (concurrent playback starts) run in one
+transaction, each in a savepoint of its own: one ``BEGIN IMMEDIATE`` and one ``COMMIT``
+(whose WAL writes were most of a start's time in the lock) for the batch.
 """
 
 from __future__ import annotations
@@ -113,6 +116,7 @@ StoredText = Annotated[str, AfterValidator(_no_nul)]
 
 _T = TypeVar("_T")
 _BUSY_TIMEOUT_S: Final = 30.0  # how long a SQLite writer waits for another process's lock
+_BATCH_MAX: Final = 64  # SQLite scripts run in one transaction at most (see Store._flush)
 _CHECKPOINT_EVERY: Final = 1000  # SQLite transactions between two WAL checkpoints
 _CHECKPOINT: Final = "WAL checkpoint"
 # SQLite: a filesystem with less room than this fails the health check (writes may fail).
@@ -485,6 +489,9 @@ class Store:
         self._driver: sqlite3.Connection | None = None
         self._commits = 0
         self._housekeeping: dict[str, asyncio.Task[None]] = {}
+        # SQLite: scripts waiting for the next batch, and the tasks that run batches
+        self._batch: list[tuple[Script[Any], asyncio.Future[Any]]] = []
+        self._flushes: set[asyncio.Task[None]] = set()
         if self.is_sqlite:
             _sqlite_transactions(self.engine.sync_engine)
             self._inline = _inline_engine(url)
@@ -573,7 +580,9 @@ class Store:
         nothing is kept and the error propagates: :class:`StoreUnavailable` as from
         :meth:`transaction`, else SQLAlchemy's exception for the database's own. The script is
         the whole transaction: it does nothing else between two statements, so on SQLite it
-        runs on this thread with no await while the lock is held.
+        runs on this thread with no await while the lock is held. There, scripts queued
+        together share one transaction, each in a savepoint (see ``_flush``): a script that
+        raises leaves the others of its batch committed.
         """
         if self._inline is None and not self.is_postgres:  # SQLite in memory
             return await self.transaction(
@@ -587,6 +596,28 @@ class Store:
         return result
 
     async def _run_inline(self, script: Script[_T]) -> _T:
+        """``script`` in the next batch of this process's SQLite scripts (see ``_flush``)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
+        self._batch.append((script, waiter))
+        if len(self._batch) == 1:  # the first of a batch sees it flushed
+            flush = loop.create_task(self._flush())
+            self._flushes.add(flush)
+            flush.add_done_callback(self._flushes.discard)
+        return await waiter  # type: ignore[no-any-return]
+
+    async def _flush(self) -> None:
+        """Run the queued scripts in one transaction, each inside a savepoint of its own.
+
+        A task started by the first script queued, so it runs once the loop has taken the
+        requests that were ready with it through to their own scripts: concurrent starts share
+        one ``BEGIN IMMEDIATE`` and one ``COMMIT``, whose WAL writes (the pages every start
+        touches, the same few) were most of a start's time inside the lock. Each script still
+        sees the ones before it (the screens limit stays exact), and one that raises is rolled
+        back to its savepoint and fails alone. If the transaction itself is lost (COMMIT
+        failed, or an error after which SQLite rolled everything back: a full disk, an I/O
+        error), every script of the batch fails with that error: none of them was kept.
+        """
         raw = self._inline_driver()
         dialect = self.engine.dialect
 
@@ -596,17 +627,65 @@ class Store:
             except sqlite3.Error as err:  # as SQLAlchemy raises it for any other statement
                 raise DBAPIError.instance(sql, (), err, sqlite3.Error, dialect=dialect) from err
 
-        async with self._write_lock:
-            await self._sqlite_locked(lambda: execute("BEGIN IMMEDIATE"))
-            try:
-                result = _drive(raw, script, dialect)
-                execute("COMMIT")
-            except BaseException:
-                if raw.in_transaction:
-                    execute("ROLLBACK")
+        batch: list[tuple[Script[Any], asyncio.Future[Any]]] = []
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            async with self._write_lock:
+                await self._sqlite_locked(lambda: execute("BEGIN IMMEDIATE"))
+                # Taken once the lock is held: starts that queued meanwhile come along too.
+                batch = self._batch[:_BATCH_MAX]
+                del self._batch[:_BATCH_MAX]
+                if self._batch:  # more than one batch's worth: the rest go next
+                    again = asyncio.get_running_loop().create_task(self._flush())
+                    self._flushes.add(again)
+                    again.add_done_callback(self._flushes.discard)
+                alone = len(batch) == 1
+                try:
+                    for script, waiter in batch:
+                        if waiter.done():  # its request was cancelled while it queued
+                            script.close()
+                            continue
+                        if not alone:
+                            execute("SAVEPOINT script")
+                        try:
+                            result = _drive(raw, script, dialect)
+                        except Exception as err:
+                            if alone or not raw.in_transaction:
+                                raise  # the transaction is lost: the whole batch with it
+                            execute("ROLLBACK TO script")
+                            execute("RELEASE script")
+                            outcomes.append((waiter, None, err))
+                            continue
+                        if not alone:
+                            execute("RELEASE script")
+                        outcomes.append((waiter, result, None))
+                    execute("COMMIT")
+                except BaseException:
+                    if raw.in_transaction:
+                        execute("ROLLBACK")
+                    raise
+                self._after_commit()
+        except BaseException as err:
+            for script, waiter in batch or self._batch:
+                script.close()
+                if waiter.done():
+                    continue
+                if isinstance(err, Exception):
+                    waiter.set_exception(err)
+                else:
+                    waiter.cancel()
+            if not batch:
+                self._batch.clear()
+            if not isinstance(err, Exception):
                 raise
-            self._after_commit()
-            return result
+            return
+        for waiter, result, error in outcomes:
+            if waiter.done():
+                continue
+            if error is None:
+                waiter.set_result(result)
+            else:
+                waiter.set_exception(error)
 
     async def _sqlite_locked(self, begin: Callable[[], _T]) -> _T:
         """``begin()``, which takes SQLite's write lock or raises "database is locked", tried

@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 import httpx
 
+from streamplane.edge import live
 from streamplane.edge.cache import FetchError, ObjectWriter
 
 __all__ = ["DirectoryOrigin", "HttpOrigin", "Origin", "make_origin"]
@@ -184,7 +185,9 @@ class HttpOrigin:
 
     async def fetch(self, key: str, writer: ObjectWriter, progress: Callable[[], None]) -> None:
         # Encoded again: a key may hold "?", "#" or "%" (decoded from the client's request).
-        url = f"{self.base_url}/{quote(key, safe=_URL_SAFE)}"
+        # A blocking playlist reload's directives go back into the query.
+        path, query = live.origin_target(key)
+        url = f"{self.base_url}/{quote(path, safe=_URL_SAFE)}" + (f"?{query}" if query else "")
         try:
             async with self._client.stream("GET", url) as response:
                 if response.status_code == 404:

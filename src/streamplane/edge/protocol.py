@@ -56,7 +56,7 @@ import httptools
 import msgspec
 
 from streamplane.config import EdgeSettings
-from streamplane.edge import forwarded, http, propagation, tokens
+from streamplane.edge import forwarded, http, live, propagation, tokens
 from streamplane.edge.metrics import WorkerMetrics
 
 __all__ = [
@@ -984,6 +984,14 @@ class EdgeProtocol:
                     verified.clear()
                 verified[(req.url, client)] = _Granted(path, grant, carry, req.headers.get(b"host"))
         key = path[1:]
+        if b"_HLS_" in req.url and key.endswith(".m3u8"):
+            try:
+                reload = live.reload_key(key, req.url.partition(b"?")[2].decode("latin-1"))
+            except live.BadReload as exc:
+                self._error(req, 400, str(exc))
+                return
+            if reload is not None:  # the playlist as of a part: an object of its own
+                key = reload
         hot = w.hot.get(key if carry is None else (key, carry))
         h = req.headers
         if (

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from streamplane.config import EdgeSettings
-from streamplane.edge import operations, protocol, tokens
+from streamplane.edge import live, operations, protocol, tokens
 from streamplane.edge.cache import Complete, DiskCache, Failed, FetchError, error_text
 from streamplane.edge.fetch import Fetches, Follower
 from streamplane.edge.origin import Origin, make_origin
@@ -350,6 +350,17 @@ class EdgeConnection(asyncio.BufferedProtocol):
         cache = self.w.cache
         obj = cache.open_complete(key)
         now = time.monotonic()
+        ttl = self.w.config.live_playlist_ttl_s
+        # A live playlist stored (renamed into place) longer ago than its lifetime is
+        # fetched again.
+        if (
+            obj is not None
+            and live.is_live_playlist(key, ttl)
+            and time.time() - os.fstat(obj.fd).st_ctime > ttl
+        ):
+            os.close(obj.fd)
+            cache.remove(key)
+            obj = None
         if obj is not None:
             self._apply(self.core.opened(obj.fd, obj.size, obj.mtime_ns, now))
             return

@@ -62,6 +62,7 @@ class Download(msgspec.Struct, frozen=True):
 
     bits: int
     seconds: float
+    end_s: float | None = None  # session clock at the last byte; None: not known
 
     @property
     def kbps(self) -> float:
@@ -160,28 +161,42 @@ def segment_vmaf(state: AbrState, rung: int, index: int) -> float | None:
     return v[index] if 0 <= index < len(v) else None
 
 
-def ewma_kbps(downloads: Sequence[Download], half_life_s: float) -> float | None:
+def ewma_kbps(
+    downloads: Sequence[Download], half_life_s: float, session_clock: bool = False
+) -> float | None:
     """Exponentially weighted mean throughput, each sample weighted by its download time (as
-    dash.js does), corrected for the zero start. None without samples."""
+    dash.js does), corrected for the zero start. None without samples.
+
+    `session_clock`: a sample is weighted by the session time since the previous sample ended
+    (its download time when either end is unknown, and never less), so the past is forgotten
+    at the pace of the session, not of the time spent downloading."""
     estimate = 0.0
     weight = 0.0
+    prev_end: float | None = None
     for d in downloads:
         if d.seconds <= 0 or d.bits <= 0:
             continue
-        alpha = math.pow(0.5, d.seconds / half_life_s)
+        span = d.seconds
+        if session_clock and d.end_s is not None and prev_end is not None:
+            span = max(span, d.end_s - prev_end)
+        prev_end = d.end_s
+        alpha = math.pow(0.5, span / half_life_s)
         estimate = alpha * estimate + (1.0 - alpha) * (d.bits / d.seconds / 1000.0)
-        weight += d.seconds
+        weight += span
     if weight <= 0:
         return None
     return estimate / (1.0 - math.pow(0.5, weight / half_life_s))
 
 
 def throughput_estimate_kbps(
-    downloads: Sequence[Download], fast_half_life_s: float = 3.0, slow_half_life_s: float = 8.0
+    downloads: Sequence[Download],
+    fast_half_life_s: float = 3.0,
+    slow_half_life_s: float = 8.0,
+    session_clock: bool = False,
 ) -> float | None:
     """min(fast EWMA, slow EWMA): quick to fall on a drop, slow to believe a recovery."""
-    fast = ewma_kbps(downloads, fast_half_life_s)
-    slow = ewma_kbps(downloads, slow_half_life_s)
+    fast = ewma_kbps(downloads, fast_half_life_s, session_clock)
+    slow = ewma_kbps(downloads, slow_half_life_s, session_clock)
     if fast is None or slow is None:
         return None
     return min(fast, slow)
@@ -511,6 +526,7 @@ class StreamplaneParams(msgspec.Struct, frozen=True):
 
     fast_half_life_s: float = 3.0  # throughput estimate: min(fast EWMA, slow EWMA)
     slow_half_life_s: float = 8.0
+    session_clock: bool = True  # the EWMAs forget over session time, not download time
     horizon: int = 5  # segments planned ahead, at their real sizes
     rebuffer_penalty: float = 4.3  # QoE per second of stall (Pensieve's linear QoE)
     switch_weight: float = 2.0  # a planned switch costs this many times its bitrate change
@@ -629,7 +645,9 @@ def streamplane_choose(state: AbrState, p: StreamplaneParams | None = None) -> i
     if n == 1:
         return 0
     i = state.next_segment
-    c = throughput_estimate_kbps(state.downloads, p.fast_half_life_s, p.slow_half_life_s)
+    c = throughput_estimate_kbps(
+        state.downloads, p.fast_half_life_s, p.slow_half_life_s, p.session_clock
+    )
     if c is None:  # nothing measured: the lowest rung is the one that cannot stall for long
         return 0
     window = horizon_segments(state, p.horizon)
@@ -733,7 +751,9 @@ def drop_model(
     if progress.recent_s > 0:
         slow = min(progress.recent_bits / progress.recent_s, avg)
     slow = max(slow, 1.0)  # nothing in the window: a link all but stopped, not a zero division
-    c = throughput_estimate_kbps(state.downloads, p.fast_half_life_s, p.slow_half_life_s)
+    c = throughput_estimate_kbps(
+        state.downloads, p.fast_half_life_s, p.slow_half_life_s, p.session_clock
+    )
     after = max(avg if c is None else c * 1000.0, slow)
     lasted = 0.0
     if after > slow:

@@ -243,6 +243,10 @@ class SimSettings(msgspec.Struct, frozen=True):
     startup_buffer_s: float | None = None  # None: the first segment's duration
     tick_s: float = 0.25  # how often an in-flight request is offered for abandonment
     history: int = 20  # downloads kept in the state
+    # A request that has run this long without its segment arriving ends the session with an
+    # error, as a player gives up: a trace can be all but dead (a minute at zero, then a
+    # millisecond of bandwidth, looping) and would otherwise take simulated days per segment.
+    give_up_s: float = 600.0
 
 
 class SegmentRecord(msgspec.Struct, frozen=True):
@@ -299,12 +303,18 @@ def simulate(
     """Play `manifest` over `trace` with `abr` (a fresh object: it may keep session state)."""
     s = settings or SimSettings()
     seg_max = manifest.segment_s
+    if not (math.isfinite(s.max_buffer_s) and s.max_buffer_s > 0):
+        raise PlayerError(
+            f"max buffer must be a finite number of seconds > 0, found {s.max_buffer_s}"
+        )
     if s.max_buffer_s < seg_max:
         raise PlayerError(
             f"max buffer {s.max_buffer_s:g} s is shorter than a segment ({seg_max:g} s)"
         )
-    if s.tick_s <= 0:
-        raise PlayerError("tick_s must be > 0")
+    if not (math.isfinite(s.tick_s) and s.tick_s > 0):
+        raise PlayerError("tick_s must be a finite number of seconds > 0")
+    if not s.give_up_s > 0:
+        raise PlayerError("give_up_s must be > 0")
     startup_at = (
         manifest.segment_durations_s[0] if s.startup_buffer_s is None else s.startup_buffer_s
     )
@@ -404,7 +414,15 @@ def simulate(
                 play(dt)
                 elapsed += dt
                 t += dt
-                if finished or elapsed < next_check - 1e-9:
+                if finished:
+                    continue
+                if elapsed >= s.give_up_s:
+                    raise PlayerError(
+                        f"{trace.name}: segment {i} (rung {r}, {total} bits) did not arrive "
+                        f"within {s.give_up_s:g} s of its request (the trace averages "
+                        f"{trace.mean_kbps:.3g} kbps); the session was given up"
+                    )
+                if elapsed < next_check - 1e-9:
                     continue
                 next_check += s.tick_s
                 recent_bits, recent_s = recent.sample((i, abandoned), elapsed, int(done))
@@ -412,14 +430,14 @@ def simulate(
                 lower = checked_abandon(abr, state(i), progress)
                 if lower is not None:
                     if done > 0:
-                        downloads.append(Download(int(done), elapsed))
+                        downloads.append(Download(int(done), elapsed, t))
                     abandoned += 1
                     r = lower
                     note(r)
                     break
             if finished:
                 break
-        downloads.append(Download(total, elapsed))
+        downloads.append(Download(total, elapsed, t))
         buffer += d
         stalled = False
         records.append(

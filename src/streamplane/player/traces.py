@@ -71,7 +71,8 @@ def parse_json_trace(text: str, name: str = "trace") -> Trace:
             f"{name}: line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})"
         ) from None
     if not isinstance(data, list):
-        raise TraceError(f"{name}: expected a JSON list of periods, found {type(data).__name__}")
+        found = "a JSON object" if isinstance(data, dict) else type(data).__name__
+        raise TraceError(f"{name}: expected a JSON list of periods, found {found}")
     periods = []
     for n, item in enumerate(data, 1):
         where = f"{name}: period {n}"
@@ -103,8 +104,14 @@ def parse_json_trace(text: str, name: str = "trace") -> Trace:
     return _checked(name, periods)
 
 
+def _check_latency(name: str, latency_ms: float) -> None:
+    if not (math.isfinite(latency_ms) and latency_ms >= 0):
+        raise TraceError(f"{name}: latency must be a finite number of ms >= 0, found {latency_ms}")
+
+
 def parse_cooked_trace(text: str, name: str = "trace", default_latency_ms: float = 0.0) -> Trace:
     """Periods from `seconds Mbps` lines; errors name the line."""
+    _check_latency(name, default_latency_ms)
     points: list[tuple[int, float, float]] = []
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -141,30 +148,43 @@ def parse_cooked_trace(text: str, name: str = "trace", default_latency_ms: float
 
 
 def load_trace(path: Path, default_latency_ms: float = 0.0) -> Trace:
-    """A trace file in either format (JSON if it starts with `[`), named after the file."""
+    """A trace file in either format, named after the file: JSON when it is `*.json` or starts
+    with `[` or `{`, else cooked lines (given `default_latency_ms`, which they cannot say)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TraceError(f"{path}: no such trace file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TraceError(f"{path}: cannot read the trace ({exc})") from None
-    if text.lstrip().startswith("["):
+    _check_latency(str(path), default_latency_ms)
+    head = text.lstrip()[:1]
+    if not head:
+        raise TraceError(f"{path}: the file is empty, not a trace")
+    if path.suffix == ".json" or head in "[{":
         return parse_json_trace(text, str(path))
     return parse_cooked_trace(text, str(path), default_latency_ms)
 
 
-def load_trace_dir(directory: Path) -> list[Trace]:
-    """Every `*.json`, `*.txt`, `*.log` and `*.trace` file of a folder, sorted by name."""
+def _is_trace_file(path: Path) -> bool:
+    """Every visible file of a trace folder but its documentation: real cooked sets name their
+    files freely (Puffer's have no extension, FCC's end in a host name, `...www.amazon.com`)."""
+    name = path.name
+    return (
+        path.is_file()
+        and not name.startswith(".")
+        and not name.upper().startswith("README")
+        and path.suffix.lower() not in {".md", ".rst", ".png", ".pdf"}
+    )
+
+
+def load_trace_dir(directory: Path, default_latency_ms: float = 0.0) -> list[Trace]:
+    """Every trace file of a folder (`_is_trace_file`), sorted by name."""
     if not directory.is_dir():
         raise TraceError(f"{directory}: not a folder of traces")
-    files = sorted(
-        p
-        for p in directory.iterdir()
-        if p.is_file() and p.suffix in {".json", ".txt", ".log", ".trace"}
-    )
+    files = sorted(p for p in directory.iterdir() if _is_trace_file(p))
     if not files:
-        raise TraceError(f"{directory}: no trace files (*.json, *.txt, *.log, *.trace)")
-    return [load_trace(p) for p in files]
+        raise TraceError(f"{directory}: no trace files (hidden files and README/*.md are skipped)")
+    return [load_trace(p, default_latency_ms) for p in files]
 
 
 def dump_json_trace(trace: Trace) -> str:

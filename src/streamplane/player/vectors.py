@@ -107,6 +107,20 @@ def _hand_abr() -> list[tuple[str, str, AbrState, Progress | None, int | None]]:
             1,
         ),
         (
+            "seek after a wait: 4 Mb in 4 s (1 Mbps) ending at 10 s, then 4 Mb in 0.5 s "
+            "(8 Mbps) ending at 20 s. On the session clock the second sample stands for the "
+            "10 s since the first: fast EWMA 7564, slow 6773 kbps, x0.9 = 6.1 Mbps, 8 Mb "
+            "(rung 2) in 1.31 s <= 2 s. On download time it would stand for 0.5 s: min(2181, "
+            "1919) x 0.9 = 1.73 Mbps, rung 0",
+            "choose",
+            _s(
+                phase="seek",
+                downloads=(Download(4_000_000, 4.0, 10.0), Download(4_000_000, 0.5, 20.0)),
+            ),
+            None,
+            2,
+        ),
+        (
             "steady without a throughput sample: lowest rung",
             "choose",
             _s(buffer_s=26.0, last_rung=1),
@@ -361,6 +375,14 @@ def _random_state(rng: np.random.Generator) -> AbrState:
         Download(int(rng.uniform(5e4, 2e7)), round(float(rng.uniform(0.05, 8.0)), 3))
         for _ in range(int(rng.integers(0, 9)))
     )
+    if rng.random() < 0.7:  # the session clock at each last byte: waits between some requests
+        ends, clock = [], float(rng.uniform(0, 5))
+        for dl in downloads:
+            clock += dl.seconds + (float(rng.uniform(0, 6)) if rng.random() < 0.5 else 0.0)
+            ends.append(round(clock, 3))
+        downloads = tuple(
+            Download(dl.bits, dl.seconds, e) for dl, e in zip(downloads, ends, strict=True)
+        )
     return AbrState(
         buffer_s=round(float(rng.uniform(0, max_buffer - seg_s)), 3),
         max_buffer_s=max_buffer,

@@ -434,11 +434,11 @@ class Viewer:
                 if got.abandoned_to is None:
                     break
                 if got.nbytes > 0:
-                    self._downloads.append(Download(got.nbytes * 8, got.seconds))
+                    self._downloads.append(Download(got.nbytes * 8, got.seconds, self.now()))
                 abandoned += 1
                 self.ledger.abandoned += 1
                 rung = got.abandoned_to
-            self._downloads.append(Download(got.nbytes * 8, got.seconds))
+            self._downloads.append(Download(got.nbytes * 8, got.seconds, self.now()))
             self._tick()
             stalled = self.playout.stalled
             self.playout.arrived(self.now(), d)

@@ -1,6 +1,7 @@
 """The pages a person opens, served by the control plane.
 
 ``static/`` holds the browser player: ``watch.html`` (served at ``/watch``), its ES modules,
+``live.html`` (a live channel with hls.js low-latency mode or dash.js, and its latency),
 ``abr.js`` (streamplane's ABR and heartbeat cadence, the JavaScript port of
 ``streamplane.player``) and ``vendor/`` (hls.js and dash.js from npm, copied there by
 ``make install``; Shaka Player's compiled build beside them, which the tests play signed titles

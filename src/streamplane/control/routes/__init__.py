@@ -5,6 +5,7 @@
 - ``catalog``: ``GET /v1/titles``, ``GET /v1/titles/{id}``, ``GET /v1/titles/{id}/availability``,
   ``POST /v1/titles`` (admin)
 - ``playback``: ``POST /v1/playback``, ``DELETE /v1/playback/{session_id}``, ``POST /v1/heartbeat``
+- ``realtime``: ``POST /v1/realtime/token`` (a viewer's token for the realtime gateway)
 - ``fleet``: ``POST /v1/fleet/heartbeat`` (edges, each signing with its own key),
   ``GET /v1/fleet`` (admin); edge registrations: ``GET /v1/fleet/edges``,
   ``PUT`` / ``DELETE /v1/fleet/edges/{id}``, ``POST /v1/fleet/edges/{id}/rotate`` (admin);
@@ -23,7 +24,7 @@ from typing import Final
 
 from fastapi import APIRouter, FastAPI
 
-from streamplane.control.routes import accounts, catalog, fleet, pages, playback
+from streamplane.control.routes import accounts, catalog, fleet, pages, playback, realtime
 
 __all__ = ["ROUTERS", "include"]
 
@@ -31,6 +32,7 @@ ROUTERS: Final[tuple[APIRouter, ...]] = (
     accounts.router,
     catalog.router,
     playback.router,
+    realtime.router,
     fleet.router,
     pages.router,
 )

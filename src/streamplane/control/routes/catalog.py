@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from streamplane.control.catalog import TitleInfo, check_title_id, summarise
+from streamplane.control.catalog import TitleInfo, channel_info, check_title_id, summarise
 from streamplane.control.errors import ApiError, not_found
 from streamplane.control.fleet import exclusion, state
 from streamplane.control.plane import ControlPlane
@@ -67,7 +67,10 @@ class Availability(BaseModel):
 
 
 async def known_title(plane: ControlPlane, title_id: str) -> TitleInfo:
-    """The catalog's title ``title_id``; 404 ``unknown_title`` if there is none."""
+    """The catalog's title ``title_id`` (or the live channel of that name); 404
+    ``unknown_title`` if there is none."""
+    if title_id in plane.settings.control.live_channels:
+        return channel_info(title_id)
     info = await plane.catalog.get(title_id, plane.monotonic())
     if info is None:
         raise not_found(f"no title {title_id!r} in the catalog", "unknown_title")

@@ -9,7 +9,14 @@ from streamplane.control.errors import forbidden
 from streamplane.control.playback import HeartbeatOut, PlaybackIn, PlayerHeartbeatIn
 from streamplane.control.routes.body import JsonRoute, reply_schema
 from streamplane.control.routes.catalog import known_title
-from streamplane.control.routes.deps import Creds, Me, bearer_token, plane_of
+from streamplane.control.routes.deps import (
+    BEARER_SECURITY,
+    Creds,
+    Me,
+    bearer_token,
+    plane_of,
+    principal_of,
+)
 from streamplane.edge import client_address, forwarded_chain, x_forwarded_for_chain
 
 __all__ = ["router"]
@@ -17,19 +24,26 @@ __all__ = ["router"]
 router = APIRouter(tags=["playback"], route_class=JsonRoute)
 
 
-@router.post("/v1/playback", response_model=None, openapi_extra=reply_schema("PlaybackOut"))
-async def start_playback(body: PlaybackIn, request: Request, me: Me) -> Response:
+@router.post(
+    "/v1/playback",
+    response_model=None,
+    openapi_extra={**reply_schema("PlaybackOut"), **BEARER_SECURITY},
+)
+async def start_playback(body: PlaybackIn, request: Request) -> Response:
     """Start a session: ranked edges with signed HLS and DASH URLs, heartbeat, resume.
 
     Refusals: 404 unknown title, 403 the plan does not include it, 503 no healthy edge
     holds it (and no origin is configured), 409 the plan's screens are all in use.
     """
+    # The access token is checked here, as ``Me`` would: as a dependency, FastAPI's solving
+    # of it (and of HTTPBearer under it) cost a start more than the check itself.
+    me = principal_of(request)
     plane = plane_of(request)
     title = await known_title(plane, body.title)
     await plane.fleet.refresh(plane.monotonic())
-    out = await plane.playback.start(
-        me.account_id, title, body, _client_address(request), plane.clock()
-    )
+    now = plane.clock()
+    out = await plane.playback.start(me.account_id, title, body, _client_address(request), now)
+    out.realtime = plane.realtime.issue(me.account_id, title.id, now)
     # Encoded once by msgspec: validating and serialising it as a pydantic model was a
     # tenth of a start.
     return Response(msgspec.json.encode(out), media_type="application/json")

@@ -11,7 +11,8 @@
 //   buffer_s, max_buffer_s, segment_s,
 //   rungs: [{bitrate_kbps, segment_bits: [...], segment_vmaf: [...]}],   // lowest first
 //   next_segment, last_rung (null before the first), phase ("startup"|"steady"|"seek"|"rebuffering"),
-//   downloads: [{bits, seconds}],   // oldest first, request to last byte
+//   downloads: [{bits, seconds, end_s}],   // oldest first, request to last byte; end_s:
+//                                          // session clock at the last byte (may be null)
 //   now_s, segment_durations_s: [...]
 // }
 // progress = {rung, bits_done, bits_total, elapsed_s, recent_bits, recent_s}
@@ -21,6 +22,7 @@
 export const DEFAULT_PARAMS = Object.freeze({
   fast_half_life_s: 3.0,
   slow_half_life_s: 8.0,
+  session_clock: true,
   horizon: 5,
   rebuffer_penalty: 4.3,
   switch_weight: 2.0,
@@ -58,22 +60,32 @@ export function segmentVmaf(state, rung, index) {
   return index >= 0 && index < v.length ? v[index] : null;
 }
 
-export function ewmaKbps(downloads, halfLifeS) {
+// sessionClock: a sample is weighted by the session time since the previous sample ended (its
+// download time when either end is unknown, and never less), so the past is forgotten at the
+// pace of the session, not of the time spent downloading.
+export function ewmaKbps(downloads, halfLifeS, sessionClock = false) {
   let estimate = 0.0;
   let weight = 0.0;
+  let prevEnd = null;
   for (const d of list(downloads)) {
     if (d.seconds <= 0 || d.bits <= 0) continue;
-    const alpha = Math.pow(0.5, d.seconds / halfLifeS);
+    const end = d.end_s === undefined ? null : d.end_s;
+    let span = d.seconds;
+    if (sessionClock && end !== null && prevEnd !== null) span = Math.max(span, end - prevEnd);
+    prevEnd = end;
+    const alpha = Math.pow(0.5, span / halfLifeS);
     estimate = alpha * estimate + (1.0 - alpha) * (d.bits / d.seconds / 1000.0);
-    weight += d.seconds;
+    weight += span;
   }
   if (weight <= 0) return null;
   return estimate / (1.0 - Math.pow(0.5, weight / halfLifeS));
 }
 
-export function throughputEstimateKbps(downloads, fastHalfLifeS = 3.0, slowHalfLifeS = 8.0) {
-  const fast = ewmaKbps(downloads, fastHalfLifeS);
-  const slow = ewmaKbps(downloads, slowHalfLifeS);
+export function throughputEstimateKbps(
+  downloads, fastHalfLifeS = 3.0, slowHalfLifeS = 8.0, sessionClock = false,
+) {
+  const fast = ewmaKbps(downloads, fastHalfLifeS, sessionClock);
+  const slow = ewmaKbps(downloads, slowHalfLifeS, sessionClock);
   if (fast === null || slow === null) return null;
   return Math.min(fast, slow);
 }
@@ -202,7 +214,9 @@ export function chooseRung(state, params = DEFAULT_PARAMS) {
   const n = state.rungs.length;
   if (n === 1) return 0;
   const i = state.next_segment;
-  const c = throughputEstimateKbps(state.downloads, p.fast_half_life_s, p.slow_half_life_s);
+  const c = throughputEstimateKbps(
+    state.downloads, p.fast_half_life_s, p.slow_half_life_s, p.session_clock,
+  );
   if (c === null) return 0; // nothing measured: the lowest rung is the one that cannot stall for long
   const window = horizon(state, p.horizon);
   if (state.phase !== "steady") {
@@ -274,7 +288,9 @@ export function dropModel(state, progress, params = DEFAULT_PARAMS) {
   let slow = avg;
   if (progress.recent_s > 0) slow = Math.min(progress.recent_bits / progress.recent_s, avg);
   slow = Math.max(slow, 1.0); // nothing in the window: a link all but stopped
-  const c = throughputEstimateKbps(state.downloads, p.fast_half_life_s, p.slow_half_life_s);
+  const c = throughputEstimateKbps(
+    state.downloads, p.fast_half_life_s, p.slow_half_life_s, p.session_clock,
+  );
   const after = Math.max(c === null ? avg : c * 1000.0, slow);
   let lasted = 0.0;
   if (after > slow) {

@@ -475,7 +475,7 @@ export class StreamplanePlayer {
   /** A video segment arrived: `bytes` in `seconds`, request to last byte. */
   segmentLoaded(rung, bytes, seconds) {
     if (bytes > 0 && seconds > 0) {
-      this.downloads.push({ bits: bytes * 8, seconds });
+      this.downloads.push({ bits: bytes * 8, seconds, end_s: this.now() });
       if (this.downloads.length > HISTORY) this.downloads.shift();
     }
     if (rung !== undefined && rung !== null) this.state.loadedRung = rung;

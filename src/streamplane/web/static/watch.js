@@ -3,6 +3,7 @@
 // window.streamplanePlayer is the running player (its .state is what the panel shows; the
 // browser tests read it too).
 import { FORMATS, loadLibrary, PlayerSetupError, StreamplanePlayer } from "./player.js";
+import { isStale, RealtimeClient } from "./realtime.js";
 
 const $ = (id) => document.getElementById(id);
 const AUTH_KEY = "streamplane.auth";
@@ -12,7 +13,9 @@ const CHART_S = 60;
 const libraries = {}; // format -> its library, once loaded
 let player = null;
 let titles = [];
+let live = null; // the realtime client of the title's event
 window.streamplanePlayer = null;
+window.streamplaneRealtime = null;
 
 // -- the control plane's API ------------------------------------------------------------------
 
@@ -191,6 +194,7 @@ async function play() {
     onEvent: logEvent,
   });
   window.streamplanePlayer = player;
+  startLive(playback.realtime, title);
   $("stop").disabled = false;
   try {
     await player.start();
@@ -201,6 +205,8 @@ async function play() {
 }
 
 async function stop() {
+  live?.stop();
+  live = null;
   if (!player) return;
   const p = player;
   player = null;
@@ -398,3 +404,63 @@ async function main() {
 }
 
 main();
+
+// -- live: the event's chat, viewer count and live state (the realtime gateway) ----------------
+
+function startLive(info, event) {
+  $("live").hidden = !info;
+  if (!info) return;
+  const chat = `chat:${event}`;
+  const text = (pub) => {
+    const li = document.createElement("li");
+    li.dataset.offset = pub.offset;
+    li.textContent = `${pub.user}: ${pub.data.text ?? JSON.stringify(pub.data)}`;
+    return li;
+  };
+  const renderChat = () => {
+    const view = live.view(chat);
+    const deleted = new Set(view.messages.filter((m) => m.kind === "delete").map((m) => m.data.offset));
+    $("live-chat").replaceChildren(
+      ...view.messages.filter((m) => m.kind === "message" && !deleted.has(m.offset)).slice(-50).map(text),
+    );
+  };
+  live = new RealtimeClient(info.url, info.token, Object.keys(info.channels), {
+    onConnected: () => ($("live-status").textContent = "live"),
+    onMessage: (channel) => channel === chat && renderChat(),
+    onReload: (channel) => channel === chat && renderChat(),
+    onCount: (channel, viewers) => channel === `event:${event}` && ($("live-viewers").textContent = viewers),
+    onGiveUp: (frame) => ($("live-status").textContent = `closed: ${frame.reason}`),
+  });
+  window.streamplaneRealtime = live;
+  live.start();
+}
+
+// A state value past its max age is shown as stale, never as current: re-checked every second.
+setInterval(() => {
+  if (!live) return;
+  const items = [];
+  for (const [channel, view] of live.views) {
+    if (!channel.startsWith("state:")) continue;
+    for (const value of view.state.values()) {
+      const li = document.createElement("li");
+      const stale = isStale(value, Date.now());
+      li.className = stale ? "stale" : "current";
+      li.textContent = `${value.key}: ${JSON.stringify(value.value)}${stale ? " (stale)" : ""}`;
+      items.push(li);
+    }
+  }
+  $("live-state").replaceChildren(...items);
+}, 1000);
+
+$("live-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const input = $("live-text");
+  const channel = [...(live?.channels || [])].find((c) => c.startsWith("chat:"));
+  if (!live || !channel || !input.value.trim()) return;
+  try {
+    await live.publish(channel, { text: input.value.trim() });
+    input.value = "";
+  } catch (err) {
+    say(`Not sent: ${err.message}`, { error: true });
+  }
+});

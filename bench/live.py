@@ -1,0 +1,182 @@
+"""A live surge on one edge: origin requests per object, the edge against nginx's cache lock.
+
+Method: a live channel's origin (streamplane's own, blocking reloads and preload hints) gets a
+part every 0.5 s (synthetic bytes of a 480 kbps rung, so no encoder competes for the CPU). In
+front of it, on the same machine and in the same run, one streamplane edge (two workers) and
+one nginx proxy cache (two workers, ``proxy_cache_lock on``: waiters wait for the whole object,
+looking again every 500 ms). ``--viewers`` simulated LL-HLS viewers join each in turn at the
+live edge and, for ``--parts`` parts, do what hls.js does: a blocking playlist reload for the
+next part (``_HLS_msn``/``_HLS_part``), then that part. Printed for each side: the origin
+requests per object (the goal: exactly one per object per edge), and how long after a part
+landed at the origin the viewers had it (p50, p95, max), and failures.
+
+    python bench/live.py --viewers 1000 --parts 8
+
+Glass-to-glass latency through an edge is what tests/e2e/test_live.py measures in Chromium
+(hls.js's latency to the live edge, and the picture's age by the program dates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from statistics import quantiles
+from typing import Any
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).parent))
+import edge as edge_bench  # bench/edge.py: nginx as a proxy cache, wait_up
+
+from streamplane.live import Rung, SyntheticOrigin
+from streamplane.stack import free_port
+
+PART_S = 0.5
+PART_BYTES = 30_000  # 480 kbps
+
+
+async def _viewer(
+    client: httpx.AsyncClient, base: str, start: tuple[int, int], parts: int,
+    got: dict[tuple[int, int], list[float]], failures: list[str],
+) -> None:  # fmt: skip
+    msn, part = start
+    for _ in range(parts):
+        try:
+            r = await client.get(f"{base}/ch/v240/index.m3u8?_HLS_msn={msn}&_HLS_part={part}")
+            if r.status_code != 200:
+                failures.append(f"playlist {r.status_code}")
+                return
+            r = await client.get(f"{base}/ch/v240/seg_{msn}.{part}.m4s")
+            if r.status_code != 200 or len(r.content) != PART_BYTES:
+                failures.append(f"part {r.status_code}")
+                return
+        except httpx.HTTPError as exc:
+            failures.append(type(exc).__name__)
+            return
+        got.setdefault((msn, part), []).append(time.monotonic())
+        msn, part = (msn + 1, 0) if part == 3 else (msn, part + 1)
+
+
+async def _surge(origin: SyntheticOrigin, base: str, viewers: int, parts: int) -> dict[str, Any]:
+    origin.requests.clear()
+    newest = origin.track.window().last_part()
+    assert newest is not None
+    start = (newest[0] + 1, 0) if newest[1] == 3 else (newest[0], newest[1] + 1)
+    got: dict[tuple[int, int], list[float]] = {}
+    failures: list[str] = []
+    limits = httpx.Limits(max_connections=viewers, max_keepalive_connections=viewers)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        watchers = [
+            asyncio.create_task(_viewer(client, base, start, parts, got, failures))
+            for _ in range(viewers)
+        ]
+        await asyncio.sleep(PART_S)  # every viewer asked for the next part, and waits
+        for _ in range(parts + 1):
+            await asyncio.to_thread(origin.land, PART_BYTES)
+            await asyncio.sleep(PART_S)
+        await asyncio.wait_for(asyncio.gather(*watchers), 600)
+    delays = [t - origin.landed[k] for k, times in got.items() for t in times]
+    objects = [k for k in origin.requests if "/ch/" in k]
+    per_object = [origin.requests[k] for k in objects]
+    return {
+        "objects": len(objects),
+        "max_per_object": max(per_object, default=0),
+        "mean_per_object": sum(per_object) / max(1, len(per_object)),
+        "delays": delays,
+        "failures": failures,
+        "served": len(delays),
+    }
+
+
+def _row(name: str, result: dict[str, Any]) -> str:
+    delays = sorted(result["delays"])
+    if len(delays) >= 2:
+        cuts = quantiles(delays, n=100)
+        p50, p95 = cuts[49], cuts[94]
+    else:
+        p50 = p95 = float("nan")
+    worst = delays[-1] if delays else float("nan")
+    return (
+        f"{name:<22} {result['objects']:>7} {result['mean_per_object']:>8.2f} "
+        f"{result['max_per_object']:>6} {p50 * 1000:>8.0f} {p95 * 1000:>8.0f} "
+        f"{worst * 1000:>8.0f} {result['served']:>8} {len(result['failures']):>6}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--viewers", type=int, default=1000)
+    parser.add_argument("--parts", type=int, default=8)
+    args = parser.parse_args()
+    # a SIGTERM (a timeout) unwinds like Ctrl-C, so the edge and nginx are stopped, not orphaned
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # nginx's workers run as another user
+        origin = SyntheticOrigin(work / "origin", "ch", Rung(240, 480))
+        for _ in range(4):
+            origin.land(PART_BYTES)
+        edge_port, proxy_port = free_port(), free_port()
+        conf = work / "edge.toml"
+        conf.write_text(
+            f'[edge]\norigin = "http://127.0.0.1:{origin.port}"\ncache_dir = "{work / "cache"}"\n'
+            f'port = {edge_port}\nhost = "127.0.0.1"\nworkers = 2\naccess_log = false\n'
+            "require_token = false\nlive_playlist_ttl_s = 0.5\n"
+        )
+        (work / "proxy").mkdir()
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "streamplane", "edge", "--config", str(conf)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            ),
+            edge_bench.start_nginx_proxy(origin.port, work / "proxy", proxy_port),
+        ]
+        try:
+            edge_bench.wait_up(f"http://127.0.0.1:{edge_port}/healthz")
+            edge_bench.wait_up(f"http://127.0.0.1:{proxy_port}/")
+            results = {}
+            for name, port in (
+                ("streamplane edge", edge_port),
+                ("nginx proxy_cache_lock", proxy_port),
+            ):
+                results[name] = asyncio.run(
+                    _surge(origin, f"http://127.0.0.1:{port}", args.viewers, args.parts)
+                )
+        finally:
+            for p in processes:
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(10)
+            origin.stop()
+    print(__doc__.split("\n\n")[1].replace("\n", " "))
+    print(f"\n{args.viewers} viewers, {args.parts} parts each; {platform.node()}, 2 cores shared")
+    print(f"{'':<22} {'objects':>7} {'req/obj':>8} {'max':>6} {'p50 ms':>8} {'p95 ms':>8} "
+          f"{'max ms':>8} {'served':>8} {'failed':>6}")  # fmt: skip
+    for name, result in results.items():
+        print(_row(name, result))
+    for name, result in results.items():
+        if result["failures"]:
+            kinds = collections.Counter(result["failures"]).most_common()
+            print(f"{name} failures: " + ", ".join(f"{k} x{n}" for k, n in kinds))
+    edge, nginx = results["streamplane edge"], results["nginx proxy_cache_lock"]
+    if nginx["delays"] and edge["delays"]:
+        ratio = quantiles(sorted(nginx["delays"]), n=100)[94] / max(
+            1e-9, quantiles(sorted(edge["delays"]), n=100)[94]
+        )
+        print(f"\np95 time to the part, nginx / edge: {ratio:.2f}x")
+    print(f"command: python {shlex.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Realtime Redis engine: what one Redis process costs per publication and per delivery.
+
+Method
+  A private ``redis-server`` (no persistence, as the engine runs it) on a free loopback port.
+  One hot channel, as a live event's chat is: whatever the cluster size, one channel lives on
+  one shard, so this is the figure a hot channel is sized by.
+  Engine side: the exact command the engine sends for a publication (``EVALSHA`` of its publish
+  script with the arguments ``RedisBroker`` builds: a 160-byte chat message, history 100 kept
+  300 s): offset, ``XADD``, trim, ``PUBLISH``. Peer side, in the same run, alternating: the
+  floor any Redis fan-out pays, a bare ``PUBLISH`` of the same payload bytes.
+  Load: 4 connections, each a pipeline of 64 commands in flight (pre-encoded RESP written in
+  batches, replies parsed with hiredis), in rounds of ``--publishes`` until the Redis process
+  has spent ``--cpu-seconds`` of CPU on the side (its clock ticks are 10 ms). Subscribers:
+  ``S`` pub/sub connections to the channel, as ``S`` gateway processes each hold one, read in a
+  separate process that counts bytes (so they keep up and Redis never cuts them).
+  Measures, per side and per ``S``: publications per second (wall), and per CPU-second of the
+  Redis process (utime + stime from /proc, so other load on the machine counts less); deliveries
+  per Redis CPU-second = publications x S / CPU-seconds. Best of ``--repeat`` rounds.
+  And recoveries: the engine's read script for a client 10 publications behind (the range
+  read a reconnecting client costs), per second and per Redis CPU-second, no subscribers.
+
+Reproduce: .venv/bin/python bench/realtime_redis.py [--cpu-seconds 1] [--subscribers 0,50,200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import platform
+import selectors
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import hiredis
+import redis.asyncio as aioredis
+
+from streamplane.realtime.broker import Position
+from streamplane.realtime.redis import RedisBroker, _Body, _pack, channel_key
+from streamplane.reporting import Table, markdown_table
+from streamplane.stack import _die_with_parent, free_port
+
+CHANNEL = "chat:final"
+PREFIX = "bench:"
+MESSAGE = b'{"text":"' + b"x" * 140 + b'","n":1}'  # ~160 bytes: a chat line with its fields
+CONNECTIONS = 4
+WINDOW = 64
+RECOVER_MISSED = 10
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            # Subscribers read in another process; never cut one for being a little behind.
+            "--client-output-buffer-limit",
+            "pubsub 0 0 0",
+        ],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc, port
+        except OSError:
+            time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("redis-server did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def subscribers(port: int, count: int, name: bytes, ready: Connection, stop: Connection) -> None:
+    """In its own process: ``count`` subscribed connections, read until told to stop."""
+    socks = []
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(_pack("SUBSCRIBE", name))
+        s.recv(1 << 16)  # the confirmation
+        s.setblocking(False)
+        socks.append(s)
+    ready.send(True)
+    received = 0
+    selector = selectors.DefaultSelector()
+    for s in socks:
+        selector.register(s, selectors.EVENT_READ)
+    while not stop.poll():
+        for key, _ in selector.select(timeout=0.05):
+            with contextlib.suppress(BlockingIOError):
+                received += len(key.fileobj.recv(1 << 20))  # type: ignore[union-attr]
+    stop.send(received)
+
+
+async def blast(port: int, command: bytes, total: int) -> float:
+    """Send ``total`` copies of ``command`` over CONNECTIONS pipelines; the wall seconds."""
+
+    async def one(count: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        parser = hiredis.Reader()
+        done = 0
+        while done < count:
+            batch = min(WINDOW, count - done)
+            writer.write(command * batch)
+            got = 0
+            while got < batch:
+                parser.feed(await reader.read(1 << 16))
+                while (reply := parser.gets()) is not False:
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise SystemExit(f"Redis refused the command: {reply}")
+                    got += 1
+            done += batch
+        writer.close()
+
+    share = total // CONNECTIONS
+    start = time.perf_counter()
+    await asyncio.gather(*(one(share) for _ in range(CONNECTIONS)))
+    return time.perf_counter() - start
+
+
+async def engine_command(port: int) -> tuple[bytes, bytes, bytes]:
+    """The engine's publish command, byte for byte, and the same payload as a bare PUBLISH."""
+    broker = RedisBroker(aioredis.Redis(port=port), prefix=PREFIX)
+    await broker.start()
+    await broker.publish(CHANNEL, MESSAGE, history_size=100, history_ttl=300.0)
+    body = _Body(kind="message", user="viewer-1", time_ms=int(time.time() * 1000), data=MESSAGE)
+    args = broker._append_args(CHANNEL, body, 100, 300.0)
+    keys = [channel_key(PREFIX, CHANNEL, "m"), channel_key(PREFIX, CHANNEL, "h")]
+    sha = broker._publish.sha
+    for _ in range(RECOVER_MISSED):
+        top = await broker.publish(CHANNEL, MESSAGE, history_size=100, history_ttl=300.0)
+    # A client RECOVER_MISSED publications behind, at the top of the stream as it will stay
+    # (the recovery rounds run with no publication in between).
+    await broker.recover(CHANNEL, Position(top.epoch, top.offset - RECOVER_MISSED), limit=100)
+    recover = _pack(
+        "EVALSHA", broker._read.sha, 2, *keys,
+        "unused", broker.meta_ttl_ms, "range", top.epoch, top.offset - RECOVER_MISSED + 1, 100,
+    )  # fmt: skip
+    await broker.close()
+    engine = _pack("EVALSHA", sha, 2, *keys, *args)
+    payload = b"epoch1 123456 " + bytes(args[1])  # what the script publishes
+    bare = _pack("PUBLISH", channel_key(PREFIX, CHANNEL, "p"), payload)
+    return engine, bare, recover
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--publishes", type=int, default=20_000, help="per load round")
+    parser.add_argument("--cpu-seconds", type=float, default=1.0, help="Redis CPU per side")
+    parser.add_argument("--subscribers", default="0,50,200")
+    parser.add_argument("--repeat", type=int, default=2)
+    opts = parser.parse_args()
+    counts = [int(c) for c in opts.subscribers.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_redis(Path(tmp))
+        try:
+            engine, bare, recover = asyncio.run(engine_command(port))
+            before = cpu_seconds(proc.pid)
+            sent, wall = 0, 0.0
+            while (recover_cpu := cpu_seconds(proc.pid) - before) < opts.cpu_seconds:
+                wall += asyncio.run(blast(port, recover, opts.publishes))
+                sent += opts.publishes
+            recoveries = (sent / wall, sent / recover_cpu)
+            name = channel_key(PREFIX, CHANNEL, "p").encode()
+            rows = []
+            for count in counts:
+                best: dict[str, tuple[float, float]] = {}
+                delivered: dict[str, int] = {}
+                ready_r, ready_w = multiprocessing.Pipe(duplex=False)
+                stop_here, stop_there = multiprocessing.Pipe()
+                reader = multiprocessing.Process(
+                    target=subscribers, args=(port, count, name, ready_w, stop_there)
+                )
+                reader.start()
+                ready_r.recv()
+                for _ in range(opts.repeat):
+                    for side, command in (("engine", engine), ("bare PUBLISH", bare)):
+                        before, wall, sent = cpu_seconds(proc.pid), 0.0, 0
+                        # Until Redis has spent enough CPU that its 10 ms clock ticks vanish.
+                        while (cpu := cpu_seconds(proc.pid) - before) < opts.cpu_seconds:
+                            wall += asyncio.run(blast(port, command, opts.publishes))
+                            sent += opts.publishes
+                        rate, per_cpu = sent / wall, sent / cpu
+                        delivered[side] = delivered.get(side, 0) + sent * count
+                        if side not in best or per_cpu > best[side][1]:
+                            best[side] = (rate, per_cpu)
+                stop_here.send(True)
+                received = stop_here.recv()
+                reader.join()
+                for side in ("engine", "bare PUBLISH"):
+                    rate, per_cpu = best[side]
+                    rows.append(
+                        [
+                            str(count),
+                            side,
+                            f"{rate:,.0f}",
+                            f"{per_cpu:,.0f}",
+                            f"{per_cpu * count:,.0f}" if count else "-",
+                            f"{best['engine'][1] / best['bare PUBLISH'][1]:.2f}"
+                            if side == "engine"
+                            else "1",
+                        ]
+                    )
+                expected = sum(delivered.values())
+                print(f"S={count}: subscribers read {received / 1e6:,.1f} MB for {expected:,} "
+                      "deliveries", file=sys.stderr)  # fmt: skip
+        finally:
+            proc.kill()
+            proc.wait()
+    table = Table(
+        headers=[
+            "subscribers S",
+            "side",
+            "publications/s (wall)",
+            "publications per Redis CPU-s",
+            "deliveries per Redis CPU-s",
+            "engine / bare (per CPU-s)",
+        ],
+        rows=rows,
+        right=frozenset({0, 2, 3, 4, 5}),
+    )
+    version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True)
+    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; "
+          f"{version.stdout.split()[2]}")  # fmt: skip
+    print("\n".join(markdown_table(table)))
+    print(f"\nrecoveries of {RECOVER_MISSED} missed publications (the engine's read script): "
+          f"{recoveries[0]:,.0f}/s wall, {recoveries[1]:,.0f} per Redis CPU-s")  # fmt: skip
+    print(f"\n.venv/bin/python bench/realtime_redis.py {shlex.join(sys.argv[1:])}")
+
+
+if __name__ == "__main__":
+    main()

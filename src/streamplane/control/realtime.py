@@ -1,0 +1,57 @@
+"""Realtime tokens for viewers: the control plane signs, the gateways check (same key).
+
+A viewer of an event (a title) gets, for that event: chat (read and publish), the event channel
+(counts, presence, announcements: read) and its state channel (the live score or odds: read
+only; the sources that write it hold tokens the operator signs with ``streamplane
+realtime-token``).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from streamplane.config import RealtimeSettings, SettingsError
+from streamplane.realtime import sign_realtime_token
+
+__all__ = ["RealtimeInfo", "RealtimeIssuer", "viewer_channels"]
+
+
+class RealtimeInfo(msgspec.Struct, kw_only=True):
+    url: str  # the gateway's WebSocket URL: connect to url + "?token=" + token
+    token: str
+    expires_at: int
+    channels: dict[str, list[str]]
+
+
+def viewer_channels(event: str) -> dict[str, list[str]]:
+    return {
+        f"chat:{event}": ["publish", "read"],
+        f"event:{event}": ["read"],
+        f"state:{event}": ["read"],
+    }
+
+
+class RealtimeIssuer:
+    def __init__(self, settings: RealtimeSettings) -> None:
+        try:
+            self._key = bytes.fromhex(settings.token_key) if settings.token_key else None
+        except ValueError:
+            raise SettingsError("realtime.token_key must be hex") from None
+        self._ttl = settings.token_ttl_s
+        self._url = settings.url() + "/connect"
+
+    @property
+    def enabled(self) -> bool:
+        return self._key is not None
+
+    def issue(self, user: str, event: str, now: float) -> RealtimeInfo | None:
+        """A viewer's token for ``event``; None when realtime is not configured."""
+        if self._key is None:
+            return None
+        channels = viewer_channels(event)
+        token = sign_realtime_token(
+            self._key, user=user, channels=channels, now=int(now), ttl_s=self._ttl
+        )
+        return RealtimeInfo(
+            url=self._url, token=token, expires_at=int(now) + self._ttl, channels=channels
+        )

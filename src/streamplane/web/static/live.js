@@ -1,0 +1,109 @@
+// The live page: a channel's signed master playlist (?src=, as POST /v1/playback answers it
+// on a live channel) played with hls.js in low-latency mode: blocking playlist reloads, parts,
+// a target latency held with small playback-rate changes. It shows the latency to the live edge
+// and, from the playlist's program dates, how far behind the encoder's clock the picture is.
+// An MPD (?src=…manifest.mpd…) plays with dash.js, whole segments, its catch-up on.
+// window.live holds the same figures for tests.
+
+const $ = (id) => document.getElementById(id);
+const live = (window.live = {
+  playing: false, latency: null, target: null, glass: null, rate: 1, level: -1, errors: [],
+  stalls: 0, currentTime: 0,
+});
+
+function say(text) {
+  const el = $("message");
+  el.textContent = text;
+  el.hidden = !text;
+}
+
+async function main() {
+  const src = new URLSearchParams(location.search).get("src");
+  if (!src) {
+    say("Give the channel's signed playlist URL: /static/live.html?src=…");
+    return;
+  }
+  if (new URL(src, location.href).pathname.endsWith(".mpd")) {
+    await playDash(src);
+    return;
+  }
+  let Hls;
+  try {
+    Hls = (await import("/static/vendor/hls.min.mjs")).default;
+  } catch (err) {
+    say("hls.js is missing: run make install");
+    return;
+  }
+  const video = $("video");
+  const hls = new Hls({
+    // the target latency is the playlist's PART-HOLD-BACK (three parts); hls.js holds it by
+    // playing at most 10% faster or slower
+    lowLatencyMode: true,
+    maxLiveSyncPlaybackRate: 1.1,
+    backBufferLength: 30,
+  });
+  hls.on(Hls.Events.ERROR, (_e, d) => {
+    live.errors.push(`${d.type} ${d.details}${d.fatal ? " (fatal)" : ""}`);
+    if (d.fatal) say(`playback failed: ${d.details}`);
+  });
+  hls.on(Hls.Events.LEVEL_SWITCHED, (_e, d) => { live.level = d.level; });
+  video.addEventListener("playing", () => { live.playing = true; });
+  video.addEventListener("waiting", () => { if (live.playing) live.stalls += 1; });
+  hls.loadSource(src);
+  hls.attachMedia(video);
+  hls.on(Hls.Events.MANIFEST_PARSED, () => video.play().catch((err) => say(err.message)));
+  setInterval(() => {
+    live.latency = Number.isFinite(hls.latency) ? hls.latency : null;
+    live.target = Number.isFinite(hls.targetLatency) ? hls.targetLatency : null;
+    const date = hls.playingDate;
+    live.glass = date ? (Date.now() - date.getTime()) / 1000 : null;
+    live.rate = video.playbackRate;
+    live.currentTime = video.currentTime;
+    show();
+    const level = hls.levels[hls.currentLevel];
+    $("rung").textContent = level ? `${level.height}p` : "–";
+  }, 250);
+}
+
+function show() {
+  const fmt = (x) => (x === null ? "–" : `${x.toFixed(2)} s`);
+  $("latency").textContent = fmt(live.latency);
+  $("target").textContent = fmt(live.target);
+  $("glass").textContent = fmt(live.glass);
+  $("rate").textContent = `${live.rate.toFixed(2)}×`;
+}
+
+async function playDash(src) {
+  let dashjs;
+  try {
+    dashjs = (await import("/static/vendor/dash.all.min.js")).default;
+  } catch (err) {
+    say("dash.js is missing: run make install");
+    return;
+  }
+  const video = $("video");
+  const player = dashjs.MediaPlayer().create();
+  const target = 4; // seconds: two segments behind the live edge
+  player.updateSettings({
+    streaming: {
+      delay: { liveDelay: target },
+      liveCatchup: { enabled: true, playbackRate: { min: -0.1, max: 0.1 } },
+    },
+  });
+  player.on(dashjs.MediaPlayer.events.ERROR, (e) => {
+    live.errors.push(`dash.js ${e.error ? `${e.error.code} ${e.error.message}` : ""}`);
+  });
+  video.addEventListener("playing", () => { live.playing = true; });
+  video.addEventListener("waiting", () => { if (live.playing) live.stalls += 1; });
+  player.initialize(video, src, true);
+  setInterval(() => {
+    const latency = player.getCurrentLiveLatency();
+    live.latency = Number.isFinite(latency) ? latency : null;
+    live.target = target;
+    live.rate = video.playbackRate;
+    live.currentTime = video.currentTime;
+    show();
+  }, 250);
+}
+
+main();

@@ -1,0 +1,95 @@
+"""A live channel in Chromium: fed over SRT on loopback by `streamplane live feed`, encoded by
+`streamplane live start`, pulled through a real edge (signed, blocking reloads) and played by
+the live page with hls.js in low-latency mode near its target latency."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from playwright.sync_api import Page
+
+from streamplane.web import STATIC_DIR
+from tests.e2e.browser import skip_reason
+from tests.edge.conftest import start_edge, token
+from tests.live.conftest import LiveChannel, start_channel, wait_for
+
+__all__ = ["start_channel"]  # the fixture, used here by name
+
+_WHY = skip_reason()
+pytestmark = [
+    pytest.mark.skipif(_WHY is not None, reason=_WHY or ""),
+    pytest.mark.timeout(120),
+]
+
+
+@pytest.fixture
+def pages() -> Iterator[str]:
+    """The player's static files, as the control plane serves them under /static."""
+    handler = functools.partial(
+        http.server.SimpleHTTPRequestHandler, directory=str(STATIC_DIR.parent)
+    )
+    handler.log_message = lambda *args: None  # type: ignore[attr-defined]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("manifest", "target", "slack"),
+    [("master.m3u8", 1.5, 1.0), ("manifest.mpd", 4.0, 2.0)],
+    ids=["hls.js", "dash.js"],
+)
+def test_a_channel_plays_through_an_edge_near_the_target_latency(
+    start_channel,
+    pages: str,
+    page: Page,
+    tmp_path: Path,
+    manifest: str,
+    target: float,
+    slack: float,
+) -> None:
+    channel: LiveChannel = start_channel("ch1", "--no-audio")
+    feed = channel.feed(40)
+    edge = start_edge(
+        tmp_path,
+        f"http://127.0.0.1:{channel.http_port}",
+        workers=1,
+        live_playlist_ttl_s=0.5,
+    )
+    try:
+        wait_for(lambda: (channel.root / "ch1" / "master.m3u8").exists(), 20, "the channel")
+        wait_for(lambda: (channel.root / "ch1" / "v240" / "seg_1.m4s").exists(), 20, "segments")
+        src = f"{edge.url}/ch1/{manifest}?__token__={token('/ch1/*')}"
+        page.goto(f"{pages}/static/live.html?src={quote(src, safe='')}")
+        page.wait_for_function("window.live && window.live.playing", timeout=30_000)
+        samples = []
+        for _ in range(16):  # four seconds of playing at the live edge
+            time.sleep(0.25)
+            samples.append(page.evaluate("({...window.live})"))
+        state = samples[-1]
+        assert not [e for e in state["errors"] if "fatal" in e], state["errors"]
+        assert samples[-1]["currentTime"] > samples[0]["currentTime"] + 2.5  # it plays on
+        # near the target latency: hls.js, PART-HOLD-BACK (three half-second parts); dash.js,
+        # two whole segments
+        assert state["target"] == pytest.approx(target, abs=0.01)
+        latencies = [s["latency"] for s in samples[4:] if s["latency"] is not None]
+        assert latencies and max(latencies) < target + slack, latencies
+        if manifest.endswith(".m3u8"):
+            # and the picture is that far behind the packager's clock (program dates)
+            glass = [s["glass"] for s in samples[4:] if s["glass"] is not None]
+            assert glass and max(glass) < target + slack + 1.0, glass
+        assert page.inner_text("#latency").endswith(" s")
+        print(f"{manifest}: latency {latencies[-1]:.2f} s, rate {state['rate']}")
+    finally:
+        feed.kill()
+        feed.wait()
+        edge.stop()

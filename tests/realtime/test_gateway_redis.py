@@ -1,0 +1,120 @@
+"""Gateways joined by Redis, as users run them: several gateway processes serving one event
+(publications and viewer counts across them), and Redis restarted under them mid-stream."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from streamplane.realtime.client import RealtimeClient, RequestFailed
+from streamplane.realtime.gateway import Gateway, GatewaySettings
+from streamplane.realtime.protocol import Code
+from streamplane.realtime.serve import GatewayConfigError, make_broker
+from tests.realtime.redis_engines import FAST, delete_prefix
+from tests.realtime.redis_servers import SHARED_REDIS, RedisServer, have_redis_server, reachable
+from tests.realtime.test_gateway import FAST as NAMESPACES
+from tests.realtime.test_gateway import KEY, clients, token, until
+
+__all__ = ["clients"]  # the gateway tests' client fixture, used here too
+
+
+@pytest.fixture
+async def gateways() -> AsyncIterator[Callable[[str], object]]:
+    running: list[Gateway] = []
+
+    async def start_on(broker_url: str) -> str:
+        broker = make_broker(broker_url)
+        for name, value in FAST.items():  # notice an outage as fast as the test waits
+            setattr(broker, name, value)
+        settings = GatewaySettings(token_key=KEY, tick=0.1, namespaces=NAMESPACES)
+        gateway = Gateway(broker, settings)
+        port = await gateway.start("127.0.0.1", 0)
+        running.append(gateway)
+        return f"ws://127.0.0.1:{port}"
+
+    yield start_on
+    for gateway in running:
+        await gateway.close()
+
+
+def test_a_broker_url_that_is_not_an_engine_is_refused_with_the_forms_it_takes() -> None:
+    with pytest.raises(GatewayConfigError, match="redis\\+cluster://"):
+        make_broker("nats://127.0.0.1:4222")
+    with pytest.raises(GatewayConfigError, match="TLS"):
+        make_broker("rediss://127.0.0.1:6379")
+
+
+async def test_two_gateways_on_one_redis_serve_one_event(
+    gateways: Callable[[str], object], clients: Callable[..., RealtimeClient]
+) -> None:
+    if not reachable(SHARED_REDIS):
+        pytest.skip("no Redis at 127.0.0.1:6379")
+    prefix = f"t{uuid.uuid4().hex[:12]}:"
+    broker_url = f"redis://127.0.0.1:{SHARED_REDIS[1]}/0?prefix={prefix}"
+    try:
+        url_a = await gateways(broker_url)  # type: ignore[misc]
+        url_b = await gateways(broker_url)  # type: ignore[misc]
+        ann = clients(url_a, token("ann"), "chat:final", "event:final")
+        bob = clients(url_b, token("bob"), "chat:final", "event:final")
+        await ann.synced.wait()
+        await bob.synced.wait()
+        reply = await ann.publish("chat:final", {"text": "goal!"})
+        await until(lambda: len(bob.views["chat:final"].messages) == 1)
+        got = bob.views["chat:final"].messages[0]
+        assert reply.position is not None and (got.epoch, got.offset) == (
+            reply.position.epoch,
+            reply.position.offset,
+        )
+        await until(
+            lambda: bob.views["event:final"].viewers == 2 and ann.views["event:final"].viewers == 2,
+            timeout=10,
+        )
+    finally:
+        await delete_prefix(SHARED_REDIS, prefix)
+
+
+async def test_redis_restarted_under_the_gateways_keeps_connections_and_every_view_reloads(
+    tmp_path: Path, gateways: Callable[[str], object], clients: Callable[..., RealtimeClient]
+) -> None:
+    if not have_redis_server():
+        pytest.skip("no redis-server binary")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        url_a = await gateways(server.url)  # type: ignore[misc]
+        url_b = await gateways(server.url)  # type: ignore[misc]
+        ann = clients(url_a, token("ann"), "chat:final")
+        bob = clients(url_b, token("bob"), "chat:final")
+        await ann.synced.wait()
+        await bob.synced.wait()
+        await bob.publish("chat:final", {"n": 0})
+        await until(lambda: len(ann.views["chat:final"].messages) == 1)
+        reloads = ann.views["chat:final"].reloads
+        server.kill()
+        port_a = url_a.rsplit(":", 1)[1]
+        async with httpx.AsyncClient() as http:
+            health = f"http://127.0.0.1:{port_a}/health"
+            async with asyncio.timeout(10):
+                while (await http.get(health)).status_code != 503:
+                    await asyncio.sleep(0.05)
+            with pytest.raises(RequestFailed) as err:
+                await bob.publish("chat:final", {"n": 1})
+            assert err.value.reply.code == Code.UNAVAILABLE
+            server.start()  # the same port, empty
+            await until(lambda: ann.views["chat:final"].reloads > reloads, timeout=10)
+            async with asyncio.timeout(10):
+                while (await http.get(health)).status_code != 200:
+                    await asyncio.sleep(0.05)
+        assert ann.connected.is_set() and bob.connected.is_set(), "connections kept"
+        after = await bob.publish("chat:final", {"n": 2})
+        assert after.position is not None
+        await until(
+            lambda: any(m.epoch == after.position.epoch for m in ann.views["chat:final"].messages)  # type: ignore[union-attr]
+        )
+    finally:
+        server.kill()
