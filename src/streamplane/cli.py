@@ -127,7 +127,8 @@ def _print_summary(result: media.EncodeOutcome) -> None:
     out_console.print(table)
     for label, bd in (
         ("per-shot ladder vs fixed ladder", result.bd_vs_fixed_ladder),
-        ("per-shot ladder vs fixed-QP whole title", result.bd_vs_fixed_qp),
+        ("per-shot ladder vs fixed CRF whole title", result.bd_vs_fixed_qp),
+        ("per-shot ladder vs constant QP whole title", result.bd_vs_constant_qp),
         ("mixed-resolution rungs vs one resolution per rung", result.bd_mixed_vs_shipped),
     ):
         if bd is not None:
