@@ -671,6 +671,7 @@ def realtime_token(
     out_console.print(token, soft_wrap=True)
 
 
+@app.command()
 def ingest(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="The control plane's settings TOML; STREAMPLANE_* override."
