@@ -52,7 +52,7 @@ class RichProgress:
     def stage(self, name: str, total: int) -> None:
         if self._task is not None:
             self._progress.update(self._task, completed=self._progress.tasks[-1].total)
-        self._task = self._progress.add_task(name, total=total)
+        self._task = self._progress.add_task(name, total=total, status="")
 
     def advance(self, n: int = 1) -> None:
         if self._task is not None:
@@ -60,6 +60,10 @@ class RichProgress:
 
     def note(self, text: str) -> None:
         self._progress.console.print(f"[dim]{text}[/dim]")
+
+    def status(self, text: str) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, status=text)
 
 
 def _bars() -> Progress:
@@ -70,6 +74,7 @@ def _bars() -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[status]}"),
         console=console,
     )
 
@@ -122,7 +127,8 @@ def _print_summary(result: media.EncodeOutcome) -> None:
     out_console.print(table)
     for label, bd in (
         ("per-shot ladder vs fixed ladder", result.bd_vs_fixed_ladder),
-        ("per-shot ladder vs fixed-QP whole title", result.bd_vs_fixed_qp),
+        ("per-shot ladder vs fixed CRF whole title", result.bd_vs_fixed_qp),
+        ("per-shot ladder vs constant QP whole title", result.bd_vs_constant_qp),
         ("mixed-resolution rungs vs one resolution per rung", result.bd_mixed_vs_shipped),
     ):
         if bd is not None:
@@ -147,6 +153,11 @@ def encode(
     segment: float = typer.Option(4.0, help="Target segment length, seconds (2 to 6)."),
     shot_detector: str = typer.Option("auto", help="auto, scenedetect or scdet."),
     baseline: bool = typer.Option(True, help="Encode the fixed ladder and report BD-rate."),
+    qp_anchor: bool = typer.Option(False, help="Encode constant-QP anchors, report BD-rate."),
+    vbv_maxrate: float = typer.Option(
+        1.5, help="Capped CRF: VBV maxrate as a multiple of each rung's average (0: uncapped)."
+    ),
+    vbv_buffer: float = typer.Option(2.0, help="Capped CRF: VBV buffer, seconds at maxrate."),
     workers: int = typer.Option(0, help="Encode processes (0: one per core)."),
     cluster: str | None = typer.Option(None, help="Dask scheduler address, e.g. tcp://h:8786."),
     keep_work: bool = typer.Option(False, help="Keep the work directory after success."),
@@ -166,6 +177,9 @@ def encode(
         segment_target_s=segment,
         shot_detector=shot_detector,
         baseline=baseline,
+        qp_anchor=qp_anchor,
+        vbv_maxrate=vbv_maxrate,
+        vbv_buffer_s=vbv_buffer,
         workers=workers,
         cluster=cluster,
         keep_work=keep_work,
@@ -662,6 +676,7 @@ def realtime_token(
     out_console.print(token, soft_wrap=True)
 
 
+@app.command()
 def ingest(
     config: Path | None = typer.Option(
         None, "--config", "-c", help="The control plane's settings TOML; STREAMPLANE_* override."

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -61,8 +62,30 @@ class StackError(RuntimeError):
     """A process of the stack did not start or answer; the message holds its log's tail."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free on every address, chosen below the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) is one it also hands out as the source port of
+    outgoing connections, and a stack's many clients (database, Redis, browsers, viewers) took
+    such a port between this check and the server's bind often enough to fail a test in ten.
+    """
+    top = min(_ephemeral_start(), 65536) - 1
+    for _ in range(200):
+        port = random.randint(min(10_000, top - 1000), top)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, kind) as s:  # a crowded range: take the kernel's
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from streamplane.stack import free_port
 from streamplane.telemetry import EventBatch, HeartbeatEvent, Stream
 from streamplane.telemetry.stream_embedded import EmbeddedStream
 from streamplane.telemetry.stream_nats import NatsStream
@@ -71,12 +72,6 @@ async def open_stream(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
     for stream in opened:
         with contextlib.suppress(Exception):
             await stream.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PrivateNats:
