@@ -112,3 +112,19 @@ async def test_a_viewer_joining_as_the_last_one_leaves_still_gets_the_live_strea
     finally:
         await gateway.close()
         await source.close()
+
+
+async def test_viewers_whose_tokens_expire_in_the_same_second_all_join() -> None:
+    """Connections come and go within a second under a storm: CPython gives a new connection
+    the address (the ``id``) of one just freed, so the expiry heap must never fall back to
+    comparing its entries' connections."""
+    gateway = Gateway(MemoryHub().node(), GatewaySettings(token_key=KEY, tick=0.1))
+    await gateway.broker.start()
+    try:
+        for i in range(50):
+            conn, _ = _viewer(gateway, f"v{i}")  # every token: the same second's expiry
+            conn.connection_lost(None)
+            del conn
+        assert gateway.stats["accepted"] == 50
+    finally:
+        await gateway.close()

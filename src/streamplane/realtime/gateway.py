@@ -433,8 +433,11 @@ class Gateway:
     def _joined(self, conn: _Connection, grant: RealtimeGrant) -> str:
         self.connections.add(conn)
         self.stats["accepted"] += 1
-        heapq.heappush(self._expiries, (grant.expires, id(conn), weakref.ref(conn)))
-        return f"{self.broker.node}.{next(self._ids)}"
+        # The join's number breaks ties, never ``id(conn)``: CPython hands a new connection the
+        # address of one just freed, and a tie on both would compare the weak references.
+        number = next(self._ids)
+        heapq.heappush(self._expiries, (grant.expires, number, weakref.ref(conn)))
+        return f"{self.broker.node}.{number}"
 
     def _gone(self, conn: _Connection) -> None:
         self.connections.discard(conn)
