@@ -88,6 +88,7 @@ bench: install
 	$(BIN)/python bench/edge.py
 	$(BIN)/python bench/steering.py
 	$(BIN)/python bench/playback.py
+	$(BIN)/python bench/telemetry.py
 	$(BIN)/python bench/abr.py
 	$(BIN)/python bench/realtime_redis.py
 

@@ -271,6 +271,7 @@ class Load:
     method: str
     path: str
     body: str = ""
+    bodies: tuple[str, ...] = ()  # instead of ``body``: the n-th request sends bodies[n % len]
     tokens: tuple[str, ...] = ()
     devices: int = 0
     concurrency: int = 32
@@ -323,8 +324,11 @@ async def _load(load: Load) -> Measured:
                 if load.tokens:
                     request += f"authorization: Bearer {rng.choice(load.tokens)}\r\n"
                 n = next(numbers)
-                body = load.body.replace("{n}", str(n % load.devices if load.devices else n))
-                body = body.encode()
+                if load.bodies:
+                    body = load.bodies[n % len(load.bodies)].encode()
+                else:
+                    text = load.body.replace("{n}", str(n % load.devices if load.devices else n))
+                    body = text.encode()
                 if body:
                     request += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
                 t0 = time.perf_counter()

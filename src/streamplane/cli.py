@@ -52,7 +52,7 @@ class RichProgress:
     def stage(self, name: str, total: int) -> None:
         if self._task is not None:
             self._progress.update(self._task, completed=self._progress.tasks[-1].total)
-        self._task = self._progress.add_task(name, total=total)
+        self._task = self._progress.add_task(name, total=total, status="")
 
     def advance(self, n: int = 1) -> None:
         if self._task is not None:
@@ -60,6 +60,10 @@ class RichProgress:
 
     def note(self, text: str) -> None:
         self._progress.console.print(f"[dim]{text}[/dim]")
+
+    def status(self, text: str) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, status=text)
 
 
 def _bars() -> Progress:
@@ -70,6 +74,7 @@ def _bars() -> Progress:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
+        TextColumn("[dim]{task.fields[status]}"),
         console=console,
     )
 
@@ -122,7 +127,8 @@ def _print_summary(result: media.EncodeOutcome) -> None:
     out_console.print(table)
     for label, bd in (
         ("per-shot ladder vs fixed ladder", result.bd_vs_fixed_ladder),
-        ("per-shot ladder vs fixed-QP whole title", result.bd_vs_fixed_qp),
+        ("per-shot ladder vs fixed CRF whole title", result.bd_vs_fixed_qp),
+        ("per-shot ladder vs constant QP whole title", result.bd_vs_constant_qp),
         ("mixed-resolution rungs vs one resolution per rung", result.bd_mixed_vs_shipped),
     ):
         if bd is not None:
@@ -147,6 +153,11 @@ def encode(
     segment: float = typer.Option(4.0, help="Target segment length, seconds (2 to 6)."),
     shot_detector: str = typer.Option("auto", help="auto, scenedetect or scdet."),
     baseline: bool = typer.Option(True, help="Encode the fixed ladder and report BD-rate."),
+    qp_anchor: bool = typer.Option(False, help="Encode constant-QP anchors, report BD-rate."),
+    vbv_maxrate: float = typer.Option(
+        1.5, help="Capped CRF: VBV maxrate as a multiple of each rung's average (0: uncapped)."
+    ),
+    vbv_buffer: float = typer.Option(2.0, help="Capped CRF: VBV buffer, seconds at maxrate."),
     workers: int = typer.Option(0, help="Encode processes (0: one per core)."),
     cluster: str | None = typer.Option(None, help="Dask scheduler address, e.g. tcp://h:8786."),
     keep_work: bool = typer.Option(False, help="Keep the work directory after success."),
@@ -166,6 +177,9 @@ def encode(
         segment_target_s=segment,
         shot_detector=shot_detector,
         baseline=baseline,
+        qp_anchor=qp_anchor,
+        vbv_maxrate=vbv_maxrate,
+        vbv_buffer_s=vbv_buffer,
         workers=workers,
         cluster=cluster,
         keep_work=keep_work,
@@ -658,6 +672,40 @@ def realtime_token(
 
 
 @app.command()
+def ingest(
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="The control plane's settings TOML; STREAMPLANE_* override."
+    ),
+) -> None:
+    """Take player heartbeats in a process of their own (telemetry.ingest_process)."""
+    import asyncio
+    import signal
+
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.control.heartbeats import run_ingest
+
+    async def serve() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        t = settings.telemetry
+        console.print(f"heartbeat ingest on http://{t.ingest_host}:{t.ingest_port}/v1/heartbeat")
+        await run_ingest(settings, stopped)
+
+    try:
+        settings = load_settings(config)
+        try:
+            import uvloop
+
+            uvloop.run(serve())
+        except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+            asyncio.run(serve())
+    except SettingsError as exc:
+        raise _error(str(exc), 2) from None
+
+
+@app.command()
 def edge(
     config: Path | None = typer.Option(None, "--config", help="Settings TOML ([edge], [tokens])."),
     origin: str | None = typer.Option(None, "--origin", help="Catalog directory or http(s) URL."),
@@ -839,6 +887,12 @@ def swarm(
     ),
     audio: bool = typer.Option(True, "--audio/--no-audio", help="Fetch the audio track too."),
     json_out: Path | None = typer.Option(None, "--json", help="Save the full report as JSON."),
+    admin_token: str | None = typer.Option(
+        None,
+        "--admin-token",
+        envvar="STREAMPLANE_ADMIN_TOKEN",
+        help="The control plane's admin token: report its QoS aggregates of the run too.",
+    ),
 ) -> None:
     """Run N headless viewers against a control plane and its edges: QoE and edge load."""
     from streamplane.player import PlayerError, SwarmConfig, report_tables, run_swarm_live
@@ -857,7 +911,7 @@ def swarm(
         sources=tuple(source),
     )
     try:
-        report = run_swarm_live(config, console)
+        report = run_swarm_live(config, console, admin_token)
     except SwarmError as exc:
         raise _error(str(exc), 1) from None
     except PlayerError as exc:

@@ -55,6 +55,7 @@ __all__ = [
     "RealtimeSettings",
     "Settings",
     "SettingsError",
+    "TelemetrySettings",
     "TokenSettings",
     "load_settings",
 ]
@@ -276,6 +277,50 @@ class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
         return self.public_url.rstrip("/") or f"ws://{self.host}:{self.port}"
 
 
+class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Player heartbeats: the stream they go into, admission, the write-behind consumer
+    (docs/telemetry.md)."""
+
+    engine: Literal["embedded", "nats"] = "embedded"
+    stream_dir: str = ""  # embedded: where the stream lives; empty: beside a SQLite store,
+    # else ./telemetry-stream
+    nats_url: str = "nats://127.0.0.1:4222"
+    stream_name: str = "TELEMETRY"  # the JetStream stream (its subjects: <name>.<partition>)
+    partitions: int = 8  # fixed once the stream exists
+    max_age_s: float = 7 * 86400.0  # JetStream keeps batches this long, written or not
+    device_rate: float = 2.0  # heartbeat requests a second one device may send...
+    device_burst: float = 10.0  # ... and in one burst
+    global_rate: float = 50_000.0  # requests a second this process takes from all players...
+    global_burst: float = 100_000.0
+    consumer_batches: int = 1024  # batches written in one store transaction, at most
+    ack_wait_s: float = 30.0  # a batch taken and not written by then is handed out again
+    screen_touch_s: float = 15.0  # a session's last_seen is written at most this often
+    # A lean listener for POST /v1/heartbeat alone (docs/telemetry.md); 0: none, heartbeats
+    # go to the control plane's own port. Players are sent to ingest_url (empty: host:port).
+    ingest_port: int = 0
+    ingest_host: str = "127.0.0.1"
+    ingest_url: str = ""
+    # true: `streamplane ingest` takes heartbeats in a process of its own (its own core; needs
+    # ingest_port and control.jwt_secret); the control plane then runs no stream itself
+    ingest_process: bool = False
+    # Quality of experience (docs/telemetry.md#quality-of-experience): rows per qos_bucket_s
+    # (a minute; it must divide an hour) and per hour, kept this long; steering's judgement.
+    qos_bucket_s: int = 60
+    qos_lateness_s: float = 600.0  # events older than their arrival by more are moved up
+    qos_minutes_kept_s: float = 2 * 86400.0
+    qos_hours_kept_s: float = 90 * 86400.0
+    qos_judge_every_s: float = 10.0
+    qos_window_s: int = 180  # the rows steering compares: those of the last window
+    qos_min_watch_s: float = 60.0  # an edge and its peers need this much watching in a network
+    qos_floor: float = 0.02  # a rebuffer ratio below this never demotes
+    qos_factor: float = 3.0  # demoted at this many times the peers' rebuffer ratio...
+    qos_recover_factor: float = 1.5  # ... recovered at this many times
+    qos_hold_s: float = 120.0  # a demotion without fresh evidence lasts this long
+    # batches per QoS write: its rows grow with the keys a round touches, not its events, so
+    # larger rounds than the write-behind's (bench/qos.py: 1024 -> 8192, 3x the events/s)
+    qos_consumer_batches: int = 8192
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Every plane's settings; each plane reads its own section."""
 
@@ -283,6 +328,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     control: ControlSettings = msgspec.field(default_factory=ControlSettings)
     edge: EdgeSettings = msgspec.field(default_factory=EdgeSettings)
     realtime: RealtimeSettings = msgspec.field(default_factory=RealtimeSettings)
+    telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
 
 
 # Settings that were removed, and what replaces them: named, not "unknown field".
@@ -307,6 +353,7 @@ _SECTIONS: Final[Mapping[str, type[msgspec.Struct]]] = {
     "control": ControlSettings,
     "edge": EdgeSettings,
     "realtime": RealtimeSettings,
+    "telemetry": TelemetrySettings,
 }
 
 

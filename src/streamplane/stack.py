@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -61,8 +62,30 @@ class StackError(RuntimeError):
     """A process of the stack did not start or answer; the message holds its log's tail."""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    """A port free on every address, chosen below the kernel's ephemeral range.
+
+    A port the kernel hands out (bind to 0) is one it also hands out as the source port of
+    outgoing connections, and a stack's many clients (database, Redis, browsers, viewers) took
+    such a port between this check and the server's bind often enough to fail a test in ten.
+    """
+    top = min(_ephemeral_start(), 65536) - 1
+    for _ in range(200):
+        port = random.randint(min(10_000, top - 1000), top)
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, kind) as s:  # a crowded range: take the kernel's
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
@@ -113,6 +136,7 @@ class LocalStack:
         slow_start_s: float = 0.0,
         control_settings: Mapping[str, Any] | None = None,
         gateway_port: int | None = None,
+        telemetry_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not 1 <= edges <= len(_SITES):
             raise StackError(f"a local stack runs 1 to {len(_SITES)} edges, not {edges}")
@@ -124,6 +148,12 @@ class LocalStack:
         self.edge_ports = list(edge_ports or [free_port() for _ in range(edges)])
         self.slow_start_s = slow_start_s
         self.control_settings = dict(control_settings or {})  # [control] keys to override
+        # [telemetry]: the embedded stream in the work directory unless told otherwise
+        self.telemetry_settings = {
+            "engine": "embedded",
+            "stream_dir": str(self.work / "telemetry"),
+            **(telemetry_settings or {}),
+        }
         self.key_hex = secrets.token_hex(32)
         self.gateway_port = gateway_port or free_port()
         self.realtime_key_hex = secrets.token_hex(32)  # shared by the control plane and gateway
@@ -259,6 +289,8 @@ class LocalStack:
             lines += [f'base_url = "{self.edge_url(index)}"', f'site = "{_SITES[index][0]}"']
         lines += ["", "[realtime]", f'token_key = "{self.realtime_key_hex}"']
         lines += [f"port = {self.gateway_port}"]
+        lines += ["", "[telemetry]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.telemetry_settings.items()]
         path = self.work / "settings.toml"
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)  # every edge's key

@@ -31,7 +31,14 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from streamplane.config import ControlSettings, EdgeRegistration, Plan, Settings, TokenSettings
+from streamplane.config import (
+    ControlSettings,
+    EdgeRegistration,
+    Plan,
+    Settings,
+    TelemetrySettings,
+    TokenSettings,
+)
 from streamplane.control import create_app
 from streamplane.edge import HeartbeatSigner, edge_key
 from streamplane.media.title import Rung, Title, encode_title
@@ -205,6 +212,12 @@ class Control:
     _accounts: int = field(default=0)
     signers: dict[str, HeartbeatSigner] = field(default_factory=dict)
 
+    async def settled(self) -> None:
+        """Wait until every heartbeat taken so far is written to the store."""
+        consumer = self.app.state.plane.heartbeats.consumer
+        if consumer is not None:
+            await consumer.settle()
+
     async def account(self, plan: str = "standard") -> dict[str, str]:
         """Sign up and log in; the Authorization header of the new account."""
         self._accounts += 1
@@ -262,12 +275,17 @@ class Control:
         return r
 
     async def play(self, auth: dict[str, str], title: str, device: str = "tv") -> httpx.Response:
+        # Heartbeats are written behind, within milliseconds; a test's next start comes
+        # sooner than that, so it waits for them as a real start would have.
+        await self.settled()
         return await self.client.post(
             "/v1/playback", json={"title": title, "device": device}, headers=auth
         )
 
 
-def control_settings(db: Db, catalog: Path, **control: Any) -> Settings:
+def control_settings(
+    db: Db, catalog: Path, telemetry: dict[str, Any] | None = None, **control: Any
+) -> Settings:
     defaults: dict[str, Any] = {
         "database_url": db.url,
         "database_schema": db.schema,
@@ -296,6 +314,11 @@ def control_settings(db: Db, catalog: Path, **control: Any) -> Settings:
     return Settings(
         tokens=TokenSettings(keys={KEY_ID: KEY_HEX}, signing_kid=KEY_ID, ttl_s=3600),
         control=ControlSettings(**defaults),
+        # each control plane's own stream (beside its catalog): an embedded stream serves one
+        # process, and some tests run two instances side by side
+        telemetry=TelemetrySettings(
+            **{"stream_dir": f"{catalog}-telemetry-{uuid.uuid4().hex[:8]}", **(telemetry or {})}
+        ),
     )
 
 
@@ -307,10 +330,11 @@ async def running(
     clock: Clock | None = None,
     *,
     monotonic: Clock | None = None,
+    telemetry: dict[str, Any] | None = None,
     **control: Any,
 ) -> AsyncIterator[Control]:
     """Start a control plane (lifespan included) on ``db``; stop it on exit."""
-    settings = control_settings(db, catalog, **control)
+    settings = control_settings(db, catalog, telemetry, **control)
     clock = clock or Clock()
     app = create_app(
         settings,

@@ -8,6 +8,7 @@ plane under a real uvicorn server, so that what a client sees on the wire is che
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from streamplane.control import create_app
 from streamplane.edge import HeartbeatSigner, edge_key
@@ -104,8 +107,16 @@ def test_postgresql_stopped_is_503_and_healthz_says_so_then_it_recovers(
         private_pg.stop()
         for what, method, path, json in _requests(token, hb_token, session):
             t0 = time.monotonic()
-            _assert_unavailable(_send(client, method, path, json), what)
+            r = _send(client, method, path, json)
+            if what == "heartbeat":
+                # taken into the telemetry stream: it waits there for the store
+                assert r.status_code == 200, r.text
+                continue
+            _assert_unavailable(r, what)
             assert time.monotonic() - t0 < 5, f"{what}: a dead store must fail fast"
+        during = {"session_id": session, "events": [{"at": time.time(), "position_s": 42.0}]}
+        r = _send(client, "POST", f"/v1/heartbeat#{hb_token}", during)
+        assert r.status_code == 200 and r.json()["resume_position_s"] == 42.0, r.text
         # many at once, on fresh connections: every one a JSON 503, none reset
         with httpx.Client(base_url=base, timeout=10) as other:
             for r in [_send(other, "GET", f"/v1/account#{token}", None) for _ in range(20)]:
@@ -127,6 +138,21 @@ def test_postgresql_stopped_is_503_and_healthz_says_so_then_it_recovers(
         for what, method, path, json in _requests(token, hb_token, session):
             r = _send(client, method, path, json)
             assert r.status_code in (200, 201), (what, r.text)
+        # the heartbeat taken during the outage reached the store once it came back
+        deadline = time.monotonic() + 10
+        while asyncio.run(_stored_positions(private_pg.url)) != [42.0]:
+            assert time.monotonic() < deadline, "the heartbeat of the outage was not written"
+            time.sleep(0.05)
+
+
+async def _stored_positions(url: str) -> list[float]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(text("SELECT position_s FROM resume"))
+            return [float(r[0]) for r in rows]
+    finally:
+        await engine.dispose()
 
 
 async def test_sqlite_file_removed_is_503_not_writes_into_the_removed_file(

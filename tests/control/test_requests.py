@@ -46,11 +46,8 @@ async def test_text_with_a_nul_character_is_422_naming_the_field(control: Contro
         ("/v1/accounts", {"email": f"a{nul}@b.co", "password": "correct horse"}, "body.email"),
         ("/v1/auth/login", {"email": f"a{nul}@b.co", "password": "x"}, "body.email"),
         ("/v1/playback", {"title": "t", "device": f"tv{nul}"}, "body.device"),
-        (
-            "/v1/heartbeat",
-            {"session_id": "s", "events": [{"at": 1.0, "position_s": 2.0, "kind": nul}]},
-            "body.events.0.kind",
-        ),
+        # (a NUL in one event refuses that event only: tests/telemetry/test_events.py)
+        ("/v1/heartbeat", {"session_id": f"s{nul}", "events": []}, "$.session_id"),
     ]
     for path, body, field_name in refused:
         r = await control.client.post(path, json=body, headers=auth)

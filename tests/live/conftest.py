@@ -14,13 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from streamplane.stack import free_port
+
 KEY = "test-stream-key-1"
-
-
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:

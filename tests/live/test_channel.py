@@ -147,7 +147,9 @@ def test_a_channel_goes_live_blocks_reloads_survives_a_lost_feed_and_slides_its_
     assert sum(s.duration for s in _segments(late)) >= 4.0
 
     # Stopping ends the playlists and leaves no encoder behind.
-    encoders = _children(channel.process.pid)
+    # The encoder is between runs for a moment after the feed ends: wait until it is up.
+    encoders = wait_for(lambda: _children(channel.process.pid), 15, "the channel's encoder")
+    assert isinstance(encoders, set)
     channel.process.send_signal(signal.SIGTERM)
     assert channel.process.wait(15) == 0
     ended = m3u8.loads((channel.root / "ch1" / "v240" / "index.m3u8").read_text())

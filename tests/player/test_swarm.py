@@ -277,7 +277,9 @@ async def test_a_swarm_of_200_viewers(stack: LocalStack, tiny_package: Path) -> 
         account_concurrency=8,
     )
     seen: list[SwarmStatus] = []
-    report = await asyncio.wait_for(run_swarm(config, seen.append), 120)
+    report = await asyncio.wait_for(
+        run_swarm(config, seen.append, admin_token=stack.admin_token), 120
+    )
     s = report.summary
     problems = {r.viewer: r.error for r in report.viewers if not r.ok}
     assert (s.finished, s.failed, s.failovers) == (200, 0, 0), problems
@@ -311,6 +313,18 @@ async def test_a_swarm_of_200_viewers(stack: LocalStack, tiny_package: Path) -> 
     control = [m for r in report.viewers for m in r.error_log if "heartbeat" in m or "stop" in m]
     assert tuple(ended) == (200, 200), control  # every session started, and ended by its stop
     assert len(positions) == 50 and all(p == pytest.approx(12.0) for (p,) in positions)
+
+    # The control plane's QoS aggregates of the run, from the same heartbeats: every viewer's
+    # startup once, near the viewers' own figures (the sketch is within 1 %).
+    assert report.qos_note is None, report.qos_note
+    figures = {q.of: q for q in report.qos}
+    title = figures[f"title {tiny_package.name}"]
+    assert title.startups == 200 and title.errors == 0
+    assert s.startup_s.p10 is not None and s.startup_s.p90 is not None
+    assert title.startup_p50_s is not None
+    assert 0.99 * s.startup_s.p10 <= title.startup_p50_s <= 1.01 * s.startup_s.p90
+    assert {"edge edge-1", "edge edge-2"} <= set(figures)
+    assert sum(figures[f"edge {e}"].startups for e in ("edge-1", "edge-2")) == 200
 
     text = "".join(str(t) for t in report_tables(report))
     assert text

@@ -238,6 +238,7 @@ def rank_edges(
     routes: Mapping[str, Route],
     sites: Mapping[str, SiteInfo] | None = None,
     limit: int | None = None,
+    demoted: Mapping[str, str] | None = None,
 ) -> list[RankedEdge]:
     """Every candidate, best first, each with the reason for its place.
 
@@ -296,7 +297,9 @@ def rank_edges(
         z = ((z ^ (z >> 27)) * _M2) & _MASK64
         key = place.key | (band << _HASH_BITS) | z ^ (z >> 31)
 
-        if edge.share < 1.0:
+        if demoted and edge.edge_id in demoted:
+            key |= _DEFER_BIT
+        elif edge.share < 1.0:
             if session_key64 is None:
                 session_key64 = _key64(session_key, _SESSION)
             fraction = (_mix(session_key64 ^ _edge_key(edge.edge_id)) >> 11) * 2.0**-53
@@ -305,11 +308,16 @@ def rank_edges(
         keyed.append((key, index, place))
 
     keyed.sort()
-    return _explain(keyed, candidates, len(keyed) if limit is None else max(0, limit))
+    return _explain(
+        keyed, candidates, len(keyed) if limit is None else max(0, limit), demoted or {}
+    )
 
 
 def _explain(
-    keyed: list[tuple[int, int, _Place]], candidates: Sequence[EdgeCandidate], limit: int
+    keyed: list[tuple[int, int, _Place]],
+    candidates: Sequence[EdgeCandidate],
+    limit: int,
+    demoted: Mapping[str, str],
 ) -> list[RankedEdge]:
     n = len(keyed)
     ranked: list[RankedEdge] = []
@@ -333,7 +341,11 @@ def _explain(
                 f"; title hash puts it {position - run_start + 1} of {run_end - run_start} equals"
             )
         deferred = bool(key & _DEFER_BIT)
-        if edge.share < 1.0:
+        why = demoted.get(edge.edge_id)
+        if why is not None:
+            reason += f"; ranked after the edges not demoted: {why}"
+            deferred = False  # not by slow start
+        elif edge.share < 1.0:
             share = f"slow start at {edge.share * 100:.0f} % share"
             if deferred:
                 reason += f"; {share}: this session is outside it, so after the full-share edges"
@@ -357,6 +369,7 @@ def _explain(
                     load=edge.load,
                     site=edge.site,
                     slow_start_deferred=deferred,
+                    qos_demoted=why is not None,
                 )
             )
         else:
@@ -375,6 +388,7 @@ def _explain(
                     load=edge.load,
                     site=edge.site,
                     slow_start_deferred=deferred,
+                    qos_demoted=why is not None,
                 )
             )
     return ranked

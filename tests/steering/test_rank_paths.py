@@ -172,6 +172,13 @@ _decisions = st.lists(
         _limits,
         st.text(max_size=6),
         st.text(max_size=6),
+        # Edges demoted for this client's network by its viewers' QoS (most often none;
+        # ids past the candidates' are not candidates at all).
+        st.one_of(
+            st.just({}),
+            st.just({}),
+            st.dictionaries(st.integers(0, 420).map(lambda i: f"e{i}"), st.just("r"), max_size=30),
+        ),
     ),
     min_size=1,
     max_size=4,
@@ -194,6 +201,7 @@ def test_every_path_ranks_as_the_reference(
             int | None,
             str,
             str,
+            dict[str, str],
         ]
     ],
     prepared: bool,
@@ -201,7 +209,7 @@ def test_every_path_ranks_as_the_reference(
     ranking = _BUILDS[build]
     # One set for every decision, as the control plane keeps one per title's holders.
     grouped = ranking.CandidateSet(candidates, _SITE_INFO) if prepared else None
-    for raw_routes, at, own, limit, title, session in decisions:
+    for raw_routes, at, own, limit, title, session, demoted in decisions:
         routes = _as_routes(raw_routes)
         client = Client(address="203.0.113.9")
         location = at
@@ -216,6 +224,7 @@ def test_every_path_ranks_as_the_reference(
             routes=routes,
             sites=_SITE_INFO,
             limit=limit,
+            demoted=demoted,
         )
         with _mode(mode, ranking):
             got = ranking.rank_edges(
@@ -227,6 +236,7 @@ def test_every_path_ranks_as_the_reference(
                 routes=routes,
                 sites=None if grouped is not None else _SITE_INFO,
                 limit=limit,
+                demoted=demoted,
             )
         assert got == want
 
@@ -369,13 +379,13 @@ def test_the_nearest_places_are_read_and_no_more() -> None:
     grouped = CandidateSet(candidates)
     here = fast._unit(0.0, 20.2)
     kms: dict[int, float] = {}
-    read = fast._nearest(grouped, here, set(), kms, 5, lambda place: 5)
+    read = fast._nearest(grouped, here, set(), kms, 5, lambda place: 5, grouped._slow)
     assert [
         fast._shared(grouped._site[p], grouped._unit[p], p, here, None, kms)[0] for _, p in read
     ] == ["no prefix of site s120 covers the client; 22 km"]
     assert len(kms) == 1  # s121, 89 km, ended the search unread
     # Needing more reads more, nearest first.
-    read = fast._nearest(grouped, here, set(), {}, 12, lambda place: 5)
+    read = fast._nearest(grouped, here, set(), {}, 12, lambda place: 5, grouped._slow)
     assert [grouped._site[p] for _, p in read] == ["s120", "s121", "s119"]
 
 

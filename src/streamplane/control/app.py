@@ -11,6 +11,7 @@ Every refusal is JSON ``{"error": code, "detail": sentence, ...facts}``.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +36,8 @@ from streamplane.control.store import StoreUnavailable
 from streamplane.edge import EdgeHeartbeat, HeartbeatReply
 from streamplane.media import Title
 from streamplane.steering import Steering, SteeringError
+from streamplane.telemetry import HeartbeatRequest
+from streamplane.telemetry.ingest import HeartbeatAnswer
 
 if TYPE_CHECKING:
     import uvicorn
@@ -118,7 +121,15 @@ def _openapi_components(app: FastAPI) -> None:
                 routes=app.routes,
             )
             _, components = msgspec.json.schema_components(
-                [Title, EdgeHeartbeat, HeartbeatReply, PlaybackOut], ref_template=SCHEMA_REF
+                [
+                    Title,
+                    EdgeHeartbeat,
+                    HeartbeatReply,
+                    PlaybackOut,
+                    HeartbeatRequest,
+                    HeartbeatAnswer,
+                ],
+                ref_template=SCHEMA_REF,
             )
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
             app.openapi_schema = schema
@@ -145,7 +156,10 @@ class ErrorResponse(JSONResponse):
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {}
+        wait = exc.extra.get("retry_after_s")
+        if isinstance(wait, int | float):  # 429, 503: how long to wait, in whole seconds
+            headers["Retry-After"] = str(max(1, math.ceil(wait)))
         return ErrorResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StoreUnavailable)

@@ -897,6 +897,10 @@ class Fleet:
         self._placement_mtime = mtime
         self.generation += 1
 
+    def knows(self, edge_id: str) -> bool:
+        """Whether ``edge_id`` is an edge of the fleet: registered, or heard from."""
+        return edge_id in self.credentials or edge_id in self._edges
+
     def edges(self) -> list[EdgeView]:
         return sorted(self._edges.values(), key=lambda e: e.edge_id)
 

@@ -18,12 +18,15 @@ from streamplane.config import Settings, SettingsError
 from streamplane.control.accounts import Accounts
 from streamplane.control.catalog import Catalog
 from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
+from streamplane.control.heartbeats import Heartbeats, open_stream
 from streamplane.control.playback import Playback
+from streamplane.control.qos import qos_service
 from streamplane.control.realtime import RealtimeIssuer
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
 from streamplane.edge import parse_networks
 from streamplane.steering import GeoLocator, RoutingTable, SiteInfo, Steering
+from streamplane.telemetry import Stream
 
 __all__ = ["Clock", "ControlPlane"]
 
@@ -90,7 +93,25 @@ class ControlPlane:
             self.accounts.session_token,
         )
         self.realtime = RealtimeIssuer(settings.realtime)
+        self.heartbeats = Heartbeats(
+            settings, self.store, self.accounts.claims, clock=clock, monotonic=monotonic
+        )
+        self.playback.heartbeat_url = self.heartbeats.url() or self.playback.heartbeat_url
+        t = settings.telemetry
+        if t.ingest_process:  # `streamplane ingest` takes them: nothing of it runs here
+            if not t.ingest_port or not c.jwt_secret:
+                raise SettingsError(
+                    "telemetry.ingest_process needs telemetry.ingest_port (where players send"
+                    " heartbeats) and control.jwt_secret (shared, so the ingest process can"
+                    " verify the control plane's tokens)"
+                )
+        else:
+            self.playback.heartbeats = self.heartbeats
         self.sources.on_sites = self._sites_reloaded
+        # -- quality of experience: aggregates from the heartbeats, fed back into steering
+        self.qos = qos_service(settings.telemetry, self.store, self.steering, clock)
+        self._qos_stream: Stream | None = None  # its own, when ingest runs elsewhere
+        self.qos.known_edge = lambda edge: edge == "origin" or self.fleet.knows(edge)
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
         self._store_check = asyncio.Lock()
@@ -125,7 +146,32 @@ class ControlPlane:
             log.info("catalog: %d titles from %s", len(titles), c.catalog_dir)
         await self.fleet.start(self.monotonic())
         await self.sources.start()
+        if not self.settings.telemetry.ingest_process:
+            await self.heartbeats.start()
+        await self.qos.start()
+        await self._consume_qos()
+
+    async def _consume_qos(self) -> None:
+        """The QoS consumer, here: it needs steering's routing table for client networks."""
+        t = self.settings.telemetry
+        stream = self.heartbeats.stream
+        if stream is None and t.ingest_process:
+            if t.engine != "nats":
+                log.warning(
+                    "qos: no aggregates: the embedded stream serves the ingest process alone;"
+                    ' with telemetry.ingest_process, set telemetry.engine = "nats"'
+                )
+                return
+            stream = self._qos_stream = await open_stream(t)
+        if stream is not None:
+            await self.qos.consume(
+                stream, max_batches=t.qos_consumer_batches, ack_wait_s=t.ack_wait_s
+            )
 
     async def stop(self) -> None:
+        await self.qos.stop()
+        if self._qos_stream is not None:
+            await self._qos_stream.close()
+        await self.heartbeats.stop()
         await self.sources.stop()
         await self.store.dispose()

@@ -15,9 +15,9 @@ after the commit, and one EdgeAuth token (its ACL is the title's path, so every 
 it) and the session's JWT are signed then. Sessions not heard from for
 ``screen_retention_s`` are deleted by a purge that starts set off once a minute.
 
-Player heartbeats keep a screen alive and record where the viewer is. The latest event by
-event time wins, so duplicates and late arrivals are harmless; a session whose screen already
-expired gets 410 (its position is still recorded) and should start playback again."""
+Player heartbeats keep a screen alive and record where the viewer is; they go through the
+telemetry stream and are written behind (``heartbeats.py``). A start tells ingest about its
+session, and takes the resume position ingest has seen if it is newer than the store's."""
 
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ from streamplane.config import ControlSettings, Plan
 from streamplane.control.catalog import TitleInfo
 from streamplane.control.errors import ApiError, not_found, unauthorised
 from streamplane.control.fleet import Fleet, candidates
+from streamplane.control.heartbeats import Heartbeats
 from streamplane.control.realtime import RealtimeInfo
 from streamplane.control.store import (
     Account,
@@ -58,7 +59,6 @@ from streamplane.control.store import (
     Script,
     Store,
     StoredText,
-    upsert,
 )
 from streamplane.edge import sign, signed_url
 from streamplane.steering import (
@@ -73,12 +73,9 @@ from streamplane.steering import (
 __all__ = [
     "Claimed",
     "EdgeOut",
-    "HeartbeatOut",
     "Playback",
     "PlaybackIn",
     "PlaybackOut",
-    "PlayerEvent",
-    "PlayerHeartbeatIn",
     "claim_screen",
     "new_session_id",
     "signed_urls",
@@ -362,27 +359,6 @@ class PlaybackOut(msgspec.Struct, kw_only=True):
     live: bool = False  # a live channel: play at the live edge, no resume
 
 
-class PlayerEvent(BaseModel):
-    at: float = Field(ge=0, le=1e11, description="when it happened, epoch seconds (player clock)")
-    position_s: float = Field(ge=0, le=_MAX_POSITION_S)
-    kind: StoredText = Field(
-        default="position",
-        max_length=32,
-        description="e.g. play, pause, seek, rebuffer, bitrate, position; 'stop' ends the session",
-    )
-
-
-class PlayerHeartbeatIn(BaseModel):
-    session_id: StoredText = Field(min_length=1, max_length=64)
-    events: list[PlayerEvent] = Field(default_factory=list, max_length=1000)
-
-
-class HeartbeatOut(BaseModel):
-    interval_s: float
-    resume_position_s: float | None
-    active: bool
-
-
 class Playback:
     def __init__(
         self,
@@ -409,7 +385,8 @@ class Playback:
         self._kid, self._key = signing_key
         self._ttl = token_ttl_s
         self._session_token = session_token
-        self._heartbeat_url = settings.base_url() + "/v1/heartbeat"
+        self.heartbeats: Heartbeats | None = None  # set by the control plane
+        self.heartbeat_url = settings.base_url() + "/v1/heartbeat"
         self._statements = _Statements(store)
         self._purge_due = -math.inf  # when a start next sets off a purge
         self._latest = -math.inf  # the latest start's clock
@@ -469,6 +446,12 @@ class Playback:
         if refusal is not None:
             raise refusal
         assert plan is not None
+        if self.heartbeats is not None:
+            if self.heartbeats.ingest is not None:
+                self.heartbeats.ingest.started(session_id, account_id, title.id, body.device, now)
+            seen = self.heartbeats.resume(account_id, title.id)
+            if seen is not None:  # ingested, perhaps not yet written
+                resume = seen.position_s
 
         ranked: Sequence[RankedEdge] = ()
         if offered:
@@ -530,7 +513,7 @@ class Playback:
             edges=edges,
             token_expires_at=expiry,
             heartbeat=HeartbeatInfo(
-                url=self._heartbeat_url,
+                url=self.heartbeat_url,
                 interval_s=self._settings.player_heartbeat_s,
                 token=self._session_token(account_id, session_id, expiry),
             ),
@@ -563,63 +546,6 @@ class Playback:
                 log.info("purged %d playback sessions heard from before %.0f", total, before)
             return total
 
-    async def heartbeat(self, account_id: str, body: PlayerHeartbeatIn, now: float) -> HeartbeatOut:
-        cutoff = now - self._settings.screen_timeout_s
-        stop = any(e.kind == "stop" for e in body.events)
-        latest = max(body.events, key=lambda e: (e.at, e.position_s)) if body.events else None
-
-        def record(conn: Connection) -> tuple[bool, float | None]:
-            screen = conn.execute(
-                select(Screen.account_id, Screen.title, Screen.last_seen, Screen.ended).where(
-                    Screen.id == body.session_id
-                )
-            ).first()
-            if screen is None or screen.account_id != account_id:
-                raise not_found(f"no playback session {body.session_id!r}", "no_session")
-            alive = not screen.ended and screen.last_seen >= cutoff
-            if alive:
-                values: dict[str, Any] = {"last_seen": now}
-                if stop:
-                    values["ended"] = True
-                conn.execute(update(Screen).where(Screen.id == body.session_id).values(**values))
-            if latest is not None:
-                conn.execute(
-                    upsert(
-                        self._store,
-                        Resume,
-                        {
-                            "account_id": account_id,
-                            "title": screen.title,
-                            "position_s": latest.position_s,
-                            "event_at": latest.at,
-                        },
-                        key=("account_id", "title"),
-                        update_columns=["position_s", "event_at"],
-                        where=Resume.event_at < latest.at,
-                    )
-                )
-            position = conn.execute(
-                select(Resume.position_s).where(
-                    Resume.account_id == account_id, Resume.title == screen.title
-                )
-            ).scalar()
-            return alive, position
-
-        alive, position = await self._store.transaction(record)
-        if not alive:
-            raise ApiError(
-                410,
-                "session_ended",
-                "this playback session has ended or timed out (its position was recorded);"
-                " start playback again",
-                resume_position_s=position,
-            )
-        return HeartbeatOut(
-            interval_s=self._settings.player_heartbeat_s,
-            resume_position_s=position,
-            active=not stop,
-        )
-
     async def stop(self, account_id: str, session_id: str) -> None:
         def end(conn: Connection) -> int:
             return conn.execute(
@@ -630,3 +556,5 @@ class Playback:
 
         if await self._store.transaction(end) == 0:
             raise not_found(f"no playback session {session_id!r}", "no_session")
+        if self.heartbeats is not None and self.heartbeats.ingest is not None:
+            self.heartbeats.ingest.ended(session_id)

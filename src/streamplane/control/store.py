@@ -61,6 +61,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     create_engine,
@@ -85,6 +86,8 @@ __all__ = [
     "Edge",
     "EdgeKey",
     "Prepared",
+    "QosMark",
+    "QosRow",
     "RefreshToken",
     "Resume",
     "Rows",
@@ -315,6 +318,42 @@ class EdgeKey(Base):
     previous_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     registered_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class QosRow(Base):
+    """One period's quality of experience for one edge, title, network or edge for a
+    network (the others empty): see ``streamplane.telemetry.qos``. Minute rows (``span``
+    60) and hour rows (3600), each hour kept equal to the roll-up of its minutes."""
+
+    __tablename__ = "qos"
+
+    start: Mapped[int] = mapped_column(BigInteger, primary_key=True)  # epoch s
+    span: Mapped[int] = mapped_column(Integer, primary_key=True)  # s
+    edge: Mapped[str] = mapped_column(String(64), primary_key=True)
+    title: Mapped[str] = mapped_column(String(128), primary_key=True)
+    network: Mapped[str] = mapped_column(String(64), primary_key=True)
+    asn: Mapped[int] = mapped_column(BigInteger)
+    viewers: Mapped[int] = mapped_column(BigInteger)
+    viewer_minutes: Mapped[int] = mapped_column(BigInteger)
+    watch_ms: Mapped[int] = mapped_column(BigInteger)
+    rebuffer_ms: Mapped[int] = mapped_column(BigInteger)
+    bitrate_ms: Mapped[int] = mapped_column(BigInteger)
+    kbit: Mapped[int] = mapped_column(BigInteger)
+    rebuffers: Mapped[int] = mapped_column(BigInteger)
+    switches: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[int] = mapped_column(BigInteger)
+    startups: Mapped[str] = mapped_column(String)  # JSON [[bucket, sessions], ...]
+
+
+class QosMark(Base):
+    """What a session has contributed to the QoS rows so far (``telemetry.qos.SessionMark``,
+    msgpack), so that a redelivered event adds nothing."""
+
+    __tablename__ = "qos_marks"
+
+    session: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_at: Mapped[float] = mapped_column(Float, index=True)  # server clock: the purge
+    mark: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 Rows = Sequence[Sequence[Any]]

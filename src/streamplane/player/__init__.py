@@ -59,6 +59,7 @@ from streamplane.player.sim import (
     simulate,
 )
 from streamplane.player.swarm import (
+    QosFigures,
     SwarmConfig,
     SwarmError,
     SwarmReport,
@@ -105,6 +106,7 @@ __all__ = [
     "PlayerError",
     "Playout",
     "Progress",
+    "QosFigures",
     "RecentRate",
     "RungInfo",
     "SimResult",

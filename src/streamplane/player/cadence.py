@@ -15,6 +15,11 @@ sends when `now_s >= next_heartbeat_s(state)`. An event after a long quiet stret
 makes the next heartbeat due at once (the previous one is older than the new short interval),
 and a burst of events sends at most one heartbeat per `urgent_s` or `event_s`.
 
+The control plane can slow a player down: a heartbeat answered 429 carries Retry-After (the
+player sets `not_before_s` that far ahead: nothing is sent before it), and any answer may
+carry `min_interval_s` (a floor under every interval, urgent ones included) while the
+telemetry ingest is under pressure. Both are obeyed until the next answer changes them.
+
 `web/static/abr.js` has the same rule (`heartbeatInterval`, `nextHeartbeatAt`), checked
 against the same vectors.
 """
@@ -39,6 +44,8 @@ class CadenceState(msgspec.Struct, frozen=True):
     phase: Phase
     last_event_s: float | None = None  # None: no event yet (the session start counts as one)
     last_heartbeat_s: float | None = None  # None: none sent yet
+    min_interval_s: float = 0.0  # the control plane's floor under the interval (0: none)
+    not_before_s: float | None = None  # the control plane said: not before then (429)
 
 
 DEFAULT_RULE = CadenceRule()
@@ -46,6 +53,10 @@ DEFAULT_RULE = CadenceRule()
 
 def heartbeat_interval(state: CadenceState, rule: CadenceRule = DEFAULT_RULE) -> float:
     """Seconds between heartbeats in this state."""
+    return max(_interval(state, rule), state.min_interval_s)
+
+
+def _interval(state: CadenceState, rule: CadenceRule) -> float:
     if state.phase != "steady":
         return rule.urgent_s
     since = state.now_s - (0.0 if state.last_event_s is None else state.last_event_s)
@@ -55,10 +66,13 @@ def heartbeat_interval(state: CadenceState, rule: CadenceRule = DEFAULT_RULE) ->
 
 
 def next_heartbeat_s(state: CadenceState, rule: CadenceRule = DEFAULT_RULE) -> float:
-    """When the next heartbeat is due (session clock); `now_s` if none was sent yet."""
+    """When the next heartbeat is due (session clock); `now_s` if none was sent yet; never
+    before `not_before_s`."""
     if state.last_heartbeat_s is None:
-        return state.now_s
-    return state.last_heartbeat_s + heartbeat_interval(state, rule)
+        due = state.now_s
+    else:
+        due = state.last_heartbeat_s + heartbeat_interval(state, rule)
+    return due if state.not_before_s is None else max(due, state.not_before_s)
 
 
 def heartbeat_due(state: CadenceState, rule: CadenceRule = DEFAULT_RULE) -> bool:

@@ -274,6 +274,7 @@ class Ledger:
         self.edge: str | None = None
         self.heartbeats_sent = 0
         self.heartbeats_ok = 0
+        self.heartbeats_throttled = 0  # answered 429: sent again later, as told
         self.acknowledged_position_s: float | None = None
         self.last_throughput_kbps: float | None = None
 

@@ -16,6 +16,12 @@ machine every viewer comes from 127.0.0.1, so every viewer gets the same first e
 this machine), so a local stack's coverage zones send them to different edges, as clients of
 different networks would be.
 
+Quality of experience is reported twice as well: from the viewers' own ledgers, and from the
+control plane's QoS aggregates (``GET /v1/qos``, which needs the admin token: ``admin_token``),
+per edge and for the title over the minutes of the run. The aggregates are built from the
+heartbeats the control plane took, so they show what it (and steering) saw; they count every
+viewer of the title in those minutes, not only the swarm's.
+
 Edge load is counted twice: by the viewers (body bytes and requests per edge) and by each
 edge's own `/metrics` (`streamplane_edge_bytes_sent_total`, `streamplane_edge_requests_total`),
 as the difference between a scrape when the swarm first meets the edge and one after the run.
@@ -56,6 +62,7 @@ if TYPE_CHECKING:
     from rich.console import Console, RenderableType
 
 __all__ = [
+    "QosFigures",
     "SwarmConfig",
     "SwarmError",
     "SwarmReport",
@@ -109,6 +116,20 @@ class SwarmStatus(msgspec.Struct, frozen=True):
     elapsed_s: float
 
 
+class QosFigures(msgspec.Struct, frozen=True):
+    """The control plane's aggregates over the run, for one edge or the title."""
+
+    of: str  # "edge <id>" or "title <id>"
+    viewers: int  # the peak of any one period
+    startups: int
+    startup_p50_s: float | None
+    startup_p95_s: float | None
+    rebuffer_ratio: float | None
+    mean_bitrate_kbps: float | None
+    switches: int
+    errors: int
+
+
 class SwarmReport(msgspec.Struct, frozen=True):
     config: SwarmConfig
     accounts: int
@@ -119,6 +140,8 @@ class SwarmReport(msgspec.Struct, frozen=True):
     summary: SwarmSummary
     edges: list[EdgeLoad]
     viewers: list[ViewerResult]
+    qos: list[QosFigures] = []  # from the control plane's aggregates
+    qos_note: str | None = None  # why there are none
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -294,8 +317,11 @@ async def run_swarm(
     config: SwarmConfig,
     on_status: Callable[[SwarmStatus], None] | None = None,
     status_every_s: float = 0.25,
+    *,
+    admin_token: str | None = None,
 ) -> SwarmReport:
-    """Run the swarm to the end (every viewer finished or failed) and report."""
+    """Run the swarm to the end (every viewer finished or failed) and report; with the
+    control plane's ``admin_token``, its QoS aggregates over the run too."""
     _check(config)
     c = config
     traces = load_traces(c.traces, c.viewers, c.seed) if c.traces else []
@@ -389,7 +415,12 @@ async def run_swarm(
         finals = {e: await edges.scrape(url) for e, url in edges.base_urls.items()}
         done = [r for r in results if r is not None]
         loads = _edge_loads(done, edges.base_urls, viewers, edges.baseline, finals)
+        qos, qos_note = await _aggregates(
+            first, c, admin_token, sorted(edges.base_urls), started_at, time.time()
+        )
         return SwarmReport(
+            qos=qos,
+            qos_note=qos_note,
             config=c,
             accounts=len(accounts.made),
             started_at=started_at,
@@ -404,6 +435,48 @@ async def run_swarm(
         for pools in clients:
             for client in pools:
                 await client.aclose()
+
+
+async def _aggregates(
+    client: httpx.AsyncClient,
+    c: SwarmConfig,
+    admin_token: str | None,
+    edge_ids: Sequence[str],
+    since: float,
+    until: float,
+) -> tuple[list[QosFigures], str | None]:
+    """The control plane's QoS over [since, until] for the title and each edge seen."""
+    if not admin_token:
+        return [], "not read: give the control plane's admin token (--admin-token)"
+    out: list[QosFigures] = []
+    url = c.control_url.rstrip("/") + "/v1/qos"
+    for of, params in [
+        (f"title {c.title}", {"title": c.title}),
+        *((f"edge {e}", {"edge": e}) for e in edge_ids),
+    ]:
+        try:
+            r = await client.get(
+                url,
+                params={**params, "since": since, "until": until + 1},
+                headers={"authorization": f"Bearer {admin_token}"},
+            )
+        except httpx.HTTPError as exc:
+            return out, f"GET /v1/qos failed: {_why_http(exc)}"
+        if r.status_code != 200:
+            return out, f"GET /v1/qos answered {r.status_code}: {r.text[:200]}"
+        total = r.json().get("total")
+        if total:
+            out.append(
+                QosFigures(
+                    of=of,
+                    **{f: total.get(f) for f in QosFigures.__struct_fields__ if f != "of"},
+                )
+            )
+    return out, None if out else "the control plane has no aggregates for the run yet"
+
+
+def _why_http(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _edge_loads(
@@ -451,7 +524,9 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def run_swarm_live(config: SwarmConfig, console: Console) -> SwarmReport:
+def run_swarm_live(
+    config: SwarmConfig, console: Console, admin_token: str | None = None
+) -> SwarmReport:
     """`run_swarm` with a live progress line on `console`."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -477,7 +552,7 @@ def run_swarm_live(config: SwarmConfig, console: Console) -> SwarmReport:
                 ),
             )
 
-        return asyncio.run(run_swarm(config, show))
+        return asyncio.run(run_swarm(config, show, admin_token=admin_token))
 
 
 def report_tables(report: SwarmReport) -> list[RenderableType]:
@@ -562,6 +637,29 @@ def report_tables(report: SwarmReport) -> list[RenderableType]:
             f"{e.metrics_requests:,}" if e.metrics_requests is not None else "-",
         )
     out.append(load)
+    qos = Table(
+        title="quality of experience as the control plane aggregated it (every viewer in"
+        " the run's minutes)"
+    )
+    for col in ("of", "peak viewers", "startups", "startup p50 / p95 s", "rebuffer %"):
+        qos.add_column(col, justify="left" if col == "of" else "right", no_wrap=col == "of")
+    for col in ("avg bitrate kbps", "switches", "errors"):
+        qos.add_column(col, justify="right")
+    for q in report.qos:
+        qos.add_row(
+            q.of,
+            str(q.viewers),
+            str(q.startups),
+            f"{num(q.startup_p50_s, '.2f')} / {num(q.startup_p95_s, '.2f')}",
+            num(None if q.rebuffer_ratio is None else 100 * q.rebuffer_ratio, ".2f"),
+            num(q.mean_bitrate_kbps, ",.0f"),
+            str(q.switches),
+            str(q.errors),
+        )
+    if report.qos:
+        out.append(qos)
+    if report.qos_note:
+        out.append(Text(f"control plane QoS aggregates: {report.qos_note}", style="yellow"))
     if report.loop_lag_p99_s > LAG_WARNING_S:
         out.append(
             Text(

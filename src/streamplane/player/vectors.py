@@ -340,6 +340,24 @@ def _hand_cadence() -> list[tuple[str, CadenceState, float, float]]:
             152.0,
         ),
         ("none sent yet: due now", CadenceState(3.0, "steady", 0.0, None), 2.0, 3.0),
+        (
+            "the control plane's floor holds even while starting",
+            CadenceState(10.5, "startup", None, 10.0, min_interval_s=45.0),
+            45.0,
+            55.0,
+        ),
+        (
+            "a 429 said not before 40: not before 40",
+            CadenceState(30.0, "steady", 28.0, 29.0, not_before_s=40.0),
+            2.0,
+            40.0,
+        ),
+        (
+            "a Retry-After already past changes nothing",
+            CadenceState(30.0, "steady", 28.0, 29.0, not_before_s=20.0),
+            2.0,
+            31.0,
+        ),
     ]
 
 

@@ -135,6 +135,26 @@ def _refusal(r: httpx.Response) -> str:
         return f"{r.status_code}: {r.text[:200]}"
 
 
+def _json_object(r: httpx.Response) -> dict[str, Any]:
+    try:
+        body = r.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _retry_after(r: httpx.Response, default_s: float = 1.0) -> float:
+    """Seconds a 429 or 503 says to wait: Retry-After (seconds), else the body's figure."""
+    for value in (r.headers.get("retry-after"), _json_object(r).get("retry_after_s")):
+        try:
+            wait = float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(wait) and wait >= 0:
+            return min(wait, 600.0)
+    return default_s
+
+
 class _EdgeFailed(Exception):
     pass
 
@@ -183,6 +203,8 @@ class Viewer:
         self._t0 = 0.0
         self._last_event_wall: float | None = None
         self._last_heartbeat_wall: float | None = None
+        self._min_interval_s = 0.0  # the control plane's floor under the cadence
+        self._not_before_wall: float | None = None  # its 429 said: not before then
         self._downloads: list[Download] = []
         self._session_over = False
         self._announced = False
@@ -242,8 +264,17 @@ class Viewer:
             return False
         if r.status_code == 200:
             self.ledger.heartbeats_ok += 1
-            self.ledger.acknowledged_position_s = r.json().get("resume_position_s")
+            answer = r.json()
+            self.ledger.acknowledged_position_s = answer.get("resume_position_s")
+            self._min_interval_s = float(answer.get("min_interval_s") or 0.0)
             return True
+        if r.status_code == 429:  # slowed down, not refused: keep the events, wait as told
+            self.ledger.heartbeats_throttled += 1
+            self._pending = events[:-1] + self._pending
+            self._not_before_wall = self.wall() + _retry_after(r)
+            body = _json_object(r)
+            self._min_interval_s = float(body.get("interval_s") or self._min_interval_s)
+            return False
         self.ledger.error("control", f"heartbeat refused: {_refusal(r)}")
         if r.status_code == 410:
             self._session_over = True
@@ -274,6 +305,8 @@ class Viewer:
                 phase=self.playout.phase,
                 last_event_s=self._last_event_wall,
                 last_heartbeat_s=self._last_heartbeat_wall,
+                min_interval_s=self._min_interval_s,
+                not_before_s=self._not_before_wall,
             )
             due = next_heartbeat_s(state)
             if due <= state.now_s:

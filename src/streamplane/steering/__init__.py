@@ -46,6 +46,7 @@ from streamplane.steering.model import (
     Route,
     RouteChange,
     SiteInfo,
+    client_network,
     normalise_prefix,
 )
 from streamplane.steering.rank import (
@@ -94,6 +95,7 @@ __all__ = [
     "bgp_metrics",
     "bundled_database",
     "clean_stale_workdirs",
+    "client_network",
     "distance_km",
     "exabgp_config",
     "find_exabgp",

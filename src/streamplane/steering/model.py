@@ -116,6 +116,7 @@ class RankedEdge(msgspec.Struct, frozen=True, kw_only=True):
     load: float
     site: str = ""
     slow_start_deferred: bool = False  # moved after the full-share edges for this session
+    qos_demoted: bool = False  # moved after them: its viewers in this network rebuffer far more
 
 
 @lru_cache(maxsize=4096)
@@ -181,3 +182,30 @@ class RouteChange(msgspec.Struct, frozen=True, kw_only=True):
     route: Route | None = None
     session: Literal["up", "down"] | None = None
     reason: str | None = None  # why a session went down, as the speaker says it
+
+
+# A client no route covers is put in its /24 (IPv4) or /48 (IPv6): the blocks an ISP
+# assigns and announces, so its viewers still share a network with their neighbours.
+_UNROUTED_V4: Final = 24
+_UNROUTED_V6: Final = 48
+
+
+def client_network(address: str, routes: dict[str, Route] | None) -> tuple[str, int]:
+    """The network a client is in, as steering sees it: ``(prefix, origin AS)``.
+
+    The prefix is the longest of ``routes`` (each site's longest route covering the
+    client, ``RoutingTable.lookup``), the announcement meant for that client, and the AS
+    the last of its path (the network that originated it; 0 when the route has no path: a
+    czmap route, or the peer's own). A client no route covers is in its /24 or /48 with AS 0.
+    Raises PrefixError for an address that is not an IP address.
+    """
+    if routes:
+        best = max(routes.values(), key=lambda r: (r.prefix_len, r.prefix))
+        return best.prefix, best.as_path[-1] if best.as_path else 0
+    text = address[7:] if address[:7].lower() == "::ffff:" and "." in address else address
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise PrefixError(f"bad client address {address!r}: not an IPv4 or IPv6 address") from None
+    length = _UNROUTED_V4 if ip.version == 4 else _UNROUTED_V6
+    return str(ipaddress.ip_network(f"{ip}/{length}", strict=False)), 0

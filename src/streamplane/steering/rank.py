@@ -37,6 +37,13 @@ Sites without a prefix for the client come after those with one, ordered by dist
 whose distance cannot be known (no client location, or a site without coordinates) come
 after those, ordered by load and hash: "any healthy edge".
 
+Quality of experience. A candidate in ``demoted`` (edge id -> why: its viewers in the
+client's network rebuffer far more than other edges' viewers there, judged by
+``telemetry.qos.judge_edges``) is moved after every edge not moved, as slow start moves the
+sessions outside an edge's share, and its reason says why. It stays in the list, a last
+resort before the origin. The control plane decides which edges, per client network; the
+ranking only takes the answer.
+
 Slow start. A candidate with ``share < 1`` (an edge back from a failure, ramping up) keeps
 its place for the fraction ``share`` of sessions and is moved after every full-share edge
 for the others. Which sessions is a hash of (session key, edge id), so a session keeps its
@@ -466,6 +473,7 @@ class CandidateSet:
         "_members",
         "_more",
         "_placeless",
+        "_position",
         "_scored",
         "_site",
         "_slow",
@@ -511,6 +519,7 @@ class CandidateSet:
         self._load_text: dict[int, str] = {}  # edge -> its "; load N %", once returned
         # (title, its key, each edge's rendezvous score for it or -1): the last title ranked
         self._scored: tuple[str, int, list[int]] | None = None
+        self._position: dict[str, int] | None = None  # edge id -> index, on first demotion
 
     def __len__(self) -> int:
         return len(self._edges)
@@ -574,6 +583,19 @@ class CandidateSet:
             self._band_order = order
         return order
 
+    def _demoted_at(self, demoted: Mapping[str, str]) -> dict[int, list[int]]:
+        """place -> its edges in ``demoted`` (by index)."""
+        position = self._position
+        if position is None:
+            position = self._position = {edge_id: i for i, edge_id in enumerate(self._ids)}
+        place_of = self._layout.place_of()
+        out: dict[int, list[int]] = {}
+        for edge_id in demoted:
+            i = position.get(edge_id)
+            if i is not None:
+                out.setdefault(place_of[i], []).append(i)
+        return out
+
     def _place_by_sites(self) -> None:
         """Places whose edges report no usable point take their site's, from ``sites``."""
         unit_of = list(self._unit)
@@ -614,6 +636,7 @@ def rank_edges(
     routes: Mapping[str, Route],
     sites: Mapping[str, SiteInfo] | None = None,
     limit: int | None = None,
+    demoted: Mapping[str, str] | None = None,
 ) -> list[RankedEdge]:
     """Every candidate, best first, each with the reason for its place.
 
@@ -628,7 +651,8 @@ def rank_edges(
     (built once for many decisions; it carries its own ``sites``, so ``sites`` is then not
     passed) or any sequence, grouped afresh for this call with the same result. Raises
     ValueError if two candidates share an edge id (the order could then depend on the
-    input's order).
+    input's order). ``demoted`` (edge id -> why) moves those edges after the others (see
+    "Quality of experience" in the module's docstring).
     """
     grouped: CandidateSet | None = None
     listed: tuple[EdgeCandidate, ...] = ()
@@ -652,9 +676,11 @@ def rank_edges(
         here = _point_unit(client.lat, client.lon)
     if here is None and client_location is not None:
         here = _point_unit(*client_location)
+    if not demoted:
+        demoted = None
     if grouped is None:
-        return _rank_direct(listed, sites or {}, here, routes, title, session_key, want)
-    return _rank(grouped, here, routes, title, session_key, want)
+        return _rank_direct(listed, sites or {}, here, routes, title, session_key, want, demoted)
+    return _rank(grouped, here, routes, title, session_key, want, demoted)
 
 
 def _rank_direct(
@@ -665,6 +691,7 @@ def _rank_direct(
     title: str,
     session_key: str,
     want: int,
+    demoted: Mapping[str, str] | None,
 ) -> list[RankedEdge]:
     """``_rank`` for a short list: every edge keyed in one pass (each place's tier once)
     and sorted, which for a handful of edges costs less than grouping them first."""
@@ -695,14 +722,16 @@ def _rank_direct(
             tier_of.append(_tier(routes.get(site) if routes else None, dist) << _LOAD_BITS)
         tied = tier_of[place]
         key = edge_keys[edge.edge_id]
-        if edge.share < 1.0:
+        if demoted is not None and edge.edge_id in demoted:
+            tied |= _TIER_DEFER << _LOAD_BITS
+        elif edge.share < 1.0:
             if session64 < 0:
                 session64 = _key64(session_key, _SESSION)
             if not (_mix(session64 ^ key) >> 11) * 2.0**-53 < edge.share:
                 tied |= _TIER_DEFER << _LOAD_BITS
         keyed.append((tied | load_band(edge.load), _mix(title64 ^ key), i, place))
     keyed.sort()
-    return _explain(keyed, want, edges, site_of, unit_of, {}, here, routes, kms)
+    return _explain(keyed, want, edges, site_of, unit_of, {}, here, routes, kms, demoted)
 
 
 def _rank(
@@ -712,9 +741,18 @@ def _rank(
     title: str,
     session_key: str,
     want: int,
+    demoted: Mapping[str, str] | None,
 ) -> list[RankedEdge]:
     """The best ``want`` (>= 1) of ``grouped`` for a client at ``here``, explained."""
     count, slow, unit_of = grouped._count, grouped._slow, grouped._unit
+    if demoted is not None:
+        # Demoted edges are deferred like slow-start edges outside their share: every rule
+        # below that counts a place's full-share edges counts them out.
+        at = grouped._demoted_at(demoted)
+        if at:
+            slow = dict(slow)
+            for place, members in at.items():
+                slow[place] = sorted({*slow.get(place, ()), *members})
     edges, ids = grouped._edges, grouped._ids
     kms: dict[int, float] = {}  # place -> exact km, for every place whose distance was needed
     deferred: set[int] = set()  # edges moved after the full-share ones for this session
@@ -730,6 +768,10 @@ def _rank(
             session64[0] = _key64(session_key, _SESSION)
         left = count[place]
         for i in slow[place]:
+            if demoted is not None and ids[i] in demoted:
+                deferred.add(i)
+                left -= 1
+                continue
             fraction = (_mix(session64[0] ^ _EDGE_KEYS[ids[i]]) >> 11) * 2.0**-53
             if not fraction < edges[i].share:  # a NaN share admits nobody
                 deferred.add(i)
@@ -760,7 +802,7 @@ def _rank(
         tiers.sort()
     # 2. The other located places, nearest first (groups never tie: 1 ranks before 2).
     if held < want and here is not None:
-        tiers += _nearest(grouped, here, matched, kms, want - held, full_share)
+        tiers += _nearest(grouped, here, matched, kms, want - held, full_share, slow)
     # Places in rank order, until they hold ``want`` full-share edges and the next one
     # ranks strictly after the last taken: every edge that can be among the first ``want``
     # (or tie with one of them up to the title hash) is then at a place taken.
@@ -842,6 +884,7 @@ def _rank(
         here,
         routes,
         kms,
+        demoted,
     )
 
 
@@ -852,6 +895,7 @@ def _nearest(
     kms: dict[int, float],
     need: int,
     full_share: Callable[[int], int],
+    slow: Mapping[int, list[int]],
 ) -> list[tuple[int, int]]:
     """The located places not in ``matched`` that can hold the nearest ``need`` full-share
     edges, with their tiers, nearest first: every place within whole-km reach of them.
@@ -871,7 +915,7 @@ def _nearest(
             for ux, uy, uz in units
         ]
         order = sorted(range(len(chords)), key=chords.__getitem__)
-    count, slow = grouped._count, grouped._slow
+    count = grouped._count
     asin, sqrt = math.asin, math.sqrt
     near: list[tuple[int, int]] = []
     held, reach, bound = 0, 0, math.inf
@@ -1072,6 +1116,7 @@ def _explain(
     here: tuple[float, float, float] | None,
     routes: Mapping[str, Route],
     kms: Mapping[int, float],
+    demoted: Mapping[str, str] | None = None,
 ) -> list[RankedEdge]:
     """The first ``want`` of ``keyed`` (sorted (tier and band, hash, index, place), holding
     every edge tied with any of them, so that runs are counted whole) as RankedEdges;
@@ -1110,7 +1155,10 @@ def _explain(
             reason = text + load
             if size > 1:
                 reason += f"; title hash puts it {position - start + 1} of {size} equals"
-            if edge.share < 1.0:
+            qos = demoted.get(edge.edge_id) if demoted is not None else None
+            if qos is not None:
+                reason += f"; ranked after the edges not demoted: {qos}"
+            elif edge.share < 1.0:
                 share = f"slow start at {edge.share * 100:.0f} % share"
                 if deferred:
                     reason += (
@@ -1132,7 +1180,8 @@ def _explain(
                     distance_km=rounded,
                     load=cast(Any, edge).load,  # the very float reported: see below
                     site=edge.site,
-                    slow_start_deferred=deferred,
+                    slow_start_deferred=deferred and qos is None,
+                    qos_demoted=qos is not None,
                 )
             )
         start = end

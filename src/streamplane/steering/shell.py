@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Final
 
-from streamplane.steering.errors import AddressError
+from streamplane.steering.errors import AddressError, PrefixError
 from streamplane.steering.geo import GeoLocator
-from streamplane.steering.model import Client, EdgeCandidate, RankedEdge, Route, SiteInfo
+from streamplane.steering.model import (
+    Client,
+    EdgeCandidate,
+    RankedEdge,
+    Route,
+    SiteInfo,
+    client_network,
+)
 from streamplane.steering.rank import CandidateSet, rank_edges
 from streamplane.steering.rib import RoutingTable
 
@@ -25,7 +33,10 @@ class Steering:
     ``sites`` (e.g. the cache groups of a czmap) gives coordinates to edges that report
     none; assign ``steering.sites`` to update them. Candidates that serve many decisions
     (a title's holders, until the fleet changes) are best grouped once with ``prepare``.
-    Thread-safe as the table is.
+    ``demoted`` maps a client network's prefix (``network``) to the edges its viewers
+    rebuffer on far more than on their peers, each with why; the control plane assigns it
+    whole from the QoS aggregates, and the ranking moves those edges after the others for
+    clients in that network. Thread-safe as the table is.
     """
 
     def __init__(
@@ -38,6 +49,16 @@ class Steering:
         self.table = table
         self.geo = geo
         self.sites: Mapping[str, SiteInfo] = dict(sites) if sites else {}
+        self.demoted: Mapping[str, Mapping[str, str]] = {}
+
+    def network(self, address: str) -> tuple[str, int]:
+        """The client network of ``address``: (prefix, origin AS), as QoS aggregates and
+        demotions key it (``client_network``). Raises AddressError for a non-address."""
+        try:
+            routes = self.table.lookup(address)
+            return client_network(address, routes)
+        except PrefixError as err:
+            raise AddressError(str(err)) from None
 
     def prepare(self, candidates: Iterable[EdgeCandidate]) -> CandidateSet:
         """``candidates`` grouped by place for many decisions, with this steering's sites
@@ -68,6 +89,11 @@ class Steering:
             valid = True
         except AddressError:
             routes, valid = {}, False
+        demoted = None
+        if valid and self.demoted:
+            # (PrefixError: an address pytricia reads and ipaddress does not, "1.2.3")
+            with contextlib.suppress(PrefixError):
+                demoted = self.demoted.get(client_network(client.address, routes)[0])
         location = None
         if valid and self.geo is not None and (client.lat is None or client.lon is None):
             location = self.geo.locate(client.address)
@@ -80,4 +106,5 @@ class Steering:
             routes=routes,
             sites=None if isinstance(candidates, CandidateSet) else self.sites,
             limit=limit,
+            demoted=demoted,
         )

@@ -10,6 +10,7 @@
   ``GET /v1/fleet`` (admin); edge registrations: ``GET /v1/fleet/edges``,
   ``PUT`` / ``DELETE /v1/fleet/edges/{id}``, ``POST /v1/fleet/edges/{id}/rotate`` (admin);
   ``GET /v1/fleet/bgp`` (admin: the BGP sessions)
+- ``qos``: ``GET /v1/qos`` (admin: quality of experience per edge, title, network)
 - ``pages``: ``GET /metrics`` (admin, Prometheus), ``GET /healthz`` (each component's status),
   ``GET /watch`` (the browser player) and its assets under ``/static``
 
@@ -24,7 +25,7 @@ from typing import Final
 
 from fastapi import APIRouter, FastAPI
 
-from streamplane.control.routes import accounts, catalog, fleet, pages, playback, realtime
+from streamplane.control.routes import accounts, catalog, fleet, pages, playback, qos, realtime
 
 __all__ = ["ROUTERS", "include"]
 
@@ -34,6 +35,7 @@ ROUTERS: Final[tuple[APIRouter, ...]] = (
     playback.router,
     realtime.router,
     fleet.router,
+    qos.router,
     pages.router,
 )
 

@@ -22,8 +22,10 @@ _SEVERITY: Final = {"ok": 0, "degraded": 1, "down": 2}
 
 @router.get("/metrics", tags=["operations"], dependencies=[Depends(admin)])
 async def metrics(request: Request) -> PlainTextResponse:
-    """Prometheus text: BGP sessions and the czmap file (admin: scrape with the token)."""
-    return PlainTextResponse(plane_of(request).sources.metrics(), media_type=_PROMETHEUS)
+    """Prometheus text: BGP sessions, the czmap file, each edge's quality of experience and
+    steering's demotions (admin: scrape with the token)."""
+    plane = plane_of(request)
+    return PlainTextResponse(plane.sources.metrics() + plane.qos.metrics(), media_type=_PROMETHEUS)
 
 
 @router.get("/healthz", tags=["operations"])

@@ -5,15 +5,13 @@ from __future__ import annotations
 import msgspec
 from fastapi import APIRouter, Request, Response
 
-from streamplane.control.errors import forbidden
-from streamplane.control.playback import HeartbeatOut, PlaybackIn, PlayerHeartbeatIn
-from streamplane.control.routes.body import JsonRoute, reply_schema
+from streamplane.control.playback import PlaybackIn
+from streamplane.control.routes.body import JsonRoute, body_schema, reply_schema
 from streamplane.control.routes.catalog import known_title
 from streamplane.control.routes.deps import (
     BEARER_SECURITY,
     Creds,
     Me,
-    bearer_token,
     plane_of,
     principal_of,
 )
@@ -57,21 +55,30 @@ async def stop_playback(session_id: str, me: Me, request: Request) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/v1/heartbeat", response_model=HeartbeatOut)
-async def player_heartbeat(
-    body: PlayerHeartbeatIn, credentials: Creds, request: Request
-) -> HeartbeatOut:
-    """A player's batched events: keep the screen, record the position (latest wins).
+@router.post(
+    "/v1/heartbeat",
+    response_model=None,
+    openapi_extra=body_schema("HeartbeatRequest", reply="HeartbeatAnswer"),
+)
+async def player_heartbeat(_credentials: Creds, request: Request) -> Response:
+    """A player's batched events, appended to the telemetry stream and written behind.
 
     Authorise with the session's heartbeat token (from the playback answer) or an access
-    token of the same account. 410 if the session already ended or timed out.
+    token of the same account. The answer comes once the batch is durable in the stream; a
+    bad event is refused with its reason (``refused``) and the rest kept. 410 if the session
+    already ended or timed out (its events are still recorded); 429 with Retry-After past the
+    device's or the service's rate (wait that long; ``interval_s`` is the cadence to keep).
     """
-    plane = plane_of(request)
-    now = plane.clock()
-    claims = plane.accounts.claims(bearer_token(credentials), now)
-    if claims["typ"] == "session" and claims.get("sid") != body.session_id:
-        raise forbidden("this heartbeat token belongs to another session")
-    return await plane.playback.heartbeat(claims["sub"], body, now)
+    # the same answer as the lean listener's (telemetry.ingest_port), errors included
+    status, body, headers = await plane_of(request).heartbeats.answer(
+        request.headers.get("authorization", ""), await request.body(), _client_address(request)
+    )
+    return Response(
+        body,
+        status_code=status,
+        media_type="application/json",
+        headers={k.decode(): v.decode() for k, v in headers},
+    )
 
 
 def _client_address(request: Request) -> str:

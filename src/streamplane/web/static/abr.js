@@ -378,8 +378,16 @@ export const DEFAULT_CADENCE = Object.freeze({
   max_s: 60.0,
 });
 
-/** Seconds between heartbeats. state = {now_s, phase, last_event_s, last_heartbeat_s}. */
+/**
+ * Seconds between heartbeats. state = {now_s, phase, last_event_s, last_heartbeat_s,
+ * min_interval_s, not_before_s}: the last two are what the control plane asked for (a floor
+ * under the interval; 429's Retry-After as a session time nothing is sent before).
+ */
 export function heartbeatInterval(state, rule = DEFAULT_CADENCE) {
+  return Math.max(ruleInterval(state, rule), state.min_interval_s || 0);
+}
+
+function ruleInterval(state, rule) {
   const r = { ...DEFAULT_CADENCE, ...rule };
   if (state.phase !== "steady") return r.urgent_s;
   const lastEvent = state.last_event_s === null || state.last_event_s === undefined ? 0.0 : state.last_event_s;
@@ -390,8 +398,12 @@ export function heartbeatInterval(state, rule = DEFAULT_CADENCE) {
 
 /** When the next heartbeat is due (session clock); now_s if none was sent yet. */
 export function nextHeartbeatAt(state, rule = DEFAULT_CADENCE) {
-  if (state.last_heartbeat_s === null || state.last_heartbeat_s === undefined) return state.now_s;
-  return state.last_heartbeat_s + heartbeatInterval(state, rule);
+  const due =
+    state.last_heartbeat_s === null || state.last_heartbeat_s === undefined
+      ? state.now_s
+      : state.last_heartbeat_s + heartbeatInterval(state, rule);
+  const notBefore = state.not_before_s;
+  return notBefore === null || notBefore === undefined ? due : Math.max(due, notBefore);
 }
 
 export function heartbeatDue(state, rule = DEFAULT_CADENCE) {

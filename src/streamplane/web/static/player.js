@@ -222,6 +222,9 @@ export class StreamplanePlayer {
       abandons: 0,
       heartbeats: 0,
       heartbeatErrors: 0,
+      heartbeatsThrottled: 0,
+      minIntervalS: 0, // the control plane's floor under the cadence
+      notBeforeS: null, // its 429 said: not before then (session clock)
       heartbeatInterval: null,
       lastHeartbeatS: null,
       lastEventS: null,
@@ -644,6 +647,8 @@ export class StreamplanePlayer {
       phase: this.state.phase,
       last_event_s: this.state.lastEventS,
       last_heartbeat_s: this.state.lastHeartbeatS,
+      min_interval_s: this.state.minIntervalS,
+      not_before_s: this.state.notBeforeS,
     };
     this.state.heartbeatInterval = heartbeatInterval(cad, this.cadence);
     if (heartbeatDue(cad, this.cadence)) this.sendHeartbeat("position");
@@ -679,6 +684,17 @@ export class StreamplanePlayer {
           const reply = await r.json();
           this.state.heartbeats += 1;
           this.state.resumePositionS = reply.resume_position_s;
+          this.state.minIntervalS = reply.min_interval_s || 0;
+          return;
+        }
+        if (r.status === 429) {
+          // slowed down: wait as told (Retry-After), keep the events for the next one
+          const wait = Number(r.headers.get("retry-after"));
+          this.state.notBeforeS = this.now() + (Number.isFinite(wait) && wait >= 0 ? wait : 1);
+          const reply = await r.json().catch(() => ({}));
+          if (reply.interval_s) this.state.minIntervalS = reply.interval_s;
+          this.state.heartbeatsThrottled += 1;
+          if (!keepalive) this.pending.unshift(...events.slice(0, -1));
           return;
         }
         if (r.status === 410) {

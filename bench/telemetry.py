@@ -1,0 +1,499 @@
+"""Player heartbeats taken by the telemetry plane, beside a framework endpoint writing inline.
+
+Method: for each engine (the embedded stream with a SQLite store; JetStream with PostgreSQL),
+run ``streamplane control`` as its own process with the lean heartbeat listener on
+(``telemetry.ingest_port``), register a title held by a few edges, and start ``--sessions``
+playback sessions (one account, one device each). A load generator in a separate process
+(bench/playback.py's: raw keep-alive HTTP/1.1, no GIL shared with the server) keeps
+``--concurrency`` heartbeats in flight for ``--seconds``, each one player's heartbeat as players
+send it (a batch of one event, the session's access token), round robin over the sessions:
+first to the lean listener, then to the same control plane's framework route
+(``POST /v1/heartbeat`` through FastAPI). An answer is a 200 only once the batch is durable in
+the stream. The peer, on the same store in the same run, is a bare FastAPI app doing what the
+control plane did before: validate the heartbeat and write one row, inline, per request.
+
+Playback starts during a storm: 4 starts in flight from a second account, alone, and then while
+the heartbeat load runs against the lean listener (two load processes at once): the rise of the
+starts' p50 and p99 is what a heartbeat storm costs playback.
+
+Per-device admission is raised for the run (each of the few hundred sessions sends far more
+than a real player's one heartbeat a second); the global limit is the default.
+
+    .venv/bin/python bench/telemetry.py [--engines embedded nats] [--seconds 10] [--runs 1]
+
+The backlog a store outage leaves: ``--drain`` heartbeats of ``--sessions`` sessions appended
+to an embedded stream while no consumer ran, then the write-behind consumer started on a fresh
+store (SQLite, PostgreSQL): heartbeats/s written until the backlog is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import secrets
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, Field
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from playback import (
+    Load,
+    Measured,
+    _config,
+    _database,
+    _port,
+    _serving,
+    _set_up,
+    run_load,
+)
+
+NATS = os.environ.get("STREAMPLANE_BENCH_NATS", "nats://127.0.0.1:4222")
+
+
+def _telemetry_config(
+    config: Path, engine: str, work: Path, ingest_port: int, separate: bool
+) -> str:
+    stream = f"BENCH{uuid.uuid4().hex[:12]}"
+    lines = [
+        "",
+        "[telemetry]",
+        f'engine = "{engine}"',
+        f'stream_dir = "{work / "stream"}"',
+        f'nats_url = "{NATS}"',
+        f'stream_name = "{stream}"',
+        f"ingest_port = {ingest_port}",
+        f"ingest_process = {'true' if separate else 'false'}",
+        "device_rate = 100000.0",
+        "device_burst = 100000.0",
+    ]
+    with config.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    return stream
+
+
+def _sessions(port: int, token: str, n: int) -> list[str]:
+    headers = {"authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+        return [
+            client.post(
+                "/v1/playback", json={"title": "bench", "device": f"hb{i}"}, headers=headers
+            )
+            .raise_for_status()
+            .json()["session_id"]
+            for i in range(n)
+        ]
+
+
+def _bodies(sessions: list[str]) -> tuple[str, ...]:
+    now = time.time()
+    return tuple(
+        json.dumps(
+            {
+                "session_id": s,
+                "events": [
+                    {
+                        "at": now,
+                        "position_s": 61.5,
+                        "kind": "position",
+                        "buffer_s": 18.2,
+                        "rung": 3,
+                        "bitrate_kbps": 2400.0,
+                        "throughput_kbps": 8100.0,
+                        "edge": "edge-001",
+                    }
+                ],
+            }
+        )
+        for s in sessions
+    )
+
+
+def _timing(args: argparse.Namespace, concurrency: int | None = None) -> dict[str, Any]:
+    return {
+        "concurrency": concurrency or args.concurrency,
+        "warmup_s": args.warmup,
+        "seconds": args.seconds,
+    }
+
+
+def _measure_control(
+    engine: str,
+    url: str,
+    args: argparse.Namespace,
+    work: Path,
+    pool: ProcessPoolExecutor,
+    separate: bool = False,
+) -> dict[str, Measured]:
+    out: dict[str, Measured] = {}
+    port, ingest = _port(), _port()
+    config = _config(work, url, port, args.sessions + 4)
+    stream = _telemetry_config(config, engine, work, ingest, separate)
+    # one secret for both processes: the ingest process verifies the control plane's tokens
+    env = {**os.environ, "STREAMPLANE_CONTROL_JWT_SECRET": secrets.token_hex(32)}
+    control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
+    try:
+        with (
+            _serving(control, port, f"{engine}: the control plane", env) as pid,
+            _ingesting(config, ingest, env, separate) as ingest_pid,
+        ):
+            tokens, _, _ = _set_up(port, argparse.Namespace(edges=4, accounts=2, history=0))
+            bodies = _bodies(_sessions(port, tokens[0], args.sessions))
+            beat = {"method": "POST", "path": "/v1/heartbeat", "bodies": bodies}
+            start = {
+                "method": "POST",
+                "path": "/v1/playback",
+                "body": '{"title": "bench", "device": "start{n}"}',
+                "devices": 4,
+            }
+            lean = Load(
+                port=ingest,
+                tokens=(tokens[0],),
+                server_pid=ingest_pid or pid,
+                **beat,
+                **_timing(args),
+            )
+            out["lean"] = pool.submit(run_load, lean).result()
+            if not separate:
+                framework = Load(
+                    port=port, tokens=(tokens[0],), server_pid=pid, **beat, **_timing(args)
+                )
+                out["framework"] = pool.submit(run_load, framework).result()
+            starts = Load(
+                port=port, tokens=(tokens[1],), server_pid=pid, **start, **_timing(args, 4)
+            )
+            out["starts"] = pool.submit(run_load, starts).result()
+            storm = pool.submit(run_load, lean)
+            out["starts-storm"] = pool.submit(run_load, starts).result()
+            out["storm"] = storm.result()
+    finally:
+        if engine == "nats":
+            _delete_stream(stream)
+    return out
+
+
+@contextmanager
+def _ingesting(config: Path, port: int, env: dict[str, str], separate: bool) -> Iterator[int]:
+    """``streamplane ingest`` beside the control plane when ``separate``; its pid (0: none)."""
+    if not separate:
+        yield 0
+        return
+    command = [sys.executable, "-m", "streamplane", "ingest", "--config", str(config)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("streamplane ingest did not start") from None
+                time.sleep(0.1)
+        yield process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _delete_stream(name: str) -> None:
+    import asyncio
+
+    from streamplane.telemetry.stream_nats import NatsStream
+
+    async def delete() -> None:
+        stream = await NatsStream.open(NATS, name=name)
+        await stream.delete()
+        await stream.close()
+
+    asyncio.run(delete())
+
+
+# -- the peer: FastAPI writing each heartbeat inline -------------------------------------------
+
+
+class Event(BaseModel):
+    at: float = Field(ge=0, le=1e11)
+    position_s: float = Field(ge=0, le=1e7)
+
+
+class Beat(BaseModel):
+    session_id: str = Field(min_length=1, max_length=64)
+    events: list[Event] = Field(default_factory=list, max_length=1000)
+
+
+def peer_app(url: str) -> Any:
+    """A bare FastAPI app: the heartbeat body validated, one INSERT per request in one write
+    transaction, run the way the control plane runs its own (``Store.transaction``)."""
+    from fastapi import FastAPI
+    from sqlalchemy import Column, Float, MetaData, String, Table, insert
+
+    from streamplane.control.store import Store
+
+    store = Store(url)
+    metadata = MetaData()
+    beats = Table(
+        "peer_heartbeats",
+        metadata,
+        Column("id", String(36), primary_key=True),
+        Column("session_id", String(64)),
+        Column("at", Float),
+        Column("position_s", Float),
+    )
+    statement = insert(beats)
+
+    async def lifespan(_app: FastAPI) -> Any:
+        async with store.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+        yield
+        await store.dispose()
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.post("/v1/heartbeat")
+    async def heartbeat(body: Beat) -> dict[str, bool]:
+        last = body.events[-1] if body.events else Event(at=time.time(), position_s=0)
+        row = {
+            "id": str(uuid.uuid4()),
+            "session_id": body.session_id,
+            "at": last.at,
+            "position_s": last.position_s,
+        }
+        await store.transaction(lambda conn: conn.execute(statement, row))
+        return {"active": True}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+def _measure_peer(
+    url: str, bodies: tuple[str, ...], args: argparse.Namespace, pool: ProcessPoolExecutor
+) -> Measured:
+    port = _port()
+    peer = [sys.executable, __file__, "--serve-peer", url, "--port", str(port)]
+    with _serving(peer, port, "the peer") as pid:
+        load = Load(
+            port=port,
+            method="POST",
+            path="/v1/heartbeat",
+            bodies=bodies,
+            server_pid=pid,
+            **_timing(args),
+        )
+        return pool.submit(run_load, load).result()
+
+
+def _serve_peer(url: str, port: int) -> None:
+    import uvicorn
+
+    from streamplane.control.app import server_config
+
+    uvicorn.Server(server_config(peer_app(url), "127.0.0.1", port)).run()
+
+
+# -- the backlog an outage leaves, drained -----------------------------------------------------
+
+
+def _drain(url: str, work: Path, batches: int, sessions: int) -> tuple[float, float]:
+    """(batches/s, events/s) the write-behind consumer writes a backlog of ``batches`` heartbeats
+    of ``sessions`` sessions into the store at ``url``: what a store outage leaves waiting in
+    the (embedded) stream, written when the store is back."""
+    import asyncio
+
+    from sqlalchemy import insert
+
+    from streamplane.control.heartbeats import StoreSink
+    from streamplane.control.store import Account, Store, migrate
+    from streamplane.telemetry import EventBatch, HeartbeatEvent
+    from streamplane.telemetry.consumers import WriteBehind
+    from streamplane.telemetry.stream_embedded import EmbeddedStream
+
+    async def run() -> tuple[float, float]:
+        store = Store(url)
+        await migrate(store)
+        accounts = [
+            {
+                "id": f"a{i}",
+                "email": f"a{i}@x.io",
+                "password_hash": "-",
+                "plan": "bench",
+                "created_at": 0.0,
+            }
+            for i in range(sessions)
+        ]
+        await store.transaction(lambda conn: conn.execute(insert(Account), accounts))
+        stream = EmbeddedStream(work / "drain-stream", partitions=8)
+        now = time.time()
+        appends = []
+        for n in range(batches):
+            session = f"s{n % sessions}"
+            event = HeartbeatEvent(
+                account=f"a{n % sessions}",
+                session=session,
+                device=f"d{n % sessions}",
+                title="bench",
+                received_at=now + n / 1000,
+                at=now + n / 1000,
+                seq=n,
+                kind="position",
+                position_s=n / 10,
+            )
+            batch = EventBatch(
+                device=event.device,
+                events=[event],
+                account=event.account,
+                session=session,
+                title="bench",
+                received_at=event.received_at,
+            )
+            appends.append(stream.append(batch))
+        group = await stream.group("store")  # the outage: nothing was written yet
+        await asyncio.gather(*appends)
+        await group.close()
+        consumer = WriteBehind(stream, StoreSink(store, 90.0, 15.0))
+        t0 = time.perf_counter()
+        await consumer.start()
+        await consumer.settle(timeout_s=600)
+        seconds = time.perf_counter() - t0
+        await consumer.stop()
+        await stream.close()
+        await store.dispose()
+        return batches / seconds, consumer.written_events / seconds
+
+    return asyncio.run(run())
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def _stats(m: Measured) -> tuple[float, float, float, float, int]:
+    lats = sorted(m.latencies)
+    p50 = 1000 * statistics.median(lats) if lats else float("nan")
+    p99 = 1000 * lats[min(len(lats) - 1, int(0.99 * len(lats)))] if lats else float("nan")
+    cpu = 1000 * m.cpu_s / m.requests if m.cpu_s and m.requests else float("nan")
+    errors = sum(n for s, n in m.statuses.items() if not 200 <= s < 300)
+    return m.requests / m.seconds, p50, p99, cpu, errors
+
+
+WHAT = {
+    "lean": "heartbeats, lean listener",
+    "framework": "heartbeats, FastAPI route",
+    "peer": "peer: FastAPI + one INSERT per heartbeat",
+    "storm": "heartbeats, lean, with starts running",
+    "starts": "playback starts, alone",
+    "starts-storm": "playback starts, during the storm",
+}
+
+
+def main(args: argparse.Namespace) -> str:
+    stores = {"embedded": "SQLite", "nats": "PostgreSQL"}
+    lines = [
+        "| engine + store | what | requests/s | p50 ms | p99 ms | server CPU ms/req | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    notes = []
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(2, mp_context=spawn) as pool:
+        for variant in args.engines:
+            engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
+            store = stores[engine]
+            with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
+                work = Path(tmp)
+                with _database(store, work, "control") as url:
+                    found = _measure_control(engine, url, args, work, pool, separate)
+                with _database(store, work, "peer") as url:
+                    bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
+                    found["peer"] = _measure_peer(url, bodies, args, pool)
+            label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
+            if separate:
+                label += ", ingest process"
+            for kind in ("lean", "framework", "peer", "storm", "starts", "starts-storm"):
+                if kind not in found:
+                    continue
+                rate, p50, p99, cpu, errors = _stats(found[kind])
+                lines.append(
+                    f"| {label} | {WHAT[kind]} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |"
+                    f" {cpu:.3f} | {errors} |"
+                )
+            lean, peer = _stats(found["lean"]), _stats(found["peer"])
+            alone, storm = _stats(found["starts"]), _stats(found["starts-storm"])
+            notes.append(
+                f"- {label}: lean heartbeats / the peer's inline inserts = {lean[0] / peer[0]:.2f}"
+                f" (server CPU per request, the peer's / lean = {peer[3] / lean[3]:.2f});"
+                f" playback starts during the storm: p50 {storm[1] / alone[1] - 1:+.0%},"
+                f" p99 {storm[2] / alone[2] - 1:+.0%}."
+            )
+            print(f"{variant} done; load average {os.getloadavg()}", file=sys.stderr)
+        for store in args.drain_stores:
+            with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
+                work = Path(tmp)
+                with _database(store, work, "drain") as url:
+                    batches_s, events_s = _drain(url, work, args.drain, args.sessions)
+            notes.append(
+                f"- Backlog drain into {store}: {args.drain:,} heartbeats waiting in the"
+                f" embedded stream (an outage's backlog) written at {events_s:,.0f} heartbeats/s"
+                f" ({batches_s:,.0f} batches/s) by the write-behind consumer."
+            )
+    return "\n".join(
+        [
+            *lines,
+            "",
+            *notes,
+            "",
+            f"{args.concurrency} heartbeats in flight over {args.sessions} sessions,"
+            f" {args.seconds:g} s measured after {args.warmup:g} s of warm-up; one run;"
+            f" load average at the end {', '.join(f'{x:.1f}' for x in os.getloadavg())}"
+            f" ({os.cpu_count()} cores).",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=["embedded", "nats", "embedded-process"],
+        choices=["embedded", "nats", "embedded-process", "nats-process"],
+        help="-process: heartbeats taken by `streamplane ingest`, a process of its own",
+    )
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--sessions", type=int, default=200)
+    parser.add_argument("--drain", type=int, default=50_000, help="backlog heartbeats to drain")
+    parser.add_argument(
+        "--drain-stores", nargs="*", default=["SQLite", "PostgreSQL"], help="stores to drain into"
+    )
+    parser.add_argument("--serve-peer", metavar="URL", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_peer:
+        _serve_peer(args.serve_peer, args.port)
+        raise SystemExit(0)
+    print(__doc__.split("\n\n")[1].replace("\n", " "))
+    table = main(args)
+    print()
+    print(table)
+    print(f"\nreproduce: .venv/bin/python bench/telemetry.py {shlex.join(sys.argv[1:])}")

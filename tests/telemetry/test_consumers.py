@@ -1,0 +1,73 @@
+"""The write-behind fold: batches delivered in any order, any number of times, leave the same
+writes (which is what makes at-least-once delivery safe)."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from streamplane.telemetry import EventBatch, HeartbeatEvent
+from streamplane.telemetry.consumers import Position, fold
+
+
+def _batch(session: str, at: float, position: float, kind: str = "position") -> EventBatch:
+    event = HeartbeatEvent(
+        account="a",
+        session=session,
+        device=f"d-{session}",
+        title="demo",
+        received_at=at + 0.5,
+        at=at,
+        seq=int(at),
+        kind=kind,
+        position_s=position,
+    )
+    return EventBatch(
+        device=event.device,
+        events=[event],
+        account="a",
+        session=session,
+        title="demo",
+        received_at=at + 0.5,
+    )
+
+
+_BATCHES = st.lists(
+    st.builds(
+        _batch,
+        st.sampled_from(["s1", "s2"]),
+        st.floats(min_value=0, max_value=1e4),
+        st.floats(min_value=0, max_value=1e4),
+        st.sampled_from(["position", "position", "stop"]),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@given(_BATCHES, st.randoms(use_true_random=False), st.integers(min_value=0, max_value=5))
+def test_order_and_duplicates_change_nothing(
+    batches: list[EventBatch], rnd: object, copies: int
+) -> None:
+    delivered = batches + batches[:copies]
+    rnd.shuffle(delivered)  # type: ignore[attr-defined]
+    once, redelivered = fold(batches), fold(delivered)
+    assert (once.resume, once.seen, once.stopped) == (
+        redelivered.resume,
+        redelivered.seen,
+        redelivered.stopped,
+    )
+
+
+@given(_BATCHES)
+def test_the_latest_event_by_event_time_wins(batches: list[EventBatch]) -> None:
+    latest = max(Position(b.events[0].at, b.events[0].position_s) for b in batches)
+    assert fold(batches).resume[("a", "demo")] == latest
+
+
+def test_an_empty_heartbeat_still_keeps_the_screen() -> None:
+    empty = EventBatch(
+        device="tv", events=[], account="a", session="s1", title="demo", received_at=7.0
+    )
+    writes = fold([empty])
+    assert writes.seen == {"s1": 7.0} and writes.resume == {} and bool(writes)
