@@ -326,7 +326,7 @@ def _live_demo(stack: LocalStack) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
         srt_port = s.getsockname()[1]
-    port = _free_or_any(8090)
+    port = _free_or_any(8091)  # 8090 is the realtime gateway's
     key = secrets.token_hex(8)
     origin = f"http://127.0.0.1:{port}"
     console.print("[bold]starting[/bold] live channel demo-live, fed by the test feed over SRT")
@@ -943,7 +943,7 @@ def live_start(
         ..., "--stream-key", envvar="STREAMPLANE_LIVE_STREAM_KEY", help=_KEY_HELP
     ),
     root: Path = typer.Option(Path("live"), "--root", help="Where channels are written."),
-    port: int = typer.Option(8090, "--port", help="HTTP port of the channel's origin."),
+    port: int = typer.Option(8091, "--port", help="HTTP port of the channel's origin."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address the origin and SRT bind."),
     rungs: str = typer.Option("240:400,144:150", "--rungs", help="Live ladder, HEIGHT:KBPS,..."),
     audio: bool = typer.Option(True, "--audio/--no-audio", help="Encode the feed's audio."),
