@@ -63,86 +63,74 @@ def tree_cpu_seconds(pid: int) -> float:
     return total
 
 
-def start_nginx(docroot: Path, work: Path, port: int) -> subprocess.Popen[bytes]:
+def _run_nginx(work: Path, workers: int, http: str) -> subprocess.Popen[bytes]:
+    """nginx in the foreground with everything it writes under ``work``, serving ``http``
+    (the body of its ``http`` block)."""
     conf = work / "nginx.conf"
+    temp = "\n".join(
+        f"    {kind}_temp_path {work}/{kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     conf.write_text(
         f"""
-worker_processes 2;
+worker_processes {workers};
 daemon off;
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log;
 events {{ worker_connections 4096; }}
 http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    types {{ video/iso.segment m4s; application/vnd.apple.mpegurl m3u8; }}
-    client_body_temp_path {work}/body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
-    server {{
-        listen 127.0.0.1:{port} reuseport;
-        root {docroot};
-    }}
+{temp}
+{http}
 }}
 """
     )
     return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)])
+
+
+# The edge's peer: what a tuned static server does with the same files.
+_PEER = """
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;"""
+
+
+def start_nginx(docroot: Path, work: Path, port: int) -> subprocess.Popen[bytes]:
+    return _run_nginx(
+        work,
+        2,
+        f"""{_PEER}
+    types {{ video/iso.segment m4s; application/vnd.apple.mpegurl m3u8; }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        root {docroot};
+    }}""",
+    )
 
 
 def start_origin(docroot: Path, work: Path, port: int, rate: str) -> subprocess.Popen[bytes]:
     """nginx as the origin: ``limit_rate`` per connection, one log line per request."""
-    conf = work / "nginx.conf"
-    conf.write_text(
+    return _run_nginx(
+        work,
+        1,
         f"""
-worker_processes 1;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
     log_format uri $request_uri;
     access_log {work}/access.log uri;
     sendfile on;
     limit_rate {rate};
-    client_body_temp_path {work}/body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
     server {{
         listen 127.0.0.1:{port};
         root {docroot};
-    }}
-}}
-"""
+    }}""",
     )
-    return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)])
 
 
 def start_nginx_proxy(origin_port: int, work: Path, port: int) -> subprocess.Popen[bytes]:
     """nginx as a proxy cache in front of the origin, collapsing misses with its cache lock."""
-    conf = work / "nginx.conf"
-    conf.write_text(
-        f"""
-worker_processes 2;
-daemon off;
-pid {work}/nginx.pid;
-error_log {work}/nginx-error.log;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 1000000;
-    client_body_temp_path {work}/body;
-    proxy_temp_path {work}/proxy;
-    fastcgi_temp_path {work}/fastcgi;
-    uwsgi_temp_path {work}/uwsgi;
-    scgi_temp_path {work}/scgi;
+    return _run_nginx(
+        work,
+        2,
+        f"""{_PEER}
     proxy_cache_path {work}/cache levels=1:2 keys_zone=edge:10m max_size=10g inactive=1h
                      use_temp_path=off;
     server {{
@@ -157,11 +145,8 @@ http {{
             proxy_cache_lock_timeout 60s;
             proxy_cache_lock_age 60s;
         }}
-    }}
-}}
-"""
+    }}""",
     )
-    return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)])
 
 
 def start_edge(cache: Path, origin: Path | str, work: Path, port: int) -> subprocess.Popen[bytes]:
