@@ -140,3 +140,20 @@ def test_live_requests_are_checked_like_any_other(origin: SyntheticOrigin, edge:
     bad = httpx.get(f"{base}?_HLS_msn=zero&__token__={token('/ch1/*')}", timeout=10)
     assert bad.status_code == 400 and "whole numbers" in bad.text
     assert not any("_HLS_msn=zero" in r for r in origin.requests)
+
+
+def test_an_origin_error_marked_no_store_is_not_cached(origin: SyntheticOrigin, edge: Edge) -> None:
+    tok = token("/ch1/*")
+    # A part that is not there yet: the live origin answers 404 with Cache-Control: no-store.
+    early = edge.get("/ch1/v240/seg_0.1.m4s", tok)
+    assert early.status_code == 404
+    assert origin.requests["/ch1/v240/seg_0.1.m4s"] == 1
+    _land(origin, 2)
+    # At once (well within the edge's error memory): the edge asks again and has it.
+    landed = edge.get("/ch1/v240/seg_0.1.m4s", tok)
+    assert landed.status_code == 200 and len(landed.content) == 16
+    assert origin.requests["/ch1/v240/seg_0.1.m4s"] == 2
+    # An error the origin lets be stored is still remembered: one origin request for both.
+    for _ in range(2):
+        assert edge.get("/ch1/v999/index.m3u8", tok).status_code == 404
+    assert origin.requests["/ch1/v999/index.m3u8"] == 1

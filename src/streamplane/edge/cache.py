@@ -19,7 +19,9 @@ processes without a coordinator:
   answered, so waiters can send their headers before the body is complete. It is named by
   the partial's inode, so a reader never pairs a body with another fetch's meta.
 - ``.errors/<h>`` records an origin failure for a few seconds, so a burst of requests for a
-  missing or unreachable object costs one origin request, not one each.
+  missing or unreachable object costs one origin request, not one each. A failure the origin
+  marked ``no-store`` is recorded for the waiters of that one fetch only (its record names the
+  partial's inode): they share its answer, and the next request asks the origin again.
 - Metas and error records are symbolic links whose target is the record: created
   atomically, and short enough to live in the inode, so they need no data block and can be
   written on a full disk (a failure must be recorded exactly when the disk is full, or every
@@ -93,9 +95,11 @@ _KEY_SAFE: Final = "/._~!$&'()*+,;=:@-"
 class FetchError(Exception):
     """The origin could not give the object; ``status`` is what the client gets."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, store: bool = True) -> None:
         super().__init__(message)
         self.status = status
+        # False when the origin said its answer must not be stored (Cache-Control: no-store)
+        self.store = store
 
 
 class BadKey(FetchError):
@@ -177,7 +181,7 @@ class DiskCache:
         self._serial = itertools.count()
         # Errors are remembered in memory too, for when even the disk record failed: then
         # this process still asks the origin once per error_ttl, not once per request.
-        self._recent: dict[str, tuple[float, int]] = {}
+        self._recent: dict[str, tuple[float, int, int | None]] = {}
         # Called with the bytes a fetch needs when the disk has no room: the worker asks the
         # supervisor to evict, the supervisor evicts. Set by whoever owns the cache.
         self.ask_room: Callable[[int], None] = lambda need: None
@@ -421,14 +425,18 @@ class DiskCache:
 
     # -- recent origin errors -----------------------------------------------------------
 
-    def record_error(self, key: str, status: int) -> None:
+    def record_error(self, key: str, status: int, *, fetch: int | None = None) -> None:
+        """Remember that the origin failed on ``key`` with ``status``: for every request
+        during ``ERROR_TTL_S``, or with ``fetch`` (a partial's inode: the origin said
+        ``no-store``) only for the waiters holding that fetch's partial."""
         if len(self._recent) >= _MEMORY_ERRORS:
             self._recent.clear()
-        self._recent[key] = (time.monotonic() + ERROR_TTL_S, status)
+        self._recent[key] = (time.monotonic() + ERROR_TTL_S, status, fetch)
         name = _name(key)
         tmp = f"{self._tmp}{name}.{os.getpid()}.{next(self._serial)}"
+        record = str(status) if fetch is None else f"{status} {fetch}"
         try:
-            os.symlink(str(status), tmp)
+            os.symlink(record, tmp)
             os.replace(tmp, self._errors + name)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -436,17 +444,34 @@ class DiskCache:
             self.warn("error-record", f"cannot record an origin error: {exc.strerror}")
 
     def recent_error(self, key: str) -> int | None:
+        """The status of a recent origin failure on ``key`` that any request may be given."""
+        found = self._error_record(key)
+        return found[0] if found is not None and found[1] is None else None
+
+    def fetch_error(self, key: str, fd: int) -> int | None:
+        """The status the fetch whose partial a waiter holds as ``fd`` failed with, if it
+        did (a ``no-store`` failure included), or of any recent failure on ``key``."""
+        found = self._error_record(key)
+        if found is None:
+            return None
+        status, fetch = found
+        if fetch is not None and fetch != os.fstat(fd).st_ino:
+            return None
+        return status
+
+    def _error_record(self, key: str) -> tuple[int, int | None] | None:
         remembered = self._recent.get(key)
         if remembered is not None:
             if remembered[0] > time.monotonic():
-                return remembered[1]
+                return remembered[1], remembered[2]
             del self._recent[key]
         path = self._errors + _name(key)
         try:
             st = os.lstat(path)
             if time.time() - st.st_mtime > ERROR_TTL_S:
                 return None
-            return int(os.readlink(path))
+            status, _, fetch = os.readlink(path).partition(" ")
+            return int(status), int(fetch) if fetch else None
         except (OSError, ValueError):
             return None
 
@@ -584,14 +609,15 @@ class ObjectWriter:
         self._close()
         return self.written
 
-    def abort(self, status: int | None = None) -> None:
-        """Give up; with ``status``, the waiters (and requests for a few seconds) get it.
+    def abort(self, status: int | None = None, *, store: bool = True) -> None:
+        """Give up; with ``status``, the waiters (and, if ``store``, requests for a few
+        seconds) get it.
 
         The error is recorded before the partial goes, so that whoever sees the partial
         gone sees the error too and never starts another origin request.
         """
         if status is not None:
-            self.cache.record_error(self.key, status)
+            self.cache.record_error(self.key, status, fetch=None if store else self._ino)
         with contextlib.suppress(OSError):
             os.unlink(self._meta_path)
         with contextlib.suppress(OSError):

@@ -37,6 +37,7 @@ from streamplane.edge.cache import (
     ObjectWriter,
     Pending,
     TakenOver,
+    error_text,
     writer_alive,
 )
 from streamplane.edge.metrics import MetricsSnapshot
@@ -102,7 +103,7 @@ class Fetches:
             writer.abort()  # the fetch that took over answers the waiters
         except FetchError as exc:
             c.origin_errors += 1
-            writer.abort(exc.status)
+            writer.abort(exc.status, store=exc.store)
             if exc.status == 503:
                 self.warn("cache-full", str(exc))
         except asyncio.CancelledError:  # abandoned (shutdown), not failed: others may retry
@@ -138,6 +139,11 @@ class Fetches:
                 if held >= 0:
                     found = self.cache.recheck(key, held)
                     if found is None:
+                        # the fetch it waited on failed, no-store or not: its waiters get
+                        # that answer, never a fetch of their own
+                        status = self.cache.fetch_error(key, held)
+                        if status is not None:
+                            return Failed(status, error_text(status))
                         os.close(held)
                         held = -1
                         continue  # look afresh, now
@@ -145,7 +151,9 @@ class Fetches:
                     found = self.cache.look(key)
                 if found is None:
                     try:
-                        started = not self.ensure(key) or started
+                        if not self.ensure(key):
+                            started = True
+                            continue  # hold its partial at once, before it can fail
                     except FetchError as exc:
                         return Failed(exc.status, str(exc))
                 elif isinstance(found, Pending):
@@ -252,7 +260,7 @@ class Follower:
                 # The fetch ended: complete (seen above), failed, or its fetcher died.
                 if os.fstat(self.fd).st_size > size:
                     continue
-                status = fetches.cache.recent_error(self.key)
+                status = fetches.cache.fetch_error(self.key, self.fd)
                 if status is not None:
                     raise FetchError(status, "the origin fetch failed mid-body")
                 await self._rejoin()

@@ -190,10 +190,14 @@ class HttpOrigin:
         url = f"{self.base_url}/{quote(path, safe=_URL_SAFE)}" + (f"?{query}" if query else "")
         try:
             async with self._client.stream("GET", url) as response:
+                # An error the origin says must not be stored (a live playlist or part not
+                # there yet) goes to this fetch's waiters only, never to later requests.
+                store = not _no_store(response.headers)
                 if response.status_code == 404:
-                    raise FetchError(404, f"{key} is not in the origin")
+                    raise FetchError(404, f"{key} is not in the origin", store=store)
                 if response.status_code != 200:
-                    raise FetchError(502, f"origin answered {response.status_code} for {key}")
+                    message = f"origin answered {response.status_code} for {key}"
+                    raise FetchError(502, message, store=store)
                 length = response.headers.get("content-length")
                 if length is None or not length.isdigit():
                     raise FetchError(502, f"origin sent {key} without a Content-Length")
@@ -209,6 +213,11 @@ class HttpOrigin:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+def _no_store(headers: httpx.Headers) -> bool:
+    directives = headers.get("cache-control", "").lower().split(",")
+    return any(d.strip().partition("=")[0] == "no-store" for d in directives)
 
 
 def _last_modified(headers: httpx.Headers) -> float:
