@@ -929,7 +929,9 @@ def swarm(
         raise _error(f"{report.summary.failed} of {viewers} viewers failed", 1)
 
 
-live_app = typer.Typer(help="Live channels: SRT ingest, a live ladder, low-latency HLS.")
+live_app = typer.Typer(
+    help="Live channels: SRT/RTMP ingest, a live ladder, low-latency HLS and DASH."
+)
 app.add_typer(live_app, name="live")
 
 _KEY_HELP = "The channel's stream key (the SRT passphrase, 10-79 characters)."
@@ -948,8 +950,12 @@ def live_start(
     rungs: str = typer.Option("240:400,144:150", "--rungs", help="Live ladder, HEIGHT:KBPS,..."),
     audio: bool = typer.Option(True, "--audio/--no-audio", help="Encode the feed's audio."),
     dvr: float = typer.Option(7200.0, "--dvr", help="Seconds of DVR window kept."),
+    rtmp_listen: int | None = typer.Option(
+        None, "--rtmp-listen", help="TCP port an RTMP feed comes to (rtmp://HOST:PORT/live/KEY)."
+    ),
 ) -> None:
-    """Receive CHANNEL's feed over SRT and serve it as low-latency HLS until Ctrl-C."""
+    """Receive CHANNEL's feed over SRT (or RTMP) and serve it as low-latency HLS and DASH
+    until Ctrl-C."""
     import asyncio
 
     from streamplane import live
@@ -964,12 +970,14 @@ def live_start(
             audio=audio,
             dvr_seconds=dvr,
             listen_host=host,
+            rtmp_port=rtmp_listen,
         )
         settings.check()
     except live.LiveError as exc:
         raise _error(str(exc), 2) from None
+    rtmp_note = f" or rtmp://{host}:{rtmp_listen}/live/KEY" if rtmp_listen else ""
     console.print(
-        f"channel {channel}: feed to srt://{host}:{srt_listen}, "
+        f"channel {channel}: feed to srt://{host}:{srt_listen}{rtmp_note}, "
         f"playback at http://{host}:{port}/{channel}/master.m3u8, "
         f"status at http://{host}:{port}/{channel}/status.json"
     )
@@ -1025,7 +1033,9 @@ def live_plan(
 @live_app.command("feed")
 def live_feed(
     channel: str = typer.Argument(..., help="Channel name (for the log)."),
-    to: str = typer.Option(..., "--to", help="Where the channel listens: srt://HOST:PORT."),
+    to: str = typer.Option(
+        ..., "--to", help="Where the channel listens: srt://HOST:PORT or rtmp://HOST:PORT."
+    ),
     stream_key: str = typer.Option(
         ..., "--stream-key", envvar="STREAMPLANE_LIVE_STREAM_KEY", help=_KEY_HELP
     ),

@@ -42,6 +42,7 @@ class LiveChannel:
     http_port: int
     root: Path
     process: subprocess.Popen[bytes]
+    rtmp_port: int | None = None
 
     @property
     def base(self) -> str:
@@ -51,15 +52,16 @@ class LiveChannel:
         return dict(httpx.get(f"{self.base}/status.json", timeout=5).json())
 
     def feed(
-        self, seconds: float, key: str = KEY, source: str = "testsrc"
+        self, seconds: float, key: str = KEY, source: str = "testsrc", *, rtmp: bool = False
     ) -> subprocess.Popen[bytes]:
+        to = f"rtmp://127.0.0.1:{self.rtmp_port}" if rtmp else f"srt://127.0.0.1:{self.srt_port}"
         return subprocess.Popen(
             _cli(
                 "live",
                 "feed",
                 self.name,
                 "--to",
-                f"srt://127.0.0.1:{self.srt_port}",
+                to,
                 "--stream-key",
                 key,
                 "--seconds",
@@ -76,8 +78,11 @@ class LiveChannel:
 def start_channel(tmp_path: Path) -> Iterator[Callable[..., LiveChannel]]:
     started: list[LiveChannel] = []
 
-    def start(name: str = "ch1", *extra: str) -> LiveChannel:
+    def start(name: str = "ch1", *extra: str, rtmp: bool = False) -> LiveChannel:
         srt, http = free_port(socket.SOCK_DGRAM), free_port()
+        rtmp_port = free_port() if rtmp else None
+        if rtmp_port is not None:
+            extra = (*extra, "--rtmp-listen", str(rtmp_port))
         process = subprocess.Popen(
             _cli(
                 "live",
@@ -97,7 +102,7 @@ def start_channel(tmp_path: Path) -> Iterator[Callable[..., LiveChannel]]:
             stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-        channel = LiveChannel(name, srt, http, tmp_path / "live", process)
+        channel = LiveChannel(name, srt, http, tmp_path / "live", process, rtmp_port)
         started.append(channel)
 
         def answering() -> bool:

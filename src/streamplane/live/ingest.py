@@ -57,6 +57,7 @@ FONT_CANDIDATES: Final = (
 )
 _NAME: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _STDERR_KEEP: Final = 40
+_RTMP_KEY: Final = re.compile(r"^[A-Za-z0-9._~-]+$")
 
 
 class LiveError(ValueError):
@@ -107,6 +108,7 @@ class ChannelSettings:
     listen_host: str = "127.0.0.1"
     preset: str = "ultrafast"
     slate: bool = True  # fill a lost feed's gap with a card until it comes back
+    rtmp_port: int | None = None  # also take an RTMP publisher here (relayed to the SRT port)
 
     def check(self) -> None:
         if not _NAME.match(self.name):
@@ -118,6 +120,14 @@ class ChannelSettings:
             raise LiveError("the stream key must be 10 to 79 characters (it is the SRT passphrase)")
         if not 1 <= self.srt_port <= 65535:
             raise LiveError(f"SRT port {self.srt_port} is not a port number")
+        if self.rtmp_port is not None:
+            if not 1 <= self.rtmp_port <= 65535:
+                raise LiveError(f"RTMP port {self.rtmp_port} is not a port number")
+            if not _RTMP_KEY.match(self.stream_key):
+                raise LiveError(
+                    "over RTMP the stream key is the stream name: letters, digits, '.', '_', "
+                    "'~' and '-' only"
+                )
         if not self.rungs:
             raise LiveError("a live ladder needs at least one rung")
         frames = self.part_target * self.fps
@@ -343,6 +353,7 @@ class Channel:
             "channel": s.name,
             "state": self.state,
             "srt_port": s.srt_port,
+            "rtmp_port": s.rtmp_port,
             "runs": self.runs,
             "renditions": s.renditions,
             "part_target": s.part_target,
@@ -412,7 +423,7 @@ class Channel:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=write_fds,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         except BaseException:
             for r, _ in pipes:
@@ -450,7 +461,7 @@ class Channel:
             await self._notify()
         elif process.returncode not in (0, None) and not self._stopping and source == "feed":
             tail = " / ".join(self.last_log[-3:]) or f"ffmpeg exited with {process.returncode}"
-            self._problem(f"the listener stopped before any feed: {tail}")
+            self.problem(f"the listener stopped before any feed: {tail}")
 
     async def _read_output(self, out: _Output, fd: int) -> None:
         loop = asyncio.get_running_loop()
@@ -522,9 +533,10 @@ class Channel:
             self.last_log = (self.last_log + [line])[-_STDERR_KEEP:]
             problem = feed_problem(line)
             if problem is not None:
-                self._problem(problem)
+                self.problem(problem)
 
-    def _problem(self, message: str) -> None:
+    def problem(self, message: str) -> None:
+        """Say what went wrong with a publisher or a feed: in the log and on the status."""
         now = self.clock()
         # libsrt logs one refused handshake on several lines: one refusal, one entry
         kind, at = self._last_problem
@@ -612,7 +624,7 @@ def font() -> Path | None:
     return next((f for f in FONT_CANDIDATES if f.is_file()), None)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the encoder before exec: SIGKILL it when the channel's process dies, however it
     dies (kill -9 included), so no orphan keeps the SRT port."""
     import ctypes

@@ -46,9 +46,20 @@ async def serve_channel(
         loop.add_signal_handler(sig, lambda: None)
     ingest = asyncio.create_task(channel.run())
     ingest.add_done_callback(lambda _: setattr(server, "should_exit", True))
+    door = None
+    if settings.rtmp_port is not None:
+        from streamplane.live.rtmp import RtmpDoor
+
+        door = RtmpDoor(channel, settings.listen_host, settings.rtmp_port)
+        rtmp = asyncio.create_task(door.run())
+        rtmp.add_done_callback(lambda _: setattr(server, "should_exit", True))
     try:
         await server.serve()
     finally:
+        if door is not None:
+            await door.stop()
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError, OSError):
+                await asyncio.wait_for(asyncio.shield(rtmp), 5)
         await channel.stop()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(asyncio.shield(ingest), 10)
@@ -56,6 +67,8 @@ async def serve_channel(
             loop.remove_signal_handler(sig)
     if ingest.done() and not ingest.cancelled() and ingest.exception() is not None:
         raise ingest.exception()  # type: ignore[misc]
+    if door is not None and rtmp.done() and not rtmp.cancelled() and rtmp.exception():
+        raise OSError(f"the RTMP listener failed: {rtmp.exception()}")
     if not server.started:
         raise OSError(f"the live origin could not listen on {host}:{port}")
 
