@@ -1030,6 +1030,30 @@ def live_plan(
         raise _error("some sites cannot carry their expected audience (see above)", 1)
 
 
+@live_app.command("record")
+def live_record(
+    channel: str = typer.Argument(..., help="Channel name."),
+    out: Path = typer.Option(..., "--out", "-o", help="The MP4 to write (a VOD source)."),
+    root: Path = typer.Option(Path("live"), "--root", help="Where channels are written."),
+    rendition: str | None = typer.Option(
+        None, "--rendition", help="Video rendition to record, e.g. v240 (default: the highest)."
+    ),
+) -> None:
+    """Record what CHANNEL's DVR window holds as one MP4 that `streamplane encode` takes."""
+    from streamplane.live.ingest import LiveError
+    from streamplane.live.record import record_channel
+
+    try:
+        runs = record_channel(root / channel, out, rendition)
+    except LiveError as exc:
+        raise _error(str(exc), 2) from None
+    seconds = sum(r.seconds for r in runs)
+    out_console.print(
+        f"recorded {channel}: {seconds:.1f} s in {len(runs)} run(s) to {out} "
+        f"(encode it: streamplane encode {out} --out catalog/{channel}-vod)"
+    )
+
+
 @live_app.command("feed")
 def live_feed(
     channel: str = typer.Argument(..., help="Channel name (for the log)."),
