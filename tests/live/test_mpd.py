@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import xml.etree.ElementTree as ET
+
 import pytest
 from mpegdash.parser import MPEGDASHParser
 
@@ -58,9 +60,52 @@ def test_each_encoder_run_is_a_period_over_the_same_segments() -> None:
     assert audio_set.content_type == "audio"
     assert audio_set.representations[0].id == "audio"
     assert video_set.representations[0].height == 240
-    # a segment still open is not listed: every listed number's file exists
-    listed = 4 + len(second.adaptation_sets[0].segment_templates[0].segment_timelines[0].Ss)
-    assert listed - 1 == max(s.msn for s in video.window().segments if s.duration is not None)
+    # the segment being written is listed last, at its nominal length (low latency): a player
+    # may ask for it now and gets its parts as they land
+    second_timeline = second.adaptation_sets[0].segment_templates[0].segment_timelines[0].Ss
+    open_msn = video.window().segments[-1].msn
+    assert video.window().segments[-1].duration is None
+    assert 4 + len(second_timeline) - 1 == open_msn
+    assert second_timeline[-1].d == 2000
+
+
+def test_the_mpd_says_low_latency() -> None:
+    video = TrackPackager(0.5, 2.0, 3600)
+    audio = TrackPackager(0.5, 2.0, 3600)
+    _run(video, audio, 10.0, 5)  # one whole segment, one part of the next
+    text = live_mpd(
+        [
+            DashRendition("v240", "avc1.42c015", 400_000, video.window(), 426, 240),
+            DashRendition("audio", "mp4a.40.2", 64_000, audio.window(), audio=True),
+        ],
+        now=WALL + 20,
+        dvr_seconds=7200,
+    )
+    ns = {"d": "urn:mpeg:dash:schema:mpd:2011"}
+    root = ET.fromstring(text)
+    assert root.get("type") == "dynamic"
+    assert root.get("timeShiftBufferDepth") == "PT7200.000S"  # the DVR window
+    assert root.get("minimumUpdatePeriod") == "PT0.500S"
+    latency = root.find("d:ServiceDescription/d:Latency", ns)
+    assert latency is not None and latency.get("target") == "2000"
+    timing = [t.get("schemeIdUri") for t in root.findall("d:UTCTiming", ns)]
+    assert timing[0] == "urn:mpeg:dash:utc:http-iso:2014"
+    for template in root.iter("{urn:mpeg:dash:schema:mpd:2011}SegmentTemplate"):
+        assert template.get("availabilityTimeOffset") == "1.5"
+        assert template.get("availabilityTimeComplete") == "false"
+    # an ended channel lists only whole segments
+    video.end()
+    audio.end()
+    ended = live_mpd(
+        [
+            DashRendition("v240", "avc1.42c015", 400_000, video.window(), 426, 240),
+            DashRendition("audio", "mp4a.40.2", 64_000, audio.window(), audio=True),
+        ],
+        now=WALL + 30,
+        dvr_seconds=7200,
+    )
+    timeline = MPEGDASHParser.parse(ended).periods[0].adaptation_sets[0]
+    assert [s.d for s in timeline.segment_templates[0].segment_timelines[0].Ss] == [2000, 500]
 
 
 def test_an_mpd_needs_video() -> None:

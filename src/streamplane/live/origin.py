@@ -12,23 +12,27 @@ long (they never change while they exist), a part not there yet never.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from typing import Final
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from streamplane.live.ingest import Channel
-from streamplane.live.playlist import BadReload, media_playlist, reload_ready
+from streamplane.live.ingest import Channel, LiveError
+from streamplane.live.mpd import TIME_PATH
+from streamplane.live.playlist import BadReload, Segment, media_playlist, reload_ready
 
 __all__ = ["cache_control", "live_app"]
 
 _OBJECT: Final = re.compile(r"^(?:[a-z0-9][a-z0-9_-]{0,62}/)?[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 _PART: Final = re.compile(r"^seg_(\d{1,12})\.(\d{1,6})\.m4s$")
+_SEGMENT: Final = re.compile(r"^seg_(\d{1,12})\.m4s$")
 _TYPES: Final = {
     ".m3u8": "application/vnd.apple.mpegurl",
     ".m4s": "video/iso.segment",
@@ -88,6 +92,10 @@ def live_app(channel: Channel) -> Starlette:
             return _error(400, "not a live object name")
         if path == "status.json":
             return JSONResponse(channel.status(), headers=headers(path))
+        if path == TIME_PATH:  # the MPD's UTCTiming: this clock, to the millisecond
+            now = datetime.fromtimestamp(channel.clock(), UTC)
+            iso = now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+            return Response(iso, media_type="text/plain", headers=headers(path))
         if path == "manifest.mpd":
             text = channel.mpd(channel.clock())
             if text is None:
@@ -98,6 +106,11 @@ def live_app(channel: Channel) -> Starlette:
             return _error(404, f"no rendition {rendition!r} in channel {settings.name!r}")
         if rendition and name == "index.m3u8":
             return await playlist(request, rendition)
+        if rendition and (whole := _SEGMENT.match(name)) is not None:
+            track = channel.tracks[rendition]
+            newest = track.window().segments[-1:] or None
+            if newest and newest[0].duration is None and newest[0].msn == int(whole.group(1)):
+                return _growing(rendition, newest[0].msn, headers(name))
         if rendition:
             match = _PART.match(name)
             if match is not None:
@@ -141,6 +154,37 @@ def live_app(channel: Channel) -> Starlette:
             media_type=_TYPES[".m3u8"],
             headers=headers("index.m3u8", blocking=blocking),
         )
+
+    def _growing(rendition: str, msn: int, head: dict[str, str]) -> Response:
+        """The segment being written, chunk by chunk as its parts land (low-latency DASH):
+        the same bytes its file will hold. A segment that stops growing for the hold time is
+        cut off without the chunked ending, so no cache mistakes it for whole."""
+        track = channel.tracks[rendition]
+        directory = settings.directory / rendition
+
+        def segment() -> Segment | None:
+            return next((s for s in track.window().segments if s.msn == msn), None)
+
+        def moved(sent: int) -> bool:
+            seg = segment()
+            return seg is None or seg.duration is not None or len(seg.parts) > sent
+
+        async def body() -> AsyncIterator[bytes]:
+            sent = 0
+            while True:
+                seg = segment()
+                if seg is None:
+                    raise LiveError(f"{rendition}/seg_{msn}.m4s left the window while sent")
+                for part in seg.parts[sent:]:
+                    yield (directory / part.uri).read_bytes()
+                    sent += 1
+                if seg.duration is not None:
+                    return
+                grew = await wait_until(functools.partial(moved, sent))
+                if not grew:
+                    raise LiveError(f"{rendition}/seg_{msn}.m4s stopped growing")
+
+        return StreamingResponse(body(), media_type=_TYPES[".m4s"], headers=head)
 
     return Starlette(routes=[Route("/{channel}/{path:path}", serve, methods=["GET", "HEAD"])])
 

@@ -2,13 +2,13 @@
 // on a live channel) played with hls.js in low-latency mode: blocking playlist reloads, parts,
 // a target latency held with small playback-rate changes. It shows the latency to the live edge
 // and, from the playlist's program dates, how far behind the encoder's clock the picture is.
-// An MPD (?src=…manifest.mpd…) plays with dash.js, whole segments, its catch-up on.
+// An MPD (?src=…manifest.mpd…) plays with dash.js in low-latency mode (chunked segments).
 // window.live holds the same figures for tests.
 
 const $ = (id) => document.getElementById(id);
 const live = (window.live = {
   playing: false, latency: null, target: null, glass: null, rate: 1, level: -1, errors: [],
-  stalls: 0, currentTime: 0,
+  stalls: 0, currentTime: 0, lowLatency: false,
 });
 
 function say(text) {
@@ -83,11 +83,13 @@ async function playDash(src) {
   }
   const video = $("video");
   const player = dashjs.MediaPlayer().create();
-  const target = 4; // seconds: two segments behind the live edge
+  // Low-latency DASH: the MPD says availabilityTimeComplete="false", so dash.js asks for the
+  // segment being written and reads it chunk by chunk as it arrives (its fetch loader); the
+  // latency it holds, and the playback rates it may use to hold it, come from the MPD's
+  // ServiceDescription.
   player.updateSettings({
     streaming: {
-      delay: { liveDelay: target },
-      liveCatchup: { enabled: true, playbackRate: { min: -0.1, max: 0.1 } },
+      liveCatchup: { enabled: true, mode: "liveCatchupModeDefault" },
     },
   });
   player.on(dashjs.MediaPlayer.events.ERROR, (e) => {
@@ -97,9 +99,15 @@ async function playDash(src) {
   video.addEventListener("waiting", () => { if (live.playing) live.stalls += 1; });
   player.initialize(video, src, true);
   setInterval(() => {
-    const latency = player.getCurrentLiveLatency();
-    live.latency = Number.isFinite(latency) ? latency : null;
-    live.target = target;
+    try { // these throw until playback is initialised
+      const latency = player.getCurrentLiveLatency();
+      live.latency = Number.isFinite(latency) ? latency : null;
+      const target = player.getTargetLiveDelay();
+      live.target = Number.isFinite(target) && target > 0 ? target : null;
+      live.lowLatency = player.getLowLatencyModeEnabled();
+    } catch (err) {
+      return;
+    }
     live.rate = video.playbackRate;
     live.currentTime = video.currentTime;
     show();

@@ -1,0 +1,82 @@
+"""Low-latency DASH's segment being written, over HTTP: from the origin chunk by chunk as its
+parts land, and through a real edge (one origin request, held whole, then cached)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from streamplane.live import SyntheticOrigin
+from tests.edge.conftest import start_edge, token
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture
+def origin(tmp_path: Path) -> Iterator[SyntheticOrigin]:
+    o = SyntheticOrigin(tmp_path / "origin")
+    yield o
+    o.stop()
+
+
+def test_the_segment_being_written_streams_as_its_parts_land(origin: SyntheticOrigin) -> None:
+    origin.land()  # segment 0, part 0 (a keyframe)
+    url = f"{origin.url}/ch1/v240/seg_0.m4s"
+    got: list[tuple[float, bytes]] = []
+    with httpx.stream("GET", url, timeout=20) as response:
+        assert response.status_code == 200
+        assert "content-length" not in response.headers  # chunked: its length is not known
+        assert "immutable" in response.headers["cache-control"]  # the bytes are final
+
+        def land_later() -> None:
+            for _ in range(4):  # parts 1-3, then a keyframe that begins segment 1
+                time.sleep(0.3)
+                origin.land()
+
+        lander = threading.Thread(target=land_later)
+        started = time.monotonic()
+        lander.start()
+        for chunk in response.iter_raw():
+            got.append((time.monotonic() - started, chunk))
+        lander.join()
+    body = b"".join(chunk for _, chunk in got)
+    # the first part came before the others were made, the rest as they landed
+    assert got[0][0] < 0.25 and body[:16] == (0).to_bytes(8, "big") * 2
+    # what it sent is the segment's file, whole, once the segment closed
+    assert body == (origin.settings.directory / "v240" / "seg_0.m4s").read_bytes()
+    assert len(body) == 4 * 16
+
+
+def test_an_edge_fetches_the_segment_being_written_once_and_keeps_it_whole(
+    origin: SyntheticOrigin, tmp_path: Path
+) -> None:
+    edge = start_edge(tmp_path, origin.url, workers=1, live_playlist_ttl_s=0.5)
+    try:
+        origin.land()
+        tok = token("/ch1/*")
+        answers: list[httpx.Response] = []
+
+        def ask() -> None:
+            answers.append(edge.get("/ch1/v240/seg_0.m4s", tok))
+
+        askers = [threading.Thread(target=ask) for _ in range(5)]
+        for t in askers:
+            t.start()
+        for _ in range(4):
+            time.sleep(0.3)
+            origin.land()
+        for t in askers:
+            t.join(20)
+        whole = (origin.settings.directory / "v240" / "seg_0.m4s").read_bytes()
+        assert [a.status_code for a in answers] == [200] * 5
+        assert all(a.content == whole for a in answers)
+        assert origin.requests["/ch1/v240/seg_0.m4s"] == 1
+        again = edge.get("/ch1/v240/seg_0.m4s", tok)
+        assert again.content == whole and origin.requests["/ch1/v240/seg_0.m4s"] == 1
+    finally:
+        edge.stop()
