@@ -1054,6 +1054,10 @@ def live_record(
     )
 
 
+# What ffmpeg says when a channel turns a publisher away, over SRT or RTMP.
+_FEED_REFUSED = ("Connection to", "RTMP handshake", "Connection reset by peer", "Broken pipe")
+
+
 @live_app.command("feed")
 def live_feed(
     channel: str = typer.Argument(..., help="Channel name (for the log)."),
@@ -1068,6 +1072,7 @@ def live_feed(
 ) -> None:
     """Push a test feed (burnt-in clock) to a channel in real time, until Ctrl-C."""
     import subprocess
+    import sys
 
     from streamplane import live
     from streamplane.media.ffmpeg import ffmpeg_exe
@@ -1078,10 +1083,24 @@ def live_feed(
         raise _error(str(exc), 2) from None
     console.print(f"feeding {channel} from {source} to {to}")
     cmd = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "error", *args]
+    refused = False
     try:
-        code = subprocess.call(cmd)
+        with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as process:
+            assert process.stderr is not None
+            for line in process.stderr:
+                sys.stderr.write(line)
+                # SRT: a wrong key fails the handshake; a channel that already has a publisher
+                # no longer listens. RTMP: the channel closes the connection.
+                refused = refused or any(m in line for m in _FEED_REFUSED)
+        code = process.returncode
     except KeyboardInterrupt:
         code = 0
+    if code != 0 and refused:
+        raise _error(
+            f"the channel refused the feed: a wrong stream key, or {channel} already has a "
+            "publisher (its status.json says which)",
+            1,
+        )
     if code != 0:
         raise _error(f"the feed stopped: ffmpeg exited with {code} (see above)", 1)
 

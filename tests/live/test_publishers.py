@@ -52,7 +52,9 @@ def test_a_second_publisher_is_refused_and_the_first_plays_on(
     wait_for(lambda: _newest(channel), 10, "a part")
 
     second = channel.feed(4, rtmp=second_over_rtmp)
-    assert second.wait(20) != 0  # refused: it never publishes
+    assert second.wait(20) != 0  # refused: it never publishes, and its publisher is told
+    assert second.stderr is not None
+    assert "the channel refused the feed" in second.stderr.read().decode()
     if second_over_rtmp:
         wait_for(
             lambda: any("second publisher" in p for p in status_problems(channel)),
