@@ -17,6 +17,8 @@ Per channel (``docs/realtime.md`` has the table):
 - ``:z`` / ``:i`` presence: a sorted set of connections by expiry time (the engine's clock) and
   their entries.
 - ``:c`` viewer counts: ``node -> count:until`` per channel.
+- ``:r:<user>`` a user's chat rate-limit bucket on the channel (tokens and when), expiring once
+  it would be full again.
 
 A publication is one script: the epoch is created when the meta hash is missing (a Redis that
 lost its data, an expired channel), the offset is ``top + 1``, the entry is added, trimmed, and
@@ -64,6 +66,7 @@ from streamplane.realtime.broker import (
     PresenceEntry,
     PresenceStats,
     Publication,
+    RateTaken,
     Recovered,
     RecoveryListener,
     StateValue,
@@ -247,6 +250,27 @@ end
 return out
 """
 )
+
+# KEYS bucket hash; ARGV 1 now ms, 2 rate per second, 3 burst, 4 key ttl ms. A token bucket
+# shared by every gateway process: {1, 0} taken, {0, ms until a token is there} refused.
+# Tokens are kept as text with 17 significant digits: a Lua number survives the round trip.
+_RATE_TAKE = """
+local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local held = redis.call('HMGET', KEYS[1], 't', 's')
+local tokens, stamp = tonumber(held[1]), tonumber(held[2])
+if not tokens or not stamp then tokens = burst; stamp = now end
+if now > stamp then
+  tokens = math.min(burst, tokens + (now - stamp) * rate / 1000)
+  stamp = now
+end
+local taken = 0
+if tokens >= 1 then tokens = tokens - 1; taken = 1 end
+redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', stamp)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if taken == 1 then return {1, 0} end
+if rate <= 0 then return {0, -1} end
+return {0, math.ceil((1 - tokens) * 1000 / rate)}
+"""
 
 # KEYS counts hash; ARGV 1 node, 2 'count:until' or '' to withdraw, 3 ttl ms.
 _COUNT_REPORT = (
@@ -585,6 +609,7 @@ class RedisBroker:
         self._presence_read = register(_PRESENCE_READ)
         self._count_report = register(_COUNT_REPORT)
         self._count_read = register(_COUNT_READ)
+        self._rate_take = register(_RATE_TAKE)
 
     @classmethod
     def connect(cls, url: str, *, cluster: bool = False, **options: Any) -> RedisBroker:
@@ -909,6 +934,20 @@ class RedisBroker:
     async def state(self, channel: str) -> dict[str, StateValue]:
         values = await self._call(self._client.hgetall(self._key(channel, "s")))
         return {_text(k): state_from_data(v) for k, v in values.items()}
+
+    # -- rate limits --------------------------------------------------------------------------
+
+    async def rate_take(self, channel: str, user: str, *, rate: float, burst: int) -> RateTaken:
+        # The user's bucket carries the channel's hash tag: on the channel's shard in a cluster.
+        key = self._key(channel, f"r:{user}")
+        # Idle long enough to be full again, the bucket is the same as none: it expires then.
+        refill_ms = math.ceil(burst / rate * 1000) if rate > 0 else self.meta_ttl_ms
+        args: list[Arg] = [self._now_ms(), repr(float(rate)), burst, refill_ms + 1000]
+        taken, wait_ms = await self._call(self._rate_take(keys=[key], args=args))
+        if _int(taken):
+            return RateTaken(taken=True)
+        wait = _int(wait_ms)
+        return RateTaken(taken=False, wait_ms=wait if wait >= 0 else 2**31)
 
     # -- viewer counts ------------------------------------------------------------------------
 
