@@ -327,3 +327,20 @@ async def test_a_users_rate_limit_is_one_bucket_shared_by_every_node(harness: Ha
     harness.clock.advance(60)  # idle: full again, never more than the burst
     again = [(await b.rate_take("chat:a", "ann", **limit)).taken for _ in range(4)]
     assert again == [True, True, True, False]
+
+
+async def test_a_burst_of_concurrent_operations_on_one_node_is_served_not_refused(
+    harness: Harness,
+) -> None:
+    """A reconnect storm on one gateway process: hundreds of presence joins and recoveries at
+    once. Each is answered; none is refused as if the store were down."""
+    node = await harness.node()
+    positions = await publish_many(node, "chat:a", 3)
+    clients = [f"c{i:03d}" for i in range(300)]
+    joins = [node.presence_join("chat:a", PresenceEntry(client=c, user=c), ttl=30) for c in clients]
+    recoveries = [node.recover("chat:a", positions[0], limit=100) for _ in clients]
+    await asyncio.gather(*joins)
+    answers = await asyncio.gather(*recoveries)
+    assert all(a.recovered and [p.offset for p in a.publications] == [2, 3] for a in answers)
+    assert (await node.presence_stats("chat:a")).clients == 300
+    assert node.health().ok

@@ -569,6 +569,7 @@ class RedisBroker:
         subscribe_timeout: float = 5.0,
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
+        max_inflight: int = 64,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise BrokerError(f"a key prefix must not hold braces (hash tags): {prefix!r}")
@@ -600,6 +601,12 @@ class RedisBroker:
         self._reported: set[str] = set()
         self._commands_down: str | None = None
         self._closed = False
+        # Commands in flight at once from this node. redis-py's pool refuses a command past its
+        # connection limit ("Too many connections", 100 by default) instead of waiting: in a
+        # reconnect storm a gateway runs a presence join and a recovery per arriving client at
+        # once, and every one past the limit would be answered "broker unavailable". Past this
+        # many they wait their turn; it stays under the pool's limit (per node in a cluster).
+        self._inflight = asyncio.Semaphore(max(1, max_inflight))
         register = client.register_script
         self._publish = register(_PUBLISH)
         self._state_write = register(_STATE_WRITE)
@@ -663,7 +670,8 @@ class RedisBroker:
         if self._closed:
             raise BrokerError("the broker node is closed")
         try:
-            result = await awaitable
+            async with self._inflight:
+                result = await awaitable
         except _UNAVAILABLE as exc:
             self._commands_down = f"Redis does not answer: {exc}"
             raise BrokerUnavailable(self._commands_down) from exc
