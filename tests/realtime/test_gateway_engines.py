@@ -9,6 +9,7 @@ broker times (rate-limit refills, presence and count expiry), so nothing here wa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -228,8 +229,6 @@ async def settle_presence(client: RealtimeClient, channel: str, users: list[str]
 
 
 async def until_async(condition: Callable[[], Awaitable[bool]], timeout: float) -> None:
-    import asyncio
-
     async with asyncio.timeout(timeout):
         while not await condition():
             await asyncio.sleep(0.05)
