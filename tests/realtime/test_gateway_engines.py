@@ -250,6 +250,9 @@ async def test_presence_and_counts_are_whole_again_when_the_broker_returns(
         await client.synced.wait()
     await settle_presence(ann, "chat:final", ["ann", "bob", "carl", "dave"])
     await until(lambda: ann.views["chat:final"].viewers == 4)
+    first = (await bob.publish("chat:final", {"text": "before"})).position
+    assert first is not None
+    await until(lambda: ann.cursor.position("chat:final") == first)
     await harness.interrupt()
     await until(lambda: not gateway_a.broker.health().ok)
     await dave.stop()  # gone during the outage: its leave cannot reach the broker
@@ -259,3 +262,11 @@ async def test_presence_and_counts_are_whole_again_when_the_broker_returns(
     await until(lambda: carl.views["chat:final"].viewers == 3)
     assert gateway_a.stats["presence_rejoined"] >= 2
     assert ann.connects == 1 and carl.connects == 1, "connections kept through the outage"
+    # The stream: a new epoch when the store came back empty (every view reloads), the same
+    # one when it kept its data (nothing to reload); either way the next publication arrives.
+    await until(lambda: ann.views["chat:final"].reloads == (2 if lose_data else 1))
+    after = await bob.publish("chat:final", {"text": "back"})
+    assert after.position is not None
+    await until(lambda: ann.cursor.position("chat:final") == after.position)
+    assert (after.position.epoch != first.epoch) is lose_data
+    assert ann.views["chat:final"].reloads == (2 if lose_data else 1)

@@ -901,16 +901,17 @@ class Gateway:
                     self._unleft.pop((name, client), None)
                 for name in sorted(names):
                     channel = self.channels.get(name)
-                    for conn in list(channel.conns if channel is not None else ()):
-                        if conn not in channel.conns or conn.grant is None:  # type: ignore[union-attr]
-                            continue
-                        entry = PresenceEntry(client=conn.client, user=conn.grant.user)
-                        await self.broker.presence_join(name, entry, ttl=ttl)
-                        self.stats["presence_rejoined"] += 1
-                        if conn not in channel.conns:  # type: ignore[union-attr]
-                            # It left while its entry was on the way: its own leave may have
-                            # landed first.
-                            await self.broker.presence_leave(name, conn.client)
+                    if channel is None:
+                        continue
+                    # All at once: the engine bounds what is in flight (thousands of
+                    # connections one round trip after another would take seconds).
+                    results = await asyncio.gather(
+                        *(self._rejoin(channel, conn, ttl) for conn in list(channel.conns)),
+                        return_exceptions=True,
+                    )
+                    for result in results:
+                        if isinstance(result, BaseException):
+                            raise result
                 return
             except BrokerError as err:
                 # A restarted cluster node refuses work for a moment after its pub/sub is back.
@@ -919,6 +920,16 @@ class Gateway:
         _log.error(
             "presence of %d channel(s) not joined again; it returns with new joins", len(names)
         )
+
+    async def _rejoin(self, channel: _Channel, conn: _Connection, ttl: float) -> None:
+        if conn not in channel.conns or conn.grant is None:
+            return
+        entry = PresenceEntry(client=conn.client, user=conn.grant.user)
+        await self.broker.presence_join(channel.name, entry, ttl=ttl)
+        self.stats["presence_rejoined"] += 1
+        if conn not in channel.conns:
+            # It left while its entry was on the way: its own leave may have landed first.
+            await self.broker.presence_leave(channel.name, conn.client)
 
     # -- once a tick: presence, counts, token expiry ------------------------------------------
 
