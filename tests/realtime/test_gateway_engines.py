@@ -160,6 +160,11 @@ async def test_an_oversized_message_is_refused_before_anything_is_stored_or_coun
             "state:final", "odds", "x" * 5000, seq=1, source_time_ms=0, max_age_ms=1000
         )
     assert err.value.reply.code == Code.MESSAGE_TOO_LARGE
+    with pytest.raises(RequestFailed) as err:  # a small value under a huge key: as large
+        await source.set_state(
+            "state:final", "k" * 5000, 1, seq=1, source_time_ms=0, max_age_ms=1000
+        )
+    assert err.value.reply.code == Code.MESSAGE_TOO_LARGE
     assert await gateway.broker.state("state:final") == {}
     assert (await gateway.broker.history("state:final", limit=1)).top.offset == 0
 

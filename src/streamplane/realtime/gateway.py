@@ -562,8 +562,13 @@ class Gateway:
             source_time_ms=frame.source_time_ms,
             max_age_ms=frame.max_age_ms,
         )
-        if len(value.value) > namespace.max_message_bytes:
-            raise FrameError(Code.MESSAGE_TOO_LARGE, f"at most {namespace.max_message_bytes} bytes")
+        # The key is stored and published with every write: it counts against the limit too.
+        size = len(value.value) + len(value.key.encode())
+        if size > namespace.max_message_bytes:
+            raise FrameError(
+                Code.MESSAGE_TOO_LARGE,
+                f"key and value {size} bytes; at most {namespace.max_message_bytes}",
+            )
         write = await self.broker.state_write(
             frame.channel,
             value,
