@@ -275,3 +275,32 @@ async def test_presence_and_counts_are_whole_again_when_the_broker_returns(
     await until(lambda: ann.cursor.position("chat:final") == after.position)
     assert (after.position.epoch != first.epoch) is lose_data
     assert ann.views["chat:final"].reloads == (2 if lose_data else 1)
+
+
+async def test_a_tail_with_a_hole_behind_it_never_bridges_the_hole(
+    start: Start, clients: Callable[..., RealtimeClient], harness: Harness
+) -> None:
+    """The process missed deliveries (its broker subscription dropped them) and a client
+    reconnects before the hole shows: the tail answers only up to what the process delivered,
+    and the hole, once seen, is filled from the broker for that client too: every publication
+    once, in order, no reload."""
+    gateway, url = await start()
+    other = await harness.node()  # another process's publisher
+    keep = {"history_size": 100, "history_ttl": 600.0}
+    ann = clients(url, token("ann"), "fast:final")
+    await ann.synced.wait()
+    await other.publish("fast:final", b'{"n":0}', **keep)
+    await until(lambda: len(ann.views["fast:final"].messages) == 1)
+    await gateway.broker.unsubscribe("fast:final", gateway._on_publication)
+    for n in (1, 2):  # published while the process hears nothing
+        await other.publish("fast:final", f'{{"n":{n}}}'.encode(), **keep)
+    drop(gateway, "ann")
+    await until(lambda: ann.connects == 2 and ann.synced.is_set())
+    assert gateway.stats["tail_recoveries"] == 1, "answered from the tail, up to offset 1"
+    await gateway.broker.subscribe("fast:final", gateway._on_publication)
+    await other.publish("fast:final", b'{"n":3}', **keep)
+    await until(lambda: len(ann.views["fast:final"].messages) == 4)
+    view = ann.views["fast:final"]
+    assert [json.loads(bytes(m.data))["n"] for m in view.messages] == [0, 1, 2, 3]
+    assert [m.offset for m in view.messages] == [1, 2, 3, 4]
+    assert view.reloads == 1 and gateway.stats["resets"] == 0
