@@ -34,7 +34,7 @@ forget = st.just(("forget",))
 query = st.tuples(st.sampled_from(EPOCHS), st.integers(-2, 44), st.integers(0, 50))
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     size=st.integers(0, 16),
     ttl_ms=st.integers(0, 5_000),
@@ -72,7 +72,7 @@ def test_every_answer_is_exactly_the_missed_publications_or_a_refusal(
             assert len(answer) <= size
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     size=st.integers(1, 16),
     start=st.integers(0, 20),
