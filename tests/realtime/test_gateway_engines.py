@@ -1,7 +1,8 @@
 """The gateway's behaviours that depend on the engine, run over real WebSockets on every engine
 in ENGINES (memory, Redis, Redis Cluster): recovery (within the history, beyond it, a new epoch),
 rate and size limits across processes, state and its staleness, presence and counts across
-processes, and presence after the broker comes back.
+processes, presence after the broker comes back, and a slow consumer cut while the others get
+every publication.
 
 Each gateway is one process's node on the harness's store; the harness's clock drives what the
 broker times (rate-limit refills, presence and count expiry), so nothing here waits on it.
@@ -11,10 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from streamplane.realtime.client import RealtimeClient, RequestFailed
 from streamplane.realtime.gateway import Gateway, GatewaySettings
@@ -304,3 +308,40 @@ async def test_a_tail_with_a_hole_behind_it_never_bridges_the_hole(
     assert [json.loads(bytes(m.data))["n"] for m in view.messages] == [0, 1, 2, 3]
     assert [m.offset for m in view.messages] == [1, 2, 3, 4]
     assert view.reloads == 1 and gateway.stats["resets"] == 0
+
+
+async def test_a_slow_consumer_is_cut_and_the_others_get_everything(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    gateway, url = await start(send_queue_bytes=32 * 1024)
+    fast = clients(url, token("bob"), "fast:final")
+    await fast.synced.wait()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    sock.setblocking(False)
+    slow = await connect(f"{url}/connect?token={token()}", sock=sock, ping_interval=None)
+    await slow.recv()
+    await slow.send('{"type":"subscribe","id":1,"channels":[{"channel":"fast:final"}]}')
+    await slow.recv()
+    slow.transport.pause_reading()  # reads nothing more: its queue at the gateway grows
+    text = "x" * 14_000  # 400 of them: more than the kernel's socket buffers hold
+
+    async def publish_all() -> None:
+        for i in range(400):
+            await fast.publish("fast:final", {"n": i, "text": text})
+
+    publishing = asyncio.create_task(publish_all())
+    await until(lambda: gateway.stats["slow"] >= 1 or publishing.done(), timeout=30)
+    assert gateway.stats["slow"] >= 1
+    # Read at once: the gateway waits a second for a cut client to take its close, then aborts.
+    slow.transport.resume_reading()
+    codes = []
+    with pytest.raises(ConnectionClosed):
+        while True:
+            codes.append(json.loads(await slow.recv()).get("code"))
+    assert codes[-1] == Code.SLOW
+    await slow.close()
+    await publishing
+    await until(lambda: len(fast.views["fast:final"].messages) == 400, timeout=20)
+    assert [m.offset for m in fast.views["fast:final"].messages] == list(range(1, 401))
