@@ -19,7 +19,20 @@ Method
   And recoveries: the engine's read script for a client 10 publications behind (the range
   read a reconnecting client costs), per second and per Redis CPU-second, no subscribers.
 
+Storm (``--storm N``, run on its own): what a reconnect storm costs Redis with the gateway's
+recovery tail and without it (``tail_size=0``: every recovery reads the stream), both sides in
+the same run, alternating, each on its own key prefix. One gateway process on the private
+Redis; ``N`` viewers (the project's ``RealtimeClient``) and a host that stays subscribed (the
+channel stays on the process, as it does while any of its viewers is connected) on one chat
+channel; 20 publications from another node (another process's publisher); then every viewer's
+connection is aborted, 20 more publications go out while they are away, and the viewers
+reconnect (full jitter, 0.5 s base) and recover.
+Measured from the drop until every viewer holds all 40, once and in order: Redis commands
+(``INFO commandstats``, every command, the gateway's presence leaves and joins and its ticks
+included), recoveries answered by Redis and by the tail, Redis CPU.
+
 Reproduce: .venv/bin/python bench/realtime_redis.py [--cpu-seconds 1] [--subscribers 0,50,200]
+           .venv/bin/python bench/realtime_redis.py --storm 200 [--repeat 2]
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import contextlib
 import multiprocessing
 import os
 import platform
+import secrets
 import selectors
 import shlex
 import socket
@@ -37,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -44,7 +59,10 @@ import hiredis
 import redis.asyncio as aioredis
 
 from streamplane.realtime.broker import Position
+from streamplane.realtime.client import RealtimeClient
+from streamplane.realtime.gateway import Gateway, GatewaySettings
 from streamplane.realtime.redis import RedisBroker, _Body, _pack, channel_key
+from streamplane.realtime.tokens import sign_realtime_token
 from streamplane.reporting import Table, markdown_table
 from streamplane.stack import _die_with_parent, free_port
 
@@ -166,13 +184,136 @@ async def engine_command(port: int) -> tuple[bytes, bytes, bytes]:
     return engine, bare, recover
 
 
+STORM_KEY = b"s" * 32
+STORM_PUBLISHES = 20
+
+
+async def redis_totals(client: aioredis.Redis) -> int:
+    """Every command Redis has run (``INFO`` itself excepted)."""
+    stats = await client.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def storm_side(port: int, pid: int, viewers: int, *, tail: bool) -> list[str]:
+    """One storm on a fresh gateway (tail on or off); the row of the table."""
+    prefix = f"storm{secrets.token_hex(4)}:"
+    broker = RedisBroker.connect(f"redis://127.0.0.1:{port}", prefix=prefix)
+    settings = GatewaySettings(
+        token_key=STORM_KEY,
+        tail_size=1_000 if tail else 0,
+        admission_rate=1e6,
+        admission_burst=10**6,
+    )
+    gateway = Gateway(broker, settings)
+    url = f"ws://127.0.0.1:{await gateway.start('127.0.0.1', 0)}"
+    now = int(time.time())
+
+    def token(user: str, rights: list[str]) -> str:
+        return sign_realtime_token(
+            STORM_KEY, user=user, channels={"chat:*": rights}, now=now, ttl_s=3600
+        )
+
+    host = RealtimeClient(url, token("host", ["read"]), channels=[CHANNEL])
+    # The publisher is another process's node, so the storm here cannot hold its messages up.
+    source = RedisBroker.connect(f"redis://127.0.0.1:{port}", prefix=prefix)
+    crowd = [
+        RealtimeClient(url, token(f"v{i}", ["read"]), channels=[CHANNEL], backoff_base=0.5)
+        for i in range(viewers)
+    ]
+    stats = aioredis.Redis(port=port)
+    try:
+        for client in (host, *crowd):
+            client.start()
+        for client in (host, *crowd):
+            await asyncio.wait_for(client.synced.wait(), 60)
+        for n in range(STORM_PUBLISHES):
+            await source.publish(CHANNEL, b'{"n":%d}' % n, history_size=100, history_ttl=600.0)
+
+        def holding(count: int) -> bool:
+            return all(
+                [m.offset for m in c.views[CHANNEL].messages] == list(range(1, count + 1))
+                for c in crowd
+            )
+
+        async def until(condition: Callable[[], bool]) -> None:
+            async with asyncio.timeout(120):
+                while not condition():
+                    await asyncio.sleep(0.02)
+
+        await until(lambda: holding(STORM_PUBLISHES))
+        before = dict(gateway.stats)
+        commands, cpu, start = await redis_totals(stats), cpu_seconds(pid), time.perf_counter()
+        for conn in list(gateway.connections):  # a network blip: every viewer drops at once
+            if conn.grant is not None and conn.grant.user != "host" and conn.transport:
+                conn.transport.abort()
+        for n in range(STORM_PUBLISHES, 2 * STORM_PUBLISHES):
+            await source.publish(CHANNEL, b'{"n":%d}' % n, history_size=100, history_ttl=600.0)
+        await until(lambda: holding(2 * STORM_PUBLISHES) and all(c.connects == 2 for c in crowd))
+        wall = time.perf_counter() - start
+        cpu, commands = cpu_seconds(pid) - cpu, await redis_totals(stats) - commands - 1
+        reloads = sum(c.views[CHANNEL].reloads - 1 for c in crowd)
+        delta = {k: gateway.stats[k] - before.get(k, 0) for k in gateway.stats}
+        return [
+            "tail" if tail else "no tail (every recovery reads Redis)",
+            str(viewers),
+            f"{commands:,}",
+            f"{commands / viewers:.2f}",
+            str(delta["broker_recoveries"]),
+            str(delta["tail_recoveries"]),
+            f"{cpu * 1000:.0f}",
+            f"{wall:.1f}",
+            str(reloads),
+        ]
+    finally:
+        for client in (host, *crowd):
+            await client.stop()
+        await gateway.close()
+        await source.close()
+        await stats.aclose()
+
+
+def storm(viewers: int, repeat: int) -> None:
+    rows: list[list[str]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_redis(Path(tmp))
+        try:
+            for _ in range(repeat):
+                for tail in (True, False):
+                    rows.append(asyncio.run(storm_side(port, proc.pid, viewers, tail=tail)))
+        finally:
+            proc.kill()
+            proc.wait()
+    table = Table(
+        headers=[
+            "side",
+            "viewers",
+            "Redis commands in the storm",
+            "per viewer",
+            "recoveries read from Redis",
+            "recoveries from the tail",
+            "Redis CPU ms",
+            "storm s",
+            "reloads",
+        ],
+        rows=rows,
+        right=frozenset({1, 2, 3, 4, 5, 6, 7, 8}),
+    )
+    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print("\n".join(markdown_table(table)))
+    print(f"\n.venv/bin/python bench/realtime_redis.py {shlex.join(sys.argv[1:])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--publishes", type=int, default=20_000, help="per load round")
     parser.add_argument("--cpu-seconds", type=float, default=1.0, help="Redis CPU per side")
     parser.add_argument("--subscribers", default="0,50,200")
     parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--storm", type=int, default=0, help="viewers: the storm comparison")
     opts = parser.parse_args()
+    if opts.storm:
+        storm(opts.storm, opts.repeat)
+        return
     counts = [int(c) for c in opts.subscribers.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = start_redis(Path(tmp))

@@ -2,8 +2,9 @@
 
 A harness hands out started nodes (each one gateway process) on one fresh backing store, a
 clock the test advances, and a way to take the store down and bring it back empty (a Redis
-restart without persistence). An engine joins the suite by adding its harness factory here; a
-factory gets the pytest request, for the session fixtures it needs (a Redis Cluster).
+restart without persistence) or with its data (a network cut). An engine joins the suite by
+adding its harness factory here; a factory gets the pytest request, for the session fixtures it
+needs (a Redis Cluster).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Harness(Protocol):
 
     async def interrupt(self) -> None: ...
 
-    async def restore(self) -> None: ...
+    async def restore(self, *, lose_data: bool = True) -> None: ...
 
 
 class MemoryHarness:
@@ -59,8 +60,8 @@ class MemoryHarness:
     async def interrupt(self) -> None:
         self.hub.interrupt()
 
-    async def restore(self) -> None:
-        self.hub.restore(lose_data=True)
+    async def restore(self, *, lose_data: bool = True) -> None:
+        self.hub.restore(lose_data=lose_data)
 
 
 @asynccontextmanager

@@ -6,9 +6,9 @@ loopback ports, started once per session (``redis_cluster`` in conftest) and kil
 
 The nodes reach Redis through a :class:`FaultProxy` per server, so that an outage can be made
 without stopping a Redis that others use: ``interrupt`` resets every connection and refuses new
-ones, ``restore`` deletes the test's keys (what a restart without persistence loses) and lets
-connections through again. Tests that restart a real ``redis-server`` are in
-``test_redis_lost.py``.
+ones, ``restore`` deletes the test's keys (what a restart without persistence loses; kept with
+``lose_data=False``, a network cut) and lets connections through again. Tests that restart a
+real ``redis-server`` are in ``test_redis_lost.py``.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ class RedisHarness:
         for proxy in self.proxies.values():
             proxy.interrupt()
 
-    async def restore(self) -> None:
-        await self.forget()
+    async def restore(self, *, lose_data: bool = True) -> None:
+        if lose_data:
+            await self.forget()
         for proxy in self.proxies.values():
             proxy.heal()
 

@@ -310,3 +310,37 @@ async def test_an_outage_is_reported_and_the_return_makes_subscribers_recover(
     after = await node.publish("chat:a", doc(100), **KEEP)
     got = await inbox.wait(4)
     assert got[-1].position == after
+
+
+async def test_a_users_rate_limit_is_one_bucket_shared_by_every_node(harness: Harness) -> None:
+    """A user with connections on several gateway processes gets the channel's rate once."""
+    a, b, c = await harness.node(), await harness.node(), await harness.node()
+    limit = {"rate": 2.0, "burst": 3}
+    taken = [await node.rate_take("chat:a", "ann", **limit) for node in (a, b, c, a, b, c)]
+    assert [t.taken for t in taken] == [True, True, True, False, False, False]
+    assert 0 < taken[3].wait_ms <= 500, "one token comes back in half a second at 2/s"
+    assert (await b.rate_take("chat:a", "bob", **limit)).taken, "each user has their own bucket"
+    assert (await b.rate_take("chat:other", "ann", **limit)).taken, "and each channel"
+    harness.clock.advance(0.5)  # one token back, whichever node asks
+    assert (await c.rate_take("chat:a", "ann", **limit)).taken
+    assert not (await a.rate_take("chat:a", "ann", **limit)).taken
+    harness.clock.advance(60)  # idle: full again, never more than the burst
+    again = [(await b.rate_take("chat:a", "ann", **limit)).taken for _ in range(4)]
+    assert again == [True, True, True, False]
+
+
+async def test_a_burst_of_concurrent_operations_on_one_node_is_served_not_refused(
+    harness: Harness,
+) -> None:
+    """A reconnect storm on one gateway process: hundreds of presence joins and recoveries at
+    once. Each is answered; none is refused as if the store were down."""
+    node = await harness.node()
+    positions = await publish_many(node, "chat:a", 3)
+    clients = [f"c{i:03d}" for i in range(150)]  # past redis-py's pool of 100
+    joins = [node.presence_join("chat:a", PresenceEntry(client=c, user=c), ttl=30) for c in clients]
+    recoveries = [node.recover("chat:a", positions[0], limit=100) for _ in clients]
+    await asyncio.gather(*joins)
+    answers = await asyncio.gather(*recoveries)
+    assert all(a.recovered and [p.offset for p in a.publications] == [2, 3] for a in answers)
+    assert (await node.presence_stats("chat:a")).clients == 150
+    assert node.health().ok

@@ -19,6 +19,7 @@ from tests.realtime.redis_engines import FAST, delete_prefix
 from tests.realtime.redis_servers import SHARED_REDIS, RedisServer, have_redis_server, reachable
 from tests.realtime.test_gateway import FAST as NAMESPACES
 from tests.realtime.test_gateway import KEY, clients, token, until
+from tests.realtime.test_gateway_engines import settle_presence
 
 __all__ = ["clients"]  # the gateway tests' client fixture, used here too
 
@@ -90,10 +91,12 @@ async def test_redis_restarted_under_the_gateways_keeps_connections_and_every_vi
         url_b = await gateways(server.url)  # type: ignore[misc]
         ann = clients(url_a, token("ann"), "chat:final")
         bob = clients(url_b, token("bob"), "chat:final")
-        await ann.synced.wait()
-        await bob.synced.wait()
+        carl = clients(url_b, token("carl"), "chat:final")
+        for client in (ann, bob, carl):
+            await client.synced.wait()
         await bob.publish("chat:final", {"n": 0})
         await until(lambda: len(ann.views["chat:final"].messages) == 1)
+        await settle_presence(ann, "chat:final", ["ann", "bob", "carl"])
         reloads = ann.views["chat:final"].reloads
         server.kill()
         port_a = url_a.rsplit(":", 1)[1]
@@ -105,12 +108,17 @@ async def test_redis_restarted_under_the_gateways_keeps_connections_and_every_vi
             with pytest.raises(RequestFailed) as err:
                 await bob.publish("chat:final", {"n": 1})
             assert err.value.reply.code == Code.UNAVAILABLE
+            await carl.stop()  # gone while Redis was: never present again
             server.start()  # the same port, empty
             await until(lambda: ann.views["chat:final"].reloads > reloads, timeout=10)
             async with asyncio.timeout(10):
                 while (await http.get(health)).status_code != 200:
                     await asyncio.sleep(0.05)
         assert ann.connected.is_set() and bob.connected.is_set(), "connections kept"
+        # Presence was lost with the data: every connection still held is present again, and
+        # the viewer count is right again.
+        await settle_presence(bob, "chat:final", ["ann", "bob"])
+        await until(lambda: ann.views["chat:final"].viewers == 2, timeout=10)
         after = await bob.publish("chat:final", {"n": 2})
         assert after.position is not None
         await until(

@@ -26,6 +26,9 @@ event. The contract, per concern:
   current one is dropped (out of order or duplicate) and reported as not applied. An applied
   write is also published on the channel (``kind="state"``, the encoded :class:`StateValue` as
   data) so subscribers receive it in order with the rest.
+- Rate limits. :meth:`Broker.rate_take` takes one token from a user's bucket on a channel,
+  one bucket per user and channel on the backing store, so a user with connections on many
+  processes (or many connections on one) gets the channel's rate once, not once per process.
 - Viewer counts. Each node reports its own connections per channel for ``ttl`` seconds; the
   count is the sum over live reports, so a dead process stops counting.
 - Health. :meth:`Broker.health` says whether the backing store answers; operations raise
@@ -57,6 +60,7 @@ __all__ = [
     "PresenceEntry",
     "PresenceStats",
     "Publication",
+    "RateTaken",
     "Recovered",
     "RecoveryListener",
     "StateValue",
@@ -143,6 +147,13 @@ class StateWrite(msgspec.Struct, frozen=True, kw_only=True):
     position: Position | None  # the publication carrying it, when applied
 
 
+class RateTaken(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer of a rate limit: taken, or how long until a token is there."""
+
+    taken: bool
+    wait_ms: int = 0  # when not taken
+
+
 class CountReport(msgspec.Struct, frozen=True, kw_only=True):
     """Viewer counts of several channels, summed over every live node."""
 
@@ -222,6 +233,13 @@ class Broker(Protocol):
     ) -> StateWrite: ...
 
     async def state(self, channel: str) -> dict[str, StateValue]: ...
+
+    # -- rate limits --------------------------------------------------------------------------
+
+    async def rate_take(self, channel: str, user: str, *, rate: float, burst: int) -> RateTaken:
+        """One token from ``user``'s bucket on ``channel`` (``rate`` a second up to ``burst``,
+        full when new or idle), shared by every node."""
+        ...
 
     # -- viewer counts ------------------------------------------------------------------------
 

@@ -17,13 +17,15 @@ Per channel, the process keeps one broker subscription and a cursor. A delivery 
 follow the cursor (lost on the way, or a new epoch) makes the process recover the channel from
 the broker's history, or send every subscriber a ``reset`` when that cannot be done exactly.
 Each connection also has its own position per channel, so a connection joining with a last
-position gets exactly what it missed, then the live stream, nothing twice.
+position gets exactly what it missed, then the live stream, nothing twice. What a connection
+missed is answered from the channel's tail (the newest publications this process delivered,
+``history.RecentTail``) when the tail holds all of it, and from the broker's history otherwise:
+in a reconnect storm the engine is asked only for the gaps no process can fill.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import heapq
 import itertools
 import logging
@@ -50,6 +52,7 @@ from streamplane.realtime.broker import (
     Publication,
     StateValue,
 )
+from streamplane.realtime.history import RecentTail
 from streamplane.realtime.protocol import (
     DEFAULT_NAMESPACES,
     STATE,
@@ -101,6 +104,7 @@ __all__ = ["Gateway", "GatewaySettings", "raise_open_file_limit"]
 _log = logging.getLogger(__name__)
 
 _STATUS_FOR: Final = {Code.UNAUTHORIZED: 401, Code.TOKEN_EXPIRED: 401}
+_REJOIN_ATTEMPTS: Final = 12  # about 15 s of backoff
 
 
 class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -113,6 +117,9 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     send_queue_bytes: int = 256 * 1024
     max_channels: int = 64  # per connection
     recover_limit: int = 1_000  # the most publications one recovery sends
+    # Publications kept per channel (at most the namespace's history) to answer recoveries from
+    # memory; 0 sends every recovery to the broker.
+    tail_size: int = 1_000
     join_history: int = 30  # publications a fresh subscription starts with
     presence_ttl: float = 30.0
     tick: float = 1.0  # presence, counts, expiry: once per tick
@@ -144,6 +151,7 @@ class _Channel:
     cursor: Cursor = field(default_factory=Cursor)
     ready: bool = False  # the broker subscription is in place and the cursor set
     recovering: bool = False
+    tail: RecentTail = field(default_factory=lambda: RecentTail(0, 0))
     held: list[Publication] = field(default_factory=list)  # deliveries during a recovery
     presence: dict[str, str] = field(default_factory=dict)  # client -> user, last snapshot
     subscribing: asyncio.Future[None] | None = None
@@ -360,10 +368,23 @@ class Gateway:
         self.admission = TokenBucket(rate=settings.admission_rate, burst=settings.admission_burst)
         self.counts = CountThrottle(interval=settings.tick)
         self.stats: dict[str, int] = dict.fromkeys(
-            ("accepted", "refused", "handshake_timeouts", "bad_frames", "slow", "resets", "silent"),
+            (
+                "accepted",
+                "refused",
+                "handshake_timeouts",
+                "bad_frames",
+                "slow",
+                "resets",
+                "silent",
+                "tail_recoveries",  # recoveries answered from this process's tail
+                "broker_recoveries",  # recoveries that read the broker's history
+                "presence_rejoined",  # entries joined again after the broker came back
+            ),
             0,
         )
-        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        # Presence leaves the broker refused (it was down), retried when it returns: a
+        # connection that died during an outage must not stay present until its entry expires.
+        self._unleft: dict[tuple[str, str], float] = {}
         self._expiries: list[tuple[int, int, weakref.ref[_Connection]]] = []
         self._ids = itertools.count(1)
         self._ticks = 0
@@ -515,18 +536,18 @@ class Gateway:
             position = await self._append(frame.channel, namespace, data, "message", user)
             conn.send(Reply(id=frame.id, position=position))
             return
-        bucket = self._buckets.get((user, frame.channel))
-        if bucket is None:
-            bucket = self._buckets[(user, frame.channel)] = TokenBucket(
-                rate=namespace.rate_per_s, burst=namespace.burst
-            )
-        if not bucket.take(now):
+        # One bucket per user and channel in the broker: every connection of the user, on every
+        # process, draws from it.
+        taken = await self.broker.rate_take(
+            frame.channel, user, rate=namespace.rate_per_s, burst=namespace.burst
+        )
+        if not taken.taken:
             conn.send(
                 ErrorReply(
                     id=frame.id,
                     code=int(Code.RATE_LIMITED),
                     reason=f"at most {namespace.rate_per_s:g} messages a second",
-                    after_ms=math.ceil(bucket.wait_s() * 1000),
+                    after_ms=max(1, taken.wait_ms),
                 )
             )
             return
@@ -541,8 +562,13 @@ class Gateway:
             source_time_ms=frame.source_time_ms,
             max_age_ms=frame.max_age_ms,
         )
-        if len(value.value) > namespace.max_message_bytes:
-            raise FrameError(Code.MESSAGE_TOO_LARGE, f"at most {namespace.max_message_bytes} bytes")
+        # The key is stored and published with every write: it counts against the limit too.
+        size = len(value.value) + len(value.key.encode())
+        if size > namespace.max_message_bytes:
+            raise FrameError(
+                Code.MESSAGE_TOO_LARGE,
+                f"key and value {size} bytes; at most {namespace.max_message_bytes}",
+            )
         write = await self.broker.state_write(
             frame.channel,
             value,
@@ -616,6 +642,16 @@ class Gateway:
                 ttl=self.settings.presence_ttl,
             )
         if since is not None:
+            missed = self._from_tail(channel, since)
+            if missed is not None:
+                conn.positions.reset(name, missed[0])
+                return SubscribedChannel(
+                    channel=name,
+                    recovered=True,
+                    position=missed[0],
+                    publications=[pub_frame(p) for p in missed[1]],
+                )
+            self.stats["broker_recoveries"] += 1
             answer = await self.broker.recover(name, since, limit=self.settings.recover_limit)
             if answer.recovered:
                 conn.positions.reset(name, answer.top)
@@ -630,6 +666,24 @@ class Gateway:
         return SubscribedChannel(
             channel=name, recovered=False, position=top, publications=pubs, state=state
         )
+
+    def _from_tail(
+        self, channel: _Channel, since: Position
+    ) -> tuple[Position, list[Publication]] | None:
+        """What a client at ``since`` missed, from the channel's tail: all of it up to what this
+        process has delivered (later publications reach it through the fan-out), or None."""
+        top = channel.tail.top
+        if self.settings.tail_size <= 0:
+            return None
+        # The tail is whole only while it is where the channel's deliveries are: not during a
+        # recovery of the channel itself (its hole is being filled), not after a reset.
+        if top is None or channel.recovering or channel.cursor.position(channel.name) != top:
+            return None
+        pubs = channel.tail.recover(since, limit=self.settings.recover_limit)
+        if pubs is None:
+            return None
+        self.stats["tail_recoveries"] += 1
+        return top, pubs
 
     async def _reload(
         self, name: str, namespace: Namespace
@@ -660,6 +714,11 @@ class Gateway:
                 await self.broker.subscribe(name, self._on_publication)
                 page = await self.broker.history(name, limit=200)
                 channel.cursor.reset(name, page.top)
+                channel.tail = RecentTail(
+                    min(namespace.history_size, self.settings.tail_size),
+                    int(namespace.history_ttl * 1000),
+                )
+                channel.tail.reset(page.top, page.publications)
                 now = self.clock()
                 for pub in page.publications:  # mutes still in force on this channel
                     if pub.kind == "mute":
@@ -710,8 +769,10 @@ class Gateway:
                     conn.disconnect(Code.SHUTDOWN)
 
     async def _forget_presence(self, name: str, client: str) -> None:
-        with contextlib.suppress(BrokerError):  # otherwise it expires on its own
+        try:
             await self.broker.presence_leave(name, client)
+        except BrokerError:  # retried when the broker returns; it expires on its own otherwise
+            self._unleft[(name, client)] = self.clock()
 
     # -- fan-out ------------------------------------------------------------------------------
 
@@ -731,6 +792,7 @@ class Gateway:
             self._spawn(self._recover_channel(channel))
 
     def _fan_out(self, channel: _Channel, pub: Publication) -> None:
+        channel.tail.append(pub)
         if pub.kind == "mute":
             notice = msgspec.json.decode(pub.data, type=MuteNotice)
             self.mutes.mute(pub.channel, notice.user, notice.until)
@@ -754,8 +816,17 @@ class Gateway:
 
     async def _catch_up(self, conn: _Connection, name: str) -> None:
         at = conn.positions.position(name)
+        channel = self.channels.get(name)
+        missed = self._from_tail(channel, at) if channel is not None and at is not None else None
+        if missed is not None:
+            for pub in missed[1]:
+                self._deliver_now(conn, pub)
+            for pub in conn.joining.pop(name, []):
+                self._deliver_to(conn, pub, _ws_frame(encode(pub_frame(pub))))
+            return
         try:
             if at is not None:
+                self.stats["broker_recoveries"] += 1
                 answer = await self.broker.recover(name, at, limit=self.settings.recover_limit)
                 if answer.recovered:
                     for pub in answer.publications:
@@ -801,6 +872,7 @@ class Gateway:
                 if top is None:
                     top = (await self.broker.history(name, limit=0)).top
                 channel.cursor.reset(name, top)
+                channel.tail.reset(top)
                 for conn in list(channel.conns):
                     await self._reset(conn, name)
         except BrokerError:
@@ -819,6 +891,50 @@ class Gateway:
             if channel is not None and channel.ready and not channel.recovering:
                 channel.recovering = True
                 self._spawn(self._recover_channel(channel))
+        self._spawn(self._rejoin_presence(channels))
+
+    async def _rejoin_presence(self, names: frozenset[str]) -> None:
+        """The broker is back, possibly empty (a Redis restarted without persistence): join
+        every connection this process still holds on those channels again (a refresh never
+        revives an entry), and make the leaves that failed during the outage, so that neither
+        the living are missing nor the dead present."""
+        ttl = self.settings.presence_ttl
+        for attempt in range(_REJOIN_ATTEMPTS):
+            try:
+                for name, client in list(self._unleft):
+                    await self.broker.presence_leave(name, client)
+                    self._unleft.pop((name, client), None)
+                for name in sorted(names):
+                    channel = self.channels.get(name)
+                    if channel is None:
+                        continue
+                    # All at once: the engine bounds what is in flight (thousands of
+                    # connections one round trip after another would take seconds).
+                    results = await asyncio.gather(
+                        *(self._rejoin(channel, conn, ttl) for conn in list(channel.conns)),
+                        return_exceptions=True,
+                    )
+                    for result in results:
+                        if isinstance(result, BaseException):
+                            raise result
+                return
+            except BrokerError as err:
+                # A restarted cluster node refuses work for a moment after its pub/sub is back.
+                _log.warning("presence not joined again yet: %s", err)
+                await asyncio.sleep(min(2.0, 0.05 * 2**attempt))
+        _log.error(
+            "presence of %d channel(s) not joined again; it returns with new joins", len(names)
+        )
+
+    async def _rejoin(self, channel: _Channel, conn: _Connection, ttl: float) -> None:
+        if conn not in channel.conns or conn.grant is None:
+            return
+        entry = PresenceEntry(client=conn.client, user=conn.grant.user)
+        await self.broker.presence_join(channel.name, entry, ttl=ttl)
+        self.stats["presence_rejoined"] += 1
+        if conn not in channel.conns:
+            # It left while its entry was on the way: its own leave may have landed first.
+            await self.broker.presence_leave(channel.name, conn.client)
 
     # -- once a tick: presence, counts, token expiry ------------------------------------------
 
@@ -840,11 +956,8 @@ class Gateway:
             conn = ref()
             if conn is not None:
                 conn.disconnect(Code.TOKEN_EXPIRED)
-        self._buckets = {
-            k: b
-            for k, b in self._buckets.items()
-            if b.tokens < b.burst - 1e-9 or now - b.stamp < 60
-        }
+        for key in [k for k, at in self._unleft.items() if now - at > self.settings.presence_ttl]:
+            del self._unleft[key]  # expired in the broker by now
         # Presence entries live presence_ttl; refreshing them three times per ttl is enough.
         self._ticks += 1
         every = max(1, int(self.settings.presence_ttl / 3 / self.settings.tick))

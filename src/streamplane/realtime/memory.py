@@ -10,6 +10,7 @@ without Redis.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from collections import deque
@@ -28,6 +29,7 @@ from streamplane.realtime.broker import (
     PresenceEntry,
     PresenceStats,
     Publication,
+    RateTaken,
     Recovered,
     RecoveryListener,
     StateValue,
@@ -35,6 +37,7 @@ from streamplane.realtime.broker import (
     state_data,
 )
 from streamplane.realtime.history import missed_range
+from streamplane.realtime.protocol import TokenBucket
 
 __all__ = ["MemoryBroker", "MemoryHub"]
 
@@ -48,6 +51,18 @@ class _Stream:
     kept: deque[Publication] = field(default_factory=deque)
 
 
+# Buckets of users who went quiet are full again, the same as no bucket: past this many they are
+# dropped, so a long event's chatters do not accumulate.
+_BUCKETS_SWEPT_AT = 10_000
+
+
+def _sweep_full(buckets: dict[tuple[str, str], TokenBucket], now: float) -> None:
+    for key in [
+        k for k, b in buckets.items() if b.tokens + (now - b.stamp) * b.rate >= b.burst - 1e-9
+    ]:
+        del buckets[key]
+
+
 class MemoryHub:
     """The shared store of the nodes of one process."""
 
@@ -58,6 +73,7 @@ class MemoryHub:
         self._presence: dict[str, dict[str, tuple[PresenceEntry, float]]] = {}
         self._state: dict[str, dict[str, StateValue]] = {}
         self._counts: dict[str, tuple[float, dict[str, int]]] = {}
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
         self._nodes: dict[str, MemoryBroker] = {}
 
     def node(self, name: str | None = None) -> MemoryBroker:
@@ -76,6 +92,7 @@ class MemoryHub:
             self._presence.clear()
             self._state.clear()
             self._counts.clear()
+            self._buckets.clear()
         self.down = False
         for node in list(self._nodes.values()):
             node._recovered()
@@ -252,6 +269,24 @@ class MemoryBroker:
     async def state(self, channel: str) -> dict[str, StateValue]:
         self._hub._check()
         return dict(self._hub._state.get(channel, {}))
+
+    # -- rate limits --------------------------------------------------------------------------
+
+    async def rate_take(self, channel: str, user: str, *, rate: float, burst: int) -> RateTaken:
+        self._hub._check()
+        now = self._hub.clock()
+        buckets = self._hub._buckets
+        bucket = buckets.get((channel, user))
+        if bucket is None:
+            if len(buckets) >= _BUCKETS_SWEPT_AT:
+                _sweep_full(buckets, now)
+            bucket = buckets[(channel, user)] = TokenBucket(rate=rate, burst=burst)
+        else:  # the namespace's limits may have changed since the bucket was made
+            bucket.rate, bucket.burst = rate, burst
+        if bucket.take(now):
+            return RateTaken(taken=True)
+        wait = bucket.wait_s()
+        return RateTaken(taken=False, wait_ms=math.ceil(wait * 1000) if wait < 2**21 else 2**31)
 
     # -- viewer counts ------------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ Per channel (``docs/realtime.md`` has the table):
 - ``:z`` / ``:i`` presence: a sorted set of connections by expiry time (the engine's clock) and
   their entries.
 - ``:c`` viewer counts: ``node -> count:until`` per channel.
+- ``:r:<user>`` a user's chat rate-limit bucket on the channel (tokens and when), expiring once
+  it would be full again.
 
 A publication is one script: the epoch is created when the meta hash is missing (a Redis that
 lost its data, an expired channel), the offset is ``top + 1``, the entry is added, trimmed, and
@@ -64,6 +66,7 @@ from streamplane.realtime.broker import (
     PresenceEntry,
     PresenceStats,
     Publication,
+    RateTaken,
     Recovered,
     RecoveryListener,
     StateValue,
@@ -247,6 +250,27 @@ end
 return out
 """
 )
+
+# KEYS bucket hash; ARGV 1 now ms, 2 rate per second, 3 burst, 4 key ttl ms. A token bucket
+# shared by every gateway process: {1, 0} taken, {0, ms until a token is there} refused.
+# Tokens are kept as text with 17 significant digits: a Lua number survives the round trip.
+_RATE_TAKE = """
+local now, rate, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local held = redis.call('HMGET', KEYS[1], 't', 's')
+local tokens, stamp = tonumber(held[1]), tonumber(held[2])
+if not tokens or not stamp then tokens = burst; stamp = now end
+if now > stamp then
+  tokens = math.min(burst, tokens + (now - stamp) * rate / 1000)
+  stamp = now
+end
+local taken = 0
+if tokens >= 1 then tokens = tokens - 1; taken = 1 end
+redis.call('HSET', KEYS[1], 't', string.format('%.17g', tokens), 's', stamp)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if taken == 1 then return {1, 0} end
+if rate <= 0 then return {0, -1} end
+return {0, math.ceil((1 - tokens) * 1000 / rate)}
+"""
 
 # KEYS counts hash; ARGV 1 node, 2 'count:until' or '' to withdraw, 3 ttl ms.
 _COUNT_REPORT = (
@@ -545,6 +569,7 @@ class RedisBroker:
         subscribe_timeout: float = 5.0,
         backoff_min: float = 0.05,
         backoff_max: float = 2.0,
+        max_inflight: int = 64,
     ) -> None:
         if "{" in prefix or "}" in prefix:
             raise BrokerError(f"a key prefix must not hold braces (hash tags): {prefix!r}")
@@ -576,6 +601,12 @@ class RedisBroker:
         self._reported: set[str] = set()
         self._commands_down: str | None = None
         self._closed = False
+        # Commands in flight at once from this node. redis-py's pool refuses a command past its
+        # connection limit ("Too many connections", 100 by default) instead of waiting: in a
+        # reconnect storm a gateway runs a presence join and a recovery per arriving client at
+        # once, and every one past the limit would be answered "broker unavailable". Past this
+        # many they wait their turn; it stays under the pool's limit (per node in a cluster).
+        self._inflight = asyncio.Semaphore(max(1, max_inflight))
         register = client.register_script
         self._publish = register(_PUBLISH)
         self._state_write = register(_STATE_WRITE)
@@ -585,6 +616,7 @@ class RedisBroker:
         self._presence_read = register(_PRESENCE_READ)
         self._count_report = register(_COUNT_REPORT)
         self._count_read = register(_COUNT_READ)
+        self._rate_take = register(_RATE_TAKE)
 
     @classmethod
     def connect(cls, url: str, *, cluster: bool = False, **options: Any) -> RedisBroker:
@@ -638,7 +670,8 @@ class RedisBroker:
         if self._closed:
             raise BrokerError("the broker node is closed")
         try:
-            result = await awaitable
+            async with self._inflight:
+                result = await awaitable
         except _UNAVAILABLE as exc:
             self._commands_down = f"Redis does not answer: {exc}"
             raise BrokerUnavailable(self._commands_down) from exc
@@ -909,6 +942,20 @@ class RedisBroker:
     async def state(self, channel: str) -> dict[str, StateValue]:
         values = await self._call(self._client.hgetall(self._key(channel, "s")))
         return {_text(k): state_from_data(v) for k, v in values.items()}
+
+    # -- rate limits --------------------------------------------------------------------------
+
+    async def rate_take(self, channel: str, user: str, *, rate: float, burst: int) -> RateTaken:
+        # The user's bucket carries the channel's hash tag: on the channel's shard in a cluster.
+        key = self._key(channel, f"r:{user}")
+        # Idle long enough to be full again, the bucket is the same as none: it expires then.
+        refill_ms = math.ceil(burst / rate * 1000) if rate > 0 else self.meta_ttl_ms
+        args: list[Arg] = [self._now_ms(), repr(float(rate)), burst, refill_ms + 1000]
+        taken, wait_ms = await self._call(self._rate_take(keys=[key], args=args))
+        if _int(taken):
+            return RateTaken(taken=True)
+        wait = _int(wait_ms)
+        return RateTaken(taken=False, wait_ms=wait if wait >= 0 else 2**31)
 
     # -- viewer counts ------------------------------------------------------------------------
 
