@@ -102,9 +102,15 @@ def measure(name: str, height: int | None, settings: EncodeSettings, work: Path)
         "every grid point, measured (previous default)": lambda: measured(tuple(grid_q)),
         f"{len(every_other)} CRFs {every_other}, measured only": lambda: measured(every_other),
     }
-    for n in (4, 3, 2):
-        qs = every_other if n == 4 else probe_quantisers(grid_q, n)
-        schemes[f"{n} CRFs {qs}, rest predicted"] = lambda qs=qs: predicted(qs)  # type: ignore[misc]
+    inner = tuple(sorted(grid_q)[1:-1])
+    for qs in (
+        every_other,
+        probe_quantisers(grid_q, 3),
+        probe_quantisers(inner, 3),
+        probe_quantisers(grid_q, 2),
+        probe_quantisers(inner, 2),
+    ):
+        schemes[f"{len(qs)} CRFs {qs}, rest predicted"] = lambda qs=qs: predicted(qs)  # type: ignore[misc]
     rows = {}
     for label, scheme in schemes.items():
         points, run = scheme()

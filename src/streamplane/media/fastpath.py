@@ -3,16 +3,17 @@
 The fast path chooses the ladder from cheap probe encodes, then encodes only the chosen points at
 the shipped preset. Most of a probe's cost does not depend on the quantiser (decoding the shot
 twice, starting the encoder and libvmaf), so the lever is how many probes run. Each (shot,
-resolution) is probed at a few quantisers of the grid only (two by default); the other grid
-points are predicted from them with the two laws an encoder's rate-quality curve follows over a
-quantiser range:
+resolution) is probed at a few quantisers of the grid only (three by default: both ends and the
+middle); the other grid points are predicted from them with the two laws an encoder's
+rate-quality curve follows over a quantiser range:
 
 * bits fall exponentially with the quantiser (x264's CRF: about half the bits every 6 steps), so
   log(bits) is interpolated linearly in the quantiser;
 * VMAF's distance to its ceiling grows exponentially with the quantiser (quality saturates at
   low quantisers), so log(101 - VMAF) is interpolated linearly too.
 
-Between two probes this interpolates; outside them the nearest pair's line extends. The hulls and
+Between two probes this interpolates (outside them, given probes not spanning the grid, the
+nearest pair's line extends). The hulls and
 the ladder then see the whole grid, as the full matrix does, and only the points the rungs use
 are encoded for real, at the shipped preset. `bench/encode.py` measures the BD-rate this costs
 against the full matrix and the CPU it saves.
@@ -36,18 +37,18 @@ def grid_point(c: ShotChoice) -> GridPoint:
     return (c.shot, c.width, c.height, c.quantiser)
 
 
-def probe_quantisers(grid: Sequence[int], count: int = 2) -> tuple[int, ...]:
-    """`count` quantisers of the grid to probe, spread evenly over it, one step in from each end
-    when the grid leaves room (an end is then reached by a short extrapolation, while the probes
-    stay inside the range rungs use most); a grid of `count` or fewer values is probed whole."""
+def probe_quantisers(grid: Sequence[int], count: int = 3) -> tuple[int, ...]:
+    """`count` quantisers of the grid to probe, spread evenly over it with both ends among
+    them, so every grid point not probed is interpolated between two probes, never
+    extrapolated; a grid of `count` or fewer values is probed whole."""
     ordered = sorted(set(grid))
     if count < 2:
         raise ValueError("predicting a curve needs at least two probes per shot and resolution")
     if len(ordered) <= count:
         return tuple(ordered)
-    inner = ordered[1:-1] if len(ordered) - 2 >= count and len(ordered) >= 5 else ordered
-    picks = {inner[round(i * (len(inner) - 1) / (count - 1))] for i in range(count)}
-    return tuple(sorted(picks))
+    return tuple(
+        sorted({ordered[round(i * (len(ordered) - 1) / (count - 1))] for i in range(count)})
+    )
 
 
 def _line(x0: float, y0: float, x1: float, y1: float, x: float) -> float:
