@@ -5,8 +5,12 @@ Method
   high-motion shots), in one run:
   * full: the whole matrix (every shot x resolution x CRF) at the shipped preset with full VMAF;
     the per-shot ladder is chosen from it at equal slope, one resolution per rung.
-  * fast: the same matrix at the probe preset with VMAF on every 4th frame; only the chosen
-    points are re-encoded at the shipped preset and scored in full.
+  * fast: probes at the probe preset with VMAF on every 4th frame, at three CRFs of the grid
+    per shot and resolution (18, 30, 42); the other grid points predicted from them
+    (log bits and log(101 - VMAF) linear in CRF, media/fastpath.py); only the chosen points are
+    encoded at the shipped preset and scored in full. --fast-variants runs other schemes beside
+    it (e.g. every grid point probed, the previous default: previous=full), each against the
+    same full matrix.
   * fixed ladder: Apple's H.264 ladder capped at the source, whole-title 2-pass encodes at the
     same preset, scored the same way (VMAF, bicubic upscale to the source size).
   * fixed QP: whole-title encodes at one (resolution, CRF) for every shot, the hull across
@@ -26,6 +30,8 @@ Method
   every 0.2 s; peak RSS is the largest process of the run (ru_maxrss of the reaped tree).
 
 Reproduce: .venv/bin/python bench/encode.py [--sources bench-mix demo-mix] [--codec h264]
+           .venv/bin/python bench/encode.py --sources real-mix --height 180 --no-anchors
+               --fast-variants previous=full three=sparse:3
            .venv/bin/python bench/encode.py --sources --long long-2.5m long-5m
 """
 
@@ -66,11 +72,40 @@ def worst_peak(title: Title) -> str:
     return f"{max(r.peak_bitrate_bps / r.average_bitrate_bps for r in title.rungs):.2f}x"
 
 
+VARIANTS: list[dict[str, str]] = []  # one row per (source, fast path scheme)
+
+
+def _describe(settings: EncodeSettings) -> str:
+    return (
+        f"default ({settings.probe_preset}, VMAF 1/{settings.probe_vmaf_subsample}, "
+        f"{settings.probe_grid} grid, {settings.probe_count} probes)"
+    )
+
+
+def _at_height(name: str, height: int | None) -> str:
+    """The sample `name`, or the same cuts and grades at a smaller picture (CPU is scarce)."""
+    if not height:
+        return name
+    full = SAMPLES[name]
+    small = f"{name}-{height}p"
+    SAMPLES[small] = dataclasses.replace(
+        full, name=small, width=even(full.width * height / full.height), height=height
+    )
+    return small
+
+
 def short_mix(name: str, args: argparse.Namespace, settings: EncodeSettings) -> dict[str, str]:
+    name = _at_height(name, args.height)
     source = build_sample(name, args.work / "samples")
     # --quick: the anchors and the cap measured on the fast path; no full matrix
     mode = "fast" if args.quick else "full"
-    full_s = msgspec.structs.replace(settings, mode=mode, qp_anchor=True, keep_work=True)
+    full_s = msgspec.structs.replace(
+        settings,
+        mode=mode,
+        qp_anchor=not args.no_anchors,
+        baseline=not args.no_anchors,
+        keep_work=True,
+    )
     work = args.work / "full" / f".{name}.work"
     t0 = time.monotonic()
     full = encode(source, args.work / "full" / name, full_s, work=work)
@@ -86,12 +121,43 @@ def short_mix(name: str, args: argparse.Namespace, settings: EncodeSettings) -> 
         )
     )
     t3 = time.monotonic()
-    fixed = [(f.bitrate_bps, f.vmaf) for f in full.fixed_ladder]
-    full_curve = [(r.average_bitrate_bps, r.vmaf) for r in full.title.rungs]
-    plain_curve = [(r.average_bitrate_bps, r.vmaf) for r in plain.title.rungs]
-    fast_curve = [(r.average_bitrate_bps, r.vmaf) for r in fast.title.rungs]
     anchors = ("baseline", "qp anchor")
     full_cpu = sum(v for k, v in full.cpu_seconds.items() if k not in anchors)
+    full_curve = [(r.average_bitrate_bps, r.vmaf) for r in full.title.rungs]
+    for label, spec in [("default", ""), *(v.split("=", 1) for v in args.fast_variants)]:
+        if args.quick:
+            break
+        if label == "default":
+            other = fast
+        else:
+            grid, *rest = spec.split(":")
+            variant = msgspec.structs.replace(
+                settings,
+                baseline=False,
+                probe_grid=grid,
+                probe_count=int(rest.pop(0)) if rest else settings.probe_count,
+                probe_preset=rest[0] if rest else settings.probe_preset,
+                probe_vmaf_subsample=int(rest[1]) if rest[1:] else settings.probe_vmaf_subsample,
+            )
+            other = encode(source, args.work / "fast" / f"{name}-{label}", variant)
+        cpu = sum(other.cpu_seconds.values())
+        probes = other.cpu_seconds.get("matrix", 0.0)
+        scheme_curve = [(r.average_bitrate_bps, r.vmaf) for r in other.title.rungs]
+        VARIANTS.append(
+            {
+                "source": name,
+                "fast path": label if label != "default" else _describe(settings),
+                "BD-rate vs full": pct(bd_rate(full_curve, scheme_curve)),
+                "CPU s (probes)": f"{cpu:.0f} ({probes:.0f})",
+                "CPU s full": f"{full_cpu:.0f}",
+                "fast / full CPU": f"{100 * cpu / full_cpu:.0f} %",
+                "encodes": str(other.encodes_run),
+                "rungs": " ".join(f"{r.height}p" for r in other.title.rungs),
+            }
+        )
+    fixed = [(f.bitrate_bps, f.vmaf) for f in full.fixed_ladder]
+    plain_curve = [(r.average_bitrate_bps, r.vmaf) for r in plain.title.rungs]
+    fast_curve = [(r.average_bitrate_bps, r.vmaf) for r in fast.title.rungs]
     fast_cpu = sum(fast.cpu_seconds.values())
     table = Table(title=f"{name}: ladders (kbps @ VMAF)")
     for col in ("ladder", "points"):
@@ -212,14 +278,7 @@ def _in_own_process(target: Any, *args: Any) -> dict[str, Any]:
 
 
 def long_title(name: str, args: argparse.Namespace, settings: EncodeSettings) -> dict[str, str]:
-    if args.long_height:
-        # the same cuts and grades at a smaller picture, where CPU is too scarce for 720p
-        full = SAMPLES[name]
-        h = args.long_height
-        name = f"{name}-{h}p"
-        SAMPLES[name] = dataclasses.replace(
-            full, name=name, width=even(full.width * h / full.height), height=h
-        )
+    name = _at_height(name, args.long_height)
     t0 = time.monotonic()
     source = build_sample(name, args.work / "samples")
     built = time.monotonic() - t0
@@ -282,6 +341,19 @@ def main() -> None:
     ap.add_argument("--rungs", type=int, default=6)
     ap.add_argument("--long-height", type=int, help="build the long titles at this height")
     ap.add_argument("--quick", action="store_true", help="short mixes on the fast path only")
+    ap.add_argument("--height", type=int, help="build the short mixes at this height")
+    ap.add_argument(
+        "--fast-variants",
+        nargs="*",
+        default=[],
+        metavar="LABEL=GRID[:COUNT[:PRESET[:SUBSAMPLE]]]",
+        help="more fast paths beside the default, e.g. previous=full three=sparse:3",
+    )
+    ap.add_argument(
+        "--no-anchors",
+        action="store_true",
+        help="no fixed-ladder and constant-QP anchors: the full matrix against the fast paths",
+    )
     ap.add_argument("--work", type=Path, default=Path("build/bench/encode"))
     args = ap.parse_args()
     print(__doc__)
@@ -296,6 +368,7 @@ def main() -> None:
     console.print(f"settings: {settings}")
     rows = [short_mix(name, args, settings) for name in args.sources]
     print_rows("per-shot encoding (BD-rate, negative = fewer bits at equal VMAF)", rows)
+    print_rows("fast path schemes against the full matrix, same run", VARIANTS)
     long_rows = [long_title(name, args, settings) for name in args.long]
     print_rows("long titles: bounded scratch, CPU per minute of content", long_rows)
     for sub in ("full", "plain", "fast"):

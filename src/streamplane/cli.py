@@ -145,6 +145,10 @@ def encode(
     mode: str = typer.Option("fast", help="fast: hulls from probe encodes; full: whole matrix."),
     preset: str = typer.Option("medium", help="Preset of the shipped encodes."),
     probe_preset: str = typer.Option("veryfast", help="Preset of the probe encodes (fast mode)."),
+    probe_grid: str = typer.Option(
+        "sparse", help="Fast mode: sparse (probe a few CRFs, predict the rest) or full (all)."
+    ),
+    probe_count: int = typer.Option(3, help="Fast mode, sparse grid: CRFs probed per shot x size."),
     heights: str | None = typer.Option(None, help="Matrix resolutions by height, e.g. 720,540."),
     quantisers: str | None = typer.Option(None, help="Matrix CRF values, e.g. 20,25,30,35,40."),
     rungs: int = typer.Option(6, help="Rungs in the ladder."),
@@ -169,6 +173,8 @@ def encode(
         mode=mode,
         preset=preset,
         probe_preset=probe_preset,
+        probe_grid=probe_grid,
+        probe_count=probe_count,
         heights=_ints(heights, "heights"),
         quantisers=_ints(quantisers, "quantisers"),
         rungs=rungs,

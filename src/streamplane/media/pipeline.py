@@ -24,6 +24,7 @@ from streamplane.media.bdrate import BdRate, bd_rate, monotone_curve
 from streamplane.media.codecs import QP_CODECS
 from streamplane.media.codecs import codec as codec_info
 from streamplane.media.errors import DiskFullError, EncodeError, MediaError
+from streamplane.media.fastpath import predicted_grid, probe_quantisers
 from streamplane.media.ffmpeg import input_args, run_ffmpeg
 from streamplane.media.ladder import LadderRung, build_ladder, fixed_ladder, matrix_resolutions
 from streamplane.media.matrix import EncodeJob, EncodeResult, MatrixOutcome, require_all, run_matrix
@@ -85,6 +86,10 @@ class EncodeSettings(msgspec.Struct, frozen=True):
     preset: str = "medium"  # the preset of the shipped encodes
     probe_preset: str = "veryfast"  # the preset of the matrix in fast mode
     probe_vmaf_subsample: int = 4
+    # sparse: probe `probe_count` quantisers of the grid per shot and resolution and predict
+    # the rest (fastpath.py); full: probe every grid point
+    probe_grid: str = "sparse"
+    probe_count: int = 3
     heights: tuple[int, ...] = ()  # matrix resolutions by height; () = scales of the source
     quantisers: tuple[int, ...] = ()  # () = the codec's default grid
     rungs: int = 6
@@ -112,6 +117,10 @@ class EncodeSettings(msgspec.Struct, frozen=True):
         codec_info(self.codec)
         if self.mode not in ("fast", "full"):
             raise ValueError(f"mode must be 'fast' or 'full', not {self.mode!r}")
+        if self.probe_grid not in ("sparse", "full"):
+            raise ValueError(f"probe_grid must be 'sparse' or 'full', not {self.probe_grid!r}")
+        if self.probe_count < 2:
+            raise ValueError("probe_count must be at least 2 (a curve is predicted from them)")
         if self.rungs < 1:
             raise ValueError("rungs must be at least 1")
         if not 0 < self.segment_min_s <= self.segment_target_s <= self.segment_max_s:
@@ -202,11 +211,17 @@ def encode(
     # the fast path, keeps only its score, so scratch space is bounded by the jobs in flight.
     # Full mode ships matrix encodes as they are, so it keeps them until the ladder is chosen.
     keep = settings.mode == "full"
-    jobs = _matrix_jobs(source, info, shots, segments, work / "matrix", settings, keep)
+    grid = _quantisers(settings)
+    sparse = settings.mode == "fast" and settings.probe_grid == "sparse"
+    probed = probe_quantisers(grid, settings.probe_count) if sparse else grid
+    jobs = _matrix_jobs(source, info, shots, segments, work / "matrix", settings, keep, probed)
     matrix = _run(jobs, work, settings, progress, "encode matrix")
     require_all(matrix, "encode matrix")
     cpu["matrix"] = sum(r.cpu_seconds for r in matrix.results.values())
     points = tuple(_choice(r) for r in matrix.results.values())
+    if len(probed) < len(set(grid)):
+        # the grid points not probed, predicted from those that were (fastpath.py)
+        points = tuple(predicted_grid(points, grid))
 
     # 2. hulls and the ladder
     shot_frames = [s.n_frames for s in shots]
@@ -459,6 +474,7 @@ def _matrix_jobs(
     directory: Path,
     settings: EncodeSettings,
     keep_output: bool,
+    quantisers: Sequence[int],
 ) -> list[EncodeJob]:
     sizes = matrix_resolutions(info.width, info.height, settings.heights or None)
     return [
@@ -467,7 +483,7 @@ def _matrix_jobs(
         )
         for shot in shots
         for (w, h) in sizes
-        for q in _quantisers(settings)
+        for q in quantisers
     ]
 
 
