@@ -51,6 +51,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer import peer_app, serve_peer
 from playback import (
     Load,
     Measured,
@@ -240,51 +241,33 @@ class Beat(BaseModel):
     events: list[Event] = Field(default_factory=list, max_length=1000)
 
 
-def peer_app(url: str) -> Any:
-    """A bare FastAPI app: the heartbeat body validated, one INSERT per request in one write
-    transaction, run the way the control plane runs its own (``Store.transaction``)."""
-    from fastapi import FastAPI
-    from sqlalchemy import Column, Float, MetaData, String, Table, insert
+def heartbeat_peer(url: str) -> Any:
+    """The peer's ``POST /v1/heartbeat``: the heartbeat body validated, one row per request."""
+    from sqlalchemy import Column, Float, String
 
-    from streamplane.control.store import Store
-
-    store = Store(url)
-    metadata = MetaData()
-    beats = Table(
-        "peer_heartbeats",
-        metadata,
-        Column("id", String(36), primary_key=True),
-        Column("session_id", String(64)),
-        Column("at", Float),
-        Column("position_s", Float),
-    )
-    statement = insert(beats)
-
-    async def lifespan(_app: FastAPI) -> Any:
-        async with store.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        yield
-        await store.dispose()
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.post("/v1/heartbeat")
-    async def heartbeat(body: Beat) -> dict[str, bool]:
+    def row(body: Beat) -> dict[str, Any]:
         last = body.events[-1] if body.events else Event(at=time.time(), position_s=0)
-        row = {
+        return {
             "id": str(uuid.uuid4()),
             "session_id": body.session_id,
             "at": last.at,
             "position_s": last.position_s,
         }
-        await store.transaction(lambda conn: conn.execute(statement, row))
-        return {"active": True}
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, bool]:
-        return {"ok": True}
-
-    return app
+    return peer_app(
+        url,
+        path="/v1/heartbeat",
+        body=Beat,
+        table="peer_heartbeats",
+        columns=lambda: [
+            Column("id", String(36), primary_key=True),
+            Column("session_id", String(64)),
+            Column("at", Float),
+            Column("position_s", Float),
+        ],
+        row=row,
+        answer=lambda _row: {"active": True},
+    )
 
 
 def _measure_peer(
@@ -302,14 +285,6 @@ def _measure_peer(
             **_timing(args),
         )
         return pool.submit(run_load, load).result()
-
-
-def _serve_peer(url: str, port: int) -> None:
-    import uvicorn
-
-    from streamplane.control.app import server_config
-
-    uvicorn.Server(server_config(peer_app(url), "127.0.0.1", port)).run()
 
 
 # -- the backlog an outage leaves, drained -----------------------------------------------------
@@ -490,7 +465,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_peer:
-        _serve_peer(args.serve_peer, args.port)
+        serve_peer(heartbeat_peer(args.serve_peer), args.port)
         raise SystemExit(0)
     print(__doc__.split("\n\n")[1].replace("\n", " "))
     table = main(args)

@@ -146,6 +146,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     database_url: str = "sqlite+aiosqlite:///streamplane.db"
     database_schema: str = ""  # PostgreSQL schema to use (its search_path); empty: the default
+    # This control plane's own files (the embedded telemetry stream, <data_dir>/telemetry-stream).
+    # Empty: beside a SQLite store; on PostgreSQL the embedded stream then needs this set.
+    data_dir: str = ""
     # A dead store fails requests fast (503) rather than holding them: how long to wait for a
     # PostgreSQL connection to open, and for a pooled connection when all are in use.
     database_connect_timeout_s: float = 5.0
@@ -282,8 +285,9 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     (docs/telemetry.md)."""
 
     engine: Literal["embedded", "nats"] = "embedded"
-    stream_dir: str = ""  # embedded: where the stream lives; empty: beside a SQLite store,
-    # else ./telemetry-stream
+    # embedded: where the stream lives; empty: <control.data_dir>/telemetry-stream, or beside a
+    # SQLite store (<database file>-telemetry)
+    stream_dir: str = ""
     nats_url: str = "nats://127.0.0.1:4222"
     stream_name: str = "TELEMETRY"  # the JetStream stream (its subjects: <name>.<partition>)
     partitions: int = 8  # fixed once the stream exists
