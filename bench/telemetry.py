@@ -67,7 +67,7 @@ NATS = os.environ.get("STREAMPLANE_BENCH_NATS", "nats://127.0.0.1:4222")
 
 
 def _telemetry_config(
-    config: Path, engine: str, work: Path, ingest_port: int, separate: bool
+    config: Path, engine: str, work: Path, ingest_port: int, separate: bool, nice: int | None
 ) -> str:
     stream = f"BENCH{uuid.uuid4().hex[:12]}"
     lines = [
@@ -82,6 +82,8 @@ def _telemetry_config(
         "device_rate = 100000.0",
         "device_burst = 100000.0",
     ]
+    if nice is not None:
+        lines.append(f"ingest_nice = {nice}")
     with config.open("a") as f:
         f.write("\n".join(lines) + "\n")
     return stream
@@ -139,11 +141,12 @@ def _measure_control(
     work: Path,
     pool: ProcessPoolExecutor,
     separate: bool = False,
+    nice: int | None = None,
 ) -> dict[str, Measured]:
     out: dict[str, Measured] = {}
     port, ingest = _port(), _port()
     config = _config(work, url, port, args.sessions + 4)
-    stream = _telemetry_config(config, engine, work, ingest, separate)
+    stream = _telemetry_config(config, engine, work, ingest, separate, nice)
     # one secret for both processes: the ingest process verifies the control plane's tokens
     env = {**os.environ, "STREAMPLANE_CONTROL_JWT_SECRET": secrets.token_hex(32)}
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
@@ -391,18 +394,21 @@ def main(args: argparse.Namespace) -> str:
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=spawn) as pool:
         for variant in args.engines:
+            # "-nice0": the ingest process at niceness 0, beside the default (ingest_nice)
+            nice = 0 if variant.endswith("-nice0") else None
+            variant = variant.removesuffix("-nice0")
             engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
             store = stores[engine]
             with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
                 work = Path(tmp)
                 with _database(store, work, "control") as url:
-                    found = _measure_control(engine, url, args, work, pool, separate)
+                    found = _measure_control(engine, url, args, work, pool, separate, nice)
                 with _database(store, work, "peer") as url:
                     bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
                     found["peer"] = _measure_peer(url, bodies, args, pool)
             label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
             if separate:
-                label += ", ingest process"
+                label += ", ingest process" + (", nice 0" if nice == 0 else "")
             for kind in ("lean", "framework", "peer", "storm", "starts", "starts-storm"):
                 if kind not in found:
                     continue
@@ -450,7 +456,14 @@ if __name__ == "__main__":
         "--engines",
         nargs="+",
         default=["embedded", "nats", "embedded-process"],
-        choices=["embedded", "nats", "embedded-process", "nats-process"],
+        choices=[
+            "embedded",
+            "nats",
+            "embedded-process",
+            "nats-process",
+            "embedded-process-nice0",
+            "nats-process-nice0",
+        ],
         help="-process: heartbeats taken by `streamplane ingest`, a process of its own",
     )
     parser.add_argument("--seconds", type=float, default=10.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -361,7 +362,12 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
     catalog = tmp_path / "catalog"
     write_title(catalog, "demo")
     port = free_port()
-    telemetry = {"ingest_port": port, "ingest_process": True, "stream_dir": str(tmp_path / "s")}
+    telemetry = {
+        "ingest_port": port,
+        "ingest_process": True,
+        "stream_dir": str(tmp_path / "s"),
+        "ingest_nice": 7,
+    }
     settings = tmp_path / "ingest.toml"
     settings.write_text(
         "[control]\n"
@@ -391,6 +397,8 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
                         assert time.monotonic() < deadline and ingest.poll() is None
                         await asyncio.sleep(0.05)
             assert r.status_code == 200 and r.json()["resume_position_s"] == 4.0, r.text
+            # it yields the CPU to the control plane's playback starts
+            assert os.getpriority(os.PRIO_PROCESS, ingest.pid) == 7
             # the control plane's own route points there
             r = await _beat(control, session, hb)
             assert r.status_code == 503 and str(port) in r.json()["detail"], r.text

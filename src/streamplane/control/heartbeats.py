@@ -349,9 +349,10 @@ class Heartbeats:
 
 async def run_ingest(settings: Settings, stopped: asyncio.Event) -> str:
     """``streamplane ingest``: heartbeats taken in a process of their own until ``stopped``
-    is set. Its store is the control plane's (a session's first heartbeat reads it once; the
-    write-behind writes it); it verifies the control plane's tokens with the shared
-    ``control.jwt_secret``. Returns where it listened."""
+    is set, at niceness ``telemetry.ingest_nice``. Its store is the control plane's (a
+    session's first heartbeat reads it once; the write-behind writes it); it verifies the
+    control plane's tokens with the shared ``control.jwt_secret``. Returns where it listened."""
+    import os
     import time
 
     from streamplane.control.accounts import Accounts
@@ -362,6 +363,10 @@ async def run_ingest(settings: Settings, stopped: asyncio.Event) -> str:
             "streamplane ingest needs telemetry.ingest_port and control.jwt_secret (the"
             " control plane's, to verify its tokens)"
         )
+    # Before any thread starts (the store's, the stream's): they inherit it. Only ever
+    # lowered: a start that is already nicer stays so.
+    if t.ingest_nice > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, t.ingest_nice)
     store = Store(
         c.database_url,
         schema=c.database_schema,
