@@ -307,9 +307,10 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # true: `streamplane ingest` takes heartbeats in a process of its own (its own core; needs
     # ingest_port and control.jwt_secret); the control plane then runs no stream itself
     ingest_process: bool = False
-    # The ingest process's niceness (0-19): a heartbeat storm yields the CPU to playback starts
-    # on a machine it shares with the control plane (docs/benchmarks.md); 0: no yielding.
-    ingest_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 10
+    # The ingest process's niceness (0-19): above 0, a heartbeat storm yields the CPU to the
+    # control plane's playback starts on a machine they share, and to everything else on it
+    # too (on a busy machine, 10 cut its heartbeats/s 9x: docs/benchmarks.md); 0: no yielding.
+    ingest_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 0
     # Quality of experience (docs/telemetry.md#quality-of-experience): rows per qos_bucket_s
     # (a minute; it must divide an hour) and per hour, kept this long; steering's judgement.
     qos_bucket_s: int = 60
