@@ -66,6 +66,9 @@ from pydantic import BaseModel, Field
 
 from streamplane.media.title import Rung, Title, encode_title
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer import peer_app, serve_peer
+
 PG = os.environ.get("STREAMPLANE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -124,6 +127,7 @@ keys = {{ bench = "{secrets.token_hex(32)}" }}
 
 [control]
 database_url = "{url}"
+data_dir = "{work}"
 catalog_dir = "{work / "catalog"}"
 placement = ""
 port = {port}
@@ -377,59 +381,32 @@ class StartOut(BaseModel):
     session_id: str
 
 
-def peer_app(url: str) -> Any:
-    """A minimal FastAPI app: the playback body validated, one INSERT in one write transaction
-    run the way the control plane runs its own (``Store.transaction``)."""
-    from fastapi import FastAPI
-    from sqlalchemy import Column, Float, MetaData, String, Table, insert
+def playback_peer(url: str) -> Any:
+    """The peer's ``POST /v1/playback``: the playback body validated, one row per start."""
+    from sqlalchemy import Column, Float, String
 
-    from streamplane.control.store import Store
-
-    store = Store(url)
-    metadata = MetaData()
-    starts = Table(
-        "peer_starts",
-        metadata,
-        Column("id", String(36), primary_key=True),
-        Column("title", String(128)),
-        Column("device", String(128)),
-        Column("started_at", Float),
-    )
-    statement = insert(starts)
-
-    async def lifespan(_app: FastAPI) -> Any:
-        async with store.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        yield
-        await store.dispose()
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.post("/v1/playback", response_model=StartOut)
-    async def start(body: StartIn) -> StartOut:
-        session_id = str(uuid.uuid4())
-        row = {
-            "id": session_id,
+    def row(body: StartIn) -> dict[str, Any]:
+        return {
+            "id": str(uuid.uuid4()),
             "title": body.title,
             "device": body.device,
             "started_at": time.time(),
         }
-        await store.transaction(lambda conn: conn.execute(statement, row))
-        return StartOut(session_id=session_id)
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, bool]:
-        return {"ok": True}
-
-    return app
-
-
-def _serve_peer(url: str, port: int) -> None:
-    import uvicorn
-
-    from streamplane.control.app import server_config
-
-    uvicorn.Server(server_config(peer_app(url), "127.0.0.1", port)).run()  # as the CLI
+    return peer_app(
+        url,
+        path="/v1/playback",
+        body=StartIn,
+        table="peer_starts",
+        columns=lambda: [
+            Column("id", String(36), primary_key=True),
+            Column("title", String(128)),
+            Column("device", String(128)),
+            Column("started_at", Float),
+        ],
+        row=row,
+        answer=lambda r: StartOut(session_id=r["id"]),
+    )
 
 
 # -- runs --------------------------------------------------------------------------------------
@@ -686,7 +663,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_peer:
-        _serve_peer(args.serve_peer, args.port)
+        serve_peer(playback_peer(args.serve_peer), args.port)
         raise SystemExit(0)
     command = ".venv/bin/python bench/playback.py " + shlex.join(
         a for a in sys.argv[1:] if a != "--record"

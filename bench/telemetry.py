@@ -51,6 +51,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer import peer_app, serve_peer
 from playback import (
     Load,
     Measured,
@@ -66,7 +67,7 @@ NATS = os.environ.get("STREAMPLANE_BENCH_NATS", "nats://127.0.0.1:4222")
 
 
 def _telemetry_config(
-    config: Path, engine: str, work: Path, ingest_port: int, separate: bool
+    config: Path, engine: str, work: Path, ingest_port: int, separate: bool, nice: int | None
 ) -> str:
     stream = f"BENCH{uuid.uuid4().hex[:12]}"
     lines = [
@@ -81,6 +82,8 @@ def _telemetry_config(
         "device_rate = 100000.0",
         "device_burst = 100000.0",
     ]
+    if nice is not None:
+        lines.append(f"ingest_nice = {nice}")
     with config.open("a") as f:
         f.write("\n".join(lines) + "\n")
     return stream
@@ -138,11 +141,12 @@ def _measure_control(
     work: Path,
     pool: ProcessPoolExecutor,
     separate: bool = False,
+    nice: int | None = None,
 ) -> dict[str, Measured]:
     out: dict[str, Measured] = {}
     port, ingest = _port(), _port()
     config = _config(work, url, port, args.sessions + 4)
-    stream = _telemetry_config(config, engine, work, ingest, separate)
+    stream = _telemetry_config(config, engine, work, ingest, separate, nice)
     # one secret for both processes: the ingest process verifies the control plane's tokens
     env = {**os.environ, "STREAMPLANE_CONTROL_JWT_SECRET": secrets.token_hex(32)}
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
@@ -240,51 +244,33 @@ class Beat(BaseModel):
     events: list[Event] = Field(default_factory=list, max_length=1000)
 
 
-def peer_app(url: str) -> Any:
-    """A bare FastAPI app: the heartbeat body validated, one INSERT per request in one write
-    transaction, run the way the control plane runs its own (``Store.transaction``)."""
-    from fastapi import FastAPI
-    from sqlalchemy import Column, Float, MetaData, String, Table, insert
+def heartbeat_peer(url: str) -> Any:
+    """The peer's ``POST /v1/heartbeat``: the heartbeat body validated, one row per request."""
+    from sqlalchemy import Column, Float, String
 
-    from streamplane.control.store import Store
-
-    store = Store(url)
-    metadata = MetaData()
-    beats = Table(
-        "peer_heartbeats",
-        metadata,
-        Column("id", String(36), primary_key=True),
-        Column("session_id", String(64)),
-        Column("at", Float),
-        Column("position_s", Float),
-    )
-    statement = insert(beats)
-
-    async def lifespan(_app: FastAPI) -> Any:
-        async with store.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-        yield
-        await store.dispose()
-
-    app = FastAPI(lifespan=lifespan)
-
-    @app.post("/v1/heartbeat")
-    async def heartbeat(body: Beat) -> dict[str, bool]:
+    def row(body: Beat) -> dict[str, Any]:
         last = body.events[-1] if body.events else Event(at=time.time(), position_s=0)
-        row = {
+        return {
             "id": str(uuid.uuid4()),
             "session_id": body.session_id,
             "at": last.at,
             "position_s": last.position_s,
         }
-        await store.transaction(lambda conn: conn.execute(statement, row))
-        return {"active": True}
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, bool]:
-        return {"ok": True}
-
-    return app
+    return peer_app(
+        url,
+        path="/v1/heartbeat",
+        body=Beat,
+        table="peer_heartbeats",
+        columns=lambda: [
+            Column("id", String(36), primary_key=True),
+            Column("session_id", String(64)),
+            Column("at", Float),
+            Column("position_s", Float),
+        ],
+        row=row,
+        answer=lambda _row: {"active": True},
+    )
 
 
 def _measure_peer(
@@ -302,14 +288,6 @@ def _measure_peer(
             **_timing(args),
         )
         return pool.submit(run_load, load).result()
-
-
-def _serve_peer(url: str, port: int) -> None:
-    import uvicorn
-
-    from streamplane.control.app import server_config
-
-    uvicorn.Server(server_config(peer_app(url), "127.0.0.1", port)).run()
 
 
 # -- the backlog an outage leaves, drained -----------------------------------------------------
@@ -416,18 +394,22 @@ def main(args: argparse.Namespace) -> str:
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(2, mp_context=spawn) as pool:
         for variant in args.engines:
+            # "-nice10": the ingest process at niceness 10, beside the default (ingest_nice)
+            nice = 10 if variant.endswith("-nice10") else None
+            variant = variant.removesuffix("-nice10")
             engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
             store = stores[engine]
             with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
                 work = Path(tmp)
                 with _database(store, work, "control") as url:
-                    found = _measure_control(engine, url, args, work, pool, separate)
-                with _database(store, work, "peer") as url:
-                    bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
-                    found["peer"] = _measure_peer(url, bodies, args, pool)
+                    found = _measure_control(engine, url, args, work, pool, separate, nice)
+                if not args.no_peer:
+                    with _database(store, work, "peer") as url:
+                        bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
+                        found["peer"] = _measure_peer(url, bodies, args, pool)
             label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
             if separate:
-                label += ", ingest process"
+                label += ", ingest process" + (f", nice {nice}" if nice else "")
             for kind in ("lean", "framework", "peer", "storm", "starts", "starts-storm"):
                 if kind not in found:
                     continue
@@ -436,11 +418,16 @@ def main(args: argparse.Namespace) -> str:
                     f"| {label} | {WHAT[kind]} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |"
                     f" {cpu:.3f} | {errors} |"
                 )
-            lean, peer = _stats(found["lean"]), _stats(found["peer"])
             alone, storm = _stats(found["starts"]), _stats(found["starts-storm"])
+            against = ""
+            if "peer" in found:
+                lean, peer = _stats(found["lean"]), _stats(found["peer"])
+                against = (
+                    f" lean heartbeats / the peer's inline inserts = {lean[0] / peer[0]:.2f}"
+                    f" (server CPU per request, the peer's / lean = {peer[3] / lean[3]:.2f});"
+                )
             notes.append(
-                f"- {label}: lean heartbeats / the peer's inline inserts = {lean[0] / peer[0]:.2f}"
-                f" (server CPU per request, the peer's / lean = {peer[3] / lean[3]:.2f});"
+                f"- {label}:{against}"
                 f" playback starts during the storm: p50 {storm[1] / alone[1] - 1:+.0%},"
                 f" p99 {storm[2] / alone[2] - 1:+.0%}."
             )
@@ -472,10 +459,22 @@ def main(args: argparse.Namespace) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip the inline-INSERT peer (when only playback starts during a storm matter)",
+    )
+    parser.add_argument(
         "--engines",
         nargs="+",
         default=["embedded", "nats", "embedded-process"],
-        choices=["embedded", "nats", "embedded-process", "nats-process"],
+        choices=[
+            "embedded",
+            "nats",
+            "embedded-process",
+            "nats-process",
+            "embedded-process-nice10",
+            "nats-process-nice10",
+        ],
         help="-process: heartbeats taken by `streamplane ingest`, a process of its own",
     )
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -490,7 +489,7 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_peer:
-        _serve_peer(args.serve_peer, args.port)
+        serve_peer(heartbeat_peer(args.serve_peer), args.port)
         raise SystemExit(0)
     print(__doc__.split("\n\n")[1].replace("\n", " "))
     table = main(args)

@@ -146,6 +146,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
 
     database_url: str = "sqlite+aiosqlite:///streamplane.db"
     database_schema: str = ""  # PostgreSQL schema to use (its search_path); empty: the default
+    # This control plane's own files (the embedded telemetry stream, <data_dir>/telemetry-stream).
+    # Empty: beside a SQLite store; on PostgreSQL the embedded stream then needs this set.
+    data_dir: str = ""
     # A dead store fails requests fast (503) rather than holding them: how long to wait for a
     # PostgreSQL connection to open, and for a pooled connection when all are in use.
     database_connect_timeout_s: float = 5.0
@@ -282,8 +285,9 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     (docs/telemetry.md)."""
 
     engine: Literal["embedded", "nats"] = "embedded"
-    stream_dir: str = ""  # embedded: where the stream lives; empty: beside a SQLite store,
-    # else ./telemetry-stream
+    # embedded: where the stream lives; empty: <control.data_dir>/telemetry-stream, or beside a
+    # SQLite store (<database file>-telemetry)
+    stream_dir: str = ""
     nats_url: str = "nats://127.0.0.1:4222"
     stream_name: str = "TELEMETRY"  # the JetStream stream (its subjects: <name>.<partition>)
     partitions: int = 8  # fixed once the stream exists
@@ -303,6 +307,10 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # true: `streamplane ingest` takes heartbeats in a process of its own (its own core; needs
     # ingest_port and control.jwt_secret); the control plane then runs no stream itself
     ingest_process: bool = False
+    # The ingest process's niceness (0-19): above 0, a heartbeat storm yields the CPU to the
+    # control plane's playback starts on a machine they share, and to everything else on it
+    # too (on a busy machine, 10 cut its heartbeats/s 9x: docs/benchmarks.md); 0: no yielding.
+    ingest_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 0
     # Quality of experience (docs/telemetry.md#quality-of-experience): rows per qos_bucket_s
     # (a minute; it must divide an hour) and per hour, kept this long; steering's judgement.
     qos_bucket_s: int = 60

@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-__all__ = ["LocalStack", "StackError", "StackProcess"]
+__all__ = ["EdgePlace", "LocalStack", "StackError", "StackProcess"]
 
 # Sites on loopback, each with its own prefix of 127.0.0.0/8 and a city to be in.
 _SITES = (
@@ -90,6 +90,18 @@ def free_port(kind: int = socket.SOCK_STREAM) -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class EdgePlace:
+    """An edge run off loopback: inside network namespace ``netns`` (``ip netns exec``),
+    listening on ``address`` there, and reaching the control plane at ``control_host`` (the
+    host's end of the link into the namespace). Its link can then be shaped with ``tc``
+    without touching the host's loopback. The control plane listens on every address."""
+
+    netns: str
+    address: str
+    control_host: str
+
+
 @dataclass
 class StackProcess:
     name: str
@@ -137,6 +149,7 @@ class LocalStack:
         control_settings: Mapping[str, Any] | None = None,
         gateway_port: int | None = None,
         telemetry_settings: Mapping[str, Any] | None = None,
+        edge_places: Mapping[int, EdgePlace] | None = None,
     ) -> None:
         if not 1 <= edges <= len(_SITES):
             raise StackError(f"a local stack runs 1 to {len(_SITES)} edges, not {edges}")
@@ -147,6 +160,7 @@ class LocalStack:
         self.control_port = control_port or free_port()
         self.edge_ports = list(edge_ports or [free_port() for _ in range(edges)])
         self.slow_start_s = slow_start_s
+        self.edge_places = dict(edge_places or {})  # edges off loopback, by index
         self.control_settings = dict(control_settings or {})  # [control] keys to override
         # [telemetry]: the embedded stream in the work directory unless told otherwise
         self.telemetry_settings = {
@@ -180,7 +194,8 @@ class LocalStack:
         return f"edge-{index + 1}"
 
     def edge_url(self, index: int) -> str:
-        return f"http://127.0.0.1:{self.edge_ports[index]}"
+        place = self.edge_places.get(index)
+        return f"http://{place.address if place else '127.0.0.1'}:{self.edge_ports[index]}"
 
     # -- start and stop -----------------------------------------------------------------
 
@@ -239,7 +254,13 @@ class LocalStack:
             self.control_url,
             "--no-access-log",
         ]
-        process = self._spawn(edge_id, self.edge_url(index), args)
+        place = self.edge_places.get(index)
+        prefix: list[str] = []
+        if place is not None:
+            prefix = ["ip", "netns", "exec", place.netns]
+            args[args.index("--control") + 1] = f"http://{place.control_host}:{self.control_port}"
+            args += ["--host", place.address]
+        process = self._spawn(edge_id, self.edge_url(index), args, prefix)
         if index < len(self.edges):
             self.edges[index] = process
         else:
@@ -268,7 +289,8 @@ class LocalStack:
         czmap.write_text(json.dumps({"coverageZones": zones}, indent=1))
         control = {
             "database_url": f"sqlite+aiosqlite:///{self.work / 'control.db'}",
-            "host": "127.0.0.1",
+            # edges in network namespaces reach it over their links, not loopback
+            "host": "0.0.0.0" if self.edge_places else "127.0.0.1",
             "port": self.control_port,
             "catalog_dir": str(self.catalog),
             "czmap": str(czmap),
@@ -306,16 +328,20 @@ class LocalStack:
         lines += [f"origin = {json.dumps(str(self.catalog))}", "heartbeat_s = 1.0"]
         lines += ["capacity_bps = 2e9", "drain_notice_s = 1.5"]
         lines += [f'fleet_key = "{self.edge_keys[edge_id]}"']
+        if index in self.edge_places:  # /fill from the host is no loopback client there
+            lines += [f'base_url = "{self.edge_url(index)}"', f'admin_token = "{self.admin_token}"']
         path = self.work / f"{edge_id}.toml"
         path.write_text("\n".join(lines) + "\n")
         path.chmod(0o600)
         return path
 
-    def _spawn(self, name: str, url: str, args: list[str]) -> StackProcess:
+    def _spawn(
+        self, name: str, url: str, args: list[str], prefix: Sequence[str] = ()
+    ) -> StackProcess:
         log = self.work / f"{name}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMPLANE_")}
         process = subprocess.Popen(
-            [sys.executable, "-m", "streamplane", *args],
+            [*prefix, sys.executable, "-m", "streamplane", *args],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             env=env,
@@ -367,13 +393,16 @@ class LocalStack:
 
     def fill(self, titles: Sequence[str], deadline_s: float = 300) -> None:
         """Have every edge pull ``titles`` now (a fill plan), and wait until they hold them."""
+        admin = {"authorization": f"Bearer {self.admin_token}"}  # read by edges off loopback
         for edge in self.edges:
-            r = httpx.post(edge.url + "/fill", json={"titles": list(titles)}, timeout=10)
+            r = httpx.post(
+                edge.url + "/fill", json={"titles": list(titles)}, headers=admin, timeout=10
+            )
             r.raise_for_status()
         deadline = time.monotonic() + deadline_s
         for edge in self.edges:
             while True:
-                status = httpx.get(edge.url + "/fill", timeout=5).json()
+                status = httpx.get(edge.url + "/fill", headers=admin, timeout=5).json()
                 if status.get("state") in ("done", "failed") and status.get("titles_total"):
                     if status["state"] == "failed":
                         raise StackError(f"{edge.name} fill failed: {status.get('errors')}")

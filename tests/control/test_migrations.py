@@ -30,6 +30,6 @@ async def test_migrations_produce_the_models_schema(db: Db) -> None:
             assert "alembic_version" in tables
             assert await conn.run_sync(_diff) == []
             version = (await conn.exec_driver_sql("SELECT version_num FROM alembic_version")).all()
-            assert [v[0] for v in version] == ["0004"]
+            assert [v[0] for v in version] == ["0005"]
     finally:
         await store.dispose()

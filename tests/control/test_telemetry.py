@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import httpx
 import pytest
 from sqlalchemy import Connection, func, select
 
+from streamplane.config import SettingsError
 from streamplane.control.heartbeats import StoreSink
 from streamplane.control.store import Account, Resume, Screen, Store, migrate
 from streamplane.steering import GeoLocator
@@ -25,7 +27,7 @@ from streamplane.telemetry.consumers import StoreWrites, WriteBehind
 from streamplane.telemetry.stream_embedded import EmbeddedStream
 
 from ..telemetry.conftest import SHARED_NATS, _nats_reachable
-from .conftest import T0, Control, Db, free_port, running, write_title
+from .conftest import ADMIN, T0, Clock, Control, Db, free_port, running, write_title
 
 
 async def _start(control: Control, device: str = "tv") -> tuple[dict[str, Any], dict[str, str]]:
@@ -264,6 +266,86 @@ async def test_the_lean_listener_answers_as_the_control_plane_does(
         assert await _resume_rows(_store(control)) == [(9.0, T0)]
 
 
+async def _networks_heard(control: Control, headers: dict[str, str]) -> list[str]:
+    """The client networks the QoS rows put a lean-listener heartbeat sent with ``headers`` in
+    (the rows of the network kind that it added)."""
+
+    async def networks() -> set[str]:
+        r = await control.client.get(
+            "/v1/qos", params={"by": "network"}, headers={"Authorization": f"Bearer {ADMIN}"}
+        )
+        assert r.status_code == 200, r.text
+        return {row["network"] for row in r.json()["rows"]}
+
+    before = await networks()
+    session, hb = await _start(control)
+    body = {
+        "session_id": session["session_id"],
+        "events": [{"at": time.time(), "position_s": 1.0, "startup_s": 0.5}],
+    }
+    async with httpx.AsyncClient() as client:
+        r = await client.post(session["heartbeat"]["url"], json=body, headers={**hb, **headers})
+        assert r.status_code == 200, r.text
+    plane = control.app.state.plane
+    for consumer in plane.qos.consumers:
+        await consumer.settle()
+    return sorted(await networks() - before)
+
+
+async def test_the_lean_listener_believes_forwarded_for_only_from_trusted_proxies(
+    db: Db, tmp_path: Path, geo: GeoLocator
+) -> None:
+    # The heartbeat comes from 127.0.0.1 saying it forwards for 203.0.113.9 (the client
+    # wrote 198.51.100.66 to its left). By default nobody is trusted: the header is ignored
+    # and the peer is the client; with 127.0.0.1 trusted, the client is the first hop it
+    # does not trust, as the control plane's own routes read it.
+    forged = {"X-Forwarded-For": "198.51.100.66, 203.0.113.9"}
+    catalog = tmp_path / "catalog"
+    write_title(catalog, "demo")
+    telemetry = {"ingest_port": free_port()}
+    async with running(db, catalog, geo, telemetry=telemetry) as control:
+        assert await _networks_heard(control, forged) == ["127.0.0.0/24"]
+    telemetry = {"ingest_port": free_port()}
+    later = Clock(T0 + 60)  # the edge's heartbeats are not taken for replays of the first's
+    async with running(
+        db, catalog, geo, later, telemetry=telemetry, trusted_proxies=("127.0.0.1/32",)
+    ) as control:
+        assert await _networks_heard(control, forged) == ["203.0.113.0/24"]
+
+
+async def test_control_planes_with_their_own_data_dirs_keep_their_own_streams(
+    db: Db, tmp_path: Path, geo: GeoLocator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two control planes on one store, started in one working directory: each keeps its
+    # embedded stream in its own data directory, and both take heartbeats at once (one
+    # stream is refused to a second process: had they shared it, one would not start).
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    catalog = tmp_path / "catalog"
+    write_title(catalog, "demo")
+    no_dir = {"stream_dir": ""}
+    async with (
+        running(db, catalog, geo, telemetry=no_dir, data_dir=str(tmp_path / "a")) as a,
+        running(
+            db, catalog, geo, Clock(T0 + 60), telemetry=no_dir, data_dir=str(tmp_path / "b")
+        ) as b,
+    ):
+        for control in (a, b):
+            session, hb = await _start(control)
+            r = await _beat(control, session, hb, {"at": T0, "position_s": 3.0})
+            assert r.status_code == 200, r.text
+            await control.settled()
+        assert (tmp_path / "a" / "telemetry-stream" / "stream.db").is_file()
+        assert (tmp_path / "b" / "telemetry-stream" / "stream.db").is_file()
+    assert list(work.iterdir()) == []  # nothing in the working directory
+    if db.engine == "postgresql":
+        # no data directory and no SQLite file to sit beside: refused, saying what to set
+        with pytest.raises(SettingsError, match=r"control\.data_dir"):
+            async with running(db, catalog, geo, telemetry=no_dir):
+                pass
+
+
 async def test_an_expired_heartbeat_token_is_refused_though_it_was_good_before(
     control: Control,
 ) -> None:
@@ -280,7 +362,12 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
     catalog = tmp_path / "catalog"
     write_title(catalog, "demo")
     port = free_port()
-    telemetry = {"ingest_port": port, "ingest_process": True, "stream_dir": str(tmp_path / "s")}
+    telemetry = {
+        "ingest_port": port,
+        "ingest_process": True,
+        "stream_dir": str(tmp_path / "s"),
+        "ingest_nice": 7,
+    }
     settings = tmp_path / "ingest.toml"
     settings.write_text(
         "[control]\n"
@@ -311,6 +398,8 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
                         assert time.monotonic() < deadline, "the ingest process never listened"
                         await asyncio.sleep(0.05)
             assert r.status_code == 200 and r.json()["resume_position_s"] == 4.0, r.text
+            # it yields the CPU to the control plane's playback starts
+            assert os.getpriority(os.PRIO_PROCESS, ingest.pid) == 7
             # the control plane's own route points there
             r = await _beat(control, session, hb)
             assert r.status_code == 503 and str(port) in r.json()["detail"], r.text

@@ -59,3 +59,30 @@ def test_demoted_edges_rank_after_the_others_for_their_network_only() -> None:
     assert not any(r.qos_demoted for r in other)
     prepared = steering.rank(Client(address="203.0.113.9"), "t", "k", steering.prepare(edges))
     assert prepared == ranked
+
+
+def test_an_edge_demoted_for_an_as_ranks_last_for_every_prefix_of_it() -> None:
+    steering = Steering(
+        RoutingTable(
+            [
+                Route(prefix="203.0.113.0/24", site="s", as_path=(64510, 64500)),
+                Route(prefix="198.51.100.0/24", site="s", as_path=(64500,)),
+                Route(prefix="192.0.2.0/24", site="s", as_path=(64999,)),
+            ]
+        )
+    )
+    edges = [EdgeCandidate(edge_id=e, site="s", base_url=f"http://{e}.example") for e in ("x", "y")]
+    natural = [r.edge_id for r in steering.rank(Client(address="203.0.113.9"), "t", "k", edges)]
+    worst = natural[0]
+    steering.demoted_as = {64500: {worst: "viewers in AS64500 rebuffer 9 %"}}
+    for address in ("203.0.113.9", "198.51.100.1"):  # both prefixes originate in AS64500
+        ranked = steering.rank(Client(address=address), "t", "k", edges)
+        assert ranked[-1].edge_id == worst and ranked[-1].qos_demoted
+        assert ranked[-1].reason.endswith("viewers in AS64500 rebuffer 9 %")
+    other = steering.rank(Client(address="192.0.2.1"), "t", "k", edges)  # another AS
+    assert not any(r.qos_demoted for r in other)
+    # a demotion for the prefix and one for its AS: both apply, the prefix's reason first
+    steering.demoted_as = {64500: {worst: "as reason"}}
+    steering.demoted = {"203.0.113.0/24": {worst: "prefix reason"}}
+    ranked = steering.rank(Client(address="203.0.113.9"), "t", "k", edges)
+    assert ranked[-1].reason.endswith("prefix reason")

@@ -226,6 +226,56 @@ def test_the_counters_of_a_session_become_its_minutes_and_viewers() -> None:
     assert sum(hour.startups.values()) == 2  # each session's startup once
 
 
+def test_a_client_as_gets_rows_of_its_own_over_all_its_prefixes() -> None:
+    def hb(session: str, at: float, network: str, asn: int, reb: float) -> QosSample:
+        return QosSample(
+            session=session,
+            title="demo",
+            at=T0 + at,
+            received_at=T0 + at,
+            edge="e1",
+            network=network,
+            asn=asn,
+            rebuffer_s=reb,
+        )
+
+    rows = _run(
+        [
+            [hb("a", 0, "203.0.113.0/24", 64500, 0.0), hb("a", 30, "203.0.113.0/24", 64500, 3.0)],
+            # the same AS from another prefix; the same session moving prefix counts once
+            [hb("b", 0, "198.51.100.0/24", 64500, 0.0), hb("b", 40, "198.51.100.0/24", 64500, 1.0)],
+            [hb("a", 50, "192.0.2.0/24", 64500, 3.0)],
+            [hb("c", 0, "192.0.2.0/24", 0, 0.0), hb("c", 20, "192.0.2.0/24", 0, 5.0)],  # no AS
+        ]
+    )
+    whole = rows[RowKey(int(T0), MINUTE, QosKey(network="AS64500"))]
+    assert (whole.asn, whole.viewers, whole.watch_ms, whole.rebuffer_ms) == (64500, 2, 90_000, 4000)
+    on_edge = rows[RowKey(int(T0), MINUTE, QosKey(edge="e1", network="AS64500"))]
+    assert (on_edge.viewers, on_edge.watch_ms, on_edge.rebuffer_ms) == (2, 90_000, 4000)
+    assert rows[RowKey(int(T0), MINUTE, QosKey(network="203.0.113.0/24"))].viewers == 1
+    assert not any(r.key.network in ("AS0", "AS") for r in rows)  # an unknown AS: no AS rows
+    edge = rows[RowKey(int(T0), MINUTE, QosKey(edge="e1"))]
+    assert edge.viewers == 3  # a, b and c, each once whatever networks they were seen in
+
+
+def test_an_edge_is_judged_against_its_peers_for_a_whole_as() -> None:
+    # Per prefix, too little watching to judge; the AS pools its prefixes' viewers.
+    rows = [
+        (QosKey(edge=e, network=n), Qos(watch_ms=w * 1000, rebuffer_ms=r * 1000))
+        for e, n, w, r in (
+            ("slow", "203.0.113.0/24", 40, 8),
+            ("slow", "198.51.100.0/24", 40, 8),
+            ("slow", "AS64500", 80, 16),
+            ("fast", "203.0.113.0/24", 40, 0),
+            ("fast", "198.51.100.0/24", 40, 0),
+            ("fast", "AS64500", 80, 0),
+        )
+    ]
+    demoted = judge_edges(rows, {}, now=0.0)
+    assert set(demoted) == {("AS64500", "slow")}
+    assert demoted["AS64500", "slow"].reason.startswith("viewers in AS64500 rebuffer 20.0 %")
+
+
 def test_a_skewed_or_delayed_event_is_moved_into_the_allowed_lateness() -> None:
     ahead = QosSample(session="a", title="t", at=T0 + 3600, received_at=T0, switches=1)
     behind = QosSample(session="b", title="t", at=T0 - 86400, received_at=T0, switches=1)

@@ -22,16 +22,17 @@ from sqlalchemy import Connection, Table, bindparam, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from streamplane.config import Settings, SettingsError, TelemetrySettings
+from streamplane.config import Settings, SettingsError
 from streamplane.control.errors import ApiError, unauthorised
 from streamplane.control.store import Resume, Screen, Store, StoreUnavailable
+from streamplane.edge import forwarded_client, parse_networks
 from streamplane.telemetry import BatchError, Stream, StreamError
 from streamplane.telemetry.admission import Admission, Limit
 from streamplane.telemetry.consumers import Position, StoreWrites, WriteBehind
 from streamplane.telemetry.ingest import Ingest, IngestRefused, SessionView
 from streamplane.telemetry.server import Answer, IngestServer
 
-__all__ = ["Heartbeats", "StoreSink", "open_stream", "run_ingest"]
+__all__ = ["Heartbeats", "StoreSink", "open_stream", "run_ingest", "stream_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,29 @@ class StoreSink:
             await self._store.transaction(work)
 
 
-async def open_stream(t: TelemetrySettings, sqlite_path: str | None = None) -> Stream:
-    """The stream the settings name (the embedded one needs no server)."""
+def stream_dir(settings: Settings, sqlite_path: str | None = None) -> Path:
+    """Where the embedded stream lives: ``telemetry.stream_dir``, else ``telemetry-stream``
+    in ``control.data_dir``, else beside a SQLite store (``<database file>-telemetry``: one
+    place holds the control plane's state). On PostgreSQL with neither set there is no place
+    that is this control plane's own (the working directory is anyone's: two control planes
+    started there would share a stream): SettingsError saying what to set."""
+    t, c = settings.telemetry, settings.control
+    if t.stream_dir:
+        return Path(t.stream_dir)
+    if c.data_dir:
+        return Path(c.data_dir) / "telemetry-stream"
+    if sqlite_path:
+        return Path(sqlite_path + "-telemetry")
+    raise SettingsError(
+        "telemetry: the embedded stream needs a directory of this control plane's own: set"
+        ' control.data_dir (or telemetry.stream_dir), or use telemetry.engine = "nats"'
+    )
+
+
+async def open_stream(settings: Settings, sqlite_path: str | None = None) -> Stream:
+    """The stream the settings name (the embedded one needs no server; see
+    :func:`stream_dir` for where it lives)."""
+    t = settings.telemetry
     if t.engine == "nats":
         from streamplane.telemetry.stream_nats import NatsStream
 
@@ -97,13 +119,7 @@ async def open_stream(t: TelemetrySettings, sqlite_path: str | None = None) -> S
         )
     from streamplane.telemetry.stream_embedded import EmbeddedStream
 
-    if t.stream_dir:
-        where = Path(t.stream_dir)
-    elif sqlite_path:  # beside the SQLite store: one place holds the control plane's state
-        where = Path(sqlite_path + "-telemetry")
-    else:
-        where = Path("telemetry-stream")
-    return EmbeddedStream(where, partitions=t.partitions)
+    return EmbeddedStream(stream_dir(settings, sqlite_path), partitions=t.partitions)
 
 
 Claims = Callable[[str, float], dict[str, Any]]  # token, now -> verified claims (or ApiError)
@@ -219,7 +235,7 @@ class Heartbeats:
         t = self._settings.telemetry
         c = self._settings.control
         try:
-            self._stream = await open_stream(t, self._store.path)
+            self._stream = await open_stream(self._settings, self._store.path)
         except StreamError as err:
             raise SettingsError(f"telemetry: {err}") from None
         self.ingest = Ingest(
@@ -239,7 +255,9 @@ class Heartbeats:
         )
         await self.consumer.start()
         if t.ingest_port:
-            self.listener = IngestServer(self.answer, t.ingest_host, t.ingest_port)
+            self.listener = IngestServer(
+                self.answer, t.ingest_host, t.ingest_port, **self._forwarding()
+            )
             try:
                 await self.listener.start()
             except OSError as err:
@@ -247,6 +265,23 @@ class Heartbeats:
                     f"telemetry.ingest_port: cannot listen on {t.ingest_host}:{t.ingest_port}:"
                     f" {err}"
                 ) from None
+
+    def _forwarding(self) -> dict[str, Any]:
+        """How the lean listener learns the client, as the control plane does: the peer, or
+        whom ``control.trusted_proxies`` say they forward for (none by default)."""
+        c = self._settings.control
+        if not c.trusted_proxies:
+            return {}
+        try:
+            trusted = parse_networks(c.trusted_proxies)
+        except ValueError as err:
+            raise SettingsError(f"control.trusted_proxies: {err}") from None
+        header = c.trusted_proxy_header
+
+        def client_of(peer: str | None, values: list[str]) -> str | None:
+            return forwarded_client(peer or "", values, trusted, header)
+
+        return {"client_header": header, "client_of": client_of}
 
     async def stop(self) -> None:
         if self.listener is not None:
@@ -314,9 +349,10 @@ class Heartbeats:
 
 async def run_ingest(settings: Settings, stopped: asyncio.Event) -> str:
     """``streamplane ingest``: heartbeats taken in a process of their own until ``stopped``
-    is set. Its store is the control plane's (a session's first heartbeat reads it once; the
-    write-behind writes it); it verifies the control plane's tokens with the shared
-    ``control.jwt_secret``. Returns where it listened."""
+    is set, at niceness ``telemetry.ingest_nice``. Its store is the control plane's (a
+    session's first heartbeat reads it once; the write-behind writes it); it verifies the
+    control plane's tokens with the shared ``control.jwt_secret``. Returns where it listened."""
+    import os
     import time
 
     from streamplane.control.accounts import Accounts
@@ -327,6 +363,10 @@ async def run_ingest(settings: Settings, stopped: asyncio.Event) -> str:
             "streamplane ingest needs telemetry.ingest_port and control.jwt_secret (the"
             " control plane's, to verify its tokens)"
         )
+    # Before any thread starts (the store's, the stream's): they inherit it. Only ever
+    # lowered: a start that is already nicer stays so.
+    if t.ingest_nice > os.getpriority(os.PRIO_PROCESS, 0):
+        os.setpriority(os.PRIO_PROCESS, 0, t.ingest_nice)
     store = Store(
         c.database_url,
         schema=c.database_schema,

@@ -162,7 +162,7 @@ class ControlPlane:
                     ' with telemetry.ingest_process, set telemetry.engine = "nats"'
                 )
                 return
-            stream = self._qos_stream = await open_stream(t)
+            stream = self._qos_stream = await open_stream(self.settings)
         if stream is not None:
             await self.qos.consume(
                 stream, max_batches=t.qos_consumer_batches, ack_wait_s=t.ack_wait_s

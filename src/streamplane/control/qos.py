@@ -10,8 +10,9 @@ add nothing. It also answers ``GET /v1/qos`` and purges what is past its retenti
 
 :class:`QosService` runs, every ``judge_every_s``: steering's judgement over the last minutes
 of (edge, network) rows (``telemetry.qos.judge_edges``, with hysteresis), assigned whole to
-``Steering.demoted``; the snapshot behind the Prometheus metrics; and the purge, once a
-minute. Without the store it keeps its last state.
+``Steering.demoted`` (prefixes) and ``Steering.demoted_as`` (whole ASes) and kept in the
+store, so that a restart starts from the demotions in force; the snapshot behind the
+Prometheus metrics; and the purge, once a minute. Without the store it keeps its last state.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
-from sqlalchemy import Connection, and_, bindparam, delete, select, text, tuple_
+from sqlalchemy import Connection, and_, bindparam, delete, insert, select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from streamplane.config import SettingsError, TelemetrySettings
-from streamplane.control.store import QosMark, QosRow, Store, StoreUnavailable
+from streamplane.control.store import QosDemotion, QosMark, QosRow, Store, StoreUnavailable
 from streamplane.steering import Steering
 from streamplane.telemetry import (
+    AS_NETWORK_PREFIX,
     HOUR,
     MINUTE,
     DemotionPolicy,
@@ -49,6 +51,7 @@ from streamplane.telemetry import (
     fold_qos,
     judge_edges,
     mean_bitrate_kbps,
+    network_asn,
     rebuffer_ratio,
     rollup_qos,
     startup_quantile,
@@ -182,12 +185,18 @@ class QosStore:
         edge: str | None = "",
         title: str | None = "",
         network: str | None = "",
+        networks: Literal["prefix", "as"] | None = None,
         limit: int = 10_000,
     ) -> list[tuple[RowKey, Qos]]:
         """Rows of ``span`` whose period overlaps [since, until), of one kind (edge, title,
         network, edge for a network): per field, ``None`` for any value, a value for that one, and
-        ``""`` (the default) where the field does not apply to the kind."""
+        ``""`` (the default) where the field does not apply to the kind. ``networks`` keeps
+        only the rows of prefixes or only those of whole ASes (default: both)."""
         where = [QosRow.span == span, QosRow.start > since - span, QosRow.start < until]
+        if networks == "as":
+            where.append(QosRow.network.startswith(AS_NETWORK_PREFIX))
+        elif networks == "prefix":
+            where.append(~QosRow.network.startswith(AS_NETWORK_PREFIX))
         for column, value in (
             (QosRow.edge, edge),
             (QosRow.title, title),
@@ -225,6 +234,29 @@ class QosStore:
             return int(gone)
 
         return await self.store.transaction(work)
+
+    async def demotions(self) -> dict[tuple[str, str], Verdict]:
+        """The demotions in force, as last saved: (network, edge) -> verdict."""
+        async with self.store.read() as conn:
+            found = await conn.execute(select(*QosDemotion.__table__.columns))
+            return {
+                (d.network, d.edge): Verdict(since=d.since, bad_at=d.bad_at, reason=d.reason)
+                for d in found
+            }
+
+    async def save_demotions(self, verdicts: Mapping[tuple[str, str], Verdict]) -> None:
+        """Make the stored demotions ``verdicts``, in one transaction."""
+        rows = [
+            {"network": n, "edge": e, "since": v.since, "bad_at": v.bad_at, "reason": v.reason}
+            for (n, e), v in sorted(verdicts.items())
+        ]
+
+        def work(conn: Connection) -> None:
+            conn.execute(delete(QosDemotion))
+            if rows:
+                conn.execute(insert(QosDemotion), rows)
+
+        await self.store.transaction(work)
 
 
 def row_out(row: RowKey, q: Qos) -> dict[str, Any]:
@@ -287,7 +319,12 @@ class QosService:
         self.retention = retention
         self.judge_every_s = judge_every_s
         self.verdicts: dict[tuple[str, str], Verdict] = {}
-        self._edges: list[tuple[RowKey, Qos]] = []  # the last whole minute, per edge
+        # The demotions are kept in the store: a restart neither forgets one nor lets the
+        # edge back before the evidence (or the hold) says so.
+        self._saved: dict[tuple[str, str], Verdict] = {}
+        self._restored = False
+        self._edges: list[tuple[RowKey, Qos]] = []  # the last whole minute, per edge...
+        self._ases: list[tuple[RowKey, Qos]] = []  # ... and per AS
         self._task: asyncio.Task[None] | None = None
         self._purged_at = -float("inf")
         self.judgements = 0
@@ -297,7 +334,29 @@ class QosService:
         self.known_edge: Callable[[str], bool] | None = None
 
     async def start(self) -> None:
+        """Steering takes the demotions in force before the restart at once (the store
+        down: at the first judgement that can read them), then the judgement loop runs."""
+        with contextlib.suppress(StoreUnavailable):
+            await self._restore()
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="qos-judge")
+
+    async def _restore(self) -> None:
+        self.verdicts = await self.store.demotions()
+        self._saved = dict(self.verdicts)
+        self._restored = True
+        self._assign()
+
+    def _assign(self) -> None:
+        demoted: dict[str, dict[str, str]] = {}
+        demoted_as: dict[int, dict[str, str]] = {}
+        for (network, edge), verdict in self.verdicts.items():
+            asn = network_asn(network)
+            if asn is None:
+                demoted.setdefault(network, {})[edge] = verdict.reason
+            else:
+                demoted_as.setdefault(asn, {})[edge] = verdict.reason
+        self.steering.demoted = demoted
+        self.steering.demoted_as = demoted_as
 
     async def consume(self, stream: Stream, **options: Any) -> QosConsumer:
         """Start a QoS consumer of ``stream`` into this store (``options``: its own, such as
@@ -327,16 +386,21 @@ class QosService:
         pairs = await self.store.rows(
             span=bucket, since=now - window, until=now + bucket, edge=None, network=None
         )
+        if not self._restored:  # before judging: the hysteresis starts from what was in force
+            await self._restore()
         self.verdicts = judge_edges(
             ((r.key, q) for r, q in pairs), self.verdicts, now, self.steering_policy
         )
-        demoted: dict[str, dict[str, str]] = {}
-        for (network, edge), verdict in self.verdicts.items():
-            demoted.setdefault(network, {})[edge] = verdict.reason
-        self.steering.demoted = demoted
+        self._assign()
+        if self.verdicts != self._saved:
+            await self.store.save_demotions(self.verdicts)
+            self._saved = dict(self.verdicts)
         last = (int(now) // bucket - 1) * bucket
         self._edges = await self.store.rows(
             span=bucket, since=last, until=last + bucket, edge=None, title="", network=""
+        )
+        self._ases = await self.store.rows(
+            span=bucket, since=last, until=last + bucket, network=None, networks="as"
         )
         self.judgements += 1
         if now - self._purged_at >= MINUTE:
@@ -407,10 +471,30 @@ class QosService:
             f"Player errors on the edge {minute}.",
             ((e, q.errors) for e, q in edges),
         )
+        ases = [(f'asn="{asn}"', q) for r, q in self._ases if (asn := network_asn(r.key.network))]
+        family(
+            "streamplane_qos_as_viewers",
+            "gauge",
+            f"Sessions heard from in the client AS (its origin AS) {minute}.",
+            ((a, q.viewers) for a, q in ases),
+        )
+        family(
+            "streamplane_qos_as_rebuffer_ratio",
+            "gauge",
+            f"Time stalled over time watched by the client AS's viewers {minute}.",
+            ((a, r) for a, q in ases if (r := rebuffer_ratio(q)) is not None),
+        )
+        family(
+            "streamplane_qos_as_bitrate_kbps",
+            "gauge",
+            f"Mean bitrate played to the client AS's viewers {minute}.",
+            ((a, b) for a, q in ases if (b := mean_bitrate_kbps(q)) is not None),
+        )
         family(
             "streamplane_qos_demoted",
             "gauge",
-            "1 for an edge steering ranks after the others for a client network.",
+            "1 for an edge steering ranks after the others for a client network (a prefix, or"
+            " a whole AS: ASn).",
             ((f'network="{_label(n)}",edge="{_label(e)}"', 1.0) for n, e in sorted(self.verdicts)),
         )
         lines.append(

@@ -86,6 +86,7 @@ __all__ = [
     "Edge",
     "EdgeKey",
     "Prepared",
+    "QosDemotion",
     "QosMark",
     "QosRow",
     "RefreshToken",
@@ -354,6 +355,19 @@ class QosMark(Base):
     session: Mapped[str] = mapped_column(String(64), primary_key=True)
     seen_at: Mapped[float] = mapped_column(Float, index=True)  # server clock: the purge
     mark: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class QosDemotion(Base):
+    """An edge steering ranks after the others for a client network (``telemetry.qos.Verdict``),
+    kept so that a restarted control plane neither forgets it nor lets the edge back early."""
+
+    __tablename__ = "qos_demotions"
+
+    network: Mapped[str] = mapped_column(String(64), primary_key=True)
+    edge: Mapped[str] = mapped_column(String(64), primary_key=True)
+    since: Mapped[float] = mapped_column(Float)
+    bad_at: Mapped[float] = mapped_column(Float)  # the last judgement that found it bad
+    reason: Mapped[str] = mapped_column(String)
 
 
 Rows = Sequence[Sequence[Any]]

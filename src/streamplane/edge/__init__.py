@@ -19,6 +19,7 @@ from streamplane.edge.forwarded import (
     Network,
     client_address,
     forwarded_chain,
+    forwarded_client,
     parse_networks,
     x_forwarded_for_chain,
 )
@@ -88,6 +89,7 @@ __all__ = [
     "client_address",
     "edge_key",
     "forwarded_chain",
+    "forwarded_client",
     "grant_allows",
     "heartbeat_authorization",
     "heartbeat_signature",

@@ -23,6 +23,7 @@ __all__ = [
     "Network",
     "client_address",
     "forwarded_chain",
+    "forwarded_client",
     "parse_networks",
     "x_forwarded_for_chain",
 ]
@@ -68,6 +69,18 @@ def client_address(peer: str, chain: Sequence[str], trusted: Sequence[Network]) 
         if not _trusted(hop, trusted):
             return str(hop)
     return str(hop)
+
+
+def forwarded_client(
+    peer: str, values: Sequence[str], trusted: Sequence[Network], header: str
+) -> str | None:
+    """The client of a request from ``peer`` whose ``header`` lines (``x-forwarded-for`` or
+    ``forwarded``) are ``values``: :func:`client_address` over that header's chain. Without
+    ``trusted`` proxies the headers are not even parsed: the peer is the client."""
+    if not trusted or not values:
+        return client_address(peer, [], trusted)
+    chain = forwarded_chain(values) if header == "forwarded" else x_forwarded_for_chain(values)
+    return client_address(peer, chain, trusted)
 
 
 def x_forwarded_for_chain(values: Iterable[str]) -> list[str]:

@@ -33,10 +33,11 @@ class Steering:
     ``sites`` (e.g. the cache groups of a czmap) gives coordinates to edges that report
     none; assign ``steering.sites`` to update them. Candidates that serve many decisions
     (a title's holders, until the fleet changes) are best grouped once with ``prepare``.
-    ``demoted`` maps a client network's prefix (``network``) to the edges its viewers
-    rebuffer on far more than on their peers, each with why; the control plane assigns it
-    whole from the QoS aggregates, and the ranking moves those edges after the others for
-    clients in that network. Thread-safe as the table is.
+    ``demoted`` maps a client network's prefix (``network``), and ``demoted_as`` a whole
+    origin AS, to the edges its viewers rebuffer on far more than on their peers, each with
+    why; the control plane assigns both whole from the QoS aggregates, and the ranking moves
+    those edges after the others for a client in that prefix or AS (both apply).
+    Thread-safe as the table is.
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class Steering:
         self.geo = geo
         self.sites: Mapping[str, SiteInfo] = dict(sites) if sites else {}
         self.demoted: Mapping[str, Mapping[str, str]] = {}
+        self.demoted_as: Mapping[int, Mapping[str, str]] = {}
 
     def network(self, address: str) -> tuple[str, int]:
         """The client network of ``address``: (prefix, origin AS), as QoS aggregates and
@@ -59,6 +61,17 @@ class Steering:
             return client_network(address, routes)
         except PrefixError as err:
             raise AddressError(str(err)) from None
+
+    def _demoted_for(self, prefix: str, asn: int) -> Mapping[str, str] | None:
+        """The edges demoted for a client in ``prefix`` of AS ``asn``: those demoted for its
+        prefix and those demoted for its whole AS (the prefix's reason first)."""
+        by_prefix = self.demoted.get(prefix)
+        by_as = self.demoted_as.get(asn) if asn else None
+        if not by_as:
+            return by_prefix
+        if not by_prefix:
+            return by_as
+        return {**by_as, **by_prefix}
 
     def prepare(self, candidates: Iterable[EdgeCandidate]) -> CandidateSet:
         """``candidates`` grouped by place for many decisions, with this steering's sites
@@ -90,10 +103,10 @@ class Steering:
         except AddressError:
             routes, valid = {}, False
         demoted = None
-        if valid and self.demoted:
+        if valid and (self.demoted or self.demoted_as):
             # (PrefixError: an address pytricia reads and ipaddress does not, "1.2.3")
             with contextlib.suppress(PrefixError):
-                demoted = self.demoted.get(client_network(client.address, routes)[0])
+                demoted = self._demoted_for(*client_network(client.address, routes))
         location = None
         if valid and self.geo is not None and (client.lat is None or client.lon is None):
             location = self.geo.locate(client.address)

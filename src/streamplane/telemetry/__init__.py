@@ -21,6 +21,7 @@ from streamplane.telemetry.events import (
     to_events,
 )
 from streamplane.telemetry.qos import (
+    AS_NETWORK_PREFIX,
     HOUR,
     MINUTE,
     DemotionPolicy,
@@ -33,9 +34,11 @@ from streamplane.telemetry.qos import (
     Verdict,
     add_qos,
     apply_rows,
+    as_network,
     fold_qos,
     judge_edges,
     mean_bitrate_kbps,
+    network_asn,
     rebuffer_ratio,
     rollup_qos,
     startup_quantile,
@@ -52,6 +55,7 @@ from streamplane.telemetry.stream import (
 )
 
 __all__ = [
+    "AS_NETWORK_PREFIX",
     "HOUR",
     "MAX_BODY_BYTES",
     "MAX_EVENTS",
@@ -83,11 +87,13 @@ __all__ = [
     "Verdict",
     "add_qos",
     "apply_rows",
+    "as_network",
     "decode_record",
     "encode_record",
     "fold_qos",
     "judge_edges",
     "mean_bitrate_kbps",
+    "network_asn",
     "parse_batch",
     "partition_of",
     "rebuffer_ratio",

@@ -1,8 +1,9 @@
 """Quality of experience per minute: the pure core of the QoS aggregates.
 
 What is aggregated, per minute of event time, per edge, per title, per client network
-(its prefix and origin AS, as steering finds them: ``steering.client_network``) and per
-(edge, network), which is what steering compares:
+(its prefix and origin AS, as steering finds them: ``steering.client_network``; and, when the
+AS is known, the whole AS as a network of its own, ``as_network``) and per (edge, network),
+which is what steering compares:
 
 - ``viewers``: distinct sessions with a heartbeat in that minute;
 - ``watch_ms``: the event time the sessions' heartbeats span; ``rebuffer_ms``: time stalled
@@ -56,6 +57,7 @@ from typing import Final, NamedTuple
 import msgspec
 
 __all__ = [
+    "AS_NETWORK_PREFIX",
     "HOUR",
     "MINUTE",
     "STARTUP_ACCURACY",
@@ -70,9 +72,11 @@ __all__ = [
     "Verdict",
     "add_qos",
     "apply_rows",
+    "as_network",
     "fold_qos",
     "judge_edges",
     "mean_bitrate_kbps",
+    "network_asn",
     "rebuffer_ratio",
     "rollup_qos",
     "startup_bucket",
@@ -86,6 +90,22 @@ _GAMMA: Final = (1 + STARTUP_ACCURACY) / (1 - STARTUP_ACCURACY)
 _LOG_GAMMA: Final = math.log(_GAMMA)
 _MIN_STARTUP_S: Final = 0.001  # faster startups share the 1 ms bucket
 _MAX_KEYS_PER_SESSION: Final = 256  # viewer marks kept per session (edges x networks x minutes)
+
+
+AS_NETWORK_PREFIX: Final = "AS"
+
+
+def as_network(asn: int) -> str:
+    """The network of a row kept for a whole origin AS (``AS64500``): rows and demotions are
+    kept per prefix and per AS alike, and no prefix is spelt so (``S`` is no hex digit)."""
+    return f"{AS_NETWORK_PREFIX}{asn}"
+
+
+def network_asn(network: str) -> int | None:
+    """The AS of a row's network that is a whole AS; None for a prefix."""
+    if network.startswith(AS_NETWORK_PREFIX) and network[len(AS_NETWORK_PREFIX) :].isdigit():
+        return int(network[len(AS_NETWORK_PREFIX) :])
+    return None
 
 
 class QosKey(NamedTuple):
@@ -236,11 +256,18 @@ class Folded(msgspec.Struct, kw_only=True):
     events: int = 0
 
 
-def _keys(edge: str, title: str, network: str) -> list[QosKey]:
+def _networks(network: str, asn: int) -> list[str]:
+    """The networks an event counts in: its prefix, and its whole origin AS when known."""
+    if not network:
+        return []
+    return [network, as_network(asn)] if asn else [network]
+
+
+def _keys(edge: str, title: str, networks: list[str]) -> list[QosKey]:
     keys = [QosKey(title=title)]
     if edge:
         keys.append(QosKey(edge=edge))
-    if network:
+    for network in networks:
         keys.append(QosKey(network=network))
         if edge:
             keys.append(QosKey(edge=edge, network=network))
@@ -325,7 +352,8 @@ def fold_qos(
         if s.startup_s is not None and not mark.startup:
             mark.startup = True
             delta.startups = {startup_bucket(s.startup_s): 1}
-        edge, network = s.edge or "", s.network or ""
+        edge = s.edge or ""
+        networks = _networks(s.network or "", s.asn)
         # Viewer marks older than the lateness behind the session's latest event are let go;
         # an event in those minutes counts no viewer (it might have been counted already).
         horizon = (mark.hi_ms - lateness_ms) // bucket_ms * bucket - bucket
@@ -333,10 +361,15 @@ def fold_qos(
             mark.viewed = [v for v in mark.viewed if v[0] >= horizon]
         counted = minute >= horizon and len(mark.viewed) < _MAX_KEYS_PER_SESSION
         viewed_before = mark.viewed
-        if counted and (minute, edge, network) not in viewed_before:
-            mark.viewed = sorted([*viewed_before, (minute, edge, network)])
-        for key in _keys(edge, s.title, network):
-            viewer = 1 if counted and not _viewed(key, minute, edge, network, viewed_before) else 0
+        if counted:
+            new = [
+                (minute, edge, n) for n in networks or [""] if (minute, edge, n) not in mark.viewed
+            ]
+            if new:
+                mark.viewed = sorted([*viewed_before, *new])
+        for key in _keys(edge, s.title, networks):
+            seen = _viewed(key, minute, edge, key.network, viewed_before)
+            viewer = 1 if counted and not seen else 0
             row = RowKey(minute, bucket, key)
             d = out.deltas.get(row)
             if d is None:  # owned by this fold: added to in place below

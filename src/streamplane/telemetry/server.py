@@ -23,13 +23,15 @@ from typing import Final, cast
 
 import httptools
 
-__all__ = ["Answer", "Handler", "IngestServer"]
+__all__ = ["Answer", "ClientOf", "Handler", "IngestServer"]
 
 log = logging.getLogger(__name__)
 
 Answer = tuple[int, bytes, list[tuple[bytes, bytes]]]  # status, JSON body, extra headers
-# (Authorization header, body, the peer's address) -> answer
+# (Authorization header, body, the client's address) -> answer
 Handler = Callable[[str, bytes, str | None], Awaitable[Answer]]
+# (the TCP peer, the lines of the forwarding header) -> the client's address (None: unknown)
+ClientOf = Callable[[str | None, list[str]], str | None]
 
 _PATH: Final = b"/v1/heartbeat"
 _REASONS: Final = {
@@ -60,10 +62,11 @@ class _Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._url = b""
         self._auth = b""
+        self._forwarded: list[str] = []
         self._body: list[bytes] = []
         self._size = 0
         self._refused: Answer | None = None
-        self._queue: deque[tuple[bytes, bytes, bytes, Answer | None, bool]] = deque()
+        self._queue: deque[tuple[bytes, list[str], bytes, Answer | None, bool]] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -99,6 +102,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self._url = b""
         self._auth = b""
+        self._forwarded = []
         self._body = []
         self._size = 0
         self._refused = None
@@ -107,8 +111,11 @@ class _Connection(asyncio.Protocol):
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"authorization":
+        lower = name.lower()
+        if lower == b"authorization":
             self._auth = value
+        elif lower == self._server.client_header:  # only when proxies are trusted
+            self._forwarded.append(value.decode("latin-1"))
 
     def on_headers_complete(self) -> None:
         method = self._parser.get_method()
@@ -131,7 +138,7 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         keep = self._parser.should_keep_alive()
-        self._queue.append((self._url, self._auth, b"".join(self._body), self._refused, keep))
+        self._queue.append((self._auth, self._forwarded, b"".join(self._body), self._refused, keep))
         if self._worker is None or self._worker.done():
             self._worker = asyncio.get_running_loop().create_task(self._work())
 
@@ -139,12 +146,15 @@ class _Connection(asyncio.Protocol):
 
     async def _work(self) -> None:
         while self._queue and self._transport is not None:
-            _, auth, body, refused, keep = self._queue.popleft()
+            auth, forwarded, body, refused, keep = self._queue.popleft()
             if refused is not None:
                 answer = refused
             else:
+                client = self._peer
+                if self._server.client_of is not None:
+                    client = self._server.client_of(self._peer, forwarded)
                 try:
-                    answer = await self._server.handler(auth.decode("latin-1"), body, self._peer)
+                    answer = await self._server.handler(auth.decode("latin-1"), body, client)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
@@ -190,7 +200,13 @@ class _Connection(asyncio.Protocol):
 
 
 class IngestServer:
-    """Serves ``handler`` on ``host:port`` (port 0: any free one; see :attr:`port`)."""
+    """Serves ``handler`` on ``host:port`` (port 0: any free one; see :attr:`port`).
+
+    The client the handler is given is the TCP peer, unless ``client_of`` is given: it then
+    decides from the peer and the lines of header ``client_header`` (lower case), which are
+    read only then. Behind trusted proxies that is their forwarding header; anyone else's
+    is never parsed, so a client cannot name itself another address.
+    """
 
     def __init__(
         self,
@@ -201,8 +217,13 @@ class IngestServer:
         max_body: int = 64 * 1024,
         idle_timeout_s: float = 30.0,
         backlog: int = 4096,
+        client_header: str = "",
+        client_of: ClientOf | None = None,
     ) -> None:
         self.handler = handler
+        # b"\0" matches no header name: nothing is collected
+        self.client_header = client_header.lower().encode() if client_of else b"\0"
+        self.client_of = client_of
         self.host = host
         self.port = port
         self.max_body = max_body

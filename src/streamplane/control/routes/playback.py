@@ -15,7 +15,7 @@ from streamplane.control.routes.deps import (
     plane_of,
     principal_of,
 )
-from streamplane.edge import client_address, forwarded_chain, x_forwarded_for_chain
+from streamplane.edge import forwarded_client
 
 __all__ = ["router"]
 
@@ -85,11 +85,9 @@ def _client_address(request: Request) -> str:
     """The client's address: the TCP peer, or whom trusted proxies say they forward for."""
     peer = request.client.host if request.client else ""
     plane = plane_of(request)
-    chain: list[str] = []
-    if plane.trusted_proxies:  # the headers are read only from a trusted peer
-        header = plane.settings.control.trusted_proxy_header
-        values = request.headers.getlist(header)
-        chain = forwarded_chain(values) if header == "forwarded" else x_forwarded_for_chain(values)
-    address = client_address(peer, chain, plane.trusted_proxies)
+    header = plane.settings.control.trusted_proxy_header
+    # the headers are read only from a trusted peer
+    values = request.headers.getlist(header) if plane.trusted_proxies else []
+    address = forwarded_client(peer, values, plane.trusted_proxies, header)
     # unknown: steering falls back to geography the client sent, or none
     return address if address is not None else "0.0.0.0"
