@@ -877,7 +877,7 @@ def abr_sim(
 def swarm(
     viewers: int = typer.Option(..., "--viewers", "-n", help="Concurrent headless viewers."),
     control: str = typer.Option(..., "--control", help="Control plane URL."),
-    title: str = typer.Option(..., "--title", help="Title id to play."),
+    title: str = typer.Option(..., "--title", help="Title id (or live channel) to play."),
     abr: str = typer.Option("streamplane", "--abr", help="ABR algorithm of every viewer."),
     ramp_s: float = typer.Option(0.0, "--ramp-s", help="Start the viewers over this many s."),
     speed: float = typer.Option(1.0, "--speed", help="Media seconds played per wall second."),
@@ -885,7 +885,9 @@ def swarm(
         None, "--traces", help="Throttle: 3g, lte, broadband, mixed, or trace file/folder."
     ),
     duration: float | None = typer.Option(
-        None, "--duration", help="Media seconds each viewer watches (the title loops)."
+        None,
+        "--duration",
+        help="Media seconds each viewer watches (the title loops; a live channel: 30 s).",
     ),
     source: list[str] = typer.Option(
         [], "--source", help="Local address to connect from (repeat: viewers take turns)."
@@ -899,7 +901,10 @@ def swarm(
         help="The control plane's admin token: report its QoS aggregates of the run too.",
     ),
 ) -> None:
-    """Run N headless viewers against a control plane and its edges: QoE and edge load."""
+    """Run N headless viewers against a control plane and its edges: QoE and edge load.
+
+    A live channel is played as LL-HLS at the live edge (blocking reloads, parts), and the
+    report adds each viewer's latency to live."""
     from streamplane.player import PlayerError, SwarmConfig, report_tables, run_swarm_live
     from streamplane.player.swarm import SwarmError, encode_report
 
