@@ -329,6 +329,8 @@ class Viewer:
 
     async def _heartbeats(self) -> None:
         """Send heartbeats on the cadence's schedule (wall clock) until cancelled."""
+        if not self._heartbeat.get("url"):  # none asked for (a given offer): none to send
+            return
         while not self._session_over and not self._stopping:
             self._tick()
             state = CadenceState(
