@@ -986,18 +986,32 @@ def live_start(
 
 @live_app.command("plan")
 def live_plan(
-    events: Path = typer.Option(
-        ..., "--events", help="events.toml: [[event]] channel, start, expected_viewers, ..."
+    events: Path | None = typer.Option(
+        None, "--events", help="events.toml: [[event]] channel, start, expected_viewers, ..."
     ),
-    servers: Path = typer.Option(..., "--servers", help="servers.toml, as `place` reads it."),
+    servers: Path | None = typer.Option(
+        None, "--servers", help="servers.toml, as `place` reads it."
+    ),
     headroom: float = typer.Option(0.7, help="Share of a server's throughput to plan on."),
     lead_min: float = typer.Option(15.0, "--lead-min", help="Minutes of warm-up before a start."),
+    control: str | None = typer.Option(
+        None, "--control", help="Ask this control plane instead: its events on its edges now."
+    ),
+    admin_token: str | None = typer.Option(
+        None, "--admin-token", envvar="STREAMPLANE_ADMIN_TOKEN", help="Its admin token."
+    ),
 ) -> None:
-    """Print what each scheduled event pre-warms, where and when, and why."""
+    """Print what each scheduled event pre-warms, where and when, and why; with --control,
+    the control plane's own plan over the edges heartbeating now, and whether it is ready."""
     from datetime import UTC, datetime
 
     from streamplane.live.schedule import plan_event, read_events
 
+    if control is not None:
+        _live_plan_of(control, admin_token or "")
+        return
+    if events is None or servers is None:
+        raise _error("give --events and --servers, or --control", 2)
     try:
         fleet = placement.read_servers(servers)
         plans = [
@@ -1025,6 +1039,52 @@ def live_plan(
         short = short or not plan.ready
     if short:
         raise _error("some sites cannot carry their expected audience (see above)", 1)
+
+
+def _live_plan_of(control: str, admin_token: str) -> None:
+    """`live plan --control`: GET /v1/live/plan, printed; exit 1 when an event is not ready."""
+    from datetime import UTC, datetime
+
+    import httpx
+
+    try:
+        r = httpx.get(
+            control.rstrip("/") + "/v1/live/plan",
+            headers={"authorization": f"Bearer {admin_token}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        raise _error(f"cannot reach the control plane at {control}: {exc}", 2) from None
+    if r.status_code != 200:
+        raise _error(f"the control plane answered {r.status_code}: {r.text[:300]}", 2)
+
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    body = r.json()
+    if body["scheduled"] and not body["planned"]:
+        raise _error("no edge is heartbeating: nothing to plan the events on", 1)
+    unready = []
+    for event in body["events"]:
+        gateway = event["gateway"]
+        table = Table(
+            title=f"{event['channel']}: {event['phase']}, starts {when(event['start'])}, warm "
+            f"from {when(event['warm_at'])}; gateway admits {gateway['admission_per_s']}/s, up "
+            f"to {gateway['max_connections']} connections; "
+            + ("READY" if event["ready"] else "NOT READY")
+            + f" ({event['why']})"
+        )
+        for col in ("site", "viewers", "edges", "why"):
+            table.add_column(col)
+        for site in event["sites"]:
+            table.add_row(
+                site["site"], str(site["viewers"]), ", ".join(site["edges"]) or "-", site["reason"]
+            )
+        out_console.print(table)
+        if not event["ready"]:
+            unready.append(event["channel"])
+    if unready:
+        raise _error(f"not ready: {', '.join(unready)}", 1)
 
 
 @live_app.command("feed")
