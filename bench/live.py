@@ -12,12 +12,21 @@ landed at the origin the viewers had it (p50, p95, max), and failures. Each view
 client and connection, as a player does; a request sent on a keep-alive connection the server
 had closed as idle is retried once, as a browser does, and counted apart (``retried``), and
 ``lag max s`` is how late the client's own event loop woke at worst: seconds there mean the
-client, not the server, was starved, and its times are not the servers'.
+client, not the server, was starved, and its times are not the servers'. ``CPU s``: the
+server's processes' CPU time over its surge (the edge's supervisor and workers, nginx's).
 
-    python bench/live.py --viewers 1000 --parts 8
+Glass to glass (``--glass-s``, before the surge): a real channel (``streamplane live start``,
+one 240p rung, no audio) fed by ``streamplane live feed`` over SRT on loopback, whose every
+frame carries the wall clock at the moment the feed made it (``live/feed.py``: a strip of 32
+black or white blocks, the milliseconds' bits), and one streamplane edge (two workers) in
+front of it. ``--glass-viewers`` headless LL-HLS viewers (``player/viewer.py``: blocking
+reloads, parts, the target latency held with the play-out rate) play it through the edge;
+afterwards each part they received is decoded (PyAV) and every frame's clock read back:
+glass to glass is the time from the feed making a frame to a viewer having it (the part
+holding it received whole), p50 / p95 / max over every frame every viewer received; the
+viewers' own latency to the live edge and their stalls are printed beside it.
 
-Glass-to-glass latency through an edge is what tests/e2e/test_live.py measures in Chromium
-(hls.js's latency to the live edge, and the picture's age by the program dates).
+    python bench/live.py --viewers 1000 --parts 8 --glass-s 30 --glass-viewers 3
 """
 
 from __future__ import annotations
@@ -26,9 +35,12 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import io
+import os
 import platform
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,6 +55,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 import edge as edge_bench  # bench/edge.py: nginx as a proxy cache, wait_up
 
 from streamplane.live import Rung, SyntheticOrigin
+from streamplane.live.feed import read_clock_code
+from streamplane.media.fmp4 import read_fragment
+from streamplane.player import Viewer, ViewerConfig
+from streamplane.player.live import LivePart
 from streamplane.stack import free_port
 
 PART_S = 0.5
@@ -158,20 +174,179 @@ def _row(name: str, result: dict[str, Any]) -> str:
         f"{name:<22} {result['objects']:>7} {result['mean_per_object']:>8.2f} "
         f"{result['max_per_object']:>6} {p50 * 1000:>8.0f} {p95 * 1000:>8.0f} "
         f"{worst * 1000:>8.0f} {result['served']:>8} {len(result['failures']):>6} "
-        f"{result['retried']:>7} {result['client_lag']:>10.1f}"
+        f"{result['retried']:>7} {result['client_lag']:>10.1f} {result['cpu_s']:>6.1f}"
     )
+
+
+def _edge_config(work: Path, name: str, origin: str, port: int) -> Path:
+    conf = work / f"{name}.toml"
+    conf.write_text(
+        f'[edge]\norigin = "{origin}"\ncache_dir = "{work / (name + "-cache")}"\n'
+        f'port = {port}\nhost = "127.0.0.1"\nworkers = 2\naccess_log = false\n'
+        "require_token = false\nlive_playlist_ttl_s = 0.5\n"
+    )
+    return conf
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "streamplane", *args]
+
+
+def _frame_clocks(received: list[tuple[LivePart, str, bytes, float]], init: dict[str, bytes]
+                  ) -> tuple[list[float], int]:  # fmt: skip
+    """Glass to glass of every frame a viewer received (arrival of its part less the clock
+    burnt into it), and how many frames had no readable clock (a slate)."""
+    import av
+
+    out: list[float] = []
+    unreadable = 0
+    runs: list[list[tuple[LivePart, str, bytes, float]]] = []
+    for item in received:  # consecutive parts of one encoder run decode as one stream
+        if runs and runs[-1][-1][1] == item[1]:
+            runs[-1].append(item)
+        else:
+            runs.append([item])
+    for run in runs:
+        arrivals: list[float] = []
+        for _part, _init, body, arrived in run:
+            arrivals += [arrived] * read_fragment(body).sample_count
+        data = init[run[0][1]] + b"".join(body for _, _, body, _ in run)
+        with av.open(io.BytesIO(data)) as container:
+            for k, frame in enumerate(container.decode(video=0)):
+                if k >= len(arrivals):
+                    break
+                arrived_ms = int(arrivals[k] * 1000)
+                made_ms = read_clock_code(frame.to_ndarray(format="gray"), arrived_ms)
+                delay = (arrived_ms - made_ms) / 1000
+                if 0 <= delay < 60:
+                    out.append(delay)
+                else:
+                    unreadable += 1
+    return out, unreadable
+
+
+async def _watch(edge: str, seconds: float, viewers: int) -> list[tuple[Any, list[Any]]]:
+    """``viewers`` headless LL-HLS viewers on channel ``ch`` through ``edge``, each with its
+    parts as received."""
+    offer = {
+        "session_id": "bench",
+        "live": True,
+        "edges": [{"edge_id": "edge", "base_url": edge, "hls": f"{edge}/ch/master.m3u8"}],
+    }
+    out = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        players = []
+        for k in range(viewers):
+            received: list[tuple[LivePart, str, bytes, float]] = []
+            player = Viewer(
+                client,
+                ViewerConfig(control_url="http://127.0.0.1:9", title="ch", duration_s=seconds),
+                {},
+                index=k,
+                offer=offer,
+                on_part=lambda *item, into=received: into.append(item),  # type: ignore[misc]
+            )
+            players.append((player, received))
+        results = await asyncio.gather(*(p.run() for p, _ in players))
+        for (_, received), result in zip(players, results, strict=True):
+            out.append((result, received))
+    return out
+
+
+def glass(work: Path, seconds: float, viewers: int) -> dict[str, Any]:
+    """Glass to glass through one edge (see the module docstring)."""
+    http, edge_port = free_port(), free_port()
+    srt = free_port(socket.SOCK_DGRAM)
+    key = "bench-stream-key"
+    root = work / "live"
+    channel = subprocess.Popen(
+        _cli("live", "start", "ch", "--srt-listen", str(srt), "--port", str(http),
+             "--root", str(root), "--stream-key", key, "--no-audio", "--rungs", "240:400"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    origin = f"http://127.0.0.1:{http}"
+    conf = _edge_config(work, "glass-edge", origin, edge_port)
+    edge = subprocess.Popen(
+        _cli("edge", "--config", str(conf)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    feed = None
+    try:
+        edge_bench.wait_up(f"{origin}/ch/status.json")
+        edge_bench.wait_up(f"http://127.0.0.1:{edge_port}/healthz")
+        feed_args = _cli("live", "feed", "ch", "--to", f"srt://127.0.0.1:{srt}",
+                         "--stream-key", key, "--seconds", str(seconds + 30))  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not (root / "ch" / "v240" / "seg_2.m4s").exists():
+            if time.monotonic() > deadline:
+                raise SystemExit("the channel made no segment in 60 s")
+            if feed is None or feed.poll() is not None:  # the listener was not up yet
+                feed = subprocess.Popen(
+                    feed_args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+            time.sleep(0.5)
+        load = os.getloadavg()[0]
+        watched = asyncio.run(_watch(f"http://127.0.0.1:{edge_port}", seconds, viewers))
+        load = max(load, os.getloadavg()[0])
+        init = {
+            path: httpx.get(f"http://127.0.0.1:{edge_port}/ch/{path}", timeout=10).content
+            for _, received in watched
+            for path in {item[1] for item in received}
+        }
+    finally:
+        for p in (feed, edge, channel):
+            if p is not None:
+                p.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(15)
+    delays: list[float] = []
+    unreadable = 0
+    for _, received in watched:
+        frames, bad = _frame_clocks(received, init)
+        delays += frames
+        unreadable += bad
+    results = [r for r, _ in watched]
+    return {
+        "delays": delays,
+        "unreadable": unreadable,
+        "results": results,
+        "load": load,
+    }
+
+
+def _glass_report(seconds: float, viewers: int, g: dict[str, Any]) -> None:
+    delays = sorted(g["delays"])
+    print(f"\nglass to glass, LL-HLS through one edge: {viewers} viewers x {seconds:g} s, "
+          f"load average up to {g['load']:.1f}")  # fmt: skip
+    if len(delays) >= 2:
+        cuts = quantiles(delays, n=100)
+        print(f"  frames {len(delays)} (unreadable {g['unreadable']}): p50 {cuts[49]:.2f} s, "
+              f"p95 {cuts[94]:.2f} s, max {delays[-1]:.2f} s")  # fmt: skip
+    for r in g["results"]:
+        p50 = "-" if r.latency_p50_s is None else f"{r.latency_p50_s:.2f}"
+        p95 = "-" if r.latency_p95_s is None else f"{r.latency_p95_s:.2f}"
+        print(f"  viewer {r.viewer}: parts {r.segments}, latency to live p50 {p50} s "
+              f"p95 {p95} s, stalls {r.rebuffer_events} ({r.rebuffer_s:.2f} s), "
+              f"error {r.error}")  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--viewers", type=int, default=1000)
     parser.add_argument("--parts", type=int, default=8)
+    parser.add_argument("--glass-s", type=float, default=30.0, help="0: no glass-to-glass run")
+    parser.add_argument("--glass-viewers", type=int, default=3)
     args = parser.parse_args()
     # a SIGTERM (a timeout) unwinds like Ctrl-C, so the edge and nginx are stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
         work = Path(tmp)
         work.chmod(0o755)  # nginx's workers run as another user
+        g = glass(work, args.glass_s, args.glass_viewers) if args.glass_s > 0 else None
+        if not args.viewers:
+            if g is not None:
+                _glass_report(args.glass_s, args.glass_viewers, g)
+            print(f"command: python {shlex.join(sys.argv)}")
+            return
         origin = SyntheticOrigin(work / "origin", "ch", Rung(240, 480))
         for _ in range(4):
             origin.land(PART_BYTES)
@@ -195,13 +370,17 @@ def main() -> None:
             edge_bench.wait_up(f"http://127.0.0.1:{edge_port}/healthz")
             edge_bench.wait_up(f"http://127.0.0.1:{proxy_port}/")
             results = {}
-            for name, port in (
-                ("streamplane edge", edge_port),
-                ("nginx proxy_cache_lock", proxy_port),
+            loads = []
+            for name, port, server in (
+                ("streamplane edge", edge_port, processes[0]),
+                ("nginx proxy_cache_lock", proxy_port, processes[1]),
             ):
+                cpu = edge_bench.tree_cpu_seconds(server.pid)
                 results[name] = asyncio.run(
                     _surge(origin, f"http://127.0.0.1:{port}", args.viewers, args.parts)
                 )
+                results[name]["cpu_s"] = edge_bench.tree_cpu_seconds(server.pid) - cpu
+                loads.append(os.getloadavg()[0])
         finally:
             for p in processes:
                 p.terminate()
@@ -209,10 +388,11 @@ def main() -> None:
                     p.wait(10)
             origin.stop()
     print(__doc__.split("\n\n")[1].replace("\n", " "))
-    print(f"\n{args.viewers} viewers, {args.parts} parts each; {platform.node()}, 2 cores shared")
+    print(f"\n{args.viewers} viewers, {args.parts} parts each; {platform.node()}, 2 cores shared, "
+          f"load average after each surge {', '.join(f'{x:.1f}' for x in loads)}")  # fmt: skip
     print(f"{'':<22} {'objects':>7} {'req/obj':>8} {'max':>6} {'p50 ms':>8} {'p95 ms':>8} "
           f"{'max ms':>8} {'served':>8} {'failed':>6} {'retried':>7} "
-          f"{'lag max s':>10}")  # fmt: skip
+          f"{'lag max s':>10} {'CPU s':>6}")  # fmt: skip
     for name, result in results.items():
         print(_row(name, result))
     for name, result in results.items():
@@ -225,6 +405,8 @@ def main() -> None:
             1e-9, quantiles(sorted(edge["delays"]), n=100)[94]
         )
         print(f"\np95 time to the part, nginx / edge: {ratio:.2f}x")
+    if g is not None:
+        _glass_report(args.glass_s, args.glass_viewers, g)
     print(f"command: python {shlex.join(sys.argv)}")
 
 

@@ -883,7 +883,7 @@ def abr_sim(
 def swarm(
     viewers: int = typer.Option(..., "--viewers", "-n", help="Concurrent headless viewers."),
     control: str = typer.Option(..., "--control", help="Control plane URL."),
-    title: str = typer.Option(..., "--title", help="Title id to play."),
+    title: str = typer.Option(..., "--title", help="Title id (or live channel) to play."),
     abr: str = typer.Option("streamplane", "--abr", help="ABR algorithm of every viewer."),
     ramp_s: float = typer.Option(0.0, "--ramp-s", help="Start the viewers over this many s."),
     speed: float = typer.Option(1.0, "--speed", help="Media seconds played per wall second."),
@@ -891,7 +891,9 @@ def swarm(
         None, "--traces", help="Throttle: 3g, lte, broadband, mixed, or trace file/folder."
     ),
     duration: float | None = typer.Option(
-        None, "--duration", help="Media seconds each viewer watches (the title loops)."
+        None,
+        "--duration",
+        help="Media seconds each viewer watches (the title loops; a live channel: 30 s).",
     ),
     source: list[str] = typer.Option(
         [], "--source", help="Local address to connect from (repeat: viewers take turns)."
@@ -905,7 +907,10 @@ def swarm(
         help="The control plane's admin token: report its QoS aggregates of the run too.",
     ),
 ) -> None:
-    """Run N headless viewers against a control plane and its edges: QoE and edge load."""
+    """Run N headless viewers against a control plane and its edges: QoE and edge load.
+
+    A live channel is played as LL-HLS at the live edge (blocking reloads, parts), and the
+    report adds each viewer's latency to live."""
     from streamplane.player import PlayerError, SwarmConfig, report_tables, run_swarm_live
     from streamplane.player.swarm import SwarmError, encode_report
 
@@ -995,18 +1000,32 @@ def live_start(
 
 @live_app.command("plan")
 def live_plan(
-    events: Path = typer.Option(
-        ..., "--events", help="events.toml: [[event]] channel, start, expected_viewers, ..."
+    events: Path | None = typer.Option(
+        None, "--events", help="events.toml: [[event]] channel, start, expected_viewers, ..."
     ),
-    servers: Path = typer.Option(..., "--servers", help="servers.toml, as `place` reads it."),
+    servers: Path | None = typer.Option(
+        None, "--servers", help="servers.toml, as `place` reads it."
+    ),
     headroom: float = typer.Option(0.7, help="Share of a server's throughput to plan on."),
     lead_min: float = typer.Option(15.0, "--lead-min", help="Minutes of warm-up before a start."),
+    control: str | None = typer.Option(
+        None, "--control", help="Ask this control plane instead: its events on its edges now."
+    ),
+    admin_token: str | None = typer.Option(
+        None, "--admin-token", envvar="STREAMPLANE_ADMIN_TOKEN", help="Its admin token."
+    ),
 ) -> None:
-    """Print what each scheduled event pre-warms, where and when, and why."""
+    """Print what each scheduled event pre-warms, where and when, and why; with --control,
+    the control plane's own plan over the edges heartbeating now, and whether it is ready."""
     from datetime import UTC, datetime
 
     from streamplane.live.schedule import plan_event, read_events
 
+    if control is not None:
+        _live_plan_of(control, admin_token or "")
+        return
+    if events is None or servers is None:
+        raise _error("give --events and --servers, or --control", 2)
     try:
         fleet = placement.read_servers(servers)
         plans = [
@@ -1062,6 +1081,52 @@ def live_record(
 
 # What ffmpeg says when a channel turns a publisher away, over SRT or RTMP.
 _FEED_REFUSED = ("Connection to", "RTMP handshake", "Connection reset by peer", "Broken pipe")
+
+
+def _live_plan_of(control: str, admin_token: str) -> None:
+    """`live plan --control`: GET /v1/live/plan, printed; exit 1 when an event is not ready."""
+    from datetime import UTC, datetime
+
+    import httpx
+
+    try:
+        r = httpx.get(
+            control.rstrip("/") + "/v1/live/plan",
+            headers={"authorization": f"Bearer {admin_token}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        raise _error(f"cannot reach the control plane at {control}: {exc}", 2) from None
+    if r.status_code != 200:
+        raise _error(f"the control plane answered {r.status_code}: {r.text[:300]}", 2)
+
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    body = r.json()
+    if body["scheduled"] and not body["planned"]:
+        raise _error("no edge is heartbeating: nothing to plan the events on", 1)
+    unready = []
+    for event in body["events"]:
+        gateway = event["gateway"]
+        table = Table(
+            title=f"{event['channel']}: {event['phase']}, starts {when(event['start'])}, warm "
+            f"from {when(event['warm_at'])}; gateway admits {gateway['admission_per_s']}/s, up "
+            f"to {gateway['max_connections']} connections; "
+            + ("READY" if event["ready"] else "NOT READY")
+            + f" ({event['why']})"
+        )
+        for col in ("site", "viewers", "edges", "why"):
+            table.add_column(col)
+        for site in event["sites"]:
+            table.add_row(
+                site["site"], str(site["viewers"]), ", ".join(site["edges"]) or "-", site["reason"]
+            )
+        out_console.print(table)
+        if not event["ready"]:
+            unready.append(event["channel"])
+    if unready:
+        raise _error(f"not ready: {', '.join(unready)}", 1)
 
 
 @live_app.command("feed")

@@ -166,6 +166,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Live channels (streamplane live start): played like titles, from every healthy edge,
     # which pull them from the live origin.
     live_channels: tuple[str, ...] = ()
+    # Scheduled events (the `streamplane live plan --events` TOML): before each, a channel is
+    # placed on the edges its expected audience needs; GET /v1/live/plan reports readiness.
+    live_events: str = ""
     # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
     # of them, the client is read from trusted_proxy_header, walked right to left past the
     # trusted hops. Empty: the TCP peer is the client, whatever the headers say.

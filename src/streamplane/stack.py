@@ -150,6 +150,7 @@ class LocalStack:
         gateway_port: int | None = None,
         telemetry_settings: Mapping[str, Any] | None = None,
         edge_places: Mapping[int, EdgePlace] | None = None,
+        edge_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not 1 <= edges <= len(_SITES):
             raise StackError(f"a local stack runs 1 to {len(_SITES)} edges, not {edges}")
@@ -162,6 +163,8 @@ class LocalStack:
         self.slow_start_s = slow_start_s
         self.edge_places = dict(edge_places or {})  # edges off loopback, by index
         self.control_settings = dict(control_settings or {})  # [control] keys to override
+        # [edge] keys to override: a live channel's origin URL and live_playlist_ttl_s
+        self.edge_settings = dict(edge_settings or {})
         # [telemetry]: the embedded stream in the work directory unless told otherwise
         self.telemetry_settings = {
             "engine": "embedded",
@@ -325,8 +328,14 @@ class LocalStack:
         """The settings of one edge: the token keyring, and its own heartbeat key only."""
         edge_id = self.edge_id(index)
         lines = [*self._tokens_lines(), "", "[edge]"]
-        lines += [f"origin = {json.dumps(str(self.catalog))}", "heartbeat_s = 1.0"]
-        lines += ["capacity_bps = 2e9", "drain_notice_s = 1.5"]
+        settings = {
+            "origin": str(self.catalog),
+            "heartbeat_s": 1.0,
+            "capacity_bps": 2e9,
+            "drain_notice_s": 1.5,
+            **self.edge_settings,
+        }
+        lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
         lines += [f'fleet_key = "{self.edge_keys[edge_id]}"']
         if index in self.edge_places:  # /fill from the host is no loopback client there
             lines += [f'base_url = "{self.edge_url(index)}"', f'admin_token = "{self.admin_token}"']

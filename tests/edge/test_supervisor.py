@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 from streamplane.config import EdgeSettings
 from streamplane.edge.operations import FillRequest
 from streamplane.edge.supervisor import Supervisor
+from tests.edge.conftest import Edge, start_edge
 
 
 def supervisor(tmp_path: Path, origin: Path, **settings: object) -> tuple[Supervisor, list[str]]:
@@ -122,3 +125,53 @@ async def _plan(sup: Supervisor, titles: list[str]) -> None:
     while sup.fill_status.state not in ("done", "failed"):
         assert time.monotonic() < deadline, sup.fill_status
         await asyncio.sleep(0.05)
+
+
+def test_an_edge_starting_on_a_served_port_resets_none_of_its_connections(
+    tmp_path: Path, origin_dir: Path
+) -> None:
+    """SO_REUSEPORT lets a new edge start beside the one serving a port (an upgrade without
+    a gap). The new supervisor's check that the port is usable must not join the port's
+    listeners: a connection the kernel handed to its check socket was reset when it closed."""
+    for name in ("a", "b0", "b1"):
+        (tmp_path / name).mkdir()
+    first = start_edge(tmp_path / "a", origin_dir, workers=1)
+    stop = threading.Event()
+    answered: list[int] = []
+    failures: list[str] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", first.port), timeout=10) as sock:
+                    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n")
+                    head = sock.recv(12)
+            except OSError as exc:
+                failures.append(repr(exc))
+                continue
+            (answered if head == b"HTTP/1.1 200" else failures).append(head)  # type: ignore[arg-type]
+
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    others: list[Edge] = []
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(0.3)
+        # several starts: each supervisor's check socket would be in the group for a moment
+        for n in range(2):
+            others.append(start_edge(tmp_path / f"b{n}", origin_dir, workers=2, port=first.port))
+            deadline = time.monotonic() + 30
+            while "serving" not in others[-1].log():
+                assert time.monotonic() < deadline, others[-1].log()
+                time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(30)
+        for edge in [*others, first]:  # a draining edge resets what its queues hold
+            edge.process.terminate()
+        for edge in [*others, first]:
+            edge.stop()
+    assert len(answered) > 100
+    assert failures == []

@@ -10,7 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from streamplane.live.schedule import Event, plan_event, read_events
+from streamplane.live.schedule import (
+    Event,
+    event_phase,
+    plan_event,
+    read_events,
+    readiness,
+    warm_edges,
+)
 from streamplane.placement import Server
 
 GBPS = 1e9
@@ -94,3 +101,33 @@ def test_live_plan_prints_the_plan_and_fails_when_short(tmp_path: Path) -> None:
     )
     short = subprocess.run([*cmd, "--events", str(big)], capture_output=True, text=True)
     assert short.returncode == 1 and "cannot carry" in short.stderr
+
+
+def test_the_phase_readiness_and_placement_of_an_event_follow_its_clock() -> None:
+    servers = [Server("e1", 10**12, 10 * GBPS, "a"), Server("e2", 10**12, 10 * GBPS, "a")]
+    plan = plan_event(Event("ch", 10_000.0, 1000, 3e6), servers, lead_s=900)  # 3 Gb/s: e1
+    assert [event_phase(plan, t) for t in (9_000.0, 9_100.0, 10_000.0, 10_000.0 + 5 * 3600)] == [
+        "scheduled",
+        "warming",
+        "live",
+        "over",
+    ]
+    assert warm_edges([plan], "ch", 9_000.0) is None  # not yet: every edge serves it
+    assert warm_edges([plan], "ch", 9_500.0) == {"e1"}
+    assert warm_edges([plan], "other", 9_500.0) is None
+    ready = readiness(plan, {"e1", "e2"}, 9_500.0)
+    assert ready.ready and ready.phase == "warming" and ready.edges_up == ("e1",)
+    down = readiness(plan, {"e2"}, 9_500.0)
+    assert not down.ready and down.edges_down == ("e1",) and "e1" in down.why
+
+
+def test_live_plan_needs_a_plan_source(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "streamplane", "live", "plan"]
+    neither = subprocess.run(cmd, capture_output=True, text=True)
+    assert neither.returncode == 2 and "--control" in neither.stderr
+    away = subprocess.run(
+        [*cmd, "--control", "http://127.0.0.1:9", "--admin-token", "x"],
+        capture_output=True,
+        text=True,
+    )
+    assert away.returncode == 2 and "cannot reach the control plane" in away.stderr

@@ -25,6 +25,8 @@ from streamplane.control.realtime import RealtimeIssuer
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
 from streamplane.edge import parse_networks
+from streamplane.live import Event, EventPlan, EventReadiness, plan_event, read_events, readiness
+from streamplane.placement import Server
 from streamplane.steering import GeoLocator, RoutingTable, SiteInfo, Steering
 from streamplane.telemetry import Stream
 
@@ -92,6 +94,8 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
+        self.live_events = _read_live_events(c.live_events)
+        self.playback.live_plans = self.live_plans
         self.realtime = RealtimeIssuer(settings.realtime)
         self.heartbeats = Heartbeats(
             settings, self.store, self.accounts.claims, clock=clock, monotonic=monotonic
@@ -115,6 +119,25 @@ class ControlPlane:
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
         self._store_check = asyncio.Lock()
+
+    def live_plans(self) -> list[EventPlan]:
+        """Every scheduled event planned on the edges heartbeating now (their rated
+        throughput and site): the edges each needs, by site, and the gateway's limits."""
+        servers = [
+            Server(e.edge_id, e.disk_total_bytes, e.capacity_bps, e.site)
+            for e in self.fleet.edges()
+        ]
+        if not servers:
+            return []
+        return [plan_event(event, servers) for event in self.live_events]
+
+    def live_readiness(self) -> list[EventReadiness]:
+        """Each event's plan, phase and readiness: are its planned edges up (offered now)?"""
+        from streamplane.control.fleet import exclusion
+
+        now = self.clock()
+        up = {e.edge_id for e in self.fleet.edges() if exclusion(e, now, self.fleet.policy) is None}
+        return [readiness(plan, up, now) for plan in self.live_plans()]
 
     def _sites_reloaded(self, sites: dict[str, SiteInfo]) -> None:
         self.steering.sites = sites
@@ -175,3 +198,15 @@ class ControlPlane:
         await self.heartbeats.stop()
         await self.sources.stop()
         await self.store.dispose()
+
+
+def _read_live_events(path: str) -> list[Event]:
+    """control.live_events: the scheduled events, or none; SettingsError says what is wrong."""
+    if not path:
+        return []
+    try:
+        return read_events(Path(path).read_text())
+    except OSError as exc:
+        raise SettingsError(f"control.live_events: cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise SettingsError(f"control.live_events: {path}: {exc}") from None

@@ -61,6 +61,7 @@ from streamplane.control.store import (
     StoredText,
 )
 from streamplane.edge import sign, signed_url
+from streamplane.live import EventPlan, warm_edges
 from streamplane.steering import (
     DEFAULT_LIMIT,
     CandidateSet,
@@ -386,6 +387,9 @@ class Playback:
         self._ttl = token_ttl_s
         self._session_token = session_token
         self.heartbeats: Heartbeats | None = None  # set by the control plane
+        # the scheduled events' plans (set by the control plane): a channel whose event is
+        # warming or live is offered from the edges its plan chose
+        self.live_plans: Callable[[], Sequence[EventPlan]] = list
         self.heartbeat_url = settings.base_url() + "/v1/heartbeat"
         self._statements = _Statements(store)
         self._purge_due = -math.inf  # when a start next sets off a purge
@@ -412,6 +416,10 @@ class Playback:
             return known[3]
         live = title in self._settings.live_channels
         holders = self._fleet.serving() if live else self._fleet.holding(title)
+        if live:
+            placed = warm_edges(self.live_plans(), title, now)
+            if placed is not None and any(e.edge_id in placed for e in holders):
+                holders = [e for e in holders if e.edge_id in placed]
         offered = self._steering.prepare(candidates(holders, now, self._fleet.policy, self.sites))
         if len(self._offers) >= _OFFERS_KEPT:
             self._offers.clear()

@@ -61,7 +61,7 @@ from streamplane.edge.protocol import (
 )
 from streamplane.edge.throttle import LogThrottle
 
-__all__ = ["EdgeConnection", "Worker", "listening_socket", "run_worker"]
+__all__ = ["EdgeConnection", "Worker", "check_port", "listening_socket", "run_worker"]
 
 # Bytes per loop.sendfile call over TLS (or behind buffered bytes): progress is told to the
 # core after each, so a client must take at least this much per send_timeout_s.
@@ -558,6 +558,20 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.listen(4096)
     sock.setblocking(False)
     return sock
+
+
+def check_port(host: str, port: int) -> None:
+    """Raise OSError when the workers could not bind ``host:port`` (another program holds it).
+
+    The socket is bound as the workers' are but never listens: only a listening socket joins
+    the port's SO_REUSEPORT group, so no connection (to an edge already serving on the port,
+    or to this one's first worker) can be handed to it and reset when it closes.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
 
 
 def tls_context(config: EdgeSettings) -> ssl.SSLContext | None:

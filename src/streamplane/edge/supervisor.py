@@ -46,7 +46,7 @@ from streamplane.edge.report import (
     HeartbeatSigner,
     edge_key,
 )
-from streamplane.edge.server import listening_socket, run_worker
+from streamplane.edge.server import check_port, run_worker
 from streamplane.edge.throttle import LogThrottle
 
 __all__ = ["kernel_tls_status", "run_edge"]
@@ -540,7 +540,7 @@ async def _main(config: EdgeSettings, keyring: dict[str, str], log: Callable[[st
     )
     # Bind once here so a busy port fails now, with a message, not in every worker.
     try:
-        probe = listening_socket(config.host, config.port)
+        check_port(config.host, config.port)
     except OSError as exc:
         log(f"cannot listen on {config.host}:{config.port}: {exc.strerror}")
         return 2
@@ -564,7 +564,6 @@ async def _main(config: EdgeSettings, keyring: dict[str, str], log: Callable[[st
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     for index in range(config.workers):
         sup.start_worker(index, channel)
-    probe.close()
     if config.tls_cert:
         log(kernel_tls_status()[1])
     log(

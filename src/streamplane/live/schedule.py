@@ -15,12 +15,23 @@ is reported short, with by how much.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from streamplane.placement import Server
 
-__all__ = ["Event", "EventPlan", "SitePlan", "plan_event", "read_events"]
+__all__ = [
+    "Event",
+    "EventPlan",
+    "EventReadiness",
+    "SitePlan",
+    "event_phase",
+    "plan_event",
+    "read_events",
+    "readiness",
+    "warm_edges",
+]
 
 
 @dataclass(frozen=True)
@@ -153,3 +164,67 @@ def _shares(event: Event, by_site: Mapping[str, list[Server]]) -> dict[str, floa
     throughput = {site: sum(s.throughput_bps for s in group) for site, group in by_site.items()}
     total = sum(throughput.values())
     return {site: t / total for site, t in throughput.items()}
+
+
+Phase = Literal["scheduled", "warming", "live", "over"]
+
+
+def event_phase(plan: EventPlan, now: float, live_s: float = 4 * 3600.0) -> Phase:
+    """Where ``plan``'s event is at ``now``: before its warm-up, warming, under way (for
+    ``live_s`` after its start), over."""
+    if now < plan.warm_at:
+        return "scheduled"
+    if now < plan.event.start:
+        return "warming"
+    return "live" if now < plan.event.start + live_s else "over"
+
+
+@dataclass(frozen=True)
+class EventReadiness:
+    """What the control plane reports for one event: its plan, its phase, which planned edges
+    are up (heartbeating and offered), and whether the event is ready."""
+
+    plan: EventPlan
+    phase: Phase
+    edges_up: tuple[str, ...]
+    edges_down: tuple[str, ...]  # planned, but not heartbeating or not offered now
+    ready: bool  # every site covered, every planned edge up
+    why: str
+
+
+def readiness(
+    plan: EventPlan, up: Collection[str], now: float, live_s: float = 4 * 3600.0
+) -> EventReadiness:
+    """The readiness of ``plan`` given the edges ``up`` now (heartbeating and offered)."""
+    planned = [edge for site in plan.sites for edge in site.edges]
+    edges_up = tuple(e for e in planned if e in up)
+    edges_down = tuple(e for e in planned if e not in up)
+    short = [s.site for s in plan.sites if s.short_bps > 0]
+    if short:
+        why = f"short of throughput at {', '.join(short)}: more edges are needed there"
+    elif edges_down:
+        why = f"planned edges not up: {', '.join(edges_down)}"
+    else:
+        why = f"all {len(planned)} planned edges are up"
+    return EventReadiness(
+        plan=plan,
+        phase=event_phase(plan, now, live_s),
+        edges_up=edges_up,
+        edges_down=edges_down,
+        ready=not short and not edges_down,
+        why=why,
+    )
+
+
+def warm_edges(
+    plans: Sequence[EventPlan], channel: str, now: float, live_s: float = 4 * 3600.0
+) -> frozenset[str] | None:
+    """The edges a channel is placed on at ``now``: those its events' plans chose, while an
+    event is warming or live; None when no event of the channel is (every edge serves it)."""
+    chosen: set[str] = set()
+    placed = False
+    for plan in plans:
+        if plan.event.channel == channel and event_phase(plan, now, live_s) in ("warming", "live"):
+            placed = True
+            chosen.update(edge for site in plan.sites for edge in site.edges)
+    return frozenset(chosen) if placed else None

@@ -78,6 +78,7 @@ class Playout:
         self.rebuffer_events = 0
         self.draining = False  # no more segments will come: running dry ends playback
         self.ended = False
+        self.rate = 1.0  # media seconds played per session second (a live player's catch-up)
 
     @property
     def phase(self) -> Phase:
@@ -103,11 +104,12 @@ class Playout:
         self.t = now_s
         if not self.playing or self.ended:
             return
-        if self.buffer_s >= dt:
-            self.buffer_s -= dt
-            self.played_s += dt
+        drain = dt * self.rate
+        if self.buffer_s >= drain:
+            self.buffer_s -= drain
+            self.played_s += drain
             return
-        stall = dt - self.buffer_s
+        stall = dt - self.buffer_s / self.rate
         self.played_s += self.buffer_s
         self.buffer_s = 0.0
         if self.draining:
@@ -277,6 +279,7 @@ class Ledger:
         self.heartbeats_throttled = 0  # answered 429: sent again later, as told
         self.acknowledged_position_s: float | None = None
         self.last_throughput_kbps: float | None = None
+        self.latencies: list[float] | None = None  # a live session's samples of latency to live
 
     @property
     def last_rung(self) -> int | None:
@@ -393,6 +396,9 @@ class ViewerResult(msgspec.Struct, frozen=True):
     trace: str | None = None
     source: str | None = None
     error_log: tuple[str, ...] = ()
+    live: bool = False
+    latency_p50_s: float | None = None  # a live session's latency to the live edge
+    latency_p95_s: float | None = None
 
 
 def viewer_result(
@@ -406,6 +412,7 @@ def viewer_result(
     source: str | None = None,
 ) -> ViewerResult:
     n = len(ledger.segments)
+    live = ledger.latencies is not None
     vmafs = [s.vmaf for s in ledger.segments if s.vmaf is not None]
     media = playout.played_s
     stalled = playout.rebuffer_s
@@ -440,6 +447,9 @@ def viewer_result(
         trace=trace,
         source=source,
         error_log=tuple(ledger.errors),
+        live=live,
+        latency_p50_s=percentile(ledger.latencies or [], 50),
+        latency_p95_s=percentile(ledger.latencies or [], 95),
     )
 
 
@@ -511,6 +521,9 @@ class SwarmSummary(msgspec.Struct, frozen=True):
     heartbeats_sent: int
     heartbeats_ok: int
     failures: dict[str, int]  # fatal error message (first line) -> viewers
+    # live sessions: each viewer's median and p95 latency to the live edge
+    latency_p50_s: Distribution = Distribution(0, None, None, None, None, None)
+    latency_p95_s: Distribution = Distribution(0, None, None, None, None, None)
 
 
 def summarise(results: Sequence[ViewerResult]) -> SwarmSummary:
@@ -544,6 +557,8 @@ def summarise(results: Sequence[ViewerResult]) -> SwarmSummary:
         heartbeats_sent=sum(r.heartbeats_sent for r in results),
         heartbeats_ok=sum(r.heartbeats_ok for r in results),
         failures=failures,
+        latency_p50_s=Distribution.of(vals(r.latency_p50_s for r in ok)),
+        latency_p95_s=Distribution.of(vals(r.latency_p95_s for r in ok)),
     )
 
 

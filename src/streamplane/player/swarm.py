@@ -575,12 +575,17 @@ def report_tables(report: SwarmReport) -> list[RenderableType]:
     )
     for col in ("", "mean", "p10", "p50", "p90", "p99"):
         qoe.add_column(col, justify="left" if not col else "right")
-    rows = (
+    rows = [
         ("startup s", s.startup_s, ".2f", 1.0),
         ("rebuffer %", s.rebuffer_ratio, ".2f", 100.0),
         ("avg bitrate kbps", s.avg_bitrate_kbps, ",.0f", 1.0),
         ("avg VMAF", s.avg_vmaf, ".1f", 1.0),
-    )
+    ]
+    if s.latency_p50_s.count:  # a live channel: each viewer's latency to the live edge
+        rows += [
+            ("latency to live s, median", s.latency_p50_s, ".2f", 1.0),
+            ("latency to live s, p95", s.latency_p95_s, ".2f", 1.0),
+        ]
     for label, d, fmt, scale in rows:
         qoe.add_row(
             label,

@@ -35,7 +35,7 @@ import math
 import posixpath
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
 import httpx
@@ -52,7 +52,7 @@ from streamplane.player.abr import (
     make_abr,
 )
 from streamplane.player.cadence import CadenceState, next_heartbeat_s
-from streamplane.player.errors import PlayerError
+from streamplane.player.errors import ManifestError, PlayerError
 from streamplane.player.headless import (
     Ledger,
     Playout,
@@ -62,6 +62,17 @@ from streamplane.player.headless import (
     audio_plan,
     heartbeat_event,
     viewer_result,
+)
+from streamplane.player.live import (
+    LivePart,
+    LivePlaylist,
+    join_part,
+    live_rung,
+    next_number,
+    parse_live_playlist,
+    parse_variants,
+    part_after,
+    playback_rate,
 )
 from streamplane.player.sim import Manifest, loop_manifest, manifest_from_title
 from streamplane.player.traces import Trace
@@ -95,6 +106,10 @@ class ViewerConfig(msgspec.Struct, frozen=True):
     tick_s: float = 0.25  # session seconds between abandonment checks
     history: int = 20  # downloads kept in the ABR state
     chunk_bytes: int | None = None  # None: as they come off the socket (up to 64 KiB)
+    target_latency_s: float | None = None  # live: None holds the playlist's PART-HOLD-BACK
+
+
+LIVE_DEFAULT_S: Final = 30.0  # a live session's length when none is given
 
 
 async def sign_in(
@@ -155,6 +170,12 @@ def _retry_after(r: httpx.Response, default_s: float = 1.0) -> float:
     return default_s
 
 
+def _bare(uri: str) -> str:
+    """A playlist URI without its query: the edge hands the session's token on in them, and
+    the viewer adds its own."""
+    return uri.partition("?")[0]
+
+
 class _EdgeFailed(Exception):
     pass
 
@@ -178,6 +199,8 @@ class Viewer:
         index: int = 0,
         source: str | None = None,
         on_edges: Callable[[Sequence[Mapping[str, Any]]], Awaitable[None]] | None = None,
+        on_part: Callable[[LivePart, str, bytes, float], None] | None = None,
+        offer: Mapping[str, Any] | None = None,
     ) -> None:
         if config.speed <= 0 or not math.isfinite(config.speed):
             raise ViewerError(f"speed must be a positive number, not {config.speed}")
@@ -187,6 +210,12 @@ class Viewer:
         self.index = index
         self.source = source
         self.on_edges = on_edges
+        # live: each part, its init segment's path, its body and when it arrived (epoch s)
+        self.on_part = on_part
+        # a playback answer given instead of asked for: an edge measured without a control
+        # plane (bench/live.py); no heartbeats, no session to stop
+        self._offer = dict(offer) if offer is not None else None
+        self.live = False
         self.abr = make_abr(config.abr)
         self.status: ViewerStatus = "waiting"
         self.ledger = Ledger()
@@ -283,6 +312,8 @@ class Viewer:
     async def _stop(self) -> None:
         """End the session: a last heartbeat (`stop`), or else `DELETE /v1/playback/{id}`, so
         the screen is free now rather than at its timeout."""
+        if self._offer is not None:
+            return
         if self.session_id is None or self._session_over or await self._send_heartbeat("stop"):
             return
         url = f"{self.config.control_url.rstrip('/')}/v1/playback/{self.session_id}"
@@ -298,6 +329,8 @@ class Viewer:
 
     async def _heartbeats(self) -> None:
         """Send heartbeats on the cadence's schedule (wall clock) until cancelled."""
+        if not self._heartbeat.get("url"):  # none asked for (a given offer): none to send
+            return
         while not self._session_over and not self._stopping:
             self._tick()
             state = CadenceState(
@@ -328,8 +361,10 @@ class Viewer:
         try:
             await self._start()
             beats = asyncio.create_task(self._heartbeats())
-            title = await self._title()
-            await self._play(title)
+            if self.live:
+                await self._play_live()
+            else:
+                await self._play(await self._title())
             self.status = "done"
         except ViewerError as exc:
             error = str(exc)
@@ -360,6 +395,11 @@ class Viewer:
 
     async def _start(self) -> None:
         c = self.config
+        if self._offer is not None:
+            self._started(self._offer)
+            if self.on_edges is not None:
+                await self.on_edges(self.edges)
+            return
         url = c.control_url.rstrip("/") + "/v1/playback"
         for attempt in range(c.playback_attempts):
             try:
@@ -381,6 +421,15 @@ class Viewer:
         if r.status_code != 200:
             raise ViewerError(f"playback of {c.title!r} refused: {_refusal(r)}")
         answer = r.json()
+        self._started(answer)
+        if c.resume and not self.live:
+            self.playout.start_position_s = float(answer.get("resume_position_s") or 0.0)
+        if self.on_edges is not None:
+            await self.on_edges(self.edges)
+
+    def _started(self, answer: Mapping[str, Any]) -> None:
+        """Take the playback answer: the session, its edges, live or not."""
+        c = self.config
         self.session_id = str(answer["session_id"])
         self._heartbeat = dict(answer.get("heartbeat") or {})
         self.edges = [dict(e) for e in answer.get("edges", [])]
@@ -388,10 +437,11 @@ class Viewer:
             raise ViewerError(f"playback of {c.title!r} offered no edge")
         self._queries = [urlsplit(str(e["hls"])).query for e in self.edges]
         self.first_edge = str(self.edges[0]["edge_id"])
-        if c.resume:
-            self.playout.start_position_s = float(answer.get("resume_position_s") or 0.0)
-        if self.on_edges is not None:
-            await self.on_edges(self.edges)
+        self.live = bool(answer.get("live"))
+        if self.live and c.speed != 1:
+            raise ViewerError(
+                f"{c.title!r} is a live channel: it plays at speed 1, not {c.speed:g}"
+            )
 
     async def _title(self) -> Title:
         got = await self._get("title.json", keep=True)
@@ -499,12 +549,140 @@ class Viewer:
         await self.sleep_until(end)
         self._tick()
 
+    # -- live ---------------------------------------------------------------------------------
+
+    async def _live_playlist(self, path: str, want: tuple[int, int] | None) -> LivePlaylist:
+        """The media playlist at ``path``; with ``want``, a blocking reload for that part."""
+        if want is not None:
+            path = f"{path}?_HLS_msn={want[0]}&_HLS_part={want[1]}"
+        got = await self._get(path, keep=True)
+        try:
+            return parse_live_playlist((got.body or b"").decode())
+        except (ManifestError, UnicodeDecodeError) as exc:
+            raise ViewerError(f"{path} of {self.config.title!r} is not usable: {exc}") from None
+
+    async def _play_live(self) -> None:
+        """Play a live channel as hls.js does in low-latency mode (see `player/live.py`): join
+        PART-HOLD-BACK behind the live edge, then for each part a blocking reload for it and
+        the part; hold the target latency with the play-out rate; step down rather than
+        stall. The video rungs only: the audio rendition is not fetched."""
+        c = self.config
+        self.ledger.latencies = []
+        master = await self._get("master.m3u8", keep=True)
+        try:
+            variants = parse_variants((master.body or b"").decode())
+        except (ManifestError, UnicodeDecodeError) as exc:
+            raise ViewerError(f"the master playlist of {c.title!r} is not usable: {exc}") from None
+        bandwidths = [v.bandwidth for v in variants]
+        rung = 0  # hls.js starts low on a live channel: the first parts are the startup
+        paths = [_bare(v.uri) for v in variants]
+        playlist = await self._live_playlist(paths[rung], None)
+        for _ in range(20):  # a channel that has just begun lists no independent part yet
+            if join_part(playlist) is not None:
+                break
+            await asyncio.sleep(playlist.part_target)
+            playlist = await self._live_playlist(paths[rung], None)
+        part = join_part(playlist)
+        if part is None:
+            raise ViewerError(f"{c.title!r} lists no part to start at")
+        target = c.target_latency_s if c.target_latency_s is not None else playlist.part_hold_back
+        self.playout.startup_buffer_s = min(part.duration, self.playout.max_buffer_s)
+        end_at = self.now() + (c.duration_s if c.duration_s is not None else LIVE_DEFAULT_S)
+        inits: set[str] = set()
+        recent: list[tuple[float, float, int]] = []
+        position = 0.0  # where the next part starts on the viewer's media timeline
+        edge_s, edge_seen = 0.0, self.now()  # the live edge on that timeline, and when seen
+        count = 0
+        while self.now() < end_at:
+            self._tick()
+            choice = live_rung(
+                rung, bandwidths, recent, self.playout.buffer_s, playlist.part_target
+            )
+            if choice != rung:  # parts are numbered alike in every rung
+                rung = choice
+                playlist = await self._live_playlist(paths[rung], part.number)
+                found = next((p for p in playlist.parts if p.number == part.number), None)
+                if found is None:
+                    raise ViewerError(f"rung {paths[rung]} has no part {part.number}")
+                part = found
+            directory = posixpath.dirname(paths[rung])
+            if playlist.map_uri is not None:
+                init = posixpath.join(directory, _bare(playlist.map_uri))
+                if init not in inits:
+                    await self._get(init)
+                    inits.add(init)
+            wait = self.playout.make_room(part.duration)
+            if wait > 0:
+                await self.sleep_until(self.playout.t + wait)
+            started = self.now()
+            got = await self._get(
+                posixpath.join(directory, _bare(part.uri)), keep=self.on_part is not None
+            )
+            took = self.now() - started
+            self._tick()
+            stalled = self.playout.stalled
+            self.playout.arrived(self.now(), part.duration)
+            if self.on_part is not None:
+                init_path = posixpath.join(directory, _bare(playlist.map_uri or ""))
+                self.on_part(part, init_path, got.body or b"", time.time())
+            self._downloads.append(Download(got.nbytes * 8, max(took, 1e-9), self.now()))
+            recent = [*recent[-7:], (took, part.duration, rung)]
+            switched = self.ledger.segment(
+                SegmentRecord(
+                    index=count,
+                    rung=rung,
+                    bitrate_kbps=bandwidths[rung] / 1000,
+                    bytes=got.nbytes,
+                    vmaf=None,
+                    download_s=took,
+                    edge=str(self.edges[self.edge_index]["edge_id"]),
+                    abandoned=0,
+                )
+            )
+            count += 1
+            if stalled:
+                self.status = "playing"
+                self._event("resume")
+            if switched:
+                self._event("bitrate")
+            position += part.duration
+            after = part_after(playlist, part.number)
+            if after is None:  # at the live edge: hold a reload until the next part exists
+                playlist = await self._live_playlist(paths[rung], next_number(part.number))
+                after = part_after(playlist, part.number)
+                if after is None:  # no longer listed: fell behind; start again at the edge
+                    self.ledger.error("live", f"fell behind the parts at {part.number}")
+                    after = join_part(playlist)
+                    if after is None:
+                        raise ViewerError(f"{c.title!r} lists no part to go on with")
+            listed = False
+            ahead = 0.0
+            for p in playlist.parts:  # the live edge: the end of the newest part listed
+                if listed:
+                    ahead += p.duration
+                listed = listed or p.number == part.number
+            edge_s, edge_seen = position + ahead, self.now()
+            part = after
+            self._tick()
+            latency = edge_s + (self.now() - edge_seen) - self.playout.position_s
+            if self.playout.playing:
+                self.ledger.latencies.append(latency)
+            self.playout.rate = playback_rate(
+                latency, target, self.playout.buffer_s, playlist.part_target
+            )
+        self.playout.rate = 1.0
+        self._tick()
+
     # -- requests -------------------------------------------------------------------------------
 
     def _url(self, path: str) -> str:
         edge = self.edges[self.edge_index]
         base = str(edge["base_url"]).rstrip("/")
-        return f"{base}/{self.config.title}/{path}?{self._queries[self.edge_index]}"
+        query = self._queries[self.edge_index]
+        if "?" in path:  # a blocking reload's directives beside the session's token
+            path, _, own = path.partition("?")
+            query = f"{query}&{own}" if query else own
+        return f"{base}/{self.config.title}/{path}?{query}"
 
     async def _get(
         self, path: str, *, keep: bool = False, segment: tuple[Manifest, int, int] | None = None

@@ -158,3 +158,46 @@ async def register_title(
     info = summarise(check_title_id(title_id or doc.title), doc, sorted(set(plans or ())))
     await plane.catalog.register(info, plane.clock())
     return info.public()
+
+
+@router.get("/v1/live/plan", dependencies=[Depends(admin)])
+async def live_plan(request: Request) -> dict[str, Any]:
+    """The scheduled events (control.live_events), each planned on the edges heartbeating now:
+    when its warm-up starts, the edges by site and why, the realtime gateway's admission
+    for it, its phase, and whether it is ready (admin)."""
+    plane = plane_of(request)
+    await plane.fleet.refresh(plane.monotonic())
+    events = []
+    for r in plane.live_readiness():
+        plan = r.plan
+        events.append(
+            {
+                "channel": plan.event.channel,
+                "start": plan.event.start,
+                "warm_at": plan.warm_at,
+                "expected_viewers": plan.event.expected_viewers,
+                "phase": r.phase,
+                "ready": r.ready,
+                "why": r.why,
+                "edges_up": list(r.edges_up),
+                "edges_down": list(r.edges_down),
+                "gateway": {
+                    "admission_per_s": plan.admission_per_s,
+                    "max_connections": plan.max_connections,
+                },
+                "sites": [
+                    {
+                        "site": s.site,
+                        "viewers": s.viewers,
+                        "demand_bps": s.demand_bps,
+                        "edges": list(s.edges),
+                        "capacity_bps": s.capacity_bps,
+                        "short_bps": s.short_bps,
+                        "reason": s.reason,
+                    }
+                    for s in plan.sites
+                ],
+            }
+        )
+    scheduled = len(plane.live_events)
+    return {"events": events, "scheduled": scheduled, "planned": len(events)}
