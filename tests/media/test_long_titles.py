@@ -165,7 +165,7 @@ def test_a_title_larger_than_its_scratch_space_encodes_with_honest_peaks(
     # The same title at plain CRF (the matrix is reused from the work directory; its final
     # encodes went into the first title's package, so they are encoded again): its top rung's
     # peak runs past twice its average, so the cap is what held it.
-    uncapped = msgspec.structs.replace(settings, vbv_maxrate=0.0, qp_anchor=False, workers=0)
+    uncapped = msgspec.structs.replace(settings, vbv_maxrate=0.0, qp_anchor=False)
     plain = encode(source, tmp_path / "catalog" / "plain", uncapped, work=work)
     assert plain.resumed > 0
     top = plain.title.rungs[-1]
