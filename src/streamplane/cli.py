@@ -88,6 +88,10 @@ def _ints(text: str | None, what: str) -> tuple[int, ...]:
         raise typer.BadParameter(f"{what} must be whole numbers separated by commas") from None
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, met as Ctrl-C is."""
+
+
 def _run_encode(
     source: Path, out: Path, settings: media.EncodeSettings, work: Path | None = None
 ) -> media.EncodeOutcome:
@@ -95,17 +99,26 @@ def _run_encode(
         settings.check()
     except ValueError as exc:
         raise _error(str(exc), 2) from None
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Terminated
+
+    # SIGTERM stops an encode as Ctrl-C does: its workers and encoders with it, resumable.
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         with _bars() as bars:
             result = media.encode(source, out, settings, RichProgress(bars), work)
     except media.MediaError as exc:
         raise _error(str(exc), 1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         console.print(
             "[yellow]interrupted:[/yellow] nothing was published; run the same command again "
             "to resume where it stopped"
         )
-        raise typer.Exit(130) from None
+        raise typer.Exit(143 if isinstance(exc, _Terminated) else 130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print_summary(result)
     return result
 

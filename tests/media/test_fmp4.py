@@ -20,6 +20,7 @@ from streamplane.media.fmp4 import (
     read_fragment,
     read_init,
     read_samples,
+    retime_fragment,
     split_fragmented,
     write_fragment,
 )
@@ -697,3 +698,38 @@ def test_read_samples_errors() -> None:
     )
     with pytest.raises(PackagingError, match="absolute data offsets"):
         read_samples(box("moof", full("mfhd", 0, 0, bytes(4)) + absolute) + box("mdat"))
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    base=st.integers(0, 2**40),
+    shift=st.integers(0, 2**40),
+    sequence=st.integers(1, 2**31),
+    offsets=st.lists(st.integers(-3000, 3000), min_size=1, max_size=5),
+)
+def test_a_retimed_fragment_moves_on_the_timeline_and_nothing_else(
+    base: int, shift: int, sequence: int, offsets: list[int]
+) -> None:
+    """A shot's fragment put in its place in the title: renumbered, its decode times moved,
+    its samples (sizes, flags, composition offsets, bytes) untouched."""
+    samples = [
+        Sample(base + 3600 * i, 3600, o, 0 if i == 0 else 0x10000, bytes([i]) * (10 + i))
+        for i, o in enumerate(offsets)
+    ]
+    fragment = write_fragment(7, 1, samples)
+    moved = retime_fragment(fragment, sequence, shift)
+    assert len(moved) == len(fragment)
+    info = read_fragment(moved)
+    assert (info.sequence_number, info.base_media_decode_time) == (sequence, base + shift)
+    assert [
+        (s.decode_time - shift, s.duration, s.composition_offset, s.flags, s.data)
+        for s in read_samples(moved)
+    ] == [(s.decode_time, s.duration, s.composition_offset, s.flags, s.data) for s in samples]
+
+
+def test_retiming_past_the_tfdt_or_without_a_moof_is_refused() -> None:
+    fragment = write_fragment(1, 1, [Sample(0, 3600, 0, 0, b"x")])
+    with pytest.raises(PackagingError, match="does not fit"):
+        retime_fragment(fragment, 1, 2**64)
+    with pytest.raises(PackagingError, match="no moof"):
+        retime_fragment(b"\x00\x00\x00\x08free", 1, 0)

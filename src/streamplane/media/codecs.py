@@ -98,7 +98,9 @@ def rate_args(
         args += ["-x264-params", "keyint=infinite:scenecut=0:open-gop=0:stitchable=1"]
     elif name == "hevc":
         args += ["-preset", preset, "-forced-idr", "1", "-tag:v", "hev1"]
-        params = "keyint=-1:scenecut=0:open-gop=0:repeat-headers=1:log-level=error"
+        # info=0: x265's settings SEI (its CRF among them) would otherwise sit in the hvcC,
+        # making each shot's init segment differ from the rung's
+        params = "keyint=-1:scenecut=0:open-gop=0:repeat-headers=1:info=0:log-level=error"
         args += ["-x265-params", f"{params}:pools={threads}:frame-threads={threads}"]
     elif name == "vp9":
         # libvpx speed 0 (slowest) .. 8; map our presets onto 8..1.

@@ -523,6 +523,34 @@ def write_fragment(sequence_number: int, track_id: int, samples: Sequence[Sample
     return moof_box(size + mdat_header) + mdat + payload
 
 
+def retime_fragment(segment: bytes, sequence_number: int, shift: int) -> bytes:
+    """The media segment with its moofs numbered from `sequence_number` and its decode times
+    moved `shift` ticks later: a fragment cut from one shot's encode, put in its place on the
+    title's timeline. Only the mfhd and tfdt fields change; the segment keeps its size.
+    """
+    out = bytearray(segment)
+    moofs = 0
+    for box in iter_boxes(segment):
+        if box.type != "moof":
+            continue
+        mfhd = _only_child(segment, box, "mfhd")
+        _U32.pack_into(out, mfhd.payload_start + 4, sequence_number + moofs)
+        moofs += 1
+        for traf in _children(segment, box, "traf"):
+            tfdt = _only_child(segment, traf, "tfdt")
+            version, _ = _full_box(segment, tfdt)
+            at = tfdt.payload_start + 4
+            field = _U64 if version == 1 else _U32
+            (base,) = field.unpack_from(segment, at)
+            moved = base + shift
+            if not 0 <= moved < 1 << (8 * field.size):
+                raise PackagingError(f"decode time {moved} does not fit the tfdt at byte {at}")
+            field.pack_into(out, at, moved)
+    if not moofs:
+        raise PackagingError("no moof in the media segment")
+    return bytes(out)
+
+
 def _box(kind: str, payload: bytes) -> bytes:
     return struct.pack(">I4s", 8 + len(payload), kind.encode("latin-1")) + payload
 

@@ -8,7 +8,9 @@ cluster spread over machines, the work directory must be on storage every worker
 
 from __future__ import annotations
 
+import fcntl
 import os
+import signal
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
@@ -23,7 +25,8 @@ import msgspec
 
 from streamplane.media.codecs import rate_args
 from streamplane.media.errors import DiskFullError, EncodeError
-from streamplane.media.ffmpeg import input_args, run_ffmpeg
+from streamplane.media.ffmpeg import die_with_parent, input_args, run_ffmpeg
+from streamplane.media.package import write_atomic
 from streamplane.media.quality import measure
 
 
@@ -31,9 +34,12 @@ class EncodeJob(msgspec.Struct, frozen=True):
     """Encode frames of `reference` at `width`x`height` by CRF (optionally VBV-capped), constant
     QP or bitrate, then score it.
 
-    The job decodes its frames from the source itself (`reference_start` on, `reference_frames`
-    of them, at `frame_rate`), for the encode and again for VMAF, so no raw frame is ever stored:
-    scratch space is bounded by the encodes in flight, not by the title.
+    The job's frames are `reference_frames` of the source from `reference_start` on, at
+    `frame_rate`. A shot's job with `cuts` set reads them from the shot's cut: the shot decoded
+    once into raw frames in that directory by whichever of its jobs runs first, shared by the
+    rest (encode and VMAF reference) and removed by `run_matrix` when none of them needs it.
+    Without `cuts` (whole-title encodes) the job seeks into the source and decodes its frames
+    on the fly, for the encode and again for VMAF.
     """
 
     shot: int  # -1 for a whole-title encode
@@ -57,6 +63,7 @@ class EncodeJob(msgspec.Struct, frozen=True):
     maxrate_kbps: int | None = None  # a VBV cap on a CRF encode
     bufsize_kbps: int | None = None
     keep_output: bool = True  # False: only the score is wanted; the encode is deleted after it
+    cuts: str = ""  # the directory of the per-shot cuts; not part of the key (same frames)
 
     @property
     def key(self) -> str:
@@ -74,10 +81,22 @@ class EncodeJob(msgspec.Struct, frozen=True):
             f"_vs{self.vmaf_subsample}"
         )
 
-    def reference_input(self) -> list[str]:
+    @property
+    def cut(self) -> Path | None:
+        """The shot's cut this job reads its frames from, if it uses one."""
+        if not self.cuts or self.shot < 0:
+            return None
+        return Path(self.cuts) / f"s{self.shot:03d}.nut"
+
+    def source_input(self) -> list[str]:
         """ffmpeg input arguments that decode exactly this job's frames of the source."""
         span = (self.reference_start, self.reference_frames, Fraction(self.frame_rate))
         return input_args(self.reference, span)
+
+    def reference_input(self) -> list[str]:
+        """ffmpeg input arguments that read this job's frames: its shot's cut, or the source."""
+        cut = self.cut
+        return ["-i", str(cut)] if cut is not None else self.source_input()
 
 
 class EncodeResult(msgspec.Struct, frozen=True):
@@ -114,9 +133,9 @@ def encode_and_score(job: EncodeJob) -> EncodeResult:
     """Run one job in this process: encode (unless a complete encode is already there), score."""
     out = Path(job.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    encode_cpu = 0.0
+    encode_cpu = make_cut(job)
     if not out.exists():
-        encode_cpu = run_encode(job, out)
+        encode_cpu += run_encode(job, out)
     score = measure(
         out,
         job.reference_input(),
@@ -140,6 +159,50 @@ def encode_and_score(job: EncodeJob) -> EncodeResult:
         vmaf_cpu_seconds=score.cpu_seconds,
         frame_vmaf=score.frame_vmaf,
     )
+
+
+def make_cut(job: EncodeJob) -> float:
+    """Decode the job's shot from the source into its cut, unless another job of the shot has
+    (or is doing it: they wait on a lock); return the CPU seconds it took this job.
+
+    Raw 8-bit 4:2:0 frames (what every encode and VMAF work in) in NUT: reading them back
+    costs a few percent of decoding the CRF-10 sample sources, where FFV1, UT Video or lossless
+    x264 cost 27 to 200 % (docs/media.md).
+    """
+    cut = job.cut
+    if cut is None:
+        return 0.0
+    cut.parent.mkdir(parents=True, exist_ok=True)
+    with open(cut.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if cut.exists():
+            return 0.0
+        partial = cut.with_name(f"{cut.stem}.{os.getpid()}.partial.nut")
+        try:
+            run = run_ffmpeg(
+                [*job.source_input(), "-map", "0:v:0", "-pix_fmt", "yuv420p"]
+                + ["-c:v", "rawvideo", "-f", "nut", str(partial)],
+                what=f"cutting shot {job.shot + 1} from the source",
+            )
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.rename(cut)
+        return run.cpu_seconds
+
+
+# NUT's header of a raw frame is under 64 bytes (50 measured at 720p)
+_CUT_FRAME_OVERHEAD = 64
+
+
+def cut_bytes(width: int, height: int, frames: int) -> int:
+    """The size of a cut of `frames` frames at `width`x`height`, at most."""
+    return frames * (width * height * 3 // 2 + _CUT_FRAME_OVERHEAD) + 4096
+
+
+def remove_cut(cut: Path) -> None:
+    cut.unlink(missing_ok=True)
+    cut.with_suffix(".lock").unlink(missing_ok=True)
 
 
 def segment_bytes(path: Path) -> tuple[int, ...]:
@@ -197,6 +260,13 @@ class MatrixOutcome:
     resumed: int = 0  # jobs whose results were already on disk
 
 
+def _worker_setup(parent: int) -> None:
+    """A pool worker dies with the driver, and SIGTERM kills it (it would otherwise inherit
+    whatever handler the driver had, e.g. the CLI's, and carry on)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent)
+
+
 class _Executor:
     """The two engines behind one small surface: submit a job, iterate finished futures."""
 
@@ -212,7 +282,13 @@ class _Executor:
                 raise EncodeError(f"cannot reach the Dask scheduler at {cluster}: {exc}") from exc
         else:
             self._workers = workers
-            self._pool = ProcessPoolExecutor(max_workers=workers)
+            self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # Workers die with this process, and their ffmpegs with them (`die_with_parent`).
+        return ProcessPoolExecutor(
+            max_workers=self._workers, initializer=_worker_setup, initargs=(os.getpid(),)
+        )
 
     def submit(self, job: EncodeJob) -> Any:
         if self._client is not None:
@@ -225,7 +301,7 @@ class _Executor:
         except BrokenProcessPool:
             # A worker died (killed, out of memory): its jobs fail and are retried on a new pool.
             self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = ProcessPoolExecutor(max_workers=self._workers)
+            self._pool = self._new_pool()
             return self._pool.submit(encode_and_score, job)
 
     def first_done(self, futures: Iterable[Any]) -> set[Any]:
@@ -237,11 +313,18 @@ class _Executor:
             return set(done)
         return set(futures_wait(list(futures), return_when=FIRST_COMPLETED).done)
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Release the engine; `abort` (an error, Ctrl-C, SIGTERM) stops running jobs too,
+        rather than waiting minutes for encodes nobody will use."""
         if self._client is not None:
             self._client.close()
         if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
+            if abort:
+                # No public way to stop a running task: SIGTERM the workers (their ffmpegs
+                # die with them).
+                for process in list(getattr(self._pool, "_processes", {}).values()):
+                    process.terminate()
+            self._pool.shutdown(wait=not abort, cancel_futures=True)
 
 
 def run_matrix(
@@ -253,7 +336,12 @@ def run_matrix(
     retries: int = 2,
     on_result: Callable[[EncodeJob, EncodeResult | None], None] | None = None,
 ) -> MatrixOutcome:
-    """Run `jobs` (skipping those with a result on disk), retrying each failure `retries` times."""
+    """Run `jobs` (skipping those with a result on disk), retrying each failure `retries` times.
+
+    A shot's cut is removed as soon as no job of this run needs it any more, and on the way out
+    whatever happens, so the cuts on disk are those of the shots being encoded: with jobs
+    ordered shot by shot, at most about one per worker.
+    """
     results_dir.mkdir(parents=True, exist_ok=True)
     outcome = MatrixOutcome()
     pending: list[EncodeJob] = []
@@ -273,8 +361,20 @@ def run_matrix(
         pending.append(job)
     if not pending:
         return outcome
+    needed: dict[Path, int] = {}
+    for job in pending:
+        if job.cut is not None:
+            needed[job.cut] = needed.get(job.cut, 0) + 1
+
+    def release(job: EncodeJob) -> None:
+        if job.cut is not None:
+            needed[job.cut] -= 1
+            if not needed[job.cut]:
+                remove_cut(job.cut)
+
     executor = _Executor(workers or os.cpu_count() or 1, cluster)
     attempts: dict[str, int] = {}
+    finished = False
     try:
         futures: dict[Any, EncodeJob] = {}
         for job in pending:
@@ -292,29 +392,23 @@ def run_matrix(
                         attempts[job.key] += 1
                         futures[executor.submit(job)] = job
                     else:
+                        release(job)
                         outcome.failures[job.key] = f"{type(exc).__name__}: {exc}"
                         if on_result:
                             on_result(job, None)
                     continue
-                _write_atomic(results_dir / f"{job.key}.json", msgspec.json.encode(result))
+                release(job)
+                write_atomic(results_dir / f"{job.key}.json", msgspec.json.encode(result))
                 outcome.results[job.key] = result
                 if on_result:
                     on_result(job, result)
+        finished = True
     finally:
-        executor.close()
+        executor.close(abort=not finished)
+        for cut, count in needed.items():
+            if count:
+                remove_cut(cut)
     return outcome
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno == 28:
-            raise DiskFullError(f"writing {path}: the disk is full") from exc
-        raise
-    tmp.replace(path)
 
 
 def require_all(outcome: MatrixOutcome, what: str) -> None:

@@ -1,11 +1,12 @@
 """Packaging: per-shot encodes of a rung → one CMAF track cut into init + media segments, the
 audio as its own CMAF track, then HLS and DASH manifests and `title.json`.
 
-ffmpeg concatenates a rung's shot encodes (their headers are content-independent, so the
-streams join) and writes one fragmented MP4 with a fragment per keyframe; since keyframes sit
-exactly at the planned segment starts, each fragment is one segment. The fragments are then
-checked against the plan: a segment that does not start with a sync sample or does not last what
-the plan says is an error, not a subtle playback bug.
+Each shot's encode of a rung is remuxed by ffmpeg into a fragmented MP4 with a fragment per
+keyframe; since keyframes sit exactly at the planned segment starts, each fragment is one
+segment, moved to the shot's place on the title's timeline (`pack_shot`). The shots' headers
+are content-independent, so they share one init segment and join into one stream. The segments
+are then checked against the plan: a segment that does not start with a sync sample or does not
+last what the plan says is an error, not a subtle playback bug.
 
 Audio is encoded to AAC-LC, whose encoder puts 1024 samples of priming before the first real
 one. The init segment's edit list skips them (media_time = the priming), so presentation time 0
@@ -31,6 +32,7 @@ from streamplane.media.fmp4 import (
     read_fragment,
     read_init,
     read_samples,
+    retime_fragment,
     split_fragmented,
     write_fragment,
 )
@@ -102,48 +104,104 @@ def _packaged(
     )
 
 
-def split_into(fragmented: Path, directory: Path) -> PackagedTrack:
-    """Cut a fragmented MP4 into `init.mp4` + `seg_<n>.m4s` (n from 1) in `directory`."""
-    init, segments = split_fragmented(fragmented.read_bytes())
-    info = read_init(init)
-    directory.mkdir(parents=True, exist_ok=True)
-    _write(directory / "init.mp4", init)
-    paths, starts, durations, sizes = [], [], [], []
-    for n, seg in enumerate(segments, start=1):
-        frag = read_fragment(seg, info.default_sample_duration)
-        path = directory / f"seg_{n}.m4s"
-        _write(path, seg)
-        paths.append(path)
-        starts.append(frag.base_media_decode_time)
-        durations.append(frag.duration)
-        sizes.append(len(seg))
-        if info.handler == "vide" and not frag.starts_with_sync:
-            raise PackagingError(f"{path}: the segment does not start with a keyframe")
-    fragmented.unlink()
-    return _packaged(info, directory, paths, starts, durations, sizes)
+@dataclass(frozen=True)
+class PackedShot:
+    """The segments one shot's encode became in its rung: where each starts, how long it
+    lasts (ticks), its size."""
+
+    first_segment: int  # index of its first segment in the title (0-based)
+    starts: tuple[int, ...]
+    durations: tuple[int, ...]
+    sizes: tuple[int, ...]
 
 
-def package_video(
-    shot_encodes: Sequence[Path],
-    directory: Path,
-    timescale: int,
-) -> PackagedTrack:
-    """Join one rung's shot encodes (in shot order) and cut them into CMAF segments."""
+def pack_shot(
+    shot_encode: Path, directory: Path, first_segment: int, start_ticks: int, timescale: int
+) -> PackedShot:
+    """Write one shot's encode of a rung as that rung's segments `first_segment` + 1 on
+    (`seg_<n>.m4s` in `directory`), the shot starting `start_ticks` into the title.
+
+    The encode is remuxed into fragments (one per keyframe, so one per segment), each moved to
+    the shot's place on the title's timeline and numbered in the title's sequence; the init
+    segment is written by the first shot packed and must be the same for every other (the
+    encoders' headers do not depend on the content). Shots can be packed in any order, and a
+    shot packed again (a capped re-encode) replaces its segments: a rung is built while its
+    shots are encoded, and no encode waits for the whole title.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    listing = directory / "shots.ffconcat"
-    lines = ["ffconcat version 1.0", *(f"file '{p.resolve()}'" for p in shot_encodes)]
-    listing.write_text("\n".join(lines) + "\n")
-    joined = directory / "joined.mp4"
+    fragmented = directory / f".{shot_encode.stem}.mp4"
     run_ffmpeg(
         [
-            *["-f", "concat", "-safe", "0", "-i", str(listing)],
-            *["-map", "0:v:0", "-c", "copy", "-video_track_timescale", str(timescale)],
-            *["-f", "mp4", "-movflags", CMAF_FLAGS, str(joined)],
+            *["-i", str(shot_encode), "-map", "0:v:0", "-c", "copy"],
+            *["-video_track_timescale", str(timescale)],
+            # no btrt box: it would declare this shot's bit rates in the rung's shared init
+            # (the manifests declare the rung's)
+            *["-write_btrt", "0"],
+            *["-f", "mp4", "-movflags", CMAF_FLAGS, str(fragmented)],
         ],
-        what=f"packaging {directory.name}",
+        what=f"packaging {shot_encode.name} into {directory.name}",
     )
-    listing.unlink()
-    return split_into(joined, directory)
+    try:
+        init, fragments = split_fragmented(fragmented.read_bytes())
+    finally:
+        fragmented.unlink()
+    info = read_init(init)
+    if info.timescale != timescale:
+        raise PackagingError(f"{shot_encode}: timescale {info.timescale}, not {timescale}")
+    init_path = directory / "init.mp4"
+    if not init_path.exists():
+        write_atomic(init_path, init)
+    else:
+        have, have_level = _without_level(init_path.read_bytes())
+        new, new_level = _without_level(init)
+        if have != new:
+            raise PackagingError(
+                f"{shot_encode}: its init segment differs from the rest of {directory.name}'s; "
+                "the shot encodes of a rung must share their headers"
+            )
+        if new_level > have_level:
+            write_atomic(init_path, init)
+    starts, durations, sizes = [], [], []
+    for n, fragment in enumerate(fragments, start=first_segment + 1):
+        segment = retime_fragment(fragment, n, start_ticks)
+        frag = read_fragment(segment, info.default_sample_duration, info.default_sample_flags)
+        path = directory / f"seg_{n}.m4s"
+        if not frag.first_sample_is_sync:
+            raise PackagingError(f"{path}: the segment does not start with a keyframe")
+        write_atomic(path, segment)
+        starts.append(frag.base_media_decode_time)
+        durations.append(frag.duration)
+        sizes.append(len(segment))
+    return PackedShot(first_segment, tuple(starts), tuple(durations), tuple(sizes))
+
+
+def _without_level(init: bytes) -> tuple[bytes, int]:
+    """The init segment with its H.264 level zeroed, and that level (0 for other codecs).
+
+    x264 raises the level it declares for a VBV-capped encode's maxrate, so a rung's capped and
+    plain shots differ there and only there; the rung declares the highest (a decoder for a
+    level decodes every stream of a lower one).
+    """
+    info = read_init(init)
+    if info.sample_entry not in ("avc1", "avc3") or len(info.config) < 12:
+        return init, 0
+    at = init.find(info.config)
+    out = bytearray(init)
+    out[at + 3] = 0  # AVCLevelIndication
+    if info.config[8] & 0x1F == 7:  # the first SPS's level_idc
+        out[at + 11] = 0
+    return bytes(out), info.config[3]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `path` whole or not at all (a reader, or a rerun, never sees half of it)."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        _write(partial, data)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
 
 
 def package_audio(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -23,18 +23,27 @@ from streamplane.media import manifest
 from streamplane.media.bdrate import BdRate, bd_rate, monotone_curve
 from streamplane.media.codecs import QP_CODECS
 from streamplane.media.codecs import codec as codec_info
-from streamplane.media.errors import DiskFullError, EncodeError, MediaError
+from streamplane.media.errors import DiskFullError, EncodeError, MediaError, PackagingError
 from streamplane.media.fastpath import predicted_grid, probe_quantisers
 from streamplane.media.ffmpeg import input_args, run_ffmpeg
+from streamplane.media.fmp4 import read_init
 from streamplane.media.ladder import LadderRung, build_ladder, fixed_ladder, matrix_resolutions
-from streamplane.media.matrix import EncodeJob, EncodeResult, MatrixOutcome, require_all, run_matrix
+from streamplane.media.matrix import (
+    EncodeJob,
+    EncodeResult,
+    MatrixOutcome,
+    cut_bytes,
+    require_all,
+    run_matrix,
+)
 from streamplane.media.package import (
     PackagedTrack,
     check_alignment,
+    pack_shot,
     package_audio,
-    package_video,
     peak_and_average_bps,
     video_timescale,
+    write_atomic,
 )
 from streamplane.media.probe import probe
 from streamplane.media.quality import pool_psnr
@@ -231,7 +240,10 @@ def encode(
     progress.note(f"ladder: {len(ladder.rungs)} rungs")
 
     # 3. the final encodes of every rung's chosen points at the shipped preset, then capped
-    # CRF where a shot's segments would push the rung's peak up
+    # CRF where a shot's segments would push the rung's peak up. Each encode goes into its
+    # rungs' segments as soon as it is scored and is deleted, so no encode waits for the title.
+    partial = out.parent / f".{name}.partial"
+    packer = _Packer(partial, plan, settings)
     final_jobs: dict[tuple[int, int], EncodeJob] = {}
     for i, rung in enumerate(ladder.rungs):
         for c in rung.choices:
@@ -239,14 +251,20 @@ def encode(
             job = _shot_job(source, info, shots[c.shot], segments, work / "final", settings, point)
             job = msgspec.structs.replace(job, preset=settings.preset, vmaf_subsample=1)
             final_jobs[(i, c.shot)] = _named(job, work / "final")
-    final = _run(list(final_jobs.values()), work, settings, progress, "final encodes")
     shipped = {j.key for j in final_jobs.values()}
     for job in jobs if keep else ():
         if job.key not in shipped:
             Path(job.output).unlink(missing_ok=True)
-    require_all(final, "final encodes")
-    if settings.vbv_maxrate:
-        final_jobs, final = _cap_peaks(final_jobs, final, info, work, settings, progress)
+    try:
+        final = _run_packed(final_jobs, packer, work, settings, progress, "final encodes")
+        require_all(final, "final encodes")
+        if settings.vbv_maxrate:
+            final_jobs, final = _cap_peaks(
+                final_jobs, final, info, work, settings, progress, packer
+            )
+    except DiskFullError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     reused = {j.key for j in jobs} & set(final.results)  # full mode ships matrix encodes
     cpu["final"] = sum(r.cpu_seconds for k, r in final.results.items() if k not in reused)
 
@@ -262,9 +280,7 @@ def encode(
             source, info, segments, sizes, work, settings, progress
         )
 
-    # 5. package
-    partial = out.parent / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    # 5. package: the audio, the manifests, the report
     encodes_run = len(matrix.results) + len(final.results) - len(reused) + len(baseline)
     encodes_run += anchor_encodes
     try:
@@ -277,7 +293,7 @@ def encode(
             ladder.rungs,
             final_jobs,
             final,
-            partial,
+            packer,
             settings,
             progress,
             cpu,
@@ -319,12 +335,15 @@ def encode(
             report_dir,
         )
         (partial / "title.json").write_bytes(encode_title(title))
+        packer.finish(len(ladder.rungs))
         _publish(partial, out)
     except OSError as exc:
         shutil.rmtree(partial, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
             raise DiskFullError(f"writing {out}: the disk is full; nothing was published") from exc
         raise
+    except KeyboardInterrupt:
+        raise  # the packed rungs stay for the rerun
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -397,6 +416,17 @@ def _plan(source: Path, work: Path, settings: EncodeSettings, progress: Progress
     return plan
 
 
+def scratch_bound(info: SourceInfo, shots: Sequence[Shot], workers: int) -> int:
+    """The most scratch space the fast path's work directory takes beyond its plan and result
+    files (a few kB per job): per worker, the raw cut of the shot it encodes and its encode in
+    flight, which is smaller than those raw frames. Cuts and encodes are removed as soon as no
+    job needs them and final encodes go into the package as they finish, so this does not grow
+    with the title: only with its largest shot, its picture size and the workers.
+    """
+    largest = max(s.n_frames for s in shots)
+    return 2 * workers * cut_bytes(info.width, info.height, largest)
+
+
 def _quantisers(settings: EncodeSettings) -> tuple[int, ...]:
     return settings.quantisers or codec_info(settings.codec).quantisers
 
@@ -429,6 +459,7 @@ def _shot_job(
         keyframes=keyframes_in_shot(shot, tuple(segments)),
         vmaf_subsample=settings.matrix_subsample,
         keep_output=keep_output,
+        cuts=str(directory.parent / "cuts"),
     )
     return _named(job, directory)
 
@@ -505,6 +536,7 @@ def _cap_peaks(
     work: Path,
     settings: EncodeSettings,
     progress: Progress,
+    packer: _Packer,
 ) -> tuple[dict[tuple[int, int], EncodeJob], MatrixOutcome]:
     """Capped CRF: re-encode a rung's shots with a VBV cap derived from the rung's average.
 
@@ -544,8 +576,8 @@ def _cap_peaks(
                 redo[k] = _named(capped, work / "final")
         if not redo:
             break
-        capped_run = _run(
-            list(redo.values()), work, settings, progress, f"capped CRF, round {round_ + 1}"
+        capped_run = _run_packed(
+            redo, packer, work, settings, progress, f"capped CRF, round {round_ + 1}"
         )
         require_all(capped_run, "capped CRF encodes")
         outcome.results.update(capped_run.results)
@@ -598,8 +630,14 @@ class _Tally:
 
 
 def _run(
-    jobs: list[EncodeJob], work: Path, settings: EncodeSettings, progress: Progress, what: str
+    jobs: list[EncodeJob],
+    work: Path,
+    settings: EncodeSettings,
+    progress: Progress,
+    what: str,
+    then: Callable[[EncodeResult], None] | None = None,
 ) -> MatrixOutcome:
+    """Run the jobs; `then` is called with each result, in this process, as it arrives."""
     jobs = list({j.key: j for j in jobs}.values())  # one run per distinct encode
     progress.stage(what, len(jobs))
     workers = settings.workers or os.cpu_count() or 1
@@ -607,6 +645,8 @@ def _run(
     progress.status(tally.line())
 
     def done(job: EncodeJob, result: EncodeResult | None) -> None:
+        if result is not None and then is not None:
+            then(result)
         progress.status(tally.add(job, result))
         progress.advance()
 
@@ -618,6 +658,157 @@ def _run(
         retries=settings.retries,
         on_result=done,
     )
+
+
+class _Packed(msgspec.Struct, frozen=True):
+    """What one shot's encode became in one rung: the ledger entry of `_Packer`."""
+
+    key: str  # the encode packed
+    point: str  # the same encode without a VBV cap: the point of the ladder it stands for
+    first_segment: int
+    starts: tuple[int, ...]
+    durations: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+
+def _point(job: EncodeJob) -> str:
+    return msgspec.structs.replace(job, maxrate_kbps=None, bufsize_kbps=None).key
+
+
+class _Packer:
+    """Builds the rungs' segments in the package directory (`.TITLE.partial`) while the final
+    encodes run: each encode is packed into every rung that uses it as soon as it is scored,
+    then deleted. Scratch space then holds only the encodes in flight.
+
+    A ledger beside the segments (`.packing/`) says which encode each rung's shot holds, so a
+    rerun after a kill or Ctrl-C keeps what was packed; it belongs to one shot plan and
+    settings, and anything else found there is discarded.
+    """
+
+    def __init__(self, directory: Path, plan: _Plan, settings: EncodeSettings) -> None:
+        self.directory = directory
+        self.ledger = directory / ".packing"
+        info = plan.info
+        self.timescale = video_timescale(info.fps_num, info.fps_den)
+        ticks_per_frame = Fraction(self.timescale * info.fps_den, info.fps_num)
+        self.start_ticks = {s.index: int(s.start_frame * ticks_per_frame) for s in plan.shots}
+        self.first_segment: dict[int, int] = {}
+        for seg in plan.segments:
+            self.first_segment.setdefault(seg.shot, seg.index)
+        identity = msgspec.json.encode((plan, settings.codec, settings.preset))
+        stamp = self.ledger / "plan.json"
+        if not stamp.exists() or stamp.read_bytes() != identity:
+            shutil.rmtree(directory, ignore_errors=True)
+            self.ledger.mkdir(parents=True)
+            write_atomic(stamp, identity)
+
+    def _entry(self, rung: int, shot: int) -> Path:
+        return self.ledger / f"v{rung}_s{shot:03d}.json"
+
+    def packed(self, rung: int, shot: int) -> _Packed | None:
+        try:
+            return msgspec.json.decode(self._entry(rung, shot).read_bytes(), type=_Packed)
+        except (FileNotFoundError, msgspec.DecodeError):
+            return None
+
+    def holds(self, use: tuple[int, int], job: EncodeJob) -> bool:
+        """Whether the rung's shot holds this encode, or one that replaced it (capped)."""
+        entry = self.packed(*use)
+        return entry is not None and (job.key == entry.key or job.key == entry.point)
+
+    def pack(self, use: tuple[int, int], result: EncodeResult) -> None:
+        rung, shot = use
+        done = pack_shot(
+            Path(result.job.output),
+            self.directory / "v" / f"v{rung}",
+            self.first_segment[shot],
+            self.start_ticks[shot],
+            self.timescale,
+        )
+        entry = _Packed(
+            result.job.key,
+            _point(result.job),
+            done.first_segment,
+            done.starts,
+            done.durations,
+            done.sizes,
+        )
+        write_atomic(self._entry(rung, shot), msgspec.json.encode(entry))
+
+    def track(self, rung: int, jobs: Sequence[EncodeJob]) -> PackagedTrack:
+        """The rung as packed, checked to hold exactly `jobs` (its shots' final encodes)."""
+        entries = []
+        for job in jobs:
+            entry = self.packed(rung, job.shot)
+            if entry is None or entry.key != job.key:
+                raise PackagingError(
+                    f"rung v{rung}: shot {job.shot + 1} holds {entry and entry.key}, not {job.key}"
+                )
+            entries.append(entry)
+        entries.sort(key=lambda e: e.first_segment)
+        directory = self.directory / "v" / f"v{rung}"
+        init = read_init((directory / "init.mp4").read_bytes())
+        n = sum(len(e.sizes) for e in entries)
+        return PackagedTrack(
+            codec_string=init.codec_string,
+            timescale=init.timescale,
+            init_path=directory / "init.mp4",
+            segment_paths=tuple(directory / f"seg_{k}.m4s" for k in range(1, n + 1)),
+            starts=tuple(t for e in entries for t in e.starts),
+            durations=tuple(d for e in entries for d in e.durations),
+            sizes=tuple(b for e in entries for b in e.sizes),
+            width=init.width,
+            height=init.height,
+        )
+
+    def finish(self, rungs: int) -> None:
+        """Drop the ledger, and the rungs of an earlier ladder this one no longer has."""
+        shutil.rmtree(self.ledger)
+        for old in (self.directory / "v").iterdir():
+            if (
+                not (old.name.startswith("v") and old.name[1:].isdigit())
+                or int(old.name[1:]) >= rungs
+            ):
+                shutil.rmtree(old)
+
+
+def _run_packed(
+    jobs: dict[tuple[int, int], EncodeJob],
+    packer: _Packer,
+    work: Path,
+    settings: EncodeSettings,
+    progress: Progress,
+    what: str,
+) -> MatrixOutcome:
+    """Run final encodes (keyed by (rung, shot)), each packed into its rungs as it arrives.
+
+    Jobs run shot by shot, so a shot's jobs share its cut. A job whose result survives from an
+    earlier run but whose encode is gone unpacked (packed into a package since discarded) is
+    run again.
+    """
+    uses: dict[str, list[tuple[int, int]]] = {}
+    for use, job in sorted(jobs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        uses.setdefault(job.key, []).append(use)
+    by_key = {j.key: j for j in jobs.values()}
+    results = work / "results"
+    for key, used in uses.items():
+        saved = results / f"{key}.json"
+        if not saved.exists() or all(packer.holds(u, by_key[key]) for u in used):
+            continue
+        try:
+            old = msgspec.json.decode(saved.read_bytes(), type=EncodeResult)
+        except msgspec.DecodeError:
+            continue  # run_matrix redoes a torn result
+        if not Path(old.job.output).exists():
+            saved.unlink()
+
+    def pack(result: EncodeResult) -> None:
+        todo = [u for u in uses[result.job.key] if not packer.holds(u, result.job)]
+        for use in todo:
+            packer.pack(use, result)
+        Path(result.job.output).unlink(missing_ok=True)
+
+    return _run([by_key[k] for k in uses], work, settings, progress, what, then=pack)
 
 
 def _choice(result: EncodeResult) -> ShotChoice:
@@ -709,25 +900,23 @@ def _package(
     rungs: Sequence[LadderRung],
     final_jobs: dict[tuple[int, int], EncodeJob],
     final: MatrixOutcome,
-    directory: Path,
+    packer: _Packer,
     settings: EncodeSettings,
     progress: Progress,
     cpu: dict[str, float],
     encodes_run: int,
 ) -> Title:
     fps = Fraction(info.fps_num, info.fps_den)
-    timescale = video_timescale(info.fps_num, info.fps_den)
+    timescale = packer.timescale
+    directory = packer.directory
     progress.stage("packaging CMAF HLS + DASH", len(rungs) + len(info.audio))
     tracks: list[PackagedTrack] = []
     video_rungs: list[tuple[str, LadderRung, list[EncodeResult]]] = []
     for i, rung in enumerate(rungs):
         rung_id = f"v{i}"
-        results = [final.results[final_jobs[(i, c.shot)].key] for c in rung.choices]
-        tracks.append(
-            package_video(
-                [Path(r.job.output) for r in results], directory / "v" / rung_id, timescale
-            )
-        )
+        rung_jobs = [final_jobs[(i, c.shot)] for c in rung.choices]
+        results = [final.results[j.key] for j in rung_jobs]
+        tracks.append(packer.track(i, rung_jobs))
         video_rungs.append((rung_id, rung, results))
         progress.advance()
     check_alignment(tracks, segments, fps)
