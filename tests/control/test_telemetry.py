@@ -5,7 +5,6 @@ a consumer killed mid-batch has its batch redelivered and nothing is doubled."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -301,11 +300,16 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
             at = time.time() - 1
             body = {"session_id": session["session_id"], "events": [{"at": at, "position_s": 4.0}]}
             async with httpx.AsyncClient() as client:
-                for _ in range(100):  # until the process listens
-                    with contextlib.suppress(httpx.TransportError):
+                # until the process listens: a Python start takes seconds on a busy machine
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
                         r = await client.post(session["heartbeat"]["url"], json=body, headers=hb)
                         break
-                    await asyncio.sleep(0.05)
+                    except httpx.TransportError:
+                        assert ingest.poll() is None, ingest.stderr.read() if ingest.stderr else ""
+                        assert time.monotonic() < deadline, "the ingest process never listened"
+                        await asyncio.sleep(0.05)
             assert r.status_code == 200 and r.json()["resume_position_s"] == 4.0, r.text
             # the control plane's own route points there
             r = await _beat(control, session, hb)
