@@ -609,40 +609,89 @@ def gateway(
 def gateway_load(
     port: int = typer.Option(8090, help="The gateway's port on 127.0.0.1."),
     connections: int = typer.Option(1000, help="WebSocket viewers to open."),
-    processes: int = typer.Option(2, help="Load processes, each from its own 127.0.0.x."),
+    processes: int = typer.Option(
+        0,
+        help="Load processes, each from its own 127.0.0.x (0: one per 15,000 viewers, 2 or more).",
+    ),
     messages: int = typer.Option(20, help="Messages per broadcast round."),
     storm_messages: int = typer.Option(10, help="Messages published during the storm."),
+    interval: float = typer.Option(0.02, help="Seconds between two broadcast messages."),
+    arrival: float = typer.Option(0.0, help="The surge: viewers arrive over this many seconds."),
+    gateways: int = typer.Option(
+        0,
+        help="Start a private Redis and this many gateway processes (SO_REUSEPORT) on --port, "
+        "and restart that Redis mid-stream; 0: load the gateway already on --port.",
+    ),
+    admission_rate: float = typer.Option(2000.0, help="With --gateways: admissions/s/process."),
+    admission_burst: int = typer.Option(4000, help="With --gateways: admission burst/process."),
     config: Path | None = typer.Option(None, "--config", "-c", help="Settings TOML ([realtime])."),
 ) -> None:
-    """Load a running gateway: N viewers fan-out, then a reconnect storm; prints what was lost."""
-    from streamplane.config import SettingsError, load_settings
-    from streamplane.realtime.load import percentile, run_load
+    """Load a gateway: a surge of N viewers, fan-out, a reconnect storm, and (with --gateways) a
+    Redis restart; prints what was lost, repeated or shown stale as current."""
+    import contextlib
+    import secrets
 
-    try:
-        key = bytes.fromhex(load_settings(config).realtime.token_key)
-    except (SettingsError, ValueError) as exc:
-        raise _error(f"realtime.token_key: {exc}", 2) from None
-    if not key:
-        raise _error("realtime.token_key is not set (the gateway's key signs the viewers)", 2)
+    from streamplane.config import SettingsError, load_settings
+    from streamplane.realtime.load import LoadStack, percentile, processes_for, run_load
+
+    if gateways:
+        key = secrets.token_bytes(32)  # the private gateways check what this signs
+    else:
+        try:
+            key = bytes.fromhex(load_settings(config).realtime.token_key)
+        except (SettingsError, ValueError) as exc:
+            raise _error(f"realtime.token_key: {exc}", 2) from None
+        if not key:
+            raise _error("realtime.token_key is not set (the gateway's key signs the viewers)", 2)
+    processes = processes or max(2, processes_for(connections))
     if connections < processes or processes < 1 or processes > 250:
         raise _error("need 1 to 250 processes and at least one connection per process", 2)
-    with console.status(f"{connections} viewers, {processes} processes: fan-out, then a storm"):
+    if connections > processes * 18_000:
+        raise _error(
+            f"{connections} viewers over {processes} processes is past 18,000 per process "
+            "(the open-file limit): raise --processes",
+            2,
+        )
+    if gateways < 0 or interval < 0 or arrival < 0:
+        raise _error("--gateways, --interval and --arrival cannot be negative", 2)
+    stack = (
+        LoadStack(
+            key,
+            gateways=gateways,
+            port=port,
+            admission_rate=admission_rate,
+            admission_burst=admission_burst,
+        )
+        if gateways
+        else contextlib.nullcontext()
+    )
+    what = f"{connections} viewers, {processes} processes: surge, fan-out, storm"
+    with console.status(what + (", Redis restart" if gateways else "")):
         try:
-            report = run_load(
-                port,
-                key,
-                connections=connections,
-                processes=processes,
-                messages=messages,
-                storm_messages=storm_messages,
-            )
-        except (OSError, TimeoutError) as exc:
+            with stack as running:
+                report = run_load(
+                    port,
+                    key,
+                    connections=connections,
+                    processes=processes,
+                    messages=messages,
+                    storm_messages=storm_messages,
+                    interval=interval,
+                    arrival_s=arrival,
+                    restart_broker=running.restart_redis if running is not None else None,
+                )
+        except (OSError, TimeoutError, RuntimeError) as exc:
             raise _error(f"gateway on 127.0.0.1:{port}: {exc}", 1) from None
     table = Table(title=f"gateway-load against 127.0.0.1:{port}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     p50, p99 = percentile(report.latencies, 0.5), percentile(report.latencies, 0.99)
-    table.add_row("connections held", f"{report.held} ({report.connect_s:.1f} s to open)")
+    table.add_row("connections held", str(report.held))
+    table.add_row(
+        "surge: all admitted in",
+        f"{report.connect_s:.1f} s ({report.refused} answered 503, "
+        f"{report.early_retries} retried before Retry-After)",
+    )
     table.add_row("broadcast latency p50 / p99", f"{p50 * 1000:.0f} / {p99 * 1000:.0f} ms")
     table.add_row("reconnect storm recovered in", f"{report.storm_s:.1f} s")
     table.add_row("lost", str(report.lost))
@@ -650,10 +699,28 @@ def gateway_load(
     table.add_row("told to reload (not recovered)", str(report.reloads))
     table.add_row("connections cut and redialled", str(report.redials))
     table.add_row("viewers not back after the storm", str(report.unconnected))
+    table.add_row(
+        "state values shown / turned stale on time",
+        f"{report.state_values} / {report.stale_shown}",
+    )
+    table.add_row("stale shown as current", str(report.stale_as_current))
+    restart = report.restart
+    if restart is not None:
+        table.add_row(
+            "Redis restart: all back on the last position in", f"{restart.recovered_s:.1f} s"
+        )
+        table.add_row("Redis restart: lost / applied twice", f"{restart.lost} / {restart.repeats}")
+        table.add_row("Redis restart: told to reload", str(restart.reloads))
+        table.add_row("Redis restart: publications refused, retried", str(restart.refused))
+        table.add_row("Redis restart: viewers not back", str(restart.unconnected))
     for why in report.why_unconnected:
         table.add_row("  why", why)
     out_console.print(table)
-    if report.lost or report.repeats or report.holes or report.unconnected:
+    failed = report.lost or report.repeats or report.holes or report.unconnected
+    failed = failed or report.stale_as_current or report.early_retries
+    if restart is not None:
+        failed = failed or restart.lost or restart.repeats or restart.unconnected
+    if failed:
         raise typer.Exit(1)
 
 

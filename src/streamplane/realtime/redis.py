@@ -632,10 +632,21 @@ class RedisBroker:
             url = urlunsplit(parts._replace(query=rest))
         settings = client_options(options.get("connect_timeout", 2.0))
         client: RedisClient
+        # A surge of handshakes runs hundreds of commands at once. redis-py's pools answer the
+        # 101st concurrent one with "Too many connections", a ConnectionError the engine must
+        # take for a lost Redis (every channel then recovers or resets). So the single-Redis
+        # pool waits for a free connection instead, and a cluster's per-node pools are sized for
+        # a surge.
         if cluster:
-            client = RedisCluster.from_url(url, **settings)
+            client = RedisCluster.from_url(url, max_connections=POOL_CONNECTIONS, **settings)
         else:
-            client = aioredis.Redis.from_url(url, **settings)
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=POOL_CONNECTIONS,
+                timeout=settings["socket_timeout"],
+                **settings,
+            )
+            client = aioredis.Redis.from_pool(pool)
         return cls(client, **options)
 
     @property
@@ -1011,6 +1022,9 @@ class RedisBroker:
 
     def on_recovered(self, listener: RecoveryListener) -> None:
         self._listeners.append(listener)
+
+
+POOL_CONNECTIONS = 256  # commands in flight from one gateway process at once
 
 
 def client_options(connect_timeout: float = 2.0) -> dict[str, Any]:

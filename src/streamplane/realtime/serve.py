@@ -71,6 +71,10 @@ def gateway_settings(settings: RealtimeSettings) -> GatewaySettings:
 
 
 async def _run_one(settings: RealtimeSettings, reuse_port: bool) -> None:
+    # websockets logs "connection open" and "connection closed" at INFO for every connection:
+    # 200,000 lines per reconnect storm of 100,000 viewers, written by the loop that serves
+    # them. The gateway's own counts are on /health.
+    logging.getLogger("websockets").setLevel(logging.WARNING)
     gateway = Gateway(make_broker(settings.broker), gateway_settings(settings))
     port = await gateway.start(settings.host, settings.port, reuse_port=reuse_port)
     _log.info("gateway %s listening on %s:%d", gateway.broker.node, settings.host, port)
