@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from streamplane.lifetime import child_setup
+
 __all__ = ["EdgePlace", "LocalStack", "StackError", "StackProcess"]
 
 # Sites on loopback, each with its own prefix of 127.0.0.0/8 and a city to be in.
@@ -48,14 +50,6 @@ _SITES = (
     ("fra-1", "127.0.0.0/8", 50.11, 8.68),
     ("par-1", "127.0.0.0/8", 48.86, 2.35),
 )
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the stack's process dies, however it dies."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 class StackError(RuntimeError):
@@ -355,7 +349,7 @@ class LocalStack:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,  # a Ctrl-C in the terminal reaches us; we stop them
-            preexec_fn=_die_with_parent,
+            preexec_fn=child_setup(signal.SIGTERM),
         )
         return StackProcess(name, url, process, log, args)
 

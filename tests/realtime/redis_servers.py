@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from streamplane.stack import _die_with_parent, free_port
+from streamplane.lifetime import child_setup
+from streamplane.stack import free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -73,7 +75,7 @@ class RedisServer:
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=child_setup(signal.SIGTERM),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -21,13 +21,13 @@ import json
 import logging
 import os
 import re
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from streamplane.lifetime import child_setup
 from streamplane.live.mpd import DashRendition, live_mpd
 from streamplane.live.playlist import Rendition, Window, master_playlist, media_playlist
 from streamplane.live.track import Fragment, RemoveObject, TrackPackager, WriteObject
@@ -423,7 +423,7 @@ class Channel:
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
                 pass_fds=write_fds,
-                preexec_fn=die_with_parent,
+                preexec_fn=child_setup(),
             )
         except BaseException:
             for r, _ in pipes:
@@ -622,15 +622,6 @@ class Channel:
 def font() -> Path | None:
     """A font drawtext can burn text with, if the machine has one."""
     return next((f for f in FONT_CANDIDATES if f.is_file()), None)
-
-
-def die_with_parent() -> None:
-    """In the encoder before exec: SIGKILL it when the channel's process dies, however it
-    dies (kill -9 included), so no orphan keeps the SRT port."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

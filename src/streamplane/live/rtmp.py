@@ -21,7 +21,8 @@ import logging
 from typing import Final
 from urllib.parse import quote, urlsplit
 
-from streamplane.live.ingest import Channel, LiveError, die_with_parent
+from streamplane.lifetime import child_setup
+from streamplane.live.ingest import Channel, LiveError
 from streamplane.media.ffmpeg import ffmpeg_exe
 
 __all__ = ["RTMP_APP", "RtmpDoor", "relay_args", "rtmp_problem", "rtmp_url"]
@@ -127,7 +128,7 @@ class RtmpDoor:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.PIPE,
-                preexec_fn=die_with_parent,
+                preexec_fn=child_setup(),
             )
             self._relay = process
             assert process.stderr is not None

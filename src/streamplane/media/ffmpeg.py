@@ -6,18 +6,15 @@ Every run reports the CPU seconds its process used, so benchmarks can count comp
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
-import signal
 import subprocess
-import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from functools import cache
 from pathlib import Path
 
+from streamplane.lifetime import child_setup
 from streamplane.media.errors import DiskFullError, MediaError
 
 
@@ -68,42 +65,6 @@ def input_args(path: Path | str, frames: tuple[int, int, Fraction] | None = None
     return [*args, "-t", f"{float((end - start) / fps):.6f}", "-i", str(path)]
 
 
-_PR_SET_PDEATHSIG = 1
-
-
-@cache
-def _prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    return ctypes.CDLL(None, use_errno=True).prctl
-
-
-def die_with_parent(parent: int) -> None:
-    """Have the kernel kill this process when its parent `parent` exits (Linux; elsewhere a
-    no-op).
-
-    A child outlives a killed parent otherwise: a pool worker stopped by SIGTERM left its ffmpeg
-    encoding as an orphan, and a driver killed outright left its pool workers waiting forever.
-    Strictly the signal comes when the thread that started the child exits; streamplane starts
-    them from threads that live as long as their process. The parent may be gone before this
-    runs, hence the check after arming.
-    """
-    prctl = _prctl()
-    if prctl is None:
-        return
-    prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _child_setup() -> Callable[[], None] | None:
-    """What a child runs between fork and exec so that it dies with this process."""
-    if _prctl() is None:
-        return None
-    parent = os.getpid()
-    return lambda: die_with_parent(parent)
-
-
 _DISK_FULL_MARKERS = ("No space left on device", "ENOSPC")
 
 
@@ -116,7 +77,7 @@ def run_ffmpeg(args: list[str], what: str, cwd: Path | None = None) -> FfmpegRun
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=_child_setup(),  # prctl and getppid: no lock a fork could hold
+        preexec_fn=child_setup(),
     )
     assert proc.stderr is not None
     try:

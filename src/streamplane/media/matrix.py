@@ -23,9 +23,10 @@ from typing import Any
 
 import msgspec
 
+from streamplane.lifetime import die_with_parent
 from streamplane.media.codecs import rate_args
 from streamplane.media.errors import DiskFullError, EncodeError
-from streamplane.media.ffmpeg import die_with_parent, input_args, run_ffmpeg
+from streamplane.media.ffmpeg import input_args, run_ffmpeg
 from streamplane.media.package import write_atomic
 from streamplane.media.quality import measure
 

@@ -44,9 +44,10 @@ from typing import Any
 
 import msgspec
 
+from streamplane.lifetime import child_setup
 from streamplane.realtime.gateway import raise_open_file_limit
 from streamplane.realtime.tokens import sign_realtime_token
-from streamplane.stack import _die_with_parent, free_port
+from streamplane.stack import free_port
 
 __all__ = [
     "CHANNEL",
@@ -756,7 +757,7 @@ class LoadStack:
              "--logfile", str(self.workdir / "redis.log")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=child_setup(signal.SIGTERM),
         )  # fmt: skip
         _wait_port(self.redis_port, 20, self.redis, "redis-server")
 
@@ -791,7 +792,7 @@ class LoadStack:
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
+            preexec_fn=child_setup(signal.SIGTERM),
         )  # fmt: skip
         try:
             _wait_port(self.port, 60, self.gateway, "streamplane gateway")

@@ -1,0 +1,55 @@
+"""Children that die with the process that started them (Linux ``PR_SET_PDEATHSIG``).
+
+A child outlives a killed parent otherwise: an encoder keeps its SRT port, a pool worker's
+ffmpeg encodes on as an orphan, a stack's control plane holds its port for the next run.
+
+``child_setup`` is what a ``preexec_fn`` runs between fork and exec. Everything it needs
+(ctypes loaded, libc's ``prctl`` looked up, the parent's pid) is resolved *before* the fork:
+after a fork in a threaded process, the child must take no lock another thread may have held
+at the moment of the fork. An ``import`` (the import lock) or a ``dlopen`` (the loader's lock)
+there deadlocked a test run's forked child for good, and every later fork of that process too.
+
+The kernel sends the signal when the *thread* that started the child ends, so children are
+started from threads that live as long as their process (the main thread, the event loop's).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from collections.abc import Callable
+from functools import cache
+
+_PR_SET_PDEATHSIG = 1
+
+
+@cache
+def _prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+def die_with_parent(parent: int, sig: signal.Signals = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent ``parent`` exits (Linux;
+    elsewhere a no-op). The parent may be gone before this runs, hence the check after
+    arming: then this process ends itself the same way."""
+    prctl = _prctl()
+    if prctl is None:
+        return
+    prctl(_PR_SET_PDEATHSIG, int(sig))
+    if os.getppid() != parent:
+        os.kill(os.getpid(), sig)
+
+
+def child_setup(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that ties the child to this process, resolved before the fork; None
+    where there is nothing to do. SIGTERM for children that clean up after themselves (a
+    stack's servers stop their own children), SIGKILL for the rest."""
+    prctl = _prctl()
+    if prctl is None:
+        return None
+    parent = os.getpid()
+    return lambda: die_with_parent(parent, sig)
