@@ -53,3 +53,23 @@ def child_setup(sig: signal.Signals = signal.SIGKILL) -> Callable[[], None] | No
         return None
     parent = os.getpid()
     return lambda: die_with_parent(parent, sig)
+
+
+PARENT_ENV = "STREAMPLANE_PARENT_PID"  # a streamplane child arms the signal itself, after exec
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a ``python -m streamplane`` child that is to die (SIGTERM) with this process.
+
+    The child arms the signal itself as it starts (``arm_from_env``), so its parent needs no
+    ``preexec_fn`` at all: Python's own documentation calls one unsafe in a threaded process,
+    and a stack started from a worker thread of an asyncio test run had its forked child hang
+    in a futex before exec, twice at the same test."""
+    return {**env, PARENT_ENV: str(os.getpid())}
+
+
+def arm_from_env() -> None:
+    """In a streamplane process as it starts: die with the parent ``child_env`` named."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is not None and parent.isdigit():
+        die_with_parent(int(parent), signal.SIGTERM)

@@ -39,7 +39,7 @@ from typing import Any
 
 import httpx
 
-from streamplane.lifetime import child_setup
+from streamplane.lifetime import child_env
 
 __all__ = ["EdgePlace", "LocalStack", "StackError", "StackProcess"]
 
@@ -347,9 +347,8 @@ class LocalStack:
             [*prefix, sys.executable, "-m", "streamplane", *args],
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
-            env=env,
+            env=child_env(env),  # it dies with this process (SIGTERM), however this one dies
             start_new_session=True,  # a Ctrl-C in the terminal reaches us; we stop them
-            preexec_fn=child_setup(signal.SIGTERM),
         )
         return StackProcess(name, url, process, log, args)
 
