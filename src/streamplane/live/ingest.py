@@ -412,19 +412,7 @@ class Channel:
             self.state = "waiting for the feed" if self.runs == 0 else "feed lost; waiting for it"
             self._write_status()
         try:
-            process = await asyncio.create_subprocess_exec(
-                ffmpeg_exe(),
-                "-hide_banner",
-                "-nostdin",
-                "-loglevel",
-                "warning",
-                *encoder_args(s, write_fds, inputs),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                pass_fds=write_fds,
-                preexec_fn=child_setup(),
-            )
+            process = await start_ffmpeg(encoder_args(s, write_fds, inputs), write_fds)
         except BaseException:
             for r, _ in pipes:
                 os.close(r)
@@ -622,6 +610,26 @@ class Channel:
 def font() -> Path | None:
     """A font drawtext can burn text with, if the machine has one."""
     return next((f for f in FONT_CANDIDATES if f.is_file()), None)
+
+
+async def start_ffmpeg(
+    args: list[str], pass_fds: list[int] | None = None
+) -> asyncio.subprocess.Process:
+    """A channel's ffmpeg (encoder or relay): quiet but for warnings, read through stderr, and
+    killed with the channel's process however it dies, so no orphan keeps a port."""
+    return await asyncio.create_subprocess_exec(
+        ffmpeg_exe(),
+        "-hide_banner",
+        "-nostdin",
+        "-loglevel",
+        "warning",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        pass_fds=pass_fds or [],
+        preexec_fn=child_setup(),
+    )
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

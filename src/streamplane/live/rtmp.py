@@ -21,9 +21,7 @@ import logging
 from typing import Final
 from urllib.parse import quote, urlsplit
 
-from streamplane.lifetime import child_setup
-from streamplane.live.ingest import Channel, LiveError
-from streamplane.media.ffmpeg import ffmpeg_exe
+from streamplane.live.ingest import Channel, LiveError, start_ffmpeg
 
 __all__ = ["RTMP_APP", "RtmpDoor", "relay_args", "rtmp_problem", "rtmp_url"]
 
@@ -118,18 +116,7 @@ class RtmpDoor:
             "&latency=120000"
         )
         while not self._stopping:
-            process = await asyncio.create_subprocess_exec(
-                ffmpeg_exe(),
-                "-hide_banner",
-                "-nostdin",
-                "-loglevel",
-                "warning",
-                *relay_args(self.private_port, srt, s.stream_key),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.PIPE,
-                preexec_fn=child_setup(),
-            )
+            process = await start_ffmpeg(relay_args(self.private_port, srt, s.stream_key))
             self._relay = process
             assert process.stderr is not None
             try:
