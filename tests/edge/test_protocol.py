@@ -336,6 +336,42 @@ def test_a_miss_follows_the_fetch_and_streams_what_lands() -> None:
     assert header(send.head, b"etag") == header(head.data, b"etag")
 
 
+def test_a_growing_segment_goes_chunk_by_chunk_as_it_lands_and_ends_when_whole() -> None:
+    c = Conn()
+    c.send(get("/t1/s.m4s"))
+    c.missing(None)
+    [head] = c.at(1).fetch_ready(1, 9, -1, 1_700_000_000.7)  # the origin sends it as written
+    assert isinstance(head, Write) and status_of(head.data) == 200
+    assert header(head.data, b"transfer-encoding") == b"chunked"
+    assert header(head.data, b"content-length") is None
+    assert c.at(2).fetch_progress(1, 100) == [SendFile(9, 0, 100, b"64\r\n")]
+    assert c.sent() == []  # all that landed went: wait for the next part
+    assert c.at(3).fetch_progress(1, 150) == [SendFile(9, 100, 50, b"\r\n32\r\n")]
+    assert c.fetch_whole(1, 12, 180) == [CloseFile(12)]  # complete while a send is under way
+    assert c.sent() == [SendFile(9, 150, 30, b"\r\n1e\r\n")]
+    assert c.sent() == [Write(b"\r\n0\r\n\r\n"), CloseFile(9)]
+    assert c.core.following == 0 and c.core.state is State.IDLE
+    assert c.state.metrics.s.bytes_sent == 180
+
+
+def test_a_growing_segment_asked_for_in_a_way_chunks_cannot_answer_waits_for_it_whole() -> None:
+    for request in (
+        get("/t1/s.m4s", version="HTTP/1.0"),
+        get("/t1/s.m4s", "Range: bytes=10-19"),
+        get("/t1/s.m4s", method="HEAD"),
+    ):
+        c = Conn()
+        c.send(request)
+        c.missing(None)
+        assert c.fetch_ready(1, 9, -1, 1_700_000_000.0) == [CloseFile(9)]  # nothing sent yet
+        assert c.fetch_progress(1, 100) == []
+        actions = c.fetch_whole(1, 12, 180)
+        assert isinstance(actions[-1], SendFile | Write), actions
+        first = actions[-1].head if isinstance(actions[-1], SendFile) else actions[-1].data
+        assert header(first, b"transfer-encoding") is None
+        assert header(first, b"content-length") in (b"180", b"10")
+
+
 def test_a_small_text_miss_waits_for_its_whole_body() -> None:
     c = Conn()
     c.send(get("/t1/master.m3u8"))

@@ -58,6 +58,7 @@ import msgspec
 from streamplane.edge import http
 
 __all__ = [
+    "GROWING",
     "Arriving",
     "BadKey",
     "CachedObject",
@@ -71,6 +72,7 @@ __all__ = [
     "Pending",
     "TakenOver",
     "error_text",
+    "marked_complete",
     "valid_key",
     "writer_alive",
 ]
@@ -116,8 +118,11 @@ class TakenOver(FetchError):
         super().__init__(502, "the partial object was taken over by another fetch")
 
 
+GROWING: Final = -1  # an InflightMeta length: the origin sends it as it is written
+
+
 class InflightMeta(msgspec.Struct, frozen=True):
-    length: int
+    length: int  # GROWING until the last byte landed: a live segment still being written
     mtime: float  # the origin's Last-Modified, so every edge gives the same validators
 
 
@@ -402,10 +407,11 @@ class DiskCache:
         st = os.fstat(fd)
         name = _name(key)
         meta = self._read_meta(name, st.st_ino)
-        if st.st_mode & 0o777 == _COMPLETE_MODE:
+        if marked_complete(st.st_mode):
             return Complete(CachedObject(fd=fd, size=st.st_size, mtime_ns=st.st_mtime_ns))
         alive = writer_alive(fd)
-        if meta is not None and (alive or st.st_size >= meta.length):
+        # a growing object whose fetcher is gone and that was never completed is lost
+        if meta is not None and (alive or 0 <= meta.length <= st.st_size):
             return Arriving(fd, meta)
         if alive and meta is None:
             try:
@@ -493,6 +499,11 @@ def error_text(status: int) -> str:
     return _ERROR_TEXT.get(status, "the origin failed on this object")
 
 
+def marked_complete(mode: int) -> bool:
+    """Whether a partial's ``st_mode`` says its fetcher committed it: every byte is there."""
+    return mode & 0o777 == _COMPLETE_MODE
+
+
 def writer_alive(fd: int, *, exclusive: bool = False) -> bool:
     """Whether the fetcher of the partial open as ``fd`` still lives (holds its lock).
 
@@ -539,10 +550,19 @@ class ObjectWriter:
                     self.cache.ask_room(length)
                     asked = now
                 await asyncio.sleep(_ROOM_POLL_S)
-        self.meta = InflightMeta(length=length, mtime=mtime)
+        self._publish(InflightMeta(length=length, mtime=mtime))
+
+    def start_growing(self, mtime: float) -> None:
+        """The origin sends the object as it is being written (a live segment, chunked): its
+        waiters are told so, and follow it until ``commit`` marks it complete. Nothing can be
+        reserved for a length nobody knows: a full disk shows as a write error."""
+        self._publish(InflightMeta(length=GROWING, mtime=mtime))
+
+    def _publish(self, meta: InflightMeta) -> None:
+        self.meta = meta
         tmp = f"{self.cache._tmp}m.{os.getpid()}.{next(self.cache._serial)}"
         try:
-            os.symlink(f"{length} {mtime!r}", tmp)
+            os.symlink(f"{meta.length} {meta.mtime!r}", tmp)
             os.replace(tmp, self._meta_path)
         except OSError as exc:
             with contextlib.suppress(OSError):
@@ -578,6 +598,8 @@ class ObjectWriter:
         directory of cached objects where it needs a file) is a 502 for this key alone.
         """
         assert self.meta is not None
+        if self.meta.length == GROWING:  # its length is what landed
+            self.meta = InflightMeta(length=self.written, mtime=self.meta.mtime)
         if self.written != self.meta.length:
             raise FetchError(502, f"origin sent {self.written} of {self.meta.length} bytes")
         os.utime(self.fd, (self.meta.mtime, self.meta.mtime))

@@ -38,6 +38,7 @@ from streamplane.edge.cache import (
     Pending,
     TakenOver,
     error_text,
+    marked_complete,
     writer_alive,
 )
 from streamplane.edge.metrics import MetricsSnapshot
@@ -182,7 +183,7 @@ class Fetches:
             follower = Follower(self, key, found)
             try:
                 pos = 0
-                while pos < follower.meta.length:
+                while follower.meta.length < 0 or pos < follower.meta.length:
                     pos = await follower.available(pos)
                 while writer_alive(follower.fd):  # its fetcher is renaming it into place
                     await self.progress(key)
@@ -246,23 +247,33 @@ class Follower:
     async def available(self, pos: int) -> int:
         """Up to where the object can be read now, past ``pos`` (or its whole length).
 
-        Raises ``FetchError`` when the rest will not come: the fetch failed, stalled for
-        ``stall_s``, or was replaced by one bringing something else.
+        A growing object's length (``meta.length`` is ``GROWING``) becomes known here, in
+        ``meta``, once its fetcher committed it. Raises ``FetchError`` when the rest will not
+        come: the fetch failed, stalled for ``stall_s``, or was replaced by one bringing
+        something else.
         """
         fetches = self.fetches
-        length = self.meta.length
         last = time.monotonic()
         while True:
-            size = os.fstat(self.fd).st_size
-            if size > pos or size >= length:
-                return min(size, length)
+            st = os.fstat(self.fd)
+            size = st.st_size
+            length = self.meta.length
+            if length < 0 and marked_complete(st.st_mode):
+                self.meta = InflightMeta(length=size, mtime=self.meta.mtime)
+                return size
+            if size > pos or size >= length >= 0:
+                return size if length < 0 else min(size, length)
             if not writer_alive(self.fd):
                 # The fetch ended: complete (seen above), failed, or its fetcher died.
-                if os.fstat(self.fd).st_size > size:
+                if os.fstat(self.fd).st_size > size or (
+                    length < 0 and marked_complete(os.fstat(self.fd).st_mode)
+                ):
                     continue
                 status = fetches.cache.fetch_error(self.key, self.fd)
                 if status is not None:
                     raise FetchError(status, "the origin fetch failed mid-body")
+                if length < 0:  # nothing else can bring the rest of what it began
+                    raise FetchError(502, "the origin fetch of a growing object ended early")
                 await self._rejoin()
                 last = time.monotonic()
                 continue

@@ -29,6 +29,7 @@ __all__ = [
     "content_type",
     "error_body",
     "etag_for",
+    "growing_headers",
     "http_date",
     "is_not_modified",
     "object_headers",
@@ -164,6 +165,18 @@ def _object_headers(path: str, mtime_ns: int, etag: bytes) -> list[tuple[bytes, 
         (b"ETag", etag),
         (b"Cache-Control", cache_control(path)),
         (b"Accept-Ranges", b"bytes"),
+    ]
+
+
+def growing_headers(path: str, mtime_ns: int) -> list[tuple[bytes, bytes]]:
+    """The answer to a GET of an object still being written at the origin (a low-latency
+    DASH segment), sent chunked as its bytes land: no length nor validator is known yet,
+    and no range can be served from it."""
+    return [
+        (b"Content-Type", content_type(path)),
+        (b"Last-Modified", http_date(mtime_ns / 1e9)),
+        (b"Cache-Control", cache_control(path)),
+        (b"Transfer-Encoding", b"chunked"),
     ]
 
 

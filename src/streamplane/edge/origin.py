@@ -27,7 +27,7 @@ from streamplane.edge.cache import FetchError, ObjectWriter
 __all__ = ["DirectoryOrigin", "HttpOrigin", "Origin", "make_origin"]
 
 _CHUNK = 1 << 20
-_CHUNKED_MAX: Final = 64 << 20  # a chunked answer held whole: a live segment, not a title
+_CHUNKED_MAX: Final = 64 << 20  # a chunked answer is a live segment, not a title
 _URL_SAFE: Final = "/._~!$&'()*+,;=:@-"
 
 
@@ -201,17 +201,15 @@ class HttpOrigin:
                     raise FetchError(502, message, store=store)
                 length = response.headers.get("content-length")
                 if length is None and "chunked" in response.headers.get("transfer-encoding", ""):
-                    # A live segment being written comes chunked: it is held here until whole
-                    # (its waiters then share it), since a cached object's length is known
-                    # before its first byte goes out.
-                    body = bytearray()
-                    async for chunk in response.aiter_raw():
-                        body += chunk
-                        if len(body) > _CHUNKED_MAX:
-                            raise FetchError(502, f"origin sent {key} chunked and too long")
-                    await writer.start(len(body), _last_modified(response.headers))
-                    writer.write(bytes(body))
+                    # A live segment being written comes chunked as its parts land: its
+                    # waiters follow it as it grows, each chunk passed on as it arrives.
+                    writer.start_growing(_last_modified(response.headers))
                     progress()
+                    async for chunk in response.aiter_raw():
+                        if writer.written + len(chunk) > _CHUNKED_MAX:
+                            raise FetchError(502, f"origin sent {key} chunked and too long")
+                        writer.write(chunk)
+                        progress()
                     return
                 if length is None or not length.isdigit():
                     raise FetchError(502, f"origin sent {key} without a Content-Length")

@@ -120,6 +120,7 @@ _PREFLIGHT: Final = (
     (b"Access-Control-Max-Age", b"86400"),
 )
 _JSON: Final = b"application/json"
+_UNKNOWN_END: Final = 1 << 62  # a growing object's end, until it is whole
 _ALLOW: Final = ((b"Allow", b"GET, HEAD, OPTIONS"),)
 
 
@@ -324,6 +325,7 @@ class Request:
         "head_done",
         "header_bytes",
         "headers",
+        "http11",
         "keep_alive",
         "method",
         "started",
@@ -337,6 +339,7 @@ class Request:
         self.body: bytes | bytearray = b""  # most requests have none; see on_body
         self.method = b""
         self.keep_alive = True
+        self.http11 = True  # chunked bodies can be sent to it
         self.started = started
         self.head_done: float | None = None  # the body's deadline counts from then
 
@@ -362,6 +365,7 @@ class _Response:
         "end",
         "etag",
         "fd",
+        "growing",
         "head",
         "head_sent",
         "key",
@@ -398,6 +402,7 @@ class _Response:
         self.etag = b""  # a text body's validator, decided before it is read
         self.mtime_ns = 0
         self.moved = -1  # a taken-over fetch's descriptor, used once the send under way ends
+        self.growing = False  # sent chunked as it lands: its end is known once it is whole
 
 
 # -- the connection ---------------------------------------------------------------------------
@@ -607,13 +612,18 @@ class EdgeProtocol:
     def fetch_ready(
         self, serial: int, fd: int, length: int, mtime: float, now: float
     ) -> list[Action]:
-        """The origin answered: the object will have ``length`` bytes, arriving in ``fd``."""
+        """The origin answered: the object will have ``length`` bytes, arriving in ``fd``
+        (``length`` < 0: the origin sends it as it is being written, length unknown)."""
         self._now = now
         resp = self._response
         if resp is None or resp.serial != serial or resp.fd >= 0 or self._closed:
             self._emit(CloseFile(fd))
             return self._take()
         resp.progress_at = now
+        if length < 0:
+            self._answer_growing(resp, fd, int(mtime) * 1_000_000_000)
+            self._advance()
+            return self._take()
         # whole seconds, as the committed file's mtime will give: the same validators
         if self._answer_object(resp, fd, length, int(mtime) * 1_000_000_000):
             resp.phase = _FETCH
@@ -636,6 +646,27 @@ class EdgeProtocol:
         if resp.phase == _FETCH:
             self._pump(resp)
         self._rearm()
+        return self._take()
+
+    def fetch_whole(self, serial: int, fd: int, size: int, now: float) -> list[Action]:
+        """The growing object followed is complete with ``size`` bytes, readable in ``fd``."""
+        self._now = now
+        resp = self._response
+        if resp is None or resp.serial != serial or self._closed:
+            self._emit(CloseFile(fd))
+            return self._take()
+        resp.progress_at = now
+        if resp.growing:
+            self._emit(CloseFile(fd))
+            resp.available = resp.end = size
+            if resp.phase == _FETCH:
+                self._pump(resp)
+        elif resp.fd < 0 and resp.phase == _FETCH:  # it waited for the whole object
+            resp.serial = 0
+            self._send_object(resp, fd, size, resp.mtime_ns)
+        else:
+            self._emit(CloseFile(fd))
+        self._advance()
         return self._take()
 
     def fetch_failed(self, serial: int, status: int, message: str, now: float) -> list[Action]:
@@ -681,8 +712,7 @@ class EdgeProtocol:
             self._emit(CloseFile(resp.fd))
             resp.fd, resp.moved = resp.moved, -1
         if resp.pos >= resp.end:
-            self._release(resp)
-            self._done(resp.req, resp.answer.status if resp.answer else 200, resp.end - resp.start)
+            self._finish_body(resp)
         else:  # an arriving object: send what came meanwhile, or wait for more
             resp.progress_at = max(resp.progress_at, now)
             self._pump(resp)
@@ -793,6 +823,7 @@ class EdgeProtocol:
             raise _Reject(505, f"HTTP/{version} is not served here: use HTTP/1.1")
         req.method = parser.get_method()
         req.keep_alive = parser.should_keep_alive()
+        req.http11 = version == "1.1"
         length = req.headers.get(b"content-length")
         # llhttp has checked it is digits, and the only one
         if length is not None and int(length) > MAX_BODY_BYTES:
@@ -1182,10 +1213,55 @@ class EdgeProtocol:
         resp.head = head
         return True
 
+    def _answer_growing(self, resp: _Response, fd: int, mtime_ns: int) -> None:
+        """An object the origin sends as it is written (a low-latency DASH segment): a plain
+        GET over HTTP/1.1 gets its bytes chunk by chunk as they land; any other request
+        (HEAD, a range, a validator, HTTP/1.0) waits for it whole (see ``fetch_whole``)."""
+        req = resp.req
+        h = req.headers
+        resp.mtime_ns = mtime_ns
+        resp.phase = _FETCH
+        resp.deadline = self._now + self.w.config.stall_timeout_s
+        if (
+            req.method != b"GET"
+            or not req.http11
+            or resp.carry is not None
+            or not resp.path.endswith(_MEDIA_SUFFIXES)
+            or (h and (b"range" in h or b"if-none-match" in h or b"if-modified-since" in h))
+        ):
+            self._emit(CloseFile(fd))
+            return
+        resp.fd = fd
+        resp.growing = True
+        resp.start = resp.pos = 0
+        resp.end = _UNKNOWN_END
+        resp.head_sent = True
+        self._emit(Write(self._head(req, 200, http.growing_headers(resp.path, mtime_ns))))
+
+    def _finish_body(self, resp: _Response) -> None:
+        """The body went whole: the last chunk of a chunked one, then the response is done."""
+        if resp.growing:
+            self._emit(Write(b"\r\n0\r\n\r\n" if resp.pos > resp.start else b"0\r\n\r\n"))
+        self._release(resp)
+        self._done(resp.req, resp.answer.status if resp.answer else 200, resp.end - resp.start)
+
     def _pump(self, resp: _Response) -> None:
         """An arriving object: send what is on disk beyond what went, or wait for more."""
         available = min(resp.available, resp.end)
-        if resp.text:
+        if resp.growing:
+            if available > resp.pos:
+                count = available - resp.pos
+                # each piece is one chunk; the line ending the one before goes in front
+                frame = (b"\r\n%x\r\n" if resp.pos > resp.start else b"%x\r\n") % count
+                resp.phase = _SEND
+                resp.sending = count
+                resp.deadline = self._now + self.w.config.send_timeout_s
+                self._emit(SendFile(resp.fd, resp.pos, count, frame))
+                return
+            if resp.pos >= resp.end:
+                self._finish_body(resp)
+                return
+        elif resp.text:
             if available >= resp.end:
                 resp.phase = _TEXT
                 self._emit(ReadText(resp.fd, resp.start, resp.end - resp.start))

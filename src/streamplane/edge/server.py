@@ -396,7 +396,7 @@ class EdgeConnection(asyncio.BufferedProtocol):
                 core.fetch_ready(serial, os.dup(fd), length, follower.meta.mtime, time.monotonic())
             )
             pos = 0
-            while core.following == serial and pos < length:
+            while core.following == serial and (length < 0 or pos < length):
                 try:
                     pos = await follower.available(pos)
                 except FetchError as exc:
@@ -409,7 +409,11 @@ class EdgeConnection(asyncio.BufferedProtocol):
                 if follower.fd != fd:  # taken over: the same object, arriving elsewhere
                     fd = follower.fd
                     self._apply(core.fetch_moved(serial, os.dup(fd), time.monotonic()))
-                self._apply(core.fetch_progress(serial, pos, time.monotonic()))
+                if length < 0 and follower.meta.length >= 0:  # a growing object completed
+                    length = follower.meta.length
+                    self._apply(core.fetch_whole(serial, os.dup(fd), length, time.monotonic()))
+                else:
+                    self._apply(core.fetch_progress(serial, pos, time.monotonic()))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
