@@ -1044,9 +1044,14 @@ def live_start(
     rtmp_listen: int | None = typer.Option(
         None, "--rtmp-listen", help="TCP port an RTMP feed comes to (rtmp://HOST:PORT/live/KEY)."
     ),
+    record_to: Path | None = typer.Option(
+        None,
+        "--record-to",
+        help="When the channel ends, record its DVR window here as a VOD source (an MP4).",
+    ),
 ) -> None:
     """Receive CHANNEL's feed over SRT (or RTMP) and serve it as low-latency HLS and DASH
-    until Ctrl-C."""
+    until Ctrl-C or `live stop`."""
     import asyncio
 
     from streamplane import live
@@ -1073,9 +1078,68 @@ def live_start(
         f"status at http://{host}:{port}/{channel}/status.json"
     )
     try:
-        asyncio.run(live.serve_channel(settings, host, port))
+        asyncio.run(live.serve_channel(settings, host, port, record_to=record_to))
     except OSError as exc:
         raise _error(str(exc), 3) from None
+
+
+@live_app.command("stop")
+def live_stop(
+    channel: str = typer.Argument(..., help="Channel name."),
+    root: Path = typer.Option(Path("live"), "--root", help="Where channels are written."),
+    timeout: float = typer.Option(
+        900.0, "--timeout", help="Seconds to wait for the channel to end and record itself."
+    ),
+) -> None:
+    """Stop CHANNEL's `live start`: its playlists end, and a channel started with --record-to
+    records its program as a VOD source, which this prints (exit 1 if it could not)."""
+    import json
+    import os
+    import signal
+    import time
+
+    from streamplane.live.service import PID_FILE
+
+    directory = root / channel
+    try:
+        pid = int((directory / PID_FILE).read_text())
+        # a pid file a killed channel left may name another process by now: never signal it
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        if b"live" not in args or channel.encode() not in args:
+            raise ValueError(pid)
+        os.kill(pid, signal.SIGTERM)
+    except (OSError, ValueError):
+        raise _error(f"channel {channel} is not running under {root}", 2) from None
+    deadline = time.monotonic() + timeout
+    while _running(pid):
+        if time.monotonic() > deadline:
+            raise _error(f"channel {channel} did not end within {timeout:.0f} s", 1)
+        time.sleep(0.1)
+    try:
+        status = json.loads((directory / "status.json").read_text())
+    except (OSError, ValueError):
+        status = {}
+    recording = status.get("recording")
+    if not recording:
+        out_console.print(f"stopped {channel} (not recorded: it was started without --record-to)")
+        return
+    if recording.get("state") != "written":
+        why = recording.get("error", "it stopped while recording")
+        raise _error(f"stopped {channel}, but it could not be recorded: {why}", 1)
+    path = recording["path"]
+    out_console.print(
+        f"stopped {channel}; recorded {recording['seconds']:.1f} s in {recording['runs']} "
+        f"run(s) to {path} (encode it: streamplane encode {path} --out catalog/{channel}-vod)"
+    )
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, ended but not reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @live_app.command("plan")

@@ -55,12 +55,12 @@ def test_a_second_publisher_is_refused_and_the_first_plays_on(
     assert second.wait(20) != 0  # refused: it never publishes, and its publisher is told
     assert second.stderr is not None
     assert "the channel refused the feed" in second.stderr.read().decode()
-    if second_over_rtmp:
-        wait_for(
-            lambda: any("second publisher" in p for p in status_problems(channel)),
-            5,
-            "the refusal on the status",
-        )
+    over = "RTMP" if second_over_rtmp else "SRT"
+    wait_for(
+        lambda: any("second publisher" in p and over in p for p in status_problems(channel)),
+        5,
+        "the refusal on the status",
+    )
     # The first feed plays on: new parts keep landing, the channel stays live in one run.
     before = _newest(channel)
     wait_for(lambda: _newest(channel) != before, 5, "new parts from the first feed")

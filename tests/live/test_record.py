@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import signal
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -35,26 +35,36 @@ def test_the_runs_of_a_playlist_are_its_init_segments_and_whole_segments() -> No
     assert runs[0].seconds == pytest.approx(4.5)
 
 
-def test_a_recorded_channel_encodes_as_a_title(start_channel, tmp_path: Path) -> None:
-    channel = start_channel("ch1", "--rungs", "144:150")
+def _stop(channel_name: str, root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "streamplane", "live", "stop", channel_name, "--root", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+
+
+def test_a_stopped_channel_records_itself_and_the_recording_encodes_as_a_title(
+    start_channel, tmp_path: Path
+) -> None:
+    recordings = tmp_path / "recordings"
+    channel = start_channel("ch1", "--rungs", "144:150", "--record-to", str(recordings))
     feed = channel.feed(4)
     assert feed.wait(40) == 0
     # the slate follows the lost feed: the program has two runs, joined in the recording
     playlist = channel.root / "ch1" / "v144" / "index.m3u8"
     wait_for(lambda: len(recorded_runs(playlist.read_text())) > 1, 20, "a whole slate segment")
-    channel.process.send_signal(signal.SIGTERM)
-    assert channel.process.wait(20) == 0
 
-    out = tmp_path / "program.mp4"
-    done = subprocess.run(
-        [sys.executable, "-m", "streamplane", "live", "record", "ch1"]
-        + ["--root", str(channel.root), "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = _stop("ch1", channel.root)
     assert done.returncode == 0, done.stderr + done.stdout
+    assert channel.process.wait(5) == 0
     assert "2 run(s)" in done.stdout
+    [out] = recordings.glob("ch1-*.mp4")
+    assert str(out) in done.stdout.replace("\n", "")
+    status = json.loads((channel.root / "ch1" / "status.json").read_text())
+    assert status["state"] == "stopped"
+    assert status["recording"]["state"] == "written" and status["recording"]["runs"] == 2
+    assert not (channel.root / "ch1" / "channel.pid").exists()
     with av.open(str(out)) as container:
         video = container.streams.video[0]
         assert video.height == 144
@@ -90,3 +100,18 @@ def test_recording_a_channel_with_nothing_whole_says_so(tmp_path: Path) -> None:
         timeout=60,
     )
     assert done.returncode == 2 and "no channel" in done.stdout + done.stderr
+
+
+def test_stopping_a_channel_that_holds_nothing_to_record_says_why(
+    start_channel, tmp_path: Path
+) -> None:
+    channel = start_channel("ch1", "--rungs", "144:150", "--record-to", str(tmp_path / "rec"))
+    done = _stop("ch1", channel.root)
+    assert done.returncode == 1
+    assert "could not be recorded" in done.stdout + done.stderr
+    assert "no whole segment" in done.stdout + done.stderr
+    assert channel.process.wait(5) == 0
+    status = json.loads((channel.root / "ch1" / "status.json").read_text())
+    assert status["recording"]["state"] == "failed"
+    again = _stop("ch1", channel.root)  # it is gone: nothing to stop
+    assert again.returncode == 2 and "not running" in again.stdout + again.stderr

@@ -148,11 +148,13 @@ class ChannelSettings:
         return self.root / self.name
 
 
-def listener_input(settings: ChannelSettings) -> tuple[list[str], str]:
-    """The input of a feed run: one SRT publisher with the stream key; and its audio."""
+def listener_input(settings: ChannelSettings, port: int | None = None) -> tuple[list[str], str]:
+    """The input of a feed run: one SRT publisher with the stream key; and its audio. With
+    ``port``, the listener is private, on loopback behind the channel's SRT port (``srt``)."""
     s = settings
+    host, port = (s.listen_host, s.srt_port) if port is None else ("127.0.0.1", port)
     listen = (
-        f"srt://{s.listen_host}:{s.srt_port}?mode=listener"
+        f"srt://{host}:{port}?mode=listener"
         f"&passphrase={s.stream_key}&enforced_encryption=1&latency=120000"
     )
     options = ["-fflags", "nobuffer", "-analyzeduration", "1000000", "-probesize", "500000"]
@@ -341,6 +343,15 @@ class Channel:
         self._processes: dict[str, asyncio.subprocess.Process] = {}
         self._active = "feed"  # the run whose fragments go on air
         self._stopping = False
+        # The encoder's listener behind the channel's SRT port (set by live.srt.SrtDoor);
+        # None: the listener is the SRT port itself.
+        self.listen_port: int | None = None
+        # Moves on with each listener run and each publisher the listener refused: a
+        # publisher that never got on air in this run no longer holds the SRT port.
+        self.publisher_epoch = 0
+        # What became of the program's recording as a VOD source, once asked for (see
+        # live.service: the channel records itself when it ends).
+        self.recording: dict[str, object] | None = None
 
     # -- what the origin reads --------------------------------------------------------------
 
@@ -361,6 +372,7 @@ class Channel:
             "dvr_seconds": s.dvr_seconds,
             "problems": self.problems[-20:],
             "newest": {name: track.window().last_part() for name, track in self.tracks.items()},
+            "recording": self.recording,
         }
 
     # -- running --------------------------------------------------------------------------
@@ -375,7 +387,9 @@ class Channel:
         try:
             while not self._stopping:
                 self._active = "feed"
-                feed = asyncio.create_task(self._encode("feed", listener_input(self.settings)))
+                self.publisher_epoch += 1
+                listen = listener_input(self.settings, self.listen_port)
+                feed = asyncio.create_task(self._encode("feed", listen))
                 slate = None
                 if self.runs > 0 and self.settings.slate:
                     self._active = "slate"
@@ -521,6 +535,7 @@ class Channel:
             self.last_log = (self.last_log + [line])[-_STDERR_KEEP:]
             problem = feed_problem(line)
             if problem is not None:
+                self.publisher_epoch += 1
                 self.problem(problem)
 
     def problem(self, message: str) -> None:
@@ -601,6 +616,11 @@ class Channel:
         if len(renditions) == len(self.settings.renditions):  # every rendition began
             text = master_playlist(renditions)
             _write_atomic(self.settings.directory / "master.m3u8", text.encode())
+
+    def recorded(self, recording: dict[str, object]) -> None:
+        """The recording's progress or outcome, on the status."""
+        self.recording = recording
+        self._write_status()
 
     def _write_status(self) -> None:
         body = json.dumps(self.status(), indent=1).encode()

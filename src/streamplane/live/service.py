@@ -5,29 +5,46 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import logging
+import os
 import signal
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
-from streamplane.live.ingest import Channel, ChannelSettings, Rung
+from streamplane.live.ingest import Channel, ChannelSettings, LiveError, Rung
 from streamplane.live.origin import live_app
 from streamplane.live.track import Fragment
 
-__all__ = ["SyntheticOrigin", "serve_channel"]
+__all__ = ["PID_FILE", "SyntheticOrigin", "record_on_stop", "recording_path", "serve_channel"]
+
+log = logging.getLogger("streamplane.live")
+
+
+PID_FILE: Final = "channel.pid"  # in the channel's directory while it runs: `live stop` reads it
 
 
 async def serve_channel(
-    settings: ChannelSettings, host: str, port: int, *, access_log: bool = False
+    settings: ChannelSettings,
+    host: str,
+    port: int,
+    *,
+    access_log: bool = False,
+    record_to: Path | None = None,
 ) -> None:
     """Run ``settings``'s channel and its HTTP origin on ``host:port`` until SIGINT/SIGTERM.
 
-    The channel's open segments are closed and its playlists ended before the process exits.
+    The channel's open segments are closed and its playlists ended before the process exits;
+    with ``record_to``, its program (what its DVR window holds) is then recorded there as a
+    VOD source (``recording_path``), and the outcome put on its status.
     """
     import uvicorn
 
     channel = Channel(settings)
+    pid_file = settings.directory / PID_FILE
+    settings.directory.mkdir(parents=True, exist_ok=True)
+    pid_file.write_text(f"{os.getpid()}\n")
     config = uvicorn.Config(
         live_app(channel),
         host=host,
@@ -44,6 +61,11 @@ async def serve_channel(
     # closed its segments.
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: None)
+    from streamplane.live.srt import SrtDoor
+
+    srt_door = SrtDoor(channel, settings.listen_host, settings.srt_port)
+    srt = asyncio.create_task(srt_door.run())
+    srt.add_done_callback(lambda _: setattr(server, "should_exit", True))
     ingest = asyncio.create_task(channel.run())
     ingest.add_done_callback(lambda _: setattr(server, "should_exit", True))
     door = None
@@ -63,14 +85,51 @@ async def serve_channel(
         await channel.stop()
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(asyncio.shield(ingest), 10)
+        await srt_door.stop()
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError, OSError):
+            await asyncio.wait_for(asyncio.shield(srt), 5)
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+            loop.remove_signal_handler(sig)  # a second Ctrl-C stops a recording too
+        try:
+            if record_to is not None:
+                await record_on_stop(channel, record_to)
+        finally:
+            pid_file.unlink(missing_ok=True)
     if ingest.done() and not ingest.cancelled() and ingest.exception() is not None:
         raise ingest.exception()  # type: ignore[misc]
+    if srt.done() and not srt.cancelled() and srt.exception():
+        raise OSError(f"the SRT port {settings.srt_port} failed: {srt.exception()}")
     if door is not None and rtmp.done() and not rtmp.cancelled() and rtmp.exception():
         raise OSError(f"the RTMP listener failed: {rtmp.exception()}")
     if not server.started:
         raise OSError(f"the live origin could not listen on {host}:{port}")
+
+
+def recording_path(record_to: Path, channel: str, ended: float) -> Path:
+    """Where a channel that ended at ``ended`` (UNIX seconds) is recorded in ``record_to``."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(ended))
+    return record_to / f"{channel}-{stamp}.mp4"
+
+
+async def record_on_stop(channel: Channel, record_to: Path) -> None:
+    """Record the ended ``channel``'s program into ``record_to``; the outcome on its status
+    (``recording``: state written, with the file, its seconds and runs; or failed, and why)."""
+    from streamplane.live.record import record_channel
+
+    settings = channel.settings
+    out = recording_path(record_to, settings.name, channel.clock())
+    channel.recorded({"state": "recording", "path": str(out)})
+    try:
+        runs = await asyncio.to_thread(record_channel, settings.directory, out)
+    except Exception as exc:  # whatever stopped it is said on the status, never lost
+        if not isinstance(exc, LiveError | OSError):
+            exc = LiveError(f"{type(exc).__name__}: {exc}")
+        log.warning("channel %s: not recorded: %s", settings.name, exc)
+        channel.recorded({"state": "failed", "path": str(out), "error": str(exc)})
+        return
+    seconds = round(sum(r.seconds for r in runs), 3)
+    log.warning("channel %s: recorded %.1f s to %s", settings.name, seconds, out)
+    channel.recorded({"state": "written", "path": str(out), "seconds": seconds, "runs": len(runs)})
 
 
 class SyntheticOrigin:
@@ -131,7 +190,13 @@ class SyntheticOrigin:
         body = (i.to_bytes(8, "big") * (size // 8 + 1))[:size]
         part = self.settings.part_target
         fragment = Fragment(i * part, part, i % 4 == 0, body)
-        self._call(self.channel.publish(self.rendition, self.track.push(fragment, time.time())))
+
+        async def push() -> None:
+            # On the origin's loop, as the channel's packager does: a part must not be in the
+            # window (where a request being answered sees it) before its file is written.
+            await self.channel.publish(self.rendition, self.track.push(fragment, time.time()))
+
+        self._call(push())
         self.sent += 1
         where = self.track.window().last_part()
         assert where is not None
