@@ -49,18 +49,25 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def tree_cpu_seconds(pid: int) -> float:
     """utime + stime of a process and all its descendants (living ones)."""
-    total = 0.0
+    return sum(tree_cpu_times(pid))
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process and all its descendants (living ones): user space
+    against the kernel's work for it (sockets, sendfile, the filesystem)."""
+    user = system = 0.0
     pids = [pid]
     while pids:
         p = pids.pop()
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+            user += int(fields[11]) / CLOCK_TICKS
+            system += int(fields[12]) / CLOCK_TICKS
             children = Path(f"/proc/{p}/task/{p}/children").read_text().split()
         except (FileNotFoundError, ProcessLookupError):
             continue
         pids.extend(int(c) for c in children)
-    return total
+    return user, system
 
 
 def _run_nginx(work: Path, workers: int, http: str) -> subprocess.Popen[bytes]:

@@ -13,7 +13,8 @@ client and connection, as a player does; a request sent on a keep-alive connecti
 had closed as idle is retried once, as a browser does, and counted apart (``retried``), and
 ``lag max s`` is how late the client's own event loop woke at worst: seconds there mean the
 client, not the server, was starved, and its times are not the servers'. ``CPU s``: the
-server's processes' CPU time over its surge (the edge's supervisor and workers, nginx's).
+server's processes' CPU time over its surge (the edge's supervisor and workers, nginx's),
+split into user space and the kernel (``sys``: sockets, sendfile, the cache's files).
 
 Glass to glass (``--glass-s``, before the surge): a real channel (``streamplane live start``,
 one 240p rung, no audio) fed by ``streamplane live feed`` over SRT on loopback, whose every
@@ -174,7 +175,8 @@ def _row(name: str, result: dict[str, Any]) -> str:
         f"{name:<22} {result['objects']:>7} {result['mean_per_object']:>8.2f} "
         f"{result['max_per_object']:>6} {p50 * 1000:>8.0f} {p95 * 1000:>8.0f} "
         f"{worst * 1000:>8.0f} {result['served']:>8} {len(result['failures']):>6} "
-        f"{result['retried']:>7} {result['client_lag']:>10.1f} {result['cpu_s']:>6.1f}"
+        f"{result['retried']:>7} {result['client_lag']:>10.1f} {result['cpu_s']:>6.2f} "
+        f"{result['user_s']:>6.2f} {result['sys_s']:>6.2f}"
     )
 
 
@@ -375,11 +377,14 @@ def main() -> None:
                 ("streamplane edge", edge_port, processes[0]),
                 ("nginx proxy_cache_lock", proxy_port, processes[1]),
             ):
-                cpu = edge_bench.tree_cpu_seconds(server.pid)
+                user, system = edge_bench.tree_cpu_times(server.pid)
                 results[name] = asyncio.run(
                     _surge(origin, f"http://127.0.0.1:{port}", args.viewers, args.parts)
                 )
-                results[name]["cpu_s"] = edge_bench.tree_cpu_seconds(server.pid) - cpu
+                user_after, system_after = edge_bench.tree_cpu_times(server.pid)
+                results[name]["user_s"] = user_after - user
+                results[name]["sys_s"] = system_after - system
+                results[name]["cpu_s"] = results[name]["user_s"] + results[name]["sys_s"]
                 loads.append(os.getloadavg()[0])
         finally:
             for p in processes:
@@ -392,7 +397,7 @@ def main() -> None:
           f"load average after each surge {', '.join(f'{x:.1f}' for x in loads)}")  # fmt: skip
     print(f"{'':<22} {'objects':>7} {'req/obj':>8} {'max':>6} {'p50 ms':>8} {'p95 ms':>8} "
           f"{'max ms':>8} {'served':>8} {'failed':>6} {'retried':>7} "
-          f"{'lag max s':>10} {'CPU s':>6}")  # fmt: skip
+          f"{'lag max s':>10} {'CPU s':>6} {'user':>6} {'sys':>6}")  # fmt: skip
     for name, result in results.items():
         print(_row(name, result))
     for name, result in results.items():
@@ -405,6 +410,8 @@ def main() -> None:
             1e-9, quantiles(sorted(edge["delays"]), n=100)[94]
         )
         print(f"\np95 time to the part, nginx / edge: {ratio:.2f}x")
+    if nginx["cpu_s"] > 0:
+        print(f"CPU over the surge, edge / nginx: {edge['cpu_s'] / nginx['cpu_s']:.1f}x")
     if g is not None:
         _glass_report(args.glass_s, args.glass_viewers, g)
     print(f"command: python {shlex.join(sys.argv)}")

@@ -14,10 +14,13 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import httpx
 import m3u8
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from streamplane.edge import live
 from streamplane.live import SyntheticOrigin
@@ -56,6 +59,41 @@ def test_blocking_reload_keys() -> None:
     )
     assert live.origin_target("ch/v/index.m3u8~7") == ("ch/v/index.m3u8", "_HLS_msn=7")
     assert live.origin_target("ch/v/seg_1.m4s") == ("ch/v/seg_1.m4s", "")
+
+
+_QUERY_PIECES = st.sampled_from(
+    ["_HLS_msn", "_HLS_part", "%5FHLS_msn", "_HLS_msn%3D", "_HLS_", "=", "&", "%", "+", "1", "07",
+     "%31", "x", "__token__", "exp%3D1~acl%3D%2F*", ";", ""]
+)  # fmt: skip
+
+
+def _reload_by_parse_qsl(key: str, query: str) -> str | None:
+    """The reading every query must get: parse_qsl's (what the edge used before)."""
+    if "_HLS_" not in query:
+        return None
+    pairs = dict(parse_qsl(query, keep_blank_values=True))
+    msn, part = pairs.get("_HLS_msn"), pairs.get("_HLS_part")
+    if msn is None:
+        if part is not None:
+            raise live.BadReload("part without msn")
+        return None
+    if not msn.isdigit() or not msn.isascii() or len(msn) > 12:
+        raise live.BadReload("msn")
+    if part is not None and (not part.isdigit() or not part.isascii() or len(part) > 6):
+        raise live.BadReload("part")
+    return f"{key}~{int(msn)}" + (f".{int(part)}" if part is not None else "")
+
+
+@given(st.lists(_QUERY_PIECES, max_size=12).map("".join))
+def test_a_reload_is_read_from_any_query_as_parse_qsl_reads_it(query: str) -> None:
+    """The fast split of the directives answers exactly what parse_qsl's reading would."""
+    outcomes = []
+    for read in (live.reload_key, _reload_by_parse_qsl):
+        try:
+            outcomes.append(read("ch/v/index.m3u8", query))
+        except live.BadReload:
+            outcomes.append("refused")
+    assert outcomes[0] == outcomes[1]
 
 
 def _land(origin: SyntheticOrigin, n: int) -> None:
