@@ -178,6 +178,24 @@ def test_a_playlist_is_read_whole_answered_in_one_write_and_held_hot() -> None:
     assert c.at(0.6).send(get("/t1/master.m3u8")) == [Open("t1/master.m3u8")]
 
 
+def test_a_blocking_reload_is_held_hot_while_its_viewers_ask_a_plain_playlist_is_not() -> None:
+    """The playlist as of a part never changes: a viewer asking seconds after the others is
+    answered from memory; a plain live playlist goes back to the cache after half a second."""
+    c = Conn(live_playlist_ttl_s=1.0, require_token=False)
+    body = b'#EXTM3U\n#EXT-X-PART:DURATION=0.5,URI="seg_5.2.m4s"\n'
+    reload = get("/t1/v/index.m3u8?_HLS_msn=5&_HLS_part=2", tok=None)
+    assert c.send(reload) == [Open("t1/v/index.m3u8~5.2")]
+    c.opened(5, len(body), MTIME_NS)
+    first = only_write(c.text_read(body)[1:])
+    again = only_write(c.at(5.0).send(reload))  # a viewer five seconds behind the others
+    assert body_of(again) == body_of(first) == body
+    plain = get("/t1/v/index.m3u8", tok=None)
+    assert c.send(plain) == [Open("t1/v/index.m3u8")]
+    c.opened(6, len(body), MTIME_NS)
+    c.text_read(body)
+    assert c.at(5.6).send(plain) == [Open("t1/v/index.m3u8")]
+
+
 def test_pipelined_requests_are_answered_one_at_a_time_in_order() -> None:
     c = Conn()
     stream = get("/t1/a.m4s") + get("/t1/b.m4s") + get("/t1/c.m4s", "Connection: close")

@@ -19,7 +19,7 @@ import re
 from typing import Final
 from urllib.parse import parse_qsl
 
-__all__ = ["BadReload", "is_live_playlist", "origin_target", "reload_key"]
+__all__ = ["BadReload", "is_live_playlist", "is_reload", "origin_target", "reload_key"]
 
 _MARK: Final = "~"
 _KEY: Final = re.compile(r"^(?P<playlist>.+\.m3u8)~(?P<msn>\d{1,12})(?:\.(?P<part>\d{1,6}))?$")
@@ -83,6 +83,11 @@ def origin_target(key: str) -> tuple[str, str]:
     if found["part"] is not None:
         query += f"&_HLS_part={found['part']}"
     return found["playlist"], query
+
+
+def is_reload(key: str) -> bool:
+    """Whether ``key`` is a blocking reload's object (``…m3u8~msn.part``): never stale."""
+    return _MARK in key and _KEY.match(key) is not None
 
 
 def is_live_playlist(key: str, ttl_s: float) -> bool:

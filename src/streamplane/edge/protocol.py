@@ -97,6 +97,11 @@ _SMALL_TEXT: Final = 64 * 1024
 _GRANT_CACHE: Final = 16384
 _HOT_OBJECTS: Final = 1024
 _HOT_TTL_S: Final = 0.5  # a live playlist is at most this stale
+# A blocking reload's object (the playlist as of a part) never changes: held as long as its
+# viewers go on asking. Every viewer of a surge asks for it, and when their requests spread
+# over seconds (a slow or crowded client) each one after half a second went through the disk
+# again, which doubled the edge's CPU per request (bench/live.py at load 20).
+_HOT_RELOAD_TTL_S: Final = 30.0
 _HEADER_BLOCKS: Final = 4096
 _METHOD_LIKE: Final = re.compile(rb"[A-Z]{2,20} /")
 _NEEDED_HEADERS: Final = frozenset(
@@ -1313,7 +1318,8 @@ class EdgeProtocol:
             if len(hot) >= _HOT_OBJECTS:
                 hot.clear()
             hot_key = resp.key if carry is None else (resp.key, carry)
-            hot[hot_key] = _Hot(req.started + _HOT_TTL_S, http.header_block(headers), body)
+            ttl = _HOT_RELOAD_TTL_S if live.is_reload(resp.key) else _HOT_TTL_S
+            hot[hot_key] = _Hot(req.started + ttl, http.header_block(headers), body)
         else:
             body = body[answer.offset : answer.offset + answer.count]
         self._emit(Write(head + body))
