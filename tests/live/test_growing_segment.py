@@ -136,3 +136,26 @@ def test_an_edge_passes_each_part_of_a_growing_segment_on_as_it_lands(
         assert origin.requests["/ch1/v240/seg_0.m4s"] == 1
     finally:
         edge.stop()
+
+
+def test_a_growing_segment_the_origin_cuts_off_is_never_sent_or_cached_as_whole(
+    origin: SyntheticOrigin, tmp_path: Path
+) -> None:
+    """The origin stops a segment that stopped growing without the chunked ending: the
+    edge's waiters see a cut body (a player retries), and nothing is cached."""
+    edge = start_edge(tmp_path, origin.url, workers=1, live_playlist_ttl_s=0.5)
+    try:
+        origin.land()  # part 0, and then nothing: the feed stalls
+        tok = token("/ch1/*")
+        got = b""
+        with pytest.raises(httpx.RemoteProtocolError):  # incomplete chunked read
+            with httpx.stream(
+                "GET", f"{edge.url}/ch1/v240/seg_0.m4s", params={"__token__": tok}, timeout=30
+            ) as response:
+                assert response.status_code == 200
+                for chunk in response.iter_raw():
+                    got += chunk
+        assert got == (origin.settings.directory / "v240" / "seg_0.0.m4s").read_bytes()
+        assert not (edge.cache / "ch1" / "v240" / "seg_0.m4s").exists()
+    finally:
+        edge.stop()
