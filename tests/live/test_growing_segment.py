@@ -148,13 +148,14 @@ def test_a_growing_segment_the_origin_cuts_off_is_never_sent_or_cached_as_whole(
         origin.land()  # part 0, and then nothing: the feed stalls
         tok = token("/ch1/*")
         got = b""
-        with pytest.raises(httpx.RemoteProtocolError):  # incomplete chunked read
-            with httpx.stream(
-                "GET", f"{edge.url}/ch1/v240/seg_0.m4s", params={"__token__": tok}, timeout=30
-            ) as response:
-                assert response.status_code == 200
-                for chunk in response.iter_raw():
-                    got += chunk
+        url = f"{edge.url}/ch1/v240/seg_0.m4s"
+        with (
+            pytest.raises(httpx.RemoteProtocolError),  # an incomplete chunked read
+            httpx.stream("GET", url, params={"__token__": tok}, timeout=30) as response,
+        ):
+            assert response.status_code == 200
+            for chunk in response.iter_raw():
+                got += chunk
         assert got == (origin.settings.directory / "v240" / "seg_0.0.m4s").read_bytes()
         assert not (edge.cache / "ch1" / "v240" / "seg_0.m4s").exists()
     finally:
