@@ -15,6 +15,9 @@ had closed as idle is retried once, as a browser does, and counted apart (``retr
 client, not the server, was starved, and its times are not the servers'. ``CPU s``: the
 server's processes' CPU time over its surge (the edge's supervisor and workers, nginx's),
 split into user space and the kernel (``sys``: sockets, sendfile, the cache's files).
+``--before CHECKOUT`` puts the edge of another checkout (``CHECKOUT/src`` first on its path)
+through the same surge in the same run, after nginx: the edge's CPU then has a peer measured
+minutes apart, not hours, on this shared machine.
 
 Glass to glass (``--glass-s``, before the surge): a real channel (``streamplane live start``,
 one 240p rung, no audio) fed by ``streamplane live feed`` over SRT on loopback, whose every
@@ -337,6 +340,12 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=8)
     parser.add_argument("--glass-s", type=float, default=30.0, help="0: no glass-to-glass run")
     parser.add_argument("--glass-viewers", type=int, default=3)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout whose edge (CHECKOUT/src first on its path) takes the same surge too",
+    )
+    parser.add_argument("--before-first", action="store_true", help="surge the other edge first")
     args = parser.parse_args()
     # a SIGTERM (a timeout) unwinds like Ctrl-C, so the edge and nginx are stopped, not orphaned
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -352,31 +361,39 @@ def main() -> None:
         origin = SyntheticOrigin(work / "origin", "ch", Rung(240, 480))
         for _ in range(4):
             origin.land(PART_BYTES)
-        edge_port, proxy_port = free_port(), free_port()
-        conf = work / "edge.toml"
-        conf.write_text(
-            f'[edge]\norigin = "http://127.0.0.1:{origin.port}"\ncache_dir = "{work / "cache"}"\n'
-            f'port = {edge_port}\nhost = "127.0.0.1"\nworkers = 2\naccess_log = false\n'
-            "require_token = false\nlive_playlist_ttl_s = 0.5\n"
-        )
-        (work / "proxy").mkdir()
-        processes = [
-            subprocess.Popen(
+        origin_url = f"http://127.0.0.1:{origin.port}"
+        edges = [("streamplane edge", None)]
+        if args.before is not None:
+            edges.append(("edge before", args.before.resolve() / "src"))
+        servers: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+        for name, src in edges:
+            port = free_port()
+            label = "surge-edge" if src is None else "surge-before"
+            conf = _edge_config(work, label, origin_url, port)
+            env = dict(os.environ)
+            if src is not None:
+                env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+            process = subprocess.Popen(
                 [sys.executable, "-m", "streamplane", "edge", "--config", str(conf)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-            ),
-            edge_bench.start_nginx_proxy(origin.port, work / "proxy", proxy_port),
-        ]
+                env=env,
+            )
+            servers.append((name, port, process))
+        (work / "proxy").mkdir()
+        proxy_port = free_port()
+        proxy = edge_bench.start_nginx_proxy(origin.port, work / "proxy", proxy_port)
+        servers.insert(1, ("nginx proxy_cache_lock", proxy_port, proxy))
+        if args.before_first:  # the order of the surges, so that its effect can be seen
+            servers.reverse()
+        processes = [process for _, _, process in servers]
         try:
-            edge_bench.wait_up(f"http://127.0.0.1:{edge_port}/healthz")
-            edge_bench.wait_up(f"http://127.0.0.1:{proxy_port}/")
+            for name, port, _ in servers:
+                path = "/" if name.startswith("nginx") else "/healthz"
+                edge_bench.wait_up(f"http://127.0.0.1:{port}{path}")
             results = {}
             loads = []
-            for name, port, server in (
-                ("streamplane edge", edge_port, processes[0]),
-                ("nginx proxy_cache_lock", proxy_port, processes[1]),
-            ):
+            for name, port, server in servers:
                 user, system = edge_bench.tree_cpu_times(server.pid)
                 results[name] = asyncio.run(
                     _surge(origin, f"http://127.0.0.1:{port}", args.viewers, args.parts)
@@ -405,6 +422,11 @@ def main() -> None:
             kinds = collections.Counter(result["failures"]).most_common()
             print(f"{name} failures: " + ", ".join(f"{k} x{n}" for k, n in kinds))
     edge, nginx = results["streamplane edge"], results["nginx proxy_cache_lock"]
+    if "edge before" in results and results["edge before"]["cpu_s"] > 0:
+        before = results["edge before"]
+        to_nginx = before["cpu_s"] / max(1e-9, nginx["cpu_s"])
+        print(f"CPU over the surge, edge / edge before: {edge['cpu_s'] / before['cpu_s']:.2f}x; "
+              f"edge before / nginx: {to_nginx:.1f}x")  # fmt: skip
     if nginx["delays"] and edge["delays"]:
         ratio = quantiles(sorted(nginx["delays"]), n=100)[94] / max(
             1e-9, quantiles(sorted(edge["delays"]), n=100)[94]
