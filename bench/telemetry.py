@@ -142,13 +142,17 @@ def _measure_control(
     pool: ProcessPoolExecutor,
     separate: bool = False,
     nice: int | None = None,
+    source: str | None = None,
 ) -> dict[str, Measured]:
+    """The control plane (and ingest process), from ``source``'s ``src`` if given."""
     out: dict[str, Measured] = {}
     port, ingest = _port(), _port()
     config = _config(work, url, port, args.sessions + 4)
     stream = _telemetry_config(config, engine, work, ingest, separate, nice)
     # one secret for both processes: the ingest process verifies the control plane's tokens
     env = {**os.environ, "STREAMPLANE_CONTROL_JWT_SECRET": secrets.token_hex(32)}
+    if source is not None:
+        env["PYTHONPATH"] = str(Path(source).resolve() / "src")
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
     try:
         with (
@@ -365,13 +369,16 @@ def _drain(url: str, work: Path, batches: int, sessions: int) -> tuple[float, fl
 # -- the report --------------------------------------------------------------------------------
 
 
-def _stats(m: Measured) -> tuple[float, float, float, float, int]:
+def _stats(m: Measured) -> tuple[float, float, float, float, int, float]:
+    """requests/s, p50 and p99 ms, the server's and the generator's CPU ms per request,
+    errors (a request whose connection the server dropped counts: it was lost)."""
     lats = sorted(m.latencies)
     p50 = 1000 * statistics.median(lats) if lats else float("nan")
     p99 = 1000 * lats[min(len(lats) - 1, int(0.99 * len(lats)))] if lats else float("nan")
     cpu = 1000 * m.cpu_s / m.requests if m.cpu_s and m.requests else float("nan")
+    client = 1000 * m.client_cpu_s / m.requests if m.requests else float("nan")
     errors = sum(n for s, n in m.statuses.items() if not 200 <= s < 300)
-    return m.requests / m.seconds, p50, p99, cpu, errors
+    return m.requests / m.seconds, p50, p99, cpu, errors, client
 
 
 WHAT = {
@@ -384,54 +391,67 @@ WHAT = {
 }
 
 
-def main(args: argparse.Namespace) -> str:
+def _variant(
+    variant: str, args: argparse.Namespace, pool: ProcessPoolExecutor, source: str | None
+) -> tuple[str, dict[str, Measured]]:
+    """One engine variant measured: its label and what was found."""
     stores = {"embedded": "SQLite", "nats": "PostgreSQL"}
+    # "-nice10": the ingest process at niceness 10, beside the default (ingest_nice)
+    nice = 10 if variant.endswith("-nice10") else None
+    variant = variant.removesuffix("-nice10")
+    engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
+    store = stores[engine]
+    with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
+        work = Path(tmp)
+        with _database(store, work, "control") as url:
+            found = _measure_control(engine, url, args, work, pool, separate, nice, source)
+        if not args.no_peer and source is None:
+            with _database(store, work, "peer") as url:
+                bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
+                found["peer"] = _measure_peer(url, bodies, args, pool)
+    label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
+    if separate:
+        label += ", ingest process" + (f", nice {nice}" if nice else "")
+    if source is not None:
+        label = f"before: {label}"
+    return label, found
+
+
+def main(args: argparse.Namespace) -> str:
     lines = [
-        "| engine + store | what | requests/s | p50 ms | p99 ms | server CPU ms/req | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| engine + store | what | requests/s | p50 ms | p99 ms | server CPU ms/req"
+        " | generator CPU ms/req | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = []
     spawn = multiprocessing.get_context("spawn")
+    sources = [None, args.before] if args.before else [None]
     with ProcessPoolExecutor(2, mp_context=spawn) as pool:
         for variant in args.engines:
-            # "-nice10": the ingest process at niceness 10, beside the default (ingest_nice)
-            nice = 10 if variant.endswith("-nice10") else None
-            variant = variant.removesuffix("-nice10")
-            engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
-            store = stores[engine]
-            with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
-                work = Path(tmp)
-                with _database(store, work, "control") as url:
-                    found = _measure_control(engine, url, args, work, pool, separate, nice)
-                if not args.no_peer:
-                    with _database(store, work, "peer") as url:
-                        bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
-                        found["peer"] = _measure_peer(url, bodies, args, pool)
-            label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
-            if separate:
-                label += ", ingest process" + (f", nice {nice}" if nice else "")
-            for kind in ("lean", "framework", "peer", "storm", "starts", "starts-storm"):
-                if kind not in found:
-                    continue
-                rate, p50, p99, cpu, errors = _stats(found[kind])
-                lines.append(
-                    f"| {label} | {WHAT[kind]} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |"
-                    f" {cpu:.3f} | {errors} |"
+            for source in sources:  # before and after interleaved: the same noise on both
+                label, found = _variant(variant, args, pool, source)
+                for kind in WHAT:
+                    if kind not in found:
+                        continue
+                    rate, p50, p99, cpu, errors, client = _stats(found[kind])
+                    lines.append(
+                        f"| {label} | {WHAT[kind]} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |"
+                        f" {cpu:.3f} | {client:.3f} | {errors} |"
+                    )
+                alone, storm = _stats(found["starts"]), _stats(found["starts-storm"])
+                against = ""
+                if "peer" in found:
+                    lean, peer = _stats(found["lean"]), _stats(found["peer"])
+                    against = (
+                        f" lean heartbeats / the peer's inline inserts = {lean[0] / peer[0]:.2f}"
+                        f" (server CPU per request, the peer's / lean = {peer[3] / lean[3]:.2f});"
+                    )
+                notes.append(
+                    f"- {label}:{against}"
+                    f" playback starts during the storm: p50 {storm[1] / alone[1] - 1:+.0%},"
+                    f" p99 {storm[2] / alone[2] - 1:+.0%}."
                 )
-            alone, storm = _stats(found["starts"]), _stats(found["starts-storm"])
-            against = ""
-            if "peer" in found:
-                lean, peer = _stats(found["lean"]), _stats(found["peer"])
-                against = (
-                    f" lean heartbeats / the peer's inline inserts = {lean[0] / peer[0]:.2f}"
-                    f" (server CPU per request, the peer's / lean = {peer[3] / lean[3]:.2f});"
-                )
-            notes.append(
-                f"- {label}:{against}"
-                f" playback starts during the storm: p50 {storm[1] / alone[1] - 1:+.0%},"
-                f" p99 {storm[2] / alone[2] - 1:+.0%}."
-            )
-            print(f"{variant} done; load average {os.getloadavg()}", file=sys.stderr)
+                print(f"{label} done; load average {os.getloadavg()}", file=sys.stderr)
         for store in args.drain_stores:
             with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
                 work = Path(tmp)
@@ -476,6 +496,11 @@ if __name__ == "__main__":
             "nats-process-nice10",
         ],
         help="-process: heartbeats taken by `streamplane ingest`, a process of its own",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="also run the control plane and ingest of another checkout (its src/), interleaved",
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
