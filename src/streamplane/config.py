@@ -300,6 +300,9 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     global_rate: float = 50_000.0  # requests a second this process takes from all players...
     global_burst: float = 100_000.0
     consumer_batches: int = 1024  # batches written in one store transaction, at most
+    # a consumer round that did not fill waits until this long after it began: a storm reaches
+    # the store in a few large transactions a second, not one per handful of heartbeats
+    consumer_linger_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.5
     ack_wait_s: float = 30.0  # a batch taken and not written by then is handed out again
     screen_touch_s: float = 15.0  # a session's last_seen is written at most this often
     # A lean listener for POST /v1/heartbeat alone (docs/telemetry.md); 0: none, heartbeats

@@ -252,6 +252,7 @@ class Heartbeats:
             max_batches=t.consumer_batches,
             ack_wait_s=t.ack_wait_s,
             touch_s=t.screen_touch_s,
+            linger_s=t.consumer_linger_s,
         )
         await self.consumer.start()
         if t.ingest_port:

@@ -188,7 +188,10 @@ class ControlPlane:
             stream = self._qos_stream = await open_stream(self.settings)
         if stream is not None:
             await self.qos.consume(
-                stream, max_batches=t.qos_consumer_batches, ack_wait_s=t.ack_wait_s
+                stream,
+                max_batches=t.qos_consumer_batches,
+                ack_wait_s=t.ack_wait_s,
+                linger_s=t.consumer_linger_s,
             )
 
     async def stop(self) -> None:

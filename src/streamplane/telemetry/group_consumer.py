@@ -6,6 +6,12 @@ acknowledges them once it returns. ``handle`` writes with :meth:`GroupConsumer.r
 write that fails (the store is down) is tried again with backoff while the batches wait,
 unacknowledged, in the stream. A consumer killed between a write and its acknowledgement
 has the batches redelivered, so every write a subclass makes must be idempotent.
+
+A round that did not fill (``max_batches``) is followed by a pause, until ``linger_s`` after
+it began: under a storm the store then takes a few large transactions a second rather than
+one per handful of heartbeats (each holding SQLite's write lock, or PostgreSQL's row locks,
+while a playback start may be waiting for them), and a quiet stream costs one round per
+``linger_s``. A full round is followed by the next at once: a backlog drains at full speed.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ class GroupConsumer:
         max_batches: int = 1024,
         ack_wait_s: float = 30.0,
         retry_max_s: float = 5.0,
+        linger_s: float = 0.0,
     ) -> None:
         self._stream = stream
+        self._linger_s = linger_s
         self.group_name = group
         self._max = max_batches
         self._ack_wait_s = ack_wait_s
@@ -45,6 +53,7 @@ class GroupConsumer:
         self._task: asyncio.Task[None] | None = None
         self.written_events = 0
         self.failures = 0  # writes that failed and were retried
+        self.rounds = 0  # rounds written (fetch, write, acknowledge)
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Write what ``deliveries`` hold (idempotently); they are acknowledged after."""
@@ -101,7 +110,9 @@ class GroupConsumer:
     async def _run(self) -> None:
         assert self._group is not None
         group = self._group
+        loop = asyncio.get_running_loop()
         while True:
+            began = loop.time()
             try:
                 deliveries = await group.fetch(self._max, timeout_s=1.0)
             except StreamUnavailable as err:
@@ -111,8 +122,11 @@ class GroupConsumer:
             if not deliveries:
                 continue
             await self.handle(deliveries)
+            self.rounds += 1
             try:
                 await group.ack(deliveries)
             except StreamUnavailable as err:
                 # written, not acknowledged: they come back, and writing them again is harmless
                 log.warning("telemetry %s: cannot acknowledge: %s", self.group_name, err)
+            if len(deliveries) < self._max:
+                await asyncio.sleep(max(0.0, began + self._linger_s - loop.time()))
