@@ -281,6 +281,7 @@ class Load:
     warmup_s: float = 2.0
     seconds: float = 10.0
     server_pid: int = 0
+    cpus: tuple[int, ...] = ()  # the generator runs on these CPUs (empty: any)
 
 
 @dataclass
@@ -303,12 +304,17 @@ def _cpu_seconds(pid: int) -> float | None:
 
 def run_load(load: Load) -> Measured:
     """Keep ``concurrency`` requests in flight; measure those completed inside the window."""
+    everywhere = os.sched_getaffinity(0)
+    if load.cpus:
+        os.sched_setaffinity(0, load.cpus)
     try:
         import uvloop
 
         return uvloop.run(_load(load))
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
         return asyncio.run(_load(load))
+    finally:
+        os.sched_setaffinity(0, everywhere)  # the pool's process runs other loads after
 
 
 def _requests(load: Load) -> tuple[list[bytes], bool]:

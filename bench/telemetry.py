@@ -67,7 +67,13 @@ NATS = os.environ.get("STREAMPLANE_BENCH_NATS", "nats://127.0.0.1:4222")
 
 
 def _telemetry_config(
-    config: Path, engine: str, work: Path, ingest_port: int, separate: bool, nice: int | None
+    config: Path,
+    engine: str,
+    work: Path,
+    ingest_port: int,
+    separate: bool,
+    nice: int | None,
+    cpus: tuple[int, ...] = (),
 ) -> str:
     stream = f"BENCH{uuid.uuid4().hex[:12]}"
     lines = [
@@ -84,6 +90,8 @@ def _telemetry_config(
     ]
     if nice is not None:
         lines.append(f"ingest_nice = {nice}")
+    if cpus:
+        lines.append(f"ingest_cpus = {list(cpus)}")
     with config.open("a") as f:
         f.write("\n".join(lines) + "\n")
     return stream
@@ -143,17 +151,23 @@ def _measure_control(
     separate: bool = False,
     nice: int | None = None,
     source: str | None = None,
+    pinned: bool = False,
 ) -> dict[str, Measured]:
-    """The control plane (and ingest process), from ``source``'s ``src`` if given."""
+    """The control plane (and ingest process), from ``source``'s ``src`` if given.
+    ``pinned``: the control plane and the starts' generator on CPU 0, the ingest process
+    (``telemetry.ingest_cpus``) and the heartbeats' generators on CPU 1."""
     out: dict[str, Measured] = {}
     port, ingest = _port(), _port()
     config = _config(work, url, port, args.sessions + 4)
-    stream = _telemetry_config(config, engine, work, ingest, separate, nice)
+    storm_cpus, starts_cpus = ((1,), (0,)) if pinned else ((), ())
+    stream = _telemetry_config(config, engine, work, ingest, separate, nice, storm_cpus)
     # one secret for both processes: the ingest process verifies the control plane's tokens
     env = {**os.environ, "STREAMPLANE_CONTROL_JWT_SECRET": secrets.token_hex(32)}
     if source is not None:
         env["PYTHONPATH"] = str(Path(source).resolve() / "src")
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
+    if pinned:
+        control = ["taskset", "-c", "0", *control]  # exec'd: the same pid
     try:
         with (
             _serving(control, port, f"{engine}: the control plane", env) as pid,
@@ -172,6 +186,7 @@ def _measure_control(
                 port=ingest,
                 tokens=(tokens[0],),
                 server_pid=ingest_pid or pid,
+                cpus=storm_cpus,
                 **beat,
                 **_timing(args),
             )
@@ -182,16 +197,43 @@ def _measure_control(
                 )
                 out["framework"] = pool.submit(run_load, framework).result()
             starts = Load(
-                port=port, tokens=(tokens[1],), server_pid=pid, **start, **_timing(args, 4)
+                port=port,
+                tokens=(tokens[1],),
+                server_pid=pid,
+                cpus=starts_cpus,
+                **start,
+                **_timing(args, 4),
             )
-            out["starts"] = pool.submit(run_load, starts).result()
-            storm = pool.submit(run_load, lean)
-            out["starts-storm"] = pool.submit(run_load, starts).result()
-            out["storm"] = storm.result()
+            # alone and during a storm, alternately: what else the machine does falls on both
+            alone, during, storms = [], [], []
+            for _ in range(args.pairs):
+                alone.append(pool.submit(run_load, starts).result())
+                storm = pool.submit(run_load, lean)
+                during.append(pool.submit(run_load, starts).result())
+                storms.append(storm.result())
+            out["starts"], out["starts-storm"] = _pooled(alone), _pooled(during)
+            out["storm"] = _pooled(storms)
     finally:
         if engine == "nats":
             _delete_stream(stream)
     return out
+
+
+def _pooled(runs: list[Measured]) -> Measured:
+    """Several windows of the same load as one."""
+    statuses: dict[int, int] = {}
+    for m in runs:
+        for status, n in m.statuses.items():
+            statuses[status] = statuses.get(status, 0) + n
+    cpus = [m.cpu_s for m in runs]
+    return Measured(
+        requests=sum(m.requests for m in runs),
+        seconds=sum(m.seconds for m in runs),
+        latencies=[x for m in runs for x in m.latencies],
+        statuses=statuses,
+        cpu_s=None if None in cpus else sum(c for c in cpus if c is not None),
+        client_cpu_s=sum(m.client_cpu_s for m in runs),
+    )
 
 
 @contextmanager
@@ -396,6 +438,9 @@ def _variant(
 ) -> tuple[str, dict[str, Measured]]:
     """One engine variant measured: its label and what was found."""
     stores = {"embedded": "SQLite", "nats": "PostgreSQL"}
+    # "-pinned": the ingest process and the storm on a core of their own
+    pinned = variant.endswith("-pinned")
+    variant = variant.removesuffix("-pinned")
     # "-nice10": the ingest process at niceness 10, beside the default (ingest_nice)
     nice = 10 if variant.endswith("-nice10") else None
     variant = variant.removesuffix("-nice10")
@@ -404,7 +449,7 @@ def _variant(
     with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
         work = Path(tmp)
         with _database(store, work, "control") as url:
-            found = _measure_control(engine, url, args, work, pool, separate, nice, source)
+            found = _measure_control(engine, url, args, work, pool, separate, nice, source, pinned)
         if not args.no_peer and source is None:
             with _database(store, work, "peer") as url:
                 bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
@@ -412,6 +457,7 @@ def _variant(
     label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
     if separate:
         label += ", ingest process" + (f", nice {nice}" if nice else "")
+        label += ", pinned" if pinned else ""
     if source is not None:
         label = f"before: {label}"
     return label, found
@@ -494,13 +540,22 @@ if __name__ == "__main__":
             "nats-process",
             "embedded-process-nice10",
             "nats-process-nice10",
+            "embedded-process-pinned",
+            "nats-process-pinned",
         ],
-        help="-process: heartbeats taken by `streamplane ingest`, a process of its own",
+        help="-process: heartbeats taken by `streamplane ingest`, a process of its own; -pinned:"
+        " it and the storm on CPU 1, the control plane and the starts on CPU 0",
     )
     parser.add_argument(
         "--before",
         metavar="CHECKOUT",
         help="also run the control plane and ingest of another checkout (its src/), interleaved",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="playback starts alone and during a storm, alternately, this many times each",
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)

@@ -317,6 +317,9 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # control plane's playback starts on a machine they share, and to everything else on it
     # too (on a busy machine, 10 cut its heartbeats/s 9x: docs/benchmarks.md); 0: no yielding.
     ingest_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 0
+    # The CPUs the ingest process may run on (empty: any): on a machine it shares with the
+    # control plane, cores of its own, so that a storm cannot take a playback start's CPU
+    ingest_cpus: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = ()
     # Quality of experience (docs/telemetry.md#quality-of-experience): rows per qos_bucket_s
     # (a minute; it must divide an hour) and per hour, kept this long; steering's judgement.
     qos_bucket_s: int = 60
@@ -333,6 +336,10 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # batches per QoS write: its rows grow with the keys a round touches, not its events, so
     # larger rounds than the write-behind's (bench/qos.py: 1024 -> 8192, 3x the events/s)
     qos_consumer_batches: int = 8192
+    # The share of the control plane's time its QoS consumer may take (0 < share <= 1): during a
+    # storm it cannot keep up with, the rest stays with playback starts, and its backlog waits
+    # in the stream (written after, the aggregates later by as much)
+    qos_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.25
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

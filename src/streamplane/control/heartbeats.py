@@ -350,9 +350,10 @@ class Heartbeats:
 
 async def run_ingest(settings: Settings, stopped: asyncio.Event) -> str:
     """``streamplane ingest``: heartbeats taken in a process of their own until ``stopped``
-    is set, at niceness ``telemetry.ingest_nice``. Its store is the control plane's (a
-    session's first heartbeat reads it once; the write-behind writes it); it verifies the
-    control plane's tokens with the shared ``control.jwt_secret``. Returns where it listened."""
+    is set, at niceness ``telemetry.ingest_nice`` on CPUs ``telemetry.ingest_cpus``. Its store
+    is the control plane's (a session's first heartbeat reads it once; the write-behind writes
+    it); it verifies the control plane's tokens with the shared ``control.jwt_secret``.
+    Returns where it listened."""
     import gc
     import os
     import time
@@ -369,6 +370,14 @@ async def run_ingest(settings: Settings, stopped: asyncio.Event) -> str:
     # lowered: a start that is already nicer stays so.
     if t.ingest_nice > os.getpriority(os.PRIO_PROCESS, 0):
         os.setpriority(os.PRIO_PROCESS, 0, t.ingest_nice)
+    if t.ingest_cpus:
+        try:
+            os.sched_setaffinity(0, t.ingest_cpus)
+        except OSError as err:
+            raise SettingsError(
+                f"telemetry.ingest_cpus: cannot run on CPUs {list(t.ingest_cpus)}: {err.strerror}"
+                f" (this machine's: {sorted(os.sched_getaffinity(0))})"
+            ) from None
     store = Store(
         c.database_url,
         schema=c.database_schema,

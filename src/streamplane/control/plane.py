@@ -192,6 +192,7 @@ class ControlPlane:
                 max_batches=t.qos_consumer_batches,
                 ack_wait_s=t.ack_wait_s,
                 linger_s=t.consumer_linger_s,
+                share=t.qos_share,
             )
 
     async def stop(self) -> None:

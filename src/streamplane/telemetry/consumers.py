@@ -90,6 +90,7 @@ class WriteBehind(GroupConsumer):
         touch_s: float = 15.0,
         retry_max_s: float = 5.0,
         linger_s: float = 0.0,
+        share: float = 1.0,
     ) -> None:
         super().__init__(
             stream,
@@ -98,6 +99,7 @@ class WriteBehind(GroupConsumer):
             ack_wait_s=ack_wait_s,
             retry_max_s=retry_max_s,
             linger_s=linger_s,
+            share=share,
         )
         self._sink = sink
         self._touch_s = touch_s

@@ -91,6 +91,7 @@ class QosConsumer(GroupConsumer):
         ack_wait_s: float = 30.0,
         retry_max_s: float = 5.0,
         linger_s: float = 0.0,
+        share: float = 1.0,
     ) -> None:
         super().__init__(
             stream,
@@ -99,6 +100,7 @@ class QosConsumer(GroupConsumer):
             ack_wait_s=ack_wait_s,
             retry_max_s=retry_max_s,
             linger_s=linger_s,
+            share=share,
         )
         self._sink = sink
         self._network_of = network_of
