@@ -13,8 +13,17 @@ the stream. The peer, on the same store in the same run, is a bare FastAPI app d
 control plane did before: validate the heartbeat and write one row, inline, per request.
 
 Playback starts during a storm: 4 starts in flight from a second account, alone, and then while
-the heartbeat load runs against the lean listener (two load processes at once): the rise of the
-starts' p50 and p99 is what a heartbeat storm costs playback.
+the heartbeat load runs against the lean listener (two load processes at once), alternately
+``--pairs`` times (what else the machine does then falls on both alike): the rise of the
+starts' p50 and p99 is what a heartbeat storm costs playback, and the control plane's CPU per
+start whether the storm adds work to a start or only makes it wait. ``-pinned`` variants put
+the ingest process (``telemetry.ingest_cpus``) and the storm's generator on CPU 1, the control
+plane and the starts' generator on CPU 0: the storm then cannot take a start's CPU, and what
+rise is left comes through what they share (the store, the kernel, NATS).
+
+The generator's own CPU per request is reported beside the server's: on one machine it takes
+from the same cores. ``--before CHECKOUT`` runs the control plane and ingest of another
+checkout (its ``src``) on the same loads, interleaved.
 
 Per-device admission is raised for the run (each of the few hundred sessions sends far more
 than a real player's one heartbeat a second); the global limit is the default.

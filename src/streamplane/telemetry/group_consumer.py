@@ -61,7 +61,6 @@ class GroupConsumer:
         self._task: asyncio.Task[None] | None = None
         self.written_events = 0
         self.failures = 0  # writes that failed and were retried
-        self.rounds = 0  # rounds written (fetch, write, acknowledge)
 
     async def handle(self, deliveries: Sequence[Delivery]) -> None:
         """Write what ``deliveries`` hold (idempotently); they are acknowledged after."""
@@ -130,7 +129,6 @@ class GroupConsumer:
             if not deliveries:
                 continue
             await self.handle(deliveries)
-            self.rounds += 1
             try:
                 await group.ack(deliveries)
             except StreamUnavailable as err:

@@ -7,7 +7,7 @@ body)`` to one coroutine, whose answer is written back. Keep-alive and pipelinin
 order (one request at a time per connection); bodies over ``max_body`` are refused with 413
 before they are read; a connection silent for ``idle_timeout_s`` (or stuck mid-request, the
 slowloris) is closed. Silence is found by one sweep over the connections a few times per
-timeout, not by a timer re-armed on every read: that timer was a tenth of a heartbeat's CPU.
+timeout, not by a timer cancelled and re-armed on every read (a few per cent of a heartbeat).
 
 The handler decides everything else (``control/heartbeats.py`` gives the same one to the
 framework route, so both answer alike).
