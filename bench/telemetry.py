@@ -59,6 +59,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, Field
 
+from streamplane.stack import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer import peer_app, serve_peer
 from playback import (
@@ -66,7 +68,6 @@ from playback import (
     Measured,
     _config,
     _database,
-    _port,
     _serving,
     _set_up,
     run_load,
@@ -166,7 +167,7 @@ def _measure_control(
     ``pinned``: the control plane and the starts' generator on CPU 0, the ingest process
     (``telemetry.ingest_cpus``) and the heartbeats' generators on CPU 1."""
     out: dict[str, Measured] = {}
-    port, ingest = _port(), _port()
+    port, ingest = free_port(), free_port()
     config = _config(work, url, port, args.sessions + 4)
     storm_cpus, starts_cpus = ((1,), (0,)) if pinned else ((), ())
     stream = _telemetry_config(config, engine, work, ingest, separate, nice, storm_cpus)
@@ -331,7 +332,7 @@ def heartbeat_peer(url: str) -> Any:
 def _measure_peer(
     url: str, bodies: tuple[str, ...], args: argparse.Namespace, pool: ProcessPoolExecutor
 ) -> Measured:
-    port = _port()
+    port = free_port()
     peer = [sys.executable, __file__, "--serve-peer", url, "--port", str(port)]
     with _serving(peer, port, "the peer") as pid:
         load = Load(
