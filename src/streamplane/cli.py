@@ -1123,7 +1123,8 @@ def live_plan(
         e = plan.event
         table = Table(
             title=f"{e.channel}: starts {when(e.start)}, warm from {when(plan.warm_at)}; "
-            f"gateway admits {plan.admission_per_s}/s, up to {plan.max_connections} connections"
+            f"gateways admit {plan.gateway.admission_per_s}/s (burst "
+            f"{plan.gateway.admission_burst}), up to {plan.gateway.max_connections} connections"
         )
         for col in ("site", "viewers", "edges", "why"):
             table.add_column(col)
@@ -1191,10 +1192,11 @@ def _live_plan_of(control: str, admin_token: str) -> None:
         gateway = event["gateway"]
         table = Table(
             title=f"{event['channel']}: {event['phase']}, starts {when(event['start'])}, warm "
-            f"from {when(event['warm_at'])}; gateway admits {gateway['admission_per_s']}/s, up "
-            f"to {gateway['max_connections']} connections; "
-            + ("READY" if event["ready"] else "NOT READY")
-            + f" ({event['why']})"
+            f"from {when(event['warm_at'])}; gateways admit {gateway['admission_per_s']}/s "
+            f"(burst {gateway['admission_burst']}), up to {gateway['max_connections']} "
+            f"connections, {gateway['per_process']['rate']:g}/s and "
+            f"{gateway['per_process']['max_connections']} on each of {gateway['processes']} "
+            "processes; " + ("READY" if event["ready"] else "NOT READY") + f" ({event['why']})"
         )
         for col in ("site", "viewers", "edges", "why"):
             table.add_column(col)

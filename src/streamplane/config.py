@@ -278,6 +278,13 @@ class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_connections: int = 18_000  # per process
     admission_rate: float = 2_000.0  # new connections per second per process
     admission_burst: int = 4_000
+    # Where each process polls the admission plan of scheduled events (GET /v1/live/admission
+    # on the control plane, every admission_poll_s); empty: the normal limits always.
+    control_url: str = ""
+    admission_poll_s: float = 30.0
+    # Gateway processes on every machine together, among which an event's audience is split
+    # (the control plane reads it); 0: ``processes`` (one machine).
+    total_processes: int = 0
 
     def url(self) -> str:
         return self.public_url.rstrip("/") or f"ws://{self.host}:{self.port}"

@@ -21,12 +21,13 @@ from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
 from streamplane.control.heartbeats import Heartbeats, open_stream
 from streamplane.control.playback import Playback
 from streamplane.control.qos import qos_service
-from streamplane.control.realtime import RealtimeIssuer
+from streamplane.control.realtime import RealtimeIssuer, admission_plan
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
 from streamplane.edge import parse_networks
 from streamplane.live import Event, EventPlan, EventReadiness, plan_event, read_events, readiness
 from streamplane.placement import Server
+from streamplane.realtime import AdmissionPlan
 from streamplane.steering import GeoLocator, RoutingTable, SiteInfo, Steering
 from streamplane.telemetry import Stream
 
@@ -94,7 +95,9 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
-        self.live_events = _read_live_events(c.live_events)
+        self._events_file = Path(c.live_events) if c.live_events else None
+        self._events_stamp = self._events_file.stat().st_mtime_ns if self._events_file else 0
+        self._live_events = _read_live_events(c.live_events)
         self.playback.live_plans = self.live_plans
         self.realtime = RealtimeIssuer(settings.realtime)
         self.heartbeats = Heartbeats(
@@ -119,6 +122,32 @@ class ControlPlane:
         self._store_problem: str | None = None
         self._store_checked_at = float("-inf")
         self._store_check = asyncio.Lock()
+
+    @property
+    def live_events(self) -> list[Event]:
+        """The scheduled events, read again when control.live_events changes: an operator
+        schedules an event without restarting the control plane. A changed file that cannot
+        be read keeps the events read last (and says why in the log)."""
+        path = self._events_file
+        if path is None:
+            return self._live_events
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError as exc:
+            log.warning("control.live_events: %s: %s (keeping the events read last)", path, exc)
+            return self._live_events
+        if stamp != self._events_stamp:
+            self._events_stamp = stamp
+            try:
+                self._live_events = _read_live_events(str(path))
+            except SettingsError as exc:
+                log.warning("%s (keeping the events read last)", exc)
+        return self._live_events
+
+    def admission_plan(self) -> AdmissionPlan:
+        """The gateways' raised limits for the scheduled events (GET /v1/live/admission)."""
+        r = self.settings.realtime
+        return admission_plan(self.live_events, r.total_processes or r.processes)
 
     def live_plans(self) -> list[EventPlan]:
         """Every scheduled event planned on the edges heartbeating now (their rated

@@ -17,21 +17,29 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from streamplane.placement import Server
 
 __all__ = [
+    "LEAD_S",
+    "LIVE_S",
     "Event",
     "EventPlan",
     "EventReadiness",
+    "GatewayNeeds",
     "SitePlan",
     "event_phase",
+    "gateway_needs",
     "plan_event",
     "read_events",
     "readiness",
     "warm_edges",
 ]
+
+
+LEAD_S: Final = 900.0  # warm-up before an event's start
+LIVE_S: Final = 4 * 3600.0  # how long after its start an event counts as live
 
 
 @dataclass(frozen=True)
@@ -55,12 +63,37 @@ class SitePlan:
 
 
 @dataclass(frozen=True)
+class GatewayNeeds:
+    """What the realtime gateways must admit, all processes together, while the event is
+    warming or live: its audience joining within the join window, the opening rush (the
+    first ``_RUSH_S`` seconds' joins) at once, and every viewer connected with a margin for
+    reconnections in flight."""
+
+    admission_per_s: int
+    admission_burst: int
+    max_connections: int
+
+
+_RUSH_S = 10.0
+_CONNECTION_MARGIN = 1.2
+
+
+def gateway_needs(event: Event, join_window_s: float = 120.0) -> GatewayNeeds:
+    """The gateways' limits for ``event`` (see :class:`GatewayNeeds`)."""
+    rate = math.ceil(event.expected_viewers / join_window_s)
+    return GatewayNeeds(
+        admission_per_s=rate,
+        admission_burst=math.ceil(rate * _RUSH_S),
+        max_connections=math.ceil(event.expected_viewers * _CONNECTION_MARGIN),
+    )
+
+
+@dataclass(frozen=True)
 class EventPlan:
     event: Event
     warm_at: float
     sites: tuple[SitePlan, ...]
-    admission_per_s: int  # joins per second the gateway admits around the start
-    max_connections: int
+    gateway: GatewayNeeds
 
     @property
     def ready(self) -> bool:
@@ -72,7 +105,7 @@ def plan_event(
     servers: Sequence[Server],
     *,
     headroom: float = 0.7,
-    lead_s: float = 900.0,
+    lead_s: float = LEAD_S,
     join_window_s: float = 120.0,
 ) -> EventPlan:
     """The pre-warming plan of ``event`` on ``servers`` (see the module docstring)."""
@@ -119,8 +152,7 @@ def plan_event(
         event=event,
         warm_at=event.start - lead_s,
         sites=tuple(plans),
-        admission_per_s=math.ceil(event.expected_viewers / join_window_s),
-        max_connections=math.ceil(event.expected_viewers * 1.2),
+        gateway=gateway_needs(event, join_window_s),
     )
 
 
@@ -169,7 +201,7 @@ def _shares(event: Event, by_site: Mapping[str, list[Server]]) -> dict[str, floa
 Phase = Literal["scheduled", "warming", "live", "over"]
 
 
-def event_phase(plan: EventPlan, now: float, live_s: float = 4 * 3600.0) -> Phase:
+def event_phase(plan: EventPlan, now: float, live_s: float = LIVE_S) -> Phase:
     """Where ``plan``'s event is at ``now``: before its warm-up, warming, under way (for
     ``live_s`` after its start), over."""
     if now < plan.warm_at:
@@ -193,7 +225,7 @@ class EventReadiness:
 
 
 def readiness(
-    plan: EventPlan, up: Collection[str], now: float, live_s: float = 4 * 3600.0
+    plan: EventPlan, up: Collection[str], now: float, live_s: float = LIVE_S
 ) -> EventReadiness:
     """The readiness of ``plan`` given the edges ``up`` now (heartbeating and offered)."""
     planned = [edge for site in plan.sites for edge in site.edges]
@@ -217,7 +249,7 @@ def readiness(
 
 
 def warm_edges(
-    plans: Sequence[EventPlan], channel: str, now: float, live_s: float = 4 * 3600.0
+    plans: Sequence[EventPlan], channel: str, now: float, live_s: float = LIVE_S
 ) -> frozenset[str] | None:
     """The edges a channel is placed on at ``now``: those its events' plans chose, while an
     event is warming or live; None when no event of the channel is (every edge serves it)."""

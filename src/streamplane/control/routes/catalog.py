@@ -167,9 +167,12 @@ async def live_plan(request: Request) -> dict[str, Any]:
     for it, its phase, and whether it is ready (admin)."""
     plane = plane_of(request)
     await plane.fleet.refresh(plane.monotonic())
+    admission = plane.admission_plan()
+    per_process = {w.channel: w.limits for w in admission.windows}
     events = []
     for r in plane.live_readiness():
         plan = r.plan
+        limits = per_process[plan.event.channel]
         events.append(
             {
                 "channel": plan.event.channel,
@@ -182,8 +185,15 @@ async def live_plan(request: Request) -> dict[str, Any]:
                 "edges_up": list(r.edges_up),
                 "edges_down": list(r.edges_down),
                 "gateway": {
-                    "admission_per_s": plan.admission_per_s,
-                    "max_connections": plan.max_connections,
+                    "admission_per_s": plan.gateway.admission_per_s,
+                    "admission_burst": plan.gateway.admission_burst,
+                    "max_connections": plan.gateway.max_connections,
+                    "processes": admission.processes,
+                    "per_process": {
+                        "rate": limits.rate,
+                        "burst": limits.burst,
+                        "max_connections": limits.max_connections,
+                    },
                 },
                 "sites": [
                     {
