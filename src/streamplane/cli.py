@@ -368,8 +368,30 @@ def _live_demo(stack: LocalStack) -> None:
     master = f"{origin}/demo-live/master.m3u8"
     out_console.print(
         f"\nLive (LL-HLS):   {stack.control_url}/static/live.html?src={quote(master)}"
+        + _live_viewers_param(stack, "demo-live")
     )
     out_console.print(f"live playlist:   {master} (status: {origin}/demo-live/status.json)")
+
+
+def _live_viewers_param(stack: LocalStack, channel: str) -> str:
+    """``&realtime=…`` for the live page to show the channel's viewer count from the stack's
+    gateway (a grant of the demo account); empty when the control plane does not give one."""
+    from urllib.parse import quote
+
+    import httpx
+
+    from streamplane.stack import StackError
+
+    try:
+        r = httpx.post(
+            f"{stack.control_url}/v1/realtime/token",
+            json={"event": channel},
+            headers=stack.account(),
+            timeout=10,
+        )
+    except (httpx.HTTPError, StackError):
+        return ""
+    return f"&realtime={quote(r.text, safe='')}" if r.status_code == 200 else ""
 
 
 def _answers(url: str) -> bool:
