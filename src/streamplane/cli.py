@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -1186,29 +1186,15 @@ def live_record(
 _FEED_REFUSED = ("Connection to", "RTMP handshake", "Connection reset by peer", "Broken pipe")
 
 
-def _live_plan_of(control: str, admin_token: str) -> None:
-    """`live plan --control`: GET /v1/live/plan, printed; exit 1 when an event is not ready."""
+def _live_plan_tables(body: dict[str, Any]) -> tuple[list[Table], list[str]]:
+    """GET /v1/live/plan as tables (each event: its sites, then its planned edges, up and
+    warm), and the channels not ready."""
     from datetime import UTC, datetime
-
-    import httpx
-
-    try:
-        r = httpx.get(
-            control.rstrip("/") + "/v1/live/plan",
-            headers={"authorization": f"Bearer {admin_token}"},
-            timeout=30,
-        )
-    except httpx.HTTPError as exc:
-        raise _error(f"cannot reach the control plane at {control}: {exc}", 2) from None
-    if r.status_code != 200:
-        raise _error(f"the control plane answered {r.status_code}: {r.text[:300]}", 2)
 
     def when(t: float) -> str:
         return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
-    body = r.json()
-    if body["scheduled"] and not body["planned"]:
-        raise _error("no edge is heartbeating: nothing to plan the events on", 1)
+    tables = []
     unready = []
     for event in body["events"]:
         gateway = event["gateway"]
@@ -1226,9 +1212,44 @@ def _live_plan_of(control: str, admin_token: str) -> None:
             table.add_row(
                 site["site"], str(site["viewers"]), ", ".join(site["edges"]) or "-", site["reason"]
             )
-        out_console.print(table)
+        edges = Table(title=f"{event['channel']}: its planned edges")
+        for col in ("edge", "site", "up", "warm", "why"):
+            edges.add_column(col)
+        for edge in event["edges"]:
+            edges.add_row(
+                edge["edge"],
+                edge["site"],
+                "yes" if edge["up"] else "NO",
+                "yes" if edge["warm"] else "no",
+                edge["why"],
+            )
+        tables += [table, edges]
         if not event["ready"]:
             unready.append(event["channel"])
+    return tables, unready
+
+
+def _live_plan_of(control: str, admin_token: str) -> None:
+    """`live plan --control`: GET /v1/live/plan, printed; exit 1 when an event is not ready."""
+    import httpx
+
+    try:
+        r = httpx.get(
+            control.rstrip("/") + "/v1/live/plan",
+            headers={"authorization": f"Bearer {admin_token}"},
+            timeout=30,
+        )
+    except httpx.HTTPError as exc:
+        raise _error(f"cannot reach the control plane at {control}: {exc}", 2) from None
+    if r.status_code != 200:
+        raise _error(f"the control plane answered {r.status_code}: {r.text[:300]}", 2)
+
+    body = r.json()
+    if body["scheduled"] and not body["planned"]:
+        raise _error("no edge is heartbeating: nothing to plan the events on", 1)
+    tables, unready = _live_plan_tables(body)
+    for table in tables:
+        out_console.print(table)
     if unready:
         raise _error(f"not ready: {', '.join(unready)}", 1)
 

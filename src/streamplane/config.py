@@ -169,6 +169,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Scheduled events (the `streamplane live plan --events` TOML): before each, a channel is
     # placed on the edges its expected audience needs; GET /v1/live/plan reports readiness.
     live_events: str = ""
+    # While an event is warming, each planned edge is asked this often for what the first
+    # viewers will fetch (master and media playlists, init segments, the newest parts).
+    live_warm_every_s: float = 5.0
     # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
     # of them, the client is read from trusted_proxy_header, walked right to left past the
     # trusted hops. Empty: the TCP peer is the client, whatever the headers say.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from streamplane.realtime import (
 from streamplane.realtime.admission import decode_admission_plan
 from streamplane.steering import GeoLocator
 
-from .conftest import ADMIN, T0, Db, running
+from .conftest import ADMIN, T0, Control, Db, running
 
 
 def _events(path: Path, viewers: int, start: float) -> Path:
@@ -35,15 +36,28 @@ def _events(path: Path, viewers: int, start: float) -> Path:
     return path
 
 
+def _planning(
+    db: Db, tmp_path: Path, geo: GeoLocator, events: Path
+) -> AbstractAsyncContextManager[Control]:
+    """A control plane with channel ch1 and its scheduled events; its edges are not real, so
+    none is warmed (see test_live_warm.py)."""
+    return running(
+        db,
+        tmp_path / "catalog",
+        geo,
+        live_channels=("ch1",),
+        live_events=str(events),
+        live_warm_every_s=3600,
+    )
+
+
 async def test_an_event_is_placed_on_its_planned_edges_and_reported_ready(
     db: Db, tmp_path: Path, geo: GeoLocator
 ) -> None:
     # 1,000 viewers x 1 Mb/s, half at each site: 0.5 Gb/s a site, one 1 Gb/s edge at 70 %
     events = _events(tmp_path / "events.toml", 1000, T0 + 600)  # warming from T0 - 300
     (tmp_path / "catalog").mkdir()
-    async with running(
-        db, tmp_path / "catalog", geo, live_channels=("ch1",), live_events=str(events)
-    ) as control:
+    async with _planning(db, tmp_path, geo, events) as control:
         auth = await control.account()
         for edge, site in (("e1", "site-a"), ("e2", "site-a"), ("e3", "site-b")):
             assert (await control.edge(edge, (), site=site)).status_code == 200
@@ -52,7 +66,9 @@ async def test_an_event_is_placed_on_its_planned_edges_and_reported_ready(
         r = await control.client.get("/v1/live/plan", headers=admin)
         assert r.status_code == 200, r.text
         [event] = r.json()["events"]
-        assert event["phase"] == "warming" and event["ready"] is True, event
+        # placed and up, not warmed: not ready until the warm-up has reached them
+        assert event["phase"] == "warming" and event["ready"] is False, event
+        assert event["edges_cold"] == ["e1", "e3"] and "not warm yet" in event["why"]
         assert event["warm_at"] == T0 - 300
         assert sorted(event["edges_up"]) == ["e1", "e3"]
         assert {s["site"]: s["edges"] for s in event["sites"]} == {
@@ -85,9 +101,7 @@ async def test_before_its_warm_up_the_channel_is_served_by_every_edge(
 ) -> None:
     events = _events(tmp_path / "events.toml", 1000, T0 + 7200)
     (tmp_path / "catalog").mkdir()
-    async with running(
-        db, tmp_path / "catalog", geo, live_channels=("ch1",), live_events=str(events)
-    ) as control:
+    async with _planning(db, tmp_path, geo, events) as control:
         auth = await control.account()
         for edge, site in (("e1", "site-a"), ("e2", "site-a"), ("e3", "site-b")):
             await control.edge(edge, (), site=site)
@@ -104,9 +118,7 @@ async def test_an_audience_no_site_can_carry_is_not_ready(
 ) -> None:
     events = _events(tmp_path / "events.toml", 10_000, T0 + 600)  # 5 Gb/s a site
     (tmp_path / "catalog").mkdir()
-    async with running(
-        db, tmp_path / "catalog", geo, live_channels=("ch1",), live_events=str(events)
-    ) as control:
+    async with _planning(db, tmp_path, geo, events) as control:
         await control.edge("e1", (), site="site-a")
         await control.edge("e3", (), site="site-b")
         [event] = (

@@ -24,6 +24,7 @@ from streamplane.control.qos import qos_service
 from streamplane.control.realtime import RealtimeIssuer, admission_plan
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
+from streamplane.control.warm import EdgeWarmer
 from streamplane.edge import parse_networks
 from streamplane.live import Event, EventPlan, EventReadiness, plan_event, read_events, readiness
 from streamplane.placement import Server
@@ -100,6 +101,16 @@ class ControlPlane:
         self._live_events = _read_live_events(c.live_events)
         self.playback.live_plans = self.live_plans
         self.realtime = RealtimeIssuer(settings.realtime)
+        if c.live_warm_every_s <= 0:
+            raise SettingsError("control.live_warm_every_s must be positive")
+        self.warmer = EdgeWarmer(
+            self.live_readiness,
+            self._edge_url,
+            settings.tokens.signing_key(),
+            clock,
+            c.live_warm_every_s,
+            refresh=lambda: self.fleet.refresh(self.monotonic()),
+        )
         self.heartbeats = Heartbeats(
             settings, self.store, self.accounts.claims, clock=clock, monotonic=monotonic
         )
@@ -166,7 +177,20 @@ class ControlPlane:
 
         now = self.clock()
         up = {e.edge_id for e in self.fleet.edges() if exclusion(e, now, self.fleet.policy) is None}
-        return [readiness(plan, up, now) for plan in self.live_plans()]
+        warmth = self.warmer.warmth
+        return [
+            readiness(
+                plan,
+                up,
+                now,
+                warm={e for (ch, e), w in warmth.items() if ch == plan.event.channel and w.warm},
+            )
+            for plan in self.live_plans()
+        ]
+
+    def _edge_url(self, edge_id: str) -> str | None:
+        edge = next((e for e in self.fleet.edges() if e.edge_id == edge_id), None)
+        return edge.base_url if edge is not None else None
 
     def _sites_reloaded(self, sites: dict[str, SiteInfo]) -> None:
         self.steering.sites = sites
@@ -202,6 +226,8 @@ class ControlPlane:
             await self.heartbeats.start()
         await self.qos.start()
         await self._consume_qos()
+        if self._events_file is not None:
+            await self.warmer.start()
 
     async def _consume_qos(self) -> None:
         """The QoS consumer, here: it needs steering's routing table for client networks."""
@@ -221,6 +247,7 @@ class ControlPlane:
             )
 
     async def stop(self) -> None:
+        await self.warmer.stop()
         await self.qos.stop()
         if self._qos_stream is not None:
             await self._qos_stream.close()

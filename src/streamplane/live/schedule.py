@@ -220,31 +220,45 @@ class EventReadiness:
     phase: Phase
     edges_up: tuple[str, ...]
     edges_down: tuple[str, ...]  # planned, but not heartbeating or not offered now
-    ready: bool  # every site covered, every planned edge up
+    ready: bool  # every site covered, every planned edge up (and warm, once warming)
     why: str
+    edges_cold: tuple[str, ...] = ()  # up, warming, but their last warming failed or is none
 
 
 def readiness(
-    plan: EventPlan, up: Collection[str], now: float, live_s: float = LIVE_S
+    plan: EventPlan,
+    up: Collection[str],
+    now: float,
+    live_s: float = LIVE_S,
+    warm: Collection[str] = (),
 ) -> EventReadiness:
-    """The readiness of ``plan`` given the edges ``up`` now (heartbeating and offered)."""
+    """The readiness of ``plan`` given the edges ``up`` now (heartbeating and offered) and
+    those ``warm`` (their last warming fetched everything). Before the warm-up no edge is
+    expected warm; once the event is live, its viewers keep the edges warm."""
     planned = [edge for site in plan.sites for edge in site.edges]
     edges_up = tuple(e for e in planned if e in up)
     edges_down = tuple(e for e in planned if e not in up)
+    phase = event_phase(plan, now, live_s)
+    edges_cold = tuple(e for e in edges_up if e not in warm) if phase == "warming" else ()
     short = [s.site for s in plan.sites if s.short_bps > 0]
     if short:
         why = f"short of throughput at {', '.join(short)}: more edges are needed there"
     elif edges_down:
         why = f"planned edges not up: {', '.join(edges_down)}"
+    elif edges_cold:
+        why = f"planned edges not warm yet: {', '.join(edges_cold)}"
+    elif phase == "warming":
+        why = f"all {len(planned)} planned edges are up and warm"
     else:
         why = f"all {len(planned)} planned edges are up"
     return EventReadiness(
         plan=plan,
-        phase=event_phase(plan, now, live_s),
+        phase=phase,
         edges_up=edges_up,
         edges_down=edges_down,
-        ready=not short and not edges_down,
+        ready=not short and not edges_down and not edges_cold,
         why=why,
+        edges_cold=edges_cold,
     )
 
 
