@@ -4,15 +4,20 @@ gateway process over real WebSockets whose clock moves through the window."""
 from __future__ import annotations
 
 import asyncio
+import http.server
+import threading
 import time
 
+import msgspec
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from streamplane.config import RealtimeSettings
 from streamplane.realtime.admission import (
+    ADMISSION_CHANNEL,
     Admission,
     AdmissionPlan,
     AdmissionWindow,
@@ -21,7 +26,8 @@ from streamplane.realtime.admission import (
 )
 from streamplane.realtime.gateway import Gateway, GatewaySettings
 from streamplane.realtime.memory import MemoryHub
-from streamplane.realtime.tokens import sign_realtime_token
+from streamplane.realtime.serve import poll_admission
+from streamplane.realtime.tokens import rights_on, sign_realtime_token, verify_realtime_token
 
 KEY = b"k" * 32
 NORMAL = Admission(rate=1.0, burst=5, max_connections=10)
@@ -65,8 +71,6 @@ def test_a_malformed_plan_is_refused_saying_so() -> None:
     plan = AdmissionPlan(
         processes=2, windows=[AdmissionWindow(channel="x", start=1, end=2, limits=NORMAL)]
     )
-    import msgspec
-
     assert decode_admission_plan(msgspec.json.encode(plan)) == plan
 
 
@@ -150,3 +154,77 @@ async def test_two_events_at_once_add_their_audiences() -> None:
     )
     assert gateway.admit() is None
     assert gateway.limits == Admission(rate=20, burst=40, max_connections=60)
+
+
+async def test_a_raise_past_what_the_process_can_hold_stops_at_its_ceiling() -> None:
+    gateway = Gateway(
+        MemoryHub().node(),
+        GatewaySettings(
+            token_key=KEY,
+            admission_rate=1,
+            admission_burst=5,
+            max_connections=10,
+            connection_ceiling=30,  # its open-file limit, less what it keeps for itself
+        ),
+    )
+    port = await gateway.start("127.0.0.1", 0)
+    now = time.time()
+    raised = Admission(rate=100, burst=200, max_connections=100)
+    gateway.plan_admission(
+        [AdmissionWindow(channel="final", start=now - 1, end=now + 600, limits=raised)]
+    )
+    try:
+        held, refused = await _surge(f"ws://127.0.0.1:{port}", 40)
+        assert len(held) == 30 and refused == 10, "a 503 past the ceiling, not a failed accept"
+        assert gateway.limits == Admission(rate=100, burst=200, max_connections=30)
+        await _close(held)
+    finally:
+        await gateway.close()
+
+
+async def test_the_poll_keeps_the_last_plan_when_the_control_plane_fails() -> None:
+    """The gateway's poll (serve.poll_admission) against a control plane that answers the plan,
+    then errors and garbage: the windows taken stand, and each request carries a token for
+    control:admission signed with the gateways' key."""
+    window = AdmissionWindow(
+        channel="final", start=time.time() - 1, end=time.time() + 600, limits=NORMAL
+    )
+    answers = [(200, msgspec.json.encode(AdmissionPlan(processes=1, windows=[window])))]
+    seen: list[str] = []
+
+    class Control(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            token = self.headers["authorization"].removeprefix("Bearer ")
+            grant = verify_realtime_token(token, KEY, now=int(time.time()))
+            seen.append(f"{self.path} {sorted(rights_on(grant, ADMISSION_CHANNEL))}")
+            status, body = answers[-1]
+            self.send_response(status)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Control)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    gateway = Gateway(MemoryHub().node(), GatewaySettings(token_key=KEY))
+    settings = RealtimeSettings(
+        token_key=KEY.hex(),
+        control_url=f"http://127.0.0.1:{server.server_address[1]}",
+        admission_poll_s=0.05,
+    )
+    poll = asyncio.create_task(poll_admission(gateway, settings))
+    try:
+        while gateway.windows != [window]:
+            await asyncio.sleep(0.05)
+        assert seen[0] == "/v1/live/admission ['read']"
+        for failure in ((500, b"oops"), (200, b"<html>")):
+            answers.append(failure)
+            polled = len(seen)
+            while len(seen) < polled + 2:
+                await asyncio.sleep(0.05)
+            assert gateway.windows == [window], "a failed poll keeps the plan taken last"
+    finally:
+        poll.cancel()
+        server.shutdown()

@@ -113,6 +113,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_connections: int = 18_000  # per process; the open-file limit here is 20,000
     admission_rate: float = 2_000.0  # new connections per second, per process
     admission_burst: int = 4_000
+    # The most connections a planned raise may take this process to: what its open-file limit
+    # lets it hold (past it, accept fails; a 503 with Retry-After is the better answer).
+    # None: no ceiling but the plan's.
+    connection_ceiling: int | None = None
     handshake_timeout: float = 5.0
     max_frame_bytes: int = 16_384
     send_queue_bytes: int = 256 * 1024
@@ -374,6 +378,7 @@ class Gateway:
         )
         self.limits = self.normal
         self.windows: list[AdmissionWindow] = []
+        self._clamped_from: Admission | None = None
         self.admission = TokenBucket(rate=settings.admission_rate, burst=settings.admission_burst)
         self.counts = CountThrottle(interval=settings.tick)
         self.stats: dict[str, int] = dict.fromkeys(
@@ -440,6 +445,21 @@ class Gateway:
 
     def _limits_now(self) -> Admission:
         limits = admission_at(self.normal, self.windows, self.clock())
+        ceiling = self.settings.connection_ceiling
+        if ceiling is not None and limits.max_connections > max(
+            ceiling, self.normal.max_connections
+        ):
+            if limits != self._clamped_from:
+                self._clamped_from = limits
+                _log.warning(
+                    "admission: the plan asks %d connections of this process, which can hold "
+                    "%d: the event needs more gateway processes (realtime.total_processes)",
+                    limits.max_connections,
+                    ceiling,
+                )
+            limits = msgspec.structs.replace(
+                limits, max_connections=max(ceiling, self.normal.max_connections)
+            )
         if limits != self.limits:
             bucket = self.admission
             # A raise takes effect at once: the bucket holds what it would have held had the

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import resource
 import signal
 import socket
 import time
@@ -29,6 +30,10 @@ from streamplane.realtime.tokens import sign_realtime_token
 __all__ = ["GatewayConfigError", "gateway_settings", "make_broker", "poll_admission", "serve"]
 
 _log = logging.getLogger(__name__)
+
+# Descriptors a gateway process keeps for other than viewers: its listening socket, the
+# broker's connections, logs, the admission poll.
+_FD_RESERVE = 512
 
 
 class GatewayConfigError(ValueError):
@@ -69,11 +74,13 @@ def gateway_settings(settings: RealtimeSettings) -> GatewaySettings:
             "realtime.processes > 1 needs a broker shared by the processes; with "
             "realtime.broker = 'memory' run one process"
         )
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return GatewaySettings(
         token_key=key,
         max_connections=settings.max_connections,
         admission_rate=settings.admission_rate,
         admission_burst=settings.admission_burst,
+        connection_ceiling=None if soft == resource.RLIM_INFINITY else soft - _FD_RESERVE,
     )
 
 
