@@ -171,7 +171,7 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     live_events: str = ""
     # While an event is warming, each planned edge is asked this often for what the first
     # viewers will fetch (master and media playlists, init segments, the newest parts).
-    live_warm_every_s: float = 5.0
+    live_warm_every_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
     # of them, the client is read from trusted_proxy_header, walked right to left past the
     # trusted hops. Empty: the TCP peer is the client, whatever the headers say.
@@ -284,10 +284,10 @@ class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     # Where each process polls the admission plan of scheduled events (GET /v1/live/admission
     # on the control plane, every admission_poll_s); empty: the normal limits always.
     control_url: str = ""
-    admission_poll_s: float = 30.0
+    admission_poll_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     # Gateway processes on every machine together, among which an event's audience is split
     # (the control plane reads it); 0: ``processes`` (one machine).
-    total_processes: int = 0
+    total_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def url(self) -> str:
         return self.public_url.rstrip("/") or f"ws://{self.host}:{self.port}"

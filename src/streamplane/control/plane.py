@@ -101,8 +101,8 @@ class ControlPlane:
         self._live_events = _read_live_events(c.live_events)
         self.playback.live_plans = self.live_plans
         self.realtime = RealtimeIssuer(settings.realtime)
-        if c.live_warm_every_s <= 0:
-            raise SettingsError("control.live_warm_every_s must be positive")
+        if self.gateway_processes < 1:
+            raise SettingsError("realtime.processes (or total_processes) must be at least 1")
         self.warmer = EdgeWarmer(
             self.live_readiness,
             self._edge_url,
@@ -155,10 +155,15 @@ class ControlPlane:
                 log.warning("%s (keeping the events read last)", exc)
         return self._live_events
 
+    @property
+    def gateway_processes(self) -> int:
+        """The gateway processes an event's audience is split among."""
+        r = self.settings.realtime
+        return r.total_processes or r.processes
+
     def admission_plan(self) -> AdmissionPlan:
         """The gateways' raised limits for the scheduled events (GET /v1/live/admission)."""
-        r = self.settings.realtime
-        return admission_plan(self.live_events, r.total_processes or r.processes)
+        return admission_plan(self.live_events, self.gateway_processes)
 
     def live_plans(self) -> list[EventPlan]:
         """Every scheduled event planned on the edges heartbeating now (their rated

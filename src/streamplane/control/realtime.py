@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import msgspec
 
 from streamplane.config import RealtimeSettings, SettingsError
-from streamplane.live import LEAD_S, LIVE_S, Event, gateway_needs
+from streamplane.live import LEAD_S, LIVE_S, Event, GatewayNeeds, gateway_needs
 from streamplane.realtime import (
     ADMISSION_CHANNEL,
     Admission,
@@ -26,7 +26,13 @@ from streamplane.realtime import (
     verify_realtime_token,
 )
 
-__all__ = ["RealtimeInfo", "RealtimeIssuer", "admission_plan", "viewer_channels"]
+__all__ = [
+    "RealtimeInfo",
+    "RealtimeIssuer",
+    "admission_plan",
+    "process_limits",
+    "viewer_channels",
+]
 
 
 class RealtimeInfo(msgspec.Struct, kw_only=True):
@@ -81,24 +87,27 @@ class RealtimeIssuer:
         )
 
 
+def process_limits(needs: GatewayNeeds, processes: int) -> Admission:
+    """One gateway process's share of what an event needs of the gateways."""
+    if processes < 1:
+        raise ValueError("the gateway processes must be at least 1")
+    return Admission(
+        rate=math.ceil(needs.admission_per_s / processes),
+        burst=math.ceil(needs.admission_burst / processes),
+        max_connections=math.ceil(needs.max_connections / processes),
+    )
+
+
 def admission_plan(events: Sequence[Event], processes: int) -> AdmissionPlan:
     """Every gateway process's raised limits for each scheduled event, from its warm-up until
     it is over: the audience's needs (``live.gateway_needs``) split among ``processes``."""
-    if processes < 1:
-        raise ValueError("the gateway processes must be at least 1")
-    windows = []
-    for event in events:
-        needs = gateway_needs(event)
-        windows.append(
-            AdmissionWindow(
-                channel=event.channel,
-                start=event.start - LEAD_S,
-                end=event.start + LIVE_S,
-                limits=Admission(
-                    rate=math.ceil(needs.admission_per_s / processes),
-                    burst=math.ceil(needs.admission_burst / processes),
-                    max_connections=math.ceil(needs.max_connections / processes),
-                ),
-            )
+    windows = [
+        AdmissionWindow(
+            channel=event.channel,
+            start=event.start - LEAD_S,
+            end=event.start + LIVE_S,
+            limits=process_limits(gateway_needs(event), processes),
         )
+        for event in events
+    ]
     return AdmissionPlan(processes=processes, windows=windows)

@@ -65,8 +65,6 @@ def gateway_settings(settings: RealtimeSettings) -> GatewaySettings:
         key = bytes.fromhex(settings.token_key)
     except ValueError:
         raise GatewayConfigError("realtime.token_key must be hex") from None
-    if settings.admission_poll_s <= 0:
-        raise GatewayConfigError("realtime.admission_poll_s must be positive")
     if settings.processes < 1:
         raise GatewayConfigError("realtime.processes must be at least 1")
     if settings.processes > 1 and settings.broker == "memory":

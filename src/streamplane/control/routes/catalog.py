@@ -11,6 +11,7 @@ from streamplane.control.catalog import TitleInfo, channel_info, check_title_id,
 from streamplane.control.errors import ApiError, not_found
 from streamplane.control.fleet import exclusion, state
 from streamplane.control.plane import ControlPlane
+from streamplane.control.realtime import process_limits
 from streamplane.control.routes.body import JsonRoute, body_schema, decode
 from streamplane.control.routes.deps import admin, plane_of
 from streamplane.live import EventReadiness
@@ -168,12 +169,11 @@ async def live_plan(request: Request) -> dict[str, Any]:
     for it, its phase, and whether it is ready (admin)."""
     plane = plane_of(request)
     await plane.fleet.refresh(plane.monotonic())
-    admission = plane.admission_plan()
-    per_process = {w.channel: w.limits for w in admission.windows}
+    processes = plane.gateway_processes
     events = []
     for r in plane.live_readiness():
         plan = r.plan
-        limits = per_process[plan.event.channel]
+        limits = process_limits(plan.gateway, processes)
         events.append(
             {
                 "channel": plan.event.channel,
@@ -195,7 +195,7 @@ async def live_plan(request: Request) -> dict[str, Any]:
                     "admission_per_s": plan.gateway.admission_per_s,
                     "admission_burst": plan.gateway.admission_burst,
                     "max_connections": plan.gateway.max_connections,
-                    "processes": admission.processes,
+                    "processes": processes,
                     "per_process": {
                         "rate": limits.rate,
                         "burst": limits.burst,
