@@ -58,9 +58,14 @@ def test_the_live_page_shows_the_viewer_count_and_follows_a_second_viewer(
     expect(viewers).to_have_text("1", timeout=20_000)  # the second viewer left
 
 
-def test_a_malformed_realtime_parameter_is_said_on_the_page(
+def test_a_malformed_realtime_parameter_is_said_where_the_count_would_be(
     page: Page, live_stack: LocalStack
 ) -> None:
     page.goto(f"{live_stack.control_url}/static/live.html?src=x.m3u8&realtime=%7Bnot")
-    expect(page.locator("#message")).to_contain_text("?realtime= is not JSON")
-    expect(page.locator("#viewers")).to_have_text("\u2013")  # the dash of no count
+    expect(page.locator("#viewers")).to_contain_text("?realtime= is not JSON")
+    info = {"url": live_stack.gateway_url + "/connect", "token": "forged", "channels": {}}
+    page.goto(
+        f"{live_stack.control_url}/static/live.html?src=x.m3u8&realtime="
+        + quote(json.dumps(info), safe="")
+    )
+    expect(page.locator("#viewers")).to_contain_text("needs the gateway's url, a token")

@@ -24,17 +24,19 @@ function say(text) {
 }
 
 // The viewer count: only the event channel is subscribed (chat and state are the watch page's).
+// What keeps it from showing is said in its place (the message line is playback's).
 function countViewers(param) {
+  const unavailable = (why) => ($("viewers").textContent = `– (${why})`);
   let info;
   try {
     info = JSON.parse(param);
   } catch (err) {
-    say(`?realtime= is not JSON: ${err.message}`);
+    unavailable(`?realtime= is not JSON: ${err.message}`);
     return;
   }
   const channel = Object.keys(info.channels || {}).find((c) => c.startsWith("event:"));
   if (!info.url || !info.token || !channel) {
-    say("?realtime= needs the gateway's url, a token and an event: channel");
+    unavailable("?realtime= needs the gateway's url, a token and an event: channel");
     return;
   }
   const client = new RealtimeClient(info.url, info.token, [channel], {
@@ -43,7 +45,7 @@ function countViewers(param) {
       live.viewers = viewers;
       $("viewers").textContent = String(viewers);
     },
-    onGiveUp: (frame) => ($("viewers").textContent = `– (${frame.reason})`),
+    onGiveUp: (frame) => unavailable(frame.reason),
   });
   client.start();
 }
