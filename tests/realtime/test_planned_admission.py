@@ -68,7 +68,7 @@ def test_gateways_refuse_a_surge_before_the_event_and_admit_it_inside_its_window
             "token_key": KEY.hex(),  # the surge signs with it
             "broker": "redis://127.0.0.1:6379",
             "processes": 2,
-            "admission_rate": 1.0,
+            "admission_rate": 0.001,  # no refill within the test, however slow
             "admission_burst": 5,
             "max_connections": 10,
             "admission_poll_s": POLL_S,
