@@ -462,11 +462,11 @@ class Gateway:
             )
         if limits != self.limits:
             bucket = self.admission
+            bucket.take(time.monotonic(), cost=0.0)  # refilled at the old rate until now
             # A raise takes effect at once: the bucket holds what it would have held had the
             # higher burst been the limit all along (a surge at the window's opening is let in).
-            if bucket.tokens >= 0:  # (below 0: never taken yet, it starts full)
-                raised = max(0, limits.burst - self.limits.burst)
-                bucket.tokens = min(limits.burst, bucket.tokens + raised)
+            raised = max(0, limits.burst - self.limits.burst)
+            bucket.tokens = min(limits.burst, bucket.tokens + raised)
             bucket.rate, bucket.burst = limits.rate, limits.burst
             _log.info(
                 "admission: %g/s, burst %d, up to %d connections",
