@@ -32,6 +32,7 @@ from streamplane.realtime.protocol import (
     encode,
     is_stale,
     namespace_of,
+    presence_counted,
     presence_update,
     required_right,
 )
@@ -265,6 +266,30 @@ def test_presence_diffs_for_a_small_channel_and_none_for_a_large_one() -> None:
     assert presence_update("chat:a", before, after, diff_limit=1) is None
     same = [PresenceEntry(client=c, user=u) for c, u in before.items()]
     assert presence_update("chat:a", before, same, diff_limit=10) is None
+
+
+def test_a_channel_is_counted_past_the_diff_limit_and_listed_again_only_at_half_of_it() -> None:
+    assert not presence_counted(100, 3, False, diff_limit=100)
+    assert presence_counted(101, 3, False, diff_limit=100)
+    assert presence_counted(0, 101, False, diff_limit=100), "this process alone is large"
+    assert presence_counted(60, 3, True, diff_limit=100), "near the limit it stays counted"
+    assert not presence_counted(50, 3, True, diff_limit=100)
+
+
+@given(sizes=st.lists(st.integers(0, 400), min_size=1, max_size=50), limit=st.integers(1, 200))
+def test_a_channel_moves_between_counted_and_listed_only_across_the_band(
+    sizes: list[int], limit: int
+) -> None:
+    """Whatever the sizes, a move to counts happens only past the limit and back to entries
+    only at half of it or below: a channel hovering at the limit never flaps."""
+    counted = False
+    for size in sizes:
+        now = presence_counted(size, 0, counted, diff_limit=limit)
+        if now and not counted:
+            assert size > limit
+        if counted and not now:
+            assert size <= limit // 2
+        counted = now
 
 
 @given(events=st.lists(st.tuples(st.floats(0, 0.7), st.integers(0, 3)), max_size=60))
