@@ -69,7 +69,8 @@ from streamplane.realtime.protocol import DEFAULT_NAMESPACES
 from streamplane.realtime.redis import RedisBroker, _Body, _pack, channel_key
 from streamplane.realtime.tokens import sign_realtime_token
 from streamplane.reporting import Table, markdown_table
-from streamplane.stack import _die_with_parent, free_port
+from streamplane.lifetime import child_setup
+from streamplane.stack import free_port
 
 CHANNEL = "chat:final"
 PREFIX = "bench:"
@@ -99,7 +100,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
             "pubsub 0 0 0",
         ],
         stdout=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=child_setup(),
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
