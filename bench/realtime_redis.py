@@ -62,6 +62,7 @@ import hiredis
 import msgspec
 import redis.asyncio as aioredis
 
+from streamplane.lifetime import child_setup
 from streamplane.realtime.broker import Position
 from streamplane.realtime.client import RealtimeClient
 from streamplane.realtime.gateway import Gateway, GatewaySettings
@@ -69,7 +70,6 @@ from streamplane.realtime.protocol import DEFAULT_NAMESPACES
 from streamplane.realtime.redis import RedisBroker, _Body, _pack, channel_key
 from streamplane.realtime.tokens import sign_realtime_token
 from streamplane.reporting import Table, markdown_table
-from streamplane.lifetime import child_setup
 from streamplane.stack import free_port
 
 CHANNEL = "chat:final"
