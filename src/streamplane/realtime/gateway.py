@@ -715,6 +715,14 @@ class Gateway:
             channel.subscribing = asyncio.get_running_loop().create_future()
             try:
                 await self.broker.subscribe(name, self._on_publication)
+                # A process (re)starting in a storm learns here that the channel is large, and
+                # counts its viewers from the first instead of joining each one. Read before the
+                # history: from the history's top on, nothing may be awaited until the channel
+                # is ready, or a publication delivered meanwhile would be dropped unseen.
+                channel.present = (await self.broker.presence_stats(name)).clients
+                channel.counted = presence_counted(
+                    channel.present, 0, False, diff_limit=namespace.presence_diff_limit
+                )
                 page = await self.broker.history(name, limit=200)
                 channel.cursor.reset(name, page.top)
                 channel.tail = RecentTail(
@@ -722,12 +730,6 @@ class Gateway:
                     int(namespace.history_ttl * 1000),
                 )
                 channel.tail.reset(page.top, page.publications)
-                # A process (re)starting in a storm learns here that the channel is large, and
-                # counts its viewers from the first instead of joining each one.
-                channel.present = (await self.broker.presence_stats(name)).clients
-                channel.counted = presence_counted(
-                    channel.present, 0, False, diff_limit=namespace.presence_diff_limit
-                )
                 now = self.clock()
                 for pub in page.publications:  # mutes still in force on this channel
                     if pub.kind == "mute":
