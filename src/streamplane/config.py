@@ -169,6 +169,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Scheduled events (the `streamplane live plan --events` TOML): before each, a channel is
     # placed on the edges its expected audience needs; GET /v1/live/plan reports readiness.
     live_events: str = ""
+    # While an event is warming, each planned edge is asked this often for what the first
+    # viewers will fetch (master and media playlists, init segments, the newest parts).
+    live_warm_every_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
     # of them, the client is read from trusted_proxy_header, walked right to left past the
     # trusted hops. Empty: the TCP peer is the client, whatever the headers say.
@@ -278,6 +281,13 @@ class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_connections: int = 18_000  # per process
     admission_rate: float = 2_000.0  # new connections per second per process
     admission_burst: int = 4_000
+    # Where each process polls the admission plan of scheduled events (GET /v1/live/admission
+    # on the control plane, every admission_poll_s); empty: the normal limits always.
+    control_url: str = ""
+    admission_poll_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # Gateway processes on every machine together, among which an event's audience is split
+    # (the control plane reads it); 0: ``processes`` (one machine).
+    total_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def url(self) -> str:
         return self.public_url.rstrip("/") or f"ws://{self.host}:{self.port}"

@@ -44,6 +44,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from streamplane.realtime.admission import Admission, AdmissionWindow, admission_at
 from streamplane.realtime.broker import (
     Broker,
     BrokerError,
@@ -114,6 +115,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_connections: int = 18_000  # per process; the open-file limit here is 20,000
     admission_rate: float = 2_000.0  # new connections per second, per process
     admission_burst: int = 4_000
+    # The most connections a planned raise may take this process to: what its open-file limit
+    # lets it hold (past it, accept fails; a 503 with Retry-After is the better answer).
+    # None: no ceiling but the plan's.
+    connection_ceiling: int | None = None
     handshake_timeout: float = 5.0
     max_frame_bytes: int = 16_384
     send_queue_bytes: int = 256 * 1024
@@ -372,6 +377,15 @@ class Gateway:
         self.connections: set[_Connection] = set()
         self.channels: dict[str, _Channel] = {}
         self.mutes = Mutes()
+        # The normal limits, raised while a planned event's window is open (admission.py).
+        self.normal = Admission(
+            rate=settings.admission_rate,
+            burst=settings.admission_burst,
+            max_connections=settings.max_connections,
+        )
+        self.limits = self.normal
+        self.windows: list[AdmissionWindow] = []
+        self._clamped_from: Admission | None = None
         self.admission = TokenBucket(rate=settings.admission_rate, burst=settings.admission_burst)
         self.counts = CountThrottle(interval=settings.tick)
         self.stats: dict[str, int] = dict.fromkeys(
@@ -431,9 +445,48 @@ class Gateway:
 
     # -- admission ----------------------------------------------------------------------------
 
+    def plan_admission(self, windows: list[AdmissionWindow]) -> None:
+        """Take the planned events' windows (the control plane's plan, polled)."""
+        self.windows = windows
+        self._limits_now()
+
+    def _limits_now(self) -> Admission:
+        limits = admission_at(self.normal, self.windows, self.clock())
+        ceiling = self.settings.connection_ceiling
+        if ceiling is not None and limits.max_connections > max(
+            ceiling, self.normal.max_connections
+        ):
+            if limits != self._clamped_from:
+                self._clamped_from = limits
+                _log.warning(
+                    "admission: the plan asks %d connections of this process, which can hold "
+                    "%d: the event needs more gateway processes (realtime.total_processes)",
+                    limits.max_connections,
+                    ceiling,
+                )
+            limits = msgspec.structs.replace(
+                limits, max_connections=max(ceiling, self.normal.max_connections)
+            )
+        if limits != self.limits:
+            bucket = self.admission
+            bucket.take(time.monotonic(), cost=0.0)  # refilled at the old rate until now
+            # A raise takes effect at once: the bucket holds what it would have held had the
+            # higher burst been the limit all along (a surge at the window's opening is let in).
+            raised = max(0, limits.burst - self.limits.burst)
+            bucket.tokens = min(limits.burst, bucket.tokens + raised)
+            bucket.rate, bucket.burst = limits.rate, limits.burst
+            _log.info(
+                "admission: %g/s, burst %d, up to %d connections",
+                limits.rate,
+                limits.burst,
+                limits.max_connections,
+            )
+            self.limits = limits
+        return limits
+
     def admit(self) -> int | None:
         """None to admit a new connection, else the seconds to tell it to wait."""
-        if len(self.connections) >= self.settings.max_connections:
+        if len(self.connections) >= self._limits_now().max_connections:
             self.stats["refused"] += 1
             return 5
         if not self.admission.take(time.monotonic()):
@@ -451,6 +504,13 @@ class Gateway:
                 "node": self.broker.node,
                 "connections": len(self.connections),
                 "channels": len(self.channels),
+                "admission": {
+                    **msgspec.structs.asdict(self._limits_now()),
+                    "windows": len(self.windows),
+                    "raised_for": sorted(
+                        {w.channel for w in self.windows if w.start <= self.clock() < w.end}
+                    ),
+                },
                 **self.stats,
             }
         )
