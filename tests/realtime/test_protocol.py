@@ -274,21 +274,36 @@ def test_a_channel_is_counted_past_the_diff_limit_and_listed_again_only_at_half_
     assert presence_counted(0, 101, False, diff_limit=100), "this process alone is large"
     assert presence_counted(60, 3, True, diff_limit=100), "near the limit it stays counted"
     assert not presence_counted(50, 3, True, diff_limit=100)
+    # A storm empties a large channel for a moment: it stays counted until it has stayed small.
+    assert presence_counted(4, 1, True, diff_limit=100, small_for=5.0, settle=30.0)
+    assert not presence_counted(4, 1, True, diff_limit=100, small_for=30.0, settle=30.0)
 
 
-@given(sizes=st.lists(st.integers(0, 400), min_size=1, max_size=50), limit=st.integers(1, 200))
+@given(
+    sizes=st.lists(st.integers(0, 400), min_size=1, max_size=50),
+    limit=st.integers(1, 200),
+    settle=st.integers(0, 5),
+)
 def test_a_channel_moves_between_counted_and_listed_only_across_the_band(
-    sizes: list[int], limit: int
+    sizes: list[int], limit: int, settle: int
 ) -> None:
-    """Whatever the sizes, a move to counts happens only past the limit and back to entries
-    only at half of it or below: a channel hovering at the limit never flaps."""
-    counted = False
-    for size in sizes:
-        now = presence_counted(size, 0, counted, diff_limit=limit)
+    """Whatever the sizes (one a second), a move to counts happens only past the limit and
+    back to entries only once the channel has stayed at half of it or below ``settle`` seconds:
+    a channel hovering at the limit never flaps, a storm's moment of emptiness moves nothing."""
+    counted, small_since = False, -1
+    for t, size in enumerate(sizes):
+        if size > limit // 2:
+            small_since = -1
+        elif small_since < 0:
+            small_since = t
+        small_for = 0 if small_since < 0 else t - small_since
+        now = presence_counted(
+            size, 0, counted, diff_limit=limit, small_for=small_for, settle=settle
+        )
         if now and not counted:
             assert size > limit
         if counted and not now:
-            assert size <= limit // 2
+            assert size <= limit // 2 and small_for >= settle
         counted = now
 
 

@@ -166,6 +166,7 @@ class _Channel:
     counted: bool = False
     joined: set[str] = field(default_factory=set)
     present: int = 0  # the channel's size as the broker last said
+    small_since: float | None = None  # since when it has been at most half the diff limit
     subscribing: asyncio.Future[None] | None = None
 
 
@@ -1134,8 +1135,18 @@ class Gateway:
         limit = channel.namespace.presence_diff_limit
         stats = await self.broker.presence_stats(channel.name)
         channel.present = stats.clients
+        now = self.clock()
+        if max(stats.clients, len(channel.conns)) > limit // 2:
+            channel.small_since = None
+        elif channel.small_since is None:
+            channel.small_since = now
         counted = presence_counted(
-            stats.clients, len(channel.conns), channel.counted, diff_limit=limit
+            stats.clients,
+            len(channel.conns),
+            channel.counted,
+            diff_limit=limit,
+            small_for=0.0 if channel.small_since is None else now - channel.small_since,
+            settle=self.settings.presence_ttl,
         )
         if counted:
             self._count_presence(channel)

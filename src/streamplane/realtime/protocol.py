@@ -565,17 +565,28 @@ def presence_update(
     return PresenceDiff(channel=channel, joined=joined, left=left)
 
 
-def presence_counted(present: int, local: int, counted: bool, *, diff_limit: int) -> bool:
+def presence_counted(
+    present: int,
+    local: int,
+    counted: bool,
+    *,
+    diff_limit: int,
+    small_for: float = 0.0,
+    settle: float = 0.0,
+) -> bool:
     """Whether one gateway process keeps a channel's presence as a count of its own
     connections (its share, one write per tick) rather than an entry per connection.
 
     ``present`` is the channel's size as the broker last said, ``local`` this process's
     connections on it, ``counted`` the answer so far. A channel past ``diff_limit`` is counted
-    (it sends no join/leave diffs anyway); it goes back to entries only at half the limit, so
-    that a channel hovering at the limit does not move every tick (each move rewrites this
-    process's entries)."""
+    (it sends no join/leave diffs anyway); it goes back to entries only at half the limit and
+    once it has stayed there ``settle`` seconds (``small_for``: how long it has): a channel
+    hovering at the limit does not move every tick, and a reconnect storm, which empties a
+    large channel for a moment, does not turn every returning viewer into an entry."""
     size = max(present, local)
-    return size > diff_limit // 2 if counted else size > diff_limit
+    if not counted:
+        return size > diff_limit
+    return size > diff_limit // 2 or small_for < settle
 
 
 @dataclass
