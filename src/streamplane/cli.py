@@ -691,6 +691,7 @@ def gateway_load(
     with console.status(what + (", Redis restart" if gateways else "")):
         try:
             with stack as running:
+                pids = running.gateway_pids() if running is not None else []
                 report = run_load(
                     port,
                     key,
@@ -702,6 +703,7 @@ def gateway_load(
                     arrival_s=arrival,
                     restart_broker=running.restart_redis if running is not None else None,
                 )
+                alive = LoadStack.still_running(pids)
         except (OSError, TimeoutError, RuntimeError) as exc:
             raise _error(f"gateway on 127.0.0.1:{port}: {exc}", 1) from None
     table = Table(title=f"gateway-load against 127.0.0.1:{port}")
@@ -714,6 +716,15 @@ def gateway_load(
         f"{report.connect_s:.1f} s ({report.refused} answered 503, "
         f"{report.early_retries} retried before Retry-After)",
     )
+    refused_p50 = percentile(report.refusal_ms, 0.5) if report.refusal_ms else float("nan")
+    refused_p99 = percentile(report.refusal_ms, 0.99) if report.refusal_ms else float("nan")
+    table.add_row(
+        "surge: a 503 answered in p50 / p99",
+        f"{refused_p50:.0f} / {refused_p99:.0f} ms ({report.without_retry_after} without "
+        "Retry-After)",
+    )
+    if pids:
+        table.add_row("gateway processes still running", f"{alive} of {len(pids)}")
     table.add_row("broadcast latency p50 / p99", f"{p50 * 1000:.0f} / {p99 * 1000:.0f} ms")
     table.add_row("reconnect storm recovered in", f"{report.storm_s:.1f} s")
     table.add_row("lost", str(report.lost))
@@ -740,6 +751,7 @@ def gateway_load(
     out_console.print(table)
     failed = report.lost or report.repeats or report.holes or report.unconnected
     failed = failed or report.stale_as_current or report.early_retries
+    failed = failed or report.without_retry_after or (bool(pids) and alive < len(pids))
     if restart is not None:
         failed = failed or restart.lost or restart.repeats or restart.unconnected
     if failed:

@@ -33,7 +33,7 @@ import math
 import resource
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -50,6 +50,7 @@ from streamplane.realtime.broker import (
     BrokerError,
     Position,
     PresenceEntry,
+    PresenceShare,
     Publication,
     StateValue,
 )
@@ -93,6 +94,7 @@ from streamplane.realtime.protocol import (
     disconnect_frame,
     encode,
     namespace_of,
+    presence_counted,
     presence_update,
     pub_frame,
     required_right,
@@ -159,6 +161,12 @@ class _Channel:
     tail: RecentTail = field(default_factory=lambda: RecentTail(0, 0))
     held: list[Publication] = field(default_factory=list)  # deliveries during a recovery
     presence: dict[str, str] = field(default_factory=dict)  # client -> user, last snapshot
+    # A large channel's presence is this process's share, counted (Broker.report_presence);
+    # a small one's is an entry per connection, those in ``joined``.
+    counted: bool = False
+    joined: set[str] = field(default_factory=set)
+    present: int = 0  # the channel's size as the broker last said
+    small_since: float | None = None  # since when it has been at most half the diff limit
     subscribing: asyncio.Future[None] | None = None
 
 
@@ -643,7 +651,8 @@ class Gateway:
     ) -> None:
         stats = await self.broker.presence_stats(frame.channel)
         present = None
-        if stats.clients <= namespace.presence_diff_limit:
+        # Listed only when every connection is an entry: a large channel's shares are counts.
+        if stats.clients <= namespace.presence_diff_limit and not stats.shared:
             entries = await self.broker.presence(frame.channel)
             present = [PresenceUser(client=e.client, user=e.user) for e in entries]
         conn.send(
@@ -694,13 +703,8 @@ class Gateway:
         conn.joining[name] = []  # live deliveries wait here until the answer is sent
         channel = await self._channel(name, namespace)
         channel.conns.add(conn)
-        assert conn.grant is not None
         if not known:
-            await self.broker.presence_join(
-                name,
-                PresenceEntry(client=conn.client, user=conn.grant.user),
-                ttl=self.settings.presence_ttl,
-            )
+            await self._join_presence(channel, conn)
         if since is not None:
             missed = self._from_tail(channel, since)
             if missed is not None:
@@ -772,6 +776,14 @@ class Gateway:
             channel.subscribing = asyncio.get_running_loop().create_future()
             try:
                 await self.broker.subscribe(name, self._on_publication)
+                # A process (re)starting in a storm learns here that the channel is large, and
+                # counts its viewers from the first instead of joining each one. Read before the
+                # history: from the history's top on, nothing may be awaited until the channel
+                # is ready, or a publication delivered meanwhile would be dropped unseen.
+                channel.present = (await self.broker.presence_stats(name)).clients
+                channel.counted = presence_counted(
+                    channel.present, 0, False, diff_limit=namespace.presence_diff_limit
+                )
                 page = await self.broker.history(name, limit=200)
                 channel.cursor.reset(name, page.top)
                 channel.tail = RecentTail(
@@ -805,7 +817,9 @@ class Gateway:
         if channel is None or conn not in channel.conns:
             return
         channel.conns.discard(conn)
-        self._spawn(self._forget_presence(name, conn.client))
+        if conn.client in channel.joined:  # counted, it leaves with the next share
+            channel.joined.discard(conn.client)
+            self._spawn(self._forget_presence(name, conn.client))
         if not channel.conns and channel.ready:
             del self.channels[name]
             self.counts.forget(name)
@@ -827,6 +841,71 @@ class Gateway:
                 channel = self.channels.get(name)
                 for conn in list(channel.conns if channel is not None else ()):
                     conn.disconnect(Code.SHUTDOWN)
+
+    async def _join_presence(self, channel: _Channel, conn: _Connection) -> None:
+        limit = channel.namespace.presence_diff_limit
+        if channel.counted:
+            return
+        if presence_counted(channel.present, len(channel.conns), False, diff_limit=limit):
+            # This process alone holds more than a small channel: count it from now on.
+            self._count_presence(channel)
+            return
+        await self._enter(channel, conn)
+
+    async def _enter(self, channel: _Channel, conn: _Connection) -> None:
+        """Join ``conn``'s presence entry on ``channel``."""
+        assert conn.grant is not None
+        channel.joined.add(conn.client)
+        entry = PresenceEntry(client=conn.client, user=conn.grant.user)
+        await self.broker.presence_join(channel.name, entry, ttl=self.settings.presence_ttl)
+        if conn.client not in channel.joined or conn not in channel.conns:
+            # It left, or the channel went to a count, while the entry was on its way: the
+            # leave may have landed before it.
+            channel.joined.discard(conn.client)
+            await self.broker.presence_leave(channel.name, conn.client)
+
+    def _count_presence(self, channel: _Channel) -> None:
+        """The channel is large: this process's connections on it become one share, and its
+        entries go in the same step (never counted twice)."""
+        if channel.counted:
+            return
+        channel.counted = True
+        channel.presence = {}
+        leave, channel.joined = sorted(channel.joined), set()
+
+        async def report() -> None:
+            try:
+                await self._report_presence({channel.name: leave})
+            except BrokerError as err:  # the share goes with the next tick
+                _log.warning("presence share of %s not reported: %s", channel.name, err)
+
+        self._spawn(report())
+
+    async def _list_presence(self, channel: _Channel) -> None:
+        """The channel is small again: an entry per connection, then the share withdrawn."""
+        channel.counted = False
+        await asyncio.gather(*(self._enter(channel, conn) for conn in list(channel.conns)))
+        await self._report_presence()
+
+    async def _report_presence(self, leave: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Every counted channel's share of this process, in one call (a tick's, or a move)."""
+        shares = {
+            name: PresenceShare(
+                clients=len(channel.conns),
+                users=len({c.grant.user for c in channel.conns if c.grant is not None}),
+                replaces=tuple((leave or {}).get(name, ())),
+            )
+            for name, channel in self.channels.items()
+            if channel.counted
+        }
+        try:
+            await self.broker.report_presence(shares, ttl=self.settings.tick * 3)
+        except BrokerError:
+            # The entries that were to go are left when the broker returns, or expire.
+            now = self.clock()
+            for name, clients in (leave or {}).items():
+                self._unleft.update(((name, c), now) for c in clients)
+            raise
 
     async def _forget_presence(self, name: str, client: str) -> None:
         try:
@@ -958,7 +1037,6 @@ class Gateway:
         every connection this process still holds on those channels again (a refresh never
         revives an entry), and make the leaves that failed during the outage, so that neither
         the living are missing nor the dead present."""
-        ttl = self.settings.presence_ttl
         for attempt in range(_REJOIN_ATTEMPTS):
             try:
                 for name, client in list(self._unleft):
@@ -970,13 +1048,15 @@ class Gateway:
                         continue
                     # All at once: the engine bounds what is in flight (thousands of
                     # connections one round trip after another would take seconds).
+                    listed = [c for c in channel.conns if c.client in channel.joined]
                     results = await asyncio.gather(
-                        *(self._rejoin(channel, conn, ttl) for conn in list(channel.conns)),
+                        *(self._rejoin(channel, conn) for conn in listed),
                         return_exceptions=True,
                     )
                     for result in results:
                         if isinstance(result, BaseException):
                             raise result
+                await self._report_presence()  # the counted channels' shares, back at once
                 return
             except BrokerError as err:
                 # A restarted cluster node refuses work for a moment after its pub/sub is back.
@@ -986,15 +1066,11 @@ class Gateway:
             "presence of %d channel(s) not joined again; it returns with new joins", len(names)
         )
 
-    async def _rejoin(self, channel: _Channel, conn: _Connection, ttl: float) -> None:
-        if conn not in channel.conns or conn.grant is None:
+    async def _rejoin(self, channel: _Channel, conn: _Connection) -> None:
+        if conn.client not in channel.joined or conn not in channel.conns:
             return
-        entry = PresenceEntry(client=conn.client, user=conn.grant.user)
-        await self.broker.presence_join(channel.name, entry, ttl=ttl)
+        await self._enter(channel, conn)
         self.stats["presence_rejoined"] += 1
-        if conn not in channel.conns:
-            # It left while its entry was on the way: its own leave may have landed first.
-            await self.broker.presence_leave(channel.name, conn.client)
 
     # -- once a tick: presence, counts, token expiry ------------------------------------------
 
@@ -1025,14 +1101,15 @@ class Gateway:
         names = list(self.channels)
         local = {n: len(self.channels[n].conns) for n in names}
         await self.broker.report_counts(local, ttl=self.settings.tick * 3)
+        await self._report_presence()
         totals = (await self.broker.counts(names)).counts
         for name in names:
             channel = self.channels.get(name)
             if channel is None or not channel.ready:
                 continue
-            if refresh:
+            if refresh and channel.joined:
                 await self.broker.presence_refresh(
-                    name, [c.client for c in channel.conns], ttl=self.settings.presence_ttl
+                    name, sorted(channel.joined), ttl=self.settings.presence_ttl
                 )
             viewers = totals.get(name, 0)
             if self.counts.due(name, viewers, now):
@@ -1056,11 +1133,28 @@ class Gateway:
 
     async def _presence_tick(self, channel: _Channel) -> None:
         limit = channel.namespace.presence_diff_limit
-        if (
-            len(channel.presence) > limit
-            or (await self.broker.presence_stats(channel.name)).clients > limit
-        ):
-            channel.presence = {}
+        stats = await self.broker.presence_stats(channel.name)
+        channel.present = stats.clients
+        now = self.clock()
+        if max(stats.clients, len(channel.conns)) > limit // 2:
+            channel.small_since = None
+        elif channel.small_since is None:
+            channel.small_since = now
+        counted = presence_counted(
+            stats.clients,
+            len(channel.conns),
+            channel.counted,
+            diff_limit=limit,
+            small_for=0.0 if channel.small_since is None else now - channel.small_since,
+            settle=self.settings.presence_ttl,
+        )
+        if counted:
+            self._count_presence(channel)
+        elif channel.counted:
+            await self._list_presence(channel)
+            return  # listed from the next tick on, once the share is withdrawn
+        if counted or stats.shared or len(channel.presence) > limit or stats.clients > limit:
+            channel.presence = {}  # counts only
             return
         entries = await self.broker.presence(channel.name)
         diff = presence_update(channel.name, channel.presence, entries, diff_limit=limit)
