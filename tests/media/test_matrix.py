@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from streamplane.media.errors import EncodeError
@@ -213,3 +214,22 @@ def test_an_unreachable_cluster_is_a_clear_error(tmp_path: Path, shot: Path) -> 
             tmp_path / "r",
             cluster=f"tcp://127.0.0.1:{_free_port()}",
         )
+
+
+def test_a_shared_cut_is_charged_once_apart_from_the_encodes(shot: Path, tmp_path: Path) -> None:
+    """The fast path's cost is replayed scheme by scheme (bench/probes.py): the shot's decode
+    into its cut must be its own figure, counted once however many jobs read the cut."""
+    jobs = [
+        msgspec.structs.replace(j, cuts=str(tmp_path / "cuts"))
+        for j in jobs_for(shot, tmp_path / "out", crfs=(24, 30, 36))
+    ]
+    outcome = run_matrix(jobs, tmp_path / "results", workers=2)
+    results = list(outcome.results.values())
+    assert len(results) == 3
+    assert sum(r.cut_cpu_seconds > 0 for r in results) == 1
+    for r in results:
+        assert r.encode_cpu_seconds > 0 and r.vmaf_cpu_seconds > 0
+        assert r.cpu_seconds == pytest.approx(
+            r.cut_cpu_seconds + r.encode_cpu_seconds + r.vmaf_cpu_seconds
+        )
+    assert not (tmp_path / "cuts" / "s000.nut").exists()

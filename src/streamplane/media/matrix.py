@@ -108,6 +108,8 @@ class EncodeResult(msgspec.Struct, frozen=True):
     psnr_y: float
     encode_cpu_seconds: float
     vmaf_cpu_seconds: float
+    # decoding the shot into its cut, charged to the job that made it (0 for the shot's others)
+    cut_cpu_seconds: float = 0.0
     frame_vmaf: tuple[float, ...] = ()  # per scored frame (every `vmaf_subsample`-th)
     segment_bytes: tuple[int, ...] = ()  # video bytes from each keyframe to the next
 
@@ -127,16 +129,15 @@ class EncodeResult(msgspec.Struct, frozen=True):
 
     @property
     def cpu_seconds(self) -> float:
-        return self.encode_cpu_seconds + self.vmaf_cpu_seconds
+        return self.cut_cpu_seconds + self.encode_cpu_seconds + self.vmaf_cpu_seconds
 
 
 def encode_and_score(job: EncodeJob) -> EncodeResult:
     """Run one job in this process: encode (unless a complete encode is already there), score."""
     out = Path(job.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    encode_cpu = make_cut(job)
-    if not out.exists():
-        encode_cpu += run_encode(job, out)
+    cut_cpu = make_cut(job)
+    encode_cpu = run_encode(job, out) if not out.exists() else 0.0
     score = measure(
         out,
         job.reference_input(),
@@ -158,6 +159,7 @@ def encode_and_score(job: EncodeJob) -> EncodeResult:
         psnr_y=score.psnr_y,
         encode_cpu_seconds=encode_cpu,
         vmaf_cpu_seconds=score.cpu_seconds,
+        cut_cpu_seconds=cut_cpu,
         frame_vmaf=score.frame_vmaf,
     )
 

@@ -24,7 +24,7 @@ from streamplane.media.bdrate import BdRate, bd_rate, monotone_curve
 from streamplane.media.codecs import QP_CODECS
 from streamplane.media.codecs import codec as codec_info
 from streamplane.media.errors import DiskFullError, EncodeError, MediaError, PackagingError
-from streamplane.media.fastpath import predicted_grid, probe_quantisers
+from streamplane.media.fastpath import grid_point, predicted_grid, probe_quantisers
 from streamplane.media.ffmpeg import input_args, run_ffmpeg
 from streamplane.media.fmp4 import read_init
 from streamplane.media.ladder import LadderRung, build_ladder, fixed_ladder, matrix_resolutions
@@ -228,6 +228,7 @@ def encode(
     require_all(matrix, "encode matrix")
     cpu["matrix"] = sum(r.cpu_seconds for r in matrix.results.values())
     points = tuple(_choice(r) for r in matrix.results.values())
+    encoded = {grid_point(p) for p in points}
     if len(probed) < len(set(grid)):
         # the grid points not probed, predicted from those that were (fastpath.py)
         points = tuple(predicted_grid(points, grid))
@@ -331,6 +332,7 @@ def encode(
                 mode=settings.mode,
                 encodes_run=encodes_run,
                 cpu_seconds=cpu,
+                predicted=frozenset(grid_point(p) for p in points) - encoded,
             ),
             report_dir,
         )
