@@ -5,7 +5,7 @@ Method
   high-motion shots), in one run:
   * full: the whole matrix (every shot x resolution x CRF) at the shipped preset with full VMAF;
     the per-shot ladder is chosen from it at equal slope, one resolution per rung.
-  * fast: probes at the probe preset with VMAF on every 4th frame, at three CRFs of the grid
+  * fast: probes at the probe preset with VMAF on every 8th frame, at three CRFs of the grid
     per shot and resolution (18, 30, 42); the other grid points predicted from them
     (log bits and log(101 - VMAF) linear in CRF, media/fastpath.py); only the chosen points are
     encoded at the shipped preset and scored in full. --fast-variants runs other schemes beside

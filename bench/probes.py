@@ -1,20 +1,24 @@
 """The fast path's probe schemes, replayed on real encodes of the whole grid.
 
 Method
-  For each source, two matrices are encoded and scored for real (every shot x resolution x CRF
-  of the grid), in one run: at the shipped preset with VMAF on every frame (the full matrix),
-  and at the probe preset with VMAF on every 4th frame (every probe any scheme could run).
-  A scheme picks which probes it runs and how the grid is filled from them (measured only, or
-  the rest predicted as media/fastpath.py does); the ladder is chosen from that grid with the
-  pipeline's own `build_ladder`. Its shipped rungs are the full matrix's encodes of the chosen
-  points: exactly the encodes the fast path's final stage runs (same shot, resolution, CRF,
-  shipped preset, VMAF on every frame), so the shipped curve and its BD-rate against the full
-  matrix's ladder are the fast path's, before capped CRF (applied to both paths alike; its own
-  cost is in bench/encode.py). CPU: the recorded CPU seconds (ffmpeg user + system) of the
-  probes the scheme runs and of its distinct chosen points, against the whole full matrix.
+  For each source, the whole grid (every shot x resolution x CRF) is encoded and scored for real,
+  in one run: at the shipped preset with VMAF on every frame (the full matrix), and at the probe
+  preset with VMAF on every 4th frame (every probe any scheme could run); the default's probes
+  are also scored on every 8th frame (--subsamples). A scheme picks which probes it runs and how
+  the grid is filled from them (measured only, or the rest predicted as media/fastpath.py does);
+  the ladder is chosen from that grid with the pipeline's own `build_ladder`. Its shipped rungs
+  are the full matrix's encodes of the chosen points: exactly the encodes the fast path's final
+  stage runs (same shot, resolution, CRF, shipped preset, VMAF on every frame), so the shipped
+  curve and its BD-rate against the full matrix's ladder are the fast path's, before capped CRF
+  (applied to both paths alike; its own cost is in bench/encode.py).
+  CPU (ffmpeg user + system, as a share of the whole full matrix), by part as the fast path
+  spends it: each shot decoded into its cut twice (once for its probes, once for its final
+  encodes; one cut per shot for the full matrix), the probes' encodes and VMAF, the distinct
+  chosen points' encodes and VMAF. A probe's encode is counted from the 1/4 matrix for every
+  subsample (the encodes are the same bits), so schemes differ only by what they change.
   BD-rate is deterministic; CPU seconds move a little with the machine's load.
 
-Reproduce: .venv/bin/python bench/probes.py --sources real-mix bench-mix demo-mix --height 180
+Reproduce: .venv/bin/python bench/probes.py --sources real-mix bench-mix --height 180
 """
 
 from __future__ import annotations
@@ -126,10 +130,14 @@ def measure(
         points = [_choice(k, probes[k]) for k in run]
         curve, used = ship(predicted_grid(points, grid_q) if predict else points)
         bd = bd_rate(full_curve, curve)
+        # A probe's encode (and its shot's cut) is the same whatever frames VMAF scores (the
+        # bits are identical), so it is counted from one matrix for every scheme: the schemes
+        # then differ only by what they change, not by the load at the time each ran.
+        encodes = matrices[vs]
         cpu = {
-            "cut": sum(_cut_cpu(probes, s) for s in {k[0] for k in run})
+            "cut": sum(_cut_cpu(encodes, s) for s in {k[0] for k in run})
             + sum(_cut_cpu(full, s) for s in {k[0] for k in used}),
-            "probe encode": sum(probes[k].encode_cpu_seconds for k in run),
+            "probe encode": sum(encodes[k].encode_cpu_seconds for k in run),
             "probe VMAF": sum(probes[k].vmaf_cpu_seconds for k in run),
             "final encode": sum(full[k].encode_cpu_seconds for k in used),
             "final VMAF": sum(full[k].vmaf_cpu_seconds for k in used),
