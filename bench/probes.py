@@ -46,7 +46,7 @@ Point = tuple[int, int, int, int]
 
 
 def _choice(k: Point, r: EncodeResult) -> ShotChoice:
-    return ShotChoice(k[0], k[1], k[2], k[3], r.bits, round(r.vmaf, 4))
+    return ShotChoice(k[0], k[1], k[2], k[3], r.shot_bits, round(r.vmaf, 4))
 
 
 def _grid(results: list[EncodeResult]) -> dict[Point, EncodeResult]:
@@ -59,7 +59,12 @@ def _cut_cpu(matrix: dict[Point, EncodeResult], shot: int) -> float:
 
 
 def measure(
-    name: str, height: int | None, settings: EncodeSettings, work: Path, subsamples: list[int]
+    name: str,
+    height: int | None,
+    settings: EncodeSettings,
+    work: Path,
+    subsamples: list[int],
+    shares: list[float],
 ) -> dict[str, str]:
     if height:
         full = SAMPLES[name]
@@ -73,19 +78,28 @@ def measure(
     plan = _plan(source, title_work, settings, QuietProgress())
     grid_q = _quantisers(settings)
     default_q = probe_quantisers(grid_q, settings.probe_count)
-    # (mode, VMAF subsample, quantisers): the full matrix, every probe at the default
-    # subsample, and the default probes at each other subsample
-    runs = [("full", 1, grid_q), ("fast", settings.probe_vmaf_subsample, grid_q)]
-    runs += [("fast", n, default_q) for n in subsamples if n != settings.probe_vmaf_subsample]
-    matrices: dict[int, dict[Point, EncodeResult]] = {}
-    for mode, subsample, qs in runs:
-        s = msgspec.structs.replace(settings, mode=mode, probe_vmaf_subsample=subsample)
+    # (mode, VMAF subsample, share of each shot's frames, quantisers): the full matrix, every
+    # probe at the first subsample, and the default probes at every other subsample and share
+    vs = settings.probe_vmaf_subsample
+    runs = [("full", 1, 1.0, grid_q), ("fast", vs, 1.0, grid_q)]
+    runs += [
+        ("fast", n, share, default_q)
+        for share in [1.0, *shares]
+        for n in subsamples
+        if (n, share) != (vs, 1.0)
+    ]
+    matrices: dict[tuple[int, float], dict[Point, EncodeResult]] = {}
+    for mode, subsample, share, qs in runs:
+        s = msgspec.structs.replace(
+            settings, mode=mode, probe_vmaf_subsample=subsample, probe_share=share
+        )
         jobs = _matrix_jobs(
             source, plan.info, plan.shots, plan.segments, title_work / "m", s, False, qs
         )
         outcome = run_matrix(jobs, title_work / "results", workers=settings.workers or None)
-        matrices[0 if mode == "full" else subsample] = _grid([outcome.results[j.key] for j in jobs])
-    full = matrices[0]
+        key = (0, 1.0) if mode == "full" else (subsample, share)
+        matrices[key] = _grid([outcome.results[j.key] for j in jobs])
+    full = matrices[(0, 1.0)]
     frames = [s.n_frames for s in plan.shots]
     duration = plan.info.duration_s
     full_cpu = sum(r.cpu_seconds for r in full.values())
@@ -106,26 +120,39 @@ def measure(
 
     full_curve, _ = ship([_choice(k, r) for k, r in full.items()])
 
-    Scheme = tuple[int, Callable[[Point], bool], bool]  # subsample, which probes, predict?
+    # (subsample, share), which probes, predict the rest?
+    Scheme = tuple[tuple[int, float], Callable[[Point], bool], bool]
     ends_pruned = {sizes[0]: (18, 30), sizes[-1]: (30, 42)}
 
     def pruned(k: Point) -> bool:
         return k[3] in ends_pruned.get((k[1], k[2]), default_q)
 
-    vs = settings.probe_vmaf_subsample
     schemes: dict[str, Scheme] = {
-        "every grid point, measured (previous default)": (vs, lambda k: True, False),
+        "every grid point, measured (previous default)": ((vs, 1.0), lambda k: True, False),
     }
     for n in subsamples:
         schemes[f"{len(default_q)} CRFs {default_q}, rest predicted, VMAF 1/{n}"] = (
-            n,
+            (n, 1.0),
             lambda k: k[3] in default_q,
             True,
         )
-        schemes[f"same, top resolution (18, 30), bottom (30, 42), VMAF 1/{n}"] = (n, pruned, True)
+        schemes[f"same, top resolution (18, 30), bottom (30, 42), VMAF 1/{n}"] = (
+            (n, 1.0),
+            pruned,
+            True,
+        )
+    for share in shares:
+        for n in subsamples:
+            schemes[
+                f"{len(default_q)} CRFs, rest predicted, VMAF 1/{n}, {share:g} of each shot"
+            ] = (
+                (n, share),
+                lambda k: k[3] in default_q,
+                True,
+            )
     rows: dict[str, tuple[float, dict[str, float]]] = {}
-    for label, (subsample, wanted, predict) in schemes.items():
-        probes = matrices[subsample]
+    for label, ((subsample, share), wanted, predict) in schemes.items():
+        probes = matrices[(subsample, share)]
         run = {k for k in probes if wanted(k)}
         points = [_choice(k, probes[k]) for k in run]
         curve, used = ship(predicted_grid(points, grid_q) if predict else points)
@@ -133,7 +160,7 @@ def measure(
         # A probe's encode (and its shot's cut) is the same whatever frames VMAF scores (the
         # bits are identical), so it is counted from one matrix for every scheme: the schemes
         # then differ only by what they change, not by the load at the time each ran.
-        encodes = matrices[vs]
+        encodes = matrices[(vs, share)]
         cpu = {
             "cut": sum(_cut_cpu(encodes, s) for s in {k[0] for k in run})
             + sum(_cut_cpu(full, s) for s in {k[0] for k in used}),
@@ -177,6 +204,13 @@ def main() -> None:
         default=[4, 8],
         help="VMAF on every Nth frame for the probes (the first is the default's)",
     )
+    ap.add_argument(
+        "--shares",
+        type=float,
+        nargs="*",
+        default=[0.5, 0.25],
+        help="probes of part of each shot: this share of its frames, from its middle",
+    )
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("build/bench/probes"))
     args = ap.parse_args()
@@ -187,7 +221,8 @@ def main() -> None:
         workers=args.workers,
     )
     rows = [
-        measure(name, args.height, settings, args.work, args.subsamples) for name in args.sources
+        measure(name, args.height, settings, args.work, args.subsamples, args.shares)
+        for name in args.sources
     ]
     table = Table(title="fast path schemes: BD-rate against the full matrix, CPU as its share")
     table.add_column("scheme")

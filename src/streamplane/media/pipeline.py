@@ -101,6 +101,9 @@ class EncodeSettings(msgspec.Struct, frozen=True):
     # the rest (fastpath.py); full: probe every grid point
     probe_grid: str = "sparse"
     probe_count: int = 3
+    # the share of each shot's frames (from its middle) a probe encodes and scores; its bits are
+    # scaled to the whole shot. Never fewer than PROBE_MIN_FRAMES frames.
+    probe_share: float = 1.0
     heights: tuple[int, ...] = ()  # matrix resolutions by height; () = scales of the source
     quantisers: tuple[int, ...] = ()  # () = the codec's default grid
     rungs: int = 6
@@ -130,6 +133,8 @@ class EncodeSettings(msgspec.Struct, frozen=True):
             raise ValueError(f"mode must be 'fast' or 'full', not {self.mode!r}")
         if self.probe_grid not in ("sparse", "full"):
             raise ValueError(f"probe_grid must be 'sparse' or 'full', not {self.probe_grid!r}")
+        if not 0 < self.probe_share <= 1:
+            raise ValueError("probe_share is a share of each shot's frames: above 0, at most 1")
         if self.probe_count < 2:
             raise ValueError("probe_count must be at least 2 (a curve is predicted from them)")
         if self.rungs < 1:
@@ -512,7 +517,7 @@ def _matrix_jobs(
     quantisers: Sequence[int],
 ) -> list[EncodeJob]:
     sizes = matrix_resolutions(info.width, info.height, settings.heights or None)
-    return [
+    jobs = [
         _shot_job(
             source, info, shot, segments, directory, settings, (shot.index, w, h, q), keep_output
         )
@@ -520,6 +525,24 @@ def _matrix_jobs(
         for (w, h) in sizes
         for q in quantisers
     ]
+    if settings.mode != "fast" or settings.probe_share >= 1:
+        return jobs
+    return [
+        _named(
+            msgspec.structs.replace(j, probe_frames=probe_frames(j.reference_frames, settings)),
+            directory,
+        )
+        for j in jobs
+    ]
+
+
+PROBE_MIN_FRAMES = 24
+
+
+def probe_frames(shot_frames: int, settings: EncodeSettings) -> int:
+    """How many of a shot's frames its probes encode (0: all of them)."""
+    n = max(PROBE_MIN_FRAMES, round(settings.probe_share * shot_frames))
+    return 0 if n >= shot_frames else n
 
 
 _CAP_ROUNDS = 4
@@ -818,7 +841,9 @@ def _run_packed(
 def _choice(result: EncodeResult) -> ShotChoice:
     job = result.job
     assert job.crf is not None
-    return ShotChoice(job.shot, job.width, job.height, job.crf, result.bits, round(result.vmaf, 4))
+    return ShotChoice(
+        job.shot, job.width, job.height, job.crf, result.shot_bits, round(result.vmaf, 4)
+    )
 
 
 def _fixed_ladder(
