@@ -369,7 +369,10 @@ def main() -> None:
     rows = [short_mix(name, args, settings) for name in args.sources]
     print_rows("per-shot encoding (BD-rate, negative = fewer bits at equal VMAF)", rows)
     print_rows("fast path schemes against the full matrix, same run", VARIANTS)
-    long_rows = [long_title(name, args, settings) for name in args.long]
+    long_rows = []
+    for name in args.long:
+        long_rows.append(long_title(name, args, settings))
+        console.print(f"{name}: {long_rows[-1]}")  # each as it finishes: a long run may be cut
     print_rows("long titles: bounded scratch, CPU per minute of content", long_rows)
     for sub in ("full", "plain", "fast"):
         shutil.rmtree(args.work / sub, ignore_errors=True)
