@@ -41,7 +41,7 @@ from streamplane.media.matrix import EncodeResult, run_matrix
 from streamplane.media.pipeline import QuietProgress, _matrix_jobs, _plan, _quantisers
 from streamplane.media.title import ShotChoice
 
-console = Console(width=300)
+console = Console(width=420)  # a column per source, into a log file
 Point = tuple[int, int, int, int]
 
 

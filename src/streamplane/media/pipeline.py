@@ -101,9 +101,11 @@ class EncodeSettings(msgspec.Struct, frozen=True):
     # the rest (fastpath.py); full: probe every grid point
     probe_grid: str = "sparse"
     probe_count: int = 3
-    # the share of each shot's frames (from its middle) a probe encodes and scores; its bits are
-    # scaled to the whole shot. Never fewer than PROBE_MIN_FRAMES frames.
-    probe_share: float = 1.0
+    # the share of each shot's frames (from its middle) a probe encodes and scores, its bits
+    # scaled to the whole shot; never fewer than PROBE_MIN_FRAMES frames. Half: within 1 %
+    # BD-rate of the full matrix on every benchmark title for 6 to 8 points less CPU than
+    # whole shots (benchmarks.md, "The fast path's probes").
+    probe_share: float = 0.5
     heights: tuple[int, ...] = ()  # matrix resolutions by height; () = scales of the source
     quantisers: tuple[int, ...] = ()  # () = the codec's default grid
     rungs: int = 6
