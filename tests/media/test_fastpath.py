@@ -150,6 +150,13 @@ def test_the_fast_path_probes_part_of_the_grid_and_ships_a_valid_ladder(
     }
     shots = range(len(outcome.title.shots))
     assert probed == {(s, h, q) for s in shots for h in (90, 60) for q in (22, 38)}
+    # the probes read the middle half of each shot, the shipped encodes all of it
+    for r in results:
+        frames = outcome.title.shots[r.job.shot].n_frames
+        if r.job.preset == settings.probe_preset:
+            assert r.job.probe_frames == round(frames / 2) and r.job.frames_encoded < frames
+        else:
+            assert r.job.probe_frames == 0 and r.job.frames_encoded == frames
     at_shipped_preset = {
         (r.job.shot, r.job.height, r.job.crf)
         for r in results
