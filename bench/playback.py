@@ -44,7 +44,6 @@ import random
 import re
 import secrets
 import shlex
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -65,6 +64,7 @@ import httpx
 from pydantic import BaseModel, Field
 
 from streamplane.media.title import Rung, Title, encode_title
+from streamplane.stack import free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer import peer_app, serve_peer
@@ -107,12 +107,6 @@ def _title() -> Title:
         rungs=(rung,),
         audio=(),
     )
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(work: Path, url: str, port: int, devices: int) -> Path:
@@ -465,7 +459,7 @@ def _measure_control(
     """The control plane (from ``source``'s ``src`` if given) on ``url``: starts by new
     accounts, by accounts with long histories, and ``/healthz``."""
     out: dict[str, Measured] = {}
-    port = _port()
+    port = free_port()
     config = _config(work, url, port, args.devices)
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
     env = None
@@ -496,7 +490,7 @@ def _measure_control(
 
 
 def _measure_peer(url: str, args: argparse.Namespace, pool: ProcessPoolExecutor) -> Measured:
-    port = _port()
+    port = free_port()
     peer = [sys.executable, __file__, "--serve-peer", url, "--port", str(port)]
     with _serving(peer, port, "the peer") as pid:
         return _measure(
