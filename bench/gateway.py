@@ -108,6 +108,7 @@ def main() -> None:
             measure=measure,
         )
         wall = time.time() - t0
+        alive = LoadStack.still_running(pids)
     held, lat = report.held, report.latencies
     rss = seen["connected-rss"]
     cpu = seen["broadcasted"] - seen["broadcast"]
@@ -122,6 +123,17 @@ def main() -> None:
         f" (arrivals over {args.arrival:.0f} s; {report.refused} answered 503,"
         f" {report.early_retries} retried before their Retry-After)"
     )
+    if report.refusal_ms:
+        print(
+            f"a 503                 answered in p50 {percentile(report.refusal_ms, 0.5):.0f} ms,"
+            f" p99 {percentile(report.refusal_ms, 0.99):.0f} ms (dial to answer);"
+            f" {report.without_retry_after} without Retry-After;"
+            f" gateway processes still running {alive} of {len(pids)}"
+        )
+        print(
+            f"  an admitted one     p50 {percentile(report.admission_ms, 0.5):.0f} ms,"
+            f" p99 {percentile(report.admission_ms, 0.99):.0f} ms (dial to 101, same run)"
+        )
     print(
         f"gateway RSS           {rss / 1024:.0f} MB over {gateways} processes;"
         f" {gateway_kb:.1f} KB per connection"

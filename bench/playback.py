@@ -41,7 +41,6 @@ import multiprocessing
 import os
 import platform
 import random
-import re
 import secrets
 import shlex
 import sqlite3
@@ -57,7 +56,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import httpx
@@ -276,6 +275,7 @@ class Load:
     warmup_s: float = 2.0
     seconds: float = 10.0
     server_pid: int = 0
+    cpus: tuple[int, ...] = ()  # the generator runs on these CPUs (empty: any)
 
 
 @dataclass
@@ -285,6 +285,7 @@ class Measured:
     latencies: list[float]  # of the 2xx answers
     statuses: dict[int, int]
     cpu_s: float | None  # the server's CPU time over the measured window
+    client_cpu_s: float = 0.0  # the load generator's own CPU time over the window
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -297,69 +298,167 @@ def _cpu_seconds(pid: int) -> float | None:
 
 def run_load(load: Load) -> Measured:
     """Keep ``concurrency`` requests in flight; measure those completed inside the window."""
+    everywhere = os.sched_getaffinity(0)
+    if load.cpus:
+        os.sched_setaffinity(0, load.cpus)
     try:
         import uvloop
 
         return uvloop.run(_load(load))
     except ImportError:  # pragma: no cover - uvicorn[standard] brings it
         return asyncio.run(_load(load))
+    finally:
+        os.sched_setaffinity(0, everywhere)  # the pool's process runs other loads after
+
+
+def _requests(load: Load) -> tuple[list[bytes], bool]:
+    """Every distinct request the load sends, whole (head and body), built once; and whether
+    the list is exhaustive (False: ``body`` numbers each request anew, built as it goes)."""
+    head = f"{load.method} {load.path} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+    auths = [f"authorization: Bearer {t}\r\n" for t in load.tokens] or [""]
+
+    def whole(auth: str, body: bytes) -> bytes:
+        length = f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        return (head + auth + (length if body else "") + "\r\n").encode() + body
+
+    if load.bodies:
+        bodies = [b.encode() for b in load.bodies]
+    elif "{n}" not in load.body or load.devices:
+        bodies = [load.body.replace("{n}", str(n)).encode() for n in range(load.devices or 1)]
+    else:
+        return [whole(auths[0], load.body.encode())], False
+    return [whole(a, b) for b in bodies for a in auths], True
+
+
+class _Client(asyncio.Protocol):
+    """One keep-alive connection sending the next request from the callback that completes
+    the last answer: no task, no stream reader, no regular expression per request, so the
+    generator's own CPU per request (which shares the machine's cores with the server) stays
+    small. Answers carry ``content-length`` (every server measured here sends it)."""
+
+    def __init__(self, run: _Run) -> None:
+        self._run = run
+        self._buffer = b""
+        self._sent = 0.0
+        self._waiting = False
+        self.transport: asyncio.Transport | None = None
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._send()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if self._waiting:  # the server dropped it with a request unanswered: lost, counted
+            self._waiting = False
+            self._run.answered(0, 0.0)
+            self._run.reconnect()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        if time.monotonic() >= self._run.stop:
+            self.transport.close()
+            return
+        self._sent = time.perf_counter()
+        self._waiting = True
+        self.transport.write(self._run.next_request())
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer + data if self._buffer else data
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            self._buffer = buffer
+            return
+        head = buffer[:end].lower()
+        length = 0
+        at = head.find(b"\r\ncontent-length:")
+        if at >= 0:
+            line_end = head.find(b"\r\n", at + 2)
+            length = int(head[at + 17 : line_end if line_end >= 0 else len(head)])
+        if len(buffer) < end + 4 + length:
+            self._buffer = buffer
+            return
+        self._buffer = buffer[end + 4 + length :]  # nothing more is sent before the answer
+        self._waiting = False
+        self._run.answered(int(head[9:12]), time.perf_counter() - self._sent)
+        if b"\r\nconnection: close" in head:
+            assert self.transport is not None
+            self.transport.close()
+            self._run.reconnect()
+            return
+        self._send()
+
+
+class _Run:
+    def __init__(self, load: Load) -> None:
+        self.load = load
+        self.requests, self.exhaustive = _requests(load)
+        self.numbers = itertools.count()
+        self.start = time.monotonic() + load.warmup_s
+        self.stop = self.start + load.seconds
+        self.latencies: list[float] = []
+        self.statuses: Counter[int] = Counter()
+        self.clients: list[_Client] = []
+        self._rng = random.Random(7)
+        self._reconnects: set[asyncio.Task[None]] = set()
+
+    def next_request(self) -> bytes:
+        n = next(self.numbers)
+        if not self.exhaustive:
+            auth = ""
+            if self.load.tokens:
+                auth = f"authorization: Bearer {self._rng.choice(self.load.tokens)}\r\n"
+            body = self.load.body.replace("{n}", str(n)).encode()
+            return (
+                f"{self.load.method} {self.load.path} HTTP/1.1\r\nhost: 127.0.0.1\r\n{auth}"
+                f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+            ).encode() + body
+        if len(self.load.tokens) > 1:  # a random account's, as before; else round robin
+            per = len(self.load.tokens)
+            return self.requests[(n % (len(self.requests) // per)) * per + self._rng.randrange(per)]
+        return self.requests[n % len(self.requests)]
+
+    def answered(self, status: int, elapsed: float) -> None:
+        if time.monotonic() >= self.start:
+            self.statuses[status] += 1
+            if 200 <= status < 300:
+                self.latencies.append(elapsed)
+
+    def reconnect(self) -> None:
+        if time.monotonic() < self.stop:
+            self._reconnects.add(asyncio.get_running_loop().create_task(self.connect()))
+
+    def reconnecting(self) -> bool:
+        self._reconnects = {t for t in self._reconnects if not t.done()}
+        return bool(self._reconnects)
+
+    async def connect(self) -> None:
+        loop = asyncio.get_running_loop()
+        _, client = await loop.create_connection(lambda: _Client(self), "127.0.0.1", self.load.port)
+        self.clients.append(client)
 
 
 async def _load(load: Load) -> Measured:
-    numbers = itertools.count()
-    rng = random.Random(7)
-    latencies: list[float] = []
-    statuses: Counter[int] = Counter()
-    start = time.monotonic() + load.warmup_s
-    stop = start + load.seconds
-    head = f"{load.method} {load.path} HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-
-    async def worker() -> None:
-        reader, writer = await asyncio.open_connection("127.0.0.1", load.port)
-        try:
-            while (now := time.monotonic()) < stop:
-                request = head
-                if load.tokens:
-                    request += f"authorization: Bearer {rng.choice(load.tokens)}\r\n"
-                n = next(numbers)
-                if load.bodies:
-                    body = load.bodies[n % len(load.bodies)].encode()
-                else:
-                    text = load.body.replace("{n}", str(n % load.devices if load.devices else n))
-                    body = text.encode()
-                if body:
-                    request += f"content-type: application/json\r\ncontent-length: {len(body)}\r\n"
-                t0 = time.perf_counter()
-                writer.write(request.encode() + b"\r\n" + body)
-                response = await reader.readuntil(b"\r\n\r\n")
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", response)
-                await reader.readexactly(int(length.group(1)) if length else 0)
-                elapsed = time.perf_counter() - t0
-                if now >= start:
-                    status = int(response[9:12])
-                    statuses[status] += 1
-                    if 200 <= status < 300:
-                        latencies.append(elapsed)
-                if re.search(rb"(?i)\r\nconnection: *close", response):
-                    writer.close()
-                    reader, writer = await asyncio.open_connection("127.0.0.1", load.port)
-        finally:
-            writer.close()
-
-    tasks = [asyncio.create_task(worker()) for _ in range(load.concurrency)]
-    await asyncio.sleep(max(0.0, start - time.monotonic()))
-    cpu0 = _cpu_seconds(load.server_pid)
+    run = _Run(load)
+    await asyncio.gather(*(run.connect() for _ in range(load.concurrency)))
+    await asyncio.sleep(max(0.0, run.start - time.monotonic()))
+    cpu0, mine0 = _cpu_seconds(load.server_pid), time.process_time()
     t0 = time.monotonic()
-    await asyncio.sleep(max(0.0, stop - time.monotonic()))
-    cpu1 = _cpu_seconds(load.server_pid)
+    await asyncio.sleep(max(0.0, run.stop - time.monotonic()))
+    cpu1, mine1 = _cpu_seconds(load.server_pid), time.process_time()
     seconds = time.monotonic() - t0
-    await asyncio.gather(*tasks)
+    while any(not c.closed.done() for c in run.clients) or run.reconnecting():
+        await asyncio.sleep(0.01)  # the last answers come in
     return Measured(
-        requests=sum(statuses.values()),
+        requests=sum(run.statuses.values()),
         seconds=seconds,
-        latencies=latencies,
-        statuses=dict(statuses),
+        latencies=run.latencies,
+        statuses=dict(run.statuses),
         cpu_s=None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+        client_cpu_s=mine1 - mine0,
     )
 
 

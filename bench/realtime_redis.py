@@ -19,9 +19,12 @@ Method
   And recoveries: the engine's read script for a client 10 publications behind (the range
   read a reconnecting client costs), per second and per Redis CPU-second, no subscribers.
 
-Storm (``--storm N``, run on its own): what a reconnect storm costs Redis with the gateway's
-recovery tail and without it (``tail_size=0``: every recovery reads the stream), both sides in
-the same run, alternating, each on its own key prefix. One gateway process on the private
+Storm (``--storm N``, run on its own): what a reconnect storm costs Redis, three sides in the
+same run, alternating, each on its own key prefix: the gateway as it runs (recoveries from its
+tail; the channel is large, so its presence is one share per process); presence per viewer (the
+namespace's diff limit raised past ``N``: every viewer an entry, joined and left one by one, as
+every channel was before shares); and no tail (``tail_size=0``: every recovery reads the
+stream). One gateway process on the private
 Redis; ``N`` viewers (the project's ``RealtimeClient``) and a host that stays subscribed (the
 channel stays on the process, as it does while any of its viewers is connected) on one chat
 channel; 20 publications from another node (another process's publisher); then every viewer's
@@ -56,15 +59,18 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import hiredis
+import msgspec
 import redis.asyncio as aioredis
 
+from streamplane.lifetime import child_setup
 from streamplane.realtime.broker import Position
 from streamplane.realtime.client import RealtimeClient
 from streamplane.realtime.gateway import Gateway, GatewaySettings
+from streamplane.realtime.protocol import DEFAULT_NAMESPACES
 from streamplane.realtime.redis import RedisBroker, _Body, _pack, channel_key
 from streamplane.realtime.tokens import sign_realtime_token
 from streamplane.reporting import Table, markdown_table
-from streamplane.stack import _die_with_parent, free_port
+from streamplane.stack import free_port
 
 CHANNEL = "chat:final"
 PREFIX = "bench:"
@@ -94,7 +100,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
             "pubsub 0 0 0",
         ],
         stdout=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent,
+        preexec_fn=child_setup(),
     )
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -194,15 +200,23 @@ async def redis_totals(client: aioredis.Redis) -> int:
     return sum(int(v["calls"]) for k, v in stats.items() if k != "cmdstat_info")
 
 
-async def storm_side(port: int, pid: int, viewers: int, *, tail: bool) -> list[str]:
-    """One storm on a fresh gateway (tail on or off); the row of the table."""
+async def storm_side(
+    port: int, pid: int, viewers: int, *, tail: bool, per_viewer: bool
+) -> list[str]:
+    """One storm on a fresh gateway; the row of the table."""
     prefix = f"storm{secrets.token_hex(4)}:"
     broker = RedisBroker.connect(f"redis://127.0.0.1:{port}", prefix=prefix)
+    chat = DEFAULT_NAMESPACES["chat"]
+    limit = viewers + 10 if per_viewer else chat.presence_diff_limit
     settings = GatewaySettings(
         token_key=STORM_KEY,
         tail_size=1_000 if tail else 0,
         admission_rate=1e6,
         admission_burst=10**6,
+        namespaces={
+            **DEFAULT_NAMESPACES,
+            "chat": msgspec.structs.replace(chat, presence_diff_limit=limit),
+        },
     )
     gateway = Gateway(broker, settings)
     url = f"ws://127.0.0.1:{await gateway.start('127.0.0.1', 0)}"
@@ -253,8 +267,9 @@ async def storm_side(port: int, pid: int, viewers: int, *, tail: bool) -> list[s
         cpu, commands = cpu_seconds(pid) - cpu, await redis_totals(stats) - commands - 1
         reloads = sum(c.views[CHANNEL].reloads - 1 for c in crowd)
         delta = {k: gateway.stats[k] - before.get(k, 0) for k in gateway.stats}
+        side = "presence per viewer" if per_viewer else "presence per process"
         return [
-            "tail" if tail else "no tail (every recovery reads Redis)",
+            f"{side}, {'tail' if tail else 'no tail (every recovery reads Redis)'}",
             str(viewers),
             f"{commands:,}",
             f"{commands / viewers:.2f}",
@@ -278,8 +293,9 @@ def storm(viewers: int, repeat: int) -> None:
         proc, port = start_redis(Path(tmp))
         try:
             for _ in range(repeat):
-                for tail in (True, False):
-                    rows.append(asyncio.run(storm_side(port, proc.pid, viewers, tail=tail)))
+                for tail, per_viewer in ((True, False), (True, True), (False, False)):
+                    row = storm_side(port, proc.pid, viewers, tail=tail, per_viewer=per_viewer)
+                    rows.append(asyncio.run(row))
         finally:
             proc.kill()
             proc.wait()

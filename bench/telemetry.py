@@ -13,8 +13,17 @@ the stream. The peer, on the same store in the same run, is a bare FastAPI app d
 control plane did before: validate the heartbeat and write one row, inline, per request.
 
 Playback starts during a storm: 4 starts in flight from a second account, alone, and then while
-the heartbeat load runs against the lean listener (two load processes at once): the rise of the
-starts' p50 and p99 is what a heartbeat storm costs playback.
+the heartbeat load runs against the lean listener (two load processes at once), alternately
+``--pairs`` times (what else the machine does then falls on both alike): the rise of the
+starts' p50 and p99 is what a heartbeat storm costs playback, and the control plane's CPU per
+start whether the storm adds work to a start or only makes it wait. ``-pinned`` variants put
+the ingest process (``telemetry.ingest_cpus``) and the storm's generator on CPU 1, the control
+plane and the starts' generator on CPU 0: the storm then cannot take a start's CPU, and what
+rise is left comes through what they share (the store, the kernel, NATS).
+
+The generator's own CPU per request is reported beside the server's: on one machine it takes
+from the same cores. ``--before CHECKOUT`` runs the control plane and ingest of another
+checkout (its ``src``) on the same loads, interleaved.
 
 Per-device admission is raised for the run (each of the few hundred sessions sends far more
 than a real player's one heartbeat a second); the global limit is the default.
@@ -50,6 +59,8 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, Field
 
+from streamplane.stack import free_port
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer import peer_app, serve_peer
 from playback import (
@@ -57,7 +68,6 @@ from playback import (
     Measured,
     _config,
     _database,
-    _port,
     _serving,
     _set_up,
     run_load,
@@ -67,7 +77,13 @@ NATS = os.environ.get("STREAMPLANE_BENCH_NATS", "nats://127.0.0.1:4222")
 
 
 def _telemetry_config(
-    config: Path, engine: str, work: Path, ingest_port: int, separate: bool, nice: int | None
+    config: Path,
+    engine: str,
+    work: Path,
+    ingest_port: int,
+    separate: bool,
+    nice: int | None,
+    cpus: tuple[int, ...] = (),
 ) -> str:
     stream = f"BENCH{uuid.uuid4().hex[:12]}"
     lines = [
@@ -84,6 +100,8 @@ def _telemetry_config(
     ]
     if nice is not None:
         lines.append(f"ingest_nice = {nice}")
+    if cpus:
+        lines.append(f"ingest_cpus = {list(cpus)}")
     with config.open("a") as f:
         f.write("\n".join(lines) + "\n")
     return stream
@@ -142,14 +160,24 @@ def _measure_control(
     pool: ProcessPoolExecutor,
     separate: bool = False,
     nice: int | None = None,
+    source: str | None = None,
+    pinned: bool = False,
 ) -> dict[str, Measured]:
+    """The control plane (and ingest process), from ``source``'s ``src`` if given.
+    ``pinned``: the control plane and the starts' generator on CPU 0, the ingest process
+    (``telemetry.ingest_cpus``) and the heartbeats' generators on CPU 1."""
     out: dict[str, Measured] = {}
-    port, ingest = _port(), _port()
+    port, ingest = free_port(), free_port()
     config = _config(work, url, port, args.sessions + 4)
-    stream = _telemetry_config(config, engine, work, ingest, separate, nice)
+    storm_cpus, starts_cpus = ((1,), (0,)) if pinned else ((), ())
+    stream = _telemetry_config(config, engine, work, ingest, separate, nice, storm_cpus)
     # one secret for both processes: the ingest process verifies the control plane's tokens
     env = {**os.environ, "STREAMPLANE_CONTROL_JWT_SECRET": secrets.token_hex(32)}
+    if source is not None:
+        env["PYTHONPATH"] = str(Path(source).resolve() / "src")
     control = [sys.executable, "-m", "streamplane", "control", "--config", str(config)]
+    if pinned:
+        control = ["taskset", "-c", "0", *control]  # exec'd: the same pid
     try:
         with (
             _serving(control, port, f"{engine}: the control plane", env) as pid,
@@ -168,6 +196,7 @@ def _measure_control(
                 port=ingest,
                 tokens=(tokens[0],),
                 server_pid=ingest_pid or pid,
+                cpus=storm_cpus,
                 **beat,
                 **_timing(args),
             )
@@ -178,16 +207,43 @@ def _measure_control(
                 )
                 out["framework"] = pool.submit(run_load, framework).result()
             starts = Load(
-                port=port, tokens=(tokens[1],), server_pid=pid, **start, **_timing(args, 4)
+                port=port,
+                tokens=(tokens[1],),
+                server_pid=pid,
+                cpus=starts_cpus,
+                **start,
+                **_timing(args, 4),
             )
-            out["starts"] = pool.submit(run_load, starts).result()
-            storm = pool.submit(run_load, lean)
-            out["starts-storm"] = pool.submit(run_load, starts).result()
-            out["storm"] = storm.result()
+            # alone and during a storm, alternately: what else the machine does falls on both
+            alone, during, storms = [], [], []
+            for _ in range(args.pairs):
+                alone.append(pool.submit(run_load, starts).result())
+                storm = pool.submit(run_load, lean)
+                during.append(pool.submit(run_load, starts).result())
+                storms.append(storm.result())
+            out["starts"], out["starts-storm"] = _pooled(alone), _pooled(during)
+            out["storm"] = _pooled(storms)
     finally:
         if engine == "nats":
             _delete_stream(stream)
     return out
+
+
+def _pooled(runs: list[Measured]) -> Measured:
+    """Several windows of the same load as one."""
+    statuses: dict[int, int] = {}
+    for m in runs:
+        for status, n in m.statuses.items():
+            statuses[status] = statuses.get(status, 0) + n
+    cpus = [m.cpu_s for m in runs]
+    return Measured(
+        requests=sum(m.requests for m in runs),
+        seconds=sum(m.seconds for m in runs),
+        latencies=[x for m in runs for x in m.latencies],
+        statuses=statuses,
+        cpu_s=None if None in cpus else sum(c for c in cpus if c is not None),
+        client_cpu_s=sum(m.client_cpu_s for m in runs),
+    )
 
 
 @contextmanager
@@ -276,7 +332,7 @@ def heartbeat_peer(url: str) -> Any:
 def _measure_peer(
     url: str, bodies: tuple[str, ...], args: argparse.Namespace, pool: ProcessPoolExecutor
 ) -> Measured:
-    port = _port()
+    port = free_port()
     peer = [sys.executable, __file__, "--serve-peer", url, "--port", str(port)]
     with _serving(peer, port, "the peer") as pid:
         load = Load(
@@ -365,13 +421,16 @@ def _drain(url: str, work: Path, batches: int, sessions: int) -> tuple[float, fl
 # -- the report --------------------------------------------------------------------------------
 
 
-def _stats(m: Measured) -> tuple[float, float, float, float, int]:
+def _stats(m: Measured) -> tuple[float, float, float, float, int, float]:
+    """requests/s, p50 and p99 ms, the server's and the generator's CPU ms per request,
+    errors (a request whose connection the server dropped counts: it was lost)."""
     lats = sorted(m.latencies)
     p50 = 1000 * statistics.median(lats) if lats else float("nan")
     p99 = 1000 * lats[min(len(lats) - 1, int(0.99 * len(lats)))] if lats else float("nan")
     cpu = 1000 * m.cpu_s / m.requests if m.cpu_s and m.requests else float("nan")
+    client = 1000 * m.client_cpu_s / m.requests if m.requests else float("nan")
     errors = sum(n for s, n in m.statuses.items() if not 200 <= s < 300)
-    return m.requests / m.seconds, p50, p99, cpu, errors
+    return m.requests / m.seconds, p50, p99, cpu, errors, client
 
 
 WHAT = {
@@ -384,54 +443,71 @@ WHAT = {
 }
 
 
-def main(args: argparse.Namespace) -> str:
+def _variant(
+    variant: str, args: argparse.Namespace, pool: ProcessPoolExecutor, source: str | None
+) -> tuple[str, dict[str, Measured]]:
+    """One engine variant measured: its label and what was found."""
     stores = {"embedded": "SQLite", "nats": "PostgreSQL"}
+    # "-pinned": the ingest process and the storm on a core of their own
+    pinned = variant.endswith("-pinned")
+    variant = variant.removesuffix("-pinned")
+    # "-nice10": the ingest process at niceness 10, beside the default (ingest_nice)
+    nice = 10 if variant.endswith("-nice10") else None
+    variant = variant.removesuffix("-nice10")
+    engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
+    store = stores[engine]
+    with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
+        work = Path(tmp)
+        with _database(store, work, "control") as url:
+            found = _measure_control(engine, url, args, work, pool, separate, nice, source, pinned)
+        if not args.no_peer and source is None:
+            with _database(store, work, "peer") as url:
+                bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
+                found["peer"] = _measure_peer(url, bodies, args, pool)
+    label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
+    if separate:
+        label += ", ingest process" + (f", nice {nice}" if nice else "")
+        label += ", pinned" if pinned else ""
+    if source is not None:
+        label = f"before: {label}"
+    return label, found
+
+
+def main(args: argparse.Namespace) -> str:
     lines = [
-        "| engine + store | what | requests/s | p50 ms | p99 ms | server CPU ms/req | errors |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| engine + store | what | requests/s | p50 ms | p99 ms | server CPU ms/req"
+        " | generator CPU ms/req | errors |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     notes = []
     spawn = multiprocessing.get_context("spawn")
+    sources = [None, args.before] if args.before else [None]
     with ProcessPoolExecutor(2, mp_context=spawn) as pool:
         for variant in args.engines:
-            # "-nice10": the ingest process at niceness 10, beside the default (ingest_nice)
-            nice = 10 if variant.endswith("-nice10") else None
-            variant = variant.removesuffix("-nice10")
-            engine, separate = variant.removesuffix("-process"), variant.endswith("-process")
-            store = stores[engine]
-            with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
-                work = Path(tmp)
-                with _database(store, work, "control") as url:
-                    found = _measure_control(engine, url, args, work, pool, separate, nice)
-                if not args.no_peer:
-                    with _database(store, work, "peer") as url:
-                        bodies = _bodies([str(uuid.uuid4()) for _ in range(args.sessions)])
-                        found["peer"] = _measure_peer(url, bodies, args, pool)
-            label = f"{'JetStream' if engine == 'nats' else 'embedded'} + {store}"
-            if separate:
-                label += ", ingest process" + (f", nice {nice}" if nice else "")
-            for kind in ("lean", "framework", "peer", "storm", "starts", "starts-storm"):
-                if kind not in found:
-                    continue
-                rate, p50, p99, cpu, errors = _stats(found[kind])
-                lines.append(
-                    f"| {label} | {WHAT[kind]} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |"
-                    f" {cpu:.3f} | {errors} |"
+            for source in sources:  # before and after interleaved: the same noise on both
+                label, found = _variant(variant, args, pool, source)
+                for kind in WHAT:
+                    if kind not in found:
+                        continue
+                    rate, p50, p99, cpu, errors, client = _stats(found[kind])
+                    lines.append(
+                        f"| {label} | {WHAT[kind]} | {rate:,.0f} | {p50:.1f} | {p99:.1f} |"
+                        f" {cpu:.3f} | {client:.3f} | {errors} |"
+                    )
+                alone, storm = _stats(found["starts"]), _stats(found["starts-storm"])
+                against = ""
+                if "peer" in found:
+                    lean, peer = _stats(found["lean"]), _stats(found["peer"])
+                    against = (
+                        f" lean heartbeats / the peer's inline inserts = {lean[0] / peer[0]:.2f}"
+                        f" (server CPU per request, the peer's / lean = {peer[3] / lean[3]:.2f});"
+                    )
+                notes.append(
+                    f"- {label}:{against}"
+                    f" playback starts during the storm: p50 {storm[1] / alone[1] - 1:+.0%},"
+                    f" p99 {storm[2] / alone[2] - 1:+.0%}."
                 )
-            alone, storm = _stats(found["starts"]), _stats(found["starts-storm"])
-            against = ""
-            if "peer" in found:
-                lean, peer = _stats(found["lean"]), _stats(found["peer"])
-                against = (
-                    f" lean heartbeats / the peer's inline inserts = {lean[0] / peer[0]:.2f}"
-                    f" (server CPU per request, the peer's / lean = {peer[3] / lean[3]:.2f});"
-                )
-            notes.append(
-                f"- {label}:{against}"
-                f" playback starts during the storm: p50 {storm[1] / alone[1] - 1:+.0%},"
-                f" p99 {storm[2] / alone[2] - 1:+.0%}."
-            )
-            print(f"{variant} done; load average {os.getloadavg()}", file=sys.stderr)
+                print(f"{label} done; load average {os.getloadavg()}", file=sys.stderr)
         for store in args.drain_stores:
             with tempfile.TemporaryDirectory(prefix="bench-telemetry-") as tmp:
                 work = Path(tmp)
@@ -474,8 +550,22 @@ if __name__ == "__main__":
             "nats-process",
             "embedded-process-nice10",
             "nats-process-nice10",
+            "embedded-process-pinned",
+            "nats-process-pinned",
         ],
-        help="-process: heartbeats taken by `streamplane ingest`, a process of its own",
+        help="-process: heartbeats taken by `streamplane ingest`, a process of its own; -pinned:"
+        " it and the storm on CPU 1, the control plane and the starts on CPU 0",
+    )
+    parser.add_argument(
+        "--before",
+        metavar="CHECKOUT",
+        help="also run the control plane and ingest of another checkout (its src/), interleaved",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=1,
+        help="playback starts alone and during a storm, alternately, this many times each",
     )
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)

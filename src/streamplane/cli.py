@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -372,8 +372,30 @@ def _live_demo(stack: LocalStack) -> None:
     master = f"{origin}/demo-live/master.m3u8"
     out_console.print(
         f"\nLive (LL-HLS):   {stack.control_url}/static/live.html?src={quote(master)}"
+        + _live_viewers_param(stack, "demo-live")
     )
     out_console.print(f"live playlist:   {master} (status: {origin}/demo-live/status.json)")
+
+
+def _live_viewers_param(stack: LocalStack, channel: str) -> str:
+    """``&realtime=…`` for the live page to show the channel's viewer count from the stack's
+    gateway (a grant of the demo account); empty when the control plane does not give one."""
+    from urllib.parse import quote
+
+    import httpx
+
+    from streamplane.stack import StackError
+
+    try:
+        r = httpx.post(
+            f"{stack.control_url}/v1/realtime/token",
+            json={"event": channel},
+            headers=stack.account(),
+            timeout=10,
+        )
+    except (httpx.HTTPError, StackError):
+        return ""
+    return f"&realtime={quote(r.text, safe='')}" if r.status_code == 200 else ""
 
 
 def _answers(url: str) -> bool:
@@ -673,6 +695,7 @@ def gateway_load(
     with console.status(what + (", Redis restart" if gateways else "")):
         try:
             with stack as running:
+                pids = running.gateway_pids() if running is not None else []
                 report = run_load(
                     port,
                     key,
@@ -684,6 +707,7 @@ def gateway_load(
                     arrival_s=arrival,
                     restart_broker=running.restart_redis if running is not None else None,
                 )
+                alive = LoadStack.still_running(pids)
         except (OSError, TimeoutError, RuntimeError) as exc:
             raise _error(f"gateway on 127.0.0.1:{port}: {exc}", 1) from None
     table = Table(title=f"gateway-load against 127.0.0.1:{port}")
@@ -696,6 +720,15 @@ def gateway_load(
         f"{report.connect_s:.1f} s ({report.refused} answered 503, "
         f"{report.early_retries} retried before Retry-After)",
     )
+    refused_p50 = percentile(report.refusal_ms, 0.5) if report.refusal_ms else float("nan")
+    refused_p99 = percentile(report.refusal_ms, 0.99) if report.refusal_ms else float("nan")
+    table.add_row(
+        "surge: a 503 answered in p50 / p99",
+        f"{refused_p50:.0f} / {refused_p99:.0f} ms ({report.without_retry_after} without "
+        "Retry-After)",
+    )
+    if pids:
+        table.add_row("gateway processes still running", f"{alive} of {len(pids)}")
     table.add_row("broadcast latency p50 / p99", f"{p50 * 1000:.0f} / {p99 * 1000:.0f} ms")
     table.add_row("reconnect storm recovered in", f"{report.storm_s:.1f} s")
     table.add_row("lost", str(report.lost))
@@ -722,6 +755,7 @@ def gateway_load(
     out_console.print(table)
     failed = report.lost or report.repeats or report.holes or report.unconnected
     failed = failed or report.stale_as_current or report.early_retries
+    failed = failed or report.without_retry_after or (bool(pids) and alive < len(pids))
     if restart is not None:
         failed = failed or restart.lost or restart.repeats or restart.unconnected
     if failed:
@@ -1127,7 +1161,8 @@ def live_plan(
         e = plan.event
         table = Table(
             title=f"{e.channel}: starts {when(e.start)}, warm from {when(plan.warm_at)}; "
-            f"gateway admits {plan.admission_per_s}/s, up to {plan.max_connections} connections"
+            f"gateways admit {plan.gateway.admission_per_s}/s (burst "
+            f"{plan.gateway.admission_burst}), up to {plan.gateway.max_connections} connections"
         )
         for col in ("site", "viewers", "edges", "why"):
             table.add_column(col)
@@ -1167,10 +1202,51 @@ def live_record(
 _FEED_REFUSED = ("Connection to", "RTMP handshake", "Connection reset by peer", "Broken pipe")
 
 
-def _live_plan_of(control: str, admin_token: str) -> None:
-    """`live plan --control`: GET /v1/live/plan, printed; exit 1 when an event is not ready."""
+def _live_plan_tables(body: dict[str, Any]) -> tuple[list[Table], list[str]]:
+    """GET /v1/live/plan as tables (each event: its sites, then its planned edges, up and
+    warm), and the channels not ready."""
     from datetime import UTC, datetime
 
+    def when(t: float) -> str:
+        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+    tables = []
+    unready = []
+    for event in body["events"]:
+        gateway = event["gateway"]
+        table = Table(
+            title=f"{event['channel']}: {event['phase']}, starts {when(event['start'])}, warm "
+            f"from {when(event['warm_at'])}; gateways admit {gateway['admission_per_s']}/s "
+            f"(burst {gateway['admission_burst']}), up to {gateway['max_connections']} "
+            f"connections, {gateway['per_process']['rate']:g}/s and "
+            f"{gateway['per_process']['max_connections']} on each of {gateway['processes']} "
+            "processes; " + ("READY" if event["ready"] else "NOT READY") + f" ({event['why']})"
+        )
+        for col in ("site", "viewers", "edges", "why"):
+            table.add_column(col)
+        for site in event["sites"]:
+            table.add_row(
+                site["site"], str(site["viewers"]), ", ".join(site["edges"]) or "-", site["reason"]
+            )
+        edges = Table(title=f"{event['channel']}: its planned edges")
+        for col in ("edge", "site", "up", "warm", "why"):
+            edges.add_column(col)
+        for edge in event["edges"]:
+            edges.add_row(
+                edge["edge"],
+                edge["site"],
+                "yes" if edge["up"] else "NO",
+                "yes" if edge["warm"] else "no",
+                edge["why"],
+            )
+        tables += [table, edges]
+        if not event["ready"]:
+            unready.append(event["channel"])
+    return tables, unready
+
+
+def _live_plan_of(control: str, admin_token: str) -> None:
+    """`live plan --control`: GET /v1/live/plan, printed; exit 1 when an event is not ready."""
     import httpx
 
     try:
@@ -1184,31 +1260,12 @@ def _live_plan_of(control: str, admin_token: str) -> None:
     if r.status_code != 200:
         raise _error(f"the control plane answered {r.status_code}: {r.text[:300]}", 2)
 
-    def when(t: float) -> str:
-        return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M UTC")
-
     body = r.json()
     if body["scheduled"] and not body["planned"]:
         raise _error("no edge is heartbeating: nothing to plan the events on", 1)
-    unready = []
-    for event in body["events"]:
-        gateway = event["gateway"]
-        table = Table(
-            title=f"{event['channel']}: {event['phase']}, starts {when(event['start'])}, warm "
-            f"from {when(event['warm_at'])}; gateway admits {gateway['admission_per_s']}/s, up "
-            f"to {gateway['max_connections']} connections; "
-            + ("READY" if event["ready"] else "NOT READY")
-            + f" ({event['why']})"
-        )
-        for col in ("site", "viewers", "edges", "why"):
-            table.add_column(col)
-        for site in event["sites"]:
-            table.add_row(
-                site["site"], str(site["viewers"]), ", ".join(site["edges"]) or "-", site["reason"]
-            )
+    tables, unready = _live_plan_tables(body)
+    for table in tables:
         out_console.print(table)
-        if not event["ready"]:
-            unready.append(event["channel"])
     if unready:
         raise _error(f"not ready: {', '.join(unready)}", 1)
 

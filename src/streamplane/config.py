@@ -169,6 +169,9 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # Scheduled events (the `streamplane live plan --events` TOML): before each, a channel is
     # placed on the edges its expected audience needs; GET /v1/live/plan reports readiness.
     live_events: str = ""
+    # While an event is warming, each planned edge is asked this often for what the first
+    # viewers will fetch (master and media playlists, init segments, the newest parts).
+    live_warm_every_s: Annotated[float, msgspec.Meta(gt=0)] = 5.0
     # Proxies (CIDRs) whose word on the client's address is believed: from a TCP peer in one
     # of them, the client is read from trusted_proxy_header, walked right to left past the
     # trusted hops. Empty: the TCP peer is the client, whatever the headers say.
@@ -278,6 +281,13 @@ class RealtimeSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     max_connections: int = 18_000  # per process
     admission_rate: float = 2_000.0  # new connections per second per process
     admission_burst: int = 4_000
+    # Where each process polls the admission plan of scheduled events (GET /v1/live/admission
+    # on the control plane, every admission_poll_s); empty: the normal limits always.
+    control_url: str = ""
+    admission_poll_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
+    # Gateway processes on every machine together, among which an event's audience is split
+    # (the control plane reads it); 0: ``processes`` (one machine).
+    total_processes: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def url(self) -> str:
         return self.public_url.rstrip("/") or f"ws://{self.host}:{self.port}"
@@ -300,6 +310,9 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     global_rate: float = 50_000.0  # requests a second this process takes from all players...
     global_burst: float = 100_000.0
     consumer_batches: int = 1024  # batches written in one store transaction, at most
+    # a consumer round that did not fill waits until this long after it began: a storm reaches
+    # the store in a few large transactions a second, not one per handful of heartbeats
+    consumer_linger_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.5
     ack_wait_s: float = 30.0  # a batch taken and not written by then is handed out again
     screen_touch_s: float = 15.0  # a session's last_seen is written at most this often
     # A lean listener for POST /v1/heartbeat alone (docs/telemetry.md); 0: none, heartbeats
@@ -314,6 +327,9 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # control plane's playback starts on a machine they share, and to everything else on it
     # too (on a busy machine, 10 cut its heartbeats/s 9x: docs/benchmarks.md); 0: no yielding.
     ingest_nice: Annotated[int, msgspec.Meta(ge=0, le=19)] = 0
+    # The CPUs the ingest process may run on (empty: any): on a machine it shares with the
+    # control plane, cores of its own, so that a storm cannot take a playback start's CPU
+    ingest_cpus: tuple[Annotated[int, msgspec.Meta(ge=0)], ...] = ()
     # Quality of experience (docs/telemetry.md#quality-of-experience): rows per qos_bucket_s
     # (a minute; it must divide an hour) and per hour, kept this long; steering's judgement.
     qos_bucket_s: int = 60
@@ -330,6 +346,10 @@ class TelemetrySettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknow
     # batches per QoS write: its rows grow with the keys a round touches, not its events, so
     # larger rounds than the write-behind's (bench/qos.py: 1024 -> 8192, 3x the events/s)
     qos_consumer_batches: int = 8192
+    # The share of the control plane's time its QoS consumer may take (0 < share <= 1): during a
+    # storm it cannot keep up with, the rest stays with playback starts, and its backlog waits
+    # in the stream (written after, the aggregates later by as much)
+    qos_share: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.25
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

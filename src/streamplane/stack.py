@@ -145,6 +145,7 @@ class LocalStack:
         telemetry_settings: Mapping[str, Any] | None = None,
         edge_places: Mapping[int, EdgePlace] | None = None,
         edge_settings: Mapping[str, Any] | None = None,
+        realtime_settings: Mapping[str, Any] | None = None,
     ) -> None:
         if not 1 <= edges <= len(_SITES):
             raise StackError(f"a local stack runs 1 to {len(_SITES)} edges, not {edges}")
@@ -165,6 +166,8 @@ class LocalStack:
             "stream_dir": str(self.work / "telemetry"),
             **(telemetry_settings or {}),
         }
+        # [realtime] keys to override; the gateway polls this control plane's admission plan
+        self.realtime_settings = dict(realtime_settings or {})
         self.key_hex = secrets.token_hex(32)
         self.gateway_port = gateway_port or free_port()
         self.realtime_key_hex = secrets.token_hex(32)  # shared by the control plane and gateway
@@ -306,8 +309,14 @@ class LocalStack:
             edge_id = self.edge_id(index)
             lines += ["", f"[control.edges.{edge_id}]", f'key = "{self.edge_keys[edge_id]}"']
             lines += [f'base_url = "{self.edge_url(index)}"', f'site = "{_SITES[index][0]}"']
-        lines += ["", "[realtime]", f'token_key = "{self.realtime_key_hex}"']
-        lines += [f"port = {self.gateway_port}"]
+        lines += ["", "[realtime]"]
+        realtime = {
+            "token_key": self.realtime_key_hex,
+            "port": self.gateway_port,
+            "control_url": self.control_url,
+        }
+        realtime.update(self.realtime_settings)
+        lines += [f"{k} = {json.dumps(v)}" for k, v in realtime.items()]
         lines += ["", "[telemetry]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in self.telemetry_settings.items()]
         path = self.work / "settings.toml"

@@ -27,6 +27,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import msgspec
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -35,6 +36,7 @@ from streamplane.config import (
     ControlSettings,
     EdgeRegistration,
     Plan,
+    RealtimeSettings,
     Settings,
     TelemetrySettings,
     TokenSettings,
@@ -331,10 +333,16 @@ async def running(
     *,
     monotonic: Clock | None = None,
     telemetry: dict[str, Any] | None = None,
+    realtime: dict[str, Any] | None = None,
+    tokens: TokenSettings | None = None,
     **control: Any,
 ) -> AsyncIterator[Control]:
     """Start a control plane (lifespan included) on ``db``; stop it on exit."""
     settings = control_settings(db, catalog, telemetry, **control)
+    if realtime is not None:
+        settings = msgspec.structs.replace(settings, realtime=RealtimeSettings(**realtime))
+    if tokens is not None:  # signing for real edges, which have keys of their own
+        settings = msgspec.structs.replace(settings, tokens=tokens)
     clock = clock or Clock()
     app = create_app(
         settings,

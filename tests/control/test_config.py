@@ -63,6 +63,9 @@ def test_json_values_from_the_environment() -> None:
         ("[control\n", {}, "not valid TOML"),
         ("", {"STREAMPLANE_CONTROL_PROT": "1"}, "no key 'prot'"),
         ("", {"STREAMPLANE_TOKENS_KEYS": "{bad"}, "not valid JSON"),
+        ("[control]\nlive_warm_every_s = 0\n", {}, "live_warm_every_s"),
+        ("[realtime]\nadmission_poll_s = 0\n", {}, "admission_poll_s"),
+        ("[realtime]\ntotal_processes = -2\n", {}, "total_processes"),
     ],
 )
 def test_mistakes_are_named(tmp_path: Path, text: str, env: dict[str, str], message: str) -> None:

@@ -367,6 +367,7 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
         "ingest_process": True,
         "stream_dir": str(tmp_path / "s"),
         "ingest_nice": 7,
+        "ingest_cpus": [0],
     }
     settings = tmp_path / "ingest.toml"
     settings.write_text(
@@ -400,6 +401,9 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
             assert r.status_code == 200 and r.json()["resume_position_s"] == 4.0, r.text
             # it yields the CPU to the control plane's playback starts
             assert os.getpriority(os.PRIO_PROCESS, ingest.pid) == 7
+            # on the CPUs it was given, every thread of it
+            threads = os.listdir(f"/proc/{ingest.pid}/task")
+            assert {frozenset(os.sched_getaffinity(int(t))) for t in threads} == {frozenset({0})}
             # the control plane's own route points there
             r = await _beat(control, session, hb)
             assert r.status_code == 503 and str(port) in r.json()["detail"], r.text
@@ -436,3 +440,21 @@ async def test_a_screen_is_touched_once_per_touch_interval_not_per_heartbeat(
     control.clock.advance(4)  # 16 s after the last write: this one is written
     assert (await _beat(control, session, hb)).status_code == 200
     assert await last_seen() == T0 + 16
+
+
+def test_an_ingest_process_given_cpus_the_machine_lacks_says_so(tmp_path: Path) -> None:
+    settings = tmp_path / "ingest.toml"
+    settings.write_text(
+        "[control]\n"
+        f'database_url = "sqlite+aiosqlite:///{tmp_path / "c.db"}"\njwt_secret = "{"b2" * 32}"\n'
+        "[telemetry]\n"
+        f"ingest_port = {free_port()}\ningest_process = true\ningest_cpus = [4095]\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "streamplane", "ingest", "--config", str(settings)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done
+    assert "telemetry.ingest_cpus" in done.stderr + done.stdout, done

@@ -115,8 +115,14 @@ def test_the_phase_readiness_and_placement_of_an_event_follow_its_clock() -> Non
     assert warm_edges([plan], "ch", 9_000.0) is None  # not yet: every edge serves it
     assert warm_edges([plan], "ch", 9_500.0) == {"e1"}
     assert warm_edges([plan], "other", 9_500.0) is None
-    ready = readiness(plan, {"e1", "e2"}, 9_500.0)
+    ready = readiness(plan, {"e1", "e2"}, 9_500.0, warm={"e1"})
     assert ready.ready and ready.phase == "warming" and ready.edges_up == ("e1",)
+    # warming, but its edge not warmed (yet, or its warming failed): not ready, and said so
+    cold = readiness(plan, {"e1", "e2"}, 9_500.0)
+    assert not cold.ready and cold.edges_cold == ("e1",) and "not warm yet: e1" in cold.why
+    # before the warm-up no edge is expected warm; once live, the viewers keep them warm
+    assert readiness(plan, {"e1"}, 9_000.0).ready
+    assert readiness(plan, {"e1"}, 10_100.0).ready
     down = readiness(plan, {"e2"}, 9_500.0)
     assert not down.ready and down.edges_down == ("e1",) and "e1" in down.why
 

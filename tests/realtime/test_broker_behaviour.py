@@ -17,6 +17,8 @@ from streamplane.realtime.broker import (
     BrokerUnavailable,
     Position,
     PresenceEntry,
+    PresenceShare,
+    PresenceStats,
     Publication,
     StateValue,
     state_from_data,
@@ -226,6 +228,39 @@ def price(seq: int, value: float, *, at: float, max_age_ms: int = 5000) -> State
         source_time_ms=int(at * 1000),
         max_age_ms=max_age_ms,
     )
+
+
+async def test_a_large_channels_presence_is_one_share_per_node_and_a_dead_nodes_expires(
+    harness: Harness,
+) -> None:
+    a, b = await harness.node(), await harness.node()
+    await a.presence_join("event:final", PresenceEntry(client="a1", user="ann"), ttl=30)
+    await a.presence_join("event:final", PresenceEntry(client="a2", user="bob"), ttl=30)
+    await b.presence_join("event:final", PresenceEntry(client="b1", user="carl"), ttl=30)
+    # a moves the channel to a share: its entries go in the same step, never counted twice
+    await a.report_presence(
+        {"event:final": PresenceShare(clients=500, users=450, replaces=("a1", "a2"))}, ttl=3
+    )
+    assert [e.client for e in await b.presence("event:final")] == ["b1"]
+    assert await b.presence_stats("event:final") == PresenceStats(
+        clients=501, users=451, shared=500
+    )
+    await b.report_presence(
+        {"event:final": PresenceShare(clients=300, users=280, replaces=("b1",))}, ttl=3
+    )
+    assert await a.presence("event:final") == []
+    assert await a.presence_stats("event:final") == PresenceStats(
+        clients=800, users=730, shared=800
+    )
+    harness.clock.advance(2)
+    await a.report_presence({"event:final": PresenceShare(clients=520, users=460)}, ttl=3)
+    harness.clock.advance(2)  # b last reported 4 s ago: its process is gone, its share too
+    assert await b.presence_stats("event:final") == PresenceStats(
+        clients=520, users=460, shared=520
+    )
+    await a.report_presence({}, ttl=3)  # a channel absent from a report is withdrawn
+    assert await b.presence_stats("event:final") == PresenceStats(clients=0, users=0)
+    assert await b.presence_stats("event:other") == PresenceStats(clients=0, users=0)
 
 
 async def test_state_keeps_the_newest_value_per_key_and_drops_old_or_repeated_ones(

@@ -150,6 +150,9 @@ def test_gateway_load_on_its_own_redis_and_gateways_survives_a_redis_restart() -
     assert rows["connections held"] == "40"
     refused = int(rows["surge: all admitted in"].split("(")[1].split()[0])
     assert refused > 0, "past the admission rate, handshakes are answered 503"
+    assert rows["surge: a 503 answered in p50 / p99"].endswith("(0 without Retry-After)")
+    alive, _, started = rows["gateway processes still running"].partition(" of ")
+    assert alive == started and int(started) >= 2, "refused fast, never fallen over"
     assert rows["stale shown as current"] == "0"
     assert rows["Redis restart: lost / applied twice"] == "0 / 0"
     assert int(rows["Redis restart: told to reload"]) >= 40, "an emptied Redis is a new epoch"

@@ -7,19 +7,20 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
 from streamplane.realtime.client import RealtimeClient, RequestFailed
 from streamplane.realtime.gateway import Gateway, GatewaySettings
-from streamplane.realtime.protocol import Code
+from streamplane.realtime.protocol import Code, Namespace, PresenceQuery
 from streamplane.realtime.serve import GatewayConfigError, make_broker
 from tests.realtime.redis_engines import FAST, delete_prefix
 from tests.realtime.redis_servers import SHARED_REDIS, RedisServer, have_redis_server, reachable
 from tests.realtime.test_gateway import FAST as NAMESPACES
 from tests.realtime.test_gateway import KEY, clients, token, until
-from tests.realtime.test_gateway_engines import settle_presence
+from tests.realtime.test_gateway_engines import settle_presence, until_async
 
 __all__ = ["clients"]  # the gateway tests' client fixture, used here too
 
@@ -28,15 +29,18 @@ __all__ = ["clients"]  # the gateway tests' client fixture, used here too
 async def gateways() -> AsyncIterator[Callable[[str], object]]:
     running: list[Gateway] = []
 
-    async def start_on(broker_url: str) -> str:
+    async def start_on(broker_url: str, **overrides: Any) -> str:
         broker = make_broker(broker_url)
         for name, value in FAST.items():  # notice an outage as fast as the test waits
             setattr(broker, name, value)
-        settings = GatewaySettings(token_key=KEY, tick=0.1, namespaces=NAMESPACES)
+        fields: dict[str, Any] = {"tick": 0.1, "namespaces": NAMESPACES, **overrides}
+        settings = GatewaySettings(token_key=KEY, **fields)
         gateway = Gateway(broker, settings)
         port = await gateway.start("127.0.0.1", 0)
         running.append(gateway)
         return f"ws://127.0.0.1:{port}"
+
+    start_on.running = running  # type: ignore[attr-defined]
 
     yield start_on
     for gateway in running:
@@ -124,5 +128,67 @@ async def test_redis_restarted_under_the_gateways_keeps_connections_and_every_vi
         await until(
             lambda: any(m.epoch == after.position.epoch for m in ann.views["chat:final"].messages)  # type: ignore[union-attr]
         )
+    finally:
+        server.kill()
+
+
+def command_calls(server: RedisServer) -> dict[str, int]:
+    """Commands Redis ran since its statistics were reset (those scripts ran included)."""
+    calls = {}
+    for line in server.cli("INFO", "commandstats").splitlines():
+        if line.startswith("cmdstat_"):
+            name, _, fields = line.partition(":")
+            calls[name.removeprefix("cmdstat_")] = int(fields.split(",")[0].split("=")[1])
+    return calls
+
+
+async def test_a_reconnect_storm_on_a_large_channel_costs_redis_no_presence_write_per_viewer(
+    tmp_path: Path, gateways: Callable[..., Any], clients: Callable[..., RealtimeClient]
+) -> None:
+    """Every viewer of a large channel on two gateway processes drops and reconnects: Redis
+    sees each process's share of the channel's presence once a tick, never a join or a leave
+    per viewer, and the counts are whole again afterwards."""
+    if not have_redis_server():
+        pytest.skip("no redis-server binary")
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        large = {**NAMESPACES, "event": Namespace(name="event", presence_diff_limit=10)}
+        urls = [await gateways(server.url, namespaces=large) for _ in range(2)]
+        running: list[Gateway] = gateways.running  # type: ignore[attr-defined]
+        # A host per process keeps the channel there, as any viewer who stays does.
+        hosts = [clients(url, token(f"host{i}"), "event:final") for i, url in enumerate(urls)]
+        viewers = [
+            clients(urls[i % 2], token(f"v{i}"), "event:final", backoff_cap=1.0) for i in range(60)
+        ]
+        everyone = hosts + viewers
+
+        def whole() -> bool:
+            return all(c.synced.is_set() and c.views["event:final"].viewers == 62 for c in everyone)
+
+        await until(whole, timeout=20)
+        server.cli("CONFIG", "RESETSTAT")
+        ticks = sum(g._ticks for g in running)
+        for gateway in running:  # a network blip: every viewer's connection gone at once
+            for conn in list(gateway.connections):
+                if conn.grant is not None and conn.grant.user.startswith("v"):
+                    assert conn.transport is not None
+                    conn.transport.abort()
+        await until(lambda: all(v.connects == 2 for v in viewers) and whole(), timeout=30)
+        calls = command_calls(server)
+        ticks = sum(g._ticks for g in running) - ticks
+        assert calls.get("zadd", 0) == 0 and calls.get("zrem", 0) == 0, calls
+        # Per process and tick: its counts, its presence share, the counts and presence read.
+        assert calls.get("evalsha", 0) <= 4 * ticks + 4 * len(running), (calls, ticks)
+        assert all(g.channels["event:final"].counted for g in running)
+        assert all(g.stats["broker_recoveries"] == 0 for g in running), "from the tail"
+
+        async def counted() -> bool:
+            answer = await hosts[0].request(lambda i: PresenceQuery(id=i, channel="event:final"))
+            return (answer.clients, answer.users, answer.present) == (62, 62, None)
+
+        # A share lives three ticks (0.3 s here): a process starved longer than that (a loaded
+        # machine) is out of the sum until its next tick, as its viewer count is.
+        await until_async(counted, timeout=10)
     finally:
         server.kill()

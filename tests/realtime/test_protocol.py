@@ -32,6 +32,7 @@ from streamplane.realtime.protocol import (
     encode,
     is_stale,
     namespace_of,
+    presence_counted,
     presence_update,
     required_right,
 )
@@ -265,6 +266,45 @@ def test_presence_diffs_for_a_small_channel_and_none_for_a_large_one() -> None:
     assert presence_update("chat:a", before, after, diff_limit=1) is None
     same = [PresenceEntry(client=c, user=u) for c, u in before.items()]
     assert presence_update("chat:a", before, same, diff_limit=10) is None
+
+
+def test_a_channel_is_counted_past_the_diff_limit_and_listed_again_only_at_half_of_it() -> None:
+    assert not presence_counted(100, 3, False, diff_limit=100)
+    assert presence_counted(101, 3, False, diff_limit=100)
+    assert presence_counted(0, 101, False, diff_limit=100), "this process alone is large"
+    assert presence_counted(60, 3, True, diff_limit=100), "near the limit it stays counted"
+    assert not presence_counted(50, 3, True, diff_limit=100)
+    # A storm empties a large channel for a moment: it stays counted until it has stayed small.
+    assert presence_counted(4, 1, True, diff_limit=100, small_for=5.0, settle=30.0)
+    assert not presence_counted(4, 1, True, diff_limit=100, small_for=30.0, settle=30.0)
+
+
+@given(
+    sizes=st.lists(st.integers(0, 400), min_size=1, max_size=50),
+    limit=st.integers(1, 200),
+    settle=st.integers(0, 5),
+)
+def test_a_channel_moves_between_counted_and_listed_only_across_the_band(
+    sizes: list[int], limit: int, settle: int
+) -> None:
+    """Whatever the sizes (one a second), a move to counts happens only past the limit and
+    back to entries only once the channel has stayed at half of it or below ``settle`` seconds:
+    a channel hovering at the limit never flaps, a storm's moment of emptiness moves nothing."""
+    counted, small_since = False, -1
+    for t, size in enumerate(sizes):
+        if size > limit // 2:
+            small_since = -1
+        elif small_since < 0:
+            small_since = t
+        small_for = 0 if small_since < 0 else t - small_since
+        now = presence_counted(
+            size, 0, counted, diff_limit=limit, small_for=small_for, settle=settle
+        )
+        if now and not counted:
+            assert size > limit
+        if counted and not now:
+            assert size <= limit // 2 and small_for >= settle
+        counted = now
 
 
 @given(events=st.lists(st.tuples(st.floats(0, 0.7), st.integers(0, 3)), max_size=60))

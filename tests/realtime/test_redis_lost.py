@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -120,6 +121,7 @@ class Publisher:
         self.refused = 0
         self._numbers = itertools.count()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     async def one(self) -> Position:
         n = next(self._numbers)
@@ -128,8 +130,10 @@ class Publisher:
         return position
 
     def start(self) -> None:
+        self._stopping = False
+
         async def run() -> None:
-            while True:
+            while not self._stopping:
                 try:
                     await self.one()
                 except BrokerUnavailable:
@@ -139,8 +143,10 @@ class Publisher:
         self._task = asyncio.create_task(run())
 
     async def stop(self) -> None:
+        """After the publication on its way: cancelled mid-way, a publication Redis took would
+        be missing from ``acked``, and the tests compare what the viewers got with it."""
+        self._stopping = True
         if self._task is not None:
-            self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
 
@@ -416,3 +422,49 @@ async def test_a_gateway_too_slow_for_its_pub_sub_connection_is_cut_and_recovers
     assert viewer.reloads == []
     assert [p.offset for p in viewer.applied] == [p.offset for p, _ in acked]
     await gateway.close()
+
+
+class _CancelsAtWriteEnd(aioredis.Connection):
+    """A connection that cancels a chosen task in the instant a command's write completes: the
+    interleaving a loaded machine produces now and then when a publisher is stopped."""
+
+    victim: asyncio.Task[object] | None = None
+
+    async def _send_packed_command(self, command: Any) -> None:
+        await super()._send_packed_command(command)
+        victim, _CancelsAtWriteEnd.victim = _CancelsAtWriteEnd.victim, None
+        if victim is not None:
+            victim.cancel()
+
+
+async def test_a_task_cancelled_as_its_command_is_written_is_cancelled_not_carried_on(
+    private_redis: RedisServer,
+) -> None:
+    """Stopping a publisher used to hang now and then: cancelled just as redis-py finished
+    writing its command, the publish returned as if nothing happened (Python 3.11's wait_for
+    keeps the result and drops the cancellation), so the publishing loop ran on for ever and
+    whoever awaited its end waited for ever. The cancellation must reach the task."""
+    pool = aioredis.ConnectionPool(
+        host="127.0.0.1",
+        port=private_redis.port,
+        connection_class=_CancelsAtWriteEnd,
+        **client_options(),
+    )
+    node = RedisBroker(aioredis.Redis(connection_pool=pool), prefix="lost:", **FAST)
+    await node.start()
+    published: list[Position] = []
+
+    async def publish_until_stopped() -> None:
+        while True:
+            published.append(await node.publish("chat:final", b"{}", **KEEP))
+
+    try:
+        for _ in range(3):
+            task: asyncio.Task[object] = asyncio.create_task(publish_until_stopped())
+            _CancelsAtWriteEnd.victim = task
+            async with asyncio.timeout(10):
+                await asyncio.wait([task])
+            assert task.cancelled(), "the publisher ran on after it was stopped"
+    finally:
+        _CancelsAtWriteEnd.victim = None
+        await node.close()

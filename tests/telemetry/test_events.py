@@ -199,3 +199,53 @@ def test_nul_in_text_is_refused_in_words() -> None:
     parsed = parse_batch(_body([_event(kind="\x00")]), NOW)
     (refusal,) = parsed.refused
     assert "without NUL characters" in refusal.reason and "$.kind" in refusal.reason
+
+
+@pytest.mark.parametrize("field", ["kind", "phase", "format", "rung_id", "edge"])
+def test_nul_in_any_text_field_refuses_that_event_alone(field: str) -> None:
+    parsed = parse_batch(_body([_event(), _event(**{field: "a\x00b"}), _event()]), NOW)
+    assert len(parsed.events) == 2
+    (refusal,) = parsed.refused
+    assert refusal.index == 1 and f"$.{field}" in refusal.reason
+    assert "without NUL characters" in refusal.reason
+
+
+def test_nul_in_the_session_id_refuses_the_batch() -> None:
+    with pytest.raises(BatchError) as err:
+        parse_batch(_body([_event()], session_id="s\x00"), NOW)
+    assert err.value.status == 422 and "$.session_id" in str(err.value)
+
+
+_ANY_FIELD = st.dictionaries(
+    st.sampled_from(["at", "position_s", "kind", "edge", "rung", "seq", "buffer_s", "other"]),
+    st.one_of(
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.integers(min_value=-(2**60), max_value=2**60),
+        st.text(max_size=70),
+        st.none(),
+    ),
+)
+
+
+@given(st.lists(st.one_of(_ANY_FIELD, st.integers(), st.text(max_size=5)), max_size=12))
+def test_a_batch_is_read_as_its_events_one_by_one_would_be(events: list[Any]) -> None:
+    """Whatever the mix of good and bad events, a batch keeps exactly the events that are
+    good on their own, in order, and refuses the others by index."""
+    parsed = parse_batch(_body(events), NOW)
+    kept: list[PlayerEvent] = []
+    refused = []
+    for index, event in enumerate(events):
+        try:
+            one = parse_batch(_body([event]), NOW)
+        except BatchError:
+            raise AssertionError("a batch of one event is never refused whole") from None
+        if one.events:
+            kept.extend(one.events)
+        else:
+            refused.append(index)
+    skew = max((e.at for e in kept), default=NOW) - NOW
+    assert [r.index for r in parsed.refused] == refused
+    if skew <= 300:  # moved back as a batch otherwise (its own test)
+        assert parsed.events == kept
+    else:
+        assert len(parsed.events) == len(kept)

@@ -21,12 +21,14 @@ from streamplane.control.fleet import Fleet, FleetPolicy, settings_credentials
 from streamplane.control.heartbeats import Heartbeats, open_stream
 from streamplane.control.playback import Playback
 from streamplane.control.qos import qos_service
-from streamplane.control.realtime import RealtimeIssuer
+from streamplane.control.realtime import RealtimeIssuer, admission_plan
 from streamplane.control.steering_sources import SteeringSources
 from streamplane.control.store import Store, StoreUnavailable, migrate
+from streamplane.control.warm import EdgeWarmer
 from streamplane.edge import parse_networks
 from streamplane.live import Event, EventPlan, EventReadiness, plan_event, read_events, readiness
 from streamplane.placement import Server
+from streamplane.realtime import AdmissionPlan
 from streamplane.steering import GeoLocator, RoutingTable, SiteInfo, Steering
 from streamplane.telemetry import Stream
 
@@ -94,9 +96,21 @@ class ControlPlane:
             settings.tokens.ttl_s,
             self.accounts.session_token,
         )
-        self.live_events = _read_live_events(c.live_events)
+        self._events_file = Path(c.live_events) if c.live_events else None
+        self._events_stamp = self._events_file.stat().st_mtime_ns if self._events_file else 0
+        self._live_events = _read_live_events(c.live_events)
         self.playback.live_plans = self.live_plans
         self.realtime = RealtimeIssuer(settings.realtime)
+        if self.gateway_processes < 1:
+            raise SettingsError("realtime.processes (or total_processes) must be at least 1")
+        self.warmer = EdgeWarmer(
+            self.live_readiness,
+            self._edge_url,
+            settings.tokens.signing_key(),
+            clock,
+            c.live_warm_every_s,
+            refresh=lambda: self.fleet.refresh(self.monotonic()),
+        )
         self.heartbeats = Heartbeats(
             settings, self.store, self.accounts.claims, clock=clock, monotonic=monotonic
         )
@@ -120,6 +134,37 @@ class ControlPlane:
         self._store_checked_at = float("-inf")
         self._store_check = asyncio.Lock()
 
+    @property
+    def live_events(self) -> list[Event]:
+        """The scheduled events, read again when control.live_events changes: an operator
+        schedules an event without restarting the control plane. A changed file that cannot
+        be read keeps the events read last (and says why in the log)."""
+        path = self._events_file
+        if path is None:
+            return self._live_events
+        try:
+            stamp = path.stat().st_mtime_ns
+        except OSError as exc:
+            log.warning("control.live_events: %s: %s (keeping the events read last)", path, exc)
+            return self._live_events
+        if stamp != self._events_stamp:
+            self._events_stamp = stamp
+            try:
+                self._live_events = _read_live_events(str(path))
+            except SettingsError as exc:
+                log.warning("%s (keeping the events read last)", exc)
+        return self._live_events
+
+    @property
+    def gateway_processes(self) -> int:
+        """The gateway processes an event's audience is split among."""
+        r = self.settings.realtime
+        return r.total_processes or r.processes
+
+    def admission_plan(self) -> AdmissionPlan:
+        """The gateways' raised limits for the scheduled events (GET /v1/live/admission)."""
+        return admission_plan(self.live_events, self.gateway_processes)
+
     def live_plans(self) -> list[EventPlan]:
         """Every scheduled event planned on the edges heartbeating now (their rated
         throughput and site): the edges each needs, by site, and the gateway's limits."""
@@ -137,7 +182,20 @@ class ControlPlane:
 
         now = self.clock()
         up = {e.edge_id for e in self.fleet.edges() if exclusion(e, now, self.fleet.policy) is None}
-        return [readiness(plan, up, now) for plan in self.live_plans()]
+        warmth = self.warmer.warmth
+        return [
+            readiness(
+                plan,
+                up,
+                now,
+                warm={e for (ch, e), w in warmth.items() if ch == plan.event.channel and w.warm},
+            )
+            for plan in self.live_plans()
+        ]
+
+    def _edge_url(self, edge_id: str) -> str | None:
+        edge = next((e for e in self.fleet.edges() if e.edge_id == edge_id), None)
+        return edge.base_url if edge is not None else None
 
     def _sites_reloaded(self, sites: dict[str, SiteInfo]) -> None:
         self.steering.sites = sites
@@ -173,6 +231,8 @@ class ControlPlane:
             await self.heartbeats.start()
         await self.qos.start()
         await self._consume_qos()
+        if self._events_file is not None:
+            await self.warmer.start()
 
     async def _consume_qos(self) -> None:
         """The QoS consumer, here: it needs steering's routing table for client networks."""
@@ -188,10 +248,15 @@ class ControlPlane:
             stream = self._qos_stream = await open_stream(self.settings)
         if stream is not None:
             await self.qos.consume(
-                stream, max_batches=t.qos_consumer_batches, ack_wait_s=t.ack_wait_s
+                stream,
+                max_batches=t.qos_consumer_batches,
+                ack_wait_s=t.ack_wait_s,
+                linger_s=t.consumer_linger_s,
+                share=t.qos_share,
             )
 
     async def stop(self) -> None:
+        await self.warmer.stop()
         await self.qos.stop()
         if self._qos_stream is not None:
             await self._qos_stream.close()

@@ -29,9 +29,14 @@ from streamplane.live.playlist import (
     reload_ready,
 )
 from streamplane.live.schedule import (
+    LEAD_S,
+    LIVE_S,
     Event,
     EventPlan,
     EventReadiness,
+    GatewayNeeds,
+    event_phase,
+    gateway_needs,
     plan_event,
     read_events,
     readiness,
@@ -41,6 +46,8 @@ from streamplane.live.service import SyntheticOrigin, serve_channel
 from streamplane.live.track import Fragment, TrackPackager
 
 __all__ = [
+    "LEAD_S",
+    "LIVE_S",
     "BadReload",
     "Channel",
     "ChannelSettings",
@@ -49,6 +56,7 @@ __all__ = [
     "EventReadiness",
     "FeedSource",
     "Fragment",
+    "GatewayNeeds",
     "LiveError",
     "Part",
     "Rendition",
@@ -59,8 +67,10 @@ __all__ = [
     "Window",
     "cache_control",
     "encoder_args",
+    "event_phase",
     "feed_args",
     "feed_problem",
+    "gateway_needs",
     "live_app",
     "master_playlist",
     "media_playlist",

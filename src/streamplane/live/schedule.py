@@ -17,21 +17,29 @@ from __future__ import annotations
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Final, Literal
 
 from streamplane.placement import Server
 
 __all__ = [
+    "LEAD_S",
+    "LIVE_S",
     "Event",
     "EventPlan",
     "EventReadiness",
+    "GatewayNeeds",
     "SitePlan",
     "event_phase",
+    "gateway_needs",
     "plan_event",
     "read_events",
     "readiness",
     "warm_edges",
 ]
+
+
+LEAD_S: Final = 900.0  # warm-up before an event's start
+LIVE_S: Final = 4 * 3600.0  # how long after its start an event counts as live
 
 
 @dataclass(frozen=True)
@@ -55,12 +63,37 @@ class SitePlan:
 
 
 @dataclass(frozen=True)
+class GatewayNeeds:
+    """What the realtime gateways must admit, all processes together, while the event is
+    warming or live: its audience joining within the join window, the opening rush (the
+    first ``_RUSH_S`` seconds' joins) at once, and every viewer connected with a margin for
+    reconnections in flight."""
+
+    admission_per_s: int
+    admission_burst: int
+    max_connections: int
+
+
+_RUSH_S = 10.0
+_CONNECTION_MARGIN = 1.2
+
+
+def gateway_needs(event: Event, join_window_s: float = 120.0) -> GatewayNeeds:
+    """The gateways' limits for ``event`` (see :class:`GatewayNeeds`)."""
+    rate = math.ceil(event.expected_viewers / join_window_s)
+    return GatewayNeeds(
+        admission_per_s=rate,
+        admission_burst=math.ceil(rate * _RUSH_S),
+        max_connections=math.ceil(event.expected_viewers * _CONNECTION_MARGIN),
+    )
+
+
+@dataclass(frozen=True)
 class EventPlan:
     event: Event
     warm_at: float
     sites: tuple[SitePlan, ...]
-    admission_per_s: int  # joins per second the gateway admits around the start
-    max_connections: int
+    gateway: GatewayNeeds
 
     @property
     def ready(self) -> bool:
@@ -72,7 +105,7 @@ def plan_event(
     servers: Sequence[Server],
     *,
     headroom: float = 0.7,
-    lead_s: float = 900.0,
+    lead_s: float = LEAD_S,
     join_window_s: float = 120.0,
 ) -> EventPlan:
     """The pre-warming plan of ``event`` on ``servers`` (see the module docstring)."""
@@ -119,8 +152,7 @@ def plan_event(
         event=event,
         warm_at=event.start - lead_s,
         sites=tuple(plans),
-        admission_per_s=math.ceil(event.expected_viewers / join_window_s),
-        max_connections=math.ceil(event.expected_viewers * 1.2),
+        gateway=gateway_needs(event, join_window_s),
     )
 
 
@@ -169,7 +201,7 @@ def _shares(event: Event, by_site: Mapping[str, list[Server]]) -> dict[str, floa
 Phase = Literal["scheduled", "warming", "live", "over"]
 
 
-def event_phase(plan: EventPlan, now: float, live_s: float = 4 * 3600.0) -> Phase:
+def event_phase(plan: EventPlan, now: float, live_s: float = LIVE_S) -> Phase:
     """Where ``plan``'s event is at ``now``: before its warm-up, warming, under way (for
     ``live_s`` after its start), over."""
     if now < plan.warm_at:
@@ -188,36 +220,50 @@ class EventReadiness:
     phase: Phase
     edges_up: tuple[str, ...]
     edges_down: tuple[str, ...]  # planned, but not heartbeating or not offered now
-    ready: bool  # every site covered, every planned edge up
+    ready: bool  # every site covered, every planned edge up (and warm, once warming)
     why: str
+    edges_cold: tuple[str, ...] = ()  # up, warming, but their last warming failed or is none
 
 
 def readiness(
-    plan: EventPlan, up: Collection[str], now: float, live_s: float = 4 * 3600.0
+    plan: EventPlan,
+    up: Collection[str],
+    now: float,
+    live_s: float = LIVE_S,
+    warm: Collection[str] = (),
 ) -> EventReadiness:
-    """The readiness of ``plan`` given the edges ``up`` now (heartbeating and offered)."""
+    """The readiness of ``plan`` given the edges ``up`` now (heartbeating and offered) and
+    those ``warm`` (their last warming fetched everything). Before the warm-up no edge is
+    expected warm; once the event is live, its viewers keep the edges warm."""
     planned = [edge for site in plan.sites for edge in site.edges]
     edges_up = tuple(e for e in planned if e in up)
     edges_down = tuple(e for e in planned if e not in up)
+    phase = event_phase(plan, now, live_s)
+    edges_cold = tuple(e for e in edges_up if e not in warm) if phase == "warming" else ()
     short = [s.site for s in plan.sites if s.short_bps > 0]
     if short:
         why = f"short of throughput at {', '.join(short)}: more edges are needed there"
     elif edges_down:
         why = f"planned edges not up: {', '.join(edges_down)}"
+    elif edges_cold:
+        why = f"planned edges not warm yet: {', '.join(edges_cold)}"
+    elif phase == "warming":
+        why = f"all {len(planned)} planned edges are up and warm"
     else:
         why = f"all {len(planned)} planned edges are up"
     return EventReadiness(
         plan=plan,
-        phase=event_phase(plan, now, live_s),
+        phase=phase,
         edges_up=edges_up,
         edges_down=edges_down,
-        ready=not short and not edges_down,
+        ready=not short and not edges_down and not edges_cold,
         why=why,
+        edges_cold=edges_cold,
     )
 
 
 def warm_edges(
-    plans: Sequence[EventPlan], channel: str, now: float, live_s: float = 4 * 3600.0
+    plans: Sequence[EventPlan], channel: str, now: float, live_s: float = LIVE_S
 ) -> frozenset[str] | None:
     """The edges a channel is placed on at ``now``: those its events' plans chose, while an
     event is warming or live; None when no event of the channel is (every edge serves it)."""

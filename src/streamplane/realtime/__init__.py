@@ -1,5 +1,12 @@
 """Realtime: chat, presence, viewer counts and live state over WebSockets for live events."""
 
+from streamplane.realtime.admission import (
+    ADMISSION_CHANNEL,
+    Admission,
+    AdmissionPlan,
+    AdmissionWindow,
+    admission_at,
+)
 from streamplane.realtime.broker import (
     Broker,
     BrokerError,
@@ -10,13 +17,24 @@ from streamplane.realtime.broker import (
     StateValue,
 )
 from streamplane.realtime.memory import MemoryBroker, MemoryHub
+from streamplane.realtime.protocol import FrameError
 from streamplane.realtime.redis import RedisBroker
-from streamplane.realtime.tokens import RealtimeGrant, sign_realtime_token, verify_realtime_token
+from streamplane.realtime.tokens import (
+    RealtimeGrant,
+    rights_on,
+    sign_realtime_token,
+    verify_realtime_token,
+)
 
 __all__ = [
+    "ADMISSION_CHANNEL",
+    "Admission",
+    "AdmissionPlan",
+    "AdmissionWindow",
     "Broker",
     "BrokerError",
     "BrokerUnavailable",
+    "FrameError",
     "MemoryBroker",
     "MemoryHub",
     "Position",
@@ -25,6 +43,8 @@ __all__ = [
     "RealtimeGrant",
     "RedisBroker",
     "StateValue",
+    "admission_at",
+    "rights_on",
     "sign_realtime_token",
     "verify_realtime_token",
 ]

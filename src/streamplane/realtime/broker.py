@@ -21,7 +21,13 @@ event. The contract, per concern:
   block (the gateway queues). Delivery is at most once: a node that misses a delivery (an
   outage) learns of it through :meth:`Broker.on_recovered` and has its clients recover.
 - Presence. One entry per connection, kept for ``ttl`` seconds unless refreshed: a process
-  that dies without leaving has its connections expire.
+  that dies without leaving has its connections expire. A large channel (counts only, no
+  join/leave diffs) is not worth an entry per connection: a node reports its *share* instead,
+  its own connections there counted (:meth:`Broker.report_presence`, once per tick for all its
+  large channels, like the viewer counts), so a reconnect storm costs the store a write per
+  process, not per viewer. A share lives ``ttl`` seconds unless reported again: a dead
+  process's share disappears. :meth:`Broker.presence_stats` sums the entries and the live
+  shares; :meth:`Broker.presence` lists the entries only.
 - State channels. The latest value per key; a write whose source ``seq`` is not above the
   current one is dropped (out of order or duplicate) and reported as not applied. An applied
   write is also published on the channel (``kind="state"``, the encoded :class:`StateValue` as
@@ -58,6 +64,7 @@ __all__ = [
     "HistoryPage",
     "Position",
     "PresenceEntry",
+    "PresenceShare",
     "PresenceStats",
     "Publication",
     "RateTaken",
@@ -129,6 +136,17 @@ class PresenceEntry(msgspec.Struct, frozen=True, kw_only=True):
 class PresenceStats(msgspec.Struct, frozen=True, kw_only=True):
     clients: int
     users: int
+    shared: int = 0  # of ``clients``, those counted in nodes' shares (not listed as entries)
+
+
+class PresenceShare(msgspec.Struct, frozen=True, kw_only=True):
+    """One node's connections on a large channel, counted instead of listed."""
+
+    clients: int
+    users: int
+    # Entries of this node's own connections the share replaces: dropped in the same atomic
+    # step, so that a channel moving from entries to a share never counts a connection twice.
+    replaces: tuple[str, ...] = ()
 
 
 class StateValue(msgspec.Struct, frozen=True, kw_only=True):
@@ -224,7 +242,16 @@ class Broker(Protocol):
         """The live entries, ordered by client id."""
         ...
 
-    async def presence_stats(self, channel: str) -> PresenceStats: ...
+    async def presence_stats(self, channel: str) -> PresenceStats:
+        """The channel's entries and every node's live share, counted. A user counted in
+        the shares of two nodes (or in a share and an entry) counts twice: users are exact
+        only where every connection of a user is on one process."""
+        ...
+
+    async def report_presence(self, shares: Mapping[str, PresenceShare], *, ttl: float) -> None:
+        """Replace this node's presence shares (channels absent are withdrawn) for ``ttl``
+        seconds."""
+        ...
 
     # -- state channels -----------------------------------------------------------------------
 

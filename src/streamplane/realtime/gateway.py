@@ -33,7 +33,7 @@ import math
 import resource
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import parse_qs, urlsplit
@@ -44,11 +44,13 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from streamplane.realtime.admission import Admission, AdmissionWindow, admission_at
 from streamplane.realtime.broker import (
     Broker,
     BrokerError,
     Position,
     PresenceEntry,
+    PresenceShare,
     Publication,
     StateValue,
 )
@@ -92,6 +94,7 @@ from streamplane.realtime.protocol import (
     disconnect_frame,
     encode,
     namespace_of,
+    presence_counted,
     presence_update,
     pub_frame,
     required_right,
@@ -112,6 +115,10 @@ class GatewaySettings(msgspec.Struct, frozen=True, kw_only=True):
     max_connections: int = 18_000  # per process; the open-file limit here is 20,000
     admission_rate: float = 2_000.0  # new connections per second, per process
     admission_burst: int = 4_000
+    # The most connections a planned raise may take this process to: what its open-file limit
+    # lets it hold (past it, accept fails; a 503 with Retry-After is the better answer).
+    # None: no ceiling but the plan's.
+    connection_ceiling: int | None = None
     handshake_timeout: float = 5.0
     max_frame_bytes: int = 16_384
     send_queue_bytes: int = 256 * 1024
@@ -154,6 +161,12 @@ class _Channel:
     tail: RecentTail = field(default_factory=lambda: RecentTail(0, 0))
     held: list[Publication] = field(default_factory=list)  # deliveries during a recovery
     presence: dict[str, str] = field(default_factory=dict)  # client -> user, last snapshot
+    # A large channel's presence is this process's share, counted (Broker.report_presence);
+    # a small one's is an entry per connection, those in ``joined``.
+    counted: bool = False
+    joined: set[str] = field(default_factory=set)
+    present: int = 0  # the channel's size as the broker last said
+    small_since: float | None = None  # since when it has been at most half the diff limit
     subscribing: asyncio.Future[None] | None = None
 
 
@@ -365,6 +378,15 @@ class Gateway:
         self.connections: set[_Connection] = set()
         self.channels: dict[str, _Channel] = {}
         self.mutes = Mutes()
+        # The normal limits, raised while a planned event's window is open (admission.py).
+        self.normal = Admission(
+            rate=settings.admission_rate,
+            burst=settings.admission_burst,
+            max_connections=settings.max_connections,
+        )
+        self.limits = self.normal
+        self.windows: list[AdmissionWindow] = []
+        self._clamped_from: Admission | None = None
         self.admission = TokenBucket(rate=settings.admission_rate, burst=settings.admission_burst)
         self.counts = CountThrottle(interval=settings.tick)
         self.stats: dict[str, int] = dict.fromkeys(
@@ -424,9 +446,48 @@ class Gateway:
 
     # -- admission ----------------------------------------------------------------------------
 
+    def plan_admission(self, windows: list[AdmissionWindow]) -> None:
+        """Take the planned events' windows (the control plane's plan, polled)."""
+        self.windows = windows
+        self._limits_now()
+
+    def _limits_now(self) -> Admission:
+        limits = admission_at(self.normal, self.windows, self.clock())
+        ceiling = self.settings.connection_ceiling
+        if ceiling is not None and limits.max_connections > max(
+            ceiling, self.normal.max_connections
+        ):
+            if limits != self._clamped_from:
+                self._clamped_from = limits
+                _log.warning(
+                    "admission: the plan asks %d connections of this process, which can hold "
+                    "%d: the event needs more gateway processes (realtime.total_processes)",
+                    limits.max_connections,
+                    ceiling,
+                )
+            limits = msgspec.structs.replace(
+                limits, max_connections=max(ceiling, self.normal.max_connections)
+            )
+        if limits != self.limits:
+            bucket = self.admission
+            bucket.take(time.monotonic(), cost=0.0)  # refilled at the old rate until now
+            # A raise takes effect at once: the bucket holds what it would have held had the
+            # higher burst been the limit all along (a surge at the window's opening is let in).
+            raised = max(0, limits.burst - self.limits.burst)
+            bucket.tokens = min(limits.burst, bucket.tokens + raised)
+            bucket.rate, bucket.burst = limits.rate, limits.burst
+            _log.info(
+                "admission: %g/s, burst %d, up to %d connections",
+                limits.rate,
+                limits.burst,
+                limits.max_connections,
+            )
+            self.limits = limits
+        return limits
+
     def admit(self) -> int | None:
         """None to admit a new connection, else the seconds to tell it to wait."""
-        if len(self.connections) >= self.settings.max_connections:
+        if len(self.connections) >= self._limits_now().max_connections:
             self.stats["refused"] += 1
             return 5
         if not self.admission.take(time.monotonic()):
@@ -444,6 +505,13 @@ class Gateway:
                 "node": self.broker.node,
                 "connections": len(self.connections),
                 "channels": len(self.channels),
+                "admission": {
+                    **msgspec.structs.asdict(self._limits_now()),
+                    "windows": len(self.windows),
+                    "raised_for": sorted(
+                        {w.channel for w in self.windows if w.start <= self.clock() < w.end}
+                    ),
+                },
                 **self.stats,
             }
         )
@@ -583,7 +651,8 @@ class Gateway:
     ) -> None:
         stats = await self.broker.presence_stats(frame.channel)
         present = None
-        if stats.clients <= namespace.presence_diff_limit:
+        # Listed only when every connection is an entry: a large channel's shares are counts.
+        if stats.clients <= namespace.presence_diff_limit and not stats.shared:
             entries = await self.broker.presence(frame.channel)
             present = [PresenceUser(client=e.client, user=e.user) for e in entries]
         conn.send(
@@ -634,13 +703,8 @@ class Gateway:
         conn.joining[name] = []  # live deliveries wait here until the answer is sent
         channel = await self._channel(name, namespace)
         channel.conns.add(conn)
-        assert conn.grant is not None
         if not known:
-            await self.broker.presence_join(
-                name,
-                PresenceEntry(client=conn.client, user=conn.grant.user),
-                ttl=self.settings.presence_ttl,
-            )
+            await self._join_presence(channel, conn)
         if since is not None:
             missed = self._from_tail(channel, since)
             if missed is not None:
@@ -712,6 +776,14 @@ class Gateway:
             channel.subscribing = asyncio.get_running_loop().create_future()
             try:
                 await self.broker.subscribe(name, self._on_publication)
+                # A process (re)starting in a storm learns here that the channel is large, and
+                # counts its viewers from the first instead of joining each one. Read before the
+                # history: from the history's top on, nothing may be awaited until the channel
+                # is ready, or a publication delivered meanwhile would be dropped unseen.
+                channel.present = (await self.broker.presence_stats(name)).clients
+                channel.counted = presence_counted(
+                    channel.present, 0, False, diff_limit=namespace.presence_diff_limit
+                )
                 page = await self.broker.history(name, limit=200)
                 channel.cursor.reset(name, page.top)
                 channel.tail = RecentTail(
@@ -745,7 +817,9 @@ class Gateway:
         if channel is None or conn not in channel.conns:
             return
         channel.conns.discard(conn)
-        self._spawn(self._forget_presence(name, conn.client))
+        if conn.client in channel.joined:  # counted, it leaves with the next share
+            channel.joined.discard(conn.client)
+            self._spawn(self._forget_presence(name, conn.client))
         if not channel.conns and channel.ready:
             del self.channels[name]
             self.counts.forget(name)
@@ -767,6 +841,71 @@ class Gateway:
                 channel = self.channels.get(name)
                 for conn in list(channel.conns if channel is not None else ()):
                     conn.disconnect(Code.SHUTDOWN)
+
+    async def _join_presence(self, channel: _Channel, conn: _Connection) -> None:
+        limit = channel.namespace.presence_diff_limit
+        if channel.counted:
+            return
+        if presence_counted(channel.present, len(channel.conns), False, diff_limit=limit):
+            # This process alone holds more than a small channel: count it from now on.
+            self._count_presence(channel)
+            return
+        await self._enter(channel, conn)
+
+    async def _enter(self, channel: _Channel, conn: _Connection) -> None:
+        """Join ``conn``'s presence entry on ``channel``."""
+        assert conn.grant is not None
+        channel.joined.add(conn.client)
+        entry = PresenceEntry(client=conn.client, user=conn.grant.user)
+        await self.broker.presence_join(channel.name, entry, ttl=self.settings.presence_ttl)
+        if conn.client not in channel.joined or conn not in channel.conns:
+            # It left, or the channel went to a count, while the entry was on its way: the
+            # leave may have landed before it.
+            channel.joined.discard(conn.client)
+            await self.broker.presence_leave(channel.name, conn.client)
+
+    def _count_presence(self, channel: _Channel) -> None:
+        """The channel is large: this process's connections on it become one share, and its
+        entries go in the same step (never counted twice)."""
+        if channel.counted:
+            return
+        channel.counted = True
+        channel.presence = {}
+        leave, channel.joined = sorted(channel.joined), set()
+
+        async def report() -> None:
+            try:
+                await self._report_presence({channel.name: leave})
+            except BrokerError as err:  # the share goes with the next tick
+                _log.warning("presence share of %s not reported: %s", channel.name, err)
+
+        self._spawn(report())
+
+    async def _list_presence(self, channel: _Channel) -> None:
+        """The channel is small again: an entry per connection, then the share withdrawn."""
+        channel.counted = False
+        await asyncio.gather(*(self._enter(channel, conn) for conn in list(channel.conns)))
+        await self._report_presence()
+
+    async def _report_presence(self, leave: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Every counted channel's share of this process, in one call (a tick's, or a move)."""
+        shares = {
+            name: PresenceShare(
+                clients=len(channel.conns),
+                users=len({c.grant.user for c in channel.conns if c.grant is not None}),
+                replaces=tuple((leave or {}).get(name, ())),
+            )
+            for name, channel in self.channels.items()
+            if channel.counted
+        }
+        try:
+            await self.broker.report_presence(shares, ttl=self.settings.tick * 3)
+        except BrokerError:
+            # The entries that were to go are left when the broker returns, or expire.
+            now = self.clock()
+            for name, clients in (leave or {}).items():
+                self._unleft.update(((name, c), now) for c in clients)
+            raise
 
     async def _forget_presence(self, name: str, client: str) -> None:
         try:
@@ -898,7 +1037,6 @@ class Gateway:
         every connection this process still holds on those channels again (a refresh never
         revives an entry), and make the leaves that failed during the outage, so that neither
         the living are missing nor the dead present."""
-        ttl = self.settings.presence_ttl
         for attempt in range(_REJOIN_ATTEMPTS):
             try:
                 for name, client in list(self._unleft):
@@ -910,13 +1048,15 @@ class Gateway:
                         continue
                     # All at once: the engine bounds what is in flight (thousands of
                     # connections one round trip after another would take seconds).
+                    listed = [c for c in channel.conns if c.client in channel.joined]
                     results = await asyncio.gather(
-                        *(self._rejoin(channel, conn, ttl) for conn in list(channel.conns)),
+                        *(self._rejoin(channel, conn) for conn in listed),
                         return_exceptions=True,
                     )
                     for result in results:
                         if isinstance(result, BaseException):
                             raise result
+                await self._report_presence()  # the counted channels' shares, back at once
                 return
             except BrokerError as err:
                 # A restarted cluster node refuses work for a moment after its pub/sub is back.
@@ -926,15 +1066,11 @@ class Gateway:
             "presence of %d channel(s) not joined again; it returns with new joins", len(names)
         )
 
-    async def _rejoin(self, channel: _Channel, conn: _Connection, ttl: float) -> None:
-        if conn not in channel.conns or conn.grant is None:
+    async def _rejoin(self, channel: _Channel, conn: _Connection) -> None:
+        if conn.client not in channel.joined or conn not in channel.conns:
             return
-        entry = PresenceEntry(client=conn.client, user=conn.grant.user)
-        await self.broker.presence_join(channel.name, entry, ttl=ttl)
+        await self._enter(channel, conn)
         self.stats["presence_rejoined"] += 1
-        if conn not in channel.conns:
-            # It left while its entry was on the way: its own leave may have landed first.
-            await self.broker.presence_leave(channel.name, conn.client)
 
     # -- once a tick: presence, counts, token expiry ------------------------------------------
 
@@ -965,14 +1101,15 @@ class Gateway:
         names = list(self.channels)
         local = {n: len(self.channels[n].conns) for n in names}
         await self.broker.report_counts(local, ttl=self.settings.tick * 3)
+        await self._report_presence()
         totals = (await self.broker.counts(names)).counts
         for name in names:
             channel = self.channels.get(name)
             if channel is None or not channel.ready:
                 continue
-            if refresh:
+            if refresh and channel.joined:
                 await self.broker.presence_refresh(
-                    name, [c.client for c in channel.conns], ttl=self.settings.presence_ttl
+                    name, sorted(channel.joined), ttl=self.settings.presence_ttl
                 )
             viewers = totals.get(name, 0)
             if self.counts.due(name, viewers, now):
@@ -996,11 +1133,28 @@ class Gateway:
 
     async def _presence_tick(self, channel: _Channel) -> None:
         limit = channel.namespace.presence_diff_limit
-        if (
-            len(channel.presence) > limit
-            or (await self.broker.presence_stats(channel.name)).clients > limit
-        ):
-            channel.presence = {}
+        stats = await self.broker.presence_stats(channel.name)
+        channel.present = stats.clients
+        now = self.clock()
+        if max(stats.clients, len(channel.conns)) > limit // 2:
+            channel.small_since = None
+        elif channel.small_since is None:
+            channel.small_since = now
+        counted = presence_counted(
+            stats.clients,
+            len(channel.conns),
+            channel.counted,
+            diff_limit=limit,
+            small_for=0.0 if channel.small_since is None else now - channel.small_since,
+            settle=self.settings.presence_ttl,
+        )
+        if counted:
+            self._count_presence(channel)
+        elif channel.counted:
+            await self._list_presence(channel)
+            return  # listed from the next tick on, once the share is withdrawn
+        if counted or stats.shared or len(channel.presence) > limit or stats.clients > limit:
+            channel.presence = {}  # counts only
             return
         entries = await self.broker.presence(channel.name)
         diff = presence_update(channel.name, channel.presence, entries, diff_limit=limit)

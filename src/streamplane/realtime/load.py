@@ -2,8 +2,10 @@
 they run.
 
 - **Surge**: the viewers arrive spread over ``arrival_s`` seconds (0: as fast as they can dial).
-  A handshake answered 503 is retried no sooner than its ``Retry-After`` (plus up to a second of
-  jitter); the report gives the 503s and the time until every viewer was admitted.
+  A handshake answered 503 is retried no sooner than its ``Retry-After``, plus a full-jitter
+  exponential backoff over the viewer's refusals so far (as the real client does); the report
+  gives the 503s, how long a refusal took (dial to the 503), refusals that carried no
+  ``Retry-After`` (must be 0), and the time until every viewer was admitted.
 - **Steady fan-out**: every viewer checks it applies offsets 1, 2, 3, ... with no hole and no
   repeat, and records each message's latency.
 - **Reconnect storm**: every viewer drops its connection at once, messages go on meanwhile, all
@@ -46,6 +48,7 @@ import msgspec
 
 from streamplane.lifetime import child_setup
 from streamplane.realtime.gateway import raise_open_file_limit
+from streamplane.realtime.protocol import full_jitter_backoff
 from streamplane.realtime.tokens import sign_realtime_token
 from streamplane.stack import free_port
 
@@ -79,6 +82,9 @@ class LoadReport(msgspec.Struct, kw_only=True):
     connect_s: float  # the surge: from the first arrival until every viewer was admitted
     refused: int  # handshakes answered 503 during the surge (each retried after Retry-After)
     early_retries: int  # retries sooner than the Retry-After they were given (must be 0)
+    refusal_ms: list[float] = []  # each 503: from the dial until the answer
+    admission_ms: list[float] = []  # each admitted handshake in the surge: dial until the 101
+    without_retry_after: int = 0  # 503s that carried no Retry-After (must be 0)
     latencies: list[float]
     deliveries: int  # publications applied by the viewers in the measured round
     holes: int
@@ -193,6 +199,7 @@ def _load(
             "applied",
             "refused",
             "early",
+            "without_retry_after",
             "state_values",
             "stale_shown",
             "stale_as_current",
@@ -332,31 +339,42 @@ def _load(
     host = f"127.0.0.{2 + index}"
     url = f"ws://127.0.0.1:{port}/connect?token={token}"
     admitted: list[float] = []
+    refusal_ms: list[float] = []
+    admission_ms: list[float] = []
 
     async def dial(v: Viewer, at: float) -> None:
         await asyncio.sleep(max(0.0, at - time.time()))
         v.transport = None
         v.why = "connected, no answer to its subscribe"
-        failed, attempt, not_before = "", 0, 0.0
+        failed, attempt, refusals, not_before = "", 0, 0, 0.0
         while attempt < 20:
             async with sem:
                 if time.time() < not_before - 0.001:
                     stats["early"] += 1
+                dialled = time.perf_counter()
                 try:
                     await ws_connect(
                         lambda: v, url, local_addr=(host, 0), read_buffer_init_size=1024
                     )
                     admitted.append(time.time())
+                    admission_ms.append((time.perf_counter() - dialled) * 1000)
                     return
                 except WSHandshakeError as exc:
                     status = exc.response.status if exc.response is not None else 0
                     failed = f"HTTP {status}: {exc}"
                     if status == 503:
+                        refusal_ms.append((time.perf_counter() - dialled) * 1000)
                         stats["refused"] += 1
                         headers = exc.response.headers if exc.response is not None else {}
+                        if headers.get("Retry-After") is None:
+                            stats["without_retry_after"] += 1
                         wait = retry_after_s(headers.get("Retry-After"))
                         not_before = time.time() + wait
-                        delay = wait + random.random()  # obeyed, then spread
+                        # Obeyed, then spread: the refused must not all come back at once.
+                        jitter = full_jitter_backoff(
+                            refusals, base=0.5, cap=10.0, draw=random.random()
+                        )
+                        delay, refusals = wait + jitter, refusals + 1
                     else:
                         attempt += 1
                         delay = random.random() * min(2.0, 0.1 * 2**attempt)
@@ -399,7 +417,9 @@ def _load(
         )
         while not all(v.synced for v in viewers if v.transport is not None):
             await asyncio.sleep(0.05)
-        out.put(("connected", index, (sum(v.synced for v in viewers), max(admitted or [start]))))
+        synced = sum(v.synced for v in viewers)
+        surge = (synced, max(admitted or [start]), list(refusal_ms), list(admission_ms))
+        out.put(("connected", index, surge))
 
         while True:
             command, arg = await loop.run_in_executor(None, commands.get)
@@ -693,6 +713,9 @@ def run_load(
             connect_s=connect_s,
             refused=sum(r[2]["refused"] for r in first),
             early_retries=sum(r[2]["early"] for r in last),
+            refusal_ms=[ms for c in connected for ms in c[2]],
+            admission_ms=[ms for c in connected for ms in c[3]],
+            without_retry_after=sum(r[2]["without_retry_after"] for r in last),
             latencies=lat,
             deliveries=applied,
             holes=sum(r[2]["holes"] for r in stormed),
@@ -775,6 +798,17 @@ class LoadStack:
             return [self.gateway.pid]
         path = Path(f"/proc/{self.gateway.pid}/task/{self.gateway.pid}/children")
         return [int(p) for p in path.read_text().split()]
+
+    @staticmethod
+    def still_running(pids: list[int]) -> int:
+        """How many of ``pids`` (``gateway_pids()`` before the run) still run: a gateway that
+        fell over under the load is gone or a zombie."""
+        alive = 0
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                alive += state not in ("Z", "X")
+        return alive
 
     def __enter__(self) -> LoadStack:
         self._start_redis()

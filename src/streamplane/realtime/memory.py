@@ -27,6 +27,7 @@ from streamplane.realtime.broker import (
     HistoryPage,
     Position,
     PresenceEntry,
+    PresenceShare,
     PresenceStats,
     Publication,
     RateTaken,
@@ -71,6 +72,7 @@ class MemoryHub:
         self.down = False
         self._streams: dict[str, _Stream] = {}
         self._presence: dict[str, dict[str, tuple[PresenceEntry, float]]] = {}
+        self._shares: dict[str, dict[str, tuple[PresenceShare, float]]] = {}  # channel, node
         self._state: dict[str, dict[str, StateValue]] = {}
         self._counts: dict[str, tuple[float, dict[str, int]]] = {}
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
@@ -90,6 +92,7 @@ class MemoryHub:
         if lose_data:
             self._streams.clear()
             self._presence.clear()
+            self._shares.clear()
             self._state.clear()
             self._counts.clear()
             self._buckets.clear()
@@ -147,6 +150,7 @@ class MemoryBroker:
         self._node = node
         self._subs: dict[str, list[Deliver]] = {}
         self._listeners: list[RecoveryListener] = []
+        self._shared: set[str] = set()  # channels this node reported a presence share on
 
     @property
     def node(self) -> str:
@@ -248,7 +252,28 @@ class MemoryBroker:
 
     async def presence_stats(self, channel: str) -> PresenceStats:
         entries = await self.presence(channel)
-        return PresenceStats(clients=len(entries), users=len({e.user for e in entries}))
+        shares = self._hub._shares.get(channel, {})
+        now = self._hub.clock()
+        for node in [n for n, (_, until) in shares.items() if until <= now]:
+            del shares[node]
+        shared = sum(s.clients for s, _ in shares.values())
+        return PresenceStats(
+            clients=len(entries) + shared,
+            users=len({e.user for e in entries}) + sum(s.users for s, _ in shares.values()),
+            shared=shared,
+        )
+
+    async def report_presence(self, shares: Mapping[str, PresenceShare], *, ttl: float) -> None:
+        self._hub._check()
+        until = self._hub.clock() + ttl
+        for channel in self._shared - shares.keys():
+            self._hub._shares.get(channel, {}).pop(self._node, None)
+        for channel, share in shares.items():
+            self._hub._shares.setdefault(channel, {})[self._node] = (share, until)
+            members = self._hub._presence.get(channel, {})
+            for client in share.replaces:
+                members.pop(client, None)
+        self._shared = set(shares)
 
     # -- state channels -----------------------------------------------------------------------
 

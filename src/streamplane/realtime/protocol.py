@@ -76,6 +76,7 @@ __all__ = [
     "full_jitter_backoff",
     "is_stale",
     "namespace_of",
+    "presence_counted",
     "presence_update",
     "pub_frame",
     "required_right",
@@ -562,6 +563,30 @@ def presence_update(
     if not joined and not left:
         return None
     return PresenceDiff(channel=channel, joined=joined, left=left)
+
+
+def presence_counted(
+    present: int,
+    local: int,
+    counted: bool,
+    *,
+    diff_limit: int,
+    small_for: float = 0.0,
+    settle: float = 0.0,
+) -> bool:
+    """Whether one gateway process keeps a channel's presence as a count of its own
+    connections (its share, one write per tick) rather than an entry per connection.
+
+    ``present`` is the channel's size as the broker last said, ``local`` this process's
+    connections on it, ``counted`` the answer so far. A channel past ``diff_limit`` is counted
+    (it sends no join/leave diffs anyway); it goes back to entries only at half the limit and
+    once it has stayed there ``settle`` seconds (``small_for``: how long it has): a channel
+    hovering at the limit does not move every tick, and a reconnect storm, which empties a
+    large channel for a moment, does not turn every returning viewer into an entry."""
+    size = max(present, local)
+    if not counted:
+        return size > diff_limit
+    return size > diff_limit // 2 or small_for < settle
 
 
 @dataclass

@@ -16,6 +16,8 @@ Per channel (``docs/realtime.md`` has the table):
 - ``:s`` / ``:q`` the state channel's values and their source sequence numbers.
 - ``:z`` / ``:i`` presence: a sorted set of connections by expiry time (the engine's clock) and
   their entries.
+- ``:a`` presence shares of a large channel: ``node -> clients:users:until``, one per gateway
+  process, counted instead of listed.
 - ``:c`` viewer counts: ``node -> count:until`` per channel.
 - ``:r:<user>`` a user's chat rate-limit bucket on the channel (tokens and when), expiring once
   it would be full again.
@@ -64,6 +66,7 @@ from streamplane.realtime.broker import (
     HistoryPage,
     Position,
     PresenceEntry,
+    PresenceShare,
     PresenceStats,
     Publication,
     RateTaken,
@@ -207,6 +210,15 @@ end
 local function keep(key, ms)
   if redis.call('PTTL', key) < tonumber(ms) then redis.call('PEXPIRE', key, ms) end
 end
+-- A node's report in a hash of reports (node -> value), or its withdrawal ('').
+local function report(hash, node, value, ms)
+  if value == '' then
+    redis.call('HDEL', hash, node)
+  else
+    redis.call('HSET', hash, node, value)
+    keep(hash, ms)
+  end
+end
 """
 
 # ARGV 1 now, 2 until, 3 key ttl ms, 4 client, 5 entry
@@ -236,18 +248,44 @@ return 1
 """
 )
 
-_PRESENCE_READ = (
+# KEYS expiry zset, entries hash, shares hash; ARGV 1 now ms. The live shares summed (the dead
+# ones go), then the live entries: {clients, users, client, entry, client, entry, ...}.
+_PRESENCE_STATS = (
     _PRUNE
     + """
 prune(KEYS[1], KEYS[2], ARGV[1])
+local now, clients, users, dead = tonumber(ARGV[1]), 0, 0, {}
+local all = redis.call('HGETALL', KEYS[3])
+for i = 1, #all, 2 do
+  local c, u, untl = string.match(all[i + 1], '^(%d+):(%d+):(%d+)$')
+  if c and tonumber(untl) > now then
+    clients = clients + tonumber(c); users = users + tonumber(u)
+  else dead[#dead + 1] = all[i] end
+end
+if #dead > 0 then redis.call('HDEL', KEYS[3], unpack(dead)) end
+local out = {clients, users}
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
-if #members == 0 then return {} end
+if #members == 0 then return out end
 local entries = redis.call('HMGET', KEYS[2], unpack(members))
-local out = {}
 for i = 1, #members do
   if entries[i] then out[#out + 1] = members[i]; out[#out + 1] = entries[i] end
 end
 return out
+"""
+)
+
+# KEYS expiry zset, entries hash, shares hash; ARGV 1 node, 2 'clients:users:until' or '' to
+# withdraw, 3 key ttl ms, 4.. this node's entries to drop in the same step.
+_PRESENCE_SHARE = (
+    _PRUNE
+    + """
+report(KEYS[3], ARGV[1], ARGV[2], ARGV[3])
+for i = 4, #ARGV, 1000 do
+  local last = math.min(i + 999, #ARGV)
+  redis.call('ZREM', KEYS[1], unpack(ARGV, i, last))
+  redis.call('HDEL', KEYS[2], unpack(ARGV, i, last))
+end
+return 1
 """
 )
 
@@ -276,12 +314,7 @@ return {0, math.ceil((1 - tokens) * 1000 / rate)}
 _COUNT_REPORT = (
     _PRUNE
     + """
-if ARGV[2] == '' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-else
-  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  keep(KEYS[1], ARGV[3])
-end
+report(KEYS[1], ARGV[1], ARGV[2], ARGV[3])
 return 1
 """
 )
@@ -599,6 +632,7 @@ class RedisBroker:
         self._pending: dict[str, asyncio.Future[None]] = {}
         self._listeners: list[RecoveryListener] = []
         self._reported: set[str] = set()
+        self._shared: set[str] = set()
         self._commands_down: str | None = None
         self._closed = False
         # Commands in flight at once from this node. redis-py's pool refuses a command past its
@@ -613,7 +647,8 @@ class RedisBroker:
         self._read = register(_READ)
         self._presence_join = register(_PRESENCE_JOIN)
         self._presence_refresh = register(_PRESENCE_REFRESH)
-        self._presence_read = register(_PRESENCE_READ)
+        self._presence_stats = register(_PRESENCE_STATS)
+        self._presence_share = register(_PRESENCE_SHARE)
         self._count_report = register(_COUNT_REPORT)
         self._count_read = register(_COUNT_READ)
         self._rate_take = register(_RATE_TAKE)
@@ -682,7 +717,7 @@ class RedisBroker:
             raise BrokerError("the broker node is closed")
         try:
             async with self._inflight:
-                result = await awaitable
+                result = await _cancellable(awaitable)
         except _UNAVAILABLE as exc:
             self._commands_down = f"Redis does not answer: {exc}"
             raise BrokerUnavailable(self._commands_down) from exc
@@ -860,7 +895,7 @@ class RedisBroker:
         if not isinstance(self._client, RedisCluster) or not link.wanted or self._closed:
             return
         try:
-            await self._client.initialize()
+            await _cancellable(self._client.initialize())
         except Exception:  # the cluster is not answering yet: try again after the next backoff
             return
         for name in list(link.wanted):
@@ -894,6 +929,9 @@ class RedisBroker:
     def _presence_keys(self, channel: str) -> list[str]:
         return [self._key(channel, "z"), self._key(channel, "i")]
 
+    def _share_keys(self, channel: str) -> list[str]:
+        return [*self._presence_keys(channel), self._key(channel, "a")]
+
     async def presence_join(self, channel: str, entry: PresenceEntry, *, ttl: float) -> None:
         now = self._now_ms()
         member = _body_encoder.encode(_Member(user=entry.user, info=entry.info))
@@ -915,18 +953,39 @@ class RedisBroker:
         await self._call(self._presence_refresh(keys=self._presence_keys(channel), args=args))
 
     async def presence(self, channel: str) -> list[PresenceEntry]:
-        flat = await self._call(
-            self._presence_read(keys=self._presence_keys(channel), args=[self._now_ms()])
+        reply = await self._call(
+            self._presence_stats(keys=self._share_keys(channel), args=[self._now_ms()])
         )
-        entries = []
+        flat, entries = reply[2:], []
         for client, raw in zip(flat[::2], flat[1::2], strict=True):
             member = _member_decoder.decode(raw)
             entries.append(PresenceEntry(client=_text(client), user=member.user, info=member.info))
         return sorted(entries, key=lambda e: e.client)
 
     async def presence_stats(self, channel: str) -> PresenceStats:
-        entries = await self.presence(channel)
-        return PresenceStats(clients=len(entries), users=len({e.user for e in entries}))
+        reply = await self._call(
+            self._presence_stats(keys=self._share_keys(channel), args=[self._now_ms()])
+        )
+        users = {_member_decoder.decode(raw).user for raw in reply[3::2]}
+        shared = _int(reply[0])
+        return PresenceStats(
+            clients=shared + len(reply[2::2]), users=_int(reply[1]) + len(users), shared=shared
+        )
+
+    async def report_presence(self, shares: Mapping[str, PresenceShare], *, ttl: float) -> None:
+        until = self._now_ms() + int(ttl * 1000)
+        key_ttl = _key_ttl_ms(ttl)
+        calls: list[tuple[list[str], list[Arg]]] = []
+        for channel, share in shares.items():
+            args: list[Arg] = [self._node, f"{share.clients}:{share.users}:{until}", key_ttl]
+            calls.append((self._share_keys(channel), [*args, *share.replaces]))
+        withdrawn = self._shared - shares.keys()
+        calls += [(self._share_keys(c), [self._node, "", 0]) for c in withdrawn]
+        # Remembered before sending, as the counts are: a failed report is withdrawn next time.
+        self._shared |= set(shares)
+        if calls:
+            await self._pipelined(self._presence_share, calls)
+        self._shared = set(shares)
 
     # -- state channels -----------------------------------------------------------------------
 
@@ -1037,6 +1096,27 @@ def client_options(connect_timeout: float = 2.0) -> dict[str, Any]:
         # redis-py's default of three retries with backoff (seconds of silence).
         "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
     }
+
+
+async def _cancellable(awaitable: Any) -> Any:
+    """Await a redis-py call without losing a cancellation of the calling task.
+
+    redis-py writes every command under ``asyncio.wait_for`` (its ``socket_timeout``). On
+    Python 3.11, ``wait_for`` returns the write's result when its caller is cancelled in the
+    instant the write completes, and the cancellation is gone: the task runs on. A loop told to
+    stop (the gateway's ticker, a pub/sub link, a publisher) then never does, and whoever awaits
+    it waits for ever. The request is still counted on the task (``cancelling``): raise it."""
+    task = asyncio.current_task()
+    asked = task.cancelling() if task is not None else 0
+    try:
+        result = await awaitable
+    except Exception as exc:
+        if task is not None and task.cancelling() > asked:
+            raise asyncio.CancelledError from exc
+        raise
+    if task is not None and task.cancelling() > asked:
+        raise asyncio.CancelledError
+    return result
 
 
 def _slot_owner(client: RedisCluster, name: bytes) -> tuple[str, int]:

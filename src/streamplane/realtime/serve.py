@@ -12,18 +12,28 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import resource
 import signal
 import socket
+import time
+
+import httpx
 
 from streamplane.config import RealtimeSettings
+from streamplane.realtime.admission import ADMISSION_CHANNEL, decode_admission_plan
 from streamplane.realtime.broker import Broker, BrokerError
 from streamplane.realtime.gateway import Gateway, GatewaySettings, raise_open_file_limit
 from streamplane.realtime.memory import MemoryHub
 from streamplane.realtime.redis import RedisBroker
+from streamplane.realtime.tokens import sign_realtime_token
 
-__all__ = ["GatewayConfigError", "gateway_settings", "make_broker", "serve"]
+__all__ = ["GatewayConfigError", "gateway_settings", "make_broker", "poll_admission", "serve"]
 
 _log = logging.getLogger(__name__)
+
+# Descriptors a gateway process keeps for other than viewers: its listening socket, the
+# broker's connections, logs, the admission poll.
+_FD_RESERVE = 512
 
 
 class GatewayConfigError(ValueError):
@@ -62,11 +72,13 @@ def gateway_settings(settings: RealtimeSettings) -> GatewaySettings:
             "realtime.processes > 1 needs a broker shared by the processes; with "
             "realtime.broker = 'memory' run one process"
         )
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return GatewaySettings(
         token_key=key,
         max_connections=settings.max_connections,
         admission_rate=settings.admission_rate,
         admission_burst=settings.admission_burst,
+        connection_ceiling=None if soft == resource.RLIM_INFINITY else soft - _FD_RESERVE,
     )
 
 
@@ -78,12 +90,46 @@ async def _run_one(settings: RealtimeSettings, reuse_port: bool) -> None:
     gateway = Gateway(make_broker(settings.broker), gateway_settings(settings))
     port = await gateway.start(settings.host, settings.port, reuse_port=reuse_port)
     _log.info("gateway %s listening on %s:%d", gateway.broker.node, settings.host, port)
+    poll = None
+    if settings.control_url:
+        poll = asyncio.create_task(poll_admission(gateway, settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    if poll is not None:
+        poll.cancel()
     await gateway.close()
+
+
+async def poll_admission(gateway: Gateway, settings: RealtimeSettings) -> None:
+    """Take the control plane's admission plan every ``admission_poll_s``, for good.
+
+    Polled rather than pushed through the broker: the in-memory broker reaches no other
+    process, a gateway started mid-event asks at once instead of waiting for the next push,
+    and the plan is a schedule known long before its windows open (a warm-up is minutes,
+    a poll seconds), which each process applies by its own clock: a control plane that is
+    down when a window opens or closes changes nothing. A failed poll keeps the last plan.
+    """
+    url = settings.control_url.rstrip("/") + "/v1/live/admission"
+    key = gateway.settings.token_key
+    async with httpx.AsyncClient(timeout=10) as http:
+        while True:
+            token = sign_realtime_token(
+                key,
+                user=f"gateway:{gateway.broker.node}",
+                channels={ADMISSION_CHANNEL: ["read"]},
+                now=int(time.time()),
+                ttl_s=300,
+            )
+            try:
+                r = await http.get(url, headers={"authorization": f"Bearer {token}"})
+                r.raise_for_status()
+                gateway.plan_admission(decode_admission_plan(r.content).windows)
+            except (httpx.HTTPError, ValueError) as err:
+                _log.warning("admission plan from %s: %s (the last one stands)", url, err)
+            await asyncio.sleep(settings.admission_poll_s)
 
 
 def _child(settings: RealtimeSettings) -> None:

@@ -89,6 +89,8 @@ class WriteBehind(GroupConsumer):
         ack_wait_s: float = 30.0,
         touch_s: float = 15.0,
         retry_max_s: float = 5.0,
+        linger_s: float = 0.0,
+        share: float = 1.0,
     ) -> None:
         super().__init__(
             stream,
@@ -96,6 +98,8 @@ class WriteBehind(GroupConsumer):
             max_batches=max_batches,
             ack_wait_s=ack_wait_s,
             retry_max_s=retry_max_s,
+            linger_s=linger_s,
+            share=share,
         )
         self._sink = sink
         self._touch_s = touch_s

@@ -6,6 +6,16 @@ acknowledges them once it returns. ``handle`` writes with :meth:`GroupConsumer.r
 write that fails (the store is down) is tried again with backoff while the batches wait,
 unacknowledged, in the stream. A consumer killed between a write and its acknowledgement
 has the batches redelivered, so every write a subclass makes must be idempotent.
+
+A round that did not fill (``max_batches``) is followed by a pause, until ``linger_s`` after
+it began: under a storm the store then takes a few large transactions a second rather than
+one per handful of heartbeats (each holding SQLite's write lock, or PostgreSQL's row locks,
+while a playback start may be waiting for them), and a quiet stream costs one round per
+``linger_s``. A full round is followed by the next at once: a backlog drains at full speed,
+unless ``share`` (0 < share <= 1) bounds the consumer's time: after a round that took ``w``
+seconds it rests ``w * (1 / share - 1)``. A consumer that shares its process with playback
+starts (the QoS consumer in the control plane) then leaves them the rest of the time during a
+storm it cannot keep up with; its backlog waits, durable, in the stream, and is written after.
 """
 
 from __future__ import annotations
@@ -35,8 +45,14 @@ class GroupConsumer:
         max_batches: int = 1024,
         ack_wait_s: float = 30.0,
         retry_max_s: float = 5.0,
+        linger_s: float = 0.0,
+        share: float = 1.0,
     ) -> None:
+        if not 0 < share <= 1:
+            raise ValueError(f"a consumer's share of the time is in (0, 1], not {share}")
         self._stream = stream
+        self._linger_s = linger_s
+        self._rest = 1 / share - 1  # seconds of rest per second of work
         self.group_name = group
         self._max = max_batches
         self._ack_wait_s = ack_wait_s
@@ -101,7 +117,9 @@ class GroupConsumer:
     async def _run(self) -> None:
         assert self._group is not None
         group = self._group
+        loop = asyncio.get_running_loop()
         while True:
+            began = loop.time()
             try:
                 deliveries = await group.fetch(self._max, timeout_s=1.0)
             except StreamUnavailable as err:
@@ -116,3 +134,9 @@ class GroupConsumer:
             except StreamUnavailable as err:
                 # written, not acknowledged: they come back, and writing them again is harmless
                 log.warning("telemetry %s: cannot acknowledge: %s", self.group_name, err)
+            now = loop.time()
+            rest = (now - began) * self._rest
+            if len(deliveries) < self._max:
+                rest = max(rest, began + self._linger_s - now)
+            if rest > 0:
+                await asyncio.sleep(rest)

@@ -90,6 +90,8 @@ class QosConsumer(GroupConsumer):
         max_batches: int = 1024,
         ack_wait_s: float = 30.0,
         retry_max_s: float = 5.0,
+        linger_s: float = 0.0,
+        share: float = 1.0,
     ) -> None:
         super().__init__(
             stream,
@@ -97,6 +99,8 @@ class QosConsumer(GroupConsumer):
             max_batches=max_batches,
             ack_wait_s=ack_wait_s,
             retry_max_s=retry_max_s,
+            linger_s=linger_s,
+            share=share,
         )
         self._sink = sink
         self._network_of = network_of

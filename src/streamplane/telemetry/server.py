@@ -6,7 +6,8 @@ for routing, dependency injection, validation models and middleware; here a conn
 body)`` to one coroutine, whose answer is written back. Keep-alive and pipelining are kept in
 order (one request at a time per connection); bodies over ``max_body`` are refused with 413
 before they are read; a connection silent for ``idle_timeout_s`` (or stuck mid-request, the
-slowloris) is closed.
+slowloris) is closed. Silence is found by one sweep over the connections a few times per
+timeout, not by a timer cancelled and re-armed on every read (a few per cent of a heartbeat).
 
 The handler decides everything else (``control/heartbeats.py`` gives the same one to the
 framework route, so both answer alike).
@@ -68,7 +69,8 @@ class _Connection(asyncio.Protocol):
         self._refused: Answer | None = None
         self._queue: deque[tuple[bytes, list[str], bytes, Answer | None, bool]] = deque()
         self._worker: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+        self._heard_at = self._loop.time()
 
     # -- transport events ----------------------------------------------------------------------
 
@@ -78,18 +80,15 @@ class _Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self._peer: str | None = peer[0] if isinstance(peer, tuple) and peer else None
         self._server.connections.add(self)
-        self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server.connections.discard(self)
-        if self._timer is not None:
-            self._timer.cancel()
         if self._worker is not None:
             self._worker.cancel()
         self._transport = None
 
     def data_received(self, data: bytes) -> None:
-        self._arm()
+        self._heard_at = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -140,7 +139,7 @@ class _Connection(asyncio.Protocol):
         keep = self._parser.should_keep_alive()
         self._queue.append((self._auth, self._forwarded, b"".join(self._body), self._refused, keep))
         if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._work())
+            self._worker = self._loop.create_task(self._work())
 
     # -- answering -----------------------------------------------------------------------------
 
@@ -187,14 +186,12 @@ class _Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
-    def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(self._server.idle_timeout_s, self._idle)
-
-    def _idle(self) -> None:
+    def sweep(self, now: float) -> None:
+        """Close the connection if nothing was heard on it for the idle timeout."""
+        if now - self._heard_at < self._server.idle_timeout_s:
+            return
         if self._worker is not None and not self._worker.done():
-            self._arm()  # answering: the handler has its own bounds
+            self._heard_at = now  # answering: the handler has its own bounds
             return
         self._close()
 
@@ -231,6 +228,7 @@ class IngestServer:
         self._backlog = backlog
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -238,10 +236,25 @@ class IngestServer:
             lambda: _Connection(self), self.host, self.port, backlog=self._backlog
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Close silent connections: a connection is closed between ``idle_timeout_s`` and a
+        quarter (at most a second) more after it was last heard from."""
+        loop = asyncio.get_running_loop()
+        every = min(self.idle_timeout_s / 4, 1.0)
+        while True:
+            await asyncio.sleep(every)
+            now = loop.time()
+            for connection in list(self.connections):
+                connection.sweep(now)
 
     async def stop(self) -> None:
         if self._server is None:
             return
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self._server.close()
         for connection in list(self.connections):
             connection._close()

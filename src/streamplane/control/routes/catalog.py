@@ -11,8 +11,10 @@ from streamplane.control.catalog import TitleInfo, channel_info, check_title_id,
 from streamplane.control.errors import ApiError, not_found
 from streamplane.control.fleet import exclusion, state
 from streamplane.control.plane import ControlPlane
+from streamplane.control.realtime import process_limits
 from streamplane.control.routes.body import JsonRoute, body_schema, decode
 from streamplane.control.routes.deps import admin, plane_of
+from streamplane.live import EventReadiness
 from streamplane.media import Title
 
 __all__ = ["Availability", "Holder", "RungOut", "TitleList", "TitleOut", "known_title", "router"]
@@ -167,9 +169,11 @@ async def live_plan(request: Request) -> dict[str, Any]:
     for it, its phase, and whether it is ready (admin)."""
     plane = plane_of(request)
     await plane.fleet.refresh(plane.monotonic())
+    processes = plane.gateway_processes
     events = []
     for r in plane.live_readiness():
         plan = r.plan
+        limits = process_limits(plan.gateway, processes)
         events.append(
             {
                 "channel": plan.event.channel,
@@ -181,9 +185,22 @@ async def live_plan(request: Request) -> dict[str, Any]:
                 "why": r.why,
                 "edges_up": list(r.edges_up),
                 "edges_down": list(r.edges_down),
+                "edges_cold": list(r.edges_cold),
+                "edges": [
+                    _planned_edge(plane, r, site.site, edge)
+                    for site in plan.sites
+                    for edge in site.edges
+                ],
                 "gateway": {
-                    "admission_per_s": plan.admission_per_s,
-                    "max_connections": plan.max_connections,
+                    "admission_per_s": plan.gateway.admission_per_s,
+                    "admission_burst": plan.gateway.admission_burst,
+                    "max_connections": plan.gateway.max_connections,
+                    "processes": processes,
+                    "per_process": {
+                        "rate": limits.rate,
+                        "burst": limits.burst,
+                        "max_connections": limits.max_connections,
+                    },
                 },
                 "sites": [
                     {
@@ -201,3 +218,17 @@ async def live_plan(request: Request) -> dict[str, Any]:
         )
     scheduled = len(plane.live_events)
     return {"events": events, "scheduled": scheduled, "planned": len(events)}
+
+
+def _planned_edge(plane: ControlPlane, r: EventReadiness, site: str, edge: str) -> dict[str, Any]:
+    """One planned edge of an event: up or not, and what its last warming fetched."""
+    warmth = plane.warmer.warmth.get((r.plan.event.channel, edge))
+    return {
+        "edge": edge,
+        "site": site,
+        "up": edge in r.edges_up,
+        "warm": warmth is not None and warmth.warm,
+        "warmed_at": warmth.at if warmth else None,
+        "objects": warmth.objects if warmth else 0,
+        "why": warmth.why if warmth else "not warmed yet",
+    }

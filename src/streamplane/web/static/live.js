@@ -4,11 +4,17 @@
 // and, from the playlist's program dates, how far behind the encoder's clock the picture is.
 // An MPD (?src=…manifest.mpd…) plays with dash.js in low-latency mode (chunked segments).
 // window.live holds the same figures for tests.
+//
+// With ?realtime= (the `realtime` object of the playback answer, as JSON: the gateway's url,
+// a token and the channels it grants), the page shows the channel's viewer count, which the
+// realtime gateway sends on the event channel whenever it changes.
+
+import { RealtimeClient } from "./realtime.js";
 
 const $ = (id) => document.getElementById(id);
 const live = (window.live = {
   playing: false, latency: null, target: null, glass: null, rate: 1, level: -1, errors: [],
-  stalls: 0, currentTime: 0, lowLatency: false,
+  stalls: 0, currentTime: 0, lowLatency: false, viewers: null,
 });
 
 function say(text) {
@@ -17,8 +23,37 @@ function say(text) {
   el.hidden = !text;
 }
 
+// The viewer count: only the event channel is subscribed (chat and state are the watch page's).
+// What keeps it from showing is said in its place (the message line is playback's).
+function countViewers(param) {
+  const unavailable = (why) => ($("viewers").textContent = `– (${why})`);
+  let info;
+  try {
+    info = JSON.parse(param);
+  } catch (err) {
+    unavailable(`?realtime= is not JSON: ${err.message}`);
+    return;
+  }
+  const channel = Object.keys(info.channels || {}).find((c) => c.startsWith("event:"));
+  if (!info.url || !info.token || !channel) {
+    unavailable("?realtime= needs the gateway's url, a token and an event: channel");
+    return;
+  }
+  const client = new RealtimeClient(info.url, info.token, [channel], {
+    onCount: (c, viewers) => {
+      if (c !== channel) return;
+      live.viewers = viewers;
+      $("viewers").textContent = String(viewers);
+    },
+    onGiveUp: (frame) => unavailable(frame.reason),
+  });
+  client.start();
+}
+
 async function main() {
-  const src = new URLSearchParams(location.search).get("src");
+  const params = new URLSearchParams(location.search);
+  if (params.get("realtime")) countViewers(params.get("realtime"));
+  const src = params.get("src");
   if (!src) {
     say("Give the channel's signed playlist URL: /static/live.html?src=…");
     return;
