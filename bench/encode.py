@@ -5,8 +5,9 @@ Method
   high-motion shots), in one run:
   * full: the whole matrix (every shot x resolution x CRF) at the shipped preset with full VMAF;
     the per-shot ladder is chosen from it at equal slope, one resolution per rung.
-  * fast: probes at the probe preset with VMAF on every 4th frame, at three CRFs of the grid
-    per shot and resolution (18, 30, 42); the other grid points predicted from them
+  * fast: probes of the middle half of each shot at the probe preset with VMAF on every 8th
+    frame, at three CRFs of the grid per shot and resolution (18, 30, 42); the other grid
+    points predicted from them
     (log bits and log(101 - VMAF) linear in CRF, media/fastpath.py); only the chosen points are
     encoded at the shipped preset and scored in full. --fast-variants runs other schemes beside
     it (e.g. every grid point probed, the previous default: previous=full), each against the
@@ -78,7 +79,8 @@ VARIANTS: list[dict[str, str]] = []  # one row per (source, fast path scheme)
 def _describe(settings: EncodeSettings) -> str:
     return (
         f"default ({settings.probe_preset}, VMAF 1/{settings.probe_vmaf_subsample}, "
-        f"{settings.probe_grid} grid, {settings.probe_count} probes)"
+        f"{settings.probe_grid} grid, {settings.probe_count} probes, "
+        f"{settings.probe_share:g} of each shot)"
     )
 
 
@@ -369,7 +371,10 @@ def main() -> None:
     rows = [short_mix(name, args, settings) for name in args.sources]
     print_rows("per-shot encoding (BD-rate, negative = fewer bits at equal VMAF)", rows)
     print_rows("fast path schemes against the full matrix, same run", VARIANTS)
-    long_rows = [long_title(name, args, settings) for name in args.long]
+    long_rows = []
+    for name in args.long:
+        long_rows.append(long_title(name, args, settings))
+        console.print(f"{name}: {long_rows[-1]}")  # each as it finishes: a long run may be cut
     print_rows("long titles: bounded scratch, CPU per minute of content", long_rows)
     for sub in ("full", "plain", "fast"):
         shutil.rmtree(args.work / sub, ignore_errors=True)

@@ -162,6 +162,9 @@ def encode(
         "sparse", help="Fast mode: sparse (probe a few CRFs, predict the rest) or full (all)."
     ),
     probe_count: int = typer.Option(3, help="Fast mode, sparse grid: CRFs probed per shot x size."),
+    probe_share: float = typer.Option(
+        0.5, help="Fast mode: share of each shot's frames (its middle) a probe encodes."
+    ),
     heights: str | None = typer.Option(None, help="Matrix resolutions by height, e.g. 720,540."),
     quantisers: str | None = typer.Option(None, help="Matrix CRF values, e.g. 20,25,30,35,40."),
     rungs: int = typer.Option(6, help="Rungs in the ladder."),
@@ -188,6 +191,7 @@ def encode(
         probe_preset=probe_preset,
         probe_grid=probe_grid,
         probe_count=probe_count,
+        probe_share=probe_share,
         heights=_ints(heights, "heights"),
         quantisers=_ints(quantisers, "quantisers"),
         rungs=rungs,

@@ -20,6 +20,7 @@ from streamplane.media.fastpath import (
     probe_quantisers,
 )
 from streamplane.media.matrix import EncodeResult
+from streamplane.media.pipeline import PROBE_MIN_FRAMES, probe_frames
 from streamplane.media.title import ShotChoice
 from tests.conftest import SMALL
 
@@ -149,6 +150,13 @@ def test_the_fast_path_probes_part_of_the_grid_and_ships_a_valid_ladder(
     }
     shots = range(len(outcome.title.shots))
     assert probed == {(s, h, q) for s in shots for h in (90, 60) for q in (22, 38)}
+    # the probes read the middle half of each shot, the shipped encodes all of it
+    for r in results:
+        frames = outcome.title.shots[r.job.shot].n_frames
+        if r.job.preset == settings.probe_preset:
+            assert r.job.probe_frames == round(frames / 2) and r.job.frames_encoded < frames
+        else:
+            assert r.job.probe_frames == 0 and r.job.frames_encoded == frames
     at_shipped_preset = {
         (r.job.shot, r.job.height, r.job.crf)
         for r in results
@@ -166,10 +174,26 @@ def test_the_fast_path_probes_part_of_the_grid_and_ships_a_valid_ladder(
 
 @pytest.mark.parametrize(
     ("change", "words"),
-    [({"probe_grid": "coarse"}, "probe_grid must be"), ({"probe_count": 1}, "probe_count")],
+    [
+        ({"probe_grid": "coarse"}, "probe_grid must be"),
+        ({"probe_count": 1}, "probe_count"),
+        ({"probe_share": 0.0}, "probe_share"),
+        ({"probe_share": 1.5}, "probe_share"),
+    ],
 )
 def test_probe_settings_that_cannot_predict_a_curve_are_refused(
     change: dict[str, object], words: str
 ) -> None:
     with pytest.raises(ValueError, match=words):
         msgspec.structs.replace(SMALL, **change).check()  # type: ignore[arg-type]
+
+
+@given(st.integers(1, 3000), st.floats(0.01, 1.0))
+def test_a_probe_of_part_of_a_shot_keeps_enough_frames(shot_frames: int, share: float) -> None:
+    settings = msgspec.structs.replace(SMALL, probe_share=share)
+    n = probe_frames(shot_frames, settings)
+    if n == 0:  # the whole shot
+        assert shot_frames <= max(PROBE_MIN_FRAMES, round(share * shot_frames))
+    else:
+        assert PROBE_MIN_FRAMES <= n < shot_frames
+        assert n == max(PROBE_MIN_FRAMES, round(share * shot_frames))

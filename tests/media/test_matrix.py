@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from streamplane.media.errors import EncodeError
@@ -213,3 +214,43 @@ def test_an_unreachable_cluster_is_a_clear_error(tmp_path: Path, shot: Path) -> 
             tmp_path / "r",
             cluster=f"tcp://127.0.0.1:{_free_port()}",
         )
+
+
+def test_a_shared_cut_is_charged_once_apart_from_the_encodes(shot: Path, tmp_path: Path) -> None:
+    """The fast path's cost is replayed scheme by scheme (bench/probes.py): the shot's decode
+    into its cut must be its own figure, counted once however many jobs read the cut."""
+    jobs = [
+        msgspec.structs.replace(j, cuts=str(tmp_path / "cuts"))
+        for j in jobs_for(shot, tmp_path / "out", crfs=(24, 30, 36))
+    ]
+    outcome = run_matrix(jobs, tmp_path / "results", workers=2)
+    results = list(outcome.results.values())
+    assert len(results) == 3
+    assert sum(r.cut_cpu_seconds > 0 for r in results) == 1
+    for r in results:
+        assert r.encode_cpu_seconds > 0 and r.vmaf_cpu_seconds > 0
+        assert r.cpu_seconds == pytest.approx(
+            r.cut_cpu_seconds + r.encode_cpu_seconds + r.vmaf_cpu_seconds
+        )
+    assert not (tmp_path / "cuts" / "s000.nut").exists()
+
+
+def test_a_probe_of_part_of_a_shot_encodes_and_scores_its_middle_frames(
+    shot: Path, tmp_path: Path
+) -> None:
+    whole, part = (
+        msgspec.structs.replace(j, cuts=str(tmp_path / "cuts"), probe_frames=n, vmaf_subsample=1)
+        for j, n in zip(jobs_for(shot, tmp_path / "out", crfs=(30, 30)), (0, 24), strict=True)
+    )
+    part = msgspec.structs.replace(part, output=str(tmp_path / "out" / "part.mp4"))
+    assert part.key != whole.key and part.span == (13, 37) and part.encoded_keyframes == (0, 12)
+    outcome = run_matrix([whole, part], tmp_path / "results", workers=2)
+    w, p = outcome.results[whole.key], outcome.results[part.key]
+    assert len(w.frame_vmaf) == 50 and len(p.frame_vmaf) == 24
+    # the part is scored against the same frames of the shot (its first frame is an IDR, so
+    # frame by frame the two encodes differ a little)
+    assert p.vmaf == pytest.approx(sum(w.frame_vmaf[13:37]) / 24, abs=3)
+    assert w.shot_bits == w.bits
+    assert p.shot_bits == round(p.bits * 50 / 24)
+    assert p.shot_bits == pytest.approx(w.bits, rel=0.35)
+    assert len(p.segment_bytes) == 2  # its keyframes: the shot's one inside the part, and 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 from pathlib import Path
@@ -10,7 +11,7 @@ import matplotlib.image
 import pytest
 
 from streamplane.media.bdrate import BdRate
-from streamplane.media.report import FixedRung, ReportData, write_report
+from streamplane.media.report import FixedRung, ReportData, grid_marks, write_report
 from streamplane.media.title import (
     Rung,
     SegmentTiming,
@@ -247,3 +248,35 @@ def test_shot_durations_must_match_shots(tmp_path: Path) -> None:
     bad = ReportData(**{**data.__dict__, "shot_seconds": data.shot_seconds[:-1]})
     with pytest.raises(ValueError, match="shot durations"):
         write_report(bad, tmp_path)
+
+
+def test_predicted_grid_points_are_drawn_apart_from_encoded_ones(tmp_path: Path) -> None:
+    data = make_data()
+    # as the fast path leaves it: CRFs 26 and 34 predicted from probes at the others
+    predicted = frozenset(
+        (p.shot, p.width, p.height, p.quantiser) for p in data.matrix if p.quantiser in (26, 34)
+    )
+    data = dataclasses.replace(data, predicted=predicted)
+    marks = grid_marks(data)
+    assert len(marks) == len(data.matrix)
+    assert {(m.shot, m.width, m.height, m.quantiser) for m in marks if m.predicted} == predicted
+    assert all(m.quantiser not in (26, 34) for m in marks if not m.predicted)
+    for m, p in zip(marks, data.matrix, strict=True):
+        assert m.kbps == pytest.approx(p.bits / data.shot_seconds[p.shot] / 1000)
+        assert m.vmaf == p.vmaf
+    write_report(data, tmp_path)
+    note = f"{len(predicted)} of {len(data.matrix)} grid points were predicted"
+    assert note in (tmp_path / "ladder.md").read_text()
+
+
+def test_a_fully_encoded_matrix_has_no_predicted_marks(tmp_path: Path) -> None:
+    data = make_data()
+    assert not any(m.predicted for m in grid_marks(data))
+    write_report(data, tmp_path)
+    assert "predicted from the probes" not in (tmp_path / "ladder.md").read_text()
+
+
+def test_a_predicted_point_outside_the_matrix_is_refused(tmp_path: Path) -> None:
+    data = dataclasses.replace(make_data(), predicted=frozenset({(0, 4096, 2160, 26)}))
+    with pytest.raises(ValueError, match="not in the matrix"):
+        write_report(data, tmp_path)

@@ -65,6 +65,9 @@ class EncodeJob(msgspec.Struct, frozen=True):
     bufsize_kbps: int | None = None
     keep_output: bool = True  # False: only the score is wanted; the encode is deleted after it
     cuts: str = ""  # the directory of the per-shot cuts; not part of the key (same frames)
+    # a probe of part of the shot: encode and score only this many of its frames, from its
+    # middle (0: all of them); its bits are scaled to the whole shot (`EncodeResult.shot_bits`)
+    probe_frames: int = 0
 
     @property
     def key(self) -> str:
@@ -77,10 +80,32 @@ class EncodeJob(msgspec.Struct, frozen=True):
         if self.maxrate_kbps is not None:
             rate += f"_cap{self.maxrate_kbps}-{self.bufsize_kbps}"
         shot = "title" if self.shot < 0 else f"s{self.shot:03d}"
+        part = f"_part{self.probe_frames}" if self.probe_frames else ""
         return (
             f"{shot}_{self.codec}_{self.width}x{self.height}_{rate}_{self.preset}"
-            f"_vs{self.vmaf_subsample}"
+            f"_vs{self.vmaf_subsample}{part}"
         )
+
+    @property
+    def span(self) -> tuple[int, int] | None:
+        """(first, end) of the frames a probe of part of the shot reads, from the shot's start;
+        None when the job reads them all."""
+        if not self.probe_frames or self.probe_frames >= self.reference_frames:
+            return None
+        first = (self.reference_frames - self.probe_frames) // 2
+        return first, first + self.probe_frames
+
+    @property
+    def frames_encoded(self) -> int:
+        span = self.span
+        return self.reference_frames if span is None else span[1] - span[0]
+
+    @property
+    def encoded_keyframes(self) -> tuple[int, ...]:
+        span = self.span
+        if span is None:
+            return self.keyframes
+        return tuple(sorted({0} | {k - span[0] for k in self.keyframes if span[0] <= k < span[1]}))
 
     @property
     def cut(self) -> Path | None:
@@ -108,6 +133,8 @@ class EncodeResult(msgspec.Struct, frozen=True):
     psnr_y: float
     encode_cpu_seconds: float
     vmaf_cpu_seconds: float
+    # decoding the shot into its cut, charged to the job that made it (0 for the shot's others)
+    cut_cpu_seconds: float = 0.0
     frame_vmaf: tuple[float, ...] = ()  # per scored frame (every `vmaf_subsample`-th)
     segment_bytes: tuple[int, ...] = ()  # video bytes from each keyframe to the next
 
@@ -126,24 +153,29 @@ class EncodeResult(msgspec.Struct, frozen=True):
         return self.bytes * 8
 
     @property
+    def shot_bits(self) -> int:
+        """The bits of the whole shot: those of a probe of part of it scaled by its frames."""
+        return round(self.bits * self.job.reference_frames / self.job.frames_encoded)
+
+    @property
     def cpu_seconds(self) -> float:
-        return self.encode_cpu_seconds + self.vmaf_cpu_seconds
+        return self.cut_cpu_seconds + self.encode_cpu_seconds + self.vmaf_cpu_seconds
 
 
 def encode_and_score(job: EncodeJob) -> EncodeResult:
     """Run one job in this process: encode (unless a complete encode is already there), score."""
     out = Path(job.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    encode_cpu = make_cut(job)
-    if not out.exists():
-        encode_cpu += run_encode(job, out)
+    cut_cpu = make_cut(job)
+    encode_cpu = run_encode(job, out) if not out.exists() else 0.0
     score = measure(
         out,
         job.reference_input(),
         job.display_width,
         job.display_height,
-        job.reference_frames,
+        job.frames_encoded,
         subsample=job.vmaf_subsample,
+        reference_span=job.span,
     )
     size = out.stat().st_size
     segments = segment_bytes(out) if job.keep_output else ()
@@ -158,6 +190,7 @@ def encode_and_score(job: EncodeJob) -> EncodeResult:
         psnr_y=score.psnr_y,
         encode_cpu_seconds=encode_cpu,
         vmaf_cpu_seconds=score.cpu_seconds,
+        cut_cpu_seconds=cut_cpu,
         frame_vmaf=score.frame_vmaf,
     )
 
@@ -221,6 +254,13 @@ def segment_bytes(path: Path) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def _trim(span: tuple[int, int] | None) -> str:
+    """The filter that keeps a probe's frames of its shot, or nothing."""
+    if span is None:
+        return ""
+    return f"trim=start_frame={span[0]}:end_frame={span[1]},setpts=PTS-STARTPTS,"
+
+
 def run_encode(job: EncodeJob, out: Path) -> float:
     """Encode `job` into `out` (atomically: a partial file never has the final name); return
     the CPU seconds the encoder used."""
@@ -228,13 +268,17 @@ def run_encode(job: EncodeJob, out: Path) -> float:
     video = rate_args(
         job.codec,
         job.preset,
-        job.keyframes,
+        job.encoded_keyframes,
         crf=job.crf,
         qp=job.qp,
         bitrate_kbps=job.bitrate_kbps,
         cap_kbps=None if job.maxrate_kbps is None else (job.maxrate_kbps, job.bufsize_kbps or 0),
     )
-    head = [*job.reference_input(), "-vf", f"scale={job.width}:{job.height}:flags=bicubic"]
+    head = [
+        *job.reference_input(),
+        "-vf",
+        f"{_trim(job.span)}scale={job.width}:{job.height}:flags=bicubic",
+    ]
     head += ["-pix_fmt", "yuv420p", "-an", *video]
     what = f"encoding {job.key}"
     cpu = 0.0

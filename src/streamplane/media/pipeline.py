@@ -24,7 +24,7 @@ from streamplane.media.bdrate import BdRate, bd_rate, monotone_curve
 from streamplane.media.codecs import QP_CODECS
 from streamplane.media.codecs import codec as codec_info
 from streamplane.media.errors import DiskFullError, EncodeError, MediaError, PackagingError
-from streamplane.media.fastpath import predicted_grid, probe_quantisers
+from streamplane.media.fastpath import grid_point, predicted_grid, probe_quantisers
 from streamplane.media.ffmpeg import input_args, run_ffmpeg
 from streamplane.media.fmp4 import read_init
 from streamplane.media.ladder import LadderRung, build_ladder, fixed_ladder, matrix_resolutions
@@ -94,11 +94,18 @@ class EncodeSettings(msgspec.Struct, frozen=True):
     mode: str = "fast"  # fast: hulls from probe encodes, final rungs re-encoded; full: one pass
     preset: str = "medium"  # the preset of the shipped encodes
     probe_preset: str = "veryfast"  # the preset of the matrix in fast mode
-    probe_vmaf_subsample: int = 4
+    # VMAF on every 8th frame: the same ladder as every 4th at 180p, 10 % less probe VMAF CPU
+    # (28 % at 720p); benchmarks.md, "The fast path's probes"
+    probe_vmaf_subsample: int = 8
     # sparse: probe `probe_count` quantisers of the grid per shot and resolution and predict
     # the rest (fastpath.py); full: probe every grid point
     probe_grid: str = "sparse"
     probe_count: int = 3
+    # the share of each shot's frames (from its middle) a probe encodes and scores, its bits
+    # scaled to the whole shot; never fewer than PROBE_MIN_FRAMES frames. Half: within 1 %
+    # BD-rate of the full matrix on every benchmark title for 6 to 8 points less CPU than
+    # whole shots (benchmarks.md, "The fast path's probes").
+    probe_share: float = 0.5
     heights: tuple[int, ...] = ()  # matrix resolutions by height; () = scales of the source
     quantisers: tuple[int, ...] = ()  # () = the codec's default grid
     rungs: int = 6
@@ -128,6 +135,8 @@ class EncodeSettings(msgspec.Struct, frozen=True):
             raise ValueError(f"mode must be 'fast' or 'full', not {self.mode!r}")
         if self.probe_grid not in ("sparse", "full"):
             raise ValueError(f"probe_grid must be 'sparse' or 'full', not {self.probe_grid!r}")
+        if not 0 < self.probe_share <= 1:
+            raise ValueError("probe_share is a share of each shot's frames: above 0, at most 1")
         if self.probe_count < 2:
             raise ValueError("probe_count must be at least 2 (a curve is predicted from them)")
         if self.rungs < 1:
@@ -228,6 +237,7 @@ def encode(
     require_all(matrix, "encode matrix")
     cpu["matrix"] = sum(r.cpu_seconds for r in matrix.results.values())
     points = tuple(_choice(r) for r in matrix.results.values())
+    encoded = {grid_point(p) for p in points}
     if len(probed) < len(set(grid)):
         # the grid points not probed, predicted from those that were (fastpath.py)
         points = tuple(predicted_grid(points, grid))
@@ -331,6 +341,7 @@ def encode(
                 mode=settings.mode,
                 encodes_run=encodes_run,
                 cpu_seconds=cpu,
+                predicted=frozenset(grid_point(p) for p in points) - encoded,
             ),
             report_dir,
         )
@@ -508,7 +519,7 @@ def _matrix_jobs(
     quantisers: Sequence[int],
 ) -> list[EncodeJob]:
     sizes = matrix_resolutions(info.width, info.height, settings.heights or None)
-    return [
+    jobs = [
         _shot_job(
             source, info, shot, segments, directory, settings, (shot.index, w, h, q), keep_output
         )
@@ -516,6 +527,24 @@ def _matrix_jobs(
         for (w, h) in sizes
         for q in quantisers
     ]
+    if settings.mode != "fast" or settings.probe_share >= 1:
+        return jobs
+    return [
+        _named(
+            msgspec.structs.replace(j, probe_frames=probe_frames(j.reference_frames, settings)),
+            directory,
+        )
+        for j in jobs
+    ]
+
+
+PROBE_MIN_FRAMES = 24
+
+
+def probe_frames(shot_frames: int, settings: EncodeSettings) -> int:
+    """How many of a shot's frames its probes encode (0: all of them)."""
+    n = max(PROBE_MIN_FRAMES, round(settings.probe_share * shot_frames))
+    return 0 if n >= shot_frames else n
 
 
 _CAP_ROUNDS = 4
@@ -814,7 +843,9 @@ def _run_packed(
 def _choice(result: EncodeResult) -> ShotChoice:
     job = result.job
     assert job.crf is not None
-    return ShotChoice(job.shot, job.width, job.height, job.crf, result.bits, round(result.vmaf, 4))
+    return ShotChoice(
+        job.shot, job.width, job.height, job.crf, result.shot_bits, round(result.vmaf, 4)
+    )
 
 
 def _fixed_ladder(

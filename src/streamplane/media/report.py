@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from streamplane.media.bdrate import BdRate
+from streamplane.media.fastpath import GridPoint, grid_point
 from streamplane.media.hull import RatePoint
 from streamplane.media.ladder import shot_hulls
 from streamplane.media.title import Rung, ShotChoice, Title
@@ -72,6 +73,43 @@ class ReportData:
     # (bitrate_bps, vmaf) of whole-title constant-QP encodes (x264/x265 -qp), hull across sizes
     constant_qp: tuple[tuple[float, float], ...] = ()
     bd_vs_constant_qp: BdRate | None = None
+    # the points of `matrix` whose bits and VMAF the fast path predicted rather than encoded
+    predicted: frozenset[GridPoint] = frozenset()
+
+
+@dataclass(frozen=True)
+class GridMark:
+    """One grid point as the per-shot figure draws it: filled if encoded, hollow if predicted."""
+
+    shot: int
+    width: int
+    height: int
+    quantiser: int
+    kbps: float
+    vmaf: float
+    predicted: bool
+
+
+def grid_marks(data: ReportData) -> list[GridMark]:
+    """Every grid point of the matrix, each marked measured or predicted: what the per-shot
+    figure draws, so a predicted point never passes for an encode."""
+    unknown = data.predicted - {grid_point(p) for p in data.matrix}
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} predicted points are not in the matrix, e.g. {min(unknown)}"
+        )
+    return [
+        GridMark(
+            p.shot,
+            p.width,
+            p.height,
+            p.quantiser,
+            p.bits / data.shot_seconds[p.shot] / 1000,
+            p.vmaf,
+            grid_point(p) in data.predicted,
+        )
+        for p in data.matrix
+    ]
 
 
 def write_report(data: ReportData, directory: Path) -> list[Path]:
@@ -82,6 +120,8 @@ def write_report(data: ReportData, directory: Path) -> list[Path]:
         )
     if any(s <= 0 for s in data.shot_seconds):
         raise ValueError("every shot needs a positive duration")
+    if not all(0 <= p.shot < len(data.shot_seconds) for p in data.matrix):
+        raise ValueError("a matrix point names a shot the title does not have")
     directory.mkdir(parents=True, exist_ok=True)
     sections = _sections(data)
     written = [
@@ -248,9 +288,9 @@ def _draw_shot_curves(data: ReportData, path: Path) -> Path:
     colours = _size_colours(sizes)
     by_size = {s: shot_hulls(data.matrix, n, s) for s in sizes}
     overall = shot_hulls(data.matrix, n, None)
-    points: dict[int, list[ShotChoice]] = defaultdict(list)
-    for p in data.matrix:
-        points[p.shot].append(p)
+    marks: dict[int, list[GridMark]] = defaultdict(list)
+    for m in grid_marks(data):
+        marks[m.shot].append(m)
     chosen: dict[int, list[tuple[Rung, ShotChoice]]] = defaultdict(list)
     for rung in data.title.rungs:
         for c in rung.shots:
@@ -274,20 +314,23 @@ def _draw_shot_curves(data: ReportData, path: Path) -> Path:
 
             xs: list[float] = []
             for size in sizes:
-                mine = [p for p in points[i] if (p.width, p.height) == size]
+                mine = [m for m in marks[i] if (m.width, m.height) == size]
                 if not mine:
                     continue
-                x = [kbps(p.bits) for p in mine]
-                ax.scatter(
-                    x,
-                    [p.vmaf for p in mine],
-                    s=18,
-                    color=colours[size],
-                    alpha=0.85,
-                    linewidths=0,
-                    zorder=3,
-                )
-                xs += x
+                for predicted in (False, True):
+                    drawn = [m for m in mine if m.predicted == predicted]
+                    if drawn:
+                        ax.scatter(
+                            [m.kbps for m in drawn],
+                            [m.vmaf for m in drawn],
+                            s=18,
+                            facecolors="none" if predicted else colours[size],
+                            edgecolors=colours[size],
+                            alpha=0.85,
+                            linewidths=0.9 if predicted else 0,
+                            zorder=3,
+                        )
+                xs += [m.kbps for m in mine]
                 _hull_line(ax, by_size[size][i], kbps, color=colours[size], lw=1.0, alpha=0.45)
             _hull_line(ax, overall[i], kbps, color=_HULL, lw=2.0, alpha=0.9)
             for rung, c in chosen[i]:
@@ -327,6 +370,10 @@ def _draw_shot_curves(data: ReportData, path: Path) -> Path:
             Line2D([], [], ls="", marker="o", ms=5, color=colours[s], label=f"{s[0]}x{s[1]}")
             for s in sizes
         ]
+        if data.predicted:
+            handles.append(
+                Line2D([], [], ls="", marker="o", ms=5, mfc="none", mec="grey", label="predicted")
+            )
         handles.append(Line2D([], [], color="grey", lw=1, alpha=0.6, label="hull, one resolution"))
         handles.append(Line2D([], [], color=_HULL, lw=2, label="hull, all resolutions"))
         handles.append(
@@ -491,6 +538,15 @@ def _quantisers(rung: Rung, n_shots: int) -> str:
     return "/".join(str(by_shot[i]) if i in by_shot else "?" for i in range(n_shots))
 
 
+def _predicted_note(data: ReportData) -> str:
+    if not data.predicted:
+        return ""
+    return (
+        f" {len(data.predicted)} of {len(data.matrix)} grid points were predicted from the "
+        "probes, not encoded (hollow in the per-shot figure)."
+    )
+
+
 def _sections(data: ReportData) -> list[_Section]:
     t = data.title
     n_shots = len(t.shots)
@@ -530,7 +586,8 @@ def _sections(data: ReportData) -> list[_Section]:
                 f"{t.duration_s:.1f} s; source {t.width}x{t.height} at {_fps(t.frame_rate)} fps; "
                 f"{data.mode} mode. "
                 "Each rung keeps one resolution; per shot it takes the encode on that shot's "
-                "convex hull at the rung's common slope, so CRF varies from shot to shot.",
+                "convex hull at the rung's common slope, so CRF varies from shot to shot."
+                + _predicted_note(data),
             ),
             ladder,
         )
