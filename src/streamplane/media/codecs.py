@@ -54,6 +54,50 @@ def keyframe_expr(keyframes: tuple[int, ...]) -> str:
     return "expr:" + "+".join(f"eq(n,{k})" for k in sorted(set(keyframes)))
 
 
+# H.264 levels (ITU-T H.264 Table A-1): (level, MaxMBPS, MaxFS, MaxBR kbit/s, MaxCPB kbit).
+_H264_LEVELS = (
+    ("1", 1_485, 99, 64, 175),
+    ("1.1", 3_000, 396, 192, 500),
+    ("1.2", 6_000, 396, 384, 1_000),
+    ("1.3", 11_880, 396, 768, 2_000),
+    ("2", 11_880, 396, 2_000, 2_000),
+    ("2.1", 19_800, 792, 4_000, 4_000),
+    ("2.2", 20_250, 1_620, 4_000, 4_000),
+    ("3", 40_500, 1_620, 10_000, 10_000),
+    ("3.1", 108_000, 3_600, 14_000, 14_000),
+    ("3.2", 216_000, 5_120, 20_000, 20_000),
+    ("4", 245_760, 8_192, 20_000, 25_000),
+    ("4.1", 245_760, 8_192, 50_000, 62_500),
+    ("4.2", 522_240, 8_704, 50_000, 62_500),
+    ("5", 589_824, 22_080, 135_000, 135_000),
+    ("5.1", 983_040, 36_864, 240_000, 240_000),
+    ("5.2", 2_073_600, 36_864, 240_000, 240_000),
+    ("6", 4_177_920, 139_264, 240_000, 240_000),
+    ("6.1", 8_355_840, 139_264, 480_000, 480_000),
+    ("6.2", 16_711_680, 139_264, 800_000, 800_000),
+)
+_HIGH_PROFILE_RATE = 1.25  # High profile's cpbBrVclFactor over Main's (Table A-2)
+
+
+def h264_level(width: int, height: int, fps: float, cap_kbps: tuple[int, int] | None = None) -> str:
+    """The lowest H.264 (High profile) level whose limits hold a `width` x `height` stream at
+    `fps` and, for a capped encode, its VBV (maxrate, bufsize): the level x264 picks itself.
+
+    A rung's shots share one init segment, so they must share one level: x264 raises the
+    level of a capped encode whose maxrate the frame size's level cannot carry (and with it the
+    decoded-picture-buffer fields of the SPS), so the packager pins the rung's shots to this."""
+    mbs = -(-width // 16) * -(-height // 16)
+    for level, max_mbps, max_fs, max_br, max_cpb in _H264_LEVELS:
+        if mbs > max_fs or mbs * fps > max_mbps:
+            continue
+        if cap_kbps is not None and (
+            cap_kbps[0] > max_br * _HIGH_PROFILE_RATE or cap_kbps[1] > max_cpb * _HIGH_PROFILE_RATE
+        ):
+            continue
+        return level
+    raise ValueError(f"no H.264 level holds {width}x{height} at {fps:g} fps with VBV {cap_kbps}")
+
+
 def rate_args(
     name: str,
     preset: str,
@@ -64,11 +108,13 @@ def rate_args(
     bitrate_kbps: int | None = None,
     cap_kbps: tuple[int, int] | None = None,
     threads: int = 1,
+    level: str | None = None,
 ) -> list[str]:
     """ffmpeg output arguments for one video encode: by quality (crf, optionally capped by a
-    VBV of `cap_kbps` = (maxrate, bufsize)), by constant quantiser (qp) or by bitrate."""
+    VBV of `cap_kbps` = (maxrate, bufsize)), by constant quantiser (qp) or by bitrate; `level`
+    pins an H.264 encode's level (otherwise the encoder picks it)."""
     c = codec(name)
-    level = _check_preset(preset)
+    speed = _check_preset(preset)
     if sum(x is not None for x in (crf, qp, bitrate_kbps)) != 1:
         raise ValueError("give exactly one of crf, qp and bitrate_kbps")
     q = crf if crf is not None else qp
@@ -93,8 +139,12 @@ def rate_args(
         # Capped VBR with a 200 % peak, as Apple's authoring specification allows.
         args += ["-b:v", f"{bitrate_kbps}k", "-maxrate", f"{2 * bitrate_kbps}k"]
         args += ["-bufsize", f"{2 * bitrate_kbps}k"]
+    if level is not None and name != "h264":
+        raise ValueError(f"a pinned level applies to an H.264 encode, not {name}")
     if name == "h264":
         args += ["-preset", preset, "-forced-idr", "1", "-threads", str(threads)]
+        if level is not None:
+            args += ["-level", level]
         args += ["-x264-params", "keyint=infinite:scenecut=0:open-gop=0:stitchable=1"]
     elif name == "hevc":
         args += ["-preset", preset, "-forced-idr", "1", "-tag:v", "hev1"]
@@ -104,7 +154,7 @@ def rate_args(
         args += ["-x265-params", f"{params}:pools={threads}:frame-threads={threads}"]
     elif name == "vp9":
         # libvpx speed 0 (slowest) .. 8; map our presets onto 8..1.
-        args += ["-deadline", "good", "-cpu-used", str(max(1, 8 - level)), "-row-mt", "1"]
+        args += ["-deadline", "good", "-cpu-used", str(max(1, 8 - speed)), "-row-mt", "1"]
         args += ["-g", "100000", "-auto-alt-ref", "1", "-lag-in-frames", "16"]
         args += ["-threads", str(threads)]
         if crf is not None and cap_kbps is None:
@@ -113,6 +163,6 @@ def rate_args(
             args += ["-b:v", f"{cap_kbps[0]}k"]
     elif name == "av1":
         # SVT-AV1 preset 13 (fastest) .. 0; map our presets onto 12..5.
-        args += ["-preset", str(12 - level), "-g", "100000"]
+        args += ["-preset", str(12 - speed), "-g", "100000"]
         args += ["-svtav1-params", f"scd=0:lp={threads}"]
     return args

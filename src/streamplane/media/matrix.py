@@ -63,6 +63,7 @@ class EncodeJob(msgspec.Struct, frozen=True):
     qp: int | None = None
     maxrate_kbps: int | None = None  # a VBV cap on a CRF encode
     bufsize_kbps: int | None = None
+    level: str | None = None  # an H.264 level pinned for the rung (`codecs.h264_level`)
     keep_output: bool = True  # False: only the score is wanted; the encode is deleted after it
     cuts: str = ""  # the directory of the per-shot cuts; not part of the key (same frames)
     # a probe of part of the shot: encode and score only this many of its frames, from its
@@ -79,6 +80,8 @@ class EncodeJob(msgspec.Struct, frozen=True):
             rate = f"b{self.bitrate_kbps}"
         if self.maxrate_kbps is not None:
             rate += f"_cap{self.maxrate_kbps}-{self.bufsize_kbps}"
+        if self.level is not None:
+            rate += f"_L{self.level}"
         shot = "title" if self.shot < 0 else f"s{self.shot:03d}"
         part = f"_part{self.probe_frames}" if self.probe_frames else ""
         return (
@@ -273,6 +276,7 @@ def run_encode(job: EncodeJob, out: Path) -> float:
         qp=job.qp,
         bitrate_kbps=job.bitrate_kbps,
         cap_kbps=None if job.maxrate_kbps is None else (job.maxrate_kbps, job.bufsize_kbps or 0),
+        level=job.level,
     )
     head = [
         *job.reference_input(),

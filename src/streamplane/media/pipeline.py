@@ -21,7 +21,7 @@ import msgspec
 
 from streamplane.media import manifest
 from streamplane.media.bdrate import BdRate, bd_rate, monotone_curve
-from streamplane.media.codecs import QP_CODECS
+from streamplane.media.codecs import QP_CODECS, h264_level
 from streamplane.media.codecs import codec as codec_info
 from streamplane.media.errors import DiskFullError, EncodeError, MediaError, PackagingError
 from streamplane.media.fastpath import grid_point, predicted_grid, probe_quantisers
@@ -603,6 +603,7 @@ def _cap_peaks(
                     bufsize_kbps=max(1, round(kbps * settings.vbv_buffer_s)),
                 )
                 redo[k] = _named(capped, work / "final")
+        redo.update(_one_level_per_rung(jobs, redo, fps, work))
         if not redo:
             break
         capped_run = _run_packed(
@@ -623,6 +624,40 @@ def _cap_peaks(
                 "its hardest shot does not fit under the cap at this resolution"
             )
     return jobs, outcome
+
+
+def _one_level_per_rung(
+    jobs: dict[tuple[int, int], EncodeJob],
+    redo: dict[tuple[int, int], EncodeJob],
+    fps: float,
+    work: Path,
+) -> dict[tuple[int, int], EncodeJob]:
+    """The encodes to (re)run so that every shot of a rung with capped H.264 encodes declares
+    one level, the highest its caps need (a rung has one init segment).
+
+    A capped encode is pinned to that level; a plain one is encoded again at it only where a
+    cap raised the level above the one the frame size gives, which x264 picks for it itself.
+    """
+    pinned: dict[tuple[int, int], EncodeJob] = {}
+    for i in sorted({i for i, _ in redo}):
+        rung = {k: redo.get(k, j) for k, j in jobs.items() if k[0] == i}
+        first = next(iter(rung.values()))
+        if first.codec != "h264":
+            continue
+        size = (first.width, first.height, fps)
+        levels = [h264_level(*size)]
+        levels += [j.level for j in rung.values() if j.level is not None]
+        levels += [
+            h264_level(*size, (j.maxrate_kbps, j.bufsize_kbps or 0))
+            for j in rung.values()
+            if j.maxrate_kbps is not None
+        ]
+        level = max(levels, key=float)
+        raised = float(level) > float(levels[0])
+        for k, job in rung.items():
+            if job.level != level and (job.maxrate_kbps is not None or raised):
+                pinned[k] = _named(msgspec.structs.replace(job, level=level), work / "final")
+    return pinned
 
 
 class _Tally:
@@ -701,7 +736,7 @@ class _Packed(msgspec.Struct, frozen=True):
 
 
 def _point(job: EncodeJob) -> str:
-    return msgspec.structs.replace(job, maxrate_kbps=None, bufsize_kbps=None).key
+    return msgspec.structs.replace(job, maxrate_kbps=None, bufsize_kbps=None, level=None).key
 
 
 class _Packer:
