@@ -125,13 +125,15 @@ def test_a_cap_that_raises_the_level_takes_the_rungs_plain_shots_with_it(tmp_pat
     # rung 0: shot 1 capped past level 1.2; rung 1: shot 1 capped within it
     jobs = {(0, 0): _job(0), (0, 1): _job(1), (1, 0): _job(0), (1, 1): _job(1)}
     redo = {(0, 1): _job(1, CAP), (1, 1): _job(1, (300, 600))}
-    pinned = _one_level_per_rung(jobs, redo, 25.0, tmp_path)
+    pinned, raised = _one_level_per_rung(jobs, redo, 25.0, tmp_path)
+    assert raised == {0}  # its packed shots (level 1.2) take new headers
     assert {k: j.level for k, j in pinned.items()} == {(0, 0): "2.1", (0, 1): "2.1", (1, 1): "1.2"}
     assert pinned[(0, 0)].maxrate_kbps is None  # the plain shot stays plain, at the rung's level
     assert all(f"_L{j.level}_" in j.output for j in pinned.values())  # a result of its own
     # once pinned, a later round whose lower cap needs less keeps the rung's level
     jobs.update(pinned)
     later = {(0, 1): msgspec.structs.replace(pinned[(0, 1)], maxrate_kbps=300, bufsize_kbps=600)}
-    again = _one_level_per_rung(jobs, later, 25.0, tmp_path)
+    again, raised = _one_level_per_rung(jobs, later, 25.0, tmp_path)
     assert {k: j.level for k, j in again.items()} == {}
+    assert raised == set()
     assert later[(0, 1)].level == "2.1"

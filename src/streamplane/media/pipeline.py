@@ -603,7 +603,10 @@ def _cap_peaks(
                     bufsize_kbps=max(1, round(kbps * settings.vbv_buffer_s)),
                 )
                 redo[k] = _named(capped, work / "final")
-        redo.update(_one_level_per_rung(jobs, redo, fps, work))
+        pinned, raised = _one_level_per_rung(jobs, redo, fps, work)
+        redo.update(pinned)
+        for i in raised:
+            packer.new_headers(i)
         if not redo:
             break
         capped_run = _run_packed(
@@ -631,14 +634,18 @@ def _one_level_per_rung(
     redo: dict[tuple[int, int], EncodeJob],
     fps: float,
     work: Path,
-) -> dict[tuple[int, int], EncodeJob]:
+) -> tuple[dict[tuple[int, int], EncodeJob], set[int]]:
     """The encodes to (re)run so that every shot of a rung with capped H.264 encodes declares
-    one level, the highest its caps need (a rung has one init segment).
+    one level, the highest its caps need (a rung has one init segment), and the rungs whose
+    packed shots this raises above their level (every shot of theirs is then among the
+    encodes, so the rung takes new headers).
 
     A capped encode is pinned to that level; a plain one is encoded again at it only where a
     cap raised the level above the one the frame size gives, which x264 picks for it itself.
+    `jobs` are the encodes packed so far, `redo` this round's capped ones.
     """
     pinned: dict[tuple[int, int], EncodeJob] = {}
+    raised_rungs: set[int] = set()
     for i in sorted({i for i, _ in redo}):
         rung = {k: redo.get(k, j) for k, j in jobs.items() if k[0] == i}
         first = next(iter(rung.values()))
@@ -654,10 +661,15 @@ def _one_level_per_rung(
         ]
         level = max(levels, key=float)
         raised = float(level) > float(levels[0])
-        for k, job in rung.items():
-            if job.level != level and (job.maxrate_kbps is not None or raised):
-                pinned[k] = _named(msgspec.structs.replace(job, level=level), work / "final")
-    return pinned
+        pinned.update(
+            (k, _named(msgspec.structs.replace(job, level=level), work / "final"))
+            for k, job in rung.items()
+            if job.level != level and (job.maxrate_kbps is not None or raised)
+        )
+        packed = [j.level for k, j in jobs.items() if k[0] == i and j.level is not None]
+        if float(level) > float(max([levels[0], *packed], key=float)):
+            raised_rungs.add(i)
+    return pinned, raised_rungs
 
 
 class _Tally:
@@ -798,6 +810,11 @@ class _Packer:
             done.sizes,
         )
         write_atomic(self._entry(rung, shot), msgspec.json.encode(entry))
+
+    def new_headers(self, rung: int) -> None:
+        """Let the rung take a new init segment: every one of its shots is being encoded again
+        at a raised level (`_one_level_per_rung`), and the first packed sets the headers."""
+        (self.directory / "v" / f"v{rung}" / "init.mp4").unlink(missing_ok=True)
 
     def track(self, rung: int, jobs: Sequence[EncodeJob]) -> PackagedTrack:
         """The rung as packed, checked to hold exactly `jobs` (its shots' final encodes)."""
