@@ -12,9 +12,11 @@ from streamplane.player import ManifestError
 from streamplane.player.live import (
     MAX_RATE,
     MIN_RATE,
+    AudioRendition,
     join_part,
     live_rung,
     next_number,
+    parse_audio_rendition,
     parse_live_playlist,
     parse_variants,
     part_after,
@@ -83,6 +85,55 @@ def test_variants_lowest_first() -> None:
         ("v240/index.m3u8", 500000, 240),
         ("v360/index.m3u8?__token__=t", 900000, 360),
     ]
+
+
+def _master(*media: str, audio_group: str | None = "aud") -> str:
+    named = f',AUDIO="{audio_group}"' if audio_group else ""
+    return (
+        "#EXTM3U\n"
+        + "".join(f"#EXT-X-MEDIA:{m}\n" for m in media)
+        + f"#EXT-X-STREAM-INF:BANDWIDTH=900000,RESOLUTION=640x360{named}\nv360/index.m3u8\n"
+        + f"#EXT-X-STREAM-INF:BANDWIDTH=500000,RESOLUTION=426x240{named}\nv240/index.m3u8\n"
+    )
+
+
+def test_the_audio_rendition_is_the_default_of_the_group_the_variant_names() -> None:
+    text = _master(
+        'TYPE=AUDIO,GROUP-ID="other",NAME="x",DEFAULT=YES,URI="x/index.m3u8"',
+        'TYPE=AUDIO,GROUP-ID="aud",NAME="dub",URI="dub/index.m3u8"',
+        'TYPE=AUDIO,GROUP-ID="aud",NAME="main",DEFAULT=YES,URI="audio/index.m3u8?__token__=t"',
+        'TYPE=SUBTITLES,GROUP-ID="aud",NAME="subs",DEFAULT=YES,URI="subs/index.m3u8"',
+    )
+    assert parse_audio_rendition(text) == AudioRendition(
+        "audio/index.m3u8?__token__=t", "aud", "main"
+    )
+    # no DEFAULT=YES: the first of the group
+    first = _master('TYPE=AUDIO,GROUP-ID="aud",NAME="dub",URI="dub/index.m3u8"')
+    assert parse_audio_rendition(first) == AudioRendition("dub/index.m3u8", "aud", "dub")
+
+
+def test_no_audio_rendition_to_fetch_is_none() -> None:
+    # a channel without audio
+    assert parse_audio_rendition(_master(audio_group=None)) is None
+    # the group's audio is in the variant's own stream (no URI)
+    muxed = _master('TYPE=AUDIO,GROUP-ID="aud",NAME="main",DEFAULT=YES')
+    assert parse_audio_rendition(muxed) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "said"),
+    [
+        ("v240/index.m3u8\n", "no #EXTM3U"),
+        (_master('TYPE=AUDIO,NAME="main",URI="a.m3u8"'), "lacks GROUP-ID or NAME"),
+        (_master('TYPE=AUDIO,GROUP-ID="aud",URI="a.m3u8"'), "lacks GROUP-ID or NAME"),
+        (_master('TYPE=AUDIO,GROUP-ID="en",NAME="main",URI="a.m3u8"'), "'aud', never defined"),
+        (_master(), "'aud', never defined"),
+        ('#EXTM3U\n#EXT-X-MEDIA:TYPE=AUDIO,GROUP-ID="aud",NAME="m",URI="a"\n', "no variant"),
+    ],
+)
+def test_a_malformed_audio_rendition_is_refused_with_what_is_wrong(text: str, said: str) -> None:
+    with pytest.raises(ManifestError, match=said):
+        parse_audio_rendition(text)
 
 
 @given(segments=st.integers(1, 6), open_parts=st.integers(0, 3))

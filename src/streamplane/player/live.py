@@ -5,7 +5,7 @@ viewer (`player/viewer.py`), the swarm and `bench/live.py` drive the same rules:
 
 - `parse_live_playlist` / `parse_variants`: a media playlist's parts (with their segment
   numbers, durations, independence and program dates), its preload hint, PART-HOLD-BACK and
-  end; the master playlist's variants.
+  end; the master playlist's variants and the audio rendition they play with.
 - `join_part`: where a viewer starts, the newest independent part at least PART-HOLD-BACK
   behind the live edge (RFC 8216bis 6.2.5.2 / 4.4.3.8: a client should not play closer).
 - `part_after`: the part that follows one, from the playlist or, at the live edge, the
@@ -30,12 +30,14 @@ from typing import Final
 from streamplane.player.errors import ManifestError
 
 __all__ = [
+    "AudioRendition",
     "LivePart",
     "LivePlaylist",
     "Variant",
     "join_part",
     "live_rung",
     "next_number",
+    "parse_audio_rendition",
     "parse_live_playlist",
     "parse_variants",
     "part_after",
@@ -80,6 +82,13 @@ class Variant:
     uri: str
     bandwidth: int
     height: int
+
+
+@dataclass(frozen=True)
+class AudioRendition:
+    uri: str  # its media playlist
+    group: str
+    name: str
 
 
 def _attrs(text: str) -> dict[str, str]:
@@ -171,6 +180,42 @@ def parse_variants(text: str) -> list[Variant]:
     if not out:
         raise ManifestError("the master playlist lists no variant")
     return sorted(out, key=lambda v: v.bandwidth)
+
+
+def parse_audio_rendition(text: str) -> AudioRendition | None:
+    """The audio rendition a player plays beside the lowest variant: of the EXT-X-MEDIA
+    TYPE=AUDIO entries in the group that variant names (AUDIO=), the DEFAULT=YES one, else the
+    first. None when the variant names no audio group, or the rendition has no URI (its audio
+    is in the variant's own stream). ManifestError when it is not a master playlist, an audio
+    entry lacks GROUP-ID or NAME, or a variant names a group no entry defines."""
+    variants = parse_variants(text)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    groups: dict[str, list[dict[str, str]]] = {}
+    for line in lines:
+        if not line.startswith("#EXT-X-MEDIA:"):
+            continue
+        a = _attrs(line.partition(":")[2])
+        if a.get("TYPE") != "AUDIO":
+            continue
+        if not a.get("GROUP-ID") or not a.get("NAME"):
+            raise ManifestError(f"an audio rendition lacks GROUP-ID or NAME: {line}")
+        groups.setdefault(a["GROUP-ID"], []).append(a)
+    named: dict[str, str] = {}  # variant URI -> the audio group it names
+    for line, uri in itertools.pairwise(lines):
+        if line.startswith("#EXT-X-STREAM-INF:") and not uri.startswith("#"):
+            group = _attrs(line.partition(":")[2]).get("AUDIO")
+            if group is not None:
+                if group not in groups:
+                    raise ManifestError(f"a variant names audio group {group!r}, never defined")
+                named[uri] = group
+    group = named.get(variants[0].uri)
+    if group is None:
+        return None
+    entries = groups[group]
+    chosen = next((a for a in entries if a.get("DEFAULT") == "YES"), entries[0])
+    if not chosen.get("URI"):
+        return None
+    return AudioRendition(chosen["URI"], group, chosen["NAME"])
 
 
 def join_part(playlist: LivePlaylist, hold_back_s: float | None = None) -> LivePart | None:

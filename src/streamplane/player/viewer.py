@@ -35,6 +35,7 @@ import math
 import posixpath
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, Literal
 from urllib.parse import urlsplit
 
@@ -64,11 +65,13 @@ from streamplane.player.headless import (
     viewer_result,
 )
 from streamplane.player.live import (
+    AudioRendition,
     LivePart,
     LivePlaylist,
     join_part,
     live_rung,
     next_number,
+    parse_audio_rendition,
     parse_live_playlist,
     parse_variants,
     part_after,
@@ -168,6 +171,17 @@ def _retry_after(r: httpx.Response, default_s: float = 1.0) -> float:
         if math.isfinite(wait) and wait >= 0:
             return min(wait, 600.0)
     return default_s
+
+
+@dataclass
+class _LiveAudio:
+    """Where a live viewer is in the audio rendition."""
+
+    path: str  # its media playlist
+    playlist: LivePlaylist
+    part: LivePart  # the next to fetch
+    fetched_s: float = 0.0  # seconds of audio fetched since the join
+    init: str | None = None  # the init segment fetched last
 
 
 def _bare(uri: str) -> str:
@@ -565,12 +579,14 @@ class Viewer:
         """Play a live channel as hls.js does in low-latency mode (see `player/live.py`): join
         PART-HOLD-BACK behind the live edge, then for each part a blocking reload for it and
         the part; hold the target latency with the play-out rate; step down rather than
-        stall. The video rungs only: the audio rendition is not fetched."""
+        stall. With ``audio``, the audio rendition's parts beside the video's, by time."""
         c = self.config
         self.ledger.latencies = []
         master = await self._get("master.m3u8", keep=True)
         try:
-            variants = parse_variants((master.body or b"").decode())
+            text = (master.body or b"").decode()
+            variants = parse_variants(text)
+            rendition = parse_audio_rendition(text) if c.audio else None
         except (ManifestError, UnicodeDecodeError) as exc:
             raise ViewerError(f"the master playlist of {c.title!r} is not usable: {exc}") from None
         bandwidths = [v.bandwidth for v in variants]
@@ -586,6 +602,7 @@ class Viewer:
         if part is None:
             raise ViewerError(f"{c.title!r} lists no part to start at")
         target = c.target_latency_s if c.target_latency_s is not None else playlist.part_hold_back
+        audio = await self._live_audio_join(rendition) if rendition is not None else None
         self.playout.startup_buffer_s = min(part.duration, self.playout.max_buffer_s)
         end_at = self.now() + (c.duration_s if c.duration_s is not None else LIVE_DEFAULT_S)
         inits: set[str] = set()
@@ -646,6 +663,8 @@ class Viewer:
             if switched:
                 self._event("bitrate")
             position += part.duration
+            if audio is not None:
+                await self._live_audio_until(audio, position)
             after = part_after(playlist, part.number)
             if after is None:  # at the live edge: hold a reload until the next part exists
                 playlist = await self._live_playlist(paths[rung], next_number(part.number))
@@ -672,6 +691,41 @@ class Viewer:
             )
         self.playout.rate = 1.0
         self._tick()
+
+    async def _live_audio_join(self, rendition: AudioRendition) -> _LiveAudio:
+        """Join the audio rendition where the video joined: PART-HOLD-BACK behind its own
+        live edge (its parts are numbered on their own: AAC frames do not divide the part
+        target, so its parts are not the video's length)."""
+        path = _bare(rendition.uri)
+        playlist = await self._live_playlist(path, None)
+        part = join_part(playlist)
+        if part is None:
+            raise ViewerError(f"{self.config.title!r} lists no audio part to start at")
+        return _LiveAudio(path, playlist, part)
+
+    async def _live_audio_until(self, audio: _LiveAudio, until_s: float) -> None:
+        """Fetch audio parts, in order, until they cover the video fetched (``until_s``
+        seconds since the join), as hls.js keeps its audio buffer level with its video's."""
+        directory = posixpath.dirname(audio.path)
+        while audio.fetched_s < until_s - 1e-6:
+            if audio.playlist.map_uri is not None:
+                init = posixpath.join(directory, _bare(audio.playlist.map_uri))
+                if init != audio.init:
+                    await self._get(init)
+                    audio.init = init
+            await self._get(posixpath.join(directory, _bare(audio.part.uri)))
+            audio.fetched_s += audio.part.duration
+            after = part_after(audio.playlist, audio.part.number)
+            if after is None:  # at its live edge: a blocking reload for the next
+                want = next_number(audio.part.number)
+                audio.playlist = await self._live_playlist(audio.path, want)
+                after = part_after(audio.playlist, audio.part.number)
+                if after is None:  # no longer listed: fell behind; start again at the edge
+                    self.ledger.error("live", f"audio fell behind the parts at {audio.part.number}")
+                    after = join_part(audio.playlist)
+                    if after is None:
+                        raise ViewerError(f"{self.config.title!r} lists no audio part to go on")
+            audio.part = after
 
     # -- requests -------------------------------------------------------------------------------
 
