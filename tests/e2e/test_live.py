@@ -113,3 +113,50 @@ def test_a_channel_plays_near_the_target_latency(
         feed.kill()
         feed.wait()
         edge.stop()
+
+
+@pytest.mark.parametrize("manifest", ["master.m3u8", "manifest.mpd"], ids=["hls.js", "dash.js"])
+def test_a_viewer_seeks_back_within_the_dvr_window_and_stays_there(
+    start_channel, pages: str, page: Page, tmp_path: Path, manifest: str
+) -> None:
+    # A viewer who goes back six seconds to see a moment again watches from there: the player
+    # neither yanks them back to the live edge nor stalls, and the rate control leaves them be.
+    channel: LiveChannel = start_channel("ch1", "--no-audio")
+    feed = channel.feed(40)
+    edge = start_edge(
+        tmp_path, f"http://127.0.0.1:{channel.http_port}", workers=1, live_playlist_ttl_s=0.5
+    )
+    try:
+        wait_for(lambda: (channel.root / "ch1" / "v240" / "seg_5.m4s").exists(), 40, "12 s")
+        src = f"{edge.url}/ch1/{manifest}?__token__={token('/ch1/*')}"
+        page.goto(f"{pages}/static/live.html?src={quote(src, safe='')}")
+        page.wait_for_function("window.live && window.live.playing", timeout=30_000)
+        page.wait_for_function(
+            "window.live.latency !== null && window.live.latency < 5", timeout=30_000
+        )
+        before = page.evaluate("({...window.live})")
+        back_to = before["currentTime"] - 6.0
+        page.evaluate(f"document.getElementById('video').currentTime = {back_to}")
+        page.wait_for_function(
+            f"Math.abs(document.getElementById('video').currentTime - {back_to}) < 1.5"
+            " && !document.getElementById('video').seeking",
+            timeout=15_000,
+        )
+        time.sleep(4.0)
+        after = page.evaluate(
+            "({...window.live, now: document.getElementById('video').currentTime,"
+            " paused: document.getElementById('video').paused})"
+        )
+        assert not [e for e in after["errors"] if "fatal" in e], after["errors"]
+        assert not after["paused"]
+        assert after["now"] > back_to + 2.0  # it plays on from where the viewer went
+        assert after["now"] < back_to + 6.0  # at about real time, not racing back to live
+        assert after["latency"] > before["latency"] + 4.0, (before, after)
+        print(
+            f"{manifest}: latency {before['latency']:.1f} s,"
+            f" after seeking back {after['latency']:.1f} s"
+        )
+    finally:
+        feed.kill()
+        feed.wait()
+        edge.stop()

@@ -14,7 +14,7 @@ import { RealtimeClient } from "./realtime.js";
 const $ = (id) => document.getElementById(id);
 const live = (window.live = {
   playing: false, latency: null, target: null, glass: null, rate: 1, level: -1, errors: [],
-  stalls: 0, currentTime: 0, lowLatency: false, viewers: null,
+  stalls: 0, behind: false, currentTime: 0, lowLatency: false, viewers: null,
 });
 
 function say(text) {
@@ -132,6 +132,22 @@ async function playDash(src) {
   });
   video.addEventListener("playing", () => { live.playing = true; });
   video.addEventListener("waiting", () => { if (live.playing) live.stalls += 1; });
+  // A viewer who seeks back into the DVR window watches from there. dash.js's catch-up takes
+  // the ServiceDescription's maximum latency as the drift past which it seeks back to live, so
+  // it is off while the viewer is behind on purpose, and on again once they return near live.
+  video.addEventListener("seeking", () => {
+    let latency;
+    let target;
+    try {
+      latency = player.getCurrentLiveLatency();
+      target = player.getTargetLiveDelay();
+    } catch (err) {
+      return;
+    }
+    if (!Number.isFinite(latency) || !Number.isFinite(target)) return;
+    live.behind = latency > target + 2;
+    player.updateSettings({ streaming: { liveCatchup: { enabled: !live.behind } } });
+  });
   player.initialize(video, src, true);
   setInterval(() => {
     try { // these throw until playback is initialised
