@@ -78,11 +78,12 @@ lint: $(STAMP)
 
 # The suite mostly waits on real servers, browsers and ffmpeg: two workers (pytest-xdist) take
 # it in about half the time on two cores; a test's own fixtures are private to it, so any two
-# tests may run side by side. `make test TEST_WORKERS=0` runs it in one process.
+# tests may run side by side, except the browser tests, which share one worker (their
+# xdist_group, tests/conftest.py). `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 2
 
 test: install lint
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist worksteal
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(BIN)/python bench/shots.py

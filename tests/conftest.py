@@ -7,6 +7,15 @@ import pytest
 from streamplane.media import EncodeSettings, encode
 from streamplane.media.samples import build_sample
 
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The browser tests share one test worker (`make test` runs two, `--dist loadgroup`): two
+    Chromiums, each with the stack it plays from, starved each other's pages on two cores."""
+    for item in items:
+        if item.path.parts[-2] == "e2e" or "chromium" in item.name:
+            item.add_marker(pytest.mark.xdist_group("browser"))
+
+
 # A small ladder that still exercises every stage: two resolutions, three quantisers.
 SMALL = EncodeSettings(
     heights=(180, 90),
