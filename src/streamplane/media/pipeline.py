@@ -640,8 +640,10 @@ def _one_level_per_rung(
     packed shots this raises above their level (every shot of theirs is then among the
     encodes, so the rung takes new headers).
 
-    A capped encode is pinned to that level; a plain one is encoded again at it only where a
-    cap raised the level above the one the frame size gives, which x264 picks for it itself.
+    Only where a cap raises the level above the one the frame size gives are the rung's
+    encodes pinned to it, plain ones encoded again; otherwise x264 picks the same level for
+    capped and plain encodes itself, and pinning could only disagree with its choice (which
+    also weighs its reference frames against the level's picture buffer).
     `jobs` are the encodes packed so far, `redo` this round's capped ones.
     """
     pinned: dict[tuple[int, int], EncodeJob] = {}
@@ -664,7 +666,7 @@ def _one_level_per_rung(
         pinned.update(
             (k, _named(msgspec.structs.replace(job, level=level), work / "final"))
             for k, job in rung.items()
-            if job.level != level and (job.maxrate_kbps is not None or raised)
+            if job.level != level and raised
         )
         packed = [j.level for k, j in jobs.items() if k[0] == i and j.level is not None]
         if float(level) > float(max([levels[0], *packed], key=float)):
