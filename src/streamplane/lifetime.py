@@ -1,4 +1,5 @@
-"""Children that die with the process that started them (Linux ``PR_SET_PDEATHSIG``).
+"""Children that die with the process that started them (Linux ``PR_SET_PDEATHSIG``), and
+tasks that stop when they are told to (``cancellable``).
 
 A child outlives a killed parent otherwise: an encoder keeps its SRT port, a pool worker's
 ffmpeg encodes on as an orphan, a stack's control plane holds its port for the next run.
@@ -15,14 +16,17 @@ started from threads that live as long as their process (the main thread, the ev
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import cache
+from typing import TypeVar
 
 _PR_SET_PDEATHSIG = 1
+_T = TypeVar("_T")
 
 
 @cache
@@ -73,3 +77,27 @@ def arm_from_env() -> None:
     parent = os.environ.pop(PARENT_ENV, None)
     if parent is not None and parent.isdigit():
         die_with_parent(int(parent), signal.SIGTERM)
+
+
+async def cancellable(awaitable: Awaitable[_T]) -> _T:
+    """Await a client library's call without losing a cancellation of the calling task.
+
+    Two of the libraries under the brokers lose one. redis-py writes every command under
+    ``asyncio.wait_for`` (its ``socket_timeout``); on Python 3.11, ``wait_for`` returns the
+    write's result when its caller is cancelled in the instant the write completes. nats-py's
+    ``next_msg`` (under a pull consumer's ``fetch``) turns a cancellation into
+    ``ConnectionClosedError`` when the connection is closed by then. Either way the task runs
+    on, and a loop told to stop (the gateway's ticker, a pub/sub link, a telemetry consumer)
+    never does: whoever awaits it waits for ever. The request is still counted on the task
+    (``cancelling``): raise it."""
+    task = asyncio.current_task()
+    asked = task.cancelling() if task is not None else 0
+    try:
+        result = await awaitable
+    except Exception as exc:
+        if task is not None and task.cancelling() > asked:
+            raise asyncio.CancelledError from exc
+        raise
+    if task is not None and task.cancelling() > asked:
+        raise asyncio.CancelledError
+    return result

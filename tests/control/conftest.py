@@ -218,7 +218,7 @@ class Control:
         """Wait until every heartbeat taken so far is written to the store."""
         consumer = self.app.state.plane.heartbeats.consumer
         if consumer is not None:
-            await consumer.settle()
+            await consumer.settle(timeout_s=30)
 
     async def account(self, plan: str = "standard") -> dict[str, str]:
         """Sign up and log in; the Authorization header of the new account."""

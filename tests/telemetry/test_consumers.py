@@ -136,3 +136,42 @@ async def test_a_consumer_given_a_share_of_the_time_rests_between_rounds(tmp_pat
     # each round takes 0.1 s at least, then rests 0.3 s: 4 rounds in 1.5 s at most (15 without)
     assert rounds <= 4, rounds
     assert sum(w.events for w in sink.writes) == 40  # nothing lost
+
+
+class _DeafSink(_CountingSink):
+    """A store write that does not hear a cancellation (as a library may not) until told to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deaf = True
+
+    async def write(self, writes: StoreWrites) -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.05)
+            except asyncio.CancelledError:
+                if not self.deaf:
+                    raise
+
+
+async def test_a_consumer_that_will_not_stop_does_not_hold_its_process(
+    tmp_path: Path, caplog: object
+) -> None:
+    """Stopping gives a consumer a bounded time and then says that it did not stop: a process
+    shutting down (the control plane, a test's teardown) is never held for ever."""
+    stream = EmbeddedStream(tmp_path / "stream", partitions=4)
+    await stream.append(_batch("s1", 1000.0, 1.0))
+    sink = _DeafSink()
+    consumer = WriteBehind(stream, sink)
+    await consumer.start()
+    task = consumer._task
+    assert task is not None
+    await asyncio.sleep(0.3)  # inside the write
+    try:
+        await asyncio.wait_for(consumer.stop(timeout_s=0.5), 10)
+        assert "did not stop" in caplog.text  # type: ignore[attr-defined]
+    finally:
+        sink.deaf = False
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        await stream.close()

@@ -215,3 +215,17 @@ async def test_jetstream_restarted_under_load_loses_nothing_acknowledged(
         await group.ack(got)
     assert acknowledged <= seen, sorted(acknowledged - seen)[:10]
     await stream.close()
+
+
+async def test_a_fetch_cancelled_as_its_stream_closes_ends_cancelled(open_stream: Opener) -> None:
+    """A consumer told to stop while its connection closes under it stops: nats-py turns the
+    cancellation of a waiting fetch into ConnectionClosedError when the connection is closed
+    by the time the fetch wakes, and a loop that catches that and fetches again never ends."""
+    stream = await open_stream()
+    group = await stream.group("writer")
+    fetching = asyncio.ensure_future(group.fetch(16, timeout_s=30.0))
+    await asyncio.sleep(0.3)  # waiting for a batch that does not come
+    fetching.cancel()
+    await stream.close()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(fetching, 10)

@@ -56,6 +56,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from streamplane.lifetime import cancellable
 from streamplane.realtime.broker import (
     BrokerError,
     BrokerUnavailable,
@@ -717,7 +718,7 @@ class RedisBroker:
             raise BrokerError("the broker node is closed")
         try:
             async with self._inflight:
-                result = await _cancellable(awaitable)
+                result = await cancellable(awaitable)
         except _UNAVAILABLE as exc:
             self._commands_down = f"Redis does not answer: {exc}"
             raise BrokerUnavailable(self._commands_down) from exc
@@ -895,7 +896,7 @@ class RedisBroker:
         if not isinstance(self._client, RedisCluster) or not link.wanted or self._closed:
             return
         try:
-            await _cancellable(self._client.initialize())
+            await cancellable(self._client.initialize())
         except Exception:  # the cluster is not answering yet: try again after the next backoff
             return
         for name in list(link.wanted):
@@ -1096,27 +1097,6 @@ def client_options(connect_timeout: float = 2.0) -> dict[str, Any]:
         # redis-py's default of three retries with backoff (seconds of silence).
         "retry": Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
     }
-
-
-async def _cancellable(awaitable: Any) -> Any:
-    """Await a redis-py call without losing a cancellation of the calling task.
-
-    redis-py writes every command under ``asyncio.wait_for`` (its ``socket_timeout``). On
-    Python 3.11, ``wait_for`` returns the write's result when its caller is cancelled in the
-    instant the write completes, and the cancellation is gone: the task runs on. A loop told to
-    stop (the gateway's ticker, a pub/sub link, a publisher) then never does, and whoever awaits
-    it waits for ever. The request is still counted on the task (``cancelling``): raise it."""
-    task = asyncio.current_task()
-    asked = task.cancelling() if task is not None else 0
-    try:
-        result = await awaitable
-    except Exception as exc:
-        if task is not None and task.cancelling() > asked:
-            raise asyncio.CancelledError from exc
-        raise
-    if task is not None and task.cancelling() > asked:
-        raise asyncio.CancelledError
-    return result
 
 
 def _slot_owner(client: RedisCluster, name: bytes) -> tuple[str, int]:

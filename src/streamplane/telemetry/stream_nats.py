@@ -31,6 +31,7 @@ from nats.js.api import (
     StreamConfig,
 )
 
+from streamplane.lifetime import cancellable
 from streamplane.telemetry.events import EventBatch, decode_record, encode_record
 from streamplane.telemetry.stream import (
     Appended,
@@ -179,7 +180,7 @@ class _NatsMember:
 
     async def fetch(self, max_batches: int = 256, timeout_s: float = 1.0) -> list[Delivery]:
         try:
-            msgs = await self._sub.fetch(max_batches, timeout=max(timeout_s, 0.01))
+            msgs = await cancellable(self._sub.fetch(max_batches, timeout=max(timeout_s, 0.01)))
         except (TimeoutError, nats.errors.TimeoutError):
             return []
         except _TRANSIENT as err:
@@ -202,13 +203,13 @@ class _NatsMember:
                 await msg.ack()
             # The server takes a consumer's acks in order: its answer to the last one means it
             # has recorded them all (a plain ack is fire-and-forget).
-            await msgs[-1].ack_sync(timeout=self._stream._timeout_s)
+            await cancellable(msgs[-1].ack_sync(timeout=self._stream._timeout_s))
         except _TRANSIENT as err:
             raise StreamUnavailable(f"cannot acknowledge to JetStream: {err!r}") from err
 
     async def backlog(self) -> int:
         try:
-            info: Any = await self._sub.consumer_info()
+            info: Any = await cancellable(self._sub.consumer_info())
         except _TRANSIENT as err:
             raise StreamUnavailable(f"cannot read the consumer's state: {err!r}") from err
         return int(info.num_pending) + int(info.num_ack_pending)
