@@ -153,6 +153,10 @@ class ControlSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     # PostgreSQL connection to open, and for a pooled connection when all are in use.
     database_connect_timeout_s: float = 5.0
     database_pool_timeout_s: float = 10.0
+    # PostgreSQL: a statement that runs (or waits for a lock) longer than this is cancelled
+    # and its request answered 503, instead of holding the request and its pooled connection
+    # for as long as whatever holds the lock (a hung session, an operator's manual LOCK).
+    database_statement_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 30.0
     host: str = "127.0.0.1"
     port: int = 8080
     public_url: str = ""  # how players reach this service; empty: http://host:port

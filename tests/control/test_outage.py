@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import text
@@ -240,3 +241,33 @@ async def test_sqlite_disk_full_is_503_and_recovers_when_room_is_made(
         assert (r.status_code, r.json()) == (200, {"status": "ok", "store": {"status": "ok"}})
         r = await control.play(accounts[0], "demo", device="after")
         assert r.status_code == 200, r.text
+
+
+async def test_a_statement_held_behind_a_lock_is_503_after_the_statement_timeout(
+    db: Db, tmp_path: Path, geo: GeoLocator
+) -> None:
+    """A session that takes a table's lock and hangs (a stuck job, an operator's manual LOCK)
+    must not hold every request that needs the table, and its pooled connection, for as long:
+    past ``database_statement_timeout_s`` the statement is cancelled and the answer a 503."""
+    if db.engine != "postgresql":
+        pytest.skip("the statement timeout is PostgreSQL's (SQLite's writers wait a busy timeout)")
+    catalog = tmp_path / "catalog"
+    write_title(catalog, "demo")
+    async with running(db, catalog, geo, database_statement_timeout_s=1.0) as control:
+        dsn = db.url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        holder = await asyncpg.connect(dsn, server_settings={"search_path": db.schema})
+        try:
+            locked = holder.transaction()
+            await locked.start()
+            await holder.execute("LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+            body = {"email": "ada@example.com", "password": "pw-pw-pw-pw"}
+            t0 = time.monotonic()
+            r = await asyncio.wait_for(control.client.post("/v1/accounts", json=body), 30)
+            assert r.status_code == 503, r.text
+            assert r.json()["error"] == "store_unavailable", r.text
+            assert time.monotonic() - t0 < 15
+            await locked.rollback()
+        finally:
+            await holder.close()
+        r = await control.client.post("/v1/accounts", json=body)
+        assert r.status_code == 201, r.text

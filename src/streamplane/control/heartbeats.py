@@ -383,6 +383,7 @@ async def run_ingest(settings: Settings, stopped: asyncio.Event) -> str:
         schema=c.database_schema,
         connect_timeout_s=c.database_connect_timeout_s,
         pool_timeout_s=c.database_pool_timeout_s,
+        statement_timeout_s=c.database_statement_timeout_s,
     )
     accounts = Accounts(store, c, bytes.fromhex(c.jwt_secret))
     heartbeats = Heartbeats(settings, store, accounts.claims, time.time, time.monotonic)

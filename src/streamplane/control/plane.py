@@ -68,6 +68,7 @@ class ControlPlane:
             schema=c.database_schema,
             connect_timeout_s=c.database_connect_timeout_s,
             pool_timeout_s=c.database_pool_timeout_s,
+            statement_timeout_s=c.database_statement_timeout_s,
         )
         jwt_key = bytes.fromhex(c.jwt_secret) if c.jwt_secret else secrets.token_bytes(32)
         self.accounts = Accounts(self.store, c, jwt_key)

@@ -506,6 +506,7 @@ class Store:
         pool_size: int = 20,
         connect_timeout_s: float = 5.0,
         pool_timeout_s: float = 10.0,
+        statement_timeout_s: float = 30.0,
     ) -> None:
         self.url = url
         self.is_sqlite = url.startswith("sqlite")
@@ -522,10 +523,11 @@ class Store:
         if schema and (not self.is_postgres or not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema)):
             raise ValueError(f"database schema {schema!r}: a PostgreSQL name in [a-z0-9_]")
         if self.is_postgres:
-            connect: dict[str, Any] = {"timeout": connect_timeout_s}
+            # A cancelled statement is SQLSTATE 57014, which ``unavailable`` counts as "not now".
+            server = {"statement_timeout": str(max(1, round(statement_timeout_s * 1000)))}
             if schema:
-                connect["server_settings"] = {"search_path": schema}
-            kwargs["connect_args"] = connect
+                server["search_path"] = schema
+            kwargs["connect_args"] = {"timeout": connect_timeout_s, "server_settings": server}
         if self.is_sqlite:
             # A writer waits for the write lock rather than failing at once with "locked".
             kwargs["connect_args"] = {"timeout": _BUSY_TIMEOUT_S}
