@@ -399,8 +399,11 @@ async def test_heartbeats_taken_by_an_ingest_process_of_their_own(
                         assert time.monotonic() < deadline, "the ingest process never listened"
                         await asyncio.sleep(0.05)
             assert r.status_code == 200 and r.json()["resume_position_s"] == 4.0, r.text
-            # it yields the CPU to the control plane's playback starts
-            assert os.getpriority(os.PRIO_PROCESS, ingest.pid) == 7
+            # it yields the CPU to the control plane's playback starts (a test run under nice
+            # already yields more: its niceness is never lowered)
+            assert os.getpriority(os.PRIO_PROCESS, ingest.pid) == max(
+                7, os.getpriority(os.PRIO_PROCESS, 0)
+            )
             # on the CPUs it was given, every thread of it
             threads = os.listdir(f"/proc/{ingest.pid}/task")
             assert {frozenset(os.sched_getaffinity(int(t))) for t in threads} == {frozenset({0})}
