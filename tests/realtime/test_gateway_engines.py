@@ -22,7 +22,13 @@ from websockets.exceptions import ConnectionClosed
 
 from streamplane.realtime.client import RealtimeClient, RequestFailed
 from streamplane.realtime.gateway import Gateway, GatewaySettings
-from streamplane.realtime.protocol import DEFAULT_NAMESPACES, Code, Namespace, PresenceQuery
+from streamplane.realtime.protocol import (
+    DEFAULT_NAMESPACES,
+    Code,
+    Namespace,
+    PresenceQuery,
+    Unsubscribe,
+)
 from tests.realtime.engines import Harness
 from tests.realtime.test_gateway import FAST, KEY, clients, token, until
 
@@ -376,3 +382,64 @@ async def test_a_slow_consumer_is_cut_and_the_others_get_everything(
     await publishing
     await until(lambda: len(fast.views["fast:final"].messages) == 400, timeout=20)
     assert [m.offset for m in fast.views["fast:final"].messages] == list(range(1, 401))
+
+
+async def test_leaves_reach_the_viewers_when_a_large_channel_is_listed_again(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    """A channel that grew past the diff limit and came back to half of it for presence_ttl is
+    listed again: its viewers are told who left while it was counted, and who leaves after."""
+    small = {**FAST, "event": Namespace(name="event", history_size=20, presence_diff_limit=4)}
+    _, url_a = await start(namespaces=small, presence_ttl=0.3)
+    gateway_b, url_b = await start(namespaces=small, presence_ttl=0.3)
+    ann = clients(url_a, token("ann"), "event:final")
+    view = ann.views["event:final"]
+    await until(lambda: sorted(view.present.values()) == ["ann"])
+    viewers = []
+    for i, url in enumerate((url_a, url_b, url_b)):  # listed: ann sees each join
+        viewers.append(clients(url, token(f"v{i}"), "event:final"))
+        await until(lambda n=i: len(view.present) == n + 2, timeout=10)
+    for i, url in ((3, url_a), (4, url_b)):  # six: past the limit, counted
+        viewers.append(clients(url, token(f"v{i}"), "event:final"))
+    await until(lambda: gateway_b.channels["event:final"].counted, timeout=10)
+    for client in viewers[1:]:
+        await client.stop()
+    # Two left, at most half the limit: listed again once it has stayed so for presence_ttl.
+    await until(lambda: sorted(view.present.values()) == ["ann", "v0"], timeout=10)
+    await viewers[0].stop()  # and a leave after the move
+    await until(lambda: sorted(view.present.values()) == ["ann"], timeout=10)
+    assert await present(ann, "event:final") == ["ann"]
+
+
+async def test_a_connection_that_leaves_a_large_channel_for_a_small_one_is_seen_leaving_both(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    """Carl, listed on a channel that then grows past the diff limit, leaves it for a small one:
+    the small one's viewers see him join and leave, and the first one's see him gone once it is
+    listed again."""
+    limited = {**FAST, "event": Namespace(name="event", history_size=20, presence_diff_limit=4)}
+    _, url_a = await start(namespaces=limited, presence_ttl=0.3)
+    gateway_b, url_b = await start(namespaces=limited, presence_ttl=0.3)
+    olga = clients(url_a, token("olga"), "event:big")
+    big = olga.views["event:big"]
+    carl = clients(url_b, token("carl"), "event:big")
+    await until(lambda: sorted(big.present.values()) == ["carl", "olga"], timeout=10)
+    ann = clients(url_b, token("ann"), "event:small")
+    small = ann.views["event:small"]
+    await until(lambda: sorted(small.present.values()) == ["ann"], timeout=10)
+    crowd = [clients(url, token(f"v{i}"), "event:big") for i, url in enumerate([url_a, url_b] * 2)]
+    await until(lambda: big.viewers == 6, timeout=10)
+    await until(lambda: gateway_b.channels["event:big"].counted, timeout=10)
+    await carl.request(lambda i: Unsubscribe(id=i, channels=["event:big"]))
+    await carl.subscribe("event:small")
+    await until(lambda: sorted(small.present.values()) == ["ann", "carl"], timeout=10)
+    assert await present(ann, "event:small") == ["ann", "carl"]
+    for client in crowd:
+        await client.stop()
+    await until(lambda: big.viewers == 1, timeout=10)
+    # Listed again once it has stayed at half the limit for presence_ttl: carl is gone there.
+    await until(lambda: sorted(big.present.values()) == ["olga"], timeout=10)
+    assert await present(olga, "event:big") == ["olga"]
+    await carl.request(lambda i: Unsubscribe(id=i, channels=["event:small"]))
+    await until(lambda: sorted(small.present.values()) == ["ann"], timeout=10)
+    assert await present(ann, "event:small") == ["ann"]

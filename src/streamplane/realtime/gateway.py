@@ -160,7 +160,8 @@ class _Channel:
     recovering: bool = False
     tail: RecentTail = field(default_factory=lambda: RecentTail(0, 0))
     held: list[Publication] = field(default_factory=list)  # deliveries during a recovery
-    presence: dict[str, str] = field(default_factory=dict)  # client -> user, last snapshot
+    # client -> user: the last snapshot diffed to this process's viewers (kept while counted)
+    presence: dict[str, str] = field(default_factory=dict)
     # A large channel's presence is this process's share, counted (Broker.report_presence);
     # a small one's is an entry per connection, those in ``joined``.
     counted: bool = False
@@ -870,7 +871,6 @@ class Gateway:
         if channel.counted:
             return
         channel.counted = True
-        channel.presence = {}
         leave, channel.joined = sorted(channel.joined), set()
 
         async def report() -> None:
@@ -1153,8 +1153,9 @@ class Gateway:
         elif channel.counted:
             await self._list_presence(channel)
             return  # listed from the next tick on, once the share is withdrawn
-        if counted or stats.shared or len(channel.presence) > limit or stats.clients > limit:
-            channel.presence = {}  # counts only
+        if counted or stats.shared or stats.clients > limit:
+            # Counts only. The snapshot stays what this process's viewers were last told: the
+            # first diff once the channel is listed again tells them who left meanwhile.
             return
         entries = await self.broker.presence(channel.name)
         diff = presence_update(channel.name, channel.presence, entries, diff_limit=limit)
