@@ -384,6 +384,41 @@ async def test_a_slow_consumer_is_cut_and_the_others_get_everything(
     assert [m.offset for m in fast.views["fast:final"].messages] == list(range(1, 401))
 
 
+async def test_a_user_connected_through_two_processes_counts_once_in_a_large_channel(
+    start: Start, clients: Callable[..., RealtimeClient], harness: Harness
+) -> None:
+    """Users are distinct users, whichever processes their connections come through; a killed
+    process's users go with its share unless another process still holds them."""
+    large = {**FAST, "event": Namespace(name="event", history_size=20, presence_diff_limit=2)}
+    gateway_a, url_a = await start(namespaces=large)
+    gateway_b, url_b = await start(namespaces=large)
+    on_a = [clients(url_a, token(u), "event:final") for u in ("ann", "a1", "a2")]
+    on_b = [clients(url_b, token(u), "event:final") for u in ("ann", "b1", "bob", "bob")]
+    everyone = on_a + on_b
+    await until(lambda: all(c.views["event:final"].viewers == 7 for c in everyone), timeout=10)
+    seen: tuple[int, int, object] | None = None
+
+    async def counted(clients: int, users: int) -> bool:
+        nonlocal seen
+        answer = await on_a[0].request(lambda i: PresenceQuery(id=i, channel="event:final"))
+        seen = (answer.clients, answer.users, answer.present)
+        return seen == (clients, users, None)
+
+    try:
+        await until_async(lambda: counted(7, 5), timeout=10)  # ann twice, bob twice
+    except TimeoutError:
+        raise AssertionError(f"(clients, users, present) = {seen}, expected (7, 5, None)") from None
+    assert gateway_a.channels["event:final"].counted and gateway_b.channels["event:final"].counted
+    await gateway_b.close()  # as a killed process: its share and its users expire
+    for client in on_b:
+        await client.stop()
+    harness.clock.advance(1.0)  # shares and counts live three ticks (0.1 s)
+    try:
+        await until_async(lambda: counted(3, 3), timeout=10)  # ann is still on a
+    except TimeoutError:
+        raise AssertionError(f"(clients, users, present) = {seen}, expected (3, 3, None)") from None
+
+
 async def test_leaves_reach_the_viewers_when_a_large_channel_is_listed_again(
     start: Start, clients: Callable[..., RealtimeClient]
 ) -> None:

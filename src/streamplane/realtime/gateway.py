@@ -166,6 +166,7 @@ class _Channel:
     # a small one's is an entry per connection, those in ``joined``.
     counted: bool = False
     joined: set[str] = field(default_factory=set)
+    seen: dict[str, float] = field(default_factory=dict)  # counted: user -> when last here
     present: int = 0  # the channel's size as the broker last said
     small_since: float | None = None  # since when it has been at most half the diff limit
     subscribing: asyncio.Future[None] | None = None
@@ -661,7 +662,9 @@ class Gateway:
                 id=frame.id,
                 channel=frame.channel,
                 clients=stats.clients,
-                users=stats.users,
+                # A user whose last connection went may still be in a share for a while
+                # (see _share_users): never more users than connections.
+                users=min(stats.users, stats.clients),
                 present=present,
             )
         )
@@ -884,15 +887,17 @@ class Gateway:
     async def _list_presence(self, channel: _Channel) -> None:
         """The channel is small again: an entry per connection, then the share withdrawn."""
         channel.counted = False
+        channel.seen = {}
         await asyncio.gather(*(self._enter(channel, conn) for conn in list(channel.conns)))
         await self._report_presence()
 
     async def _report_presence(self, leave: Mapping[str, Sequence[str]] | None = None) -> None:
         """Every counted channel's share of this process, in one call (a tick's, or a move)."""
+        now = self.clock()
         shares = {
             name: PresenceShare(
                 clients=len(channel.conns),
-                users=len({c.grant.user for c in channel.conns if c.grant is not None}),
+                users=self._share_users(channel, now),
                 replaces=tuple((leave or {}).get(name, ())),
             )
             for name, channel in self.channels.items()
@@ -906,6 +911,21 @@ class Gateway:
             for name, clients in (leave or {}).items():
                 self._unleft.update(((name, c), now) for c in clients)
             raise
+
+    def _share_users(self, channel: _Channel, now: float) -> frozenset[str]:
+        """The users of this process's connections on a counted channel, and those whose last
+        connection here went less than ``presence_ttl`` ago (as long as the entry of a
+        connection that vanished stays): a viewer back within it, as in a reconnect storm,
+        costs the broker nothing, where withdrawing it and adding it again would be two writes
+        per viewer. The users shown are never more than the connections."""
+        seen = channel.seen
+        for conn in channel.conns:
+            if conn.grant is not None:
+                seen[conn.grant.user] = now
+        horizon = now - self.settings.presence_ttl
+        for user in [u for u, at in seen.items() if at < horizon]:
+            del seen[user]
+        return frozenset(seen)
 
     async def _forget_presence(self, name: str, client: str) -> None:
         try:
