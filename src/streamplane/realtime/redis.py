@@ -295,7 +295,10 @@ if #dead > 0 then
     for _, user in ipairs(held_by(KEYS[5], node)) do unhold(KEYS[4], KEYS[5], node, user) end
   end
 end
-local out = {clients, redis.call('HLEN', KEYS[4])}
+-- No live share, no user held (a small channel reads nothing more).
+local users = 0
+if #all / 2 > #dead then users = redis.call('HLEN', KEYS[4]) end
+local out = {clients, users}
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 if #members == 0 then return out end
 local entries = redis.call('HMGET', KEYS[2], unpack(members))
