@@ -34,8 +34,14 @@ Measured from the drop until every viewer holds all 40, once and in order: Redis
 (``INFO commandstats``, every command, the gateway's presence leaves and joins and its ticks
 included), recoveries answered by Redis and by the tail, Redis CPU.
 
+At rest (``--at-rest N``, run on its own): what a gateway tick costs Redis. One gateway process
+on the private Redis, ``N`` viewers (distinct users) on one chat channel, large past its diff
+limit, so its presence is the process's share; after 3 s settled, the Redis commands of the
+next 10 s (``INFO commandstats``, by command) divided by the gateway's ticks in them.
+
 Reproduce: .venv/bin/python bench/realtime_redis.py [--cpu-seconds 1] [--subscribers 0,50,200]
            .venv/bin/python bench/realtime_redis.py --storm 200 [--repeat 2]
+           .venv/bin/python bench/realtime_redis.py --at-rest 200
 """
 
 from __future__ import annotations
@@ -319,6 +325,56 @@ def storm(viewers: int, repeat: int) -> None:
     print(f"\n.venv/bin/python bench/realtime_redis.py {shlex.join(sys.argv[1:])}")
 
 
+async def at_rest(viewers: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_redis(Path(tmp))
+        broker = RedisBroker.connect(f"redis://127.0.0.1:{port}", prefix=PREFIX)
+        settings = GatewaySettings(token_key=STORM_KEY, admission_rate=1e6, admission_burst=10**6)
+        gateway = Gateway(broker, settings)
+        url = f"ws://127.0.0.1:{await gateway.start('127.0.0.1', 0)}"
+        now = int(time.time())
+        crowd = [
+            RealtimeClient(
+                url,
+                sign_realtime_token(
+                    STORM_KEY, user=f"v{i}", channels={"chat:*": ["read"]}, now=now, ttl_s=3600
+                ),
+                channels=[CHANNEL],
+            )
+            for i in range(viewers)
+        ]
+        stats = aioredis.Redis(port=port)
+        try:
+            for client in crowd:
+                client.start()
+            for client in crowd:
+                await asyncio.wait_for(client.synced.wait(), 60)
+            await asyncio.sleep(3)
+            ticks, before = gateway._ticks, await stats.info("commandstats")
+            await asyncio.sleep(10)
+            after = await stats.info("commandstats")
+            ticks = gateway._ticks - ticks
+        finally:
+            for client in crowd:
+                await client.stop()
+            await gateway.close()
+            await stats.aclose()
+            proc.kill()
+            proc.wait()
+    was = {name: int(v["calls"]) for name, v in before.items()}
+    calls = {
+        name.removeprefix("cmdstat_"): int(v["calls"]) - was.get(name, 0)
+        for name, v in after.items()
+        if name != "cmdstat_info"
+    }
+    calls = {name: n for name, n in sorted(calls.items(), key=lambda kv: -kv[1]) if n}
+    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"{viewers} viewers, one large channel, one gateway process, {ticks} ticks")
+    print(f"Redis commands per tick: {sum(calls.values()) / max(ticks, 1):.1f}")
+    print("by command:", ", ".join(f"{name} {n}" for name, n in calls.items()))
+    print(f"\n.venv/bin/python bench/realtime_redis.py {shlex.join(sys.argv[1:])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--publishes", type=int, default=20_000, help="per load round")
@@ -326,7 +382,11 @@ def main() -> None:
     parser.add_argument("--subscribers", default="0,50,200")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--storm", type=int, default=0, help="viewers: the storm comparison")
+    parser.add_argument("--at-rest", type=int, default=0, help="viewers: a tick's cost")
     opts = parser.parse_args()
+    if opts.at_rest:
+        asyncio.run(at_rest(opts.at_rest))
+        return
     if opts.storm:
         storm(opts.storm, opts.repeat)
         return
