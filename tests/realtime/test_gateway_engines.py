@@ -1,8 +1,9 @@
 """The gateway's behaviours that depend on the engine, run over real WebSockets on every engine
 in ENGINES (memory, Redis, Redis Cluster): recovery (within the history, beyond it, a new epoch),
 rate and size limits across processes, state and its staleness, presence and counts across
-processes, presence after the broker comes back, and a slow consumer cut while the others get
-every publication.
+processes (a large channel's distinct users, its viewers' leaves once it is listed again),
+presence after the broker comes back, and a slow consumer cut while the others get every
+publication.
 
 Each gateway is one process's node on the harness's store; the harness's clock drives what the
 broker times (rate-limit refills, presence and count expiry), so nothing here waits on it.
@@ -417,6 +418,41 @@ async def test_a_user_connected_through_two_processes_counts_once_in_a_large_cha
         await until_async(lambda: counted(3, 3), timeout=10)  # ann is still on a
     except TimeoutError:
         raise AssertionError(f"(clients, users, present) = {seen}, expected (3, 3, None)") from None
+
+
+@pytest.mark.parametrize("lose_data", [True, False], ids=["restarted-empty", "cut"])
+async def test_a_large_channels_distinct_users_are_whole_again_when_the_broker_returns(
+    start: Start, clients: Callable[..., RealtimeClient], harness: Harness, lose_data: bool
+) -> None:
+    """Each process reports its share again when the broker is back; a store that lost the
+    users the shares held has them again in full, and none is counted twice."""
+    large = {**FAST, "event": Namespace(name="event", history_size=20, presence_diff_limit=2)}
+    gateway_a, url_a = await start(namespaces=large)
+    _, url_b = await start(namespaces=large)
+    on_a = [clients(url_a, token(u), "event:final") for u in ("ann", "bob")]
+    on_b = [clients(url_b, token(u), "event:final") for u in ("ann", "carl")]
+    seen: tuple[int, int, object] | None = None
+
+    async def counted() -> bool:
+        nonlocal seen
+        try:
+            answer = await on_b[1].request(lambda i: PresenceQuery(id=i, channel="event:final"))
+        except (RequestFailed, ConnectionError, TimeoutError):
+            return False
+        seen = (answer.clients, answer.users, answer.present)
+        return seen == (4, 3, None)
+
+    for outage in range(3):  # before, after one outage, after a second one
+        if outage:
+            await harness.interrupt()
+            await until(lambda: not gateway_a.broker.health().ok)
+            await harness.restore(lose_data=lose_data)
+            await until(lambda: gateway_a.broker.health().ok, timeout=10)
+        try:
+            await until_async(counted, timeout=10)
+        except TimeoutError:
+            raise AssertionError(f"(clients, users, present) = {seen}, not (4, 3, None)") from None
+    assert all(c.connects == 1 for c in on_a + on_b), "connections kept through the outages"
 
 
 async def test_leaves_reach_the_viewers_when_a_large_channel_is_listed_again(
