@@ -698,6 +698,9 @@ class RedisBroker:
         self._reported: set[str] = set()
         self._shared: set[str] = set()
         self._held: dict[str, frozenset[str]] = {}  # channel -> this node's users Redis holds
+        # One presence report at a time: two in flight at once (a tick's and a channel's move)
+        # could land in either order, and a report's users are a change from the one before.
+        self._reporting = asyncio.Lock()
         self._commands_down: str | None = None
         self._closed = False
         # Commands in flight at once from this node. redis-py's pool refuses a command past its
@@ -1043,6 +1046,10 @@ class RedisBroker:
         )
 
     async def report_presence(self, shares: Mapping[str, PresenceShare], *, ttl: float) -> None:
+        async with self._reporting:
+            await self._report_presence(shares, ttl)
+
+    async def _report_presence(self, shares: Mapping[str, PresenceShare], ttl: float) -> None:
         until = self._now_ms() + int(ttl * 1000)
         key_ttl = _key_ttl_ms(ttl)
 
