@@ -34,8 +34,23 @@ Measured from the drop until every viewer holds all 40, once and in order: Redis
 (``INFO commandstats``, every command, the gateway's presence leaves and joins and its ticks
 included), recoveries answered by Redis and by the tail, Redis CPU.
 
+At rest (``--at-rest N``, run on its own): what a gateway tick costs Redis. One gateway process
+on the private Redis, ``N`` viewers (distinct users) on one chat channel (past the chat
+namespace's diff limit, 100, the channel is large and its presence the process's share); after
+3 s settled, the Redis commands of the next 10 s (``INFO commandstats``, by command) divided by
+the gateway's ticks in them.
+
+Moved (``--move N``, run on its own): what it costs Redis when a large channel's viewers come
+back through another process. Two gateway processes' nodes (in this one Python process) on the
+private Redis, a host on each, ``N`` viewers on the first (``presence_ttl`` 2 s); every viewer
+leaves it and connects through the second. Measured: the Redis commands (by command) from the
+move until the second holds them all and the first's share has let them go (presence_ttl and
+three ticks later), and, for comparison, the same gateways' commands per tick at rest.
+
 Reproduce: .venv/bin/python bench/realtime_redis.py [--cpu-seconds 1] [--subscribers 0,50,200]
            .venv/bin/python bench/realtime_redis.py --storm 200 [--repeat 2]
+           .venv/bin/python bench/realtime_redis.py --at-rest 200
+           .venv/bin/python bench/realtime_redis.py --move 200
 """
 
 from __future__ import annotations
@@ -319,6 +334,128 @@ def storm(viewers: int, repeat: int) -> None:
     print(f"\n.venv/bin/python bench/realtime_redis.py {shlex.join(sys.argv[1:])}")
 
 
+async def at_rest(viewers: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_redis(Path(tmp))
+        broker = RedisBroker.connect(f"redis://127.0.0.1:{port}", prefix=PREFIX)
+        settings = GatewaySettings(token_key=STORM_KEY, admission_rate=1e6, admission_burst=10**6)
+        gateway = Gateway(broker, settings)
+        url = f"ws://127.0.0.1:{await gateway.start('127.0.0.1', 0)}"
+        now = int(time.time())
+        crowd = [
+            RealtimeClient(
+                url,
+                sign_realtime_token(
+                    STORM_KEY, user=f"v{i}", channels={"chat:*": ["read"]}, now=now, ttl_s=3600
+                ),
+                channels=[CHANNEL],
+            )
+            for i in range(viewers)
+        ]
+        stats = aioredis.Redis(port=port)
+        try:
+            for client in crowd:
+                client.start()
+            for client in crowd:
+                await asyncio.wait_for(client.synced.wait(), 60)
+            await asyncio.sleep(3)
+            ticks, before = gateway._ticks, await stats.info("commandstats")
+            await asyncio.sleep(10)
+            after = await stats.info("commandstats")
+            ticks = gateway._ticks - ticks
+        finally:
+            for client in crowd:
+                await client.stop()
+            await gateway.close()
+            await stats.aclose()
+            proc.kill()
+            proc.wait()
+    was = {name: int(v["calls"]) for name, v in before.items()}
+    calls = {
+        name.removeprefix("cmdstat_"): int(v["calls"]) - was.get(name, 0)
+        for name, v in after.items()
+        if name != "cmdstat_info"
+    }
+    calls = {name: n for name, n in sorted(calls.items(), key=lambda kv: -kv[1]) if n}
+    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"{viewers} viewers, one large channel, one gateway process, {ticks} ticks")
+    print(f"Redis commands per tick: {sum(calls.values()) / max(ticks, 1):.1f}")
+    print("by command:", ", ".join(f"{name} {n}" for name, n in calls.items()))
+    print(f"\n.venv/bin/python bench/realtime_redis.py {shlex.join(sys.argv[1:])}")
+
+
+async def moved(viewers: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, port = start_redis(Path(tmp))
+        settings = GatewaySettings(
+            token_key=STORM_KEY, admission_rate=1e6, admission_burst=10**6, presence_ttl=2.0
+        )
+        gateways = [
+            Gateway(RedisBroker.connect(f"redis://127.0.0.1:{port}", prefix=PREFIX), settings)
+            for _ in range(2)
+        ]
+        urls = [f"ws://127.0.0.1:{await g.start('127.0.0.1', 0)}" for g in gateways]
+        now = int(time.time())
+
+        def viewer(url: str, user: str) -> RealtimeClient:
+            rights = {"chat:*": ["read"]}
+            tok = sign_realtime_token(STORM_KEY, user=user, channels=rights, now=now, ttl_s=3600)
+            return RealtimeClient(url, tok, channels=[CHANNEL])
+
+        hosts = [viewer(url, f"host{i}") for i, url in enumerate(urls)]
+        first = [viewer(urls[0], f"v{i}") for i in range(viewers)]
+        second = [viewer(urls[1], f"v{i}") for i in range(viewers)]
+        stats = aioredis.Redis(port=port)
+
+        async def calls() -> dict[str, int]:
+            info = await stats.info("commandstats")
+            return {k.removeprefix("cmdstat_"): int(v["calls"]) for k, v in info.items()}
+
+        def since(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+            diff = {k: n - before.get(k, 0) for k, n in after.items() if k != "info"}
+            return {k: n for k, n in sorted(diff.items(), key=lambda kv: -kv[1]) if n}
+
+        try:
+            for client in (*hosts, *first):
+                client.start()
+            for client in (*hosts, *first):
+                await asyncio.wait_for(client.synced.wait(), 60)
+            await asyncio.sleep(3)
+            ticks, before = sum(g._ticks for g in gateways), await calls()
+            await asyncio.sleep(5)
+            rest = since(before, await calls())
+            rest_ticks = sum(g._ticks for g in gateways) - ticks
+            ticks, before, start = sum(g._ticks for g in gateways), await calls(), time.monotonic()
+            for client in first:
+                await client.stop()
+            for client in second:
+                client.start()
+            for client in second:
+                await asyncio.wait_for(client.synced.wait(), 60)
+            await asyncio.sleep(settings.presence_ttl + 4 * settings.tick)
+            move = since(before, await calls())
+            move_ticks = sum(g._ticks for g in gateways) - ticks
+            wall = time.monotonic() - start
+        finally:
+            for client in (*hosts, *first, *second):
+                await client.stop()
+            for gateway in gateways:
+                await gateway.close()
+            await stats.aclose()
+            proc.kill()
+            proc.wait()
+    at_rest = sum(rest.values()) / max(rest_ticks, 1)
+    total = sum(move.values())
+    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}")
+    print(f"{viewers} viewers moved between two gateway processes, one large channel")
+    print(f"at rest: {at_rest:.1f} commands per process tick ({rest_ticks} ticks)")
+    print(f"the move: {total:,} commands in {wall:.1f} s and {move_ticks} process ticks; less")
+    print(f"  those ticks at rest: {total - at_rest * move_ticks:,.0f},")
+    print(f"  {(total - at_rest * move_ticks) / viewers:.1f} per viewer")
+    print("by command:", ", ".join(f"{name} {n}" for name, n in move.items()))
+    print(f"\n.venv/bin/python bench/realtime_redis.py {shlex.join(sys.argv[1:])}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--publishes", type=int, default=20_000, help="per load round")
@@ -326,7 +463,15 @@ def main() -> None:
     parser.add_argument("--subscribers", default="0,50,200")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--storm", type=int, default=0, help="viewers: the storm comparison")
+    parser.add_argument("--at-rest", type=int, default=0, help="viewers: a tick's cost")
+    parser.add_argument("--move", type=int, default=0, help="viewers: moved between processes")
     opts = parser.parse_args()
+    if opts.move:
+        asyncio.run(moved(opts.move))
+        return
+    if opts.at_rest:
+        asyncio.run(at_rest(opts.at_rest))
+        return
     if opts.storm:
         storm(opts.storm, opts.repeat)
         return

@@ -230,6 +230,10 @@ def price(seq: int, value: float, *, at: float, max_age_ms: int = 5000) -> State
     )
 
 
+def viewers(first: int, end: int, *more: str) -> frozenset[str]:
+    return frozenset({f"u{i}" for i in range(first, end)} | set(more))
+
+
 async def test_a_large_channels_presence_is_one_share_per_node_and_a_dead_nodes_expires(
     harness: Harness,
 ) -> None:
@@ -237,23 +241,27 @@ async def test_a_large_channels_presence_is_one_share_per_node_and_a_dead_nodes_
     await a.presence_join("event:final", PresenceEntry(client="a1", user="ann"), ttl=30)
     await a.presence_join("event:final", PresenceEntry(client="a2", user="bob"), ttl=30)
     await b.presence_join("event:final", PresenceEntry(client="b1", user="carl"), ttl=30)
-    # a moves the channel to a share: its entries go in the same step, never counted twice
-    await a.report_presence(
-        {"event:final": PresenceShare(clients=500, users=450, replaces=("a1", "a2"))}, ttl=3
-    )
+    # a moves the channel to a share: its entries go in the same step, never counted twice;
+    # carl, listed on b and in a's share too, is one user
+    share_a = PresenceShare(clients=500, users=viewers(0, 449, "carl"), replaces=("a1", "a2"))
+    await a.report_presence({"event:final": share_a}, ttl=3)
     assert [e.client for e in await b.presence("event:final")] == ["b1"]
     assert await b.presence_stats("event:final") == PresenceStats(
-        clients=501, users=451, shared=500
+        clients=501, users=450, shared=500
     )
-    await b.report_presence(
-        {"event:final": PresenceShare(clients=300, users=280, replaces=("b1",))}, ttl=3
-    )
+    # b's users overlap a's: u400..u448 and carl are in both shares, and count once
+    share_b = PresenceShare(clients=300, users=viewers(400, 679, "carl"), replaces=("b1",))
+    await b.report_presence({"event:final": share_b}, ttl=3)
     assert await a.presence("event:final") == []
     assert await a.presence_stats("event:final") == PresenceStats(
-        clients=800, users=730, shared=800
+        clients=800, users=680, shared=800
     )
+    await b.report_presence({"event:final": PresenceShare(clients=1, users=viewers(0, 1))}, ttl=3)
+    assert (await a.presence_stats("event:final")).users == 450, "b's users left, u0 stays"
     harness.clock.advance(2)
-    await a.report_presence({"event:final": PresenceShare(clients=520, users=460)}, ttl=3)
+    await a.report_presence(
+        {"event:final": PresenceShare(clients=520, users=viewers(0, 460))}, ttl=3
+    )
     harness.clock.advance(2)  # b last reported 4 s ago: its process is gone, its share too
     assert await b.presence_stats("event:final") == PresenceStats(
         clients=520, users=460, shared=520
@@ -261,6 +269,9 @@ async def test_a_large_channels_presence_is_one_share_per_node_and_a_dead_nodes_
     await a.report_presence({}, ttl=3)  # a channel absent from a report is withdrawn
     assert await b.presence_stats("event:final") == PresenceStats(clients=0, users=0)
     assert await b.presence_stats("event:other") == PresenceStats(clients=0, users=0)
+    # with its users: a share reported again starts from none
+    await b.report_presence({"event:final": PresenceShare(clients=2, users=viewers(0, 2))}, ttl=3)
+    assert await a.presence_stats("event:final") == PresenceStats(clients=2, users=2, shared=2)
 
 
 async def test_state_keeps_the_newest_value_per_key_and_drops_old_or_repeated_ones(

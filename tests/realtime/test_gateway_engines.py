@@ -1,8 +1,9 @@
 """The gateway's behaviours that depend on the engine, run over real WebSockets on every engine
 in ENGINES (memory, Redis, Redis Cluster): recovery (within the history, beyond it, a new epoch),
 rate and size limits across processes, state and its staleness, presence and counts across
-processes, presence after the broker comes back, and a slow consumer cut while the others get
-every publication.
+processes (a large channel's distinct users, its viewers' leaves once it is listed again),
+presence after the broker comes back, and a slow consumer cut while the others get every
+publication.
 
 Each gateway is one process's node on the harness's store; the harness's clock drives what the
 broker times (rate-limit refills, presence and count expiry), so nothing here waits on it.
@@ -22,7 +23,13 @@ from websockets.exceptions import ConnectionClosed
 
 from streamplane.realtime.client import RealtimeClient, RequestFailed
 from streamplane.realtime.gateway import Gateway, GatewaySettings
-from streamplane.realtime.protocol import DEFAULT_NAMESPACES, Code, Namespace, PresenceQuery
+from streamplane.realtime.protocol import (
+    DEFAULT_NAMESPACES,
+    Code,
+    Namespace,
+    PresenceQuery,
+    Unsubscribe,
+)
 from tests.realtime.engines import Harness
 from tests.realtime.test_gateway import FAST, KEY, clients, token, until
 
@@ -376,3 +383,134 @@ async def test_a_slow_consumer_is_cut_and_the_others_get_everything(
     await publishing
     await until(lambda: len(fast.views["fast:final"].messages) == 400, timeout=20)
     assert [m.offset for m in fast.views["fast:final"].messages] == list(range(1, 401))
+
+
+async def test_a_user_connected_through_two_processes_counts_once_in_a_large_channel(
+    start: Start, clients: Callable[..., RealtimeClient], harness: Harness
+) -> None:
+    """Users are distinct users, whichever processes their connections come through; a killed
+    process's users go with its share unless another process still holds them."""
+    large = {**FAST, "event": Namespace(name="event", history_size=20, presence_diff_limit=2)}
+    gateway_a, url_a = await start(namespaces=large)
+    gateway_b, url_b = await start(namespaces=large)
+    on_a = [clients(url_a, token(u), "event:final") for u in ("ann", "a1", "a2")]
+    on_b = [clients(url_b, token(u), "event:final") for u in ("ann", "b1", "bob", "bob")]
+    everyone = on_a + on_b
+    await until(lambda: all(c.views["event:final"].viewers == 7 for c in everyone), timeout=10)
+    seen: tuple[int, int, object] | None = None
+
+    async def counted(clients: int, users: int) -> bool:
+        nonlocal seen
+        answer = await on_a[0].request(lambda i: PresenceQuery(id=i, channel="event:final"))
+        seen = (answer.clients, answer.users, answer.present)
+        return seen == (clients, users, None)
+
+    try:
+        await until_async(lambda: counted(7, 5), timeout=10)  # ann twice, bob twice
+    except TimeoutError:
+        raise AssertionError(f"(clients, users, present) = {seen}, expected (7, 5, None)") from None
+    assert gateway_a.channels["event:final"].counted and gateway_b.channels["event:final"].counted
+    await gateway_b.close()  # as a killed process: its share and its users expire
+    for client in on_b:
+        await client.stop()
+    harness.clock.advance(1.0)  # shares and counts live three ticks (0.1 s)
+    try:
+        await until_async(lambda: counted(3, 3), timeout=10)  # ann is still on a
+    except TimeoutError:
+        raise AssertionError(f"(clients, users, present) = {seen}, expected (3, 3, None)") from None
+
+
+@pytest.mark.parametrize("lose_data", [True, False], ids=["restarted-empty", "cut"])
+async def test_a_large_channels_distinct_users_are_whole_again_when_the_broker_returns(
+    start: Start, clients: Callable[..., RealtimeClient], harness: Harness, lose_data: bool
+) -> None:
+    """Each process reports its share again when the broker is back; a store that lost the
+    users the shares held has them again in full, and none is counted twice."""
+    large = {**FAST, "event": Namespace(name="event", history_size=20, presence_diff_limit=2)}
+    gateway_a, url_a = await start(namespaces=large)
+    _, url_b = await start(namespaces=large)
+    on_a = [clients(url_a, token(u), "event:final") for u in ("ann", "bob")]
+    on_b = [clients(url_b, token(u), "event:final") for u in ("ann", "carl")]
+    seen: tuple[int, int, object] | None = None
+
+    async def counted() -> bool:
+        nonlocal seen
+        try:
+            answer = await on_b[1].request(lambda i: PresenceQuery(id=i, channel="event:final"))
+        except (RequestFailed, ConnectionError, TimeoutError):
+            return False
+        seen = (answer.clients, answer.users, answer.present)
+        return seen == (4, 3, None)
+
+    for outage in range(3):  # before, after one outage, after a second one
+        if outage:
+            await harness.interrupt()
+            await until(lambda: not gateway_a.broker.health().ok)
+            await harness.restore(lose_data=lose_data)
+            await until(lambda: gateway_a.broker.health().ok, timeout=10)
+        try:
+            await until_async(counted, timeout=10)
+        except TimeoutError:
+            raise AssertionError(f"(clients, users, present) = {seen}, not (4, 3, None)") from None
+    assert all(c.connects == 1 for c in on_a + on_b), "connections kept through the outages"
+
+
+async def test_leaves_reach_the_viewers_when_a_large_channel_is_listed_again(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    """A channel that grew past the diff limit and came back to half of it for presence_ttl is
+    listed again: its viewers are told who left while it was counted, and who leaves after."""
+    small = {**FAST, "event": Namespace(name="event", history_size=20, presence_diff_limit=4)}
+    _, url_a = await start(namespaces=small, presence_ttl=0.3)
+    gateway_b, url_b = await start(namespaces=small, presence_ttl=0.3)
+    ann = clients(url_a, token("ann"), "event:final")
+    view = ann.views["event:final"]
+    await until(lambda: sorted(view.present.values()) == ["ann"])
+    viewers = []
+    for i, url in enumerate((url_a, url_b, url_b)):  # listed: ann sees each join
+        viewers.append(clients(url, token(f"v{i}"), "event:final"))
+        await until(lambda n=i: len(view.present) == n + 2, timeout=10)
+    for i, url in ((3, url_a), (4, url_b)):  # six: past the limit, counted
+        viewers.append(clients(url, token(f"v{i}"), "event:final"))
+    await until(lambda: gateway_b.channels["event:final"].counted, timeout=10)
+    for client in viewers[1:]:
+        await client.stop()
+    # Two left, at most half the limit: listed again once it has stayed so for presence_ttl.
+    await until(lambda: sorted(view.present.values()) == ["ann", "v0"], timeout=10)
+    await viewers[0].stop()  # and a leave after the move
+    await until(lambda: sorted(view.present.values()) == ["ann"], timeout=10)
+    assert await present(ann, "event:final") == ["ann"]
+
+
+async def test_a_connection_that_leaves_a_large_channel_for_a_small_one_is_seen_leaving_both(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    """Carl, listed on a channel that then grows past the diff limit, leaves it for a small one:
+    the small one's viewers see him join and leave, and the first one's see him gone once it is
+    listed again."""
+    limited = {**FAST, "event": Namespace(name="event", history_size=20, presence_diff_limit=4)}
+    _, url_a = await start(namespaces=limited, presence_ttl=0.3)
+    gateway_b, url_b = await start(namespaces=limited, presence_ttl=0.3)
+    olga = clients(url_a, token("olga"), "event:big")
+    big = olga.views["event:big"]
+    carl = clients(url_b, token("carl"), "event:big")
+    await until(lambda: sorted(big.present.values()) == ["carl", "olga"], timeout=10)
+    ann = clients(url_b, token("ann"), "event:small")
+    small = ann.views["event:small"]
+    await until(lambda: sorted(small.present.values()) == ["ann"], timeout=10)
+    crowd = [clients(url, token(f"v{i}"), "event:big") for i, url in enumerate([url_a, url_b] * 2)]
+    await until(lambda: big.viewers == 6, timeout=10)
+    await until(lambda: gateway_b.channels["event:big"].counted, timeout=10)
+    await carl.request(lambda i: Unsubscribe(id=i, channels=["event:big"]))
+    await carl.subscribe("event:small")
+    await until(lambda: sorted(small.present.values()) == ["ann", "carl"], timeout=10)
+    assert await present(ann, "event:small") == ["ann", "carl"]
+    for client in crowd:
+        await client.stop()
+    await until(lambda: big.viewers == 1, timeout=10)
+    # Listed again once it has stayed at half the limit for presence_ttl: carl is gone there.
+    await until(lambda: sorted(big.present.values()) == ["olga"], timeout=10)
+    assert await present(olga, "event:big") == ["olga"]
+    await carl.request(lambda i: Unsubscribe(id=i, channels=["event:small"]))
+    await until(lambda: sorted(small.present.values()) == ["ann"], timeout=10)
+    assert await present(ann, "event:small") == ["ann"]

@@ -26,8 +26,9 @@ event. The contract, per concern:
   its own connections there counted (:meth:`Broker.report_presence`, once per tick for all its
   large channels, like the viewer counts), so a reconnect storm costs the store a write per
   process, not per viewer. A share lives ``ttl`` seconds unless reported again: a dead
-  process's share disappears. :meth:`Broker.presence_stats` sums the entries and the live
-  shares; :meth:`Broker.presence` lists the entries only.
+  process's share disappears, and its users with it. :meth:`Broker.presence_stats` sums the
+  entries and the live shares, and counts each user once, whichever nodes and entries hold it;
+  :meth:`Broker.presence` lists the entries only.
 - State channels. The latest value per key; a write whose source ``seq`` is not above the
   current one is dropped (out of order or duplicate) and reported as not applied. An applied
   write is also published on the channel (``kind="state"``, the encoded :class:`StateValue` as
@@ -143,7 +144,8 @@ class PresenceShare(msgspec.Struct, frozen=True, kw_only=True):
     """One node's connections on a large channel, counted instead of listed."""
 
     clients: int
-    users: int
+    # The distinct users of those connections: a user held by several nodes counts once.
+    users: frozenset[str] = frozenset()
     # Entries of this node's own connections the share replaces: dropped in the same atomic
     # step, so that a channel moving from entries to a share never counts a connection twice.
     replaces: tuple[str, ...] = ()
@@ -243,9 +245,9 @@ class Broker(Protocol):
         ...
 
     async def presence_stats(self, channel: str) -> PresenceStats:
-        """The channel's entries and every node's live share, counted. A user counted in
-        the shares of two nodes (or in a share and an entry) counts twice: users are exact
-        only where every connection of a user is on one process."""
+        """The channel's entries and every node's live share, counted: ``clients`` sums
+        them, ``users`` counts each user once, whether it is in one node's share, several, or
+        in shares and entries."""
         ...
 
     async def report_presence(self, shares: Mapping[str, PresenceShare], *, ttl: float) -> None:

@@ -160,11 +160,13 @@ class _Channel:
     recovering: bool = False
     tail: RecentTail = field(default_factory=lambda: RecentTail(0, 0))
     held: list[Publication] = field(default_factory=list)  # deliveries during a recovery
-    presence: dict[str, str] = field(default_factory=dict)  # client -> user, last snapshot
+    # client -> user: the last snapshot diffed to this process's viewers (kept while counted)
+    presence: dict[str, str] = field(default_factory=dict)
     # A large channel's presence is this process's share, counted (Broker.report_presence);
     # a small one's is an entry per connection, those in ``joined``.
     counted: bool = False
     joined: set[str] = field(default_factory=set)
+    seen: dict[str, float] = field(default_factory=dict)  # counted: user -> when last here
     present: int = 0  # the channel's size as the broker last said
     small_since: float | None = None  # since when it has been at most half the diff limit
     subscribing: asyncio.Future[None] | None = None
@@ -660,7 +662,9 @@ class Gateway:
                 id=frame.id,
                 channel=frame.channel,
                 clients=stats.clients,
-                users=stats.users,
+                # A user whose last connection went may still be in a share for a while
+                # (see _share_users): never more users than connections.
+                users=min(stats.users, stats.clients),
                 present=present,
             )
         )
@@ -870,7 +874,6 @@ class Gateway:
         if channel.counted:
             return
         channel.counted = True
-        channel.presence = {}
         leave, channel.joined = sorted(channel.joined), set()
 
         async def report() -> None:
@@ -884,15 +887,17 @@ class Gateway:
     async def _list_presence(self, channel: _Channel) -> None:
         """The channel is small again: an entry per connection, then the share withdrawn."""
         channel.counted = False
+        channel.seen = {}
         await asyncio.gather(*(self._enter(channel, conn) for conn in list(channel.conns)))
         await self._report_presence()
 
     async def _report_presence(self, leave: Mapping[str, Sequence[str]] | None = None) -> None:
         """Every counted channel's share of this process, in one call (a tick's, or a move)."""
+        now = self.clock()
         shares = {
             name: PresenceShare(
                 clients=len(channel.conns),
-                users=len({c.grant.user for c in channel.conns if c.grant is not None}),
+                users=self._share_users(channel, now),
                 replaces=tuple((leave or {}).get(name, ())),
             )
             for name, channel in self.channels.items()
@@ -906,6 +911,21 @@ class Gateway:
             for name, clients in (leave or {}).items():
                 self._unleft.update(((name, c), now) for c in clients)
             raise
+
+    def _share_users(self, channel: _Channel, now: float) -> frozenset[str]:
+        """The users of this process's connections on a counted channel, and those whose last
+        connection here went less than ``presence_ttl`` ago (as long as the entry of a
+        connection that vanished stays): a viewer back within it, as in a reconnect storm,
+        costs the broker nothing, where withdrawing it and adding it again would be two writes
+        per viewer. The users shown are never more than the connections."""
+        seen = channel.seen
+        for conn in channel.conns:
+            if conn.grant is not None:
+                seen[conn.grant.user] = now
+        horizon = now - self.settings.presence_ttl
+        for user in [u for u, at in seen.items() if at < horizon]:
+            del seen[user]
+        return frozenset(seen)
 
     async def _forget_presence(self, name: str, client: str) -> None:
         try:
@@ -1153,8 +1173,9 @@ class Gateway:
         elif channel.counted:
             await self._list_presence(channel)
             return  # listed from the next tick on, once the share is withdrawn
-        if counted or stats.shared or len(channel.presence) > limit or stats.clients > limit:
-            channel.presence = {}  # counts only
+        if counted or stats.shared or stats.clients > limit:
+            # Counts only. The snapshot stays what this process's viewers were last told: the
+            # first diff once the channel is listed again tells them who left meanwhile.
             return
         entries = await self.broker.presence(channel.name)
         diff = presence_update(channel.name, channel.presence, entries, diff_limit=limit)

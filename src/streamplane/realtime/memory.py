@@ -257,11 +257,8 @@ class MemoryBroker:
         for node in [n for n, (_, until) in shares.items() if until <= now]:
             del shares[node]
         shared = sum(s.clients for s, _ in shares.values())
-        return PresenceStats(
-            clients=len(entries) + shared,
-            users=len({e.user for e in entries}) + sum(s.users for s, _ in shares.values()),
-            shared=shared,
-        )
+        users = {e.user for e in entries}.union(*(s.users for s, _ in shares.values()))
+        return PresenceStats(clients=len(entries) + shared, users=len(users), shared=shared)
 
     async def report_presence(self, shares: Mapping[str, PresenceShare], *, ttl: float) -> None:
         self._hub._check()

@@ -18,6 +18,9 @@ Per channel (``docs/realtime.md`` has the table):
   their entries.
 - ``:a`` presence shares of a large channel: ``node -> clients:users:until``, one per gateway
   process, counted instead of listed.
+- ``:u`` / ``:au`` the users the shares hold: ``user -> how many shares hold it`` (its length is
+  the distinct users), and ``<node> NUL <user>`` in a sorted set (one node's users are one lex
+  range, dropped when its share is withdrawn or found dead).
 - ``:c`` viewer counts: ``node -> count:until`` per channel.
 - ``:r:<user>`` a user's chat rate-limit bucket on the channel (tokens and when), expiring once
   it would be full again.
@@ -249,21 +252,53 @@ return 1
 """
 )
 
-# KEYS expiry zset, entries hash, shares hash; ARGV 1 now ms. The live shares summed (the dead
-# ones go), then the live entries: {clients, users, client, entry, client, entry, ...}.
+# Which users the shares hold. ``:au`` is a sorted set of ``<node> NUL <user>``, every score 0,
+# so one node's users are one lex range (a dead node's are found without a key per node, which
+# a script in a cluster could not declare); ``:u`` maps a user to how many shares hold it, so
+# its length is the distinct users of every share, read in one step however large.
+_HELD = """
+local function hold(users, held, node, user)
+  if redis.call('ZADD', held, 0, node .. '\\0' .. user) == 1 then
+    redis.call('HINCRBY', users, user, 1)
+  end
+end
+local function unhold(users, held, node, user)
+  if redis.call('ZREM', held, node .. '\\0' .. user) == 1 then
+    if redis.call('HINCRBY', users, user, -1) <= 0 then redis.call('HDEL', users, user) end
+  end
+end
+local function held_by(held, node)
+  local out, from = {}, #node + 2
+  local range = redis.call('ZRANGEBYLEX', held, '[' .. node .. '\\0', '(' .. node .. '\\1')
+  for i = 1, #range do out[i] = string.sub(range[i], from) end
+  return out
+end
+"""
+
+# KEYS expiry zset, entries hash, shares hash, share users hash, held users zset; ARGV 1 now ms.
+# The live shares' clients summed and the distinct users they hold (a dead share goes, and the
+# users only it held), then the live entries: {clients, users, client, entry, client, entry...}.
 _PRESENCE_STATS = (
     _PRUNE
+    + _HELD
     + """
 prune(KEYS[1], KEYS[2], ARGV[1])
-local now, clients, users, dead = tonumber(ARGV[1]), 0, 0, {}
+local now, clients, dead = tonumber(ARGV[1]), 0, {}
 local all = redis.call('HGETALL', KEYS[3])
 for i = 1, #all, 2 do
   local c, u, untl = string.match(all[i + 1], '^(%d+):(%d+):(%d+)$')
-  if c and tonumber(untl) > now then
-    clients = clients + tonumber(c); users = users + tonumber(u)
+  if c and tonumber(untl) > now then clients = clients + tonumber(c)
   else dead[#dead + 1] = all[i] end
 end
-if #dead > 0 then redis.call('HDEL', KEYS[3], unpack(dead)) end
+if #dead > 0 then
+  redis.call('HDEL', KEYS[3], unpack(dead))
+  for _, node in ipairs(dead) do
+    for _, user in ipairs(held_by(KEYS[5], node)) do unhold(KEYS[4], KEYS[5], node, user) end
+  end
+end
+-- No live share, no user held (a small channel reads nothing more).
+local users = 0
+if #all / 2 > #dead then users = redis.call('HLEN', KEYS[4]) end
 local out = {clients, users}
 local members = redis.call('ZRANGE', KEYS[1], 0, -1)
 if #members == 0 then return out end
@@ -275,18 +310,47 @@ return out
 """
 )
 
-# KEYS expiry zset, entries hash, shares hash; ARGV 1 node, 2 'clients:users:until' or '' to
-# withdraw, 3 key ttl ms, 4.. this node's entries to drop in the same step.
+# KEYS expiry zset, entries hash, shares hash, share users hash, held users zset; ARGV 1 node,
+# 2 'clients:users:until' or '' to withdraw, 3 key ttl ms, 4 'full' (ARGV's users are all this
+# node holds) or 'delta' (added, then removed), 5 how many entries to drop, 6 how many users
+# added; then this node's entries to drop in the same step, the users added, the users removed.
+# Answers 1 when the node must send its users in full next time: its share was gone (expired
+# while the process was starved, or Redis lost it), and with it the users it held.
 _PRESENCE_SHARE = (
     _PRUNE
+    + _HELD
     + """
-report(KEYS[3], ARGV[1], ARGV[2], ARGV[3])
-for i = 4, #ARGV, 1000 do
-  local last = math.min(i + 999, #ARGV)
+local node, value, ms = ARGV[1], ARGV[2], ARGV[3]
+local again = 0
+if value == '' then
+  redis.call('HDEL', KEYS[3], node)
+elseif redis.call('HSET', KEYS[3], node, value) == 1 then
+  -- A new share. The only one: what the users hash holds is a dead channel's leftovers.
+  if redis.call('HLEN', KEYS[3]) == 1 then redis.call('DEL', KEYS[4], KEYS[5]) end
+  if ARGV[4] ~= 'full' then again = 1 end
+end
+local replaces, added = tonumber(ARGV[5]), tonumber(ARGV[6])
+local first = 7
+for i = first, first + replaces - 1, 1000 do
+  local last = math.min(i + 999, first + replaces - 1)
   redis.call('ZREM', KEYS[1], unpack(ARGV, i, last))
   redis.call('HDEL', KEYS[2], unpack(ARGV, i, last))
 end
-return 1
+first = first + replaces
+if value == '' or ARGV[4] == 'full' then
+  local wanted = {}
+  for i = first, first + added - 1 do wanted[ARGV[i]] = true end
+  for _, user in ipairs(held_by(KEYS[5], node)) do
+    if not wanted[user] then unhold(KEYS[4], KEYS[5], node, user) end
+  end
+end
+for i = first, first + added - 1 do hold(KEYS[4], KEYS[5], node, ARGV[i]) end
+for i = first + added, #ARGV do unhold(KEYS[4], KEYS[5], node, ARGV[i]) end
+if value ~= '' then
+  keep(KEYS[3], ms)
+  redis.call('PEXPIRE', KEYS[4], ms); redis.call('PEXPIRE', KEYS[5], ms)
+end
+return again
 """
 )
 
@@ -634,6 +698,10 @@ class RedisBroker:
         self._listeners: list[RecoveryListener] = []
         self._reported: set[str] = set()
         self._shared: set[str] = set()
+        self._held: dict[str, frozenset[str]] = {}  # channel -> this node's users Redis holds
+        # One presence report at a time: two in flight at once (a tick's and a channel's move)
+        # could land in either order, and a report's users are a change from the one before.
+        self._reporting = asyncio.Lock()
         self._commands_down: str | None = None
         self._closed = False
         # Commands in flight at once from this node. redis-py's pool refuses a command past its
@@ -931,7 +999,7 @@ class RedisBroker:
         return [self._key(channel, "z"), self._key(channel, "i")]
 
     def _share_keys(self, channel: str) -> list[str]:
-        return [*self._presence_keys(channel), self._key(channel, "a")]
+        return [*self._presence_keys(channel), *(self._key(channel, p) for p in ("a", "u", "au"))]
 
     async def presence_join(self, channel: str, entry: PresenceEntry, *, ttl: float) -> None:
         now = self._now_ms()
@@ -967,25 +1035,53 @@ class RedisBroker:
         reply = await self._call(
             self._presence_stats(keys=self._share_keys(channel), args=[self._now_ms()])
         )
-        users = {_member_decoder.decode(raw).user for raw in reply[3::2]}
-        shared = _int(reply[0])
+        listed = {_member_decoder.decode(raw).user for raw in reply[3::2]}
+        shared, users = _int(reply[0]), _int(reply[1])
+        if listed and users:
+            # Shares and entries at once (a channel moving between them): a user in both
+            # counts once. The entries are few then, and this is rare: not worth a script.
+            held = await self._call(self._client.hmget(self._key(channel, "u"), sorted(listed)))
+            listed = {u for u, n in zip(sorted(listed), held, strict=True) if n is None}
         return PresenceStats(
-            clients=shared + len(reply[2::2]), users=_int(reply[1]) + len(users), shared=shared
+            clients=shared + len(reply[2::2]), users=users + len(listed), shared=shared
         )
 
     async def report_presence(self, shares: Mapping[str, PresenceShare], *, ttl: float) -> None:
+        async with self._reporting:
+            await self._report_presence(shares, ttl)
+
+    async def _report_presence(self, shares: Mapping[str, PresenceShare], ttl: float) -> None:
         until = self._now_ms() + int(ttl * 1000)
         key_ttl = _key_ttl_ms(ttl)
-        calls: list[tuple[list[str], list[Arg]]] = []
-        for channel, share in shares.items():
-            args: list[Arg] = [self._node, f"{share.clients}:{share.users}:{until}", key_ttl]
-            calls.append((self._share_keys(channel), [*args, *share.replaces]))
+
+        def call(channel: str, share: PresenceShare) -> tuple[list[str], list[Arg]]:
+            value = f"{share.clients}:{len(share.users)}:{until}"
+            # Only the users that came or went since the last report: a large channel's
+            # viewers cost Redis nothing while they stay, however many they are.
+            held = self._held.pop(channel, None)
+            mode, added, removed = (
+                ("full", share.users, frozenset())
+                if held is None
+                else ("delta", share.users - held, held - share.users)
+            )
+            args: list[Arg] = [self._node, value, key_ttl, mode, len(share.replaces), len(added)]
+            return self._share_keys(channel), [*args, *share.replaces, *added, *removed]
+
+        # What Redis holds of this node's users is unknown from here until a report is
+        # answered: a failed one is followed by a full one.
+        calls = [call(channel, share) for channel, share in shares.items()]
         withdrawn = self._shared - shares.keys()
-        calls += [(self._share_keys(c), [self._node, "", 0]) for c in withdrawn]
+        calls += [(self._share_keys(c), [self._node, "", 0, "full", 0, 0]) for c in withdrawn]
+        for channel in withdrawn:
+            self._held.pop(channel, None)
         # Remembered before sending, as the counts are: a failed report is withdrawn next time.
         self._shared |= set(shares)
         if calls:
-            await self._pipelined(self._presence_share, calls)
+            again = await self._pipelined(self._presence_share, calls)
+            lost = {c: s for (c, s), a in zip(shares.items(), again, strict=False) if _int(a)}
+            if lost:  # shares found gone with their users (expired, or Redis lost them)
+                await self._pipelined(self._presence_share, [call(c, s) for c, s in lost.items()])
+            self._held.update((c, s.users) for c, s in shares.items())
         self._shared = set(shares)
 
     # -- state channels -----------------------------------------------------------------------
