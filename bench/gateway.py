@@ -176,7 +176,7 @@ def main() -> None:
     print(
         f"handshakes cut        {report.handshakes_cut} closed before the upgrade's answer"
         f" (each dialled again); the gateways dropped {timeouts} unfinished in their"
-        f" handshake timeout ({len(gateway_stats)} of {len(pids)} processes answered /health)"
+        f" handshake timeout ({len(gateway_stats)} of {gateways} processes answered /health)"
     )
     print(f"load average          {seen['connected-load']:.1f} when connected,"
           f" {_load_average()} at the end; the run took {wall:.0f} s")  # fmt: skip
