@@ -66,7 +66,8 @@ def test_a_handshake_closed_before_its_answer_is_dialled_again_not_counted_admit
         thread.join(30)
         loop.close()
     assert proxy.hang_ups == 0, "the viewers' first four dials were hung up"
-    assert report.handshakes_cut == 4
+    # at least those four: on a starved machine the gateway's own timer may cut one more
+    assert report.handshakes_cut >= 4
     assert report.held == 12, report.why_unconnected
     assert report.unconnected == 0, report.why_unconnected
     assert report.lost == 0 and report.holes == 0 and report.repeats == 0
