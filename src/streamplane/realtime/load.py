@@ -822,7 +822,11 @@ class LoadStack:
         if self.gateways == 1:
             return [self.gateway.pid]
         path = Path(f"/proc/{self.gateway.pid}/task/{self.gateway.pid}/children")
-        return [int(p) for p in path.read_text().split()]
+        # The processes are spawned, and spawning starts multiprocessing's resource tracker
+        # beside them: a child too, but no gateway (its memory and CPU are not the gateway's).
+        return [
+            int(p) for p in path.read_text().split() if b"resource_tracker" not in _cmdline(int(p))
+        ]
 
     def gateway_stats(self, attempts: int = 60) -> dict[str, dict[str, Any]]:
         """Each gateway process's /health (its counts: accepted, refused, handshake_timeouts,
@@ -899,6 +903,13 @@ class LoadStack:
     def log_tail(self) -> str:
         path = self.workdir / "gateway.log"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], name: str) -> None:
