@@ -109,6 +109,7 @@ def main() -> None:
         )
         wall = time.time() - t0
         alive = LoadStack.still_running(pids)
+        gateway_stats = stack.gateway_stats() if alive else {}
     held, lat = report.held, report.latencies
     rss = seen["connected-rss"]
     cpu = seen["broadcasted"] - seen["broadcast"]
@@ -171,6 +172,12 @@ def main() -> None:
     )
     for why in report.why_unconnected:
         print(f"  not back: {why}")
+    timeouts = sum(int(h["handshake_timeouts"]) for h in gateway_stats.values())
+    print(
+        f"handshakes cut        {report.handshakes_cut} closed before the upgrade's answer"
+        f" (each dialled again); the gateways dropped {timeouts} unfinished in their"
+        f" handshake timeout ({len(gateway_stats)} of {gateways} processes answered /health)"
+    )
     print(f"load average          {seen['connected-load']:.1f} when connected,"
           f" {_load_average()} at the end; the run took {wall:.0f} s")  # fmt: skip
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

@@ -735,6 +735,7 @@ def gateway_load(
     table.add_row("holes / repeats applied", f"{report.holes} / {report.repeats}")
     table.add_row("told to reload (not recovered)", str(report.reloads))
     table.add_row("connections cut and redialled", str(report.redials))
+    table.add_row("handshakes cut before the answer, redialled", str(report.handshakes_cut))
     table.add_row("viewers not back after the storm", str(report.unconnected))
     table.add_row(
         "state values shown / turned stale on time",

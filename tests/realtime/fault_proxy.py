@@ -14,6 +14,10 @@ class FaultProxy:
         self.target = target
         self.port = 0
         self.cut = False
+        # The next ``hang_ups`` connections from ``hang_up_from``: their first bytes read, then
+        # reset unanswered, as a gateway drops a handshake it did not get whole in time.
+        self.hang_ups = 0
+        self.hang_up_from = ""
         self._server: asyncio.Server | None = None
         self._pairs: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -28,6 +32,11 @@ class FaultProxy:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.cut:
+            writer.transport.abort()
+            return
+        if self.hang_ups and writer.get_extra_info("peername")[0] == self.hang_up_from:
+            self.hang_ups -= 1
+            await reader.read(1)
             writer.transport.abort()
             return
         try:

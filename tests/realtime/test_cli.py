@@ -152,7 +152,7 @@ def test_gateway_load_on_its_own_redis_and_gateways_survives_a_redis_restart() -
     assert refused > 0, "past the admission rate, handshakes are answered 503"
     assert rows["surge: a 503 answered in p50 / p99"].endswith("(0 without Retry-After)")
     alive, _, started = rows["gateway processes still running"].partition(" of ")
-    assert alive == started and int(started) >= 2, "refused fast, never fallen over"
+    assert alive == started == "2", "refused fast, never fallen over (and only gateways counted)"
     assert rows["stale shown as current"] == "0"
     assert rows["Redis restart: lost / applied twice"] == "0 / 0"
     assert int(rows["Redis restart: told to reload"]) >= 40, "an emptied Redis is a new epoch"

@@ -16,7 +16,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from streamplane.realtime.client import ClientGaveUp, RealtimeClient, RequestFailed
 from streamplane.realtime.gateway import Gateway, GatewaySettings
 from streamplane.realtime.memory import MemoryHub
-from streamplane.realtime.protocol import DEFAULT_NAMESPACES, Code, Namespace
+from streamplane.realtime.protocol import DEFAULT_NAMESPACES, Code, Namespace, Ping, Pong
 from streamplane.realtime.tokens import sign_realtime_token
 
 KEY = b"k" * 32
@@ -380,3 +380,26 @@ async def test_a_subscription_refused_during_an_outage_leaves_nothing_behind(
         await ws.send('{"type":"subscribe","id":2,"channels":[{"channel":"chat:final"}]}')
         again = json.loads(await ws.recv())
         assert again["id"] == 2 and again["channels"][0].get("code", 0) == 0
+
+
+async def test_a_client_refused_a_channel_during_an_outage_asks_again_and_gets_it(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    """A viewer that (re)connects while the broker is away is refused its channel with 4503 on
+    a connection that stays open: it must ask again, or it stays deaf to the channel until some
+    later reconnect."""
+    hub = MemoryHub()
+    _, url = await start(hub)
+    hub.interrupt()
+    ann = clients(url, token("ann"), "chat:final")
+    await asyncio.wait_for(ann.connected.wait(), 10)
+    # One frame at a time per connection: the pong comes after the subscribe's answer.
+    assert isinstance(await ann.request(lambda i: Ping(id=i)), Pong)
+    assert not ann.synced.is_set(), "a refused channel is not subscribed"
+    hub.restore()
+    await asyncio.wait_for(ann.synced.wait(), 15)
+    bob = clients(url, token("bob"), "chat:final")
+    await asyncio.wait_for(bob.synced.wait(), 10)
+    await bob.publish("chat:final", {"text": "back"})
+    await until(lambda: len(ann.views["chat:final"].messages) == 1, timeout=15)
+    assert ann.connects == 1, "asked again on the same connection"

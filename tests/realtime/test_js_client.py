@@ -101,3 +101,66 @@ async def test_the_browser_client_recovers_exactly_what_it_missed(tmp_path: Path
             await proc.wait()
         await publisher.stop()
         await gateway.close()
+
+
+REFUSED_SCRIPT = """
+import { RealtimeClient } from %(module)s;
+const [url, token] = process.argv.slice(2);
+const rt = new RealtimeClient(url, token, ["fast:final"], {
+  onSynced: () => console.log(JSON.stringify({ synced: rt.connects })),
+});
+rt.start();
+const timer = setInterval(() => {
+  const view = rt.view("fast:final");
+  if (view.messages.length >= 1) {
+    const offsets = view.messages.map((m) => m.offset);
+    console.log(JSON.stringify({ offsets, connects: rt.connects }));
+    rt.stop(); clearInterval(timer);
+  }
+}, 10);
+"""
+
+
+async def test_the_browser_client_asks_again_for_a_channel_refused_during_an_outage(
+    tmp_path: Path,
+) -> None:
+    """Connected while the broker is away, its channel refused with 4503 on a connection that
+    stays open: it asks again, and ends subscribed without reconnecting."""
+    fast = {**DEFAULT_NAMESPACES, "fast": Namespace(name="fast", rate_per_s=1e6, burst=10**6)}
+    hub = MemoryHub()
+    gateway = Gateway(hub.node(), GatewaySettings(token_key=KEY, namespaces=fast))
+    refused = asyncio.Event()
+    answer = gateway._subscribe
+
+    async def answer_and_tell(conn: object, frame: object) -> None:
+        await answer(conn, frame)  # type: ignore[arg-type]
+        refused.set()
+
+    gateway._subscribe = answer_and_tell  # type: ignore[method-assign]
+    port = await gateway.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}"
+    hub.interrupt()
+    script = tmp_path / "client.mjs"
+    script.write_text(REFUSED_SCRIPT % {"module": json.dumps(CLIENT.as_uri())})
+    assert NODE is not None
+    proc = await asyncio.create_subprocess_exec(
+        NODE, "--experimental-websocket", "--no-warnings", str(script), f"{url}/connect",
+        _token("ann"), stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    publisher = RealtimeClient(url, _token("feed"))
+    try:
+        async with asyncio.timeout(20):
+            await refused.wait()
+        hub.restore()
+        assert await _line(proc) == {"synced": 1}
+        publisher.start()
+        await publisher.publish("fast:final", {"n": 0})
+        assert await _line(proc) == {"offsets": [1], "connects": 1}
+        async with asyncio.timeout(10):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await publisher.stop()
+        await gateway.close()

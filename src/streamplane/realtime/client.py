@@ -4,8 +4,10 @@ browser client (``web/static/realtime.js``), which follows the same rules.
 It keeps, per channel, the publications it applied and its last position; on any disconnect it
 waits a full-jitter exponential backoff (at least what the server's code asked for), reconnects,
 resubscribes to every channel in one batch with its last positions, and applies exactly what it
-missed, or reloads the channel when the server says it cannot be recovered. A code that says
-give up (a forged token, a malformed frame) ends it.
+missed, or reloads the channel when the server says it cannot be recovered. A channel refused
+for now (4503: the broker is away) is asked for again on the same connection, after the code's
+wait plus the same backoff, until it is answered. A code that says give up (a forged token, a
+malformed frame) ends it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 
 from streamplane.realtime.broker import Position
 from streamplane.realtime.protocol import (
+    Code,
     Connected,
     Count,
     Cursor,
@@ -110,6 +113,8 @@ class RealtimeClient:
         self._ids = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._ws_tasks: list[asyncio.Task[None]] = []  # the connection's own: end with it
+        self._refusals = 0  # subscribes refused for now in a row, on this connection
 
     # -- running ------------------------------------------------------------------------------
 
@@ -171,6 +176,7 @@ class RealtimeClient:
     async def _session(self, ws: ClientConnection) -> int:
         """Read frames until the connection ends; the milliseconds the server asked to wait."""
         ws_tasks: list[asyncio.Task[None]] = []
+        self._ws_tasks, self._refusals = ws_tasks, 0
         try:
             return await self._read(ws, ws_tasks)
         finally:
@@ -220,8 +226,11 @@ class RealtimeClient:
                 item = SubscribeItem(channel=frame.channel, since=since)
                 await ws.send(encode(Subscribe(id=next(self._ids), channels=[item])).decode())
         elif isinstance(frame, Subscribed):
+            again: list[str] = []
             for answer in frame.channels:
                 if answer.code:
+                    if answer.channel in self.channels and _retry_after_ms(answer.code):
+                        again.append(answer.channel)
                     continue
                 if answer.recovered:
                     for pub in answer.publications:
@@ -229,7 +238,16 @@ class RealtimeClient:
                             self._take(pub)
                 else:
                     self._reload(answer.channel, answer.position, answer.publications, answer.state)
-            self.synced.set()
+            if again:
+                # Not subscribed yet, and nothing would ask again before the next reconnect.
+                after_ms = max(_retry_after_ms(a.code) for a in frame.channels if a.code)
+                task = asyncio.get_running_loop().create_task(
+                    self._subscribe_later(ws, again, after_ms)
+                )
+                self._ws_tasks.append(task)
+            else:
+                self._refusals = 0
+                self.synced.set()
             self._resolve(frame.id, frame)
         elif isinstance(frame, Reset):
             self._reload(frame.channel, frame.position, frame.publications, frame.state)
@@ -243,6 +261,18 @@ class RealtimeClient:
                 view.present.pop(client, None)
         elif isinstance(frame, ErrorReply | Reply) or hasattr(frame, "id"):
             self._resolve(frame.id, frame)
+
+    async def _subscribe_later(
+        self, ws: ClientConnection, channels: list[str], after_ms: int
+    ) -> None:
+        wait = full_jitter_backoff(
+            self._refusals, base=self._backoff[0], cap=self._backoff[1], draw=self._rng.random()
+        )
+        self._refusals += 1
+        await asyncio.sleep(after_ms / 1000 + wait)
+        items = [SubscribeItem(channel=c, since=self.cursor.position(c)) for c in channels]
+        with contextlib.suppress(WebSocketException):
+            await ws.send(encode(Subscribe(id=next(self._ids), channels=items)).decode())
 
     def _view(self, channel: str) -> ChannelView:
         return self.views.setdefault(channel, ChannelView())
@@ -319,3 +349,13 @@ class RealtimeClient:
         items = [SubscribeItem(channel=c, since=self.cursor.position(c)) for c in channels]
         answer: Subscribed = await self.request(lambda i: Subscribe(id=i, channels=items))
         return answer
+
+
+def _retry_after_ms(code: int) -> int:
+    """The wait before asking again for a channel refused with ``code``; 0: final (forbidden,
+    unknown, too many channels)."""
+    try:
+        info = Code(code).info
+    except ValueError:
+        return 0
+    return 0 if info.closes else info.after_ms

@@ -94,6 +94,9 @@ class LoadReport(msgspec.Struct, kw_only=True):
     reloads: int  # explicit "not recovered": the viewer was told to reload, nothing silent
     unconnected: int  # viewers still not back at the end: their count, not a loss by the gateway
     redials: int = 0  # connections that closed under a viewer outside the storm's drop
+    # Upgrades whose connection closed before any answer (a gateway drops a handshake it has not
+    # received whole in its handshake timeout): not admitted, dialled again.
+    handshakes_cut: int = 0
     why_unconnected: list[str] = []
     state_values: int = 0  # state values viewers showed
     stale_shown: int = 0  # values a viewer turned to stale on time (their age ran out)
@@ -204,10 +207,12 @@ def _load(
             "stale_shown",
             "stale_as_current",
             "resubscribed",
+            "handshakes_cut",
         ),
         0,
     )
     moves = [0]  # bumped on every change of any viewer: the report waits while it moves
+    dialling = [0]  # viewers in ``dial``: a wait for the viewers never ends while one dials
     tasks: set[asyncio.Task[None]] = set()
     ping_s = [25.0]
 
@@ -235,6 +240,7 @@ def _load(
 
         def on_ws_connected(self, transport: Any) -> None:
             self.transport = transport
+            self.why = "connected, no answer to its subscribe"
             self._subscribe(transport, (CHANNEL, STATE_CHANNEL))
 
         def _subscribe(self, transport: Any, channels: tuple[str, ...]) -> None:
@@ -343,9 +349,17 @@ def _load(
     admission_ms: list[float] = []
 
     async def dial(v: Viewer, at: float) -> None:
+        dialling[0] += 1
+        try:
+            await _dial(v, at)
+        finally:
+            dialling[0] -= 1
+            moves[0] += 1
+
+    async def _dial(v: Viewer, at: float) -> None:
         await asyncio.sleep(max(0.0, at - time.time()))
         v.transport = None
-        v.why = "connected, no answer to its subscribe"
+        v.why = "dialling"
         failed, attempt, refusals, not_before = "", 0, 0, 0.0
         while attempt < 20:
             async with sem:
@@ -353,12 +367,20 @@ def _load(
                     stats["early"] += 1
                 dialled = time.perf_counter()
                 try:
-                    await ws_connect(
+                    _, listener = await ws_connect(
                         lambda: v, url, local_addr=(host, 0), read_buffer_init_size=1024
                     )
-                    admitted.append(time.time())
-                    admission_ms.append((time.perf_counter() - dialled) * 1000)
-                    return
+                    if listener is not None:
+                        admitted.append(time.time())
+                        admission_ms.append((time.perf_counter() - dialled) * 1000)
+                        return
+                    # picows returns without a listener, not an error, when the connection
+                    # closed before the upgrade's answer: nothing was admitted, nothing will
+                    # subscribe. Counted, and dialled again like any failed dial.
+                    stats["handshakes_cut"] += 1
+                    failed = "the connection closed before the upgrade's answer"
+                    attempt += 1
+                    delay = random.random() * min(2.0, 0.1 * 2**attempt)
                 except WSHandshakeError as exc:
                     status = exc.response.status if exc.response is not None else 0
                     failed = f"HTTP {status}: {exc}"
@@ -392,6 +414,19 @@ def _load(
     def at_target(v: Viewer, target: dict[str, _Pos]) -> bool:
         return v.synced and all(v.at.get(c) == p for c, p in target.items())
 
+    async def settle(viewers: list[Viewer], done: Callable[[Viewer], bool]) -> None:
+        """Wait until every viewer is ``done``, or none dials and none has moved (reconnected,
+        been answered, caught up) for ``quiet`` seconds: where a viewer is then, it stays."""
+        quiet, moved, seen = plan["quiet_s"], time.monotonic(), -1
+        while True:
+            if moves[0] != seen:
+                seen, moved = moves[0], time.monotonic()
+                if all(done(v) for v in viewers):
+                    return
+            elif not dialling[0] and time.monotonic() - moved > quiet:
+                return
+            await asyncio.sleep(0.1)
+
     async def run() -> None:
         loop = asyncio.get_running_loop()
         viewers = [Viewer() for _ in range(count)]
@@ -415,8 +450,7 @@ def _load(
         await asyncio.gather(
             *(dial(v, start + spread * i / max(1, count)) for i, v in enumerate(viewers))
         )
-        while not all(v.synced for v in viewers if v.transport is not None):
-            await asyncio.sleep(0.05)
+        await settle(viewers, lambda v: v.synced)
         synced = sum(v.synced for v in viewers)
         surge = (synced, max(admitted or [start]), list(refusal_ms), list(admission_ms))
         out.put(("connected", index, surge))
@@ -425,17 +459,7 @@ def _load(
             command, arg = await loop.run_in_executor(None, commands.get)
             if command == "report":
                 target = {c: _Pos(p[0], p[1]) for c, p in arg.items()}
-                # Wait while any viewer still moves (reconnecting, catching up); a viewer that
-                # has not moved for `quiet` seconds is where it will stay.
-                quiet, moved, seen = plan["quiet_s"], time.monotonic(), -1
-                while True:
-                    if moves[0] != seen:
-                        seen, moved = moves[0], time.monotonic()
-                        if all(at_target(v, target) for v in viewers):
-                            break
-                    elif time.monotonic() - moved > quiet:
-                        break
-                    await asyncio.sleep(0.1)
+                await settle(viewers, functools.partial(at_target, target=target))
                 done = time.time()
                 # Only a viewer subscribed on a live connection can have lost anything: one
                 # still reconnecting was never sent the rest, it is counted apart.
@@ -725,6 +749,7 @@ def run_load(
             reloads=_delta(stormed, steady, "reloads"),
             unconnected=sum(r[4] for r in stormed),
             redials=sum(r[2]["redials"] for r in stormed),
+            handshakes_cut=sum(r[2]["handshakes_cut"] for r in last),
             why_unconnected=sorted({w for r in last for w in r[5]}),
             state_values=sum(r[2]["state_values"] for r in last),
             stale_shown=sum(r[2]["stale_shown"] for r in last),
@@ -797,7 +822,32 @@ class LoadStack:
         if self.gateways == 1:
             return [self.gateway.pid]
         path = Path(f"/proc/{self.gateway.pid}/task/{self.gateway.pid}/children")
-        return [int(p) for p in path.read_text().split()]
+        # The processes are spawned, and spawning starts multiprocessing's resource tracker
+        # beside them: a child too, but no gateway (its memory and CPU are not the gateway's).
+        return [
+            int(p) for p in path.read_text().split() if b"resource_tracker" not in _cmdline(int(p))
+        ]
+
+    def gateway_stats(self, attempts: int = 60) -> dict[str, dict[str, Any]]:
+        """Each gateway process's /health (its counts: accepted, refused, handshake_timeouts,
+        ...), by node. The kernel hands each request to one process of the port: asked until
+        every process has answered or ``attempts`` run out."""
+        import urllib.error
+        import urllib.request
+
+        seen: dict[str, dict[str, Any]] = {}
+        url = f"http://127.0.0.1:{self.port}/health"
+        for _ in range(attempts):
+            try:
+                with urllib.request.urlopen(url, timeout=10) as answer:
+                    body = answer.read()
+            except urllib.error.HTTPError as err:  # 503: degraded, the counts are still there
+                body = err.read()
+            health = msgspec.json.decode(body)
+            seen[str(health["node"])] = health
+            if len(seen) >= self.gateways:
+                break
+        return seen
 
     @staticmethod
     def still_running(pids: list[int]) -> int:
@@ -853,6 +903,13 @@ class LoadStack:
     def log_tail(self) -> str:
         path = self.workdir / "gateway.log"
         return path.read_text(errors="replace")[-2000:] if path.exists() else ""
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen[bytes], name: str) -> None:

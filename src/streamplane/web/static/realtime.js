@@ -6,6 +6,8 @@
 // - on any disconnect, wait a full-jitter exponential backoff (at least what the server's code
 //   asked for), reconnect, resubscribe to every channel in ONE batch with the last positions,
 //   and apply exactly what was missed, or reload the channel when the server says it cannot;
+// - a channel refused for now (4503: the broker is away) is asked for again on the same
+//   connection, after the code's wait plus the same backoff, until it is answered;
 // - a state value older than its max age is shown as stale, never as current;
 // - a code that says give up (forged token, malformed frame) stops the client.
 //
@@ -13,6 +15,9 @@
 //     onMessage: (channel, pub) => ..., onReload: (channel, view) => ..., onCount: ..., ...
 //   });
 //   rt.start();  rt.publish("chat:final", {text: "goal!"});
+
+// protocol.Code: the codes a channel is refused with for now, and their after_ms.
+const REFUSED_FOR_NOW = new Map([[4503, 1000]]);
 
 export function fullJitter(attempt, base = 0.2, cap = 10, draw = Math.random()) {
   return draw * Math.min(cap, base * 2 ** Math.min(attempt, 32));
@@ -39,6 +44,7 @@ export class RealtimeClient {
     this.views = new Map(); // channel -> {messages, state, viewers, present, reloads}
     for (const c of this.channels) this.view(c);
     this.attempt = 0;
+    this.refusals = 0; // subscribes refused for now in a row, on this connection
     this.nextId = 1;
     this.waiting = new Map();
     this.stopped = false;
@@ -98,12 +104,21 @@ export class RealtimeClient {
     this.ws.send(JSON.stringify(frame));
   }
 
-  resubscribe() {
-    const channels = this.channels.map((channel) => {
+  resubscribe(channels = this.channels) {
+    const items = channels.map((channel) => {
       const since = this.positions.get(channel);
       return since ? { channel, since } : { channel };
     });
-    if (channels.length) this.send({ type: "subscribe", id: this.nextId++, channels });
+    if (items.length) this.send({ type: "subscribe", id: this.nextId++, channels: items });
+  }
+
+  subscribeLater(channels, afterMs) {
+    const ws = this.ws;
+    const wait = afterMs / 1000 + fullJitter(this.refusals++);
+    setTimeout(() => {
+      // a new connection resubscribes to everything itself
+      if (this.ws === ws && ws.readyState === WebSocket.OPEN) this.resubscribe(channels);
+    }, wait * 1000);
   }
 
   onFrame(frame) {
@@ -112,6 +127,7 @@ export class RealtimeClient {
         // The gateway drops connections it stops hearing from (a peer gone without closing).
         this.pinger = setInterval(() => this.send({ type: "ping", id: 0 }), frame.ping_s * 1000);
         this.attempt = 0;
+        this.refusals = 0;
         this.connects += 1;
         this.resubscribe();
         this.handlers.onConnected?.(frame);
@@ -125,18 +141,32 @@ export class RealtimeClient {
         }
         break;
       }
-      case "subscribed":
+      case "subscribed": {
+        const again = [];
+        let afterMs = 0;
         for (const answer of frame.channels) {
-          if (answer.code) continue;
+          if (answer.code) {
+            if (REFUSED_FOR_NOW.has(answer.code) && this.channels.includes(answer.channel)) {
+              again.push(answer.channel);
+              afterMs = Math.max(afterMs, REFUSED_FOR_NOW.get(answer.code));
+            }
+            continue;
+          }
           if (answer.recovered) {
             for (const pub of answer.publications) {
               if (judge(this.positions.get(pub.channel), pub.epoch, pub.offset) === "apply") this.take(pub);
             }
           } else this.reload(answer);
         }
-        this.handlers.onSynced?.();
+        // Not subscribed yet, and nothing would ask again before the next reconnect.
+        if (again.length) this.subscribeLater(again, afterMs);
+        else {
+          this.refusals = 0;
+          this.handlers.onSynced?.();
+        }
         this.resolve(frame);
         break;
+      }
       case "reset":
         this.reload(frame);
         break;
