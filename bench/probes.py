@@ -17,8 +17,18 @@ Method
   chosen points' encodes and VMAF. A probe's encode is counted from the 1/4 matrix for every
   subsample (the encodes are the same bits), so schemes differ only by what they change.
   BD-rate is deterministic; CPU seconds move a little with the machine's load.
+  --lowres: every resolution above the lowest is also probed at half its height (the default's
+  CRFs, share and subsample), scored at that size against the reference scaled down to it, and
+  mapped to the rung's size (log bits and log(101 - VMAF): an offset or a line per resolution
+  and CRF, fitted on the other sources' shots, and on every source's for reference; or each
+  shot's own offset measured by one probe at the rung's size at the middle CRF), the target
+  being what the default's probe at the rung's size measured.
+  --final-subsamples: the full matrix's rungs encoded once more and scored on every Nth frame
+  (and on every frame), each rung's reported VMAF against every frame's, with libvmaf's CPU.
 
 Reproduce: .venv/bin/python bench/probes.py --sources real-mix bench-mix --height 180
+  .venv/bin/python bench/probes.py --sources real-mix bench-mix demo-mix --height 360 \
+      --subsamples 8 --shares 0.5 --lowres --final-subsamples 2 3 4 5
 """
 
 from __future__ import annotations
@@ -124,15 +134,31 @@ def fit_mapping(titles: Sequence[LowRes], linear: bool) -> Fit:
     return fit
 
 
-def lowres_row(t: LowRes, fit: Fit, levels: int) -> tuple[float, dict[str, float]]:
+def lowres_row(
+    t: LowRes, fit: Fit, levels: int, calibrate: int | None = None
+) -> tuple[float, dict[str, float]]:
     """BD-rate and CPU of the scheme: the top `levels` resolutions from their half-height
-    probes mapped by `fit`, the others probed at their own size as the default does."""
+    probes mapped by `fit`, the others probed at their own size as the default does. With
+    `calibrate`, the mapped resolutions are also probed at their own size at that CRF, and
+    each shot's half-height probes are mapped by that shot's own offsets there instead."""
     mapped = set(t.sizes[:levels])
-    measured = [k for k in t.probes if (k[1], k[2]) not in mapped]
+    measured = [
+        k
+        for k in t.probes
+        if (k[1], k[2]) not in mapped or (calibrate is not None and k[3] == calibrate)
+    ]
     points = [_choice(k, t.probes[k]) for k in measured]
     low = {k: r for k, r in t.low.items() if (k[1], k[2]) in mapped}
     for k, r in low.items():
-        ba, bb, va, vb = fit[(t.sizes.index((k[1], k[2])), k[3])]
+        if calibrate is not None:
+            if k[3] == calibrate:
+                continue
+            at = (k[0], k[1], k[2], calibrate)
+            own, half = t.probes[at], t.low[at]
+            ba, bb = math.log(own.shot_bits) - math.log(half.shot_bits), 1.0
+            va, vb = _gap(own.vmaf) - _gap(half.vmaf), 1.0
+        else:
+            ba, bb, va, vb = fit[(t.sizes.index((k[1], k[2])), k[3])]
         bits = math.exp(ba + bb * math.log(r.shot_bits))
         vmaf = min(100.0, max(0.0, VMAF_CEILING - math.exp(va + vb * _gap(r.vmaf))))
         points.append(ShotChoice(k[0], k[1], k[2], k[3], max(1, round(bits)), round(vmaf, 4)))
@@ -477,7 +503,7 @@ def main() -> None:
     ]
     rows = [out for out, _ in measured]
     lows = [low for _, low in measured if low is not None]
-    for linear in (False, True):
+    for linear in (False, True) if lows else ():
         fit_kind = "a line" if linear else "an offset"
         for row, t in zip(rows, lows, strict=True):
             others = [o for o in lows if o is not t]
@@ -497,6 +523,17 @@ def main() -> None:
                     for part, v in cpu.items()
                     if part not in ("probes", "shipped")
                 )
+    for row, t in zip(rows, lows, strict=True):
+        middle = t.default_q[len(t.default_q) // 2]
+        for levels in (1, len(t.sizes) - 1):
+            bd, cpu = lowres_row(t, {}, levels, calibrate=middle)
+            which = "the top resolution" if levels == 1 else "all but the lowest"
+            label = f"half-height probes for {which}, each shot's offset measured at CRF {middle}"
+            total = sum(v for k, v in cpu.items() if k not in ("probes", "shipped"))
+            row[label] = (
+                f"{bd:+.2f} % at {100 * total / t.full_cpu:.0f} % CPU ({cpu['probes']:.0f} "
+                f"probes, {cpu['shipped']:.0f} shipped)"
+            )
     table = Table(title="fast path schemes: BD-rate against the full matrix, CPU as its share")
     table.add_column("scheme")
     for row in rows:
