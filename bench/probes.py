@@ -523,7 +523,7 @@ def main() -> None:
                     for part, v in cpu.items()
                     if part not in ("probes", "shipped")
                 )
-    for row, t in zip(rows, lows, strict=True):
+    for row, t in zip(rows, lows, strict=True) if lows else ():
         middle = t.default_q[len(t.default_q) // 2]
         for levels in (1, len(t.sizes) - 1):
             bd, cpu = lowres_row(t, {}, levels, calibrate=middle)
