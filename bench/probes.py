@@ -17,17 +17,30 @@ Method
   chosen points' encodes and VMAF. A probe's encode is counted from the 1/4 matrix for every
   subsample (the encodes are the same bits), so schemes differ only by what they change.
   BD-rate is deterministic; CPU seconds move a little with the machine's load.
+  --lowres: every resolution above the lowest is also probed at half its height (the default's
+  CRFs, share and subsample), scored at that size against the reference scaled down to it, and
+  mapped to the rung's size (log bits and log(101 - VMAF): an offset or a line per resolution
+  and CRF, fitted on the other sources' shots, and on every source's for reference; or each
+  shot's own offset measured by one probe at the rung's size at the middle CRF), the target
+  being what the default's probe at the rung's size measured.
+  --final-subsamples: the full matrix's rungs encoded once more and scored on every Nth frame
+  (and on every frame), each rung's reported VMAF against every frame's, with libvmaf's CPU.
 
 Reproduce: .venv/bin/python bench/probes.py --sources real-mix bench-mix --height 180
+  .venv/bin/python bench/probes.py --sources real-mix bench-mix demo-mix --height 360 \
+      --subsamples 8 --shares 0.5 --lowres --final-subsamples 2 3 4 5
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from rich.console import Console
@@ -35,10 +48,17 @@ from rich.table import Table
 
 from streamplane.media import SAMPLES, EncodeSettings, build_sample
 from streamplane.media.bdrate import bd_rate
-from streamplane.media.fastpath import predicted_grid, probe_quantisers
-from streamplane.media.ladder import build_ladder, even
+from streamplane.media.fastpath import VMAF_CEILING, predicted_grid, probe_quantisers
+from streamplane.media.ladder import build_ladder, even, scaled_size
 from streamplane.media.matrix import EncodeResult, run_matrix
-from streamplane.media.pipeline import QuietProgress, _matrix_jobs, _plan, _quantisers
+from streamplane.media.pipeline import (
+    QuietProgress,
+    _matrix_jobs,
+    _named,
+    _plan,
+    _quantisers,
+    segment_vmaf,
+)
 from streamplane.media.title import ShotChoice
 
 console = Console(width=420)  # a column per source, into a log file
@@ -58,6 +78,177 @@ def _cut_cpu(matrix: dict[Point, EncodeResult], shot: int) -> float:
     return sum(r.cut_cpu_seconds for k, r in matrix.items() if k[0] == shot)
 
 
+@dataclasses.dataclass
+class LowRes:
+    """A title's probes at half the height of the rung they stand for, beside what the default
+    probes measured at the rung's own size (the target of the mapping)."""
+
+    name: str
+    sizes: list[tuple[int, int]]
+    default_q: tuple[int, ...]
+    grid_q: tuple[int, ...]
+    probes: dict[Point, EncodeResult]  # the default's probes, every resolution at its own size
+    low: dict[Point, EncodeResult]  # keyed by the rung's point they stand for
+    full: dict[Point, EncodeResult]
+    full_cpu: float
+    ship: Callable[[list[ShotChoice]], tuple[list[tuple[float, float]], set[Point]]]
+    full_curve: list[tuple[float, float]]
+
+
+def _gap(vmaf: float) -> float:
+    return math.log(VMAF_CEILING - vmaf)
+
+
+Fit = dict[tuple[int, int], tuple[float, float, float, float]]  # (level, q): bits a, b; gap a, b
+
+
+def fit_mapping(titles: Sequence[LowRes], linear: bool) -> Fit:
+    """log(rung bits) and log(101 - rung VMAF) from the half-height probe's, per resolution level
+    (0 = the top) and CRF, over every shot of `titles`: an offset (the median difference), or a
+    least-squares line."""
+    pairs: dict[tuple[int, int], list[tuple[float, float, float, float]]] = {}
+    for t in titles:
+        for k, r in t.low.items():
+            level = t.sizes.index((k[1], k[2]))
+            target = t.probes[k]
+            pairs.setdefault((level, k[3]), []).append(
+                (
+                    math.log(r.shot_bits),
+                    math.log(target.shot_bits),
+                    _gap(r.vmaf),
+                    _gap(target.vmaf),
+                )
+            )
+
+    def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+        if not linear or len(xs) < 3 or statistics.pvariance(xs) == 0:
+            return statistics.median(y - x for x, y in zip(xs, ys, strict=True)), 1.0
+        slope, intercept = statistics.linear_regression(xs, ys)
+        return intercept, slope
+
+    fit: Fit = {}
+    for key, ps in pairs.items():
+        ba, bb = line([p[0] for p in ps], [p[1] for p in ps])
+        va, vb = line([p[2] for p in ps], [p[3] for p in ps])
+        fit[key] = (ba, bb, va, vb)
+    return fit
+
+
+def lowres_row(
+    t: LowRes, fit: Fit, levels: int, calibrate: int | None = None
+) -> tuple[float, dict[str, float]]:
+    """BD-rate and CPU of the scheme: the top `levels` resolutions from their half-height
+    probes mapped by `fit`, the others probed at their own size as the default does. With
+    `calibrate`, the mapped resolutions are also probed at their own size at that CRF, and
+    each shot's half-height probes are mapped by that shot's own offsets there instead."""
+    mapped = set(t.sizes[:levels])
+    measured = [
+        k
+        for k in t.probes
+        if (k[1], k[2]) not in mapped or (calibrate is not None and k[3] == calibrate)
+    ]
+    points = [_choice(k, t.probes[k]) for k in measured]
+    low = {k: r for k, r in t.low.items() if (k[1], k[2]) in mapped}
+    for k, r in low.items():
+        if calibrate is not None:
+            if k[3] == calibrate:
+                continue
+            at = (k[0], k[1], k[2], calibrate)
+            own, half = t.probes[at], t.low[at]
+            ba, bb = math.log(own.shot_bits) - math.log(half.shot_bits), 1.0
+            va, vb = _gap(own.vmaf) - _gap(half.vmaf), 1.0
+        else:
+            ba, bb, va, vb = fit[(t.sizes.index((k[1], k[2])), k[3])]
+        bits = math.exp(ba + bb * math.log(r.shot_bits))
+        vmaf = min(100.0, max(0.0, VMAF_CEILING - math.exp(va + vb * _gap(r.vmaf))))
+        points.append(ShotChoice(k[0], k[1], k[2], k[3], max(1, round(bits)), round(vmaf, 4)))
+    curve, used = t.ship(predicted_grid(points, t.grid_q))
+    bd = bd_rate(t.full_curve, curve)
+    runs = [*(t.probes[k] for k in measured), *low.values()]
+    cpu = {
+        "cut": sum(r.cut_cpu_seconds for r in runs)
+        + sum(_cut_cpu(t.full, s) for s in {k[0] for k in used}),
+        "probe encode": sum(r.encode_cpu_seconds for r in runs),
+        "probe VMAF": sum(r.vmaf_cpu_seconds for r in runs),
+        "final encode": sum(t.full[k].encode_cpu_seconds for k in used),
+        "final VMAF": sum(t.full[k].vmaf_cpu_seconds for k in used),
+        "probes": len(runs),
+        "shipped": len(used),
+    }
+    return (bd.percent if bd else float("nan")), cpu
+
+
+def final_vmaf_subsamples(
+    plan: Any,
+    settings: EncodeSettings,
+    title_work: Path,
+    full: dict[Point, EncodeResult],
+    subsamples: Sequence[int],
+    full_cpu: float,
+) -> dict[str, str]:
+    """The full matrix's shipped rungs scored on every Nth frame: one encode of each chosen
+    point, scored at every subsample in turn, and how far each rung's reported mean and
+    harmonic-mean VMAF and its segments' VMAF move against every frame, with the VMAF CPU."""
+    frames = [s.n_frames for s in plan.shots]
+    ladder = build_ladder(
+        [_choice(k, r) for k, r in full.items()],
+        frames,
+        settings.rungs,
+        settings.top_quality,
+        settings.bottom_quality,
+    )
+    keys = sorted(
+        {(c.shot, c.width, c.height, c.quantiser) for r in ladder.rungs for c in r.choices}
+    )
+    scored: dict[int, dict[Point, EncodeResult]] = {}
+    for n in sorted({1, *subsamples}):
+        jobs = {
+            k: msgspec.structs.replace(
+                full[k].job,
+                vmaf_subsample=n,
+                keep_output=True,
+                output=str(title_work / "final" / f"{full[k].job.key}.mp4"),
+            )
+            for k in keys
+        }
+        outcome = run_matrix(
+            list(jobs.values()), title_work / "results", workers=settings.workers or None
+        )
+        scored[n] = {k: outcome.results[j.key] for k, j in jobs.items()}
+    out: dict[str, str] = {}
+    total = sum(frames)
+    for n in sorted(scored):
+        cpu = sum(r.vmaf_cpu_seconds for r in scored[n].values())
+        out[f"final VMAF 1/{n}: CPU"] = f"{cpu:.1f} s = {100 * cpu / full_cpu:.1f} % of full"
+    for i, rung in enumerate(ladder.rungs):
+        ks = [(c.shot, c.width, c.height, c.quantiser) for c in rung.choices]
+
+        def report(n: int, ks: list[Point] = ks) -> tuple[float, float, list[float]]:
+            rs = {k[0]: scored[n][k] for k in ks}
+            mean = sum(rs[s].vmaf * frames[s] for s in rs) / total
+            hmean = total / sum(frames[s] / (1 + rs[s].vmaf_harmonic) for s in rs) - 1
+            segs = [segment_vmaf(rs[g.shot], g, plan.shots[g.shot]) for g in plan.segments]
+            return mean, hmean, segs
+
+        m1, h1, s1 = report(1)
+        cells = [f"{rung.height}p VMAF {m1:.2f} hmean {h1:.2f}"]
+        for n in sorted(scored)[1:]:
+            m, h, sg = report(n)
+            worst = max(abs(a - b) for a, b in zip(sg, s1, strict=True))
+            # the same frames picked from the every-frame scores: what subsampling alone moves,
+            # apart from libvmaf's motion feature taken across the skipped frames
+            picked = (
+                sum(statistics.mean(scored[1][k].frame_vmaf[::n]) * frames[k[0]] for k in ks)
+                / total
+            )
+            cells.append(
+                f"1/{n}: mean {m - m1:+.2f} hmean {h - h1:+.2f} worst segment {worst:.2f}"
+                f" (every {n}th of the every-frame scores: mean {picked - m1:+.2f})"
+            )
+        out[f"final VMAF rung {i + 1}"] = "; ".join(cells)
+    return out
+
+
 def measure(
     name: str,
     height: int | None,
@@ -65,7 +256,10 @@ def measure(
     work: Path,
     subsamples: list[int],
     shares: list[float],
-) -> dict[str, str]:
+    grid_probes: bool = True,
+    lowres: bool = False,
+    final_subsamples: Sequence[int] = (),
+) -> tuple[dict[str, str], LowRes | None]:
     if height:
         full = SAMPLES[name]
         name = f"{name}-{height}p"
@@ -81,12 +275,14 @@ def measure(
     # (mode, VMAF subsample, share of each shot's frames, quantisers): the full matrix, every
     # probe at the first subsample, and the default probes at every other subsample and share
     vs = settings.probe_vmaf_subsample
-    runs = [("full", 1, 1.0, grid_q), ("fast", vs, 1.0, grid_q)]
+    runs = [("full", 1, 1.0, grid_q)]
+    if grid_probes:
+        runs.append(("fast", vs, 1.0, grid_q))
     runs += [
         ("fast", n, share, default_q)
-        for share in [1.0, *shares]
+        for share in ([1.0, *shares] if grid_probes else shares)
         for n in subsamples
-        if (n, share) != (vs, 1.0)
+        if (n, share) != (vs, 1.0) or not grid_probes
     ]
     matrices: dict[tuple[int, float], dict[Point, EncodeResult]] = {}
     for mode, subsample, share, qs in runs:
@@ -127,10 +323,14 @@ def measure(
     def pruned(k: Point) -> bool:
         return k[3] in ends_pruned.get((k[1], k[2]), default_q)
 
-    schemes: dict[str, Scheme] = {
-        "every grid point, measured (previous default)": ((vs, 1.0), lambda k: True, False),
-    }
-    for n in subsamples:
+    schemes: dict[str, Scheme] = {}
+    if grid_probes:
+        schemes["every grid point, measured (previous default)"] = (
+            (vs, 1.0),
+            lambda k: True,
+            False,
+        )
+    for n in subsamples if grid_probes else []:
         schemes[f"{len(default_q)} CRFs {default_q}, rest predicted, VMAF 1/{n}"] = (
             (n, 1.0),
             lambda k: k[3] in default_q,
@@ -189,7 +389,55 @@ def measure(
             for part, v in cpu.items()
             if part not in ("probes", "shipped")
         )
-    return out
+    low = None
+    if lowres:
+        low_share = shares[0] if shares else 1.0
+        # every resolution above the lowest probed at half its height, scored at that size
+        half = {wh: scaled_size(wh[0], wh[1], wh[1] // 2) for wh in sizes[:-1]}
+        low_jobs = {
+            (j.shot, j.width, j.height, j.crf or 0): _named(
+                msgspec.structs.replace(
+                    j,
+                    width=half[(j.width, j.height)][0],
+                    height=half[(j.width, j.height)][1],
+                    vmaf_at_encode_size=True,
+                ),
+                title_work / "m",
+            )
+            for j in _matrix_jobs(
+                source,
+                plan.info,
+                plan.shots,
+                plan.segments,
+                title_work / "m",
+                msgspec.structs.replace(
+                    settings, mode="fast", probe_vmaf_subsample=vs, probe_share=low_share
+                ),
+                False,
+                default_q,
+            )
+            if (j.width, j.height) in half
+        }
+        outcome = run_matrix(
+            list(low_jobs.values()), title_work / "results", workers=settings.workers or None
+        )
+        low = LowRes(
+            name=name,
+            sizes=sizes,
+            default_q=default_q,
+            grid_q=grid_q,
+            probes=matrices[(vs, low_share)],
+            low={k: outcome.results[j.key] for k, j in low_jobs.items()},
+            full=full,
+            full_cpu=full_cpu,
+            ship=ship,
+            full_curve=full_curve,
+        )
+    if final_subsamples:
+        out.update(
+            final_vmaf_subsamples(plan, settings, title_work, full, final_subsamples, full_cpu)
+        )
+    return out, low
 
 
 def main() -> None:
@@ -211,6 +459,25 @@ def main() -> None:
         default=[0.5, 0.25],
         help="probes of part of each shot: this share of its frames, from its middle",
     )
+    ap.add_argument(
+        "--no-grid-probes",
+        action="store_true",
+        help="skip probing every grid point of whole shots (and the schemes that need it)",
+    )
+    ap.add_argument(
+        "--lowres",
+        action="store_true",
+        help="also probe every resolution above the lowest at half its height (the first "
+        "subsample and share), mapped to the rung's size by relations fitted on the other "
+        "sources (and, for reference, on all of them)",
+    )
+    ap.add_argument(
+        "--final-subsamples",
+        type=int,
+        nargs="*",
+        default=[],
+        help="score the full matrix's shipped rungs on every Nth frame too, against every frame",
+    )
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("build/bench/probes"))
     args = ap.parse_args()
@@ -220,10 +487,53 @@ def main() -> None:
         probe_vmaf_subsample=args.subsamples[0],
         workers=args.workers,
     )
-    rows = [
-        measure(name, args.height, settings, args.work, args.subsamples, args.shares)
+    measured = [
+        measure(
+            name,
+            args.height,
+            settings,
+            args.work,
+            args.subsamples,
+            args.shares,
+            grid_probes=not args.no_grid_probes,
+            lowres=args.lowres,
+            final_subsamples=args.final_subsamples,
+        )
         for name in args.sources
     ]
+    rows = [out for out, _ in measured]
+    lows = [low for _, low in measured if low is not None]
+    for linear in (False, True) if lows else ():
+        fit_kind = "a line" if linear else "an offset"
+        for row, t in zip(rows, lows, strict=True):
+            others = [o for o in lows if o is not t]
+            fits = {"the other sources": others, "every source": lows} if others else {}
+            fits.setdefault("every source", lows)
+            for (on, titles), levels in itertools.product(fits.items(), (1, len(t.sizes) - 1)):
+                bd, cpu = lowres_row(t, fit_mapping(titles, linear), levels)
+                which = "the top resolution" if levels == 1 else "all but the lowest"
+                label = f"half-height probes for {which}, {fit_kind} fitted on {on}"
+                total = sum(v for k, v in cpu.items() if k not in ("probes", "shipped"))
+                row[label] = (
+                    f"{bd:+.2f} % at {100 * total / t.full_cpu:.0f} % CPU ({cpu['probes']:.0f} "
+                    f"probes, {cpu['shipped']:.0f} shipped)"
+                )
+                row[f"{label}: CPU by part"] = "  ".join(
+                    f"{part} {100 * v / t.full_cpu:.1f}"
+                    for part, v in cpu.items()
+                    if part not in ("probes", "shipped")
+                )
+    for row, t in zip(rows, lows, strict=True) if lows else ():
+        middle = t.default_q[len(t.default_q) // 2]
+        for levels in (1, len(t.sizes) - 1):
+            bd, cpu = lowres_row(t, {}, levels, calibrate=middle)
+            which = "the top resolution" if levels == 1 else "all but the lowest"
+            label = f"half-height probes for {which}, each shot's offset measured at CRF {middle}"
+            total = sum(v for k, v in cpu.items() if k not in ("probes", "shipped"))
+            row[label] = (
+                f"{bd:+.2f} % at {100 * total / t.full_cpu:.0f} % CPU ({cpu['probes']:.0f} "
+                f"probes, {cpu['shipped']:.0f} shipped)"
+            )
     table = Table(title="fast path schemes: BD-rate against the full matrix, CPU as its share")
     table.add_column("scheme")
     for row in rows:
@@ -232,7 +542,7 @@ def main() -> None:
         table.add_row(label, *(row[label] for row in rows))
     console.print(table)
     if len(rows) > 1:
-        for label in [k for k in list(rows[0])[3:] if not k.endswith("CPU by part")]:
+        for label in [k for k in list(rows[0])[3:] if " % at " in rows[0][k]]:
             bds = [float(row[label].split(" %")[0]) for row in rows]
             console.print(f"mean BD-rate, {label}: {statistics.mean(bds):+.2f} %")
 

@@ -254,3 +254,22 @@ def test_a_probe_of_part_of_a_shot_encodes_and_scores_its_middle_frames(
     assert p.shot_bits == round(p.bits * 50 / 24)
     assert p.shot_bits == pytest.approx(w.bits, rel=0.35)
     assert len(p.segment_bytes) == 2  # its keyframes: the shot's one inside the part, and 0
+
+
+def test_a_probe_below_the_display_size_is_scored_at_its_own_size(
+    shot: Path, tmp_path: Path
+) -> None:
+    """A probe standing for a larger rung is scored against the reference scaled down to it:
+    the upscale to the display size is not part of its score (bench/probes.py)."""
+    shown = msgspec.structs.replace(
+        jobs_for(shot, tmp_path / "out", crfs=(24,))[0], width=80, height=46, vmaf_subsample=1
+    )
+    own = msgspec.structs.replace(
+        shown, vmaf_at_encode_size=True, output=str(tmp_path / "out" / "own.mp4")
+    )
+    assert own.key != shown.key
+    outcome = run_matrix([shown, own], tmp_path / "results", workers=2)
+    s, o = outcome.results[shown.key], outcome.results[own.key]
+    assert len(o.frame_vmaf) == 50
+    assert o.bits == s.bits  # the same encode, scored two ways
+    assert o.vmaf > s.vmaf + 5  # half the lines, upscaled, lose what the own-size score keeps

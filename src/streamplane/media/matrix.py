@@ -69,6 +69,9 @@ class EncodeJob(msgspec.Struct, frozen=True):
     # a probe of part of the shot: encode and score only this many of its frames, from its
     # middle (0: all of them); its bits are scaled to the whole shot (`EncodeResult.shot_bits`)
     probe_frames: int = 0
+    # score at the encode's own size against the reference scaled down to it, not at the
+    # display size: a probe standing for a larger rung (bench/probes.py, lower-resolution probes)
+    vmaf_at_encode_size: bool = False
 
     @property
     def key(self) -> str:
@@ -84,9 +87,10 @@ class EncodeJob(msgspec.Struct, frozen=True):
             rate += f"_L{self.level}"
         shot = "title" if self.shot < 0 else f"s{self.shot:03d}"
         part = f"_part{self.probe_frames}" if self.probe_frames else ""
+        own = "_own" if self.vmaf_at_encode_size else ""
         return (
             f"{shot}_{self.codec}_{self.width}x{self.height}_{rate}_{self.preset}"
-            f"_vs{self.vmaf_subsample}{part}"
+            f"_vs{self.vmaf_subsample}{part}{own}"
         )
 
     @property
@@ -171,14 +175,16 @@ def encode_and_score(job: EncodeJob) -> EncodeResult:
     out.parent.mkdir(parents=True, exist_ok=True)
     cut_cpu = make_cut(job)
     encode_cpu = run_encode(job, out) if not out.exists() else 0.0
+    own = job.vmaf_at_encode_size
     score = measure(
         out,
         job.reference_input(),
-        job.display_width,
-        job.display_height,
+        job.width if own else job.display_width,
+        job.height if own else job.display_height,
         job.frames_encoded,
         subsample=job.vmaf_subsample,
         reference_span=job.span,
+        scale_reference=own,
     )
     size = out.stat().st_size
     segments = segment_bytes(out) if job.keep_output else ()

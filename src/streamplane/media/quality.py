@@ -59,17 +59,20 @@ def measure(
     subsample: int = 1,
     threads: int = 1,
     reference_span: tuple[int, int] | None = None,
+    scale_reference: bool = False,
 ) -> QualityScore:
     """Score `distorted` against the frames ffmpeg reads with the input arguments `reference`
     (`ffmpeg.input_args`), shown at `width`x`height`; with `reference_span` = (first, end),
-    against those frames of it only (a probe of part of a shot)."""
+    against those frames of it only (a probe of part of a shot). With `scale_reference` the
+    reference is scaled to `width`x`height` too (a score at a size below the source's)."""
     log_path = distorted.with_suffix(".vmaf.json")
     trim = ""
     if reference_span is not None:
         trim = f"trim=start_frame={reference_span[0]}:end_frame={reference_span[1]},"
+    ref_scale = f"scale={width}:{height}:flags=bicubic," if scale_reference else ""
     graph = (
         f"[0:v]scale={width}:{height}:flags=bicubic,format=yuv420p,setpts=PTS-STARTPTS[d];"
-        f"[1:v]{trim}format=yuv420p,setpts=PTS-STARTPTS[r];"
+        f"[1:v]{trim}{ref_scale}format=yuv420p,setpts=PTS-STARTPTS[r];"
         f"[d][r]libvmaf=log_path={log_path}:log_fmt=json:n_threads={threads}"
         f":n_subsample={subsample}:feature=name=psnr"
     )
