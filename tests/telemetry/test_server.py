@@ -105,12 +105,14 @@ class _Recorder:
         self.gate = asyncio.Event()
         self.gate.set()
         self.entered = asyncio.Event()
+        self.done = asyncio.Event()  # an answer was made
 
     async def __call__(self, auth: str, body: bytes, peer: str | None) -> Answer:
         self.bodies.append(body)
         self.entered.set()
         await self.gate.wait()
         self.finished.append(body)
+        self.done.set()
         return 200, b'{"length":%d}' % len(body), []
 
 
@@ -340,8 +342,7 @@ async def test_a_heartbeat_being_handled_is_finished_when_its_client_goes() -> N
             await asyncio.sleep(0.05)
         assert not server.connections
         handler.gate.set()
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await asyncio.wait_for(handler.done.wait(), 5)  # not cancelled: it finishes
         assert handler.finished == [b"{}"]
     finally:
         await asyncio.wait_for(server.stop(), 5)
