@@ -346,3 +346,31 @@ async def test_a_heartbeat_being_handled_is_finished_when_its_client_goes() -> N
         assert handler.finished == [b"{}"]
     finally:
         await asyncio.wait_for(server.stop(), 5)
+
+
+async def test_trailers_after_a_chunked_body_are_not_believed() -> None:
+    # A proxy in front checks (or writes) the head; what the client puts in trailers must
+    # not replace the token nor add a forwarded-for address.
+    seen: list[tuple[str, str | None]] = []
+
+    async def handler(auth: str, body: bytes, client: str | None) -> Answer:
+        seen.append((auth, client))
+        return 200, b"{}", []
+
+    server = IngestServer(
+        handler,
+        client_header="x-forwarded-for",
+        client_of=lambda peer, lines: ",".join(lines) or peer,
+    )
+    await server.start()
+    try:
+        request = (
+            b"POST /v1/heartbeat HTTP/1.1\r\nhost: x\r\nauthorization: Bearer mine\r\n"
+            b"x-forwarded-for: 192.0.2.1\r\ntransfer-encoding: chunked\r\nconnection: close\r\n"
+            b"\r\n2\r\n{}\r\n0\r\n"
+            b"authorization: Bearer other\r\nx-forwarded-for: 198.51.100.6\r\n\r\n"
+        )
+        assert _answers(await _talk(server.port, request)) == [(200, {})]
+        assert seen == [("Bearer mine", "192.0.2.1")]
+    finally:
+        await asyncio.wait_for(server.stop(), 5)

@@ -191,6 +191,10 @@ class _Connection(asyncio.Protocol):
         self._head += len(name) + len(value) + 4
         if self._headers > self._server.max_headers or self._head > self._server.max_head:
             raise _Refused(self._head_too_large())
+        if not self._in_head:
+            # a trailer (after a chunked body): not believed, or a client could name another
+            # token or forwarded-for address than the proxy in front of it saw
+            return
         lower = name.lower()
         if lower == b"authorization":
             self._auth = value
