@@ -4,6 +4,7 @@ standard event loop and on uvloop (which the control plane runs under uvicorn)."
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -95,6 +96,24 @@ def test_silent_and_stuck_connections_are_closed_and_a_slow_answer_is_not_cut(
 # -- what a hostile client sends ---------------------------------------------------------------
 
 
+def _on_both_loops(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """``test`` run on the standard loop and on uvloop (the control plane runs uvloop under
+    uvicorn; its transports pause, resume and half-close in code of their own)."""
+
+    def run(loop: str, **kwargs: Any) -> None:
+        (uvloop.run if loop == "uvloop" else asyncio.run)(test(**kwargs))
+
+    params = [inspect.Parameter("loop", inspect.Parameter.KEYWORD_ONLY)]
+    params += [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(test).parameters.values()
+    ]
+    run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    run.__name__ = test.__name__
+    both: Callable[..., None] = pytest.mark.parametrize("loop", ["asyncio", "uvloop"])(run)
+    return both
+
+
 class _Recorder:
     """A handler that answers each body with its length and records it; ``gate`` holds the
     answers back until it is set."""
@@ -138,6 +157,7 @@ def _answers(raw: bytes) -> list[tuple[int, dict[str, Any]]]:
     return out
 
 
+@_on_both_loops
 async def test_a_request_that_trickles_in_or_never_ends_is_refused_with_408() -> None:
     # the slowloris: a byte at a time, each well within the idle timeout
     handler = _Recorder()
@@ -173,6 +193,7 @@ async def test_a_request_that_trickles_in_or_never_ends_is_refused_with_408() ->
     ],
     ids=["huge-header", "many-headers", "huge-request-line"],
 )
+@_on_both_loops
 async def test_an_oversized_head_is_refused_with_431_and_never_handled(request_: bytes) -> None:
     handler = _Recorder()
     server = IngestServer(handler)
@@ -217,6 +238,7 @@ def test_a_refusal_is_answered_after_the_requests_before_it(
     run(exchange())
 
 
+@_on_both_loops
 async def test_a_body_declared_too_large_is_refused_before_it_is_sent() -> None:
     handler = _Recorder()
     server = IngestServer(handler)
@@ -234,9 +256,9 @@ async def test_a_body_declared_too_large_is_refused_before_it_is_sent() -> None:
         interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
         assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
         writer.write(b"{}")
-        answer = await asyncio.wait_for(reader.readuntil(b"}"), 10)
+        raw = await asyncio.wait_for(reader.readuntil(b"}"), 10)
         writer.close()
-        assert _answers(answer) == [(200, {"length": 2})]
+        assert _answers(raw) == [(200, {"length": 2})]
     finally:
         await asyncio.wait_for(server.stop(), 5)
 
@@ -284,6 +306,7 @@ _CHUNKED = b"POST /v1/heartbeat HTTP/1.1\r\nhost: x\r\ntransfer-encoding: %s\r\n
         "http2",
     ],
 )
+@_on_both_loops
 async def test_framing_is_taken_or_refused_clearly_and_the_connection_closed(
     request_: bytes, status: int
 ) -> None:
@@ -300,6 +323,7 @@ async def test_framing_is_taken_or_refused_clearly_and_the_connection_closed(
         await asyncio.wait_for(server.stop(), 5)
 
 
+@_on_both_loops
 async def test_a_client_that_reads_no_answers_is_read_no_more() -> None:
     # Pipelined requests are read ahead of their answers only so far: a client sending
     # without end (or reading no answers) fills its own socket, not the listener's memory.
@@ -324,6 +348,7 @@ async def test_a_client_that_reads_no_answers_is_read_no_more() -> None:
         await asyncio.wait_for(server.stop(), 5)
 
 
+@_on_both_loops
 async def test_a_heartbeat_being_handled_is_finished_when_its_client_goes() -> None:
     # cancelled halfway, its batch could be in the stream without ingest's record of it
     handler = _Recorder()
@@ -348,6 +373,7 @@ async def test_a_heartbeat_being_handled_is_finished_when_its_client_goes() -> N
         await asyncio.wait_for(server.stop(), 5)
 
 
+@_on_both_loops
 async def test_trailers_after_a_chunked_body_are_not_believed() -> None:
     # A proxy in front checks (or writes) the head; what the client puts in trailers must
     # not replace the token nor add a forwarded-for address.
