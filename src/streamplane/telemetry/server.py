@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final, cast
 
 import httptools
+import msgspec
 
 __all__ = ["Answer", "ClientOf", "Handler", "IngestServer"]
 
@@ -65,8 +66,8 @@ _REASONS: Final = {
 
 
 def _error(status: int, code: str, detail: str) -> Answer:
-    body = b'{"error":"%s","detail":"%s"}' % (code.encode(), detail.encode())
-    return status, body, []
+    # encoded, not formatted: a detail may quote the parser's reason
+    return status, msgspec.json.encode({"error": code, "detail": detail}), []
 
 
 class _Refused(Exception):
