@@ -176,6 +176,8 @@ async def test_a_request_that_trickles_in_or_never_ends_is_refused_with_408() ->
         writer.close()
         assert _answers(raw) == [(408, _answers(raw)[0][1])]
         assert _answers(raw)[0][1]["error"] == "request_timeout"
+        # a connection that never sends a byte: its first request is due at once
+        assert _answers(await _talk(server.port, b""))[0][0] == 408
         # a body announced and never sent, after a request answered on the same connection
         raw = await _talk(server.port, _request(b"{}") + _request(b"{}")[:-1])
         assert [s for s, _ in _answers(raw)] == [200, 408]

@@ -8,9 +8,10 @@ order (one request at a time per connection, at most ``_PIPELINED`` read ahead o
 answers; a client that reads no answers is read no more). What a hostile client can send is
 bounded: a request line and headers over ``max_head`` bytes or ``max_headers`` headers (431),
 a body over ``max_body`` (413, before it is read when Content-Length says so), a request not
-whole ``request_timeout_s`` after its first byte however slowly it trickles in (408, the
-slowloris), a transfer coding but chunked (501); each is answered after the requests before it
-and the connection closed, since what follows on it cannot be trusted. A connection silent for
+whole ``request_timeout_s`` after its first byte however slowly it trickles in, or after the
+connection opened for its first (408, the slowloris), a transfer coding but chunked (501);
+trailers are not believed. Each refusal is answered after the requests before it and the
+connection closed, since what follows on it cannot be trusted. A connection silent for
 ``idle_timeout_s`` between requests is closed. Timeouts are found by one sweep over the
 connections a few times per timeout, not by a timer cancelled and re-armed on every read (a
 few per cent of a heartbeat). A request the handler has is finished even if its client goes
@@ -109,7 +110,9 @@ class _Connection(asyncio.Protocol):
         self._writable.set()
         self._loop = asyncio.get_running_loop()
         self._heard_at = self._loop.time()
-        self._began_at: float | None = None  # when the request being read began
+        # when the request being read began; a new connection's first is due at once (a
+        # player opens one to send it), so it has request_timeout_s, not idle_timeout_s
+        self._began_at: float | None = self._heard_at
         self._linger_until: float | None = None  # closing after a refusal: see _linger
 
     # -- transport events ----------------------------------------------------------------------
