@@ -266,6 +266,60 @@ async def test_the_lean_listener_answers_as_the_control_plane_does(
         assert await _resume_rows(_store(control)) == [(9.0, T0)]
 
 
+async def test_the_lean_listener_refuses_hostile_heartbeats_and_stores_none_of_them(
+    db: Db, tmp_path: Path, geo: GeoLocator
+) -> None:
+    catalog = tmp_path / "catalog"
+    write_title(catalog, "demo")
+    port = free_port()
+    async with running(db, catalog, geo, telemetry={"ingest_port": port}) as control:
+        session, hb = await _start(control)
+        other, _ = await _start(control, device="phone")
+        url = session["heartbeat"]["url"]
+        sid = session["session_id"]
+        token = session["heartbeat"]["token"]
+        forged = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+
+        def body(
+            session_id: str = sid, events: str = f'[{{"at": {T0!r}, "position_s": 9.0}}]'
+        ) -> bytes:
+            return b'{"session_id": "%s", "events": %s}' % (session_id.encode(), events.encode())
+
+        hostile: list[tuple[bytes, dict[str, str], str, int, str]] = [
+            # (body, headers, query, status, error)
+            (body(), {"Authorization": f"Bearer {forged}"}, "", 401, "unauthorised"),
+            (body(), {"Authorization": "Bearer garbage.garbage.garbage"}, "", 401, "unauthorised"),
+            (body(), {"Authorization": "Bearer"}, "", 401, "unauthorised"),
+            (body(), {"Authorization": f"Basic {token}"}, "", 401, "unauthorised"),
+            (body(), {}, f"?access_token={token}", 401, "unauthorised"),  # never from the URL
+            (body(other["session_id"]), hb, "", 403, "forbidden"),
+            (body("../../etc/passwd"), hb, "", 403, "forbidden"),
+            (body(events="[" * 5000 + "]" * 5000), hb, "", 400, "bad_json"),
+            (
+                body(events='[{"at": 1, "position_s": 1, "edge": "\\ud800"}]'),
+                hb,
+                "",
+                400,
+                "bad_json",
+            ),
+            (body(events='[{"at": NaN, "position_s": 1}]'), hb, "", 400, "bad_json"),
+            (body(events="[" + ",".join(["0"] * 30_000) + "]"), hb, "", 422, "invalid"),
+            (body("x" * 65_000), hb, "", 422, "invalid"),  # 64 KB of session id
+        ]
+        async with httpx.AsyncClient() as client:
+            for content, headers, query, status, error in hostile:
+                r = await client.post(url + query, content=content, headers=headers)
+                assert (r.status_code, r.json()["error"]) == (status, error), (content[:60], r.text)
+            # an account's own token, for a session that is nobody's
+            r = await client.post(url, content=body("../../etc"), headers=await control.account())
+            assert r.status_code == 404 and r.json()["error"] == "no_session", r.text
+            r = await client.post(url, content=body(), headers=hb)  # the player is unaffected
+            assert r.status_code == 200, r.text
+        await control.settled()
+        assert await _resume_rows(_store(control)) == [(9.0, T0)]
+        assert control.app.state.plane.heartbeats.ingest.appended == 1
+
+
 async def _networks_heard(control: Control, headers: dict[str, str]) -> list[str]:
     """The client networks the QoS rows put a lean-listener heartbeat sent with ``headers`` in
     (the rows of the network kind that it added)."""

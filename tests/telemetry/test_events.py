@@ -135,6 +135,13 @@ def test_nan_is_not_json_and_the_body_is_refused_whole() -> None:
         (b'{"session_id": "s", "events": {}}', 422),
         (_body([_event()] * (MAX_EVENTS + 1)), 422),
         (b" " * (MAX_BODY_BYTES + 1), 413),
+        # hostile JSON: none of it reaches an event, or the answer is a 500
+        (b'{"session_id": "s", "events": [' + b"[" * 30_000 + b"]" * 30_000 + b"]}", 400),
+        (b'{"session_id": "s", "x": ' + b'{"a":' * 10_000 + b"1" + b"}" * 10_000 + b"}", 400),
+        (b'{"session_id": "s", "events": [{"at": 1, "position_s": Infinity}]}', 400),
+        (b'{"session_id": "\\ud800", "events": []}', 400),  # a lone surrogate
+        (b'{"session_id": "s", "events": [{"at": 1, "position_s": 1, "kind": "\\udfff"}]}', 400),
+        (b'{"session_id": "s", "events": [' + b",".join([b"0"] * 30_000) + b"]}", 422),
     ],
 )
 def test_a_body_that_is_no_batch_is_refused_whole(body: bytes, status: int) -> None:

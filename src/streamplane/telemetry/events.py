@@ -159,7 +159,7 @@ def parse_batch(body: bytes, now: float) -> ParsedBatch:
     if not nul:  # the usual request, every event good: decoded in one pass
         try:
             whole = _WHOLE.decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             pass  # read again below, event by event: what is refused, and why
         else:
             return _skewed(whole.session_id, whole.events, [], now)
@@ -169,6 +169,8 @@ def parse_batch(body: bytes, now: float) -> ParsedBatch:
         raise BatchError(422, "invalid", f"not a heartbeat batch: {err}") from None
     except msgspec.DecodeError as err:
         raise BatchError(400, "bad_json", f"the request body is not valid JSON: {err}") from None
+    except RecursionError:  # the decoder's depth is Python's recursion limit
+        raise BatchError(400, "bad_json", "the request body is nested too deeply") from None
     if "\x00" in envelope.session_id:
         raise BatchError(422, "invalid", f"not a heartbeat batch: {_nul_at('session_id')}")
     kept: list[PlayerEvent] = []
