@@ -912,3 +912,17 @@ def test_a_granted_target_asked_under_another_host_hands_the_token_to_that_host(
     c.send(get("/t1/index.m3u8", "Host: edge-b.example"))  # the same target, granted before
     c.opened(6, len(absolute), MTIME_NS)
     assert f"seg_1.m4s?__token__={TOKEN}".encode() in body_of(only_write(c.text_read(absolute)[1:]))
+
+
+def test_trailers_after_a_chunked_body_are_not_believed() -> None:
+    """What a client writes after its body (trailers) never passed the proxy's or the edge's
+    look at the head: it must not add credentials or a forwarded-for address."""
+    c = Conn()
+    [op] = c.send(
+        b"POST /fill HTTP/1.1\r\nX-Forwarded-For: 192.0.2.1\r\nTransfer-Encoding: chunked\r\n"
+        b"\r\n2\r\n{}\r\n0\r\n"
+        b"Authorization: Bearer forged\r\nX-Forwarded-For: 198.51.100.6\r\n\r\n"
+    )
+    assert isinstance(op, Operate) and bytes(op.request.body) == b"{}"
+    assert op.request.headers.get(b"authorization") is None
+    assert op.request.headers[b"x-forwarded-for"] == b"192.0.2.1"

@@ -807,6 +807,10 @@ class EdgeProtocol:
         req.header_bytes += len(name) + len(value) + 4
         if req.header_bytes > MAX_HEADER_BYTES:
             raise _Reject(431, f"request headers exceed {MAX_HEADER_BYTES} bytes")
+        if req.head_done is not None:
+            # a trailer (after a chunked body): not believed, or a client could add a token, a
+            # range or a forwarded-for address the proxy in front of it never saw in the head
+            return
         lower = name.lower()
         if lower in _NEEDED_HEADERS:
             if lower in req.headers and lower != b"cookie":
