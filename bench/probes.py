@@ -340,6 +340,15 @@ def calibration_rows(
         2,
         False,
     )
+    half = shipped_matrix(share, default_q)
+    rows[f"`{settings.preset}` probes on half of each shot, VMAF 1/{vs}"] = run(
+        list(half.values()),
+        half,
+        {},
+        predicted_grid([_choice(k, r) for k, r in half.items()], grid_q),
+        0,
+        False,
+    )
     rows[f"`{settings.preset}` probes on a quarter of each shot, re-checked once"] = run(
         list(quarter.values()),
         quarter,
@@ -356,6 +365,26 @@ def calibration_rows(
     )
     rows[f"diagnostic: calibrated by the full matrix's own encodes at CRFs {default_q}"] = run(
         vf_runs, fast, {k: v for k, v in whole.items() if k[3] in default_q}, base, 0, False
+    )
+    # the prediction's floor with more probed CRFs: the full matrix's own encodes at 4 and 5
+    # CRFs, the rest of the grid predicted from them alone
+    for count in (4, 5):
+        qs = probe_quantisers(grid_q, count)
+        rows[f"diagnostic: predicted from the full matrix's own encodes at CRFs {qs}"] = run(
+            [],
+            fast,
+            {},
+            predicted_grid([_choice(k, r) for k, r in full.items() if k[3] in qs], grid_q),
+            0,
+            False,
+        )
+    rows[f"diagnostic: predicted from the full matrix's own encodes at CRFs {default_q}"] = run(
+        [],
+        fast,
+        {},
+        predicted_grid([_choice(k, r) for k, r in full.items() if k[3] in default_q], grid_q),
+        0,
+        False,
     )
     for shift in ("points", "none"):
         how = "VMAF shifted in points" if shift == "points" else "bits only"
