@@ -386,6 +386,42 @@ def calibration_rows(
         0,
         False,
     )
+
+    # bench-mix's gap split further, from the full matrix's own three points: their VMAF from
+    # every 8th frame, from the probes' middle frames, and their bits from the half-shot
+    # `medium` probes (everything else as measured on whole shots)
+    def variant(r: EncodeResult, k: Point, part: str) -> ShotChoice:
+        c = _choice(k, r)
+        frames = r.frame_vmaf
+        span = half[k].job.span
+        if part == "VMAF 1/8" and frames:
+            return msgspec.structs.replace(c, vmaf=round(statistics.mean(frames[::vs]), 4))
+        if part == "VMAF of the probes' frames" and frames and span:
+            return msgspec.structs.replace(
+                c, vmaf=round(statistics.mean(frames[span[0] : span[1]]), 4)
+            )
+        if part == "bits of the half-shot probes":
+            return msgspec.structs.replace(c, bits=half[k].shot_bits)
+        if part == "both" and frames and span:
+            return msgspec.structs.replace(
+                c,
+                bits=half[k].shot_bits,
+                vmaf=round(statistics.mean(frames[span[0] : span[1]]), 4),
+            )
+        return c
+
+    parts = ("VMAF 1/8", "VMAF of the probes' frames", "bits of the half-shot probes", "both")
+    for part in parts:
+        rows[f"diagnostic: the full matrix's own CRFs {default_q}, {part}"] = run(
+            [],
+            fast,
+            {},
+            predicted_grid(
+                [variant(r, k, part) for k, r in full.items() if k[3] in default_q], grid_q
+            ),
+            0,
+            False,
+        )
     for shift in ("points", "none"):
         how = "VMAF shifted in points" if shift == "points" else "bits only"
         rows[f"+ a `{settings.preset}` probe at CRF {middle}, every resolution, {how}"] = run(
