@@ -430,6 +430,20 @@ def calibration_rows(
         rows[f"diagnostic: calibrated by the full matrix's own CRF {middle}, {how}"] = run(
             vf_runs, fast, {k: v for k, v in whole.items() if k[3] == middle}, base, 0, False, shift
         )
+    # a probe is its own encode of the shot's middle frames: its VMAF against the same frames,
+    # at the same stride, of the whole shot's encode at the same point
+    for q in default_q:
+        gaps = sorted(
+            r.vmaf - statistics.mean(full[k].frame_vmaf[span[0] : span[1]][::vs])
+            for k, r in half.items()
+            if k[3] == q and (span := r.job.span) and full[k].frame_vmaf
+        )
+        if gaps:
+            console.print(
+                f"{title_work.name} CRF {q}: the half-shot `{settings.preset}` probe's VMAF "
+                f"against the same frames of the whole shot's encode (min / median / max over "
+                f"{len(gaps)}): {gaps[0]:+.1f} / {statistics.median(gaps):+.1f} / {gaps[-1]:+.1f}"
+            )
     # how far one calibration point is from the others: each (shot, resolution)'s probe at
     # CRF q calibrated by its shipped-preset difference at the middle CRF, against the full
     # matrix's encode at q (bits in %, VMAF in points)
