@@ -235,11 +235,13 @@ def calibration_rows(
     fast = matrices[(vs, share)]
     middle = default_q[len(default_q) // 2]
 
-    def shipped_matrix(share: float, qs: tuple[int, ...]) -> dict[Point, EncodeResult]:
+    def shipped_matrix(
+        share: float, qs: tuple[int, ...], preset: str | None = None
+    ) -> dict[Point, EncodeResult]:
         s = msgspec.structs.replace(
             settings,
             mode="fast",
-            probe_preset=settings.preset,
+            probe_preset=preset or settings.preset,
             probe_vmaf_subsample=vs,
             probe_share=share,
         )
@@ -349,6 +351,17 @@ def calibration_rows(
         0,
         False,
     )
+    five = probe_quantisers(grid_q, 5)
+    for preset in (settings.probe_preset, settings.preset):
+        m = shipped_matrix(share, five, preset)
+        rows[f"`{preset}` probes at CRFs {five} on half of each shot, VMAF 1/{vs}"] = run(
+            list(m.values()),
+            fast,
+            {},
+            predicted_grid([_choice(k, r) for k, r in m.items()], grid_q),
+            0,
+            False,
+        )
     rows[f"`{settings.preset}` probes on a quarter of each shot, re-checked once"] = run(
         list(quarter.values()),
         quarter,
