@@ -28,9 +28,12 @@ Method
   resolution or every resolution; half of each shot, VMAF on every Nth frame), or by the shipped
   encodes themselves (the ladder chosen again from the probes calibrated by every shipped-preset
   encode so far, the new points encoded, up to two rounds; optionally with the chosen points'
-  CRF neighbours encoded too); and probes at the shipped preset on a quarter of each shot (with
-  and without re-checking). Diagnostics: the same calibration made by the full matrix's own
-  encodes (exact, not a scheme), and how far one calibration point is from the others.
+  CRF neighbours encoded too); probes at the shipped preset on a quarter of each shot (with
+  and without re-checking) and on half of it; five probed CRFs at either preset. Diagnostics:
+  the same calibration made by the full matrix's own encodes (exact, not a scheme), the
+  prediction from its own points at 3, 4 and 5 CRFs (and with their VMAF or bits taken as a
+  probe would), how far one calibration point is from the others, and how far a half-shot
+  probe scores from the same frames of the whole shot's encode.
   --final-subsamples: the full matrix's rungs encoded once more and scored on every Nth frame
   (and on every frame), each rung's reported VMAF against every frame's, with libvmaf's CPU.
 
