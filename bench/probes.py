@@ -23,12 +23,25 @@ Method
   and CRF, fitted on the other sources' shots, and on every source's for reference; or each
   shot's own offset measured by one probe at the rung's size at the middle CRF), the target
   being what the default's probe at the rung's size measured.
+  --calibration: the default's probes put on the shipped preset's scale shot by shot
+  (`calibrated_grid`): by one more probe at the shipped preset at the middle CRF (the top
+  resolution or every resolution; half of each shot, VMAF on every Nth frame), or by the shipped
+  encodes themselves (the ladder chosen again from the probes calibrated by every shipped-preset
+  encode so far, the new points encoded, up to two rounds; optionally with the chosen points'
+  CRF neighbours encoded too); probes at the shipped preset on a quarter of each shot (with
+  and without re-checking) and on half of it; five probed CRFs at either preset. Diagnostics:
+  the same calibration made by the full matrix's own encodes (exact, not a scheme), the
+  prediction from its own points at 3, 4 and 5 CRFs (and with their VMAF or bits taken as a
+  probe would), how far one calibration point is from the others, and how far a half-shot
+  probe scores from the same frames of the whole shot's encode.
   --final-subsamples: the full matrix's rungs encoded once more and scored on every Nth frame
   (and on every frame), each rung's reported VMAF against every frame's, with libvmaf's CPU.
 
 Reproduce: .venv/bin/python bench/probes.py --sources real-mix bench-mix --height 180
   .venv/bin/python bench/probes.py --sources real-mix bench-mix demo-mix --height 360 \
       --subsamples 8 --shares 0.5 --lowres --final-subsamples 2 3 4 5
+  .venv/bin/python bench/probes.py --sources real-mix bench-mix demo-mix --height 360 \
+      --subsamples 8 --shares 0.5 --no-grid-probes --calibration
 """
 
 from __future__ import annotations
@@ -48,7 +61,12 @@ from rich.table import Table
 
 from streamplane.media import SAMPLES, EncodeSettings, build_sample
 from streamplane.media.bdrate import bd_rate
-from streamplane.media.fastpath import VMAF_CEILING, predicted_grid, probe_quantisers
+from streamplane.media.fastpath import (
+    VMAF_CEILING,
+    grid_point,
+    predicted_grid,
+    probe_quantisers,
+)
 from streamplane.media.ladder import build_ladder, even, scaled_size
 from streamplane.media.matrix import EncodeResult, run_matrix
 from streamplane.media.pipeline import (
@@ -132,6 +150,349 @@ def fit_mapping(titles: Sequence[LowRes], linear: bool) -> Fit:
         va, vb = line([p[2] for p in ps], [p[3] for p in ps])
         fit[key] = (ba, bb, va, vb)
     return fit
+
+
+def calibrated_grid(
+    points: Sequence[ShotChoice],
+    shipped: dict[Point, tuple[float, float]],
+    vmaf_shift: str = "gap",
+) -> list[ShotChoice]:
+    """`points` (the probe preset's grid, probed and predicted) moved onto the shipped preset's
+    scale by encodes at that preset, `shipped` = {grid point: (bits, VMAF)}: each (shot,
+    resolution) by its own differences at its shipped points, in log(bits) and in VMAF
+    (`vmaf_shift`: "gap", log(101 - VMAF), the scale fastpath.py predicts on; "points", VMAF
+    itself; "none", bits only), interpolated linearly in the quantiser between them and
+    constant beyond; a resolution of a shot with none takes the mean of the shot's other
+    resolutions' differences at that quantiser; a shot with none stays as probed. Points
+    measured at the shipped preset stand as measured."""
+
+    def scale(vmaf: float) -> float:
+        return _gap(vmaf) if vmaf_shift == "gap" else vmaf
+
+    def unscale(x: float) -> float:
+        return VMAF_CEILING - math.exp(x) if vmaf_shift == "gap" else x
+
+    probed = {grid_point(c): c for c in points}
+    differences: dict[tuple[int, int, int], list[tuple[int, float, float]]] = {}
+    for k, (bits, vmaf) in shipped.items():
+        if k in probed:
+            p = probed[k]
+            d_vmaf = 0.0 if vmaf_shift == "none" else scale(vmaf) - scale(p.vmaf)
+            differences.setdefault(k[:3], []).append(
+                (k[3], math.log(bits) - math.log(p.bits), d_vmaf)
+            )
+    for ds in differences.values():
+        ds.sort()
+
+    def at(ds: list[tuple[int, float, float]], q: int) -> tuple[float, float]:
+        if q <= ds[0][0]:
+            return ds[0][1], ds[0][2]
+        for (q0, b0, g0), (q1, b1, g1) in itertools.pairwise(ds):
+            if q <= q1:
+                t = (q - q0) / (q1 - q0)
+                return b0 + t * (b1 - b0), g0 + t * (g1 - g0)
+        return ds[-1][1], ds[-1][2]
+
+    out: list[ShotChoice] = []
+    for c in points:
+        k = grid_point(c)
+        if k in shipped:
+            bits, vmaf = shipped[k]
+            out.append(ShotChoice(*k, max(1, round(bits)), round(vmaf, 4)))
+            continue
+        own = differences.get(k[:3])
+        if own:
+            d_bits, d_vmaf = at(own, c.quantiser)
+        else:
+            others = [at(ds, c.quantiser) for s, ds in differences.items() if s[0] == c.shot]
+            if not others:
+                out.append(c)
+                continue
+            d_bits = statistics.mean(d[0] for d in others)
+            d_vmaf = statistics.mean(d[1] for d in others)
+        bits = math.exp(math.log(c.bits) + d_bits)
+        vmaf = min(100.0, max(0.0, unscale(scale(c.vmaf) + d_vmaf)))
+        out.append(ShotChoice(*k, max(1, round(bits)), round(vmaf, 4)))
+    return out
+
+
+Ship = Callable[[list[ShotChoice]], tuple[list[tuple[float, float]], set[Point]]]
+
+
+def calibration_rows(
+    source: Path,
+    plan: Any,
+    settings: EncodeSettings,
+    title_work: Path,
+    matrices: dict[tuple[int, float], dict[Point, EncodeResult]],
+    full: dict[Point, EncodeResult],
+    grid_q: tuple[int, ...],
+    default_q: tuple[int, ...],
+    sizes: list[tuple[int, int]],
+    ship: Ship,
+    full_curve: list[tuple[float, float]],
+) -> dict[str, tuple[float, dict[str, float]]]:
+    """The default's probes (`veryfast`, half of each shot, VMAF 1/8) put on the shipped
+    preset's scale shot by shot, and probes at the shipped preset itself."""
+    vs, share = settings.probe_vmaf_subsample, 0.5
+    fast = matrices[(vs, share)]
+    middle = default_q[len(default_q) // 2]
+
+    def shipped_matrix(
+        share: float, qs: tuple[int, ...], preset: str | None = None
+    ) -> dict[Point, EncodeResult]:
+        s = msgspec.structs.replace(
+            settings,
+            mode="fast",
+            probe_preset=preset or settings.preset,
+            probe_vmaf_subsample=vs,
+            probe_share=share,
+        )
+        jobs = _matrix_jobs(
+            source, plan.info, plan.shots, plan.segments, title_work / "m", s, False, qs
+        )
+        outcome = run_matrix(jobs, title_work / "results", workers=settings.workers or None)
+        return _grid([outcome.results[j.key] for j in jobs])
+
+    at_middle = shipped_matrix(share, (middle,))
+    quarter = shipped_matrix(0.25, default_q)
+    veryfast = [_choice(k, r) for k, r in fast.items() if k[3] in default_q]
+    base = predicted_grid(veryfast, grid_q)
+    step = {q: i for i, q in enumerate(grid_q)}
+
+    def run(
+        probe_runs: list[EncodeResult],
+        cut_from: dict[Point, EncodeResult],
+        known: dict[Point, tuple[float, float]],
+        base: list[ShotChoice],
+        rounds: int,
+        neighbours: bool,
+        vmaf_shift: str = "gap",
+    ) -> tuple[float, dict[str, float]]:
+        """Ship the ladder chosen from `base` calibrated by `known`; then, for `rounds` more
+        rounds, calibrate by every shipped-preset encode made so far (the chosen points', and
+        with `neighbours` their neighbours' on the CRF grid) and choose again, encoding the
+        new points."""
+        grid = calibrated_grid(base, known, vmaf_shift) if known else base
+        curve, used = ship(grid)
+        encoded = set(used)
+        cut_rounds = [{k[0] for k in used}]
+        if neighbours:
+            extra = {
+                (k[0], k[1], k[2], grid_q[j])
+                for k in used
+                for j in (step[k[3]] - 1, step[k[3]] + 1)
+                if 0 <= j < len(grid_q)
+            } - encoded
+            encoded |= extra
+        for _ in range(rounds):
+            measured = known | {k: (full[k].shot_bits, full[k].vmaf) for k in encoded}
+            curve, used = ship(calibrated_grid(base, measured, vmaf_shift))
+            new = used - encoded
+            if not new:
+                break
+            encoded |= new
+            cut_rounds.append({k[0] for k in new})
+        cpu = {
+            "cut": sum(_cut_cpu(cut_from, s) for s in {k[0] for k in cut_from})
+            + sum(_cut_cpu(full, s) for r in cut_rounds for s in r),
+            "probe encode": sum(r.encode_cpu_seconds for r in probe_runs),
+            "probe VMAF": sum(r.vmaf_cpu_seconds for r in probe_runs),
+            "final encode": sum(full[k].encode_cpu_seconds for k in encoded),
+            "final VMAF": sum(full[k].vmaf_cpu_seconds for k in encoded),
+            "probes": len(probe_runs),
+            "shipped": len(encoded),
+        }
+        bd = bd_rate(full_curve, curve)
+        return (bd.percent if bd else float("nan")), cpu
+
+    top = sizes[0]
+    vf_runs = [fast[k] for k in fast if k[3] in default_q]
+    mid_top = {k: r for k, r in at_middle.items() if (k[1], k[2]) == top}
+
+    def pts(m: dict[Point, EncodeResult]) -> dict[Point, tuple[float, float]]:
+        return {k: (float(r.shot_bits), r.vmaf) for k, r in m.items()}
+
+    rows: dict[str, tuple[float, dict[str, float]]] = {}
+    rows["default, shipped encodes re-checked: calibrated by them, chosen again (2 rounds)"] = run(
+        vf_runs, fast, {}, base, 2, False
+    )
+    rows["default, shipped encodes and their CRF neighbours re-checked (2 rounds)"] = run(
+        vf_runs, fast, {}, base, 2, True
+    )
+    rows[f"+ a `{settings.preset}` probe at CRF {middle}, top resolution, per shot"] = run(
+        [*vf_runs, *mid_top.values()], fast, pts(mid_top), base, 0, False
+    )
+    rows[f"+ a `{settings.preset}` probe at CRF {middle}, every resolution, per shot"] = run(
+        [*vf_runs, *at_middle.values()], fast, pts(at_middle), base, 0, False
+    )
+    rows[f"+ a `{settings.preset}` probe at CRF {middle}, every resolution, re-checked"] = run(
+        [*vf_runs, *at_middle.values()], fast, pts(at_middle), base, 2, False
+    )
+    rows[f"`{settings.preset}` probes on a quarter of each shot, VMAF 1/{vs}"] = run(
+        list(quarter.values()),
+        quarter,
+        {},
+        predicted_grid([_choice(k, r) for k, r in quarter.items()], grid_q),
+        0,
+        False,
+    )
+    rows[f"`{settings.preset}` probes on a quarter of each shot, re-checked"] = run(
+        list(quarter.values()),
+        quarter,
+        {},
+        predicted_grid([_choice(k, r) for k, r in quarter.items()], grid_q),
+        2,
+        False,
+    )
+    half = shipped_matrix(share, default_q)
+    rows[f"`{settings.preset}` probes on half of each shot, VMAF 1/{vs}"] = run(
+        list(half.values()),
+        half,
+        {},
+        predicted_grid([_choice(k, r) for k, r in half.items()], grid_q),
+        0,
+        False,
+    )
+    five = probe_quantisers(grid_q, 5)
+    for preset in (settings.probe_preset, settings.preset):
+        m = shipped_matrix(share, five, preset)
+        rows[f"`{preset}` probes at CRFs {five} on half of each shot, VMAF 1/{vs}"] = run(
+            list(m.values()),
+            fast,
+            {},
+            predicted_grid([_choice(k, r) for k, r in m.items()], grid_q),
+            0,
+            False,
+        )
+    rows[f"`{settings.preset}` probes on a quarter of each shot, re-checked once"] = run(
+        list(quarter.values()),
+        quarter,
+        {},
+        predicted_grid([_choice(k, r) for k, r in quarter.items()], grid_q),
+        1,
+        False,
+    )
+    # diagnostics (their CPU is not a scheme's): the calibration made by the full matrix's own
+    # encodes, whole shots scored on every frame, instead of probes at the shipped preset
+    whole = pts(full)
+    rows[f"diagnostic: calibrated by the full matrix's own CRF {middle} encodes"] = run(
+        vf_runs, fast, {k: v for k, v in whole.items() if k[3] == middle}, base, 0, False
+    )
+    rows[f"diagnostic: calibrated by the full matrix's own encodes at CRFs {default_q}"] = run(
+        vf_runs, fast, {k: v for k, v in whole.items() if k[3] in default_q}, base, 0, False
+    )
+    # the prediction's floor with more probed CRFs: the full matrix's own encodes at 4 and 5
+    # CRFs, the rest of the grid predicted from them alone
+    for count in (4, 5):
+        qs = probe_quantisers(grid_q, count)
+        rows[f"diagnostic: predicted from the full matrix's own encodes at CRFs {qs}"] = run(
+            [],
+            fast,
+            {},
+            predicted_grid([_choice(k, r) for k, r in full.items() if k[3] in qs], grid_q),
+            0,
+            False,
+        )
+    rows[f"diagnostic: predicted from the full matrix's own encodes at CRFs {default_q}"] = run(
+        [],
+        fast,
+        {},
+        predicted_grid([_choice(k, r) for k, r in full.items() if k[3] in default_q], grid_q),
+        0,
+        False,
+    )
+
+    # bench-mix's gap split further, from the full matrix's own three points: their VMAF from
+    # every 8th frame, from the probes' middle frames, and their bits from the half-shot
+    # `medium` probes (everything else as measured on whole shots)
+    def variant(r: EncodeResult, k: Point, part: str) -> ShotChoice:
+        c = _choice(k, r)
+        frames = r.frame_vmaf
+        span = half[k].job.span
+        if part == "VMAF 1/8" and frames:
+            return msgspec.structs.replace(c, vmaf=round(statistics.mean(frames[::vs]), 4))
+        if part == "VMAF of the probes' frames" and frames and span:
+            return msgspec.structs.replace(
+                c, vmaf=round(statistics.mean(frames[span[0] : span[1]]), 4)
+            )
+        if part == "bits of the half-shot probes":
+            return msgspec.structs.replace(c, bits=half[k].shot_bits)
+        if part == "both" and frames and span:
+            return msgspec.structs.replace(
+                c,
+                bits=half[k].shot_bits,
+                vmaf=round(statistics.mean(frames[span[0] : span[1]]), 4),
+            )
+        return c
+
+    parts = ("VMAF 1/8", "VMAF of the probes' frames", "bits of the half-shot probes", "both")
+    for part in parts:
+        rows[f"diagnostic: the full matrix's own CRFs {default_q}, {part}"] = run(
+            [],
+            fast,
+            {},
+            predicted_grid(
+                [variant(r, k, part) for k, r in full.items() if k[3] in default_q], grid_q
+            ),
+            0,
+            False,
+        )
+    for shift in ("points", "none"):
+        how = "VMAF shifted in points" if shift == "points" else "bits only"
+        rows[f"+ a `{settings.preset}` probe at CRF {middle}, every resolution, {how}"] = run(
+            [*vf_runs, *at_middle.values()], fast, pts(at_middle), base, 0, False, shift
+        )
+        rows[f"diagnostic: calibrated by the full matrix's own CRF {middle}, {how}"] = run(
+            vf_runs, fast, {k: v for k, v in whole.items() if k[3] == middle}, base, 0, False, shift
+        )
+    # a probe is its own encode of the shot's middle frames: its VMAF against the same frames,
+    # at the same stride, of the whole shot's encode at the same point
+    for q in default_q:
+        gaps = sorted(
+            r.vmaf - statistics.mean(full[k].frame_vmaf[span[0] : span[1]][::vs])
+            for k, r in half.items()
+            if k[3] == q and (span := r.job.span) and full[k].frame_vmaf
+        )
+        if gaps:
+            console.print(
+                f"{title_work.name} CRF {q}: the half-shot `{settings.preset}` probe's VMAF "
+                f"against the same frames of the whole shot's encode (min / median / max over "
+                f"{len(gaps)}): {gaps[0]:+.1f} / {statistics.median(gaps):+.1f} / {gaps[-1]:+.1f}"
+            )
+    # how far one calibration point is from the others: each (shot, resolution)'s probe at
+    # CRF q calibrated by its shipped-preset difference at the middle CRF, against the full
+    # matrix's encode at q (bits in %, VMAF in points)
+    for name, cal in (("the full matrix's", whole), ("the half-shot probe's", pts(at_middle))):
+        for q in default_q:
+            bits_err, vmaf_err = [], []
+            for (shot, w, h, qq), r in fast.items():
+                if qq != q:
+                    continue
+                ref = (shot, w, h, middle)
+                d_bits = math.log(cal[ref][0]) - math.log(fast[ref].shot_bits)
+                d_gap = _gap(cal[ref][1]) - _gap(fast[ref].vmaf)
+                bits = r.shot_bits * math.exp(d_bits)
+                vmaf = VMAF_CEILING - math.exp(_gap(r.vmaf) + d_gap)
+                truth = full[(shot, w, h, q)]
+                bits_err.append(100 * (bits / truth.shot_bits - 1))
+                vmaf_err.append(vmaf - truth.vmaf)
+            raw_bits = [
+                100 * (r.shot_bits / full[k].shot_bits - 1) for k, r in fast.items() if k[3] == q
+            ]
+            raw_vmaf = [r.vmaf - full[k].vmaf for k, r in fast.items() if k[3] == q]
+
+            def span(xs: list[float]) -> str:
+                xs = sorted(xs)
+                return f"{xs[0]:+.1f} / {statistics.median(xs):+.1f} / {xs[-1]:+.1f}"
+
+            console.print(
+                f"{title_work.name} CRF {q}: the probe against the shipped preset's encode "
+                f"(min / median / max over {len(raw_bits)} shot x resolution): bits "
+                f"{span(raw_bits)} %, VMAF {span(raw_vmaf)}; calibrated by {name} CRF "
+                f"{middle}: bits {span(bits_err)} %, VMAF {span(vmaf_err)}"
+            )
+    return rows
 
 
 def lowres_row(
@@ -259,6 +620,7 @@ def measure(
     grid_probes: bool = True,
     lowres: bool = False,
     final_subsamples: Sequence[int] = (),
+    calibration: bool = False,
 ) -> tuple[dict[str, str], LowRes | None]:
     if height:
         full = SAMPLES[name]
@@ -373,6 +735,23 @@ def measure(
         }
         rows[label] = (bd.percent if bd else float("nan"), cpu)
 
+    if calibration:
+        rows.update(
+            calibration_rows(
+                source,
+                plan,
+                settings,
+                title_work,
+                matrices,
+                full,
+                grid_q,
+                default_q,
+                sizes,
+                ship,
+                full_curve,
+            )
+        )
+
     def share(cpu: dict[str, float]) -> float:
         return 100 * sum(v for k, v in cpu.items() if k not in ("probes", "shipped")) / full_cpu
 
@@ -478,6 +857,13 @@ def main() -> None:
         default=[],
         help="score the full matrix's shipped rungs on every Nth frame too, against every frame",
     )
+    ap.add_argument(
+        "--calibration",
+        action="store_true",
+        help="also replay the probes put on the shipped preset's scale, shot by shot: by a "
+        "probe at the shipped preset at the middle CRF, by probes at the shipped preset on a "
+        "quarter of each shot, and by the shipped encodes themselves (the ladder re-chosen)",
+    )
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--work", type=Path, default=Path("build/bench/probes"))
     args = ap.parse_args()
@@ -498,6 +884,7 @@ def main() -> None:
             grid_probes=not args.no_grid_probes,
             lowres=args.lowres,
             final_subsamples=args.final_subsamples,
+            calibration=args.calibration,
         )
         for name in args.sources
     ]
