@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import resource
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -402,3 +403,40 @@ async def test_trailers_after_a_chunked_body_are_not_believed() -> None:
         assert seen == [("Bearer mine", "192.0.2.1")]
     finally:
         await asyncio.wait_for(server.stop(), 5)
+
+
+@_on_both_loops
+async def test_past_its_connections_a_new_one_is_answered_503_and_closed() -> None:
+    """Connections held open (idle players, or an attacker's) past the listener's cap: a new
+    one is told to come back, at once, rather than the process running out of descriptors;
+    once one closes, a player is served again."""
+    handler = _Recorder()
+    server = IngestServer(handler, max_connections=3)
+    await server.start()
+    held = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+    try:
+        while len(server.connections) < 3:  # accepted
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        raw = await asyncio.wait_for(reader.read(), 10)  # answered, then closed
+        writer.close()
+        [(status, body)] = _answers(raw)
+        assert status == 503 and body["error"] == "busy", raw
+        assert b"retry-after: 1\r\n" in raw.lower()
+        assert server.refused_full == 1 and len(server.connections) == 3
+        held.pop()[1].close()
+        while len(server.connections) > 2:
+            await asyncio.sleep(0.01)
+        last = _request(b"{}").replace(b"host: x\r\n", b"host: x\r\nconnection: close\r\n")
+        assert [s for s, _ in _answers(await _talk(server.port, last))] == [200]
+        assert handler.bodies == [b"{}"]
+    finally:
+        for _, w in held:
+            w.close()
+        await asyncio.wait_for(server.stop(), 5)
+
+
+def test_by_default_the_cap_is_what_the_open_file_limit_leaves() -> None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    server = IngestServer(_Recorder())
+    assert 0 < server.max_connections < soft or soft == resource.RLIM_INFINITY

@@ -11,7 +11,9 @@ a body over ``max_body`` (413, before it is read when Content-Length says so), a
 whole ``request_timeout_s`` after its first byte however slowly it trickles in, or after the
 connection opened for its first (408, the slowloris), a transfer coding but chunked (501);
 trailers are not believed. Each refusal is answered after the requests before it and the
-connection closed, since what follows on it cannot be trusted. A connection silent for
+connection closed, since what follows on it cannot be trusted. Past ``max_connections`` open
+at once (by default what the open-file limit leaves), a new connection is answered 503 with
+Retry-After and closed, rather than left to exhaust the descriptors. A connection silent for
 ``idle_timeout_s`` between requests is closed. Timeouts are found by one sweep over the
 connections a few times per timeout, not by a timer cancelled and re-armed on every read (a
 few per cent of a heartbeat). A request the handler has is finished even if its client goes
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Final, cast
@@ -47,6 +50,7 @@ _PATH: Final = b"/v1/heartbeat"
 # requests read ahead of their answers on one connection: past it, reading waits
 _PIPELINED: Final = 16
 _LINGER_S: Final = 2.0  # after a refusal, how long what the client still sends is dropped
+_FD_RESERVE: Final = 256  # descriptors kept for the stream, the store and the process's files
 _REASONS: Final = {
     200: b"OK",
     400: b"Bad Request",
@@ -122,6 +126,30 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self._peer: str | None = peer[0] if isinstance(peer, tuple) and peer else None
+        if len(self._server.connections) >= self._server.max_connections:
+            # Full: answered at once and closed, before the descriptors run out (then accept
+            # itself fails, and every client, players included, waits in the backlog). Closed
+            # without the linger a refusal gets: a flood of them must hold no descriptor (a
+            # client whose request was already sent may see a reset instead: also "retry").
+            self._server.refused_full += 1
+            self._finished = True
+            self._began_at = None
+            self._write(
+                (
+                    503,
+                    msgspec.json.encode(
+                        {
+                            "error": "busy",
+                            "detail": "this heartbeat listener holds all the connections it"
+                            " can; try again in 1 s",
+                        }
+                    ),
+                    [(b"retry-after", b"1")],
+                ),
+                False,
+            )
+            self._close()
+            return
         self._server.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -396,6 +424,7 @@ class IngestServer:
         backlog: int = 4096,
         client_header: str = "",
         client_of: ClientOf | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.handler = handler
         # b"\0" matches no header name: nothing is collected
@@ -409,6 +438,12 @@ class IngestServer:
         self.max_head = max_head
         self.max_headers = max_headers
         self._backlog = backlog
+        if max_connections is None:
+            # what the open-file limit leaves after the process's own files and sockets
+            soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+            max_connections = 1_000_000 if soft == resource.RLIM_INFINITY else soft - _FD_RESERVE
+        self.max_connections = max(1, max_connections)
+        self.refused_full = 0  # connections answered 503 because the listener was full
         self.connections: set[_Connection] = set()
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
