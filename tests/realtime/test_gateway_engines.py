@@ -514,3 +514,18 @@ async def test_a_connection_that_leaves_a_large_channel_for_a_small_one_is_seen_
     await carl.request(lambda i: Unsubscribe(id=i, channels=["event:small"]))
     await until(lambda: sorted(small.present.values()) == ["ann"], timeout=10)
     assert await present(ann, "event:small") == ["ann"]
+
+
+async def test_a_viewer_who_joins_a_small_channel_sees_who_is_already_there(
+    start: Start, clients: Callable[..., RealtimeClient]
+) -> None:
+    """Presence diffs tell joins and leaves from a snapshot: a newcomer is sent the snapshot
+    itself, or it would only ever see those who join after it."""
+    _, url = await start()
+    ann = clients(url, token("ann"), "event:final")
+    await until(lambda: sorted(ann.views["event:final"].present.values()) == ["ann"])
+    bob = clients(url, token("bob"), "event:final")
+    await until(lambda: sorted(bob.views["event:final"].present.values()) == ["ann", "bob"])
+    await until(lambda: sorted(ann.views["event:final"].present.values()) == ["ann", "bob"])
+    await ann.stop()
+    await until(lambda: sorted(bob.views["event:final"].present.values()) == ["bob"])

@@ -164,3 +164,43 @@ async def test_the_browser_client_asks_again_for_a_channel_refused_during_an_out
             await proc.wait()
         await publisher.stop()
         await gateway.close()
+
+
+PRESENT_SCRIPT = """
+import { RealtimeClient } from %(module)s;
+const [url, token] = process.argv.slice(2);
+const rt = new RealtimeClient(url, token, ["fast:final"], {
+  onPresence: (channel, present) => console.log(JSON.stringify([...present.values()].sort())),
+});
+rt.start();
+"""
+
+
+async def test_the_browser_client_sees_who_was_there_before_it_joined(tmp_path: Path) -> None:
+    fast = {**DEFAULT_NAMESPACES, "fast": Namespace(name="fast", rate_per_s=1e6, burst=10**6)}
+    gateway = Gateway(MemoryHub().node(), GatewaySettings(token_key=KEY, namespaces=fast, tick=0.1))
+    port = await gateway.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}"
+    ann = RealtimeClient(url, _token("ann"), channels=["fast:final"])
+    ann.start()
+    script = tmp_path / "present.mjs"
+    script.write_text(PRESENT_SCRIPT % {"module": json.dumps(CLIENT.as_uri())})
+    assert NODE is not None
+    proc = None
+    try:
+        async with asyncio.timeout(20):
+            while sorted(ann.views["fast:final"].present.values()) != ["ann"]:
+                await asyncio.sleep(0.02)
+        proc = await asyncio.create_subprocess_exec(
+            NODE, "--experimental-websocket", "--no-warnings", str(script), f"{url}/connect",
+            _token("bob"), stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        seen: list[object] = []
+        while seen != ["ann", "bob"]:  # ann, who was there first, among them
+            seen = await _line(proc)  # type: ignore[assignment]
+    finally:
+        if proc is not None and proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        await ann.stop()
+        await gateway.close()

@@ -232,6 +232,9 @@ class RealtimeClient:
                     if answer.channel in self.channels and _retry_after_ms(answer.code):
                         again.append(answer.channel)
                     continue
+                # the gateway follows this answer with who is here: presence starts afresh
+                # (leaves while this client was away were never sent to it)
+                self._view(answer.channel).present.clear()
                 if answer.recovered:
                     for pub in answer.publications:
                         if self.cursor.offer(pub.channel, pub.epoch, pub.offset) is Verdict.APPLY:

@@ -74,6 +74,7 @@ from streamplane.realtime.protocol import (
     Namespace,
     Ping,
     Pong,
+    PresenceDiff,
     PresenceList,
     PresenceQuery,
     PresenceUser,
@@ -682,8 +683,24 @@ class Gateway:
                 self._leave(conn, item.channel)  # half-joined: undo it, the client retries
                 answers.append(self._refused(item.channel, Code.UNAVAILABLE))
         conn.send(Subscribed(id=frame.id, channels=answers))
+        for answer in answers:
+            if not answer.code:
+                self._tell_present(conn, answer.channel)
         for item in frame.channels:  # what arrived while the answer was being made
             self._release(conn, item.channel)
+
+    def _tell_present(self, conn: _Connection, name: str) -> None:
+        """Who a small channel's viewers were last told is here, to a viewer who just
+        subscribed: the diffs that follow are relative to it, and without it a newcomer would
+        only ever see who joins after them (clients start a channel's presence afresh on its
+        subscribe answer)."""
+        channel = self.channels.get(name)
+        if channel is None or channel.counted or not channel.presence:
+            return
+        if len(channel.presence) > channel.namespace.presence_diff_limit:
+            return  # counts only
+        joined = [PresenceUser(client=c, user=u) for c, u in sorted(channel.presence.items())]
+        conn.send(PresenceDiff(channel=name, joined=joined, left=[]))
 
     @staticmethod
     def _refused(channel: str, code: Code) -> SubscribedChannel:

@@ -152,6 +152,9 @@ export class RealtimeClient {
             }
             continue;
           }
+          // the gateway follows this answer with who is here: presence starts afresh (leaves
+          // while this client was away were never sent to it)
+          this.view(answer.channel).present.clear();
           if (answer.recovered) {
             for (const pub of answer.publications) {
               if (judge(this.positions.get(pub.channel), pub.epoch, pub.offset) === "apply") this.take(pub);
