@@ -47,9 +47,10 @@ def _token(user: str, key: bytes = KEY) -> str:
     return sign_realtime_token(key, user=user, channels=channels, now=int(time.time()), ttl_s=600)
 
 
-async def _node(tmp_path: Path, *args: str) -> asyncio.subprocess.Process:
+async def _node(tmp_path: Path, source: str, *args: str) -> asyncio.subprocess.Process:
+    """``source`` (a script importing the client as ``%(module)s``) run by Node with ``args``."""
     script = tmp_path / "client.mjs"
-    script.write_text(SCRIPT % {"module": json.dumps(CLIENT.as_uri())})
+    script.write_text(source % {"module": json.dumps(CLIENT.as_uri())})
     assert NODE is not None
     return await asyncio.create_subprocess_exec(
         NODE,
@@ -74,7 +75,7 @@ async def test_the_browser_client_recovers_exactly_what_it_missed(tmp_path: Path
     url = f"ws://127.0.0.1:{port}"
     publisher = RealtimeClient(url, _token("feed"))
     publisher.start()
-    proc = await _node(tmp_path, f"{url}/connect", _token("ann"), "8")
+    proc = await _node(tmp_path, SCRIPT, f"{url}/connect", _token("ann"), "8")
     try:
         assert await _line(proc) == {"synced": 1}
         for n in range(3):
@@ -140,13 +141,7 @@ async def test_the_browser_client_asks_again_for_a_channel_refused_during_an_out
     port = await gateway.start("127.0.0.1", 0)
     url = f"ws://127.0.0.1:{port}"
     hub.interrupt()
-    script = tmp_path / "client.mjs"
-    script.write_text(REFUSED_SCRIPT % {"module": json.dumps(CLIENT.as_uri())})
-    assert NODE is not None
-    proc = await asyncio.create_subprocess_exec(
-        NODE, "--experimental-websocket", "--no-warnings", str(script), f"{url}/connect",
-        _token("ann"), stdout=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+    proc = await _node(tmp_path, REFUSED_SCRIPT, f"{url}/connect", _token("ann"))
     publisher = RealtimeClient(url, _token("feed"))
     try:
         async with asyncio.timeout(20):
@@ -183,18 +178,12 @@ async def test_the_browser_client_sees_who_was_there_before_it_joined(tmp_path: 
     url = f"ws://127.0.0.1:{port}"
     ann = RealtimeClient(url, _token("ann"), channels=["fast:final"])
     ann.start()
-    script = tmp_path / "present.mjs"
-    script.write_text(PRESENT_SCRIPT % {"module": json.dumps(CLIENT.as_uri())})
-    assert NODE is not None
     proc = None
     try:
         async with asyncio.timeout(20):
             while sorted(ann.views["fast:final"].present.values()) != ["ann"]:
                 await asyncio.sleep(0.02)
-        proc = await asyncio.create_subprocess_exec(
-            NODE, "--experimental-websocket", "--no-warnings", str(script), f"{url}/connect",
-            _token("bob"), stdout=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        proc = await _node(tmp_path, PRESENT_SCRIPT, f"{url}/connect", _token("bob"))
         seen: list[object] = []
         while seen != ["ann", "bob"]:  # ann, who was there first, among them
             seen = await _line(proc)  # type: ignore[assignment]

@@ -695,10 +695,9 @@ class Gateway:
         only ever see who joins after them (clients start a channel's presence afresh on its
         subscribe answer)."""
         channel = self.channels.get(name)
+        # a counted channel's snapshot is only ever set while it was listed (small)
         if channel is None or channel.counted or not channel.presence:
             return
-        if len(channel.presence) > channel.namespace.presence_diff_limit:
-            return  # counts only
         joined = [PresenceUser(client=c, user=u) for c, u in sorted(channel.presence.items())]
         conn.send(PresenceDiff(channel=name, joined=joined, left=[]))
 

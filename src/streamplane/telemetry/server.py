@@ -132,8 +132,6 @@ class _Connection(asyncio.Protocol):
             # without the linger a refusal gets: a flood of them must hold no descriptor (a
             # client whose request was already sent may see a reset instead: also "retry").
             self._server.refused_full += 1
-            self._finished = True
-            self._began_at = None
             self._write(
                 (
                     503,
